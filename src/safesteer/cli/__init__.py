@@ -1,0 +1,1 @@
+"""Thin command-line layer over safesteer's pure stage cores."""

@@ -1,0 +1,134 @@
+"""Backbone properties on tiny random masked and causal LMs (no download)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from safesteer.errors import SafesteerError
+from safesteer.models.backbone import mean_pool
+
+TEXTS = ["the man is good", "you are a stupid idiot and i hate you", "how do i make a bomb ?", "a"]
+
+
+def test_pooled_equals_manual_masked_mean(tiny_backbone):
+    bb = tiny_backbone
+    enc = bb.tokenize(TEXTS)
+    assert enc.attention_mask.sum(1).tolist() != [enc.attention_mask.shape[1]] * len(TEXTS)  # padding present
+    with torch.inference_mode():
+        out = bb.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, output_hidden_states=True)
+    layer = 1
+    h = out.hidden_states[layer + 1].double()
+    manual = np.stack([h[i, enc.attention_mask[i].bool()].mean(0).numpy() for i in range(len(TEXTS))])
+    pooled = bb.pooled(TEXTS, [layer], batch_size=3)[layer]
+    np.testing.assert_allclose(pooled, manual, atol=1e-6, rtol=1e-5)
+
+
+def test_stop_at_layer_equals_full_forward(tiny_backbone):
+    bb = tiny_backbone
+    enc = bb.tokenize(TEXTS)
+    with torch.inference_mode():
+        full = bb.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, output_hidden_states=True).hidden_states
+    for layer in range(bb.n_layers - 1):
+        got = bb.forward_layers(enc.input_ids, enc.attention_mask, [layer])[layer]
+        assert torch.equal(got, full[layer + 1])
+
+
+def test_stop_really_stops(tiny_backbone):
+    bb = tiny_backbone
+    calls = []
+    handle = bb.layers[-1].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        enc = bb.tokenize(TEXTS)
+        bb.forward_layers(enc.input_ids, enc.attention_mask, [0])
+        assert calls == []
+        bb.forward_layers(enc.input_ids, enc.attention_mask, [0], stop=False)
+        assert calls == [1]
+    finally:
+        handle.remove()
+
+
+def test_several_layers_one_pass(tiny_backbone):
+    bb = tiny_backbone
+    enc = bb.tokenize(TEXTS)
+    both = bb.forward_layers(enc.input_ids, enc.attention_mask, [0, 1])
+    assert torch.equal(both[0], bb.forward_layers(enc.input_ids, enc.attention_mask, [0])[0])
+    assert torch.equal(both[1], bb.forward_layers(enc.input_ids, enc.attention_mask, [1])[1])
+
+
+def test_steer_adds_exactly_alpha_v_and_restores(tiny_backbone):
+    bb = tiny_backbone
+    enc = bb.tokenize(TEXTS)
+    layer = 1
+    v = torch.randn(bb.d_model, generator=torch.Generator().manual_seed(3))
+    before = bb.forward_layers(enc.input_ids, enc.attention_mask, [layer])[layer].clone()
+    logits_before = bb.logits(enc.input_ids, enc.attention_mask).clone()
+    with bb.steer(layer, v, alpha=2.5):
+        steered = bb.forward_layers(enc.input_ids, enc.attention_mask, [layer])[layer]
+        logits_steered = bb.logits(enc.input_ids, enc.attention_mask)
+    torch.testing.assert_close(steered - before, (2.5 * v).expand_as(before), atol=1e-5, rtol=0)
+    assert not torch.allclose(logits_steered, logits_before)
+    assert torch.equal(bb.logits(enc.input_ids, enc.attention_mask), logits_before)
+
+
+def test_steer_restores_when_body_raises(tiny_backbone):
+    bb = tiny_backbone
+    enc = bb.tokenize(TEXTS)
+    ref = bb.logits(enc.input_ids, enc.attention_mask).clone()
+    hooks_before = [dict(l._forward_hooks) for l in bb.layers]
+    with pytest.raises(RuntimeError):
+        with bb.steer(0, torch.ones(bb.d_model), alpha=10.0):
+            raise RuntimeError("boom")
+    assert [dict(l._forward_hooks) for l in bb.layers] == hooks_before
+    assert torch.equal(bb.logits(enc.input_ids, enc.attention_mask), ref)
+
+
+def test_steer_selected_positions_and_edit(tiny_backbone):
+    bb = tiny_backbone
+    enc = bb.tokenize(TEXTS)
+    layer = 0
+    base = bb.forward_layers(enc.input_ids, enc.attention_mask, [layer])[layer].clone()
+    v = torch.ones(bb.d_model)
+    with bb.steer(layer, v, alpha=1.0, positions=[0]):
+        got = bb.forward_layers(enc.input_ids, enc.attention_mask, [layer])[layer]
+    torch.testing.assert_close(got[:, 0] - base[:, 0], torch.ones_like(base[:, 0]))
+    assert torch.equal(got[:, 1:], base[:, 1:])
+    with bb.steer(layer, edit=lambda h: h * 0):
+        zero = bb.forward_layers(enc.input_ids, enc.attention_mask, [layer])[layer]
+    assert torch.count_nonzero(zero) == 0
+
+
+def test_bad_inputs(tiny_backbone):
+    bb = tiny_backbone
+    with pytest.raises(SafesteerError, match="out of range"):
+        bb.check_layer(bb.n_layers)
+    with pytest.raises(SafesteerError, match="shape"):
+        with bb.steer(0, torch.ones(bb.d_model + 1)):
+            pass
+
+
+def test_mean_pool_ignores_padding():
+    h = torch.arange(12, dtype=torch.float32).reshape(1, 4, 3)
+    mask = torch.tensor([[1, 1, 0, 0]])
+    torch.testing.assert_close(mean_pool(h, mask), h[0, :2].mean(0, keepdim=True))
+
+
+def test_causal_token_logprobs_match_manual(tiny_llama):
+    bb = tiny_llama
+    lp = bb.token_logprobs(TEXTS[:2])
+    ids = [1] + bb.tokenizer(TEXTS[1])["input_ids"]  # BOS conditioned (tokenizer adds <s> already)
+    ids = bb.tokenizer(TEXTS[1])["input_ids"]
+    with torch.inference_mode():
+        logits = bb.model(torch.tensor([ids])).logits[0].double()
+    manual = torch.log_softmax(logits, -1)[:-1].gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(lp[1].double(), manual, atol=1e-5, rtol=1e-5)
+
+
+def test_masked_token_logprobs(tiny_roberta):
+    bb = tiny_roberta
+    enc = bb.tokenize(["the <mask> is good", "you are <mask>"])
+    pos = (enc.input_ids == bb.tokenizer.mask_token_id).float().argmax(1)
+    lp = bb.masked_token_logprobs(enc.input_ids, enc.attention_mask, pos)
+    assert lp.shape == (2, len(bb.tokenizer))
+    torch.testing.assert_close(lp.exp().sum(1), torch.ones(2), atol=1e-5, rtol=0)
