@@ -57,7 +57,9 @@ _register_all()
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     try:
-        app(args=argv, standalone_mode=False)
+        rv = app(args=argv, standalone_mode=False)
+        if isinstance(rv, int):
+            return rv
     except SafesteerError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         return exc.exit_code
