@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from safesteer.errors import SafesteerError
+from safesteer.net import hub_reachable
 
 #: alias -> (description, hub id for users with internet access)
 ALIASES: dict[str, tuple[str, str]] = {
@@ -21,20 +20,6 @@ class ResolvedModel:
     name: str  # what the user asked for
     path: str  # local folder or hub id given to from_pretrained
     source: str  # "embedded" | "local" | "hub"
-
-
-def hub_reachable(timeout: float = 2.0) -> bool:
-    """True unless offline mode is set or huggingface.co cannot be resolved/connected quickly."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
-        return False
-    try:
-        socket.setdefaulttimeout(timeout)
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-    finally:
-        socket.setdefaulttimeout(None)
 
 
 def _is_hf_cached(repo_id: str) -> bool:
