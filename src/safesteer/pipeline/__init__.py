@@ -1,0 +1,1 @@
+"""`safesteer run`: the whole pipeline with stage caching and a report."""

@@ -1,0 +1,59 @@
+"""Config: TOML round-trip, unknown keys and bad values rejected with one line; stage keys."""
+
+from __future__ import annotations
+
+import pytest
+
+from safesteer.config import Config, dump_toml, load_config
+from safesteer.errors import SafesteerError
+from safesteer.pipeline.cache import StageCache, stage_key
+
+
+def test_defaults_round_trip(tmp_path):
+    cfg = Config()
+    cfg.sae.l1 = [1e-4, 5e-5]
+    p = tmp_path / "c.toml"
+    p.write_text(dump_toml(cfg))
+    assert load_config(p).to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("[model]\nnmae = 'x'\n", "unknown config key model.'nmae'"),
+        ("[sae]\nexpansions = 'four'\n", "sae.expansions must be a list"),
+        ("[sae]\nl1 = [0.0]\n", "sae.l1"),
+        ("[extract]\ndtype = 'int8'\n", "extract.dtype"),
+        ("[data]\nsae_datasets = ['nope']\n", "unknown dataset 'nope'"),
+        ("[bogus]\nx = 1\n", "unknown config key 'bogus'"),
+        ("[model]\nlayer = -2\n", "model.layer must be positive"),
+        ("not toml = = 1", "not valid TOML"),
+    ],
+)
+def test_bad_configs_rejected(tmp_path, text, match):
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    with pytest.raises(SafesteerError, match=match.replace("[", r"\[").replace(".", r"\.")) as err:
+        load_config(p)
+    assert "\n" not in err.value.message
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for f in sorted(root.glob("*.toml")):
+        load_config(f)
+
+
+def test_stage_keys_follow_params_and_inputs(tmp_path):
+    a = stage_key("sae", {"l1": 1e-3}, {"extract": "k1"})
+    assert a == stage_key("sae", {"l1": 1e-3}, {"extract": "k1"})
+    assert a != stage_key("sae", {"l1": 2e-3}, {"extract": "k1"})
+    assert a != stage_key("sae", {"l1": 1e-3}, {"extract": "k2"})
+    cache = StageCache(tmp_path)
+    st = cache.stage("sae", {"l1": 1e-3})
+    assert not st.done
+    st.mark_done(rows=3)
+    again = cache.stage("sae", {"l1": 1e-3})
+    assert again.done and again.info()["rows"] == 3 and again.dir == st.dir
