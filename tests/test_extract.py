@@ -159,3 +159,14 @@ def test_kill9_and_resume_is_byte_identical(tmp_path, dtype, kind):
     assert kills >= 1
     a, b = _files(ref), {k: v for k, v in _files(killed).items() if not Path(k).name.startswith(".")}
     assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
+
+
+def test_text_labels_survive_mixed_dataset_shards(tiny_llama, tmp_path):
+    rows = [("a", Rec(id="a:0", text="the man is good", labels={"target_group": "women", "toxic": 1})),
+            ("b", Rec(id="b:0", text="you are kind", labels={"joy": 1})),
+            ("a", Rec(id="a:1", text="she is bad", labels={"target_group": "black", "toxic": 0}))]
+    extract(tiny_llama, rows, tmp_path, _cfg(), progress=False)
+    lab = ActivationStore(tmp_path).load_all().labels
+    assert lab["target_group"].tolist()[0] == "women" and lab["target_group"].tolist()[2] == "black"
+    assert lab["target_group"].isna().tolist() == [False, True, False]
+    assert lab["toxic"].tolist()[0] == 1.0 and np.isnan(lab["toxic"].tolist()[1])

@@ -178,8 +178,9 @@ def _meta_frame(chunk: list[tuple[str, Any]]) -> pd.DataFrame:
         records.append(row)
     df = pd.DataFrame.from_records(records)
     for col in df.columns[4:]:
-        if df[col].map(lambda x: isinstance(x, str) or x is None).all():
-            df[col] = df[col].astype(object)
+        present = df[col][df[col].notna()]
+        if len(present) and present.map(lambda x: isinstance(x, str)).all():
+            df[col] = df[col].where(df[col].notna(), None).astype(object)
         else:
             df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
     return df

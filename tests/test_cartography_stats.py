@@ -1,0 +1,156 @@
+"""Streaming atom × label statistics: exactness vs scipy/numpy, merge-order invariance, ranking, top rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import scipy.stats as ss
+
+from safesteer.cartography import StreamingStats, TopActivations, atom_table, heldout_mask, map_latents
+from safesteer.cartography.stats import decode_labels, encode_labels
+from safesteer.errors import SafesteerError
+
+LABELS = ["a", "b", "c"]
+
+
+def _random(n=600, atoms=30, seed=0, density=0.3, offset=0.0):
+    rng = np.random.default_rng(seed)
+    Z = (rng.exponential(2.0, (n, atoms)) + offset) * (rng.random((n, atoms)) < density)
+    Z[:, 0] = rng.exponential(1.0, n) + 1e3  # large mean, small spread: naive sums would lose digits
+    Y = (rng.random((n, len(LABELS))) < 0.35).astype(float)
+    Y[rng.random(Y.shape) < 0.25] = np.nan
+    return Z, Y
+
+
+def _sharded(Z, Y, n_shards, seed):
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(Z))
+    cuts = np.sort(rng.choice(np.arange(1, len(Z)), n_shards - 1, replace=False))
+    parts = [StreamingStats(Z.shape[1], LABELS).update(sp.csr_matrix(Z[p]), Y[p]) for p in np.split(perm, cuts)]
+    order = rng.permutation(len(parts))
+    total = StreamingStats(Z.shape[1], LABELS)
+    for i in order:  # any merge order
+        total.merge(parts[i])
+    return total
+
+
+def _rel(a, b):
+    return np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12))
+
+
+@pytest.mark.parametrize("n_shards,seed", [(1, 0), (2, 1), (7, 2), (23, 3)])
+def test_matches_scipy_and_numpy(n_shards, seed):
+    Z, Y = _random(seed=seed)
+    st = _sharded(Z, Y, n_shards, seed)
+    a = st.arrays()
+    for l in range(len(LABELS)):
+        m = ~np.isnan(Y[:, l])
+        y = Y[m, l]
+        for j in range(Z.shape[1]):
+            z = Z[m, j]
+            r_ref = ss.pointbiserialr(y, z)[0]
+            assert abs(a["r"][j, l] - r_ref) <= 1e-6 * abs(r_ref) + 1e-12
+            mu1, mu0 = z[y == 1].mean(), z[y == 0].mean()
+            assert _rel(a["mean_pos"][j, l], mu1) <= 1e-6 and _rel(a["mean_neg"][j, l], mu0) <= 1e-6
+            assert abs(a["dmu"][j, l] - (mu1 - mu0)) <= 1e-6 * max(abs(mu1 - mu0), 1e-9) + 1e-9
+            s_pooled = np.sqrt((((z[y == 1] - mu1) ** 2).sum() + ((z[y == 0] - mu0) ** 2).sum()) / (len(z) - 2))
+            assert _rel(a["cohens_d"][j, l], (mu1 - mu0) / s_pooled) <= 1e-6
+            assert a["freq_pos"][j, l] == pytest.approx((z[y == 1] > 0).mean(), abs=1e-12)
+            assert a["freq_neg"][j, l] == pytest.approx((z[y == 0] > 0).mean(), abs=1e-12)
+        assert st.n[1, l] == (y == 1).sum() and st.n[0, l] == (y == 0).sum()
+        # sums and sums of squares are exposed too
+        assert _rel(st.sums[1, :, l], Z[m][y == 1].sum(0)) <= 1e-9
+        assert _rel(st.sumsqs[0, :, l], (Z[m][y == 0] ** 2).sum(0)) <= 1e-9
+
+
+def test_merge_orders_agree_with_single_pass():
+    Z, Y = _random(seed=5)
+    single = StreamingStats(Z.shape[1], LABELS).update(sp.csr_matrix(Z), Y).to_frame()
+    for seed in range(3):
+        other = _sharded(Z, Y, 9, seed).to_frame()
+        num = single.select_dtypes("number").columns
+        np.testing.assert_allclose(other[num].to_numpy(float), single[num].to_numpy(float), rtol=1e-9, atol=1e-12)
+
+
+def test_planted_atom_ranks_first():
+    rng = np.random.default_rng(3)
+    n, A = 2000, 200
+    y = (rng.random(n) < 0.3).astype(float)
+    Z = (rng.exponential(1.0, (n, A)) * (rng.random((n, A)) < 0.05))
+    planted = 137
+    fire = np.where(y == 1, rng.random(n) < 0.8, rng.random(n) < 0.05)
+    for i in np.flatnonzero(fire):
+        Z[i, planted] = rng.exponential(1.0) + 0.5
+    Z = sp.csr_matrix(Z)
+    st = StreamingStats(A, ["toxicity"])
+    for chunk in np.array_split(np.arange(n), 5):
+        st.update(Z[chunk], y[chunk, None])
+    df = atom_table(st)
+    assert df.sort_values("score", ascending=False)["atom"].iloc[0] == planted
+    assert df.sort_values("r", ascending=False)["atom"].iloc[0] == planted
+    row = df[df.atom == planted].iloc[0]
+    assert row["freq_pos"] > 0.7 and row["freq_neg"] < 0.15 and row["category"] == "toxicity"
+
+
+def test_sparse_input_is_never_densified():
+    n, A = 3000, 400_000  # dense float64 would need ~9.6 GB
+    rng = np.random.default_rng(0)
+    nnz = 24_000
+    Z = sp.csr_matrix((rng.random(nnz), (rng.integers(0, n, nnz), rng.integers(0, A, nnz))), shape=(n, A))
+    Y = (np.arange(n) % 2).astype(float)[:, None]
+    st = StreamingStats(A, ["x"]).update(Z, Y)
+    assert st.n[:, 0].tolist() == [n / 2, n / 2]
+    assert st.mean.shape == (2, 1, A)  # O(atoms × labels) memory
+
+
+def test_validation_and_persistence(tmp_path):
+    Z, Y = _random(n=50, atoms=5)
+    st = StreamingStats(5, LABELS)
+    with pytest.raises(SafesteerError, match="0, 1 or NaN"):
+        st.update(sp.csr_matrix(Z), np.full_like(Y, 0.5))
+    with pytest.raises(SafesteerError, match="atoms"):
+        st.update(sp.csr_matrix(Z[:, :3]), Y)
+    with pytest.raises(SafesteerError, match="different"):
+        st.merge(StreamingStats(5, ["x"]))
+    st.update(sp.csr_matrix(Z), Y)
+    st.save(tmp_path / "s")
+    back = StreamingStats.load(tmp_path / "s")
+    pd.testing.assert_frame_equal(back.to_frame(), st.to_frame())
+    assert back.rows_seen == 50
+
+
+def test_top_activations_exact_and_mergeable():
+    Z, _ = _random(n=300, atoms=12, seed=9)
+    Z[:, 0] = 0.0  # an atom that never fires has no rows
+    ids = np.array([f"d:{i}" for i in range(len(Z))])
+    parts = np.array_split(np.random.default_rng(0).permutation(len(Z)), 4)
+    tops = [TopActivations(12, 4).update(sp.csr_matrix(Z[p]), ids[p]) for p in parts]
+    t = tops[2].merge(tops[0]).merge(tops[3]).merge(tops[1])
+    f = t.to_frame()
+    assert not (f.atom == 0).any()
+    for j in range(1, 12):
+        ref = np.argsort(-Z[:, j], kind="stable")[:4]
+        got = f[f.atom == j].sort_values("rank")
+        np.testing.assert_allclose(got.activation.to_numpy(), Z[ref, j])
+        assert set(got.id) == set(ids[ref])
+
+
+def test_map_latents_with_heldout_and_label_codes():
+    Z, Y = _random(n=400, atoms=10, seed=11)
+    ids = np.array([f"ds:{i}" for i in range(400)])
+    codes = encode_labels(Y)
+    np.testing.assert_array_equal(np.isnan(decode_labels(codes)), np.isnan(Y))
+    shards = [(k, sp.csr_matrix(Z[p]), ids[p]) for k, p in enumerate(np.array_split(np.arange(400), 3))]
+    shuffled = np.random.default_rng(0).permutation(400)  # label rows in another order than the latents
+    res = map_latents(iter(shards), 10, ids[shuffled], LABELS, codes[shuffled], heldout_fraction=0.25, top_k=3)
+    h = heldout_mask(ids, 0.25)
+    assert 0.15 < h.mean() < 0.35 and res.n_rows == 400
+    ref = StreamingStats(10, LABELS).update(sp.csr_matrix(Z[~h]), Y[~h])
+    np.testing.assert_allclose(res.stats.arrays()["r"], ref.arrays()["r"], rtol=1e-9)
+    ref_h = StreamingStats(10, LABELS).update(sp.csr_matrix(Z[h]), Y[h])
+    df = atom_table(res)
+    assert len(df) == 30 and {"r_heldout", "dmu_heldout", "score", "category"} <= set(df.columns)
+    np.testing.assert_allclose(df[df.label == "b"].r_heldout.to_numpy(), ref_h.arrays()["r"][:, 1], rtol=1e-9)
+    assert (df.category == "other").all()
