@@ -1,0 +1,26 @@
+"""Gated sparse autoencoders: model, training, saving (SAELens layout) and the sparse latent store.
+
+>>> from safesteer.sae import GatedSAE, SAEConfig, load_sae, save_sae
+>>> sae = load_sae("runs/x/sae")          # cfg.json + sae_weights.safetensors
+>>> f = sae.encode(x); x_hat = sae.decode(f)  # sae.W_dec: (d_sae x d_in) unit-norm atom directions
+"""
+
+from safesteer.sae.config import SAEConfig, TrainConfig
+from safesteer.sae.gated import GatedSAE, loss_and_grads, reference_loss
+from safesteer.sae.saving import fold_scale, load_sae, save_sae
+from safesteer.sae.trainer import Trainer, TrainResult, array_batches, train_sae
+
+__all__ = [
+    "GatedSAE",
+    "SAEConfig",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "array_batches",
+    "fold_scale",
+    "load_sae",
+    "loss_and_grads",
+    "reference_loss",
+    "save_sae",
+    "train_sae",
+]
