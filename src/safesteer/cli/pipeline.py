@@ -1,0 +1,26 @@
+"""`safesteer run`: the whole pipeline from one config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("run")
+    def run_cmd(
+        config: Optional[Path] = typer.Option(None, "--config", help="TOML config (default: built-in defaults = configs/default.toml)."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: runs/<run.name>)."),
+        stages: Optional[str] = typer.Option(None, "--stages", help="Comma-separated subset of stages to (re)compute; others must be cached."),
+    ) -> None:
+        """Run datasets → extract → SAE grid → encode → probes → map → atoms → evaluate → report, with stage caching."""
+        from safesteer.config import load_config
+        from safesteer.pipeline.runner import Pipeline
+
+        cfg = load_config(config)
+        folder = out or Path("runs") / cfg.run.name
+        only = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
+        html = Pipeline(cfg, folder, only).run()
+        typer.echo(f"report: {html.resolve()}")

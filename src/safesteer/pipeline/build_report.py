@@ -1,0 +1,127 @@
+"""Assemble the run report from the stage outputs (numbers are read from the files, never retyped)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from safesteer.config import dump_toml
+from safesteer.io import read_json, write_json
+from safesteer.pipeline.report import Section, hardware, render, versions
+
+
+def _read_csv(path: Path) -> pd.DataFrame | None:
+    return pd.read_csv(path) if path.is_file() else None
+
+
+def _grid_sections(sae_dir: Path) -> Section:
+    sec = Section("Gated SAE: grid search and convergence")
+    grid = sae_dir / "grid_results.json"
+    if grid.is_file():
+        g = read_json(grid)
+        rows = pd.DataFrame(g["rows"])
+        cols = [c for c in ("name", "expansion", "l1", "best_val_loss", "best_epoch", "l0", "fvu", "dead_fraction", "epochs_run") if c in rows.columns]
+        sec.text(f"Grid over expansion × λ, sorted by best validation loss (the study's Table 1). Best: {g.get('best')}.")
+        sec.table(rows[cols], floatfmt="{:.5g}")
+        best_folder = Path(g["rows"][0]["folder"]) if g.get("rows") else None
+        if best_folder is not None and (best_folder / "metrics.json").is_file():
+            hist = read_json(best_folder / "metrics.json").get("history", [])
+            conv = pd.DataFrame([{"epoch": h["epoch"], **{k: (h.get("val") or {}).get(k) for k in ("loss", "mse", "fvu", "l0", "gamma")},
+                                  "train_loss": (h.get("train") or {}).get("loss"), "dead_fraction": h.get("dead_fraction")} for h in hist])
+            sec.text("Convergence of the selected configuration (validation metrics per epoch; the study's Table 2). γ < 1 means shrinkage.")
+            sec.table(conv, floatfmt="{:.5g}")
+    return sec
+
+
+def _cards_section(atoms_dir: Path) -> Section:
+    sec = Section("Selected atoms and their cards")
+    final = _read_csv(atoms_dir / "filtered" / "final_steering_atoms.csv")
+    cand = _read_csv(atoms_dir / "filtered" / "candidates.csv")
+    if cand is not None:
+        cols = [c for c in ("atom", "category", "label", "verdict", "r", "r_heldout", "replicates", "effect", "screen_pass", "flag", "selected") if c in cand.columns]
+        n_flag = int(cand["flag"].fillna("").astype(str).str.len().gt(0).sum()) if "flag" in cand.columns else 0
+        sec.text(f"{len(cand)} candidates judged by the offline judge and causally screened; "
+                 f"{0 if final is None else len(final)} kept; {n_flag} flagged.")
+        sec.table(cand[cols].head(60), floatfmt="{:.3g}")
+    cards_path = atoms_dir / "filtered" / "atom_cards.json"
+    if cards_path.is_file() and final is not None and len(final):
+        cards = {c["atom"]: c for c in read_json(cards_path)}
+        html_parts = []
+        for _, row in final.head(12).iterrows():
+            c = cards.get(int(row["atom"]), {})
+            toks = c.get("logit_lens", {})
+            pos = ", ".join(toks.get("positive", toks.get("top", []))[:10]) if isinstance(toks, dict) else ", ".join(map(str, toks))[:200]
+            texts = "".join(f"<li>{_esc(t.get('text', '') if isinstance(t, dict) else t)[:220]}</li>" for t in (c.get("top_texts") or [])[:4])
+            html_parts.append(
+                f"<div class='card'><b>atom {int(row['atom'])}</b> · {_esc(str(row.get('category', '')))} · "
+                f"{_esc(str(row.get('label', '')))} · verdict <b>{_esc(str(row.get('verdict', '')))}</b> · r={row.get('r', float('nan')):.3f}"
+                f"<br><span class='note'>{_esc(str(row.get('reason', ''))[:300])}</span>"
+                f"<br>logit lens: <code>{_esc(pos)}</code><ul>{texts}</ul></div>")
+        sec.html("".join(html_parts))
+    return sec
+
+
+def _esc(s: str) -> str:
+    import html
+
+    return html.escape(s)
+
+
+def build_report(pipe) -> Path:
+    cfg, st = pipe.cfg, pipe.st
+    sections: list[Section] = []
+    ev = st["evaluate"].dir
+    table = _read_csv(ev / "table.csv")
+    head = Section("Headline: steering strategies (test split, 95% bootstrap CIs, Δ vs unsteered)")
+    if table is not None:
+        head.text("Each cell is value [95% CI]; Δ columns are paired differences against the unsteered model on the same items. "
+                  "α was calibrated per strategy on a disjoint validation split.")
+        head.table(table, floatfmt="{:.4g}")
+    sections.append(head)
+    figs = Section("Figures")
+    for name, cap in (("safety.png", "Mean toxicity / harm per strategy; dashed line = unsteered (study Fig. 3)"),
+                      ("bias.png", "CrowS-Pairs and StereoSet per strategy (study Fig. 4)"),
+                      ("choice_deltas.png", "ΔP(Yes) / ΔP(No) per prompt type (study Fig. 5)"),
+                      ("alpha_sweep.png", "α sweep on the validation split, per strategy"),
+                      ("entanglement.png", "Entanglement matrix: effect (z) of each strategy on every metric")):
+        figs.image(ev / "plots" / name, cap)
+    sections.append(figs)
+    ent = _read_csv(ev / "entanglement.csv")
+    if ent is not None:
+        sections.append(Section("Entanglement matrix").text("Standardised effect of each strategy on every metric.").table(ent, floatfmt="{:.3g}"))
+    pm = st["probes"].dir / "probe_metrics.json"
+    if pm.is_file():
+        m = read_json(pm)
+        df = pd.DataFrame([{"probe": k, **{kk: v for kk, v in vals.items() if not isinstance(v, (dict, list))}} for k, vals in m.items()])
+        sections.append(Section("Probes (held-out metrics)").text("ℓ2 logistic regression on pooled activations; C by cross-validation; metrics on held-out rows.").table(df, floatfmt="{:.4g}"))
+    sections.append(_grid_sections(st["sae"].dir))
+    msum = st["map"].dir / "summary.json"
+    if msum.is_file():
+        s = read_json(msum)
+        sec = Section("Concept cartography")
+        sec.text(f"{s['n_atoms']} atoms × {len(s['labels'])} labels over {s['n_rows']} rows in one streaming pass. {s.get('score', '')}")
+        link = s.get("link") or {}
+        if link:
+            sec.table(pd.DataFrame([{"probe": k, "reconstruction cosine (OMP, 16 atoms)": v} for k, v in link.items()]), floatfmt="{:.3f}")
+        top = [{"label": lab, "atom": a["atom"], "score": a["score"], "r": a["r"]} for lab, atoms in (s.get("top_atoms") or {}).items()
+               if lab in ("toxicity", "harmfulness") for a in atoms]
+        if top:
+            sec.table(pd.DataFrame(top), floatfmt="{:.3g}")
+        sections.append(sec)
+    sections.append(_cards_section(st["atoms"].dir))
+    repro = {
+        "config": str(pipe.out / "config.toml"), "model": cfg.model.name, "layer": cfg.model.layer, "seed": cfg.run.seed,
+        "hardware": hardware(), **{f"version {k}": v for k, v in versions().items()},
+        "stage timings (s)": ", ".join(f"{k} {v:.0f}" for k, v in pipe.timings.items()),
+        "stage status": ", ".join(f"{k}: {v}" for k, v in pipe.status.items()),
+        "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    html_path, _ = render(f"safesteer run: {cfg.run.name}", sections, repro, pipe.out)
+    write_json(pipe.out / "run_summary.json", {"timings": pipe.timings, "status": pipe.status,
+                                               "stages": {k: str(v.dir) for k, v in st.items()}})
+    return html_path
