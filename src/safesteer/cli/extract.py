@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
         for l in layers:
             bb.check_layer(l)
         rows = dataset_rows(names, split, max_rows, seed, source, data_dir)
-        rep = extract(bb, rows, out, cfg, overwrite=overwrite)
+        rep = extract(bb, rows, out, cfg, overwrite=overwrite, total=max_rows * len(names) if max_rows else None)
         rate = rep.rows / rep.seconds if rep.seconds else 0.0
         typer.echo(
             f"extracted {rep.rows} rows ({rep.shards_done} shards computed, {rep.shards_skipped} reused) "
