@@ -111,3 +111,10 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "README.md").is_file():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+def foreign_hooks(layers) -> int:
+    """Forward hooks on the blocks other than transformers' own permanent output-capturing hooks."""
+    return sum(
+        1 for layer in layers for fn in layer._forward_hooks.values() if getattr(fn, "__name__", "") != "output_capturing_hook"
+    )

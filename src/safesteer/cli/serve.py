@@ -1,0 +1,139 @@
+"""`safesteer serve`: the runtime steering service (FastAPI + uvicorn)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from safesteer.errors import SafesteerError
+
+
+def resolve_directions(path: Path):
+    """A direction set from its folder, its ``directions.json``, or a run folder holding ``directions/``."""
+    from safesteer.steering import DirectionSet
+
+    p = Path(path)
+    if not p.exists():
+        raise SafesteerError(f"missing directions {p}; build them with `safesteer directions`")
+    for cand in (p, p / "directions"):
+        if (cand / "directions.json").is_file() or cand.name == "directions.json":
+            return DirectionSet.load(cand)
+    hits = sorted(p.glob("*/directions.json"))
+    if len(hits) == 1:
+        return DirectionSet.load(hits[0])
+    raise SafesteerError(f"{p} holds no directions.json (nor a single sub-folder with one); point --directions at the folder "
+                         "written by `safesteer directions`")
+
+
+def resolve_probes(values: list[str], probe_layer: int | None) -> dict[str, Any]:
+    """``[NAME=]DIR`` options → ``name → ServedProbe``-ready probes. DIR may hold several probe folders."""
+    from safesteer.probes import load_probe
+    from safesteer.serve import ServedProbe
+
+    out: dict[str, Any] = {}
+
+    def add(name: str, folder: Path) -> None:
+        if name in out:
+            raise SafesteerError(f"two probes are named '{name}'; name them with --probes NAME=DIR")
+        probe = load_probe(folder)
+        layer = probe.meta.get("layer", probe_layer)
+        if layer is None:
+            raise SafesteerError(f"probe {folder} does not record its layer; pass --probe-layer")
+        out[name] = ServedProbe(name, probe, int(layer))
+
+    for value in values:
+        name, _, path = value.partition("=") if "=" in value else ("", "", value)
+        folder = Path(path)
+        if (folder / "probe.json").is_file() or folder.name == "probe.json":
+            folder = folder.parent if folder.name == "probe.json" else folder
+            add(name or _probe_name(folder), folder)
+            continue
+        subs = sorted(p.parent for p in folder.glob("*/probe.json")) if folder.is_dir() else []
+        if not subs:
+            raise SafesteerError(f"{folder} is not a probe folder (no probe.json, nor sub-folders with one); train one with `safesteer probe`")
+        if name:
+            raise SafesteerError(f"--probes {value}: NAME=DIR needs DIR to be one probe folder, {folder} holds {len(subs)}")
+        for sub in subs:
+            add(_probe_name(sub), sub)
+    return out
+
+
+def _probe_name(folder: Path) -> str:
+    from safesteer.io import read_json
+
+    meta = read_json(folder / "probe.json").get("meta", {}) or {}
+    return str(meta.get("label") or folder.name)
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost",):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("serve")
+    def serve_cmd(
+        model: str = typer.Option("smollm2-135m", "--model", help="Alias (smollm2-135m), local folder or hub id."),
+        policies: Path = typer.Option(..., "--policies", help="Folder of policy JSON files (created if missing; PUTs are saved here)."),
+        directions: Optional[Path] = typer.Option(None, "--directions", help="Direction set folder (or a run folder holding directions/)."),
+        probes: list[str] = typer.Option([], "--probes", help="[NAME=]DIR of a probe (or a folder of probe folders); repeatable."),
+        probe_layer: Optional[int] = typer.Option(None, "--probe-layer", help="Layer of probes that do not record one."),
+        sae: Optional[Path] = typer.Option(None, "--sae", help="SAE folder, for policies that clamp atoms."),
+        sae_layer: Optional[int] = typer.Option(None, "--sae-layer", help="Layer the SAE reads (default: from its config)."),
+        host: str = typer.Option("127.0.0.1", "--host", help="Bind address (loopback by default)."),
+        port: int = typer.Option(8000, "--port", min=0, max=65535),
+        api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable holding the API key for PUT/DELETE."),
+        max_texts: int = typer.Option(32, "--max-texts", min=1, help="Texts per request."),
+        max_text_chars: int = typer.Option(4000, "--max-text-chars", min=1, help="Characters per text."),
+        max_body: int = typer.Option(1 << 20, "--max-body-bytes", min=1, help="Request body limit."),
+        max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Upper bound for /v1/generate."),
+        max_alpha: float = typer.Option(100.0, "--max-alpha", help="|alpha| limit (raw activation units)."),
+        batch_window_ms: float = typer.Option(0.0, "--batch-window-ms", min=0.0,
+                                              help="Coalesce /v1/score and /v1/choice requests of one policy within this window (0 = off: bit-exact per request)."),
+        threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch intra-op threads (default: torch's choice)."),
+        log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
+    ) -> None:
+        """Serve a steered model over HTTP with policies that can be changed while it runs."""
+        from safesteer.serve import Limits, PolicyStore
+
+        api_key = None
+        if api_key_env:
+            api_key = os.environ.get(api_key_env)
+            if not api_key:
+                raise SafesteerError(f"--api-key-env {api_key_env}: that environment variable is unset or empty")
+        limits = Limits(max_texts=max_texts, max_text_chars=max_text_chars, max_body_bytes=max_body, max_new_tokens=max_new_tokens,
+                        max_abs_alpha=max_alpha, batch_window_ms=batch_window_ms)
+        store = PolicyStore(policies)
+        ds = resolve_directions(directions) if directions is not None else None
+        served = resolve_probes(probes, probe_layer)
+        sae_obj = None
+        if sae is not None:
+            from safesteer.sae import load_sae
+
+            sae_obj = load_sae(sae)
+        from safesteer.models import load_backbone
+
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
+        typer.echo(f"loading {model} …", err=True)
+        backbone = load_backbone(model)
+        from safesteer.serve.app import create_app
+
+        app_ = create_app(backbone, ds, served, store, api_key=api_key, limits=limits, sae=sae_obj, sae_layer=sae_layer)
+        if not _is_loopback(host) and not api_key:
+            typer.echo(f"warning: listening on {host} without an API key; anyone who can reach it can change policies", err=True)
+        typer.echo(f"serving {model} ({backbone.kind}, {backbone.n_layers} layers) with {len(store)} policies, "
+                   f"{len(served)} probes, {len(ds) if ds else 0} directions on http://{host}:{port} (docs: /docs)", err=True)
+        import uvicorn
+
+        uvicorn.run(app_, host=host, port=port, log_level=log_level)

@@ -1,0 +1,23 @@
+"""Runtime steering service: serve a frozen LM with safety policies that change without a restart.
+
+>>> from safesteer.serve import create_app, PolicyStore, Limits
+>>> app = create_app(backbone, directions, probes, PolicyStore("policies/"), api_key="…")
+>>> # uvicorn.run(app, host="127.0.0.1", port=8000)  — or `safesteer serve --model … --policies DIR`
+
+Modules: :mod:`~safesteer.serve.policies` (Policy model, atomic PolicyStore),
+:mod:`~safesteer.serve.engine` (computations, the model worker thread, limits),
+:mod:`~safesteer.serve.app` (FastAPI endpoints), :mod:`~safesteer.serve.metrics` (Prometheus text).
+"""
+
+from safesteer.serve.engine import Engine, Limits, ServedProbe
+from safesteer.serve.policies import Clamp, Condition, Policy, PolicyBody, PolicyRecord, PolicyStore
+
+
+def create_app(*args, **kwargs):
+    """See :func:`safesteer.serve.app.create_app` (imported lazily: FastAPI loads only when serving)."""
+    from safesteer.serve.app import create_app as _create_app
+
+    return _create_app(*args, **kwargs)
+
+
+__all__ = ["Clamp", "Condition", "Engine", "Limits", "Policy", "PolicyBody", "PolicyRecord", "PolicyStore", "ServedProbe", "create_app"]

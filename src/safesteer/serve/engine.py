@@ -1,0 +1,525 @@
+"""What the service computes, and the single worker thread that owns the model.
+
+Hook state is global to a model (``Backbone.steer`` registers a forward hook on a block), so the
+model is only ever used by one thread at a time: every request becomes a job on
+:class:`ModelWorker`, which runs jobs one after another while holding :attr:`Engine.lock` (other
+code that wants to use the same backbone while a server runs — tests, an admin shell — takes that
+lock too). A job installs its policy's hook, computes, and removes the hook before the next job
+starts, so one request's steering can never leak into another's output.
+
+Per request, all texts are batched together (in chunks of ``max_batch_texts``). With
+``batch_window_ms > 0`` the worker also coalesces ``/v1/score`` jobs that share a policy version,
+α and probe list into one forward pass. Coalescing changes the padding of a batch, which can move
+results by float rounding (~1e-7); with the default window of 0 every request's output is
+bit-identical to the same request run alone.
+
+Conditional steering: the condition probe reads the *unsteered* mean-pooled vector of the raw
+text at its layer; rows at or below the threshold are left untouched inside the batch
+(``torch.where`` on the row), so their output is bit-for-bit the unsteered output.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import math
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from safesteer.errors import SafesteerError
+from safesteer.serve.policies import Policy, PolicyRecord
+from safesteer.steering import ClampEdit, DirectionSet, steering_vector, unit
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request limits and batching knobs of one server."""
+
+    max_texts: int = 32
+    """Texts (or prompts) per request."""
+    max_text_chars: int = 4000
+    """Characters per text."""
+    max_body_bytes: int = 1 << 20
+    """Request body size (Content-Length and the bytes actually sent)."""
+    max_new_tokens: int = 128
+    """Upper bound of ``max_new_tokens`` for /v1/generate."""
+    max_abs_alpha: float = 100.0
+    """|α| bound for every policy and request (raw activation units)."""
+    max_queue: int = 256
+    """Jobs waiting for the model before requests are refused with 503."""
+    batch_window_ms: float = 0.0
+    """Coalesce /v1/score jobs of the same policy arriving within this window (0 = off)."""
+    max_batch_texts: int = 64
+    """Texts per forward pass (per request chunk, and per coalesced batch)."""
+    request_timeout_s: float = 300.0
+    """How long a request waits for the model before giving up (504)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_texts", "max_text_chars", "max_body_bytes", "max_new_tokens", "max_queue", "max_batch_texts"):
+            if int(getattr(self, name)) < 1:
+                raise SafesteerError(f"limit {name} must be at least 1")
+        if not (self.max_abs_alpha > 0 and math.isfinite(self.max_abs_alpha)):
+            raise SafesteerError("max_abs_alpha must be a positive finite number")
+        if self.batch_window_ms < 0:
+            raise SafesteerError("batch_window_ms must be >= 0")
+
+
+@dataclass(frozen=True)
+class ServedProbe:
+    """A probe the server can score with: ``probe.predict_proba`` on the mean-pooled vector at ``layer``."""
+
+    name: str
+    probe: Any
+    layer: int
+
+
+def served_probes(probes: Mapping[str, Any] | Sequence[ServedProbe] | None, backbone: Any,
+                  default_layer: int | None = None) -> dict[str, ServedProbe]:
+    """Normalise probes: ``ServedProbe``s, ``name → ServedProbe``, ``name → (probe, layer)`` or
+    ``name → probe`` (layer from ``probe.meta["layer"]`` or ``default_layer``)."""
+    out: dict[str, ServedProbe] = {}
+    if not probes:
+        return out
+    items = probes.items() if isinstance(probes, Mapping) else ((p.name, p) for p in probes)
+    for name, value in items:
+        if isinstance(value, ServedProbe):
+            sp = value if value.name == name else ServedProbe(name, value.probe, value.layer)
+        elif isinstance(value, tuple):
+            sp = ServedProbe(name, value[0], int(value[1]))
+        else:
+            layer = (getattr(value, "meta", None) or {}).get("layer", default_layer)
+            if layer is None:
+                raise SafesteerError(f"probe '{name}' does not record its layer; give one (--probe-layer)")
+            sp = ServedProbe(name, value, int(layer))
+        backbone.check_layer(sp.layer)
+        d = getattr(sp.probe, "d", None)
+        if d is not None and int(d) != backbone.d_model:
+            raise SafesteerError(f"probe '{name}' expects vectors of size {d} but the model has d_model {backbone.d_model}")
+        out[name] = sp
+    return out
+
+
+@dataclass(frozen=True)
+class CompiledPolicy:
+    """The runtime form of a policy: immutable tensors and objects, shared read-only by jobs."""
+
+    layer: int
+    vector: torch.Tensor | None
+    """Unit steering vector (−direction), float32, on the model's device; None for clamp-only policies."""
+    clamps: tuple[ClampEdit, ...]
+    condition: ServedProbe | None
+    threshold: float
+    alpha_lo: float
+    alpha_hi: float
+
+    def edit(self, alpha: float, rows: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``h → clamps(h) + α·v`` (only on ``rows`` of the batch when given; others are returned as is)."""
+        delta = None if self.vector is None else float(alpha) * self.vector
+        clamps = self.clamps
+
+        def apply(h: torch.Tensor) -> torch.Tensor:
+            new = h
+            for c in clamps:
+                new = c(new)
+            if delta is not None:
+                new = new + delta.to(h.dtype)
+            if rows is not None:
+                mask = rows.to(h.device).view(-1, *([1] * (h.dim() - 1)))
+                new = torch.where(mask, new, h)
+            return new
+
+        return apply
+
+
+@dataclass
+class Plan:
+    """What one request asked for: a policy snapshot (or none) and the α to use."""
+
+    record: PolicyRecord | None = None
+    alpha: float | None = None
+
+    @property
+    def compiled(self) -> CompiledPolicy | None:
+        return None if self.record is None else self.record.runtime
+
+    def key(self) -> Hashable:
+        return (None, None) if self.record is None else (id(self.record), self.alpha)
+
+    def describe(self) -> dict[str, Any]:
+        if self.record is None:
+            return {"policy": None, "policy_version": None, "alpha": None}
+        return {"policy": self.record.name, "policy_version": self.record.version, "alpha": self.alpha}
+
+
+class Engine:
+    """The loaded model with its directions, probes and SAE, and the computations of each endpoint."""
+
+    def __init__(self, backbone: Any, directions: DirectionSet | None = None, probes: Mapping[str, ServedProbe] | None = None,
+                 sae: Any = None, sae_layer: int | None = None, limits: Limits | None = None):
+        self.backbone = backbone
+        self.directions = directions if directions is not None else DirectionSet()
+        self.probes: dict[str, ServedProbe] = dict(probes or {})
+        self.sae = sae
+        self.sae_layer = sae_layer
+        self.limits = limits or Limits()
+        self.lock = threading.RLock()
+        """Held while the model runs; take it to use the backbone beside a running server."""
+        if self.directions.d_model is not None and self.directions.d_model != backbone.d_model:
+            raise SafesteerError(f"directions have size {self.directions.d_model} but the model has d_model {backbone.d_model}; "
+                                 "build them for this model")
+        if sae is not None:
+            d_in = _sae_dims(sae)[0]
+            if d_in is not None and d_in != backbone.d_model:
+                raise SafesteerError(f"the SAE reads vectors of size {d_in} but the model has d_model {backbone.d_model}")
+        self._answers = None
+        self._answers_error: str | None = None
+        try:
+            from safesteer.evaluate.choice import answer_tokens
+
+            self._answers = answer_tokens(backbone.tokenizer)
+        except SafesteerError as exc:
+            self._answers_error = exc.message
+
+    # ------------------------------------------------------------ compiling
+    def compile(self, policy: Policy) -> CompiledPolicy:
+        """Check ``policy`` against what is loaded; raise SafesteerError with the reason if it cannot be served."""
+        lim = self.limits.max_abs_alpha
+        lo = -lim if policy.alpha_min is None else policy.alpha_min
+        hi = lim if policy.alpha_max is None else policy.alpha_max
+        if lo < -lim or hi > lim:
+            raise SafesteerError(f"alpha bounds [{lo}, {hi}] exceed the server's limit ±{lim}")
+        if not lo <= policy.alpha <= hi:
+            raise SafesteerError(f"alpha {policy.alpha} is out of bounds [{lo}, {hi}]")
+        vector = None
+        layer = policy.layer
+        if policy.directions:
+            ds = [self._direction(n) for n in policy.directions]
+            if layer is None:
+                layers = {d.layer for d in ds}
+                if len(layers) > 1:
+                    raise SafesteerError(f"directions {policy.directions} were built for different layers {sorted(layers)}; set 'layer'")
+                layer = ds[0].layer
+            vec = ds[0].vector if len(ds) == 1 else unit(np.sum([unit(d.vector) for d in ds], axis=0), "sum of the policy's directions")
+            vector = torch.as_tensor(steering_vector(vec)).to(torch.float32).to(self.backbone.device)
+        if layer is None:
+            if self.sae_layer is None:
+                raise SafesteerError("a clamp-only policy needs 'layer'")
+            layer = self.sae_layer
+        try:
+            layer = self.backbone.check_layer(layer)
+        except SafesteerError as exc:
+            raise SafesteerError(exc.message) from None
+        clamps: list[ClampEdit] = []
+        if policy.clamps:
+            if self.sae is None:
+                raise SafesteerError("this policy clamps SAE atoms but the server has no SAE; start it with --sae")
+            if self.sae_layer is not None and layer != self.sae_layer:
+                raise SafesteerError(f"the SAE was trained on layer {self.sae_layer}; a policy with clamps must steer that layer, not {layer}")
+            d_sae = _sae_dims(self.sae)[1]
+            for c in policy.clamps:
+                if d_sae is not None and max(c.atoms) >= d_sae:
+                    raise SafesteerError(f"atom {max(c.atoms)} is out of range 0..{d_sae - 1} for the served SAE")
+                clamps.append(ClampEdit(self.sae, c.atoms, lam=c.lam, mode=c.mode, floor=c.floor))
+        cond = None
+        threshold = 0.0
+        if policy.condition is not None:
+            cond = self._probe(policy.condition.probe)
+            threshold = float(policy.condition.threshold)
+        return CompiledPolicy(layer, vector, tuple(clamps), cond, threshold, float(lo), float(hi))
+
+    def _direction(self, name: str):
+        if name not in self.directions:
+            known = ", ".join(self.directions.names()) or "none (start the server with --directions)"
+            raise SafesteerError(f"unknown direction '{name}'; loaded directions: {known}")
+        return self.directions[name]
+
+    def _probe(self, name: str) -> ServedProbe:
+        if name not in self.probes:
+            known = ", ".join(self.probes) or "none (start the server with --probes)"
+            raise SafesteerError(f"unknown probe '{name}'; loaded probes: {known}")
+        return self.probes[name]
+
+    def resolve_alpha(self, record: PolicyRecord, requested: float | None) -> float:
+        """The request's α (or the policy's) after checking the policy's bounds."""
+        if requested is None:
+            return float(record.policy.alpha)
+        cp: CompiledPolicy = record.runtime
+        if not (math.isfinite(requested) and cp.alpha_lo <= requested <= cp.alpha_hi):
+            raise SafesteerError(f"alpha {requested} is out of bounds [{cp.alpha_lo:g}, {cp.alpha_hi:g}] for policy '{record.name}'")
+        return float(requested)
+
+    # ----------------------------------------------------------- primitives
+    def _chunks(self, n: int) -> Iterator[tuple[int, int]]:
+        size = self.limits.max_batch_texts
+        for s in range(0, n, size):
+            yield s, min(n, s + size)
+
+    def _condition_rows(self, cp: CompiledPolicy, texts: Sequence[str], extra_layers: Sequence[int] = ()
+                        ) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
+        """(P(condition), rows to steer, unsteered pooled vectors at the condition + ``extra_layers``)."""
+        assert cp.condition is not None
+        layers = sorted({cp.condition.layer, *extra_layers})
+        H0 = self.backbone.pooled(list(texts), layers, batch_size=max(1, len(texts)))
+        p = np.asarray(cp.condition.probe.predict_proba(H0[cp.condition.layer]), dtype=np.float64)
+        return p, p > cp.threshold, H0
+
+    @contextlib.contextmanager
+    def _steering(self, cp: CompiledPolicy | None, alpha: float | None, rows: np.ndarray | None) -> Iterator[None]:
+        """Install ``cp`` on the whole batch (rows None), on some rows, or not at all."""
+        if cp is None or (rows is not None and not rows.any()):
+            yield
+            return
+        mask = None if rows is None or rows.all() else torch.as_tensor(rows, dtype=torch.bool)
+        with self.backbone.steer(cp.layer, edit=cp.edit(alpha or 0.0, mask)):
+            yield
+
+    # ------------------------------------------------------------- endpoints
+    def score(self, texts: Sequence[str], probe_names: Sequence[str], plan: Plan) -> dict[str, Any]:
+        """Probe probabilities for ``texts`` (under the plan's steering when it has a policy)."""
+        probes = [self._probe(n) for n in probe_names]
+        layers = sorted({p.layer for p in probes})
+        cp = plan.compiled
+        probs = {p.name: np.zeros(len(texts)) for p in probes}
+        steered = np.zeros(len(texts), dtype=bool)
+        cond_p = np.full(len(texts), np.nan)
+        for s, e in self._chunks(len(texts)):
+            chunk = list(texts[s:e])
+            rows = None
+            H0: dict[int, np.ndarray] = {}
+            if cp is not None and cp.condition is not None:
+                cond_p[s:e], rows, H0 = self._condition_rows(cp, chunk, layers)
+            if cp is None or (rows is not None and not rows.any()):
+                H = {l: H0[l] for l in layers} if H0 else self.backbone.pooled(chunk, layers, batch_size=len(chunk))
+            else:
+                with self._steering(cp, plan.alpha, rows):
+                    Hs = self.backbone.pooled(chunk, layers, batch_size=len(chunk))
+                H = Hs if rows is None else {l: np.where(rows[:, None], Hs[l], H0[l]) for l in layers}
+            steered[s:e] = cp is not None if rows is None else rows
+            for p in probes:
+                probs[p.name][s:e] = p.probe.predict_proba(H[p.layer])
+        out = {"probabilities": {k: _floats(v) for k, v in probs.items()}, "steered": steered.tolist()}
+        if cp is not None and cp.condition is not None:
+            out["condition_probability"] = _floats(cond_p)
+        return out
+
+    def choice(self, texts: Sequence[str], prompt_type: str, plan: Plan) -> dict[str, Any]:
+        """Forced-choice P(Yes)/P(No) (see :mod:`safesteer.evaluate.choice`) under the plan."""
+        from safesteer.evaluate.choice import answer_logprobs, choice_probs
+
+        if self._answers is None:
+            raise SafesteerError(f"forced choice is unavailable for this model: {self._answers_error}")
+        cp = plan.compiled
+        p_yes, p_no, mass = (np.zeros(len(texts)) for _ in range(3))
+        steered = np.zeros(len(texts), dtype=bool)
+        cond_p = np.full(len(texts), np.nan)
+        for s, e in self._chunks(len(texts)):
+            chunk = list(texts[s:e])
+            rows = None
+            if cp is not None and cp.condition is not None:
+                cond_p[s:e], rows, _ = self._condition_rows(cp, chunk)
+            with self._steering(cp, plan.alpha, rows):
+                lp = answer_logprobs(self.backbone, chunk, prompt_type, batch_size=len(chunk))
+            p_yes[s:e], p_no[s:e], mass[s:e] = choice_probs(lp, self._answers)
+            steered[s:e] = cp is not None if rows is None else rows
+        out = {"p_yes": _floats(p_yes), "p_no": _floats(p_no), "answer_mass": _floats(mass), "steered": steered.tolist()}
+        if cp is not None and cp.condition is not None:
+            out["condition_probability"] = _floats(cond_p)
+        return out
+
+    def generate(self, prompts: Sequence[str], plan: Plan, max_new_tokens: int, do_sample: bool = False, seed: int = 0,
+                 temperature: float | None = None, top_p: float | None = None, chat: bool = True) -> dict[str, Any]:
+        """Completions of ``prompts`` (chat-templated when ``chat``) under the plan (causal models only)."""
+        if self.backbone.kind != "causal":
+            raise SafesteerError("generation needs a causal LM; this server runs a masked LM")
+        cp = plan.compiled
+        outs: list[str] = []
+        steered = np.zeros(len(prompts), dtype=bool)
+        cond_p = np.full(len(prompts), np.nan)
+        kwargs: dict[str, Any] = {}
+        if do_sample:
+            if temperature is not None:
+                kwargs["temperature"] = float(temperature)
+            if top_p is not None:
+                kwargs["top_p"] = float(top_p)
+        for s, e in self._chunks(len(prompts)):
+            chunk = list(prompts[s:e])
+            rows = None
+            if cp is not None and cp.condition is not None:
+                cond_p[s:e], rows, _ = self._condition_rows(cp, chunk)
+            rendered = [self.backbone.chat_prompt(p) for p in chunk] if chat else chunk
+            self._check_context(rendered, max_new_tokens)
+            with self._steering(cp, plan.alpha, rows):
+                outs.extend(self.backbone.generate(rendered, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                                   seed=seed + s, **kwargs))
+            steered[s:e] = cp is not None if rows is None else rows
+        out = {"completions": outs, "steered": steered.tolist()}
+        if cp is not None and cp.condition is not None:
+            out["condition_probability"] = _floats(cond_p)
+        return out
+
+    def _check_context(self, prompts: Sequence[str], max_new_tokens: int) -> None:
+        """Refuse prompts that, with the new tokens, would run past the model's position limit."""
+        cfg = self.backbone.config
+        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        if not limit:
+            return
+        tok = self.backbone.tokenizer
+        longest = max(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
+        used = min(longest, self.backbone.max_length) + int(max_new_tokens)
+        if used > int(limit):
+            raise SafesteerError(f"a prompt of {longest} tokens plus max_new_tokens {max_new_tokens} exceeds the model's context of "
+                                 f"{limit} tokens; shorten the prompt or ask for fewer tokens")
+
+    @property
+    def can_choose(self) -> bool:
+        return self._answers is not None
+
+
+def _floats(values: np.ndarray) -> list[float | None]:
+    """A JSON-safe list: non-finite values (a diverging steered model) become None."""
+    arr = np.asarray(values, dtype=np.float64)
+    out = arr.tolist()
+    if not np.isfinite(arr).all():
+        out = [x if math.isfinite(x) else None for x in out]
+    return out
+
+
+def _sae_dims(sae: Any) -> tuple[int | None, int | None]:
+    """(d_in, d_sae) of an SAE object when it tells."""
+    cfg = getattr(sae, "cfg", None)
+    if cfg is not None and hasattr(cfg, "d_in"):
+        return int(cfg.d_in), int(cfg.d_sae)
+    W = getattr(sae, "W_dec", None)
+    if W is not None and hasattr(W, "shape") and len(W.shape) == 2:
+        return int(W.shape[1]), int(W.shape[0])
+    return None, None
+
+
+def sae_layer_of(sae: Any) -> int | None:
+    """The layer an SAE was trained on, when its config records one."""
+    cfg = getattr(sae, "cfg", None)
+    meta = getattr(cfg, "metadata", None) or {}
+    for key in ("hook_layer", "layer"):
+        v = meta.get(key) if isinstance(meta, dict) else None
+        if isinstance(v, int):
+            return v
+    return None
+
+
+# --------------------------------------------------------------------------------- the worker
+class Overloaded(Exception):
+    """The job queue is full."""
+
+
+@dataclass
+class _Job:
+    fn: Callable[[list[Any]], list[Any]]
+    payload: Any
+    key: Hashable | None
+    size: int
+    future: Future = field(default_factory=Future)
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
+class ModelWorker:
+    """One daemon thread that runs model jobs in order, holding ``lock`` while each job runs.
+
+    ``submit(fn, payload, key, size)`` queues a job; ``fn`` takes a list of payloads and returns
+    one result per payload. Jobs with the same non-None ``key`` that arrive within the batching
+    window are handed to ``fn`` together (up to ``max_batch`` in total ``size``).
+    """
+
+    def __init__(self, lock: threading.RLock, max_queue: int = 256, window_s: float = 0.0, max_batch: int = 64,
+                 on_batch: Callable[[int, int], None] | None = None):
+        self.lock = lock
+        self.max_queue = int(max_queue)
+        self.window_s = float(window_s)
+        self.max_batch = int(max_batch)
+        self.on_batch = on_batch
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    def submit(self, fn: Callable[[list[Any]], list[Any]], payload: Any, key: Hashable | None = None, size: int = 1) -> Future:
+        job = _Job(fn, payload, key, max(1, int(size)))
+        with self._cv:
+            if self._stopping:
+                raise Overloaded("the server is shutting down")
+            if len(self._queue) >= self.max_queue:
+                raise Overloaded(f"{len(self._queue)} requests are waiting for the model; retry later")
+            self._queue.append(job)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="safesteer-model", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+        return job.future
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def reopen(self) -> None:
+        """Accept jobs again after :meth:`close` (an app served twice, e.g. by two test clients)."""
+        with self._cv:
+            self._stopping = False
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _take(self) -> list[_Job] | None:
+        with self._cv:
+            while not self._queue:
+                if self._stopping:
+                    return None
+                self._cv.wait()
+            first = self._queue.popleft()
+            group = [first]
+            if first.key is None or self.window_s <= 0:
+                return group
+            total = first.size
+            deadline = time.perf_counter() + self.window_s
+            while total < self.max_batch:
+                for job in list(self._queue):
+                    if job.key == first.key and total + job.size <= self.max_batch:
+                        self._queue.remove(job)
+                        group.append(job)
+                        total += job.size
+                left = deadline - time.perf_counter()
+                if left <= 0 or total >= self.max_batch or self._stopping:
+                    break
+                self._cv.wait(left)
+            return group
+
+    def _loop(self) -> None:
+        while True:
+            group = self._take()
+            if group is None:
+                return
+            group = [j for j in group if j.future.set_running_or_notify_cancel()]
+            if not group:
+                continue
+            try:
+                with self.lock:
+                    results = group[0].fn([j.payload for j in group])
+                if len(results) != len(group):
+                    raise RuntimeError(f"job returned {len(results)} results for {len(group)} payloads")
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting requests
+                for j in group:
+                    j.future.set_exception(exc)
+                continue
+            if self.on_batch is not None:
+                self.on_batch(len(group), sum(j.size for j in group))
+            for j, r in zip(group, results):
+                j.future.set_result(r)
+

@@ -1,0 +1,94 @@
+"""SAE-space clamping: λ = 0 is the identity, only the chosen atoms' codes change, the error is kept."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from safesteer.errors import SafesteerError
+from safesteer.steering import ClampEdit
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run ~30x faster on one thread when the shared CPU is busy (no spin-waiting)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class ReluSAE:
+    """A small ReLU SAE with unit decoder rows (d_sae × d_in), torch in/out."""
+
+    def __init__(self, d_in=32, d_sae=64, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.W_enc = torch.randn(d_in, d_sae, generator=g) / d_in**0.5
+        self.b_enc = torch.randn(d_sae, generator=g) * 0.1
+        W = torch.randn(d_sae, d_in, generator=g)
+        self.W_dec = W / W.norm(dim=1, keepdim=True)
+        self.b_dec = torch.randn(d_in, generator=g) * 0.1
+
+    def encode(self, x):
+        return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
+
+    def decode(self, f):
+        return f @ self.W_dec + self.b_dec
+
+
+def test_lambda_zero_is_bit_exact_identity():
+    sae = ReluSAE()
+    h = torch.randn(2, 5, 32)
+    for mode in ("subtract", "scale"):
+        out = ClampEdit(sae, [1, 2, 3], lam=0.0, mode=mode)(h)
+        assert torch.equal(out, h)
+
+
+def test_only_chosen_codes_change_and_error_is_added_back():
+    sae = ReluSAE()
+    h = torch.randn(3, 4, 32) * 2
+    atoms = [0, 5, 9, 17]
+    edit = ClampEdit(sae, atoms, lam=0.5, mode="subtract")
+    f, f_new = edit.codes(h)
+    others = [i for i in range(f.shape[1]) if i not in atoms]
+    assert torch.equal(f[:, others], f_new[:, others])
+    assert torch.all(f_new[:, atoms] <= f[:, atoms])
+    assert torch.all(f_new[:, atoms] >= 0)  # floored at 0, never raised
+    assert not torch.equal(f_new[:, atoms], f[:, atoms])
+    # x' = decode(f') + (x − decode(f))
+    x = h.reshape(-1, 32)
+    expected = sae.decode(f_new) + (x - sae.decode(f))
+    torch.testing.assert_close(edit(h).reshape(-1, 32), expected, atol=1e-5, rtol=0)
+
+
+def test_zero_mode_removes_atoms_and_scale_mode():
+    sae = ReluSAE()
+    h = torch.randn(6, 32) * 3
+    f, f0 = ClampEdit(sae, [2, 4], mode="zero").codes(h)
+    assert torch.all(f0[:, [2, 4]] == 0)
+    _, fs = ClampEdit(sae, [2, 4], lam=0.25, mode="scale").codes(h)
+    torch.testing.assert_close(fs[:, [2, 4]], 0.75 * f[:, [2, 4]])
+
+
+def test_errors():
+    sae = ReluSAE()
+    with pytest.raises(SafesteerError):
+        ClampEdit(sae, [], lam=1.0)
+    with pytest.raises(SafesteerError):
+        ClampEdit(sae, [1], mode="bogus")
+    with pytest.raises(SafesteerError, match="out of range"):
+        ClampEdit(sae, [999], lam=1.0)(torch.randn(2, 32))
+
+
+def test_clamp_as_backbone_edit(tiny_backbone):
+    bb = tiny_backbone
+    sae = ReluSAE(d_in=bb.d_model, d_sae=48)
+    enc = bb.tokenize(["the dog is good .", "you are a stupid idiot ."])
+    base = bb.logits(enc.input_ids, enc.attention_mask)
+    with bb.steer(1, edit=ClampEdit(sae, [0, 1], lam=0.0)):
+        same = bb.logits(enc.input_ids, enc.attention_mask)
+    assert torch.equal(base, same)
+    with bb.steer(1, edit=ClampEdit(sae, list(range(48)), mode="zero")):
+        moved = bb.logits(enc.input_ids, enc.attention_mask)
+    assert not torch.allclose(base, moved)
