@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 SHARED_DATA := $(abspath ../shared/data)
 export SAFESTEER_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/README.md),$(SHARED_DATA),)
 
-.PHONY: venv install install-test run test clean
+.PHONY: venv install install-test run test test-all clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,7 +31,11 @@ install-test: $(VENV)/.installed-test
 run: install
 	$(BIN)/safesteer run --config configs/default.toml --out runs/default
 
+# Unit + integration tests (SmolLM2, ../shared/data); `slow` ones (minutes each) only in test-all.
 test: install-test
+	$(BIN)/python -m pytest -m "not slow"
+
+test-all: install-test
 	$(BIN)/python -m pytest
 
 clean:

@@ -83,6 +83,7 @@ class _Latents:
             yield idx, sp.csr_matrix(A.astype(np.float32)), ids
 
 
+@pytest.mark.slow
 def test_filtered_atoms_offline(acts, smollm2, shared_data):
     from safesteer.cartography.dedup import MiniLMEmbedder
     from safesteer.probes import load_probe
