@@ -154,7 +154,7 @@ class Pipeline:
             run_atoms(map_dir, st.dir / "filtered", mode="filtered", sae=sae_dir, candidates=c.atoms.candidates,
                       judge=c.atoms.judge, screen=c.atoms.screen, model=c.model.name, layer=c.model.layer,
                       data_dir=Path(self.data_dir) if self.data_dir else None, seed=c.run.seed, show_progress=False,
-                      categories=["toxicity", "harm"], screen_texts=16, readout_rows=40)
+                      categories=["toxicity", "harm"], screen_texts=12, readout_rows=30)
             return {}
 
         self._stage("atoms", asdict(c.atoms) | {"seed": c.run.seed}, ["map"], do_atoms)
