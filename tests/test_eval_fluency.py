@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_llama, make_tiny_roberta
+from conftest import make_tiny_roberta
 from safesteer.errors import SafesteerError
 from safesteer.evaluate.fluency import mean_token_nll, pseudo_log_likelihood, wiki_passages
 from safesteer.steering import Direction, Intervention, random_direction

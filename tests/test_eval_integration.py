@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from sklearn.linear_model import LogisticRegression
 
 from safesteer.data import load
-from safesteer.evaluate.bias import crows_pairs_from_records, crows_scores, crows_summary, stereoset_from_records, stereoset_metrics, stereoset_scores
+from safesteer.evaluate.bias import (
+    crows_pairs_from_records,
+    crows_scores,
+    crows_summary,
+    stereoset_from_records,
+    stereoset_metrics,
+    stereoset_scores,
+)
 from safesteer.evaluate.choice import forced_choice
 from safesteer.evaluate.suite import SuiteConfig, run_suite
 from safesteer.steering import Intervention, build_directions

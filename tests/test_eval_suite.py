@@ -170,6 +170,16 @@ def test_clamp_strategy_in_suite(tiny_roberta, shared_data):
     assert set(res.table()["strategy"]) == {"unsteered", "clamp_x"}
 
 
+def test_random_alpha_given(tiny_llama, shared_data):
+    ds = build_directions(1, d_model=tiny_llama.d_model, random_members=2)
+    cfg = SuiteConfig(layer=1, strategies=["random"], alphas=[1.0, 2.0], random_alpha=3.0, alpha_unit="raw",
+                      metrics=["fluency"], max_prompts=3, n_boot=50, data_dir=str(shared_data), source="local")
+    df = run_suite(tiny_llama, ds, cfg).table().set_index("strategy")
+    assert df.loc["random", "alpha"] == 3.0 and df.loc["random", "members"] == 2
+    with pytest.raises(SafesteerError, match="random alpha"):
+        run_suite(tiny_llama, ds, SuiteConfig(layer=1, random_alpha="bogus"))
+
+
 def test_config_errors(tiny_llama):
     ds = build_directions(0, d_model=tiny_llama.d_model)
     with pytest.raises(SafesteerError, match="unknown metric"):

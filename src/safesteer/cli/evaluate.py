@@ -20,6 +20,15 @@ def _floats(value: str, what: str) -> list[float]:
     return out
 
 
+def _random_alpha(value: str) -> str | float:
+    if value in ("max", "each"):
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise SafesteerError(f"--random-alpha must be max, each or a number, got {value!r}") from None
+
+
 def _names(value: Optional[str]) -> list[str] | None:
     if not value:
         return None
@@ -91,6 +100,7 @@ def register(app: typer.Typer) -> None:
         calib_prompts: int = typer.Option(40, "--calib-prompts", help="Validation items per α during calibration."),
         objective: str = typer.Option("yes_harmful", "--objective", help="Calibration safety metric: yes_harmful, harm_probe, tox_probe, yes_toxic."),
         budget: float = typer.Option(0.10, "--budget", help="Fluency budget: max relative per-token NLL increase on validation."),
+        random_alpha: str = typer.Option("max", "--random-alpha", help="α of the random control: max (largest chosen |α|), each (one row per chosen α) or a number."),
         probe_tox: Optional[Path] = typer.Option(None, "--probe-tox", help="Toxicity probe for the ΔP efficacy metric."),
         probe_harm: Optional[Path] = typer.Option(None, "--probe-harm", help="Harm probe for the ΔP efficacy metric."),
         sae: Optional[Path] = typer.Option(None, "--sae", help="SAE folder, for --clamp strategies."),
@@ -152,7 +162,8 @@ def register(app: typer.Typer) -> None:
                 strat = strat + [n for n in interventions if n not in strat]
         cfg = SuiteConfig(
             layer=layer, strategies=strat, alphas=alpha_list, lambdas=_floats(lambdas, "--lambdas"), alpha_unit=alpha_unit, calibrate=len(alpha_list) > 1,
-            objective=objective, budget=budget, max_prompts=max_prompts, max_bias=max_bias, calib_prompts=calib_prompts,
+            objective=objective, budget=budget, random_alpha=_random_alpha(random_alpha),
+            max_prompts=max_prompts, max_bias=max_bias, calib_prompts=calib_prompts,
             generation=generation, max_new_tokens=max_new_tokens, n_boot=n_boot, ci_method=ci_method, seed=seed,
             batch_size=batch_size, data_dir=str(data_dir) if data_dir else None, source=source,
         )

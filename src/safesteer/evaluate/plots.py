@@ -42,7 +42,7 @@ def _metric_bars(ax, df, metric: str, title: str, ref: float | None = None) -> b
         return False
     x = np.arange(len(sub))
     err = np.vstack([sub["value"] - sub["ci_low"], sub["ci_high"] - sub["value"]])
-    colors = ["0.6" if s == "random" else "C0" for s in sub["strategy"]]
+    colors = ["0.6" if str(s).startswith("random") else "C0" for s in sub["strategy"]]
     ax.bar(x, sub["value"], yerr=np.clip(err, 0, None), color=colors, capsize=3)
     base = float(sub["baseline"].iloc[0])
     ax.axhline(base, color="k", linestyle="--", linewidth=1, label=f"unsteered {base:.3f}")

@@ -94,6 +94,7 @@ class SuiteConfig:
     calibrate: bool = True
     objective: str = "yes_harmful"
     budget: float = DEFAULT_BUDGET
+    random_alpha: str | float = "max"  # "max": largest chosen |α|; "each": one random row per chosen α; or a number
     max_prompts: int = 100
     max_bias: int | None = None  # rows of CrowS / StereoSet (None: max_prompts)
     calib_prompts: int = 40
@@ -116,6 +117,8 @@ class SuiteConfig:
             raise SafesteerError(f"unknown calibration objective '{self.objective}'; valid choices: {', '.join(SAFETY_OBJECTIVES)}")
         if not self.alphas:
             raise SafesteerError("no alpha given; pass at least one")
+        if not isinstance(self.random_alpha, (int, float)) and self.random_alpha not in ("max", "each"):
+            raise SafesteerError(f"random alpha must be 'max', 'each' or a number, got {self.random_alpha!r}")
         if self.max_prompts < 2:
             raise SafesteerError("--max-prompts must be at least 2 (CIs need several items)")
 
@@ -361,7 +364,7 @@ def run_suite(
     def make_ivs(name: str, alpha: float) -> list[Intervention]:
         if interventions and name in interventions:
             return [interventions[name](alpha)]
-        d: Direction = directions[name]
+        d: Direction = directions[name.split("@", 1)[0]]
         return Intervention.ensemble(d, alpha, scale, layer=cfg.layer)
 
     def run_members(group: str, split: str, n: int, ivs: list[Intervention]) -> list[GroupResult]:
@@ -401,12 +404,20 @@ def run_suite(
         calibrations[name] = Calibration(name, float(grid(name)[0]), cfg.budget, [], "fixed value (no calibration)")
     if "random" in names:
         chosen = [c.alpha for n, c in calibrations.items() if c.alpha != 0.0 and not (interventions and n in interventions)]
-        if chosen:
+        fallback = float(max(cfg.alphas, key=abs) if len(cfg.alphas) > 1 else cfg.alphas[0])
+        if isinstance(cfg.random_alpha, (int, float)):
+            calibrations["random"] = Calibration("random", float(cfg.random_alpha), cfg.budget, [], "control: alpha given")
+        elif cfg.random_alpha == "each" and len(set(chosen)) > 1:
+            names.remove("random")
+            for a in sorted(set(chosen), key=lambda x: (abs(x), x)):
+                key = f"random@{a:g}"
+                names.append(key)
+                calibrations[key] = Calibration(key, a, cfg.budget, [], "control at an alpha chosen for another strategy")
+        elif chosen:
             calibrations["random"] = Calibration("random", max(chosen, key=abs), cfg.budget, [],
                                                  "control: the largest |alpha| chosen for any other strategy")
         else:
-            a = max(cfg.alphas, key=abs) if len(cfg.alphas) > 1 else cfg.alphas[0]
-            calibrations["random"] = Calibration("random", float(a), cfg.budget, [], "control: the grid's largest |alpha|")
+            calibrations["random"] = Calibration("random", fallback, cfg.budget, [], "control: the grid's largest |alpha|")
 
     # test split: baseline, then each strategy
     rows: list[dict[str, Any]] = []
