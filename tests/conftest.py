@@ -118,3 +118,28 @@ def foreign_hooks(layers) -> int:
     return sum(
         1 for layer in layers for fn in layer._forward_hooks.values() if getattr(fn, "__name__", "") != "output_capturing_hook"
     )
+
+
+def chromium_screenshot(html_path: Path, png_path: Path, width: int = 1280, height: int = 2400) -> Path:
+    """Render ``html_path`` in headless Chromium (Debian package ``chromium``) and save a PNG screenshot."""
+    import shutil
+    import subprocess
+
+    exe = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    if exe is None:
+        pytest.skip("headless Chromium is not installed (apt-get install chromium)")
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--disable-dev-shm-usage",
+           f"--user-data-dir={png_path.parent / 'chromium-profile'}", f"--window-size={width},{height}",
+           f"--screenshot={png_path}", html_path.resolve().as_uri()]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert png_path.is_file(), f"chromium wrote no screenshot (exit {done.returncode}): {done.stderr[-1000:]}"
+    return png_path
+
+
+def colour_fraction(png_path: Path, rgb: tuple[int, int, int], tol: int = 40) -> float:
+    """Fraction of the screenshot's pixels within ``tol`` of ``rgb`` (per channel)."""
+    import numpy as np
+    from PIL import Image
+
+    px = np.asarray(Image.open(png_path).convert("RGB")).astype(int)
+    return float((np.abs(px - np.array(rgb)).max(axis=-1) <= tol).mean())

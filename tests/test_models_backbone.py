@@ -9,6 +9,8 @@ import torch
 from safesteer.errors import SafesteerError
 from safesteer.models.backbone import mean_pool
 
+from conftest import foreign_hooks
+
 TEXTS = ["the man is good", "you are a stupid idiot and i hate you", "how do i make a bomb ?", "a"]
 
 
@@ -132,3 +134,74 @@ def test_masked_token_logprobs(tiny_roberta):
     lp = bb.masked_token_logprobs(enc.input_ids, enc.attention_mask, pos)
     assert lp.shape == (2, len(bb.tokenizer))
     torch.testing.assert_close(lp.exp().sum(1), torch.ones(2), atol=1e-5, rtol=0)
+
+
+def _count_calls(module: torch.nn.Module):
+    calls = [0]
+    handle = module.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls, handle
+
+
+def test_prefix_cache_equals_full_passes_and_skips_shallow_blocks(tiny_backbone):
+    bb = tiny_backbone
+    enc = bb.tokenize(TEXTS)
+    layer = 1
+    v = torch.randn(bb.d_model, generator=torch.Generator().manual_seed(5))
+    base = bb.logits(enc.input_ids, enc.attention_mask).clone()
+    with bb.steer(layer, v, alpha=3.0):
+        ref = bb.logits(enc.input_ids, enc.attention_mask).clone()
+    with bb.steer(layer, edit=lambda h: h * 0.5):
+        ref_edit = bb.logits(enc.input_ids, enc.attention_mask).clone()
+    first = next(bb.layers[0].children())
+    calls, handle = _count_calls(first)
+    hooks = foreign_hooks(bb.layers)
+    with bb.prefix_cache(layer) as pc:
+        assert torch.equal(bb.logits(enc.input_ids, enc.attention_mask), base)  # records
+        n_full = calls[0]
+        with bb.steer(layer, v, alpha=3.0):
+            got = bb.logits(enc.input_ids, enc.attention_mask)
+        with bb.steer(layer, edit=lambda h: h * 0.5):
+            got_edit = bb.logits(enc.input_ids, enc.attention_mask)
+        again = bb.logits(enc.input_ids, enc.attention_mask)
+        assert calls[0] == n_full  # blocks 0..layer were skipped on the three cached passes
+        assert pc.hits == 3 and pc.misses == 1
+        # deeper layers through forward_layers also start from the cache
+        h2 = bb.forward_layers(enc.input_ids, enc.attention_mask, [2])[2]
+    handle.remove()
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got_edit, ref_edit, atol=1e-5, rtol=0)
+    assert torch.equal(again, base)
+    torch.testing.assert_close(h2, bb.forward_layers(enc.input_ids, enc.attention_mask, [2])[2], atol=1e-6, rtol=0)
+    assert foreign_hooks(bb.layers) == hooks
+    assert all("forward" not in vars(block) for block in bb.layers)  # stubs removed
+    assert torch.equal(bb.logits(enc.input_ids, enc.attention_mask), base)
+
+
+def test_prefix_cache_not_used_when_steering_a_shallower_block_or_new_inputs(tiny_backbone):
+    bb = tiny_backbone
+    enc = bb.tokenize(TEXTS)
+    other = bb.tokenize(TEXTS[:2])
+    v = torch.randn(bb.d_model, generator=torch.Generator().manual_seed(6))
+    with bb.steer(0, v, alpha=2.0):
+        ref = bb.logits(enc.input_ids, enc.attention_mask).clone()
+    ref_other = bb.logits(other.input_ids, other.attention_mask).clone()
+    with bb.prefix_cache(1) as pc:
+        bb.logits(enc.input_ids, enc.attention_mask)
+        with bb.steer(0, v, alpha=2.0):  # block 0 feeds block 1: the cached output would be wrong
+            got = bb.logits(enc.input_ids, enc.attention_mask)
+        got_other = bb.logits(other.input_ids, other.attention_mask)
+        assert pc.hits == 0
+        with pytest.raises(SafesteerError, match="already active"):
+            with bb.prefix_cache(1):
+                pass
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got_other, ref_other, atol=1e-6, rtol=0)
+
+
+def test_prefix_cache_respects_memory_cap(tiny_backbone):
+    bb = tiny_backbone
+    enc = bb.tokenize(TEXTS)
+    with bb.prefix_cache(1, max_bytes=16) as pc:
+        bb.logits(enc.input_ids, enc.attention_mask)
+        bb.logits(enc.input_ids, enc.attention_mask)
+        assert pc.nbytes == 0 and pc.hits == 0

@@ -16,6 +16,8 @@ from safesteer.errors import SafesteerError
 from safesteer.pipeline.report import Section, render
 from safesteer.pipeline.runner import Pipeline
 
+from conftest import chromium_screenshot, colour_fraction
+
 
 def test_report_is_self_contained_and_carries_the_numbers(tmp_path):
     fig, ax = plt.subplots()
@@ -40,3 +42,29 @@ def test_unknown_stage_rejected(tmp_path):
 def test_subset_without_cached_inputs_is_refused(tmp_path):
     with pytest.raises(SafesteerError, match="include it in --stages"):
         Pipeline(Config(), tmp_path, ["report"]).run()
+
+
+def test_report_renders_in_headless_chromium(tmp_path):
+    """The page renders, tables and embedded plots included; a broken image would be caught."""
+    from PIL import Image
+
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.bar(["probe", "random"], [1.0, 0.6], color="#d62728")  # a colour nothing else on the page uses
+    png = tmp_path / "bars.png"
+    fig.savefig(png)
+    plt.close(fig)
+    wide = pd.DataFrame({f"metric_{i}": [0.123456 * i] for i in range(30)})  # wider than the page: must scroll, not clip
+    sec = Section("Headline").text("steering").table(wide).image(png, "bars")
+    html_path, _ = render("run", [sec], {"seed": 0}, tmp_path)
+    shot = chromium_screenshot(html_path, tmp_path / "shot.png", 1280, 1600)
+    assert Image.open(shot).size == (1280, 1600)
+    red = colour_fraction(shot, (214, 39, 40))
+    assert red > 0.005, f"the embedded plot did not render (red fraction {red:.4f})"
+    dark = colour_fraction(shot, (29, 36, 48), tol=60)  # body text colour
+    assert dark > 0.001, "no text rendered"
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "report.html").write_text(html_path.read_text().replace("data:image/png;base64,", "data:image/png;base64,AAAA"))
+    shot2 = chromium_screenshot(broken / "report.html", broken / "shot.png", 1280, 1600)
+    assert colour_fraction(shot2, (214, 39, 40)) < red / 10  # the check above can fail

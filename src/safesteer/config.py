@@ -78,6 +78,10 @@ class EvaluateSection:
     strategies: list[str] = field(default_factory=lambda: ["probe_tox", "probe_harm", "probe_tox+harm", "sae_tox_top20", "sae_harm_top20", "sae_harm+probe_harm", "diffmean_harm", "random"])
     alphas: list[float] = field(default_factory=lambda: [0.0, 2.0, 4.0, 8.0])
     max_prompts: int = 60
+    max_bias: int = 0  # CrowS-Pairs / StereoSet rows; 0 = max_prompts
+    calib_prompts: int = 40  # validation items per alpha during calibration
+    metrics: list[str] = field(default_factory=list)  # empty = every metric that can run
+    random_members: int = 4  # directions in the random control ensemble
     fluency_budget: float = 0.10
     bootstrap: int = 1000
 
@@ -108,7 +112,8 @@ class Config:
             ("data.max_rows_per_dataset", self.data.max_rows_per_dataset), ("extract.shard_size", self.extract.shard_size),
             ("extract.batch_size", self.extract.batch_size), ("sae.batch_size", self.sae.batch_size), ("sae.epochs", self.sae.epochs),
             ("atoms.k", self.atoms.k), ("atoms.candidates", self.atoms.candidates), ("evaluate.max_prompts", self.evaluate.max_prompts),
-            ("sae.lr", self.sae.lr),
+            ("sae.lr", self.sae.lr), ("evaluate.calib_prompts", self.evaluate.calib_prompts),
+            ("evaluate.random_members", self.evaluate.random_members), ("evaluate.bootstrap", self.evaluate.bootstrap),
         ):
             if value <= 0:
                 raise SafesteerError(f"config {key} must be positive (got {value if key != 'model.layer' else value - 1})")
@@ -118,6 +123,13 @@ class Config:
             raise SafesteerError("config sae.l1 must be a non-empty list of positive numbers")
         if not self.data.sae_datasets:
             raise SafesteerError("config data.sae_datasets must name at least one dataset")
+        if self.evaluate.max_bias < 0:
+            raise SafesteerError("config evaluate.max_bias must be >= 0 (0 = same as max_prompts)")
+        from safesteer.evaluate.suite import METRICS
+
+        bad = [m for m in self.evaluate.metrics if m not in METRICS]
+        if bad:
+            raise SafesteerError(f"config evaluate.metrics: unknown metric {bad[0]!r}; valid choices: {', '.join(METRICS)}")
         from safesteer.data import names
 
         unknown = [d for d in self.data.sae_datasets if d not in names()]

@@ -368,9 +368,13 @@ def run_atoms(map_dir: Path, out: Path, *, mode: str, sae: Path | None = None, k
         from safesteer.cartography.dedup import MiniLMEmbedder
 
         embedder = MiniLMEmbedder()
-    result = S.select_filtered(df, cards=cards_fn, judge=the_judge, screen=scr, W_dec=W_dec, embedder=embedder if dedup else None,
-                               candidates=candidates, categories=cats, threshold=threshold,
-                               progress=lambda it, n, desc: _progress(it, n, desc, show_progress))
+    import contextlib
+
+    # every screened atom steers the same texts at the same layer: blocks 0..layer run once
+    with (backbone.prefix_cache(scr.layer) if scr is not None and hasattr(backbone, "prefix_cache") else contextlib.nullcontext()):
+        result = S.select_filtered(df, cards=cards_fn, judge=the_judge, screen=scr, W_dec=W_dec, embedder=embedder if dedup else None,
+                                   candidates=candidates, categories=cats, threshold=threshold,
+                                   progress=lambda it, n, desc: _progress(it, n, desc, show_progress))
     final = S.final_table(result)
     write_csv(final, "final_steering_atoms.csv")
     write_csv(result, "candidates.csv")

@@ -99,6 +99,8 @@ class Backbone:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         self._steer_depth = 0
+        self._steer_layers: list[int] = []
+        self._prefix: _PrefixCache | None = None
 
     # ------------------------------------------------------------------ basics
     @property
@@ -232,11 +234,36 @@ class Backbone:
 
         handle = self.layers[layer].register_forward_hook(hook)
         self._steer_depth += 1
+        self._steer_layers.append(layer)
         try:
             yield
         finally:
             handle.remove()
             self._steer_depth -= 1
+            self._steer_layers.remove(layer)
+
+    @contextlib.contextmanager
+    def prefix_cache(self, layer: int, max_bytes: int = 1 << 30) -> Iterator["_PrefixCache"]:
+        """Reuse blocks ``0..layer`` across passes over the same inputs (steering evaluations).
+
+        Inside the ``with`` block, the first forward pass over a given batch (same token ids and
+        attention mask) records block ``layer``'s output; a later pass over the same batch skips
+        blocks ``0..layer`` and starts from the recorded output. Steering at ``layer`` or deeper is
+        applied on top of it, so the results equal full passes; when steering acts on a shallower
+        block, or with a KV cache (generation) or ``output_hidden_states``, full passes run.
+        Recording stops once ``max_bytes`` are held. Nesting is not allowed.
+        """
+        layer = self.check_layer(layer)
+        if self._prefix is not None:
+            raise SafesteerError("prefix_cache is already active on this backbone")
+        pc = _PrefixCache(self, layer, max_bytes)
+        self._prefix = pc
+        try:
+            pc.install()
+            yield pc
+        finally:
+            pc.remove()
+            self._prefix = None
 
     # ----------------------------------------------------------------- scoring
     @torch.inference_mode()
@@ -319,6 +346,88 @@ class Backbone:
             **kwargs,
         )
         return self.tokenizer.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
+
+
+class _PrefixCache:
+    """State of :meth:`Backbone.prefix_cache` (hooks on the block stack, stubs for skipped blocks)."""
+
+    def __init__(self, bb: Backbone, layer: int, max_bytes: int):
+        self.bb, self.layer, self.max_bytes = bb, layer, max_bytes
+        self.store: dict[bytes, torch.Tensor | tuple] = {}
+        self.nbytes = 0
+        self.hits = self.misses = 0
+        self._key: bytes | None = None  # key of the forward pass in progress (None: cache not usable)
+        self._hit = False
+        self._handles: list = []
+        self._patched: list[nn.Module] = []
+
+    def _owner(self) -> nn.Module:
+        """The module whose forward takes the token ids and runs the block stack."""
+        base = getattr(self.bb.model, getattr(self.bb.model, "base_model_prefix", ""), None)
+        return base if isinstance(base, nn.Module) else self.bb.model
+
+    def install(self) -> None:
+        import hashlib
+
+        def pre(_module, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+            usable = (
+                isinstance(ids, torch.Tensor) and kwargs.get("inputs_embeds") is None and not kwargs.get("use_cache")
+                and kwargs.get("past_key_values") is None and not kwargs.get("output_hidden_states")
+                and all(l >= self.layer for l in self.bb._steer_layers)
+            )
+            if not usable:
+                self._key, self._hit = None, False
+                return None
+            h = hashlib.blake2b(digest_size=16)
+            h.update(str(tuple(ids.shape)).encode())
+            h.update(ids.detach().cpu().numpy().tobytes())
+            if isinstance(mask, torch.Tensor):
+                h.update(mask.detach().cpu().numpy().tobytes())
+            self._key = h.digest()
+            self._hit = self._key in self.store
+            self.hits += self._hit
+            self.misses += not self._hit
+            return None
+
+        def record(_module, _inputs, output):
+            if self._key is not None and not self._hit and self._key not in self.store:
+                size = _block_hidden(output).numel() * _block_hidden(output).element_size()
+                if self.nbytes + size <= self.max_bytes:
+                    self.store[self._key] = output
+                    self.nbytes += size
+            return None
+
+        owner = self._owner()
+        self._handles.append(owner.register_forward_pre_hook(pre, with_kwargs=True))
+        # prepend: record the block's own output, before any steering hook edits it
+        self._handles.append(self.bb.layers[self.layer].register_forward_hook(record, prepend=True))
+        for i in range(self.layer + 1):
+            block = self.bb.layers[i]
+            original = block.forward
+            last = i == self.layer
+
+            def forward(*args, _original=original, _last=last, **kwargs):
+                if not self._hit:
+                    return _original(*args, **kwargs)
+                if _last:
+                    return self.store[self._key]
+                hidden = kwargs.get("hidden_states", args[0] if args else None)
+                return _replace_hidden(self.store[self._key], hidden)
+
+            block.forward = forward
+            self._patched.append(block)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        for block in self._patched:
+            del block.forward  # back to the class's forward
+        self._handles.clear()
+        self._patched.clear()
+        self.store.clear()
+        self._key, self._hit = None, False
 
 
 def _position_mask(positions: Positions, h: torch.Tensor) -> torch.Tensor:

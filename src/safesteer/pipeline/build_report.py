@@ -72,16 +72,62 @@ def _esc(s: str) -> str:
     return html.escape(s)
 
 
+def _ci(v: float, lo: float, hi: float, signed: bool = False) -> str:
+    f = "{:+.4f}" if signed else "{:.4f}"
+    return f"{f.format(v)} [{f.format(lo)}, {f.format(hi)}]"
+
+
+def headline_tables(ev: Path) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """(metric × strategy table of unsteered value and Δ [95% CI], per-strategy α table) from the evaluate outputs."""
+    res = _read_csv(ev / "results.csv")
+    if res is None or not len(res):
+        return None, None
+    from safesteer.evaluate.suite import METRICS
+
+    strategies = [s for s in dict.fromkeys(res["strategy"]) if s != "unsteered"]
+    rows = []
+    for metric in dict.fromkeys(res["metric"]):
+        sub = res[res["metric"] == metric].set_index("strategy")
+        spec = METRICS.get(metric)
+        row = {"metric": spec.label if spec else metric, "better": spec.better if spec else ""}
+        if "unsteered" in sub.index:
+            u = sub.loc["unsteered"]
+            row["unsteered [95% CI]"] = _ci(u["value"], u["ci_low"], u["ci_high"])
+        for s in strategies:
+            if s in sub.index:
+                r = sub.loc[s]
+                mark = " *" if (r["delta_low"] > 0 or r["delta_high"] < 0) else ""
+                row[f"{s} Δ"] = _ci(r["delta"], r["delta_low"], r["delta_high"], signed=True) + mark
+        rows.append(row)
+    cal = read_json(ev / "calibration.json") if (ev / "calibration.json").is_file() else {}
+    alphas = res[res["strategy"] != "unsteered"].drop_duplicates("strategy")
+    arows = [{"strategy": r["strategy"], "alpha (× median token norm)": r["alpha"], "alpha (raw)": r["alpha_raw"],
+              "members": int(r["members"]), "how α was chosen": (cal.get(r["strategy"]) or {}).get("reason", "")}
+             for _, r in alphas.iterrows()]
+    return pd.DataFrame(rows), pd.DataFrame(arows)
+
+
+def stage_timings(pipe) -> dict[str, float]:
+    """Seconds each stage took when it ran (read from its DONE.json, so cached stages keep theirs)."""
+    return {name: float(st.info().get("seconds", 0.0)) for name, st in pipe.st.items() if st.done}
+
+
 def build_report(pipe) -> Path:
     cfg, st = pipe.cfg, pipe.st
     sections: list[Section] = []
     ev = st["evaluate"].dir
-    table = _read_csv(ev / "table.csv")
     head = Section("Headline: steering strategies (test split, 95% bootstrap CIs, Δ vs unsteered)")
+    metric_table, alpha_table = headline_tables(ev)
+    if metric_table is not None:
+        head.text("Δ = steered − unsteered, paired on the same test items, with a 95% bootstrap CI; * marks a CI that excludes 0. "
+                  "'better' says which way is safer or better (fifty = 50 is unbiased). α was chosen per strategy on a "
+                  "disjoint validation split, as the largest safety gain within the fluency budget; α = 0 means no value "
+                  "of the grid helped, and the strategy is reported unsteered.")
+        head.table(metric_table)
+        head.table(alpha_table, caption="Chosen α per strategy (α > 0 steers away from the unsafe direction)", floatfmt="{:.4g}")
+    table = _read_csv(ev / "table.csv")
     if table is not None:
-        head.text("Each cell is value [95% CI]; Δ columns are paired differences against the unsteered model on the same items. "
-                  "α was calibrated per strategy on a disjoint validation split.")
-        head.table(table, floatfmt="{:.4g}")
+        head.table(table, caption="All values (value [95% CI]) and Δ with p-values, as in table.csv", floatfmt="{:.4g}")
     sections.append(head)
     figs = Section("Figures")
     for name, cap in (("safety.png", "Mean toxicity / harm per strategy; dashed line = unsteered (study Fig. 3)"),
@@ -117,11 +163,11 @@ def build_report(pipe) -> Path:
     repro = {
         "config": str(pipe.out / "config.toml"), "model": cfg.model.name, "layer": cfg.model.layer, "seed": cfg.run.seed,
         "hardware": hardware(), **{f"version {k}": v for k, v in versions().items()},
-        "stage timings (s)": ", ".join(f"{k} {v:.0f}" for k, v in pipe.timings.items()),
+        "stage timings (s)": ", ".join(f"{k} {v:.0f}" for k, v in stage_timings(pipe).items()) + f"; this invocation {pipe.timings.get('total', 0.0):.0f}",
         "stage status": ", ".join(f"{k}: {v}" for k, v in pipe.status.items()),
         "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     html_path, _ = render(f"safesteer run: {cfg.run.name}", sections, repro, pipe.out)
-    write_json(pipe.out / "run_summary.json", {"timings": pipe.timings, "status": pipe.status,
+    write_json(pipe.out / "run_summary.json", {"timings": pipe.timings, "stage_seconds": stage_timings(pipe), "status": pipe.status,
                                                "stages": {k: str(v.dir) for k, v in st.items()}})
     return html_path

@@ -21,7 +21,7 @@ th{background:#eef2f8}td:first-child,th:first-child{text-align:left}tr:nth-child
 .note{color:#4a5568;font-size:.92em}.fig{margin:1em 0}.fig img{max-width:100%;border:1px solid #e2e8f0}
 .repro{background:#f7fafc;border:1px solid #e2e8f0;padding:.6em 1em;font-size:.85em}
 .card{border:1px solid #d8dee9;border-radius:6px;padding:.6em 1em;margin:.6em 0;background:#fcfdff}
-.bad{color:#b7312c;font-weight:600}.good{color:#276749;font-weight:600}code{background:#edf2f7;padding:0 .2em}
+.tw{overflow-x:auto;max-width:100%}.bad{color:#b7312c;font-weight:600}.good{color:#276749;font-weight:600}code{background:#edf2f7;padding:0 .2em}
 """
 
 
@@ -56,7 +56,7 @@ def _table_html(df: pd.DataFrame, floatfmt: str) -> str:
 
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
     rows = "".join("<tr>" + "".join(f"<td>{fmt(v)}</td>" for v in row) + "</tr>" for row in df.itertuples(index=False))
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+    return f"<div class='tw'><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>"
 
 
 def _table_md(df: pd.DataFrame, floatfmt: str) -> str:
@@ -128,7 +128,11 @@ def render(title: str, sections: list[Section], repro: dict[str, Any], out_dir: 
                 path, caption = payload
                 data = base64.b64encode(path.read_bytes()).decode()
                 body.append(f"<div class='fig'><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'/><div class='note'>{html.escape(caption)}</div></div>")
-                md += [f"![{caption}]({path.name})", ""]
+                try:
+                    rel = path.resolve().relative_to(out_dir.resolve())
+                except ValueError:
+                    rel = path
+                md += [f"![{caption}]({rel})", ""]
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>"
     html_path, md_path = out_dir / "report.html", out_dir / "report.md"
     with atomic_path(html_path) as tmp:

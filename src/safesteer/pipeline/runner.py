@@ -110,13 +110,12 @@ class Pipeline:
         s = c.sae
 
         def do_sae(st: Stage):
-            resume = any((st.dir).rglob("*.safetensors"))
             args = ["train-sae", "--acts", acts, "--out", st.dir, "--grid", "--variant", s.variant,
                     "--grid-expansions", ",".join(map(str, s.expansions)), "--grid-l1", ",".join(f"{x:g}" for x in s.l1),
                     "--grid-epochs", s.grid_epochs, "--grid-patience", s.grid_patience, "--epochs", s.epochs,
                     "--patience", s.patience, "--batch-size", s.batch_size, "--lr", s.lr, "--seed", c.run.seed,
                     "--lr-warmup", 50, "--shuffle-buffer", 4096, "--checkpoint-every", 20, "--no-progress"]
-            _cli(args + (["--resume"] if resume else []))
+            _cli(args + ["--resume"])  # the folder belongs to this key: continue whatever a killed run left
             return {}
 
         self._stage("sae", asdict(s) | {"seed": c.run.seed}, ["extract"], do_sae)
@@ -160,7 +159,8 @@ class Pipeline:
         self._stage("atoms", asdict(c.atoms) | {"seed": c.run.seed}, ["map"], do_atoms)
 
         def do_directions(st: Stage):
-            args = ["directions", "--layer", c.model.layer, "--out", st.dir, "--sae", sae_dir]
+            args = ["directions", "--layer", c.model.layer, "--out", st.dir, "--sae", sae_dir,
+                    "--random-members", c.evaluate.random_members, "--seed", 1234 + c.run.seed]
             if "toxicity" in probe_dirs:
                 args += ["--probe-tox", probe_dirs["toxicity"]]
             if "harmfulness" in probe_dirs:
@@ -187,15 +187,19 @@ class Pipeline:
             _cli(args)
             return {}
 
-        self._stage("directions", {}, ["probes", "atoms", "sae"], do_directions)
+        self._stage("directions", {"random_members": c.evaluate.random_members, "seed": c.run.seed}, ["probes", "atoms", "sae"], do_directions)
 
         e = c.evaluate
 
         def do_evaluate(st: Stage):
             args = ["evaluate", "--model", c.model.name, "--layer", c.model.layer, "--directions", self.st["directions"].dir,
-                    "--out", st.dir, "--strategies", ",".join(e.strategies), "--alphas", ",".join(f"{a:g}" for a in e.alphas),
+                    "--out", st.dir, "--strategies", ",".join(e.strategies), "--alphas=" + ",".join(f"{a:g}" for a in e.alphas),
                     "--max-prompts", e.max_prompts, "--budget", e.fluency_budget, "--n-boot", e.bootstrap, "--seed", c.run.seed,
-                    "--source", c.data.source] + self._data_args()
+                    "--source", c.data.source, "--calib-prompts", e.calib_prompts] + self._data_args()
+            if e.max_bias:
+                args += ["--max-bias", e.max_bias]
+            if e.metrics:
+                args += ["--metrics", ",".join(e.metrics)]
             if "toxicity" in probe_dirs:
                 args += ["--probe-tox", probe_dirs["toxicity"]]
             if "harmfulness" in probe_dirs:

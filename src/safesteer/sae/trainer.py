@@ -34,6 +34,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -654,6 +655,8 @@ class Trainer:
             ns = rng["numpy"]
             np.random.set_state((ns["name"], t["rng.numpy_key"].numpy().astype(np.uint32), ns["pos"], ns["has_gauss"], ns["cached_gaussian"]))
         self.initialised = True
+        print(f"[safesteer] resuming {self.out_dir.name} from {latest.name} (epoch {self.epoch}, step {self.step})",
+              file=sys.stderr, flush=True)
         return True
 
 
