@@ -63,6 +63,7 @@ class ProbeSection:
     labels: list[str] = field(default_factory=lambda: ["toxicity", "harmfulness"])
     max_rows: int = 200_000
     balanced: bool = True
+    cs: list[float] = field(default_factory=list)  # inverse ℓ2 strengths; one value = fixed C, several = CV, empty = default grid
 
 
 @dataclass
@@ -123,6 +124,8 @@ class Config:
             raise SafesteerError("config sae.l1 must be a non-empty list of positive numbers")
         if not self.data.sae_datasets:
             raise SafesteerError("config data.sae_datasets must name at least one dataset")
+        if any(c <= 0 for c in self.probes.cs):
+            raise SafesteerError("config probes.cs must hold positive numbers (inverse regularisation strengths)")
         if self.evaluate.max_bias < 0:
             raise SafesteerError("config evaluate.max_bias must be >= 0 (0 = same as max_prompts)")
         from safesteer.evaluate.suite import METRICS

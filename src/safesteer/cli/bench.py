@@ -1,4 +1,4 @@
-"""`safesteer bench extract|sae`: the benchmarks in bench/, reachable from the CLI."""
+"""`safesteer bench extract|sae|steer-eval`: the benchmarks in bench/, reachable from the CLI."""
 
 from __future__ import annotations
 
@@ -21,6 +21,13 @@ def register(app: typer.Typer) -> None:
     def sae_bench(ctx: typer.Context) -> None:
         """Textbook fp32 Gated SAE step vs safesteer's trainer."""
         from safesteer.bench.sae import main
+
+        main(list(ctx.args))
+
+    @bench.command("steer-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    def steer_eval_bench(ctx: typer.Context) -> None:
+        """Steered evaluation: full forward passes vs the prefix cache (SmolLM2, layer 15)."""
+        from safesteer.bench.steer_eval import main
 
         main(list(ctx.args))
 

@@ -129,7 +129,8 @@ class Pipeline:
 
             out = {}
             for label in c.probes.labels:
-                out[label] = run_probe(acts, label, st.dir / label, balanced=c.probes.balanced, seed=c.run.seed, max_rows=c.probes.max_rows)
+                out[label] = run_probe(acts, label, st.dir / label, balanced=c.probes.balanced, seed=c.run.seed, max_rows=c.probes.max_rows,
+                                       cs=list(c.probes.cs) or None)
             write_json(st.dir / "probe_metrics.json", out)
             return {}
 
