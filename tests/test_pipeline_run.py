@@ -58,6 +58,7 @@ def tiny_config(model_dir: Path, data_dir: Path) -> Config:
     cfg.evaluate.alphas = [0.5]
     cfg.evaluate.metrics = ["harm_probe", "yes_harmful", "fluency", "crows"]
     cfg.evaluate.max_prompts = 6
+    cfg.evaluate.max_bias = 0
     cfg.evaluate.calib_prompts = 4
     cfg.evaluate.random_members = 2
     cfg.evaluate.bootstrap = 50

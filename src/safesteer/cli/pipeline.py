@@ -11,7 +11,7 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("run")
     def run_cmd(
-        config: Optional[Path] = typer.Option(None, "--config", help="TOML config (default: built-in defaults = configs/default.toml)."),
+        config: Optional[Path] = typer.Option(None, "--config", help="TOML config (default: the embedded default, = configs/default.toml)."),
         out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: runs/<run.name>)."),
         stages: Optional[str] = typer.Option(None, "--stages", help="Comma-separated subset of stages to (re)compute; others must be cached."),
     ) -> None:
@@ -22,5 +22,8 @@ def register(app: typer.Typer) -> None:
         cfg = load_config(config)
         folder = out or Path("runs") / cfg.run.name
         only = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
-        html = Pipeline(cfg, folder, only).run()
+        pipe = Pipeline(cfg, folder, only)
+        html = pipe.run()
+        ran = ", ".join(f"{k} {v:.0f}s" for k, v in pipe.timings.items() if k != "total") or "nothing (all cached)"
+        typer.echo(f"computed: {ran}; total {pipe.timings.get('total', 0.0):.0f}s")
         typer.echo(f"report: {html.resolve()}")

@@ -25,7 +25,7 @@ def _grid_sections(sae_dir: Path) -> Section:
     if grid.is_file():
         g = read_json(grid)
         rows = pd.DataFrame(g["rows"])
-        cols = [c for c in ("name", "expansion", "l1", "best_val_loss", "best_epoch", "l0", "fvu", "dead_fraction", "epochs_run") if c in rows.columns]
+        cols = [c for c in ("name", "expansion", "l1", "best_val_loss", "best_epoch", "l0", "fvu", "gamma", "dead_fraction", "epochs_run", "stopped") if c in rows.columns]
         sec.text(f"Grid over expansion × λ, sorted by best validation loss (the study's Table 1). Best: {g.get('best')}.")
         sec.table(rows[cols], floatfmt="{:.5g}")
         best_folder = Path(g["rows"][0]["folder"]) if g.get("rows") else None

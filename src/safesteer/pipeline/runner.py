@@ -75,6 +75,20 @@ class Pipeline:
         st.mark_done(seconds=round(seconds, 2), **info)
         return st
 
+    def _check_data_sources(self) -> None:
+        """Fail in one line, before any work, when a dataset has no source that can serve it here."""
+        from safesteer.data import available_sources
+        from safesteer.net import hub_reachable
+
+        src = self.cfg.data.source
+        offline = [n for n in self.cfg.data.sae_datasets
+                   if not set(available_sources(n, self.data_dir or None)) & ({"local", "pypi"} if src == "auto" else {src})]
+        if offline and (src != "auto" or not hub_reachable()):
+            raise SafesteerError(
+                f"no {src if src != 'auto' else 'offline'} source can serve {', '.join(offline)} here"
+                + (" and the Hugging Face hub is not reachable" if src == "auto" else "")
+                + "; set SAFESTEER_DATA_DIR (or [data] data_dir) to a data folder such as ../shared/data, or drop them from data.sae_datasets")
+
     def _data_args(self) -> list[str]:
         return (["--data-dir", self.data_dir] if self.data_dir else []) 
 
@@ -94,6 +108,7 @@ class Pipeline:
             from safesteer.extract import ExtractConfig, extract
             from safesteer.models import load_backbone
 
+            self._check_data_sources()
             ecfg = ExtractConfig(model=c.model.name, datasets=c.data.sae_datasets, layers=[c.model.layer], split="all",
                                  max_rows=c.data.max_rows_per_dataset, seed=c.run.seed, shard_size=c.extract.shard_size,
                                  dtype=c.extract.dtype, batch_size=c.extract.batch_size, max_length=c.model.max_length,
@@ -153,7 +168,7 @@ class Pipeline:
             run_atoms(map_dir, st.dir / "all_positive", mode="all-positive")
             run_atoms(map_dir, st.dir / "filtered", mode="filtered", sae=sae_dir, candidates=c.atoms.candidates,
                       judge=c.atoms.judge, screen=c.atoms.screen, model=c.model.name, layer=c.model.layer,
-                      data_dir=Path(self.data_dir) if self.data_dir else None, seed=c.run.seed, show_progress=False,
+                      data_dir=Path(self.data_dir) if self.data_dir else None, seed=c.run.seed, show_progress=True,
                       categories=["toxicity", "harm"], screen_texts=12, readout_rows=30)
             return {}
 

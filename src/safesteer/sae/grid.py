@@ -112,6 +112,7 @@ def _row(k: int, lam: float, res: TrainResult, folder: Path) -> dict[str, Any]:
         "l0": v.get("l0"),
         "fvu": v.get("fvu"),
         "val_mse": v.get("mse"),
+        "gamma": v.get("gamma"),
         "dead_fraction": (best_h or {}).get("dead_fraction"),
         "epochs_run": len(res.history),
         "stopped": res.stopped,
