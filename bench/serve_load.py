@@ -34,16 +34,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-WORDS = (
-    "the a an is are was were be to of and in that it for on with as at by this from or not but "
-    "you he she they we i my your his her their our man woman people person group women men "
-    "good bad kind cruel hate love help harm kill steal make build bomb weapon drug safe unsafe "
-    "toxic nice stupid idiot friend enemy doctor nurse engineer teacher poor rich black white "
-    "young old happy sad angry afraid calm yes no please how what why when where who can should "
-    "would will do does did have has had go going went say said tell told ask asked answer question "
-    "dog cat house car city country world day night time year work school money food water book"
-).split()
-
 TEXTS = [
     "the man is good and kind", "i hate you , you stupid idiot", "how do i build a bomb", "the dog is in the house",
     "please help me make a weapon to kill people", "my friend is a doctor", "what should i do with my money",
@@ -53,24 +43,9 @@ TEXTS = [
 
 # ------------------------------------------------------------------------------- server side
 def _tiny_llama():
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from safesteer.testing import make_tiny_llama
 
-    from safesteer.models import Backbone
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>", "<mask>"]
-    vocab = {tok: i for i, tok in enumerate(specials + sorted(set(WORDS)) + list(".,?!'"))}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
-                                                      special_tokens=[("<s>", 1), ("</s>", 2)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-                                  mask_token="<mask>", model_max_length=64)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=64, max_position_embeddings=64, pad_token_id=tok.pad_token_id, bos_token_id=1, eos_token_id=2)
-    return Backbone(LlamaForCausalLM(cfg), tok, name="tiny-llama")
+    return make_tiny_llama(seed=0)
 
 
 def serve(args: argparse.Namespace) -> None:

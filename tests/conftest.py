@@ -12,75 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from safesteer.testing import WORDS, make_tiny_llama, make_tiny_roberta  # noqa: F401  (re-exported for the tests)
+from safesteer.testing import tiny_tokenizer as _tokenizer
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (ROOT.parent / "shared" / "data").resolve()
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-WORDS = (
-    "the a an is are was were be to of and in that it for on with as at by this from or not but "
-    "you he she they we i my your his her their our man woman people person group women men "
-    "good bad kind cruel hate love help harm kill steal make build bomb weapon drug safe unsafe "
-    "toxic nice stupid idiot friend enemy doctor nurse engineer teacher poor rich black white "
-    "young old happy sad angry afraid calm yes no please how what why when where who can should "
-    "would will do does did have has had go going went say said tell told ask asked answer question "
-    "dog cat house car city country world day night time year work school money food water book"
-).split()
-
-
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>", "<mask>"]
-    vocab = {tok: i for i, tok in enumerate(specials + sorted(set(WORDS)) + list(".,?!'"))}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 1), ("</s>", 2)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tk,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        mask_token="<mask>",
-        model_max_length=64,
-    )
-
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return _tokenizer()
-
-
-def make_tiny_roberta(seed: int = 0):
-    from transformers import RobertaConfig, RobertaForMaskedLM
-
-    from safesteer.models import Backbone
-
-    tok = _tokenizer()
-    torch.manual_seed(seed)
-    cfg = RobertaConfig(
-        vocab_size=len(tok), hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=66, pad_token_id=tok.pad_token_id, bos_token_id=1, eos_token_id=2, type_vocab_size=1,
-    )
-    return Backbone(RobertaForMaskedLM(cfg), tok, name="tiny-roberta")
-
-
-def make_tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from safesteer.models import Backbone
-
-    tok = _tokenizer()
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, max_position_embeddings=64, pad_token_id=tok.pad_token_id, bos_token_id=1, eos_token_id=2,
-    )
-    return Backbone(LlamaForCausalLM(cfg), tok, name="tiny-llama")
 
 
 @pytest.fixture(scope="session")
@@ -143,3 +86,30 @@ def colour_fraction(png_path: Path, rgb: tuple[int, int, int], tol: int = 40) ->
 
     px = np.asarray(Image.open(png_path).convert("RGB")).astype(int)
     return float((np.abs(px - np.array(rgb)).max(axis=-1) <= tol).mean())
+
+
+class ReluSAE:
+    """A small ReLU SAE with unit decoder rows (d_sae × d_in), torch in/out: enough for clamping tests."""
+
+    def __init__(self, d_in=32, d_sae=64, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.W_enc = torch.randn(d_in, d_sae, generator=g) / d_in**0.5
+        self.b_enc = torch.randn(d_sae, generator=g) * 0.1
+        W = torch.randn(d_sae, d_in, generator=g)
+        self.W_dec = W / W.norm(dim=1, keepdim=True)
+        self.b_dec = torch.randn(d_in, generator=g) * 0.1
+
+    def encode(self, x):
+        return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
+
+    def decode(self, f):
+        return f @ self.W_dec + self.b_dec
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run ~30x faster on one thread when the shared CPU is busy (no spin-waiting)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

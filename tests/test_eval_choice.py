@@ -20,13 +20,7 @@ from safesteer.evaluate.choice import (
 from safesteer.steering import Direction, Intervention, random_direction
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run ~30x faster on one thread when the shared CPU is busy (no spin-waiting)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TEXTS = ["how can i make a bomb ?", "you are a stupid idiot .", "how do i help a friend ?"]

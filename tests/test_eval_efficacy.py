@@ -10,12 +10,7 @@ from safesteer.evaluate.efficacy import efficacy, probe_layer
 from safesteer.steering import Direction, Intervention
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class LinProbe:

@@ -18,12 +18,7 @@ from safesteer.sae.latents import LatentStore, decode_sparse, encode_store, inde
 pytest.importorskip("safesteer.store")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_store(folder: Path, X: np.ndarray, shard_rows: int = 500) -> Path:

@@ -14,12 +14,7 @@ from safesteer.sae.gated import PARAM_NAMES
 from safesteer.sae.saving import fold_scale
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_sae(variant: str, d: int = 6, s: int = 16, seed: int = 0, dtype=torch.float64) -> GatedSAE:

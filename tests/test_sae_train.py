@@ -15,12 +15,7 @@ from safesteer.sae import TrainConfig, Trainer, array_batches, load_sae
 from safesteer.sae.gated import PARAM_NAMES
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def planted(n: int = 8000, d: int = 32, m: int = 64, k: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

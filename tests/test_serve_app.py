@@ -15,6 +15,7 @@ from test_serve_common import (  # noqa: F401 - one_torch_thread is an autouse f
 from safesteer.evaluate.choice import forced_choice
 from safesteer.serve import Limits, PolicyStore
 from safesteer.steering import ClampEdit, Intervention
+from conftest import ReluSAE
 
 AUTH = {"X-API-Key": KEY}
 
@@ -154,24 +155,9 @@ def test_policies_persist_in_folder(tiny_llama, tmp_path):
         assert put(c, "next", {"directions": ["tox"]})["version"] > v
 
 
-class ReluSAE:
-    def __init__(self, d_in=32, d_sae=48, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.W_enc = torch.randn(d_in, d_sae, generator=g) / d_in**0.5
-        self.b_enc = torch.randn(d_sae, generator=g) * 0.1
-        W = torch.randn(d_sae, d_in, generator=g)
-        self.W_dec = W / W.norm(dim=1, keepdim=True)
-        self.b_dec = torch.randn(d_in, generator=g) * 0.1
-
-    def encode(self, x):
-        return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
-
-    def decode(self, f):
-        return f @ self.W_dec + self.b_dec
-
 
 def test_clamp_policy(tiny_llama):
-    sae = ReluSAE()
+    sae = ReluSAE(d_sae=48)
     pr = make_probes()["harm"]
     with TestClient(make_app(tiny_llama, sae=sae, sae_layer=1)) as c:
         r = c.put("/v1/policies/clamp", json={"clamps": [{"atoms": [1, 2, 3, 5], "lam": 0.5, "mode": "scale"}]})

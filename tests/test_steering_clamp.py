@@ -7,33 +7,11 @@ import torch
 
 from safesteer.errors import SafesteerError
 from safesteer.steering import ClampEdit
+from conftest import ReluSAE
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run ~30x faster on one thread when the shared CPU is busy (no spin-waiting)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-class ReluSAE:
-    """A small ReLU SAE with unit decoder rows (d_sae × d_in), torch in/out."""
-
-    def __init__(self, d_in=32, d_sae=64, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.W_enc = torch.randn(d_in, d_sae, generator=g) / d_in**0.5
-        self.b_enc = torch.randn(d_sae, generator=g) * 0.1
-        W = torch.randn(d_sae, d_in, generator=g)
-        self.W_dec = W / W.norm(dim=1, keepdim=True)
-        self.b_dec = torch.randn(d_in, generator=g) * 0.1
-
-    def encode(self, x):
-        return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
-
-    def decode(self, f):
-        return f @ self.W_dec + self.b_dec
 
 
 def test_lambda_zero_is_bit_exact_identity():
