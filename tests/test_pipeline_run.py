@@ -72,9 +72,12 @@ def _ran(pipe: Pipeline) -> set[str]:
 def test_run_caches_reruns_what_changed_and_reports_stage_numbers(tmp_path, tiny_model_dir, shared_data):
     cfg = tiny_config(tiny_model_dir, shared_data)
     out = tmp_path / "run"
+    part = Pipeline(cfg, out, ["extract", "sae"])  # --stages extract,sae: those two, then stop
+    assert part.run() is None
+    assert _ran(part) == {"extract", "sae"} and part.status["encode"] == "skipped" and not (out / "report.html").exists()
     first = Pipeline(cfg, out)
     html = first.run()
-    assert _ran(first) == set(STAGES) - {"report"}
+    assert _ran(first) == set(STAGES) - {"report", "extract", "sae"}
     assert html == out / "report.html" and (out / "report.md").is_file()
     assert load_config(out / "config.toml") == cfg  # the config is saved beside the run
 

@@ -26,4 +26,5 @@ def register(app: typer.Typer) -> None:
         html = pipe.run()
         ran = ", ".join(f"{k} {v:.0f}s" for k, v in pipe.timings.items() if k != "total") or "nothing (all cached)"
         typer.echo(f"computed: {ran}; total {pipe.timings.get('total', 0.0):.0f}s")
-        typer.echo(f"report: {html.resolve()}")
+        if html is not None:
+            typer.echo(f"report: {html.resolve()}")

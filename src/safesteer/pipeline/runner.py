@@ -62,10 +62,12 @@ class Pipeline:
             _say(f"{name}: cached ({st.dir.name})")
             return st
         if self.only is not None and name not in self.only:
-            raise SafesteerError(f"stage {name} has no finished output for these settings; include it in --stages")
+            self.status[name] = "skipped"
+            _say(f"{name}: skipped (not in --stages and no finished output for these settings)")
+            return st
         missing = [k for k in inputs if not self.st[k].done]
         if missing:
-            raise SafesteerError(f"stage {name} needs {missing[0]} to finish first")
+            raise SafesteerError(f"stage {name} needs {missing[0]}, which has no finished output for these settings; include {missing[0]} in --stages")
         _say(f"{name}: running -> {st.dir}")
         t0 = time.perf_counter()
         info = body(st) or {}
@@ -93,7 +95,7 @@ class Pipeline:
         return (["--data-dir", self.data_dir] if self.data_dir else []) 
 
     # ------------------------------------------------------------------- stages
-    def run(self) -> Path:
+    def run(self) -> Path | None:
         c = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.out / "config.toml") as tmp:
@@ -225,6 +227,12 @@ class Pipeline:
 
         self._stage("evaluate", asdict(e) | {"seed": c.run.seed}, ["directions"], do_evaluate)
         self.timings["total"] = time.perf_counter() - t_start
+        unfinished = [n for n in STAGES if n != "report" and not self.st[n].done]
+        if unfinished:
+            if self.only is not None and "report" in self.only:
+                raise SafesteerError(f"the report needs {unfinished[0]}, which has no finished output for these settings; include it in --stages")
+            _say(f"stopped before {unfinished[0]} (--stages); no report until every stage has finished")
+            return None
         from safesteer.pipeline.build_report import build_report
 
         html_path = build_report(self)
