@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 
 from safesteer.config import Config, dump_toml, load_config
+from safesteer.errors import SafesteerError
 from safesteer.pipeline.runner import STAGES, Pipeline
 
 from conftest import chromium_screenshot, colour_fraction, make_tiny_llama
@@ -152,3 +153,27 @@ def test_killed_during_sae_resumes_without_recomputing_extraction(tmp_path, tiny
     assert {p: p.stat().st_mtime_ns for p in extract_dir.rglob("*") if p.is_file()} == before
     assert (sae_dirs[0] / "DONE.json").is_file() and (out / "report.html").is_file()
     assert log.rstrip().splitlines()[-1].startswith("report: ")
+
+
+def test_masked_lm_runs_the_study_end_to_end(tmp_path, shared_data):
+    """The original study's kind of model (a RoBERTa masked LM) through every stage, tiny and offline."""
+    from conftest import make_tiny_roberta
+
+    folder = tmp_path / "tiny-roberta"
+    bb = make_tiny_roberta(seed=2)
+    bb.model.save_pretrained(folder)
+    bb.tokenizer.save_pretrained(folder)
+    cfg = tiny_config(folder, shared_data)
+    cfg.model.kind = "masked"
+    cfg.model.layer = 2  # the last block, as in the study
+    cfg.evaluate.metrics = ["harm_probe", "yes_harmful", "fluency"]
+    pipe = Pipeline(cfg.validate(), tmp_path / "run")
+    assert pipe.run() is not None
+    res = pd.read_csv(pipe.st["evaluate"].dir / "results.csv")
+    assert set(res["metric"]) == {"harm_probe", "yes_harmful", "fluency"}
+    assert (res[res["metric"] == "fluency"]["value"] < 0).all()  # pseudo-log-likelihood per token
+    assert pd.read_json(pipe.st["evaluate"].dir / "results.json", typ="series")["config"]["model_kind"] == "masked"
+    cfg.model.kind = "causal"
+    cfg.run.seed = 1  # a new extraction key, so the model is loaded again
+    with pytest.raises(SafesteerError, match="model.kind = 'causal' but .* is a masked LM"):
+        Pipeline(cfg, tmp_path / "run").run()

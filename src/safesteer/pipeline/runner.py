@@ -115,7 +115,9 @@ class Pipeline:
                                  max_rows=c.data.max_rows_per_dataset, seed=c.run.seed, shard_size=c.extract.shard_size,
                                  dtype=c.extract.dtype, batch_size=c.extract.batch_size, max_length=c.model.max_length,
                                  precision=c.extract.precision, source=c.data.source)
-            bb = load_backbone(c.model.name, max_length=c.model.max_length)
+            bb = load_backbone(c.model.name, max_length=c.model.max_length)  # every stage detects the kind the same way
+            if c.model.kind != "auto" and bb.kind != c.model.kind:
+                raise SafesteerError(f"model.kind = {c.model.kind!r} but {c.model.name} is a {bb.kind} LM; fix model.kind or set it to \"auto\"")
             rows = list(dataset_rows(c.data.sae_datasets, "all", c.data.max_rows_per_dataset, c.run.seed, c.data.source,
                                      Path(self.data_dir) if self.data_dir else None))
             rep = extract(bb, rows, st.dir / "acts", ecfg, total=sum(1 for _, r in rows if r.text.strip()))
