@@ -65,3 +65,16 @@ def test_stage_keys_follow_params_and_inputs(tmp_path):
     st.mark_done(rows=3)
     again = cache.stage("sae", {"l1": 1e-3})
     assert again.done and again.info()["rows"] == 3 and again.dir == st.dir
+
+
+def test_device_resolution(monkeypatch):
+    import torch
+
+    from safesteer.devices import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"
+    with pytest.raises(SafesteerError, match="no CUDA device is visible"):
+        resolve_device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda" and resolve_device("cuda:1") == "cuda:1"

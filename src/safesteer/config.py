@@ -9,6 +9,7 @@ Unknown keys and badly typed values are rejected with one line naming the key an
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from safesteer.errors import SafesteerError
 class RunSection:
     name: str = "default"
     seed: int = 0
+    device: str = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
 
 
 @dataclass
@@ -106,6 +108,8 @@ class Config:
 
     def validate(self) -> "Config":
         _choice("model.kind", self.model.kind, ("auto", "causal", "masked"))
+        if not (self.run.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.run.device)):
+            raise SafesteerError(f"config run.device = {self.run.device!r} is not valid; choose auto, cpu, cuda or cuda:N")
         _choice("data.source", self.data.source, ("auto", "local", "pypi", "hub"))
         _choice("extract.dtype", self.extract.dtype, ("float16", "float32"))
         _choice("extract.precision", self.extract.precision, ("auto", "bf16", "fp32"))

@@ -66,7 +66,9 @@ class ExtractReport:
     out: list[str] = field(default_factory=list)
 
 
-def bf16_supported() -> bool:
+def bf16_supported(device: torch.device | str = "cpu") -> bool:
+    if torch.device(device).type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except Exception:  # pragma: no cover
@@ -113,7 +115,7 @@ class Extractor:
             mask[i, : len(x)] = 1
         input_ids, mask = input_ids.to(self.bb.device), mask.to(self.bb.device)
         self.tokens += int(mask.sum())
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        with torch.inference_mode(), torch.autocast(self.bb.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             hs = self.bb.forward_layers(input_ids, mask, self.layers)
         return {l: mean_pool(h.float(), mask) for l, h in hs.items()}
 
@@ -136,10 +138,10 @@ def choose_precision(backbone: Backbone, layers: list[int], texts: list[str], re
     """bf16 autocast when the CPU supports it and pooled vectors keep cosine ≥ ``threshold`` vs fp32."""
     if requested == "fp32":
         return "fp32", None
-    if not bf16_supported():
+    if not bf16_supported(backbone.device):
         if requested == "bf16":
-            raise SafesteerError("this CPU has no bf16 support; use --precision fp32 or auto")
-        _log("bf16 not supported on this CPU: extracting in fp32")
+            raise SafesteerError(f"this {backbone.device.type.upper()} has no bf16 support; use --precision fp32 or auto")
+        _log(f"bf16 not supported on this {backbone.device.type.upper()}: extracting in fp32")
         return "fp32", None
     sample = [t for t in texts[:16]]
     ref = Extractor(backbone, layers, batch_size=len(sample), precision="fp32").run(sample)

@@ -115,6 +115,7 @@ def register(app: typer.Typer) -> None:
         source: str = typer.Option("auto", "--source", help="auto, local, pypi or hub."),
         data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="SAFESTEER_DATA_DIR", help="Offline data folder."),
         plots: bool = typer.Option(True, "--plots/--no-plots"),
+        device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     ) -> None:
         """Evaluate steering strategies: safety, over-refusal, fluency and bias, with 95% CIs vs unsteered."""
         from rich.console import Console
@@ -172,7 +173,9 @@ def register(app: typer.Typer) -> None:
         elif generation:
             cfg.metrics = list(METRICS)
         with console.status("loading model…"):
-            bb = load_backbone(model)
+            from safesteer.devices import resolve_device
+
+            bb = load_backbone(model, device=resolve_device(device))
         bb.check_layer(layer)
         if ds.d_model != bb.d_model:
             raise SafesteerError(f"directions have size {ds.d_model} but {model} has d_model {bb.d_model}; build them for this model")

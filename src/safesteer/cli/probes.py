@@ -278,7 +278,7 @@ def run_atoms(map_dir: Path, out: Path, *, mode: str, sae: Path | None = None, k
               alpha_scale: float = 1.0, r_threshold: float = 0.05, data_dir: Path | None = None, dedup: bool = True,
               threshold: float = 0.20, screen_texts: int = 24, readout_rows: int = 60, seed: int = 0, show_progress: bool = True,
               categories: tuple[str, ...] | list[str] | None = None,
-              backbone=None, judge_backbone=None, embedder=None, W_dec: np.ndarray | None = None) -> dict[str, Any]:
+              backbone=None, judge_backbone=None, embedder=None, W_dec: np.ndarray | None = None, device: str = "cpu") -> dict[str, Any]:
     import pandas as pd
 
     from safesteer.cartography import select as S
@@ -328,14 +328,14 @@ def run_atoms(map_dir: Path, out: Path, *, mode: str, sae: Path | None = None, k
         from safesteer.models import load_backbone
 
         _say(f"loading {model}")
-        backbone = load_backbone(model)
+        backbone = load_backbone(model, device=device)
     if judge == "offline" and judge_backbone is None:
         if backbone is not None and model in ("smollm2-135m", "smollm2", "smollm2-135m-instruct") and judge_model == model:
             judge_backbone = backbone
         else:
             from safesteer.models import load_backbone
 
-            judge_backbone = load_backbone(judge_model)
+            judge_backbone = load_backbone(judge_model, device=device)
     the_judge = make_judge(judge, backbone=judge_backbone) if judge != "openai" else make_judge("openai")
     top_acts = pd.read_parquet(map_dir / "top_activations.parquet") if (map_dir / "top_activations.parquet").is_file() else None
     if top_acts is not None and len(top_acts):  # the atom's strongest observed activation sets its screening step

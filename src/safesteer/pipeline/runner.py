@@ -17,6 +17,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from safesteer.config import Config, dump_toml
+from safesteer.devices import resolve_device
 from safesteer.errors import SafesteerError
 from safesteer.io import atomic_path, write_json
 from safesteer.pipeline.cache import Stage, StageCache
@@ -50,6 +51,7 @@ class Pipeline:
         self.timings: dict[str, float] = {}
         self.status: dict[str, str] = {}
         self.st: dict[str, Stage] = {}
+        self.device = resolve_device(cfg.run.device)
         data_dir = cfg.data.data_dir or os.environ.get("SAFESTEER_DATA_DIR", "")
         self.data_dir = data_dir if data_dir and Path(data_dir).is_dir() else ""
 
@@ -115,7 +117,7 @@ class Pipeline:
                                  max_rows=c.data.max_rows_per_dataset, seed=c.run.seed, shard_size=c.extract.shard_size,
                                  dtype=c.extract.dtype, batch_size=c.extract.batch_size, max_length=c.model.max_length,
                                  precision=c.extract.precision, source=c.data.source)
-            bb = load_backbone(c.model.name, max_length=c.model.max_length)  # every stage detects the kind the same way
+            bb = load_backbone(c.model.name, max_length=c.model.max_length, device=self.device)  # every stage detects the kind the same way
             if c.model.kind != "auto" and bb.kind != c.model.kind:
                 raise SafesteerError(f"model.kind = {c.model.kind!r} but {c.model.name} is a {bb.kind} LM; fix model.kind or set it to \"auto\"")
             rows = list(dataset_rows(c.data.sae_datasets, "all", c.data.max_rows_per_dataset, c.run.seed, c.data.source,
@@ -133,14 +135,15 @@ class Pipeline:
                     "--grid-expansions", ",".join(map(str, s.expansions)), "--grid-l1", ",".join(f"{x:g}" for x in s.l1),
                     "--grid-epochs", s.grid_epochs, "--grid-patience", s.grid_patience, "--epochs", s.epochs,
                     "--patience", s.patience, "--batch-size", s.batch_size, "--lr", s.lr, "--seed", c.run.seed,
-                    "--lr-warmup", 50, "--shuffle-buffer", 4096, "--checkpoint-every", 20, "--no-progress"]
+                    "--lr-warmup", 50, "--shuffle-buffer", 4096, "--checkpoint-every", 20, "--no-progress", "--device", self.device]
             _cli(args + ["--resume"])  # the folder belongs to this key: continue whatever a killed run left
             return {}
 
         self._stage("sae", asdict(s) | {"seed": c.run.seed}, ["extract"], do_sae)
         sae_dir = self.st["sae"].dir / "sae"
 
-        self._stage("encode", {}, ["sae"], lambda st: _cli(["encode", "--sae", sae_dir, "--acts", acts, "--out", st.dir / "z", "--no-progress"]))
+        self._stage("encode", {}, ["sae"], lambda st: _cli(["encode", "--sae", sae_dir, "--acts", acts, "--out", st.dir / "z", "--no-progress",
+                                                            "--device", self.device]))
         latents = self.st["encode"].dir / "z"
 
         def do_probes(st: Stage):
@@ -173,7 +176,7 @@ class Pipeline:
             run_atoms(map_dir, st.dir / "filtered", mode="filtered", sae=sae_dir, candidates=c.atoms.candidates,
                       judge=c.atoms.judge, screen=c.atoms.screen, model=c.model.name, layer=c.model.layer,
                       data_dir=Path(self.data_dir) if self.data_dir else None, seed=c.run.seed, show_progress=True,
-                      categories=["toxicity", "harm"], screen_texts=12, readout_rows=30)
+                      categories=["toxicity", "harm"], screen_texts=12, readout_rows=30, device=self.device)
             return {}
 
         self._stage("atoms", asdict(c.atoms) | {"seed": c.run.seed}, ["map"], do_atoms)
@@ -215,7 +218,7 @@ class Pipeline:
             args = ["evaluate", "--model", c.model.name, "--layer", c.model.layer, "--directions", self.st["directions"].dir,
                     "--out", st.dir, "--strategies", ",".join(e.strategies), "--alphas=" + ",".join(f"{a:g}" for a in e.alphas),
                     "--max-prompts", e.max_prompts, "--budget", e.fluency_budget, "--n-boot", e.bootstrap, "--seed", c.run.seed,
-                    "--source", c.data.source, "--calib-prompts", e.calib_prompts] + self._data_args()
+                    "--source", c.data.source, "--calib-prompts", e.calib_prompts, "--device", self.device] + self._data_args()
             if e.max_bias:
                 args += ["--max-bias", e.max_bias]
             if e.metrics:
