@@ -77,6 +77,7 @@ class AtomSection:
     candidates: int = 5
     judge: str = "offline"  # offline | openai | none
     screen: bool = True
+    dedup: bool = True  # drop near-duplicate atoms by MiniLM cosine of their top texts
 
 
 @dataclass

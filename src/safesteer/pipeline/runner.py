@@ -176,7 +176,7 @@ class Pipeline:
             run_atoms(map_dir, st.dir / "filtered", mode="filtered", sae=sae_dir, candidates=c.atoms.candidates,
                       judge=c.atoms.judge, screen=c.atoms.screen, model=c.model.name, layer=c.model.layer,
                       data_dir=Path(self.data_dir) if self.data_dir else None, seed=c.run.seed, show_progress=True,
-                      categories=["toxicity", "harm"], screen_texts=12, readout_rows=30, device=self.device)
+                      categories=["toxicity", "harm"], screen_texts=12, readout_rows=30, device=self.device, dedup=c.atoms.dedup)
             return {}
 
         self._stage("atoms", asdict(c.atoms) | {"seed": c.run.seed}, ["map"], do_atoms)
