@@ -653,7 +653,7 @@ class Trainer:
             random.setstate((v, tuple(internal), gauss))
         if "numpy" in rng:
             ns = rng["numpy"]
-            np.random.set_state((ns["name"], t["rng.numpy_key"].numpy().astype(np.uint32), ns["pos"], ns["has_gauss"], ns["cached_gaussian"]))
+            np.random.set_state((ns["name"], t["rng.numpy_key"].cpu().numpy().astype(np.uint32), ns["pos"], ns["has_gauss"], ns["cached_gaussian"]))
         self.initialised = True
         print(f"[safesteer] resuming {self.out_dir.name} from {latest.name} (epoch {self.epoch}, step {self.step})",
               file=sys.stderr, flush=True)
