@@ -142,3 +142,42 @@ def test_real_sae_and_latent_store(workspace):
     assert amap.atom.max() == 63 and set(amap.label) >= {"toxicity", "harmfulness"}
     assert main(["atoms", "--map", str(root / "map-real"), "--mode", "topk", "--k", "2", "--sae", str(root / "gsae"),
                  "--out", str(root / "topk-real")]) == 0
+
+
+def test_partial_maps_merge_to_the_full_map(workspace, capsys):
+    """map --shards over disjoint latent shards, then map-merge: the same atom map as one pass over all."""
+    pytest.importorskip("safesteer.sae.latents")
+    from safesteer.sae import GatedSAE, SAEConfig
+    from safesteer.sae.latents import LatentStore, encode_store
+
+    root = workspace
+    acts = root / "acts" / "layer-1"
+    encode_store(GatedSAE(SAEConfig(d_in=32, d_sae=48), seed=3), acts, root / "lat-merge", batch_size=64, progress=False)
+    n_shards = len(LatentStore(root / "lat-merge").shards)
+    assert n_shards >= 3
+    common = ["--latents", str(root / "lat-merge"), "--acts", str(acts), "--min-per-class", "3", "--heldout", "0.2"]
+    assert main(["map", *common, "--out", str(root / "m-all")]) == 0
+    assert main(["map", *common, "--out", str(root / "m-a"), "--shards", "0"]) == 0
+    assert main(["map", *common, "--out", str(root / "m-b"), "--shards", f"1-{n_shards - 1}"]) == 0
+    assert main(["map-merge", "--part", str(root / "m-a"), "--part", str(root / "m-b"), "--out", str(root / "m-merged")]) == 0
+    full = pd.read_parquet(root / "m-all" / "atom_map.parquet")
+    merged = pd.read_parquet(root / "m-merged" / "atom_map.parquet")
+    assert list(full.columns) == list(merged.columns) and len(full) == len(merged)
+    num = full.select_dtypes("number").columns
+    np.testing.assert_allclose(merged[num].to_numpy(float), full[num].to_numpy(float), rtol=1e-9, atol=1e-12, equal_nan=True)
+    assert (merged["label"] == full["label"]).all()
+    ta = pd.read_parquet(root / "m-all" / "top_activations.parquet").sort_values(["atom", "rank"])
+    tb = pd.read_parquet(root / "m-merged" / "top_activations.parquet").sort_values(["atom", "rank"])
+    np.testing.assert_allclose(tb["activation"].to_numpy(), ta["activation"].to_numpy())
+    s_all, s_m = (json.loads((root / d / "summary.json").read_text()) for d in ("m-all", "m-merged"))
+    assert s_m["n_rows"] == s_all["n_rows"]
+    for lab, atoms in s_all["top_atoms"].items():  # same ranking, scores to rounding (merge order)
+        assert [a["atom"] for a in s_m["top_atoms"][lab]] == [a["atom"] for a in atoms]
+        np.testing.assert_allclose([a["score"] for a in s_m["top_atoms"][lab]], [a["score"] for a in atoms], rtol=1e-12)
+    capsys.readouterr()
+    # overlapping or whole-store parts are refused with one line
+    assert main(["map-merge", "--part", str(root / "m-a"), "--part", str(root / "m-a"), "--out", str(root / "bad")]) == 2
+    assert "both" in capsys.readouterr().err
+    assert main(["map-merge", "--part", str(root / "m-all"), "--part", str(root / "m-b"), "--out", str(root / "bad")]) == 2
+    assert main(["map", *common, "--out", str(root / "bad"), "--shards", "99"]) == 2
+    assert "does not have" in capsys.readouterr().err

@@ -113,6 +113,24 @@ def run_probe(acts: Path, label: str, out: Path, *, balanced: bool = False, seed
 
 
 # ============================================================================================== map
+def _shard_list(spec: str) -> list[int]:
+    out: list[int] = []
+    try:
+        for part in spec.replace(" ", "").split(","):
+            if not part:
+                continue
+            if "-" in part:
+                a, b = part.split("-", 1)
+                out += list(range(int(a), int(b) + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise SafesteerError(f"--shards takes indices and ranges like 0-3,7; got {spec!r}") from None
+    if not out:
+        raise SafesteerError("--shards is empty")
+    return sorted(set(out))
+
+
 def _open_latents(path: Path):
     try:
         from safesteer.sae.latents import LatentStore
@@ -200,7 +218,9 @@ def probe_logits(store, probes: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]
 
 def run_map(latents, acts: Path, out: Path, *, labels: list[str] | None = None, heldout: float = 0.2, top_k: int = 10,
             probe_dirs: list[Path] | None = None, sae: Path | None = None, method: str = "omp", n_atoms_link: int = 16,
-            min_per_class: int = 5, show_progress: bool = True) -> dict[str, Any]:
+            min_per_class: int = 5, show_progress: bool = True, shards: list[int] | None = None) -> dict[str, Any]:
+    """One streaming pass over the latents (``shards``: only those latent shards, for a partial map
+    to combine later with :func:`run_map_merge`)."""
     import pandas as pd
 
     from safesteer.cartography.link import decompose
@@ -213,7 +233,8 @@ def run_map(latents, acts: Path, out: Path, *, labels: list[str] | None = None, 
     lat = _open_latents(latents) if isinstance(latents, (str, Path)) else latents
     store = ActivationStore(acts)
     ids, names, codes, counts = store_label_codes(store, labels, min_per_class)
-    _say(f"mapping {lat.n_latents} atoms × {len(names)} labels over {lat.n_rows} rows")
+    n_rows = lat.n_rows if shards is None else sum(int(e["rows"]) for e in getattr(lat, "shards", []) if int(e["index"]) in set(shards))
+    _say(f"mapping {lat.n_latents} atoms × {len(names)} labels over {n_rows} rows" + (f" (shards {shards})" if shards is not None else ""))
     probes = {}
     for d in probe_dirs or []:
         p = load_probe(d)
@@ -226,7 +247,16 @@ def run_map(latents, acts: Path, out: Path, *, labels: list[str] | None = None, 
         pos = pd.Index(lid).get_indexer(ids)
         logits = np.where(pos[:, None] >= 0, lg[np.maximum(pos, 0)], np.nan)
     n_shards = len(getattr(lat, "shards", [])) or None
-    res = map_latents(lat.iter_shards(), lat.n_latents, ids, names, codes, heldout_fraction=heldout, top_k=top_k,
+    shard_iter = lat.iter_shards()
+    if shards is not None:
+        have = {int(s["index"]) for s in getattr(lat, "shards", [])}
+        missing = sorted(set(shards) - have) if have else []
+        if missing:
+            raise SafesteerError(f"--shards names latent shard(s) {missing} that {latents} does not have (it has {sorted(have)})")
+        wanted = set(shards)
+        shard_iter = (item for item in shard_iter if int(item[0]) in wanted)
+        n_shards = len(wanted)
+    res = map_latents(shard_iter, lat.n_latents, ids, names, codes, heldout_fraction=heldout, top_k=top_k,
                       logits=logits, probe_names=list(probes),
                       progress=lambda it: _progress(it, n_shards, "mapping shards", show_progress))
     df = atom_table(res)
@@ -251,10 +281,7 @@ def run_map(latents, acts: Path, out: Path, *, labels: list[str] | None = None, 
             if dm is not None:
                 link[name + ":diffmean"] = dm.to_dict()
         write_json(out / "link.json", link)
-    top = {}
-    for lab in names:
-        sub = df[df["label"] == lab].nlargest(5, "score")
-        top[lab] = [{"atom": int(a), "score": float(s), "r": float(r)} for a, s, r in zip(sub["atom"], sub["score"], sub["r"])]
+    top = _top_atoms(df, names)
     summary = {
         "format": "safesteer-atom-map", "version": 1,
         "n_atoms": int(lat.n_latents), "n_rows": int(res.n_rows), "n_unlabelled_rows": int(res.n_unlabelled),
@@ -265,8 +292,85 @@ def run_map(latents, acts: Path, out: Path, *, labels: list[str] | None = None, 
                  "kind": store.manifest.get("kind"), "d": store.d},
         "latents": str(latents) if isinstance(latents, (str, Path)) else type(latents).__name__,
         "probes": list(probes), "link": {k: v["cosine"] for k, v in link.items()},
-        "top_atoms": top, "seconds": round(time.time() - t0, 2),
+        "top_atoms": top, "seconds": round(time.time() - t0, 2), "shards": sorted(shards) if shards is not None else "all",
+        "top_k": top_k,
     }
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def _top_atoms(df, names) -> dict[str, list[dict[str, float]]]:
+    top = {}
+    for lab in names:
+        sub = df[df["label"] == lab].nlargest(5, "score")
+        top[lab] = [{"atom": int(a), "score": float(s), "r": float(r)} for a, s, r in zip(sub["atom"], sub["score"], sub["r"])]
+    return top
+
+
+def run_map_merge(parts: list[Path], out: Path) -> dict[str, Any]:
+    """Combine partial maps (``safesteer map --shards`` over disjoint latent shards) into the map of
+    their union: the streaming statistics and top activations merge exactly; the probe ↔ atom
+    decomposition (row-independent) is carried over; row-level probe correlations are not merged."""
+    import shutil
+
+    import pandas as pd
+
+    from safesteer.cartography.stats import StreamingStats, TopActivations, atom_table
+    from safesteer.io import atomic_path, read_json, write_json
+
+    parts = [Path(p) for p in parts]
+    if len(parts) < 2:
+        raise SafesteerError("map-merge needs at least two --part folders")
+    summaries = []
+    for p in parts:
+        if not (p / "summary.json").is_file() or not (p / "stats" / "stats.json").is_file():
+            raise SafesteerError(f"{p} is not a 'safesteer map' output (no summary.json / stats/); run 'safesteer map --shards' first")
+        summaries.append(read_json(p / "summary.json"))
+    first = summaries[0]
+    for p, s in zip(parts[1:], summaries[1:]):
+        for key in ("n_atoms", "labels", "heldout_fraction", "acts"):
+            if s.get(key) != first.get(key):
+                raise SafesteerError(f"{p} and {parts[0]} differ in {key}; only maps of the same latents, labels and held-out fraction merge")
+    seen: dict[int, Path] = {}
+    for p, s in zip(parts, summaries):
+        if s.get("shards") == "all":
+            raise SafesteerError(f"{p} already covers every shard; merge partial maps made with --shards")
+        for i in s.get("shards") or []:
+            if i in seen:
+                raise SafesteerError(f"latent shard {i} is in both {seen[i]} and {p}; the parts must be disjoint")
+            seen[i] = p
+    stats = StreamingStats.load(parts[0] / "stats")
+    for p in parts[1:]:
+        stats.merge(StreamingStats.load(p / "stats"))
+    heldout = None
+    if all((p / "stats_heldout" / "stats.json").is_file() for p in parts):
+        heldout = StreamingStats.load(parts[0] / "stats_heldout")
+        for p in parts[1:]:
+            heldout.merge(StreamingStats.load(p / "stats_heldout"))
+    k = int(first.get("top_k") or 10)
+    top = TopActivations(int(first["n_atoms"]), k)
+    for p in parts:
+        f = pd.read_parquet(p / "top_activations.parquet")
+        t = TopActivations(int(first["n_atoms"]), k)
+        t.values[f["atom"].to_numpy(), f["rank"].to_numpy()] = f["activation"].to_numpy()
+        t.ids[f["atom"].to_numpy(), f["rank"].to_numpy()] = f["id"].astype(str).to_numpy()
+        top.merge(t)
+    df = atom_table(stats, heldout)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "atom_map.parquet") as tmp:
+        df.to_parquet(tmp, index=False)
+    with atomic_path(out / "top_activations.parquet") as tmp:
+        top.to_frame().to_parquet(tmp, index=False)
+    stats.save(out / "stats")
+    if heldout is not None:
+        heldout.save(out / "stats_heldout")
+    if (parts[0] / "link.json").is_file():
+        shutil.copyfile(parts[0] / "link.json", out / "link.json")
+    summary = {**first, "n_rows": int(sum(s["n_rows"] for s in summaries)),
+               "n_unlabelled_rows": int(sum(s.get("n_unlabelled_rows", 0) for s in summaries)),
+               "top_atoms": _top_atoms(df, stats.label_names), "shards": sorted(seen), "merged_from": [str(p) for p in parts],
+               "probe_atom_corr": "not merged (row-level); run 'safesteer map' over all shards for it",
+               "seconds": round(sum(float(s.get("seconds", 0.0)) for s in summaries), 2)}
     write_json(out / "summary.json", summary)
     return summary
 
@@ -423,14 +527,24 @@ def register(app: typer.Typer) -> None:
         sae: Optional[Path] = typer.Option(None, "--sae", help="SAE folder, for decomposing the probe directions over its decoder."),
         method: str = typer.Option("omp", "--method", help="Decomposition: omp, omp-nonneg or nnlasso."),
         min_per_class: int = typer.Option(5, "--min-per-class", help="Skip labels with fewer positive or negative rows."),
+        shards: Optional[str] = typer.Option(None, "--shards", help="Only these latent shards (e.g. 0-3,7): a partial map for 'safesteer map-merge'."),
     ) -> None:
         """Stream the latents once: per (atom, label) Δμ, point-biserial r, Cohen's d, firing rates, concept score."""
         names = [x.strip() for x in labels.split(",") if x.strip()] if labels else None
         if not 0 <= heldout < 1:
             raise SafesteerError("--heldout must be in [0, 1)")
         s = run_map(latents, acts, out, labels=names, heldout=heldout, top_k=top_k, probe_dirs=probe, sae=sae,
-                    method=method, min_per_class=min_per_class)
+                    method=method, min_per_class=min_per_class, shards=_shard_list(shards) if shards else None)
         typer.echo(f"mapped {s['n_atoms']} atoms × {len(s['labels'])} labels over {s['n_rows']} rows in {s['seconds']:.1f}s -> {out}")
+
+    @app.command("map-merge")
+    def map_merge_cmd(
+        part: list[Path] = typer.Option(..., "--part", help="A partial map folder ('safesteer map --shards'); repeat for each."),
+        out: Path = typer.Option(..., "--out", help="Output folder for the merged map."),
+    ) -> None:
+        """Merge partial maps over disjoint latent shards into the map of all of them (exact)."""
+        s = run_map_merge(list(part), out)
+        typer.echo(f"merged {len(part)} maps: {s['n_atoms']} atoms × {len(s['labels'])} labels over {s['n_rows']} rows -> {out}")
 
     @app.command("atoms")
     def atoms_cmd(
