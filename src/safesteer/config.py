@@ -9,7 +9,6 @@ Unknown keys and badly typed values are rejected with one line naming the key an
 from __future__ import annotations
 
 import dataclasses
-import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -109,8 +108,9 @@ class Config:
 
     def validate(self) -> "Config":
         _choice("model.kind", self.model.kind, ("auto", "causal", "masked"))
-        if not (self.run.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.run.device)):
-            raise SafesteerError(f"config run.device = {self.run.device!r} is not valid; choose auto, cpu, cuda or cuda:N")
+        from safesteer.devices import check_device_name
+
+        check_device_name(self.run.device, "config run.device =")
         _choice("data.source", self.data.source, ("auto", "local", "pypi", "hub"))
         _choice("extract.dtype", self.extract.dtype, ("float16", "float32"))
         _choice("extract.precision", self.extract.precision, ("auto", "bf16", "fp32"))

@@ -370,6 +370,15 @@ class TopActivations:
         self._absorb(rows.astype(np.int64), other.values[m], other.ids[m])
         return self
 
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame, n_atoms: int, k: int) -> "TopActivations":
+        """The inverse of :meth:`to_frame` (e.g. to merge maps read back from ``top_activations.parquet``)."""
+        out = cls(n_atoms, k)
+        atoms, ranks = frame["atom"].to_numpy(), frame["rank"].to_numpy()
+        out.values[atoms, ranks] = frame["activation"].to_numpy()
+        out.ids[atoms, ranks] = frame["id"].astype(str).to_numpy()
+        return out
+
     def to_frame(self) -> pd.DataFrame:
         m = np.isfinite(self.values)
         atoms, ranks = np.nonzero(m)

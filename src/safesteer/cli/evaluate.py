@@ -193,12 +193,14 @@ def register(app: typer.Typer) -> None:
 def _print_summary(console, result) -> None:
     from rich.table import Table
 
+    from safesteer.evaluate.stats import format_ci
+
     df = result.table()
     table = Table(title="steered vs unsteered (test split, 95% CI)")
     for col in ("strategy", "alpha", "metric", "value", "Δ [95% CI]", "p"):
         table.add_column(col)
     for _, r in df.iterrows():
-        delta = "" if r["strategy"] == "unsteered" else f"{r['delta']:+.4f} [{r['delta_low']:+.4f}, {r['delta_high']:+.4f}]"
+        delta = "" if r["strategy"] == "unsteered" else format_ci(r["delta"], r["delta_low"], r["delta_high"], signed=True)
         p = "" if r["strategy"] == "unsteered" else f"{r['p_value']:.3g}"
         table.add_row(str(r["strategy"]), f"{r['alpha']:g}", str(r["metric"]), f"{r['value']:.4f}", delta, p)
     console.print(table)

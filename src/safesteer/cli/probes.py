@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -233,7 +234,14 @@ def run_map(latents, acts: Path, out: Path, *, labels: list[str] | None = None, 
     lat = _open_latents(latents) if isinstance(latents, (str, Path)) else latents
     store = ActivationStore(acts)
     ids, names, codes, counts = store_label_codes(store, labels, min_per_class)
-    n_rows = lat.n_rows if shards is None else sum(int(e["rows"]) for e in getattr(lat, "shards", []) if int(e["index"]) in set(shards))
+    entries = getattr(lat, "shards", [])
+    wanted = set(shards) if shards is not None else None
+    if wanted is not None and entries:
+        missing = sorted(wanted - {int(e["index"]) for e in entries})
+        if missing:
+            raise SafesteerError(f"--shards names latent shard(s) {missing} that {latents} does not have "
+                                 f"(it has {sorted(int(e['index']) for e in entries)})")
+    n_rows = lat.n_rows if wanted is None else sum(int(e["rows"]) for e in entries if int(e["index"]) in wanted)
     _say(f"mapping {lat.n_latents} atoms × {len(names)} labels over {n_rows} rows" + (f" (shards {shards})" if shards is not None else ""))
     probes = {}
     for d in probe_dirs or []:
@@ -246,16 +254,10 @@ def run_map(latents, acts: Path, out: Path, *, labels: list[str] | None = None, 
         lid, lg = probe_logits(store, probes)
         pos = pd.Index(lid).get_indexer(ids)
         logits = np.where(pos[:, None] >= 0, lg[np.maximum(pos, 0)], np.nan)
-    n_shards = len(getattr(lat, "shards", [])) or None
+    n_shards = (len(wanted) if wanted is not None else len(entries)) or None
     shard_iter = lat.iter_shards()
-    if shards is not None:
-        have = {int(s["index"]) for s in getattr(lat, "shards", [])}
-        missing = sorted(set(shards) - have) if have else []
-        if missing:
-            raise SafesteerError(f"--shards names latent shard(s) {missing} that {latents} does not have (it has {sorted(have)})")
-        wanted = set(shards)
+    if wanted is not None:
         shard_iter = (item for item in shard_iter if int(item[0]) in wanted)
-        n_shards = len(wanted)
     res = map_latents(shard_iter, lat.n_latents, ids, names, codes, heldout_fraction=heldout, top_k=top_k,
                       logits=logits, probe_names=list(probes),
                       progress=lambda it: _progress(it, n_shards, "mapping shards", show_progress))
@@ -350,11 +352,7 @@ def run_map_merge(parts: list[Path], out: Path) -> dict[str, Any]:
     k = int(first.get("top_k") or 10)
     top = TopActivations(int(first["n_atoms"]), k)
     for p in parts:
-        f = pd.read_parquet(p / "top_activations.parquet")
-        t = TopActivations(int(first["n_atoms"]), k)
-        t.values[f["atom"].to_numpy(), f["rank"].to_numpy()] = f["activation"].to_numpy()
-        t.ids[f["atom"].to_numpy(), f["rank"].to_numpy()] = f["id"].astype(str).to_numpy()
-        top.merge(t)
+        top.merge(TopActivations.from_frame(pd.read_parquet(p / "top_activations.parquet"), int(first["n_atoms"]), k))
     df = atom_table(stats, heldout)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "atom_map.parquet") as tmp:
@@ -472,8 +470,6 @@ def run_atoms(map_dir: Path, out: Path, *, mode: str, sae: Path | None = None, k
         from safesteer.cartography.dedup import MiniLMEmbedder
 
         embedder = MiniLMEmbedder()
-    import contextlib
-
     # every screened atom steers the same texts at the same layer: blocks 0..layer run once
     with (backbone.prefix_cache(scr.layer) if scr is not None and hasattr(backbone, "prefix_cache") else contextlib.nullcontext()):
         result = S.select_filtered(df, cards=cards_fn, judge=the_judge, screen=scr, W_dec=W_dec, embedder=embedder if dedup else None,

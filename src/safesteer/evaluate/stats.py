@@ -249,3 +249,9 @@ def bootstrap_p_value(boots: np.ndarray) -> float:
         return 1.0
     p = 2.0 * min(np.mean(boots <= 0.0), np.mean(boots >= 0.0))
     return float(min(1.0, max(p, 1.0 / boots.size)))
+
+
+def format_ci(value: float, low: float, high: float, signed: bool = False) -> str:
+    """``value [low, high]`` to 4 decimals (``signed``: with a leading +/−, for differences)."""
+    f = "{:+.4f}" if signed else "{:.4f}"
+    return f"{f.format(value)} [{f.format(low)}, {f.format(high)}]"

@@ -45,7 +45,7 @@ from safesteer.evaluate.choice import answer_tokens, forced_choice
 from safesteer.evaluate.efficacy import probe_layer, probe_probabilities
 from safesteer.evaluate.fluency import fluency as fluency_scores, wiki_passages
 from safesteer.evaluate.generation import generate_answers, refusal_flags
-from safesteer.evaluate.stats import bootstrap_ci, bootstrap_p_value, ensemble_bootstrap, paired_bootstrap
+from safesteer.evaluate.stats import bootstrap_ci, bootstrap_p_value, ensemble_bootstrap, format_ci, paired_bootstrap
 from safesteer.io import atomic_path, write_json
 from safesteer.steering.strategies import Direction, DirectionSet, Intervention
 
@@ -513,9 +513,9 @@ def write_outputs(result: SuiteResult, out_dir: str | Path, plots: bool = True) 
     wide = {}
     for _, r in df.iterrows():
         row = wide.setdefault(r["strategy"], {"strategy": r["strategy"], "alpha": r["alpha"]})
-        row[r["metric"]] = f"{r['value']:.4f} [{r['ci_low']:.4f}, {r['ci_high']:.4f}]"
+        row[r["metric"]] = format_ci(r["value"], r["ci_low"], r["ci_high"])
         if r["strategy"] != "unsteered":
-            row[f"{r['metric']}_delta"] = f"{r['delta']:+.4f} [{r['delta_low']:+.4f}, {r['delta_high']:+.4f}] p={r['p_value']:.3g}"
+            row[f"{r['metric']}_delta"] = format_ci(r["delta"], r["delta_low"], r["delta_high"], signed=True) + f" p={r['p_value']:.3g}"
     import pandas as pd
 
     with atomic_path(out / "table.csv") as tmp:

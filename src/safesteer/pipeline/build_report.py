@@ -72,16 +72,12 @@ def _esc(s: str) -> str:
     return html.escape(s)
 
 
-def _ci(v: float, lo: float, hi: float, signed: bool = False) -> str:
-    f = "{:+.4f}" if signed else "{:.4f}"
-    return f"{f.format(v)} [{f.format(lo)}, {f.format(hi)}]"
-
-
 def headline_tables(ev: Path) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
     """(metric × strategy table of unsteered value and Δ [95% CI], per-strategy α table) from the evaluate outputs."""
     res = _read_csv(ev / "results.csv")
     if res is None or not len(res):
         return None, None
+    from safesteer.evaluate.stats import format_ci
     from safesteer.evaluate.suite import METRICS
 
     strategies = [s for s in dict.fromkeys(res["strategy"]) if s != "unsteered"]
@@ -92,12 +88,12 @@ def headline_tables(ev: Path) -> tuple[pd.DataFrame | None, pd.DataFrame | None]
         row = {"metric": spec.label if spec else metric, "better": spec.better if spec else ""}
         if "unsteered" in sub.index:
             u = sub.loc["unsteered"]
-            row["unsteered [95% CI]"] = _ci(u["value"], u["ci_low"], u["ci_high"])
+            row["unsteered [95% CI]"] = format_ci(u["value"], u["ci_low"], u["ci_high"])
         for s in strategies:
             if s in sub.index:
                 r = sub.loc[s]
                 mark = " *" if (r["delta_low"] > 0 or r["delta_high"] < 0) else ""
-                row[f"{s} Δ"] = _ci(r["delta"], r["delta_low"], r["delta_high"], signed=True) + mark
+                row[f"{s} Δ"] = format_ci(r["delta"], r["delta_low"], r["delta_high"], signed=True) + mark
         rows.append(row)
     cal = read_json(ev / "calibration.json") if (ev / "calibration.json").is_file() else {}
     alphas = res[res["strategy"] != "unsteered"].drop_duplicates("strategy")
@@ -160,14 +156,15 @@ def build_report(pipe) -> Path:
             sec.table(pd.DataFrame(top), floatfmt="{:.3g}")
         sections.append(sec)
     sections.append(_cards_section(st["atoms"].dir))
+    seconds = stage_timings(pipe)
     repro = {
         "config": str(pipe.out / "config.toml"), "model": cfg.model.name, "layer": cfg.model.layer, "seed": cfg.run.seed,
         "hardware": hardware(), **{f"version {k}": v for k, v in versions().items()},
-        "stage timings (s)": ", ".join(f"{k} {v:.0f}" for k, v in stage_timings(pipe).items()) + f"; this invocation {pipe.timings.get('total', 0.0):.0f}",
+        "stage timings (s)": ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + f"; this invocation {pipe.timings.get('total', 0.0):.0f}",
         "stage status": ", ".join(f"{k}: {v}" for k, v in pipe.status.items()),
         "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     html_path, _ = render(f"safesteer run: {cfg.run.name}", sections, repro, pipe.out)
-    write_json(pipe.out / "run_summary.json", {"timings": pipe.timings, "stage_seconds": stage_timings(pipe), "status": pipe.status,
+    write_json(pipe.out / "run_summary.json", {"timings": pipe.timings, "stage_seconds": seconds, "status": pipe.status,
                                                "stages": {k: str(v.dir) for k, v in st.items()}})
     return html_path
