@@ -34,6 +34,7 @@ def pinned_config(model_dir: Path, data_dir: Path):
     cfg = tiny_config(model_dir, data_dir)
     cfg.run.device = "cpu"
     cfg.extract.precision = "fp32"
+    cfg.sae.precision = "fp32"
     return cfg.validate()
 
 
