@@ -43,3 +43,26 @@ def test_tiny_pipeline_results_digest_is_pinned(tmp_path, tiny_model_dir, shared
     assert pipe.run() is not None
     results = (pipe.st["evaluate"].dir / "results.csv").read_bytes()
     assert hashlib.sha256(results).hexdigest() == RESULTS_SHA256, results.decode()[:2000]
+
+
+def test_knobs_that_were_hard_coded_rerun_their_stages_and_errors_pass_through(tmp_path, tiny_model_dir, shared_data):
+    from safesteer.errors import SafesteerError
+    from safesteer.pipeline.runner import stage_keys
+
+    cfg = pinned_config(tiny_model_dir, shared_data)
+    out = tmp_path / "run"
+    first = Pipeline(cfg, out)
+    first.run()
+    assert {n: st.key for n, st in first.st.items()} == stage_keys(cfg)  # the runner uses the table's keys
+    cfg.atoms.screen_texts = 10  # was a literal 12 in the runner, invisible to the cache
+    again = Pipeline(cfg, out)
+    again.run()
+    assert {n for n, s in again.status.items() if s == "ran"} == {"atoms", "directions", "evaluate"}
+    assert again.outputs["map"] == first.outputs["map"]  # cached outputs are read back from DONE.json
+    cfg.encode.batch_size = 7  # encode was keyed on nothing
+    third = Pipeline(cfg, out)
+    third.run()
+    assert {n for n, s in third.status.items() if s == "ran"} == {"encode", "map", "atoms", "directions", "evaluate"}
+    cfg.evaluate.strategies = ["nope"]  # the stage's own error reaches the caller, not "stage command … failed"
+    with pytest.raises(SafesteerError, match="unknown strategy 'nope'; this direction set has"):
+        Pipeline(cfg, out).run()
