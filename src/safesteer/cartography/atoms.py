@@ -14,11 +14,13 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from safesteer.config import AtomSection
 from safesteer.errors import SafesteerError
 from safesteer.pipeline import files
 from safesteer.progress import progress, say
 
 SMOLLM2_ALIASES = ("smollm2-135m", "smollm2", "smollm2-135m-instruct")
+_A = AtomSection()
 
 
 def _write_csv(frame, path: Path) -> None:
@@ -64,7 +66,7 @@ def select_all_positive_mode(df, out: Path, labels: list[str] | None) -> dict[st
     return report
 
 
-def build_judge(judge: str, *, backbone=None, model: str | None = None, judge_model: str = "smollm2-135m",
+def build_judge(judge: str, *, backbone=None, model: str | None = None, judge_model: str = _A.judge_model,
                 judge_backbone=None, device: str = "cpu"):
     """The concept judge: ``offline`` (an instruct LM, shared with the steered backbone when it is the
     same model), ``openai`` (SAFESTEER_JUDGE_* env) or ``none``."""
@@ -182,11 +184,12 @@ def select_filtered_mode(df, summary: dict, map_dir: Path, out: Path, *, sae: Pa
     return report
 
 
-def run_atoms(map_dir: Path, out: Path, *, mode: str, sae: Path | None = None, k: int = 20, candidates: int = 5,
-              labels: list[str] | None = None, judge: str = "offline", screen: bool = False, model: str | None = None,
-              judge_model: str = "smollm2-135m", layer: int | None = None, read_layer: int | None = None,
-              alpha_scale: float = 1.0, r_threshold: float = 0.05, data_dir: Path | None = None, dedup: bool = True,
-              threshold: float = 0.20, screen_texts: int = 12, readout_rows: int = 30, seed: int = 0, show_progress: bool = True,
+def run_atoms(map_dir: Path, out: Path, *, mode: str, sae: Path | None = None, k: int = _A.k, candidates: int = _A.candidates,
+              labels: list[str] | None = None, judge: str = _A.judge, screen: bool = False, model: str | None = None,
+              judge_model: str = _A.judge_model, layer: int | None = None, read_layer: int | None = None,
+              alpha_scale: float = _A.alpha_scale, r_threshold: float = _A.r_threshold, data_dir: Path | None = None,
+              dedup: bool = _A.dedup, threshold: float = _A.threshold, screen_texts: int = _A.screen_texts,
+              readout_rows: int = _A.readout_rows, seed: int = 0, show_progress: bool = True,
               categories: tuple[str, ...] | list[str] | None = None,
               backbone=None, judge_backbone=None, embedder=None, W_dec: np.ndarray | None = None, device: str = "cpu",
               say: Callable[[str], None] = say) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from safesteer.config import MapSection
 from safesteer.errors import SafesteerError
 from safesteer.pipeline import files
 from safesteer.progress import progress, say
@@ -100,9 +101,9 @@ def probe_logits(store, probes: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]
     return np.concatenate(ids), np.concatenate(rows)
 
 
-def run_map(latents, acts: Path, out: Path, *, labels: list[str] | None = None, heldout: float = 0.2, top_k: int = 10,
-            probe_dirs: list[Path] | None = None, sae: Path | None = None, method: str = "omp", n_atoms_link: int = 16,
-            min_per_class: int = 5, show_progress: bool = True, shards: list[int] | None = None,
+def run_map(latents, acts: Path, out: Path, *, labels: list[str] | None = None, heldout: float = MapSection.heldout,
+            top_k: int = MapSection.top_k, probe_dirs: list[Path] | None = None, sae: Path | None = None,
+            method: str = MapSection.method, n_atoms_link: int = MapSection.n_atoms_link, min_per_class: int = MapSection.min_per_class, show_progress: bool = True, shards: list[int] | None = None,
             say: Callable[[str], None] = say) -> dict[str, Any]:
     """One streaming pass over the latents (``shards``: only those latent shards, for a partial map
     to combine later with :func:`run_map_merge`)."""

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from safesteer.config import ProbeSection
 from safesteer.errors import SafesteerError
 from safesteer.pipeline import files
 
@@ -57,8 +58,8 @@ def choose_holdout(ids: np.ndarray, y: np.ndarray, split: np.ndarray, mode: str,
     return test, f"id hash ({test_fraction:.0%} held out)"
 
 
-def run_probe(acts: Path, label: str, out: Path, *, balanced: bool = False, seed: int = 0, holdout: str = "auto",
-              test_fraction: float = 0.2, cs: list[float] | None = None, max_rows: int | None = None) -> dict[str, Any]:
+def run_probe(acts: Path, label: str, out: Path, *, balanced: bool = False, seed: int = 0, holdout: str = ProbeSection.holdout,
+              test_fraction: float = ProbeSection.test_fraction, cs: list[float] | None = None, max_rows: int | None = None) -> dict[str, Any]:
     from safesteer.io import save_npy, write_json
     from safesteer.probes import DEFAULT_CS, train_probe
     from safesteer.probes.labels import get_spec
