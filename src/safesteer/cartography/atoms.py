@@ -89,7 +89,7 @@ def build_screen(backbone, df, *, layer: int | None, read_layer: int | None, can
                  r_threshold: float, say: Callable[[str], None] = say):
     """The causal screen: read-out probes at ``read_layer`` for the candidates' concepts, steering at ``layer``."""
     from safesteer.cartography import select as S
-    from safesteer.cartography.judges import CausalScreen, train_readouts
+    from safesteer.cartography.screen import CausalScreen, train_readouts
 
     if layer is None:
         raise SafesteerError("cannot tell the SAE's layer; pass --layer")
