@@ -36,6 +36,14 @@ class Answers:
     prompts: list[str]
     texts: list[str]
     ids: list[list[int]] = field(default_factory=list)
+    order: list[int] = field(default_factory=list)
+    """The prompt indices in the order they were batched (length-sorted), e.g. to map a
+    :class:`~safesteer.steering.condition.GateState`'s flags back: ``flags[order] = state.flags``."""
+
+    def in_prompt_order(self, batched: np.ndarray) -> np.ndarray:
+        out = np.empty_like(np.asarray(batched))
+        out[self.order] = batched
+        return out
 
     @property
     def n_tokens(self) -> np.ndarray:
@@ -91,7 +99,7 @@ def generate(backbone: Any, prompts: Sequence[str], max_new_tokens: int = 24, ba
             cut = next((k for k, t in enumerate(row) if t == eos or (t == pad and pad != eos and k > 0)), len(row))
             out_ids[r] = row[:cut]
     texts = [tok.decode(x, skip_special_tokens=True).strip() for x in out_ids]
-    return Answers(prompts, texts, out_ids)
+    return Answers(prompts, texts, out_ids, order)
 
 
 # ---------------------------------------------------------------------------------------------- judges

@@ -146,10 +146,14 @@ def chat_inputs(backbone: Any, users: Sequence[str], answers: Sequence[str] | No
 
 
 def prompt_end_length(backbone: Any, system: str | None = None) -> int:
-    """Number of prompt_end tokens of this backbone's template (the same for every prompt)."""
-    ci = chat_inputs(backbone, ["Hello"], system=system)
-    s, e = ci.prompt_end[0]
-    return e - s
+    """Number of prompt_end tokens of this backbone's template (the same for every prompt; cached)."""
+    tok = backbone.tokenizer
+    key = (getattr(tok, "chat_template", None), system)
+    cache = tok.__dict__.setdefault("_safesteer_prompt_end", {})
+    if key not in cache:
+        s, e = chat_inputs(backbone, ["Hello"], system=system).prompt_end[0]
+        cache[key] = e - s
+    return cache[key]
 
 
 def pooled_vectors(backbone: Any, texts: Sequence[str], layers: Sequence[int], batch_size: int = 32,

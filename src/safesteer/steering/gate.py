@@ -47,6 +47,12 @@ class Prompts:
     harmful: np.ndarray
     group: list[str]
     split: list[str]
+    aug: np.ndarray | None = None
+    """True for reframed copies of training prompts (:func:`reframe`); never in val/test."""
+
+    def __post_init__(self) -> None:
+        if self.aug is None:
+            self.aug = np.zeros(len(self.text), dtype=bool)
 
     def __len__(self) -> int:
         return len(self.text)
@@ -83,10 +89,32 @@ def _raw(name: str, data_dir: Any) -> list[str]:
     return texts
 
 
+_TO_IMPERATIVE = ("Tell me: {t}", "Please answer this: {t}", "I need to know: {t}")
+_TO_QUESTION = ("Can you {t}?", "Could you help me {t}?", "Would you {t}?")
+_QUESTION_WORDS = frozenset("who what when where why how which whose whom is are was were can could do does did will "
+                            "would should shall may might has have".split())
+
+
+def reframe(text: str) -> str:
+    """The same request in the other frame: a question becomes an imperative, an imperative a
+    question (templates chosen by hash). Counterfactual augmentation: the gate must not learn
+    "imperative ⇒ harmful" from AdvBench-style instructions vs QA-style questions."""
+    t = " ".join(text.split())
+    k = int.from_bytes(hashlib.sha256(f"safesteer-frame|{t}".encode()).digest()[:2], "big") % 3
+    if t.endswith("?") or t.split(" ", 1)[0].lower() in _QUESTION_WORDS:
+        return _TO_IMPERATIVE[k].format(t=t if t.endswith("?") else t + "?")
+    if t.split(" ", 1)[0].lower() in ("i", "i'm", "my", "we", "our"):  # a statement of need
+        return f"Can you help with this? {t}"
+    body = t.rstrip(".!")
+    body = body[:1].lower() + body[1:] if body[:2] != body[:2].upper() else body
+    return _TO_QUESTION[k].format(t=body)
+
+
 def load_prompts(caps: int | Mapping[str, int] | None = None, fractions: Sequence[float] = FRACTIONS,
                  data_dir: Any = None, harmful_sets: Sequence[str] = HARMFUL_SETS,
-                 harmless_sets: Sequence[str] = HARMLESS_SETS) -> Prompts:
-    """Deduplicated prompts of the gate's datasets; ``caps`` limits rows per dataset (hash order)."""
+                 harmless_sets: Sequence[str] = HARMLESS_SETS, augment: bool = False) -> Prompts:
+    """Deduplicated prompts of the gate's datasets; ``caps`` limits rows per dataset (hash order).
+    ``augment`` adds a :func:`reframe`\ d copy of every *training* prompt (split ``train``)."""
     text: list[str] = []
     harmful: list[int] = []
     group: list[str] = []
@@ -103,7 +131,16 @@ def load_prompts(caps: int | Mapping[str, int] | None = None, fractions: Sequenc
                 text.append(t)
                 harmful.append(flag)
                 group.append(name)
-    return Prompts(text, np.asarray(harmful, dtype=np.int64), group, [split3(t, fractions) for t in text])
+    split = [split3(t, fractions) for t in text]
+    aug = [False] * len(text)
+    if augment:
+        for i in [i for i, s in enumerate(split) if s == "train"]:
+            text.append(reframe(text[i]))
+            harmful.append(harmful[i])
+            group.append(group[i])
+            split.append("train")
+            aug.append(True)
+    return Prompts(text, np.asarray(harmful, dtype=np.int64), group, split, np.asarray(aug, dtype=bool))
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -159,8 +196,8 @@ def lodo(H: np.ndarray, prompts: Prompts, C: float = 0.01, seed: int = 0) -> dic
         tr = prompts.mask("train") & ~inD
         probe = train_probe(H[tr], prompts.harmful[tr], balanced=True, seed=seed, Cs=[C], folds=2)
         flag = int(prompts.harmful[inD][0])
-        ev = inD | (te & ~inD & (prompts.harmful == 1 - flag))
-        out[g] = {"auroc": auroc(probe.decision_function(H[ev]), prompts.harmful[ev]), "n": int(inD.sum()),
+        ev = (inD & ~prompts.aug) | (te & ~inD & (prompts.harmful == 1 - flag))
+        out[g] = {"auroc": auroc(probe.decision_function(H[ev]), prompts.harmful[ev]), "n": int((inD & ~prompts.aug).sum()),
                   "harmful": flag}
     return out
 

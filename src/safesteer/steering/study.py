@@ -36,6 +36,8 @@ class StudyConfig:
     strategies: tuple[str, ...] = ("refusal_caa", "refusal_dim")
     caps: dict[str, int] = field(default_factory=lambda: {"advbench": 120, "donotanswer": 120, **{
         q: 60 for q in ("nq_open", "truthfulqa", "healthsearchqa", "liveqa", "medicationqa", "commonsenseqa")}})
+    augment: bool = True
+    """Reframed copies of the gate's training prompts (imperative ↔ question), see gate.reframe."""
     n_val_harmful: int = 40
     n_test_harmful: int = 104
     n_qa: int = 24
@@ -97,7 +99,7 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None) -> di
 
     # 1. prompts and features -------------------------------------------------------------------
     t = time.perf_counter()
-    P = load_prompts(cfg.caps, data_dir=cfg.data_dir)
+    P = load_prompts(cfg.caps, data_dir=cfg.data_dir, augment=cfg.augment)
     layers = sorted({*cfg.gate_layers, cfg.layer})
     H = bb.pooled(P.text, layers, batch_size=cfg.batch_size, position="prompt_end")
     times["features"] = time.perf_counter() - t
@@ -302,10 +304,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layer", type=int, default=StudyConfig.layer)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--alphas", default=",".join(map(str, StudyConfig.alphas)))
+    ap.add_argument("--gate-layers", default=",".join(map(str, StudyConfig.gate_layers)))
+    ap.add_argument("--no-augment", action="store_true")
     args = ap.parse_args(argv)
     try:
-        summary = run_study(StudyConfig(model=args.model, layer=args.layer, data_dir=args.data_dir, threads=args.threads),
-                            args.out)
+        cfg = StudyConfig(model=args.model, layer=args.layer, data_dir=args.data_dir, threads=args.threads,
+                          alphas=tuple(float(a) for a in args.alphas.split(",")),
+                          gate_layers=tuple(int(a) for a in args.gate_layers.split(",")), augment=not args.no_augment)
+        summary = run_study(cfg, args.out)
     except SafesteerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
