@@ -98,7 +98,7 @@ def test_augmented_copies_stay_in_train_and_out_of_lodo_evaluation():
 
     texts = [f"Write essay number {i}." for i in range(60)] + [f"what is fact number {i}" for i in range(60)]
     y = np.r_[np.ones(60), np.zeros(60)].astype(int)
-    groups = ["h"] * 60 + ["s"] * 60
+    groups = ["h1", "h2"] * 30 + ["s1", "s2"] * 30
     split = [split3(t) for t in texts]
     tr = [i for i, s in enumerate(split) if s == "train"]
     P = Prompts(texts + [reframe(texts[i]) for i in tr], np.r_[y, y[tr]], groups + [groups[i] for i in tr],
@@ -106,4 +106,4 @@ def test_augmented_copies_stay_in_train_and_out_of_lodo_evaluation():
     H = np.random.default_rng(0).normal(size=(len(P), 4))
     H[:, 0] += 3 * P.harmful
     res = lodo(H, P, C=1.0)
-    assert res["h"]["n"] == 60 and res["s"]["n"] == 60  # originals only
+    assert all(res[g]["n"] == 30 for g in ("h1", "h2", "s1", "s2"))  # originals only
