@@ -114,7 +114,7 @@ def load_prompts(caps: int | Mapping[str, int] | None = None, fractions: Sequenc
                  data_dir: Any = None, harmful_sets: Sequence[str] = HARMFUL_SETS,
                  harmless_sets: Sequence[str] = HARMLESS_SETS, augment: bool = False) -> Prompts:
     """Deduplicated prompts of the gate's datasets; ``caps`` limits rows per dataset (hash order).
-    ``augment`` adds a :func:`reframe`\ d copy of every *training* prompt (split ``train``)."""
+    ``augment`` adds a reframed copy (:func:`reframe`) of every *training* prompt (split ``train``)."""
     text: list[str] = []
     harmful: list[int] = []
     group: list[str] = []
