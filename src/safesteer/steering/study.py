@@ -71,8 +71,12 @@ def _per_group(prompts, split: str, harmful: int, n: int) -> list[int]:
     return out
 
 
-def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None) -> dict[str, Any]:
-    """Run every step and write ``summary.json``, ``pareto.csv``, ``answers.csv``, ``gate/``, ``directions/``."""
+def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra_directions: Any = None) -> dict[str, Any]:
+    """Run every step and write ``summary.json``, ``pareto.csv``, ``answers.csv``, ``gate/``, ``directions/``.
+
+    ``extra_directions`` (a :class:`~safesteer.steering.DirectionSet`, e.g. the pipeline's probe /
+    SAE / hybrid directions, oriented so that α ≥ 0 adds refusal) supplies every strategy of
+    ``cfg.strategies`` other than ``refusal_caa`` / ``refusal_dim``; they are judged by the same sweep."""
     import pandas as pd
     import torch
 
@@ -134,6 +138,16 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None) -> di
         dirs.add(Direction("refusal_dim", -unit(r), "behaviour", L, ["dim:prompt_end DiffMean"],
                            meta={"position": "prompt_end", "norm": float(np.linalg.norm(r)),
                                  "sign": "vector = -(harmful - harmless)/norm; alpha >= 0 adds refusal"}))
+    for name in cfg.strategies:
+        if name in ("refusal_caa", "refusal_dim"):
+            continue
+        if extra_directions is None or name not in extra_directions:
+            known = ", ".join(["refusal_caa", "refusal_dim", *(extra_directions.names() if extra_directions is not None else [])])
+            raise SafesteerError(f"unknown behaviour strategy '{name}'; valid choices here: {known}")
+        d = extra_directions[name]
+        if d.layer != L:
+            raise SafesteerError(f"direction '{name}' was built for layer {d.layer}, the behaviour study steers layer {L}")
+        dirs.add(d)
     dirs.save(out / "directions")
     scale = median_norm(bb, caa_prompts, L)
     times["directions"] = time.perf_counter() - t
