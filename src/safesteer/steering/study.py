@@ -261,6 +261,9 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra
     times["verify"] = time.perf_counter() - t
     with atomic_path(out / "answers.csv") as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False)
+    with atomic_path(out / "gate_scores.csv") as tmp:  # the gate's ROC (report) from every prompt's score
+        pd.DataFrame({"group": P.group, "split": P.split, "harmful": P.harmful, "aug": P.aug,
+                      "score": scores_all}).to_csv(tmp, index=False)
     times["total"] = time.perf_counter() - t_all
     summary = {"config": asdict(cfg), "gate": {"layer": gl, "val_auroc_vs_xstest_safe": val_auc, "threshold": gate.threshold,
                                                 "held_out": report, "lodo": lodo_res,
