@@ -35,8 +35,11 @@ def _none(out: Path, reason: str) -> bool:
     return False
 
 
-def write_bundle(summary: dict[str, Any] | None, study_dir: str | Path, out_dir: str | Path, model: str) -> bool:
-    """Write the service bundle of a behaviour study into ``out_dir``; True when a policy is recommended."""
+def write_bundle(summary: dict[str, Any] | None, study_dir: str | Path, out_dir: str | Path, model: str,
+                 require_gain: bool = True) -> bool:
+    """Write the service bundle of a behaviour study into ``out_dir``; True when a policy is recommended
+    (the feasible conditional policy chosen on validation, when it raised harmful refusal there;
+    ``require_gain=False`` packages it even without a gain)."""
     from safesteer.steering.condition import Condition
     from safesteer.steering.strategies import DirectionSet
 
@@ -49,7 +52,7 @@ def write_bundle(summary: dict[str, Any] | None, study_dir: str | Path, out_dir:
         return _none(out, f"no conditional strategy met the constraints on validation (XSTest-safe over-refusal <= "
                           f"+{summary['config']['max_safe_pp']} pp, harmless fluency within {100 * summary['config']['max_fluency_rel']:.0f}%)")
     c = res["policy"]
-    if not c["harmful_gain_pp"] > 0:
+    if require_gain and not c["harmful_gain_pp"] > 0:
         return _none(out, f"the best feasible conditional policy ({c['strategy']} alpha={c['alpha']}) did not raise harmful refusal on validation")
     study = Path(study_dir)
     scale = float(summary["directions"]["scale_median_norm"])
