@@ -76,6 +76,10 @@ def pareto_plot(pareto: pd.DataFrame, summary: dict[str, Any], path: Path) -> Pa
         g = g.sort_values("alpha")
         ax.scatter(100 * g["safe_refusal"], 100 * g["harmful_refusal"], s=18, alpha=0.75,
                    marker="o" if is_cond else "x", label=f"{'cond:' if is_cond else ''}{strategy}")
+        if not is_cond:
+            for _, r in g.iterrows():
+                ax.annotate(f"{r['alpha']:g}", (100 * r["safe_refusal"], 100 * r["harmful_refusal"]), fontsize=6,
+                            xytext=(3, 2), textcoords="offset points", color="#555555")
     for label, colour in (("conditional", "#d62728"), ("unconditional", "#111111")):
         r = summary["test"].get(label)
         if r:
@@ -86,9 +90,11 @@ def pareto_plot(pareto: pd.DataFrame, summary: dict[str, Any], path: Path) -> Pa
                        label=f"chosen {label} (test)")
     base = summary["test"]["unsteered"]
     ax.scatter([100 * base["safe"]], [100 * base["harmful"]], s=80, marker="s", color="#7f7f7f", label="unsteered (test)")
+    ax.set_xlim(-2, max(10.0, 100 * float(pareto["safe_refusal"].max()) + 5))
+    ax.set_ylim(-2, 102)
     ax.set_xlabel("XSTest-safe refusal (%)")
     ax.set_ylabel("harmful refusal (%)")
-    ax.set_title("Each strategy × α (× gate FPR) on validation; chosen points marked")
+    ax.set_title("Each strategy × α (× gate FPR) on validation (x: unconditional, labelled α); chosen points marked", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     return _save(fig, path)
 
