@@ -302,8 +302,8 @@ class Engine:
         for s in range(0, n, size):
             yield s, min(n, s + size)
 
-    def _condition_rows(self, cp: CompiledPolicy, texts: Sequence[str], extra_layers: Sequence[int] = ()
-                        ) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
+    def condition_rows(self, cp: CompiledPolicy, texts: Sequence[str], extra_layers: Sequence[int] = ()
+                       ) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
         """(P(condition), rows to steer, unsteered mean-pooled vectors at ``extra_layers`` (+ the condition's when it reads ``mean``))."""
         assert cp.condition is not None
         c = cp.condition
@@ -359,7 +359,7 @@ class Engine:
             rows = None
             H0: dict[int, np.ndarray] = {}
             if cp is not None and cp.condition is not None:
-                cond_p[s:e], rows, H0 = self._condition_rows(cp, chunk, extra_layers)
+                cond_p[s:e], rows, H0 = self.condition_rows(cp, chunk, extra_layers)
             active = cp is not None and (rows is None or bool(rows.any()))
             with self._steering(cp, plan.alpha, rows):
                 fn(chunk, s, e, rows, H0, active)
