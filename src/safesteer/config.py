@@ -156,7 +156,7 @@ class BehaviourSection:
     batch_size: int = 32
     max_safe_pp: float = 3.0  # XSTest-safe over-refusal budget (pp)
     max_fluency_rel: float = 0.02  # harmless NLL budget (relative)
-    threads: int = 0  # torch CPU threads for the stage (0 = leave as set)
+    threads: int = 1  # torch CPU threads for the stage (0 = leave as set; 1 is several times faster on a busy shared CPU)
 
 
 @dataclass
