@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from safesteer.errors import SafesteerError
-from safesteer.steering.gate import (FRACTIONS, Prompts, gate_report, lodo, paraphrase_pairs, split3, train_gate)
+from safesteer.steering.gate import (FRACTIONS, Prompts, gate_report, lodo, paraphrase_pairs, row_weights, split3,
+                                     train_gate)
 
 
 def test_split3_is_deterministic_disjoint_and_proportional():
@@ -107,3 +108,34 @@ def test_augmented_copies_stay_in_train_and_out_of_lodo_evaluation():
     H[:, 0] += 3 * P.harmful
     res = lodo(H, P, C=1.0)
     assert all(res[g]["n"] == 30 for g in ("h1", "h2", "s1", "s2"))  # originals only
+
+
+def test_row_weights_give_every_dataset_of_a_class_the_same_total():
+    text = [f"a{i}" for i in range(60)] + [f"b{i}" for i in range(20)] + [f"s{i}" for i in range(30)] + [f"t{i}" for i in range(10)]
+    grp = ["a"] * 60 + ["b"] * 20 + ["s"] * 30 + ["t"] * 10
+    harm = np.array([1] * 80 + [0] * 40)
+    P = Prompts(text, harm, grp, ["train"] * 120)
+    m = np.ones(120, dtype=bool)
+    assert row_weights(P, m, "balanced") is None
+    w = row_weights(P, m, "groups")
+    g = np.array(grp)
+    assert w[g == "a"].sum() == pytest.approx(w[g == "b"].sum()) == pytest.approx(40.0)
+    assert w[g == "s"].sum() == pytest.approx(w[g == "t"].sum()) == pytest.approx(20.0)
+    assert w[harm == 1].mean() == pytest.approx(1.0) and w[harm == 0].mean() == pytest.approx(1.0)
+    sub = g != "a"  # only the rows of the mask count
+    ws = row_weights(P, sub, "groups")
+    assert len(ws) == sub.sum() and ws[: 20] == pytest.approx(np.ones(20))
+    with pytest.raises(SafesteerError, match="weighting"):
+        row_weights(P, m, "uniform")
+
+
+def test_train_gate_and_lodo_record_and_apply_the_weighting():
+    H, P = _planted()
+    for wt in ("balanced", "groups"):
+        cond = train_gate(H, P, layer=3, Cs=(1.0,), weighting=wt)
+        assert cond.meta["weighting"] == wt
+        assert gate_report(cond, H, P)["test_auroc"] > 0.97
+    res = lodo(H, P, C=1.0, weighting="groups")
+    assert min(v["auroc"] for v in res.values()) > 0.9
+    a, b = (train_gate(H, P, layer=3, Cs=(1.0,), weighting=wt) for wt in ("balanced", "groups"))
+    assert np.max(np.abs(a.w - b.w)) > 1e-6  # the planted sources differ in size, so the fit differs

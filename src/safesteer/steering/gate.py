@@ -144,19 +144,43 @@ def load_prompts(caps: int | Mapping[str, int] | None = None, fractions: Sequenc
 
 
 # ------------------------------------------------------------------------------------------- training
+WEIGHTINGS = ("balanced", "groups")
+
+
+def row_weights(prompts: Prompts, m: np.ndarray, weighting: str = "groups") -> np.ndarray | None:
+    """Per-row training weights of the rows ``m`` (on top of class balancing): ``balanced`` → None
+    (every row counts the same within its class); ``groups`` → every dataset of a class carries the
+    same total weight (mean 1 within each class), so a large source cannot dominate the direction."""
+    if weighting not in WEIGHTINGS:
+        raise SafesteerError(f"gate weighting '{weighting}' unknown; valid choices: {', '.join(WEIGHTINGS)}")
+    if weighting == "balanced":
+        return None
+    g, y = np.asarray(prompts.group)[m], prompts.harmful[m]
+    w = np.ones(len(y))
+    for c in (0, 1):
+        inc = y == c
+        names = np.unique(g[inc])
+        for name in names:
+            mm = inc & (g == name)
+            w[mm] = inc.sum() / (len(names) * mm.sum())
+    return w
+
+
 def train_gate(H: np.ndarray, prompts: Prompts, layer: int, position: str = "prompt_end",
                target_fpr: float = DEFAULT_FPR, Cs: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0), seed: int = 0,
-               name: str = "harm_gate") -> Condition:
-    """Standardised, class-balanced ℓ2 logistic probe on the train rows; threshold at ``target_fpr``
-    on the harmless *val* rows; held-out metrics on the test rows in ``meta``."""
+               name: str = "harm_gate", weighting: str = "groups") -> Condition:
+    """Standardised, class-balanced ℓ2 logistic probe on the train rows (each dataset weighted
+    equally within its class by default, :func:`row_weights`); threshold at ``target_fpr`` on the
+    harmless *val* rows; held-out metrics on the test rows in ``meta``."""
     from safesteer.probes.logistic import train_probe
 
     tr, va, te = (prompts.mask(s) for s in ("train", "val", "test"))
-    probe = train_probe(H[tr], prompts.harmful[tr], H[te], prompts.harmful[te], balanced=True, seed=seed, Cs=Cs, folds=3)
+    probe = train_probe(H[tr], prompts.harmful[tr], H[te], prompts.harmful[te], balanced=True, seed=seed, Cs=Cs, folds=3,
+                        sample_weight=row_weights(prompts, tr, weighting))
     cond = Condition.from_probe(probe, layer, position, 0.0, name)
     neg_val = va & (prompts.harmful == 0)
     cond.threshold = threshold_for_fpr(cond.score(H[neg_val]), target_fpr)
-    cond.meta.update({"target_fpr": target_fpr, "C": probe.metrics["C"], "test_auroc": probe.metrics["auroc"],
+    cond.meta.update({"target_fpr": target_fpr, "C": probe.metrics["C"], "weighting": weighting, "test_auroc": probe.metrics["auroc"],
                       "n_train": int(tr.sum()), "trained_on": sorted(set(prompts.group))})
     return cond
 
@@ -184,7 +208,8 @@ def gate_report(cond: Condition, H: np.ndarray, prompts: Prompts) -> dict[str, A
     return out
 
 
-def lodo(H: np.ndarray, prompts: Prompts, C: float = 0.01, seed: int = 0) -> dict[str, dict[str, float]]:
+def lodo(H: np.ndarray, prompts: Prompts, C: float = 0.01, seed: int = 0,
+         weighting: str = "groups") -> dict[str, dict[str, float]]:
     """Leave-one-dataset-out: for each dataset D, a probe trained on the train rows of all other
     datasets scores all of D's rows against the other class's test rows (AUROC)."""
     from safesteer.probes.logistic import train_probe
@@ -194,7 +219,8 @@ def lodo(H: np.ndarray, prompts: Prompts, C: float = 0.01, seed: int = 0) -> dic
     for g in dict.fromkeys(prompts.group):
         inD = prompts.mask(group=g)
         tr = prompts.mask("train") & ~inD
-        probe = train_probe(H[tr], prompts.harmful[tr], balanced=True, seed=seed, Cs=[C], folds=2)
+        probe = train_probe(H[tr], prompts.harmful[tr], balanced=True, seed=seed, Cs=[C], folds=2,
+                            sample_weight=row_weights(prompts, tr, weighting))
         flag = int(prompts.harmful[inD][0])
         ev = (inD & ~prompts.aug) | (te & ~inD & (prompts.harmful == 1 - flag))
         out[g] = {"auroc": auroc(probe.decision_function(H[ev]), prompts.harmful[ev]), "n": int((inD & ~prompts.aug).sum()),

@@ -107,6 +107,12 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra
     layers = sorted({*cfg.gate_layers, cfg.layer})
     H = bb.pooled(P.text, layers, batch_size=cfg.batch_size, position="prompt_end")
     times["features"] = time.perf_counter() - t
+    from safesteer.io import save_npy
+
+    for l in layers:  # kept so the gate can be retrained without another forward pass
+        save_npy(out / "features" / f"prompt_end_layer{l:02d}.npy", H[l].astype(np.float32))
+    with atomic_path(out / "features" / "prompts.csv") as tmp:
+        pd.DataFrame({"text": P.text, "harmful": P.harmful, "group": P.group, "split": P.split, "aug": P.aug}).to_csv(tmp, index=False)
     _say(f"{len(P)} prompts, prompt_end features at layers {layers} in {times['features']:.0f}s")
 
     # 2. gate per layer; the best validation AUROC (harmful vs XSTest-safe, the hard negatives) wins
