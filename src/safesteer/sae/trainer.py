@@ -22,10 +22,8 @@ Training recipe (Rajamanoharan et al. 2024 / dictionary_learning ``gdm.py``):
 * a checkpoint of one :class:`~safesteer.sae.checkpoint.TrainerState` at every epoch end (and every
   ``checkpoint_every`` steps), see :mod:`safesteer.sae.checkpoint`. No pickle anywhere.
 
-The optimiser is :class:`safesteer.sae.optim.ConstrainedAdam`; the forward used for evaluation is
-:func:`safesteer.sae.gated.gated_forward`. Two hooks serve data-parallel training: ``reduce_grads``
-(called on the gradient dict right before each optimiser step, e.g. an all-reduce mean) and
-``is_writer`` (only a writer saves checkpoints, metrics and the SAE).
+Optimiser: :class:`safesteer.sae.optim.ConstrainedAdam`; evaluation forward:
+:func:`safesteer.sae.gated.gated_forward`; data-parallel hooks: ``reduce_grads``, ``is_writer``.
 """
 
 from __future__ import annotations
