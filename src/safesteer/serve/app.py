@@ -8,6 +8,7 @@ status for every client mistake):
 ``POST /v1/generate``  completions (causal models; greedy, or sampled with a seed)
 ``POST /v1/choice``    forced-choice P(Yes)/P(No) (:mod:`safesteer.evaluate.choice`)
 ``GET /v1/policies``, ``GET/PUT/DELETE /v1/policies/{name}``   policies, swapped atomically
+``POST /v1/chat/completions``, ``GET /v1/models``   OpenAI-compatible (:mod:`safesteer.serve.openai_api`)
 ``GET /healthz``, ``GET /metrics`` (Prometheus text), ``GET /openapi.json``, ``GET /docs``
 
 Every compute response names the policy snapshot it was served with (``policy``,
@@ -35,6 +36,7 @@ from safesteer.serve.engine import Engine, Limits, ModelWorker, Plan, ServedProb
 from safesteer.serve.http import (API_KEY_HEADER, ApiError, GuardMiddleware, _clean_errors, _ERRORS,
                                   _first_message, _install_handlers)
 from safesteer.serve.metrics import Metrics
+from safesteer.serve.openai_api import mount_openai
 from safesteer.serve.policies import Policy, PolicyBody, PolicyStorageError, PolicyStore, valid_name
 from safesteer.steering import DirectionSet
 
@@ -349,6 +351,8 @@ def create_app(
             "sae": engine.sae is not None, "sae_layer": engine.sae_layer,
             "policies": store.names(), "auth": bool(api_key), "queue": worker.queued, "limits": asdict(limits),
         }
+
+    mount_openai(app, engine, store, worker, metrics, limits, model_name, make_plan)
 
     @app.get("/metrics", response_class=PlainTextResponse, tags=["status"])
     async def prometheus() -> PlainTextResponse:
