@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from safesteer.errors import SafesteerError
-from safesteer.serve.engine import Overloaded
+from safesteer.serve.worker import Overloaded
 from safesteer.serve.metrics import Metrics
 
 API_KEY_HEADER = "X-API-Key"

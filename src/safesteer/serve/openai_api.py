@@ -37,7 +37,8 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from safesteer.serve.engine import Engine, Limits, ModelWorker, Plan
+from safesteer.serve.engine import Engine, Limits, Plan
+from safesteer.serve.worker import ModelWorker
 from safesteer.serve.http import _ERRORS, ApiError
 from safesteer.serve.metrics import Metrics
 from safesteer.serve.policies import PolicyStore
