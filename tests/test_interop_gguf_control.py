@@ -108,26 +108,3 @@ def test_unrepresentable_policies_and_files_are_refused_in_one_line(tmp_path):
         read_control_vector(tmp_path / "junk.gguf")
     with pytest.raises(SafesteerError, match="layer >= 1"):
         ControlVector("llama", {0: np.ones(4)})
-
-
-def test_cli_export_and_import(tmp_path, tiny_llama):
-    from safesteer.cli.main import main
-
-    ds = _directions(32)
-    ds.save(tmp_path / "dirs")
-    (tmp_path / "pol.json").write_text(json.dumps({"directions": ["harm"], "alpha": 2.5}))
-    model = tmp_path / "model"
-    tiny_llama.model.save_pretrained(model)
-    tiny_llama.tokenizer.save_pretrained(model)
-    assert main(["export", "control-vector", "--policy", str(tmp_path / "pol.json"), "--directions", str(tmp_path / "dirs"),
-                 "--model", str(model), "--out", str(tmp_path / "p.gguf")]) == 0
-    cv = read_control_vector(tmp_path / "p.gguf")
-    assert cv.model_hint == "llama"
-    np.testing.assert_allclose(cv.directions[2], -2.5 * ds["harm"].vector, rtol=1e-6)
-    assert main(["import", "control-vector", str(tmp_path / "p.gguf"), "--out", str(tmp_path / "imp"), "--name", "x"]) == 0
-    back = DirectionSet.load(tmp_path / "imp")
-    np.testing.assert_allclose(back["x"].vector, ds["harm"].vector, rtol=1e-5, atol=1e-6)
-    pol = json.loads((tmp_path / "imp" / "policies" / "x.json").read_text())
-    assert pol["directions"] == ["x"] and pol["alpha"] == pytest.approx(2.5, rel=1e-6)
-    assert main(["export", "control-vector", "--policy", str(tmp_path / "nope.json"), "--directions", str(tmp_path / "dirs"),
-                 "--out", str(tmp_path / "q.gguf")]) == 2

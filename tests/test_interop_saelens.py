@@ -187,6 +187,18 @@ def test_article_variant_runs_in_saelens_but_has_no_training_architecture(tmp_pa
         saelens_training_config(sae.cfg)
     assert "\n" not in exc.value.message
     assert saelens_training_config(SAEConfig(d_in=576, d_sae=64))["architecture"] == "gated"
+    # an 'article' cfg.json over weights with r_mag != 0 (e.g. edited in SAELens) is not representable: refused
+    from safetensors.torch import load_file, save_file
+
+    from safesteer.io import sha256_file
+
+    t = load_file(str(tmp_path / "a" / "sae_weights.safetensors"))
+    t["r_mag"] = torch.full((64,), 0.1)
+    save_file(t, str(tmp_path / "a" / "sae_weights.safetensors"))
+    cfg["weights_sha256"] = sha256_file(tmp_path / "a" / "sae_weights.safetensors")
+    (tmp_path / "a" / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(SafesteerError, match="article variant cannot represent it"):
+        load_sae(tmp_path / "a")
 
 
 def test_unrepresentable_saelens_saes_are_refused_in_one_line(tmp_path):

@@ -152,6 +152,9 @@ def load_sae(folder: str | os.PathLike, device: str | torch.device = "cpu") -> G
             raise SafesteerError(f"{w_path} lacks the tensor {name!r}; it is not a gated SAE")
         if tuple(tensors[name].shape) != shape:
             raise SafesteerError(f"{w_path}: {name} has shape {tuple(tensors[name].shape)}, cfg.json implies {shape}")
+    if cfg.variant == "article" and bool(torch.any(tensors["r_mag"] != 0)):
+        raise SafesteerError(f"{cfg_path} says variant 'article' but r_mag is not 0: the article variant cannot represent it; "
+                             "set \"variant\": \"paper\" (SAELens' gated architecture)")
     sae = GatedSAE(cfg, seed=0)
     with torch.no_grad():
         for name in PARAM_NAMES:
