@@ -21,8 +21,12 @@ $(VENV)/.installed: $(VENV)/.torch pyproject.toml
 	$(BIN)/pip install -q -e .
 	@touch $@
 
+# steering-vectors / repeng pin transformers<5 / numpy<2 in their metadata; --no-deps keeps our versions.
+NO_DEPS_TEST := steering-vectors==0.12.2 repeng==0.4.0
+
 $(VENV)/.installed-test: $(VENV)/.torch pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps $(NO_DEPS_TEST)
 	@touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
@@ -31,7 +35,8 @@ install-test: $(VENV)/.installed-test
 run: install
 	$(BIN)/safesteer run --config configs/default.toml --out runs/default
 
-# Unit + integration tests (SmolLM2, ../shared/data); `slow` ones (minutes each) only in test-all.
+# Unit + integration tests (SmolLM2, ../shared/data); `slow` ones (minutes each) only in test-all
+# (the llama.cpp check builds llama-cpp-python from source once, cached under ~/.cache/safesteer).
 test: install-test
 	$(BIN)/python -m pytest -m "not slow"
 
