@@ -148,6 +148,12 @@ def register(app: typer.Typer) -> None:
 
             if not torch.cuda.is_available():
                 raise SafesteerError("--device cuda requested but no CUDA device is available; use --device cpu")
+        from safesteer.distributed import env_world_size, from_env
+        from safesteer.sae.distributed import train_distributed
+
+        if env_world_size() > 1 and grid:
+            raise SafesteerError("--grid does not run under torchrun yet; run the grid in one process, then train the chosen configuration under torchrun")
+        dist = from_env(device) if env_world_size() > 1 else None
         store = open_store(acts)
         ident = store_identity(store, val_fraction, shuffle_buffer)
         base = TrainConfig(
@@ -159,7 +165,7 @@ def register(app: typer.Typer) -> None:
         meta = {"dataset_path": str(getattr(store, "path", acts)), "hook_layer": (store.manifest or {}).get("layer"),
                 "model_name": (store.manifest or {}).get("model")}
         steps = max(1, -(-int(store.n_rows * (1 - val_fraction)) // batch_size))
-        with _Progress(progress, steps) as prog:
+        with _Progress(progress and (dist is None or dist.is_writer), steps) as prog:
             if grid:
                 res = run_grid(
                     batches, store.d, base, out, expansions=[int(x) for x in _float_list(grid_expansions, "--grid-expansions")],
@@ -170,6 +176,12 @@ def register(app: typer.Typer) -> None:
                 typer.echo(res.table, nl=False)
                 final = res.final
                 sae_dir = out / "sae"
+            elif dist is not None:
+                final = train_distributed(batches, store.d, base, out, dist, resume=resume, data_identity=ident, on_step=prog.on_step,
+                                          on_epoch=prog.on_epoch, sae_metadata=meta)
+                sae_dir = out / "sae"
+                if not dist.is_writer:
+                    return
             else:
                 tr = Trainer(base, store.d, out, device=device, data_identity=ident, on_step=prog.on_step, on_epoch=prog.on_epoch,
                              sae_metadata=meta)

@@ -177,7 +177,12 @@ class Trainer:
         on_step: Callable[[dict[str, Any]], None] | None = None,
         on_epoch: Callable[[dict[str, Any]], None] | None = None,
         sae_metadata: dict[str, Any] | None = None,
+        reduce_grads: Callable[[dict[str, torch.Tensor]], None] | None = None,
+        is_writer: bool = True,
     ):
+        """``reduce_grads``: called on the gradient dict right before each optimizer step (e.g. an
+        all-reduce across ranks, :mod:`safesteer.sae.distributed`); ``is_writer``: only a writer saves
+        checkpoints, metrics and the SAE (rank 0 of a distributed run)."""
         cfg.validate()
         if int(d_in) <= 0:
             raise SafesteerError(f"d_in must be > 0 (got {d_in})")
@@ -190,6 +195,8 @@ class Trainer:
         self.on_step = on_step
         self.on_epoch = on_epoch
         self.sae_metadata = sae_metadata or {}
+        self.reduce_grads = reduce_grads
+        self.is_writer = is_writer
         self.precision = resolve_precision(cfg.precision, self.device)
         self.sparse_threshold = resolve_sparse_threshold(cfg.sparse_threshold, self.device)
         self.fingerprint = cfg.fingerprint({"d_in": self.d_in, "data": self.data_identity})
@@ -332,6 +339,8 @@ class Trainer:
                 f"the loss became {st.loss} at step {self.step} (epoch {self.epoch}, batch {self.batch_index}); "
                 "lower --lr or check the activations"
             )
+        if self.reduce_grads is not None:
+            self.reduce_grads(grads)
         self._adam(grads, lr)
         n = x.shape[0]
         self.rows_seen += n
@@ -465,7 +474,7 @@ class Trainer:
         self.epoch += 1
         self.batch_index = 0
         self.acc = self._new_acc()
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.is_writer:
             write_json(self.out_dir / "metrics.json", {"fingerprint": self.fingerprint, "config": self.cfg.to_dict(), "history": self.history})
         if self.on_epoch is not None:
             self.on_epoch(entry)
@@ -486,7 +495,7 @@ class Trainer:
 
     def _finish(self, stopped: str) -> TrainResult:
         res = self._result(stopped)
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.is_writer:
             save_sae(res.sae, self.out_dir / "sae")
             (self.out_dir / "convergence.md").write_text(convergence_table(self.history))
             write_json(
@@ -528,7 +537,7 @@ class Trainer:
         return sorted((p for p in d.iterdir() if p.is_dir() and p.name.startswith("ckpt-")), key=lambda p: p.name)
 
     def save_checkpoint(self) -> Path | None:
-        if self.ckpt_dir is None:
+        if self.ckpt_dir is None or not self.is_writer:
             return None
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         name = f"ckpt-{self.step:010d}"
