@@ -57,6 +57,30 @@ def batches_of(store, batch_size: int, seed: int = 3):
     return batches
 
 
+def grad_check(store, dist, root: Path) -> None:
+    """The all-reduced gradient of this rank's slice vs the gradient of the whole (uneven: 47-row) batch."""
+    import json
+
+    import torch
+
+    from safesteer.sae import GatedSAE, SAEConfig
+    from safesteer.sae.distributed import GradientAllReduce
+    from safesteer.sae.gated import PARAM_NAMES, enc_layout, loss_and_grads
+
+    sae = GatedSAE(SAEConfig(d_in=store.d, d_sae=4 * store.d), seed=11)
+    p = {n: getattr(sae, n).detach().clone().double().contiguous() for n in PARAM_NAMES}
+    p["W_enc"] = enc_layout(p["W_enc"])
+    x = torch.from_numpy(next(iter(batches_of(store, 47)(0, "train"))).H).double()
+    hook = GradientAllReduce(dist)
+    lo, hi, hook.weight = hook.slice_rows(x.shape[0])
+    full, _ = loss_and_grads(p, x, 1e-3, "paper")
+    part, _ = loss_and_grads(p, x[lo:hi], 1e-3, "paper")
+    part = {n: g.clone() for n, g in part.items()}
+    hook.reduce_grads(part)
+    err = max(float((part[n] - full[n]).abs().max() / (full[n].abs().max() + 1e-30)) for n in full)
+    (root / f"grad-check-rank{dist.rank}.json").write_text(json.dumps({"rel_err": err, "rows": [lo, hi, x.shape[0]]}))
+
+
 MAP_KW = dict(heldout=0.2, min_per_class=3, top_k=5)
 
 
@@ -115,6 +139,7 @@ def main(mode: str, root: Path) -> None:
     res = train_distributed(batches_of(store, cfg.batch_size), store.d, cfg, root / "dist-sae", dist)
     save_file({n: getattr(res.sae, n).detach().contiguous() for n in ("W_enc", "W_dec", "b_gate", "b_mag", "b_dec", "r_mag")},
               str(root / f"params-rank{dist.rank}.safetensors"))
+    grad_check(store, dist, root)
     sae = load_sae(root / "fixed-sae")
     encode_distributed(sae, store.path, root / "dist-lat", dist, batch_size=64, progress=False)
     map_distributed(root / "dist-lat", store.path, root / "dist-map", dist, show_progress=False, **MAP_KW)

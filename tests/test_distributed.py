@@ -122,6 +122,14 @@ def test_sae_equals_single_process_weights(ref, dist_run):
     assert (root / "cli-map" / "atom_map.parquet").is_file()
 
 
+def test_all_reduced_gradient_equals_the_whole_batch_gradient(dist_run):
+    """float64: Σ_r (n_r/n)·g_r over an uneven split (23 + 24 rows) is the gradient of the 47-row batch."""
+    for r in (0, 1):
+        chk = json.loads((dist_run / f"grad-check-rank{r}.json").read_text())
+        assert chk["rows"] == [[0, 23, 47], [23, 47, 47]][r]
+        assert chk["rel_err"] < 1e-12, chk
+
+
 def test_checkpoint_of_two_ranks_resumes_on_one(ref, dist_run):
     """Rank 0's checkpoint of the 2-rank run, resumed by one process, ends on the single-process weights."""
     from safesteer.sae.trainer import Trainer
