@@ -120,10 +120,14 @@ def main(mode: str, root: Path) -> None:
     from safesteer.cartography.map_dist import encode_distributed, map_distributed
     from safesteer.sae.distributed import train_distributed
     from safesteer.sae.saving import load_sae
-    from safesteer.store import ActivationStore
-
     from safesteer.cli.main import main as cli
     from safesteer.errors import SafesteerError
+    from safesteer.store import ActivationStore
+
+    try:
+        from safesteer.cartography.map import run_map, run_map_merge
+    except ImportError:  # before the architecture work moved them out of the CLI
+        from safesteer.cli.probes import run_map, run_map_merge
 
     bad = extract_cfg()
     bad.shard_size += dist.rank  # rank 1 started with other settings: refused on every rank, nothing written
@@ -142,7 +146,8 @@ def main(mode: str, root: Path) -> None:
     grad_check(store, dist, root)
     sae = load_sae(root / "fixed-sae")
     encode_distributed(sae, store.path, root / "dist-lat", dist, batch_size=64, progress=False)
-    map_distributed(root / "dist-lat", store.path, root / "dist-map", dist, show_progress=False, **MAP_KW)
+    map_distributed(root / "dist-lat", store.path, root / "dist-map", dist, run_map=run_map, run_map_merge=run_map_merge,
+                    show_progress=False, **MAP_KW)
     # the CLI commands under the same torchrun environment
     rc = cli(["encode-map", "--sae", str(root / "fixed-sae"), "--acts", str(store.path), "--latents", str(root / "cli-lat"),
               "--out", str(root / "cli-map"), "--heldout", "0.2", "--min-per-class", "3", "--top-k", "5", "--batch-size", "64",

@@ -61,7 +61,10 @@ def _files(folder: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory):
     """Single-process references: the store, the 20-step SAE, the latents and the map of a fixed SAE."""
-    from safesteer.cli.probes import run_map
+    try:
+        from safesteer.cartography.map import run_map
+    except ImportError:  # before the architecture work moved it out of the CLI
+        from safesteer.cli.probes import run_map
     from safesteer.extract import extract
     from safesteer.sae import GatedSAE, SAEConfig
     from safesteer.sae.latents import encode_store

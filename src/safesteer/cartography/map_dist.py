@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from safesteer.distributed import Dist
 from safesteer.errors import SafesteerError
@@ -25,12 +25,14 @@ from safesteer.io import read_json, write_json
 PARTS = ".parts"
 
 
-def _map_fns():
-    try:  # the cartography stage functions (moved out of the CLI by the architecture work)
-        from safesteer.cartography.map import run_map, run_map_merge  # type: ignore[import-not-found]
-    except ImportError:
-        from safesteer.cli.probes import run_map, run_map_merge
-    return run_map, run_map_merge
+def _map_fns(run_map: Callable | None, run_map_merge: Callable | None) -> tuple[Callable, Callable]:
+    if run_map is not None and run_map_merge is not None:
+        return run_map, run_map_merge
+    try:  # the cartography stage functions' home once the CLI no longer holds them
+        from safesteer.cartography.map import run_map as rm, run_map_merge as rmm  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise SafesteerError("this build has no safesteer.cartography.map; pass run_map= and run_map_merge=") from exc
+    return run_map or rm, run_map_merge or rmm
 
 
 class ShardView:
@@ -123,14 +125,17 @@ def encode_distributed(sae: Any, acts: str | Path, latents: str | Path, dist: Di
     return LatentStore(latents)
 
 
-def map_distributed(latents: str | Path, acts: str | Path, out: str | Path, dist: Dist, **map_kwargs: Any) -> dict[str, Any]:
+def map_distributed(latents: str | Path, acts: str | Path, out: str | Path, dist: Dist, *, run_map: Callable | None = None,
+                    run_map_merge: Callable | None = None, **map_kwargs: Any) -> dict[str, Any]:
     """``run_map`` over this rank's latent shards, then (rank 0) ``run_map_merge`` of every rank's part into ``out``.
 
-    Returns the merged summary on rank 0 and this rank's partial summary (or ``{}``) elsewhere.
+    ``run_map``/``run_map_merge``: the cartography functions (default: ``safesteer.cartography.map``'s);
+    ``map_kwargs`` go to ``run_map``. Returns the merged summary on rank 0 and this rank's partial
+    summary (or ``{}``) elsewhere.
     """
     from safesteer.sae.latents import LatentStore
 
-    run_map, run_map_merge = _map_fns()
+    run_map, run_map_merge = _map_fns(run_map, run_map_merge)
     out = Path(out)
     lat = LatentStore(latents)
     indices = [int(e["index"]) for e in lat.shards]

@@ -31,13 +31,18 @@ def register(app: typer.Typer) -> None:
         from safesteer.distributed import from_env
         from safesteer.sae.saving import load_sae
 
+        try:  # where the cartography functions live (moving out of cli/probes.py)
+            from safesteer.cartography.map import run_map, run_map_merge  # type: ignore[import-not-found]
+        except ImportError:
+            from safesteer.cli.probes import run_map, run_map_merge
+
         if not 0 <= heldout < 1:
             raise SafesteerError("--heldout must be in [0, 1)")
         names = [x.strip() for x in labels.split(",") if x.strip()] if labels else None
         dist = from_env(resolve_device(device))
         model = load_sae(sae, device=dist.device)
         z = encode_distributed(model, acts, latents, dist, batch_size=batch_size, progress=progress and dist.is_writer)
-        s = map_distributed(latents, acts, out, dist, labels=names, heldout=heldout, top_k=top_k, min_per_class=min_per_class,
+        s = map_distributed(latents, acts, out, dist, run_map=run_map, run_map_merge=run_map_merge, labels=names, heldout=heldout, top_k=top_k, min_per_class=min_per_class,
                             show_progress=progress and dist.is_writer)
         if dist.is_writer:
             typer.echo(f"encoded {z.n_rows} rows into {len(z.shards)} shard(s) -> {latents}; mapped {s['n_atoms']} atoms × "
