@@ -213,3 +213,34 @@ def test_env_errors_are_one_line(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(SafesteerError, match="not an integer"):
         from_env()
+
+
+def test_a_dead_rank_is_one_error_line_on_the_others(tmp_path):
+    """Without torchrun to stop the job: rank 1 dies after joining; rank 0's next collective fails in one line."""
+    script = (
+        "import os, sys\n"
+        "from safesteer.distributed import from_env\n"
+        "from safesteer.errors import SafesteerError\n"
+        "d = from_env('cpu')\n"
+        "if d.rank == 1: os._exit(0)\n"
+        "try:\n"
+        "    d.barrier('the test barrier')\n"
+        "except SafesteerError as exc:\n"
+        "    print('ERR', exc.message); sys.exit(2)\n"
+    )
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": port, "SAFESTEER_DIST_TIMEOUT": "20", "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, start_new_session=True))
+    try:
+        outs = [p.communicate(timeout=90) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert procs[1].returncode == 0 and procs[0].returncode == 2, outs
+    line = outs[0][0].strip()
+    assert line.startswith("ERR rank 0/2: lost contact with the other ranks during the test barrier") and "\n" not in line
