@@ -81,6 +81,8 @@ def grad_check(store, dist, root: Path) -> None:
     (root / f"grad-check-rank{dist.rank}.json").write_text(json.dumps({"rel_err": err, "rows": [lo, hi, x.shape[0]]}))
 
 
+CLI_SAE_ARGS = ["--grid", "--grid-expansions", "2,3", "--grid-l1", "1e-3", "--grid-epochs", "1", "--epochs", "2",
+                "--batch-size", "64", "--val-fraction", "0.1", "--lr-warmup", "2", "--precision", "fp32", "--no-progress"]
 MAP_KW = dict(heldout=0.2, min_per_class=3, top_k=5)
 
 
@@ -150,10 +152,8 @@ def main(mode: str, root: Path) -> None:
                     show_progress=False, **MAP_KW)
     # the CLI commands under the same torchrun environment
     rc = cli(["encode-map", "--sae", str(root / "fixed-sae"), "--acts", str(store.path), "--latents", str(root / "cli-lat"),
-              "--out", str(root / "cli-map"), "--heldout", "0.2", "--min-per-class", "3", "--top-k", "5", "--batch-size", "64",
-              "--no-progress"])
-    rc2 = cli(["train-sae", "--acts", str(store.path), "--out", str(root / "cli-sae"), "--expansion", "2", "--epochs", "1",
-               "--batch-size", "64", "--val-fraction", "0.1", "--lr-warmup", "2", "--precision", "fp32", "--no-progress"])
+              "--out", str(root / "cli-map"), "--heldout", "0.2", "--min-per-class", "3", "--top-k", "5", "--batch-size", "64"])  # progress on: shown by rank 0 only
+    rc2 = cli(["train-sae", *CLI_SAE_ARGS, "--acts", str(store.path), "--out", str(root / "cli-sae")])
     print(f"CLI rank {dist.rank}: {rc} {rc2}", file=sys.stderr)
     sys.exit(rc or rc2)
 

@@ -83,6 +83,9 @@ def ref(tmp_path_factory):
 
     encode_store(load_sae(root / "fixed-sae"), store, root / "ref-lat", batch_size=64, progress=False)
     run_map(root / "ref-lat", store.path, root / "ref-map", show_progress=False, **W.MAP_KW)
+    from safesteer.cli.main import main
+
+    assert main(["train-sae", *W.CLI_SAE_ARGS, "--acts", str(store.path), "--out", str(root / "ref-cli-sae")]) == 0
     return root, sae
 
 
@@ -121,7 +124,14 @@ def test_sae_equals_single_process_weights(ref, dist_run):
         assert float((t - expect).abs().max()) <= 1e-5, (n, float((t - expect).abs().max()))
     # rank 0 alone wrote the checkpoints (the last at step 20); the CLI run under torchrun wrote its SAE
     assert sorted(p.name for p in (root / "dist-sae" / "checkpoints").iterdir())[-1] == "ckpt-0000000020"
-    assert (root / "cli-sae" / "sae" / "cfg.json").is_file() and (root / "cli-sae" / "metrics.json").is_file()
+    # `train-sae --grid` under torchrun: the same grid table and final SAE as one process
+    from safesteer.sae.saving import load_sae
+
+    a, b = (json.loads((root / d / "grid_results.json").read_text()) for d in ("ref-cli-sae", "cli-sae"))
+    assert a["best"] == b["best"] and [r["name"] for r in a["rows"]] == [r["name"] for r in b["rows"]]
+    ref_cli, dist_cli = load_sae(root / "ref-cli-sae" / "sae"), load_sae(root / "cli-sae" / "sae")
+    for n in ("W_enc", "W_dec", "b_gate", "b_mag", "b_dec"):
+        assert float((getattr(ref_cli, n) - getattr(dist_cli, n)).detach().abs().max()) <= 1e-5, n
     assert (root / "cli-map" / "atom_map.parquet").is_file()
 
 

@@ -146,7 +146,8 @@ def map_distributed(latents: str | Path, acts: str | Path, out: str | Path, dist
         dist.barrier("cartography")
         return summary
     dist.agree({"latents": str(latents), "acts": str(acts), "out": str(out),
-                "map": {k: [str(x) for x in v] if isinstance(v, list) else str(v) for k, v in map_kwargs.items()}}, "map")
+                "map": {k: [str(x) for x in v] if isinstance(v, list) else str(v) for k, v in map_kwargs.items()
+                        if k != "show_progress"}}, "map")  # progress is shown by rank 0 only
     parts_root = out / "parts"
     if dist.is_writer and parts_root.is_dir():
         shutil.rmtree(parts_root)  # parts of an earlier run (maybe another world size) would not merge

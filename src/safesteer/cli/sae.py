@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
@@ -149,10 +150,8 @@ def register(app: typer.Typer) -> None:
             if not torch.cuda.is_available():
                 raise SafesteerError("--device cuda requested but no CUDA device is available; use --device cpu")
         from safesteer.distributed import env_world_size, from_env
-        from safesteer.sae.distributed import train_distributed
+        from safesteer.sae.distributed import grid_distributed, train_distributed
 
-        if env_world_size() > 1 and grid:
-            raise SafesteerError("--grid does not run under torchrun yet; run the grid in one process, then train the chosen configuration under torchrun")
         dist = from_env(device) if env_world_size() > 1 else None
         store = open_store(acts)
         ident = store_identity(store, val_fraction, shuffle_buffer)
@@ -167,12 +166,15 @@ def register(app: typer.Typer) -> None:
         steps = max(1, -(-int(store.n_rows * (1 - val_fraction)) // batch_size))
         with _Progress(progress and (dist is None or dist.is_writer), steps) as prog:
             if grid:
-                res = run_grid(
+                grid_fn = run_grid if dist is None else functools.partial(grid_distributed, dist=dist)
+                res = grid_fn(
                     batches, store.d, base, out, expansions=[int(x) for x in _float_list(grid_expansions, "--grid-expansions")],
                     l1s=_float_list(grid_l1, "--grid-l1"), grid_epochs=grid_epochs, grid_patience=grid_patience,
                     final_epochs=epochs, final_patience=patience, resume=resume, device=device, data_identity=ident,
                     on_step=prog.on_step, on_epoch=prog.on_epoch, on_run=prog.start_run, sae_metadata=meta,
                 )
+                if dist is not None and not dist.is_writer:
+                    return
                 typer.echo(res.table, nl=False)
                 final = res.final
                 sae_dir = out / "sae"

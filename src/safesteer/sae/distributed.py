@@ -134,6 +134,24 @@ def train_distributed(
     return res
 
 
+def grid_distributed(batches: BatchSource, d_in: int, base: TrainConfig, out_dir: str | os.PathLike, dist: Dist, *,
+                     data_identity: dict[str, Any] | None = None, on_step: Callable[[dict[str, Any]], None] | None = None,
+                     on_epoch: Callable[[dict[str, Any]], None] | None = None, on_run: Callable[[str, TrainConfig], None] | None = None,
+                     sae_metadata: dict[str, Any] | None = None, device: str | None = None, **grid: Any) -> Any:
+    """:func:`safesteer.sae.grid.run_grid` with every run trained by :func:`train_distributed` (rank 0 writes;
+    ``device`` is ignored: each rank computes on ``dist.device``)."""
+    from safesteer.sae.grid import run_grid
+
+    def fit(cfg: TrainConfig, folder: Any, resume: bool) -> TrainResult:
+        return train_distributed(batches, d_in, cfg, folder, dist, resume=resume, data_identity=data_identity, on_step=on_step,
+                                 on_epoch=on_epoch, sae_metadata=sae_metadata)
+
+    res = run_grid(batches, d_in, base, out_dir, device=dist.device, data_identity=data_identity,
+                   on_run=on_run if dist.is_writer else None, sae_metadata=sae_metadata, fit=fit, is_writer=dist.is_writer, **grid)
+    dist.barrier("the end of the SAE grid")  # rank 0 has written grid_results.json and sae/
+    return res
+
+
 def params_digest(trainer_params: dict[str, torch.Tensor]) -> list[int]:
     """Cheap per-tensor fingerprints (sum, sum of squares as float64 bits) to compare ranks' weights."""
     out = []
@@ -143,4 +161,4 @@ def params_digest(trainer_params: dict[str, torch.Tensor]) -> list[int]:
     return out
 
 
-__all__ = ["GradientAllReduce", "params_digest", "train_distributed"]
+__all__ = ["GradientAllReduce", "grid_distributed", "params_digest", "train_distributed"]
