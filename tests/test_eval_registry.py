@@ -47,6 +47,7 @@ def test_new_group_flows_through_the_suite(tiny_llama, projection, tmp_path):
     ds = build_directions(layer, d_model=tiny_llama.d_model, random_members=1)
     u = ds["random"].vector.astype(np.float64)
     projection.u = u
+    assert "proj_u" in SuiteConfig(layer=layer).metrics  # a registered group is in the defaults at once
     cfg = SuiteConfig(layer=layer, strategies=["random"], alphas=[0.5, 2.0], alpha_unit="raw", metrics=["proj_u"],
                       max_prompts=6, n_boot=200)
     res = run_suite(tiny_llama, ds, cfg)
@@ -93,6 +94,7 @@ def test_builtin_metrics_in_order():
                                   "refusal_safe", "fluency", "crows", "stereoset_lms", "stereoset_ss", "stereoset_icat"]
     assert METRICS["stereoset_ss"].better == "fifty" and METRICS["refusal_harmful"].causal_only
     assert "proj_u" not in METRICS  # the fixture cleaned up
+    assert SuiteConfig(layer=0).metrics == [m for m in METRICS if m not in ("refusal_harmful", "refusal_safe")]
 
 
 def test_random_control_policy():

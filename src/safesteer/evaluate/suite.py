@@ -30,7 +30,12 @@ from safesteer.evaluate.registry import METRICS, GroupResult, MetricSpec
 from safesteer.steering.strategies import Direction, DirectionSet, Intervention
 
 
-DEFAULT_METRICS = tuple(m for m in METRICS if not METRICS[m].causal_only)
+def default_metrics() -> list[str]:
+    """Every registered metric that does not need generation (read at each SuiteConfig(): plug-ins count)."""
+    return [m for m in METRICS if not METRICS[m].causal_only]
+
+
+DEFAULT_METRICS = tuple(default_metrics())  # the built-ins' defaults, at import
 DEFAULT_ALPHAS = (-1.0, -0.5, -0.25, -0.1, 0.1, 0.25, 0.5, 1.0)
 """α grid in norm units. Negative values (toward the unsafe direction) are included on purpose: on chat
 models adding a harm direction can *raise* refusals (Arditi et al. 2024), so the sign is left to the
@@ -44,7 +49,7 @@ class SuiteConfig:
 
     layer: int
     strategies: list[str] | None = None
-    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
+    metrics: list[str] = field(default_factory=default_metrics)
     alphas: list[float] = field(default_factory=lambda: list(DEFAULT_ALPHAS))
     lambdas: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # grid of SAE clamping strategies
     alpha_unit: str = "norm"
@@ -233,6 +238,6 @@ def score_strategies(ev: Evaluator, groups: list[str], names: list[str], calibra
 
 __all__ = [
     "DEFAULT_ALPHAS", "DEFAULT_METRICS", "Evaluator", "GroupResult", "HARMFUL_SETS", "METRICS", "MetricSpec",
-    "SAFETY_OBJECTIVES", "SuiteConfig", "SuiteResult", "calibrate_strategies", "load_eval_data", "reference_norm",
+    "SAFETY_OBJECTIVES", "SuiteConfig", "SuiteResult", "calibrate_strategies", "default_metrics", "load_eval_data", "reference_norm",
     "run_suite", "score_strategies", "write_outputs",
 ]
