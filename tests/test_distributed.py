@@ -110,7 +110,7 @@ def test_store_equals_single_process_bytes(dist_run):
     a, b = _files(root / "ref-acts"), _files(root / "dist-acts")
     assert a.keys() == b.keys() and len([k for k in a if Path(k).name.startswith("shard-")]) == 2 * 8  # 8 shards x 2 layers
     assert all(a[k] == b[k] for k in a), [k for k in a if a[k] != b[k]]
-    assert not list((root / "dist-acts").rglob(".shard-*"))  # commit records folded into the manifest
+    assert not list((root / "dist-acts").rglob(".shard-*.commit.json"))  # commit records folded into the manifest
 
 
 def test_sae_equals_single_process_weights(ref, dist_run):
@@ -194,7 +194,7 @@ def test_killed_rank_then_one_process_resume_is_identical(ref):
     assert rep.shards_skipped >= 1 and rep.shards_done + rep.shards_skipped == 8
     a, b = _files(root / "ref-acts"), _files(root / "kill-acts")
     assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
-    assert not list((root / "kill-acts").rglob(".shard-*"))
+    assert not list((root / "kill-acts").rglob(".shard-*.commit.json"))
 
 
 # ------------------------------------------------------------------ single-process units
