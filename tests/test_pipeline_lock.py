@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -57,31 +56,13 @@ def test_second_run_on_one_folder_exits_2_with_one_line(tmp_path, tiny_model_dir
     assert first.returncode == 0, err[-2000:]
 
 
-# ALLOW-LIST (for the lead to empty): the SAE trainer (sae/trainer.py, being split by another helper)
-# still records per-epoch wall-clock "seconds" / "samples_per_s" in metrics.json and checkpoint
-# state.json. Those two keys are dropped from those two files before comparing; every other byte
-# of every stage file must match. Remove this once the trainer keeps timings out of saved files.
-TRAINER_TIMING_KEYS = {"seconds", "samples_per_s"}
-TRAINER_TIMING_FILES = {"metrics.json", "state.json"}
-
-
-def _drop_timings(obj):
-    if isinstance(obj, dict):
-        return {k: _drop_timings(v) for k, v in obj.items() if k not in TRAINER_TIMING_KEYS}
-    if isinstance(obj, list):
-        return [_drop_timings(v) for v in obj]
-    return obj
-
-
 def _stage_files(run: Path) -> dict[str, bytes]:
     out = {}
     for p in sorted((run / "stages").rglob("*")):
-        if not p.is_file() or p.name == "DONE.json":  # DONE.json holds the timings
+        # DONE.json and the trainer's timings.json are the only files that hold wall-clock times
+        if not p.is_file() or p.name in ("DONE.json", "timings.json"):
             continue
-        data = p.read_bytes()
-        if p.name in TRAINER_TIMING_FILES and "/sae-" in p.as_posix():
-            data = json.dumps(_drop_timings(json.loads(data)), sort_keys=True).encode()
-        out[p.relative_to(run).as_posix()] = data
+        out[p.relative_to(run).as_posix()] = p.read_bytes()
     return out
 
 

@@ -65,7 +65,7 @@ class SAESection:
     shuffle_buffer: int = 4096  # rows shuffled together (0 = store order)
     val_fraction: float = 0.05  # validation split, by row id
     checkpoint_every: int = 20  # also checkpoint every N steps (0 = per epoch only)
-    precision: str = "auto"  # auto (bf16 matmuls only with native bf16 hardware) | fp32 | bf16
+    precision: str = "fp32"  # fp32 (the same weights on every machine) | bf16 | auto (bf16 matmuls only with native bf16 hardware)
 
 
 @dataclass
