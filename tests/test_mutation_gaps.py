@@ -118,3 +118,85 @@ def test_clamp_lambda_zero_returns_input_object_and_rejects_bad_atoms():
         ClampEdit(sae, [24], lam=1.0)(x)
     with pytest.raises(SafesteerError, match="unknown clamp mode"):
         ClampEdit(sae, [0], mode="clip")
+
+
+# --------------------------------------------------------------------------- StereoSet counting rules
+
+def _sx(i, kind, target, dom):
+    from safesteer.evaluate.bias import StereoExample
+
+    return StereoExample(str(i), kind, target, dom, "c", "s", "a", "u")
+
+
+def test_stereoset_ties_with_unrelated_are_not_related_and_domains_stay_per_kind():
+    from safesteer.evaluate.bias import stereoset_metrics, stereoset_stat
+
+    ex = [_sx(1, "intrasentence", "A", "gender"), _sx(2, "intrasentence", "A", "gender"),
+          _sx(3, "intersentence", "B", "race"), _sx(4, "intersentence", "B", "race")]
+    scores = np.array([
+        [-1.0, -2.0, -1.0],  # stereo = unrelated: not related (strict >, as evaluation.py); anti < unrelated
+        [-3.0, -1.0, -1.0],  # anti = unrelated: not related; pro = 0
+        [-1.0, -2.0, -3.0],  # pro; both related
+        [-2.0, -1.0, -2.0],  # anti; anti related only, stereo = unrelated not
+    ])
+    m = stereoset_metrics(ex, scores)
+    assert m["intrasentence"]["overall"] == {"count": 2, "lms": 0.0, "ss": 50.0, "icat": 0.0}
+    assert m["intersentence"]["overall"] == {"count": 2, "lms": 75.0, "ss": 50.0, "icat": 75.0}
+    assert set(m["intrasentence"]) == {"gender", "overall"} and set(m["intersentence"]) == {"race", "overall"}
+    stat, n = stereoset_stat(ex, scores)  # default number: ICAT over all examples
+    assert n == 4 and stat(np.arange(4)) == pytest.approx(m["overall"]["icat"])
+    stat, n = stereoset_stat(ex, scores, "lms", kind="intersentence")
+    assert n == 2 and stat(np.arange(2)) == 75.0 and stat(np.array([0, 0])) == 100.0
+    for which in ("lms", "ss", "icat"):
+        assert stereoset_stat(ex, scores, which)[0](np.arange(4)) == pytest.approx(m["overall"][which])
+    with pytest.raises(SafesteerError, match="unknown StereoSet number"):
+        stereoset_stat(ex, scores, "LMS")
+
+
+def test_intersentence_context_any_final_letter():
+    from safesteer.evaluate.bias import intersentence_context
+
+    for ctx in ("I met Malcolm X", "It was big", "Wait !x"):
+        assert intersentence_context(ctx) == ctx + "."
+    assert intersentence_context("") == ""
+
+
+# ------------------------------------------------------------------------------- bootstrap p-value
+
+def test_bootstrap_p_value_by_hand():
+    from safesteer.evaluate.stats import bootstrap_p_value
+
+    # P*(Δ ≤ 0) = 3/8, P*(Δ ≥ 0) = 7/8 -> p = 2 · 3/8
+    assert bootstrap_p_value(np.array([-1.0, 0.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0])) == 0.75
+    assert bootstrap_p_value(np.array([-2.0, -1.0, 0.5, 0.5, 1.0, 1.0, 2.0, 3.0])) == 0.5  # no zeros: 2 · 2/8
+    assert bootstrap_p_value(np.array([0.0, 0.0, 0.0, 1.0])) == 1.0  # 2 · 3/4 capped at 1
+    assert bootstrap_p_value(np.array([1.0, 2.0, 3.0, 4.0])) == 0.25  # floored at 1/B
+    assert bootstrap_p_value(np.array([-0.5, -1.0, 0.0, 0.0])) == 1.0
+    assert bootstrap_p_value(np.zeros(5)) == 1.0
+    assert bootstrap_p_value(np.array([0.5, 0.5, 0.5, 1.0, -0.5])) == pytest.approx(0.4)
+    assert bootstrap_p_value([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]) == 0.1  # lists too
+
+
+def test_paired_bootstrap_stat_path_equals_array_path_and_passes_its_settings():
+    from safesteer.evaluate.stats import _indices, bootstrap_ci, bootstrap_p_value, paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=30)
+    b = a + 0.3 + rng.normal(scale=0.5, size=30)
+    kw = dict(n_boot=300, level=0.8, method="bca", seed=5)
+    arr = paired_bootstrap(a, b, **kw)
+    pair = (a, b)
+    via_stat = paired_bootstrap(stat=lambda idx, which: float(pair[which][idx].mean()), n=30, **kw)
+    for res in (arr, via_stat):
+        assert res.baseline == pytest.approx(a.mean(), rel=1e-12) and res.value == pytest.approx(b.mean(), rel=1e-12)
+        ref = bootstrap_ci(b - a, **kw)
+        assert (res.diff.low, res.diff.high, res.diff.level) == pytest.approx((ref.low, ref.high, 0.8), rel=1e-12)
+        boots = (b - a)[_indices(30, 300, 5)].mean(axis=1)
+        assert res.p_value == pytest.approx(bootstrap_p_value(boots), rel=1e-12)
+    assert paired_bootstrap(a, b, **kw).as_dict() == arr.as_dict()  # seeded: the same twice
+    default = paired_bootstrap(a, b, n_boot=300)
+    assert default.diff.level == 0.95
+    ref0 = bootstrap_ci(b - a, n_boot=300, seed=0)
+    assert (default.diff.low, default.diff.high) == pytest.approx((ref0.low, ref0.high), rel=1e-12)
+    with pytest.raises(SafesteerError, match="baseline"):
+        paired_bootstrap(None, b)
