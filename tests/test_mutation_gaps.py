@@ -200,3 +200,96 @@ def test_paired_bootstrap_stat_path_equals_array_path_and_passes_its_settings():
     assert (default.diff.low, default.diff.high) == pytest.approx((ref0.low, ref0.high), rel=1e-12)
     with pytest.raises(SafesteerError, match="baseline"):
         paired_bootstrap(None, b)
+
+
+# --------------------------------------------------------------------------------------- Gated SAE
+
+def _gated(variant="paper", d=6, s=16, seed=0):
+    from safesteer.sae import GatedSAE, SAEConfig
+
+    sae = GatedSAE(SAEConfig(d_in=d, d_sae=s, variant=variant), seed=seed).double()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        sae.b_gate.copy_(torch.randn(s, generator=g, dtype=torch.float64) * 0.3)
+        sae.b_mag.copy_(torch.randn(s, generator=g, dtype=torch.float64) * 0.3)
+        sae.b_dec.copy_(torch.randn(d, generator=g, dtype=torch.float64) * 0.1)
+    return sae
+
+
+def test_gate_is_strictly_positive_heaviside():
+    """x = b_dec gives a zero pre-activation: a gate bias of exactly 0 keeps the gate closed."""
+    sae = _gated()
+    with torch.no_grad():
+        sae.b_gate.zero_()
+        sae.b_mag.fill_(0.5)
+    f = sae.encode(sae.b_dec.detach().clone().unsqueeze(0).repeat(3, 1))
+    assert torch.equal(f, torch.zeros_like(f))
+    with torch.no_grad():
+        sae.b_gate[:4] = 1e-12
+    f = sae.encode(sae.b_dec.detach().clone().unsqueeze(0))
+    assert torch.equal(f[0, :4], torch.full((4,), 0.5, dtype=torch.float64)) and torch.equal(f[0, 4:], torch.zeros(12, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("variant", ["paper", "article"])
+@pytest.mark.parametrize("threshold", [0.0, 1.1])  # dense path, sparse (CSR) path
+def test_fired_flags_equal_encode_positive(variant, threshold):
+    from safesteer.sae import loss_and_grads
+    from safesteer.sae.gated import PARAM_NAMES
+
+    sae = _gated(variant, s=24)
+    with torch.no_grad():
+        sae.b_gate[:6] = -50.0  # six latents can never fire
+    x = torch.randn(9, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    p = {n: getattr(sae, n).detach().clone() for n in PARAM_NAMES}
+    _, st = loss_and_grads(p, x, 0.05, variant, sparse_threshold=threshold, chunk_elems=4 * 24)
+    want = (sae.encode(x) > 0).any(0)
+    assert want[6:].any() and not want[:6].any()
+    assert torch.equal(st.fired, want)
+
+
+def test_geometric_median_minimises_the_sum_of_distances():
+    import scipy.optimize
+
+    from safesteer.sae.gated import geometric_median
+
+    g = np.random.default_rng(2)
+    pts = np.r_[g.normal(size=(40, 3)), g.normal(size=(8, 3)) * 0.2 + 12.0]  # a far cluster pulls the mean, not the median
+    cost = lambda c: np.linalg.norm(pts - c, axis=1).sum()  # noqa: E731
+    ref = scipy.optimize.minimize(cost, pts.mean(0), method="Nelder-Mead", options={"xatol": 1e-10, "fatol": 1e-12, "maxiter": 20000}).x
+    got = geometric_median(torch.tensor(pts, dtype=torch.float32), iters=200).double().numpy()
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+    got20 = geometric_median(torch.tensor(pts)).numpy()  # the default 20 iterations are already close
+    assert cost(got20) <= cost(ref) * (1 + 1e-3) < cost(pts.mean(0))
+    assert geometric_median(torch.tensor(pts, dtype=torch.float32)).dtype == torch.float32
+
+
+# --------------------------------------------------------------------------------------- strategies
+
+def test_build_directions_diffmean_random_hybrids_and_ensembles():
+    from safesteer.steering import Intervention, build_directions, random_direction
+    from safesteer.steering.strategies import sae_direction
+
+    class P:
+        def __init__(self, w, dm):
+            self.direction, self.diffmean = w / np.linalg.norm(w), dm
+
+    g = np.random.default_rng(0)
+    dm_given = g.normal(size=8)
+    only_tox = build_directions(3, {"tox": P(g.normal(size=8), g.normal(size=8))}, diffmeans={"tox": dm_given}, seed=11,
+                                random_members=3)
+    assert "probe_tox+harm" not in only_tox and "diffmean_harm" not in only_tox  # hybrids need both parts
+    np.testing.assert_allclose(only_tox["diffmean_tox"].vector, dm_given / np.linalg.norm(dm_given), rtol=1e-6)
+    assert only_tox["diffmean_tox"].kind == "diffmean" and only_tox["probe_tox"].kind == "probe"
+    rnd = only_tox["random"]
+    assert rnd.kind == "random" and rnd.layer == 3
+    for k, v in enumerate(rnd.vectors):
+        np.testing.assert_array_equal(v, random_direction(8, 11 + k).astype(v.dtype))
+    ivs = Intervention.ensemble(rnd, 2.0, layer=5)
+    assert [iv.layer for iv in ivs] == [5, 5, 5] and [iv.alpha for iv in ivs] == [2.0, 2.0, 2.0]
+    np.testing.assert_allclose(ivs[1].vector, -rnd.vectors[1], rtol=0)
+    assert [iv.layer for iv in Intervention.ensemble(rnd, 1.0)] == [3, 3, 3]
+    W = g.normal(size=(5, 8))
+    with pytest.raises(SafesteerError, match="out of range 0..4"):
+        sae_direction(W, [5])
+    with pytest.raises(SafesteerError, match="out of range"):
+        sae_direction(W, [-1])
