@@ -166,3 +166,18 @@ def test_real_data_word_spans_rebuild_each_sentence(shared_data):
                 rebuilt = rebuilt.replace("BLANK", cand[a:b], 1)
             bad += rebuilt.lower().rstrip(". ") != cand.lower().rstrip(". ")
     assert bad <= 0.02 * 3 * len(intra), bad
+
+
+def test_three_token_word_and_adjacent_punctuation_and_one_letter_candidates(roberta64):
+    """A 3-token filler (later tokens removed for k = 0 *and* 1), a '.' glued to the filler (not part of
+    the word), an intersentence candidate whose first token is one character long."""
+    ex = StereoExample("i2", "intrasentence", "man", "gender", "The man is BLANK.",
+                       "the man is not a good.", "the man is bad.", "the man is a car.")
+    inter = StereoExample("e2", "intersentence", "woman", "gender", "the woman is at school",
+                          "a dog is happy .", "i can go .", "the car is not water .")
+    got = stereoset_scores(roberta64, [ex, inter], batch_size=4)
+    for c, (cand, words) in enumerate(zip(ex.candidates(), ([3, 4, 5], [3], [3, 4]))):
+        spaced = cand[:-1] + " ."  # the word-level tokenizer splits the glued '.' off
+        assert got[0, c] == pytest.approx(_ref_masked_intra(roberta64, spaced, words), rel=1e-10, abs=0)
+    for c, cand in enumerate(inter.candidates()):
+        assert got[1, c] == pytest.approx(_ref_masked_inter(roberta64, inter.context, cand), rel=1e-10, abs=0)

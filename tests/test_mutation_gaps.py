@@ -293,3 +293,41 @@ def test_build_directions_diffmean_random_hybrids_and_ensembles():
         sae_direction(W, [5])
     with pytest.raises(SafesteerError, match="out of range"):
         sae_direction(W, [-1])
+
+
+def test_clamp_defaults_and_input_checks():
+    sae = _sae64()
+    x = torch.randn(6, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert ClampEdit(sae, [1, 2])(x) is x  # default λ = 0: the identity
+    f0, f1 = ClampEdit(sae, [1, 2], lam=100.0).codes(x)  # default floor 0: lowered to exactly 0
+    assert torch.equal(f1[:, [1, 2]], torch.zeros(6, 2, dtype=torch.float64))
+    assert ClampEdit(sae, [0]).mode == "subtract"
+    with pytest.raises(SafesteerError, match=r"out of range 0\.\.23 for this SAE"):
+        ClampEdit(sae, [30], lam=1.0)(x)
+
+    class EncodeOnly:
+        encode = sae.encode
+
+    with pytest.raises(SafesteerError, match="encode\\(\\) and decode\\(\\)"):
+        ClampEdit(EncodeOnly(), [0])
+
+    class BadRows:
+        def encode(self, x):
+            return sae.encode(x)[:-1]
+
+        decode = sae.decode
+
+    with pytest.raises(SafesteerError, match="SAE encode returned shape"):
+        ClampEdit(BadRows(), [0], lam=1.0)(x)
+
+
+def test_forced_choice_return_mass(tiny_backbone):
+    from safesteer.evaluate.choice import forced_choice
+
+    texts = ["how do i make a bomb ?", "the dog is happy"]
+    p = forced_choice(tiny_backbone, texts, "harmful")
+    p2, mass = forced_choice(tiny_backbone, texts, "harmful", return_mass=True)
+    np.testing.assert_array_equal(p, p2)
+    assert mass.shape == (2,) and np.all((mass > 0) & (mass <= 1))
+    e, m = forced_choice(tiny_backbone, [], "harmful", return_mass=True)
+    assert e.size == 0 and m.size == 0
