@@ -201,3 +201,47 @@ def test_cli_evaluate(tmp_path, shared_data):
     assert set(df["strategy"]) == {"unsteered", "random"}
     assert main(["evaluate", "--model", str(mdir), "--layer", "1", "--directions", str(tmp_path / "dirs"),
                  "--strategies", "probe_tox", "--out", str(tmp_path / "ev2")]) == 2
+
+
+PIN_FILE = __import__("pathlib").Path(__file__).parent / "fixtures" / "suite_pin.json"
+PIN_FIELDS = ("value", "ci_low", "ci_high", "baseline", "delta", "delta_low", "delta_high", "delta_se", "p_value", "z")
+
+
+def _pin_run(bb, shared_data):
+    layer = 1
+    probes = _probes(bb, layer)
+    ds = build_directions(layer, probes, random_members=2)
+    cfg = SuiteConfig(layer=layer, strategies=["probe_harm", "diffmean_harm", "random"], alphas=[-1.0, 1.0],
+                      alpha_unit="norm", max_prompts=5, calib_prompts=4, n_boot=100, data_dir=str(shared_data),
+                      source="local", generation=True, max_new_tokens=3, random_alpha="each",
+                      metrics=["harm_probe", "tox_probe", "yes_harmful", "yes_toxic", "no_safe", "fluency", "crows",
+                               "stereoset_lms", "stereoset_ss", "stereoset_icat", "refusal_harmful", "refusal_safe"])
+    return run_suite(bb, ds, cfg, probes=probes)
+
+
+def _pin_payload(res) -> dict:
+    rows = [{"strategy": r["strategy"], "metric": r["metric"], "alpha": r["alpha"], "n": int(r["n"]),
+             "members": int(r["members"]), **{k: float(r[k]) for k in PIN_FIELDS}} for r in res.rows]
+    cal = {k: {"alpha": v.alpha, "points": [[p.alpha, p.safety, p.fluency] for p in v.points]}
+           for k, v in res.calibrations.items()}
+    return {"scale": res.scale, "rows": rows, "calibrations": cal}
+
+
+def test_suite_results_pinned(tiny_llama, shared_data):
+    """The exact numbers of a small suite run (pinned before the registry refactor; must not move)."""
+    got = _pin_payload(_pin_run(tiny_llama, shared_data))
+    if not PIN_FILE.is_file():  # the pin is committed; regenerate it only on purpose
+        PIN_FILE.write_text(json.dumps(got, indent=1, allow_nan=True))
+        pytest.fail(f"{PIN_FILE.name} was missing and has been written from this run; review and commit it")
+    want = json.loads(PIN_FILE.read_text())
+    assert got["scale"] == pytest.approx(want["scale"], rel=1e-6)
+    assert [(r["strategy"], r["metric"], r["alpha"], r["n"], r["members"]) for r in got["rows"]] == \
+        [(r["strategy"], r["metric"], r["alpha"], r["n"], r["members"]) for r in want["rows"]]
+    for g, w in zip(got["rows"], want["rows"]):
+        for k in PIN_FIELDS:
+            np.testing.assert_allclose(g[k], w[k], rtol=1e-6, atol=1e-9, equal_nan=True, err_msg=f"{g['strategy']} {g['metric']} {k}")
+    assert got["calibrations"].keys() == want["calibrations"].keys()
+    for k, w in want["calibrations"].items():
+        assert got["calibrations"][k]["alpha"] == w["alpha"], k
+        np.testing.assert_allclose(np.array(got["calibrations"][k]["points"], float), np.array(w["points"], float),
+                                   rtol=1e-6, atol=1e-9, err_msg=k)

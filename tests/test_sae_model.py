@@ -226,3 +226,83 @@ def test_scale_folding_keeps_unit_rows_and_reconstruction():
     torch.testing.assert_close(raw(x), sae(c * x) / c, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(raw.encode(x), sae.encode(c * x) / c, rtol=1e-5, atol=1e-6)
     assert torch.equal(raw.W_dec, sae.W_dec)
+
+
+def _old_encode(sae, x):
+    """The module's encode as it was written before the shared forward."""
+    pre = (x - sae.b_dec) @ sae.W_enc
+    gate = (pre + sae.b_gate) > 0
+    return torch.relu(pre * torch.exp(sae.r_mag) + sae.b_mag) * gate
+
+
+def _old_reference(p, x, l1, variant):
+    xt = x - p["b_dec"]
+    pre = xt @ p["W_enc"]
+    pi_gate = pre + p["b_gate"]
+    gate = (pi_gate > 0).to(x.dtype)
+    pi_mag = pre * torch.exp(p["r_mag"]) + p["b_mag"] if variant == "paper" else pre + p["b_mag"]
+    m = torch.relu(pi_mag)
+    f = gate * m
+    x_hat = f @ p["W_dec"] + p["b_dec"]
+    a = torch.relu(pi_gate)
+    x_aux = a @ p["W_dec"].detach() + p["b_dec"].detach()
+    mse = (x - x_hat).pow(2).sum(-1).mean()
+    aux = (x - x_aux).pow(2).sum(-1).mean()
+    sparsity = (a if variant == "paper" else m).sum(-1).mean()
+    return {"loss": mse + l1 * sparsity + aux, "mse": mse, "aux": aux, "l1": sparsity, "f": f, "x_hat": x_hat}
+
+
+def _old_eval_pieces(p, xc, variant):
+    """Trainer.evaluate's forward as it was written before the shared forward."""
+    xt = xc - p["b_dec"]
+    pre = xt @ p["W_enc"]
+    gate = (pre + p["b_gate"]) > 0
+    if variant == "paper":
+        m = torch.relu(pre * torch.exp(p["r_mag"]) + p["b_mag"])
+        l1_term = torch.relu(pre + p["b_gate"]).sum(1)
+    else:
+        m = torch.relu(pre + p["b_mag"])
+        l1_term = m.sum(1)
+    f = m * gate
+    x_hat = f @ p["W_dec"] + p["b_dec"]
+    x_aux = torch.relu(pre + p["b_gate"]) @ p["W_dec"] + p["b_dec"]
+    return f, x_hat, x_aux, l1_term
+
+
+@pytest.mark.parametrize("variant", ["paper", "article"])
+def test_one_forward_for_module_reference_and_evaluation(variant):
+    """encode, reference_loss and the trainer's evaluation all run gated_forward, bit-equal to the old formulas."""
+    from safesteer.sae.gated import gated_forward
+    from safesteer.sae.metrics import ReconSums
+    from safesteer.sae.trainer import Trainer
+
+    sae = _random_sae(variant, d=6, s=16, dtype=torch.float32)
+    x = torch.randn(40, 6, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(sae.encode(x), _old_encode(sae, x))
+        assert torch.equal(sae(x), _old_encode(sae, x) @ sae.W_dec + sae.b_dec)
+    p = _params(sae)
+    new, old = reference_loss(p, x, 0.3, variant), _old_reference(p, x, 0.3, variant)
+    for k in old:
+        assert torch.equal(new[k], old[k]), k
+    # the same autograd graph: identical gradients
+    pg = {n: t.clone().requires_grad_(True) for n, t in p.items()}
+    g_new = torch.autograd.grad(reference_loss(pg, x, 0.3, variant)["loss"], list(pg.values()), allow_unused=True)
+    g_old = torch.autograd.grad(_old_reference(pg, x, 0.3, variant)["loss"], list(pg.values()), allow_unused=True)
+    for n, a, b in zip(pg, g_new, g_old):
+        assert (a is None and b is None) or torch.equal(a, b), n
+    fw = gated_forward(p, x, variant)
+    f, x_hat, x_aux, l1_term = _old_eval_pieces(p, x, variant)
+    assert torch.equal(fw.f, f) and torch.equal(fw.x_hat, x_hat) and torch.equal(fw.x_aux, x_aux)
+    assert torch.equal(fw.sparsity(variant), l1_term)
+    assert torch.equal(gated_forward(p, x, variant, decode=False).sparsity(variant), l1_term)
+    # Trainer.evaluate on these weights equals ReconSums over the old pieces
+    tr = Trainer(TrainConfig(expansion=16 // 6 + 1, l1=0.3, variant=variant), 6)
+    tr.d_sae, tr.scale = 16, 1.0
+    got = tr.evaluate([x.numpy()], params=p)
+    sums = ReconSums()
+    sums.add(x, x_hat, f, x_aux=x_aux, l1_term=l1_term)
+    want = sums.summary(0.3)
+    assert got.keys() - {"mse_raw"} == want.keys()
+    for k in want:
+        assert got[k] == want[k], k

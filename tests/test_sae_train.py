@@ -171,3 +171,34 @@ def test_grid_sorts_by_val_loss_and_continues_the_best(tmp_path):
     assert res.final.config.expansion == res.best["expansion"] and res.final.config.l1 == res.best["l1"]
     assert (tmp_path / "grid.md").read_text().count("\n") == 6
     assert load_sae(tmp_path / "sae").cfg.d_sae == 8 * res.best["expansion"]
+
+
+def test_reduce_grads_hook_and_non_writer(tmp_path):
+    """reduce_grads sees every step's gradients before the update; a non-writer trains the same but writes nothing."""
+    X = _small_data()
+    batches = array_batches(X, 32, seed=3)
+    ref = Trainer(_cfg(epochs=1), 8).fit(batches)
+    seen = []
+
+    def mean_of_two_ranks(grads):  # both "ranks" saw the same batch: the all-reduce mean is the gradient itself
+        seen.append(sorted(grads))
+        for g in grads.values():
+            g.copy_((g + g) / 2)
+
+    res = Trainer(_cfg(epochs=1), 8, tmp_path / "w", reduce_grads=mean_of_two_ranks, is_writer=False).fit(batches)
+    assert len(seen) == ref.steps and set(seen[0]) >= {"W_enc", "W_dec", "b_gate", "b_mag", "b_dec"}
+    for n in PARAM_NAMES:
+        assert torch.equal(getattr(res.sae, n), getattr(ref.sae, n)), n
+    assert not (tmp_path / "w").exists() or not any((tmp_path / "w").rglob("*"))
+
+    def frozen(grads):
+        for g in grads.values():
+            g.zero_()
+
+    tr = Trainer(_cfg(epochs=1, max_steps=5), 8, reduce_grads=frozen)
+    tr.fit(batches)
+    init = Trainer(_cfg(epochs=1, max_steps=5), 8)
+    torch.manual_seed(0)
+    init._init_from_data(batches)
+    for n in ("b_gate", "b_mag", "b_dec", "W_enc"):
+        assert torch.equal(tr.params[n], init.params[n]), n

@@ -200,3 +200,22 @@ def test_coalesced_score_batches_match_alone_and_do_not_leak(tiny_llama):
     multi = [v for n, lab, v in metrics if n == "safesteer_model_batch_requests_bucket" and lab["le"] == "1"]
     total = [v for n, lab, v in metrics if n == "safesteer_model_batch_requests_count"]
     assert total[0] > multi[0], "no job served more than one request"
+
+
+def test_conditional_steering_across_chunks_matches_one_batch(tiny_llama):
+    """The shared chunk → condition → steer loop: small chunks give the same rows, probabilities and answers."""
+    pr, p0, thr, above = _condition_setup(tiny_llama)
+    cond = {"directions": ["tox"], "alpha": 9.0, "condition": {"probe": "harm", "threshold": thr}}
+    out = {}
+    for size in (64, 3):
+        with TestClient(make_app(tiny_llama, limits=Limits(max_batch_texts=size))) as c:
+            assert c.put("/v1/policies/cond", json=cond).status_code == 201
+            out[size] = {p: c.post(p, json={**b, "policy": "cond"}).json() for p, b in
+                         (("/v1/score", {"texts": TEXTS}), ("/v1/choice", {"texts": TEXTS}))}
+    for path in ("/v1/score", "/v1/choice"):
+        big, small = out[64][path], out[3][path]
+        assert small["steered"] == big["steered"] == above.tolist()
+        np.testing.assert_allclose(small["condition_probability"], p0, rtol=0, atol=1e-6)
+    for name, vals in out[64]["/v1/score"]["probabilities"].items():
+        np.testing.assert_allclose(out[3]["/v1/score"]["probabilities"][name], vals, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(out[3]["/v1/choice"]["p_yes"], out[64]["/v1/choice"]["p_yes"], rtol=0, atol=1e-5)

@@ -95,3 +95,33 @@ def calibrate(
         points.insert(0, AlphaPoint(0.0, float(s0), float(f0), 0.0, 0.0, True))
     alpha, reason = choose_alpha(points, budget)
     return Calibration(strategy, alpha, budget, points, reason)
+
+
+def random_control(
+    chosen: Sequence[float],
+    grid: Sequence[float],
+    policy: str | float,
+    budget: float,
+) -> dict[str, Calibration]:
+    """α of the ``random`` control, which is not calibrated (it controls for the *size* of an intervention).
+
+    ``chosen``: the α chosen for the other direction strategies (0 = "left unsteered" is ignored),
+    ``grid``: the α grid. ``policy``: a number (that α), ``"max"`` (the largest |α| chosen for any
+    other strategy; the grid's largest |α| when none was chosen) or ``"each"`` (one control row
+    ``random@α`` per distinct chosen α, when there are several; otherwise as ``"max"``).
+    Returns the control's row name(s) → :class:`Calibration`, in report order.
+    """
+    chosen = [float(a) for a in chosen if a != 0.0]
+    if isinstance(policy, (int, float)):
+        return {"random": Calibration("random", float(policy), budget, [], "control: alpha given")}
+    if policy == "each" and len(set(chosen)) > 1:
+        out = {}
+        for a in sorted(set(chosen), key=lambda x: (abs(x), x)):
+            key = f"random@{a:g}"
+            out[key] = Calibration(key, a, budget, [], "control at an alpha chosen for another strategy")
+        return out
+    if chosen:
+        return {"random": Calibration("random", max(chosen, key=abs), budget, [],
+                                      "control: the largest |alpha| chosen for any other strategy")}
+    fallback = float(max(grid, key=abs) if len(grid) > 1 else grid[0])
+    return {"random": Calibration("random", fallback, budget, [], "control: the grid's largest |alpha|")}

@@ -6,18 +6,24 @@
 """
 
 from safesteer.sae.config import SAEConfig, TrainConfig
-from safesteer.sae.gated import GatedSAE, loss_and_grads, reference_loss
+from safesteer.sae.checkpoint import TrainerState
+from safesteer.sae.gated import GatedForward, GatedSAE, gated_forward, loss_and_grads, reference_loss
+from safesteer.sae.optim import ConstrainedAdam
 from safesteer.sae.saving import fold_scale, load_sae, save_sae
 from safesteer.sae.trainer import Trainer, TrainResult, array_batches, train_sae
 
 __all__ = [
+    "ConstrainedAdam",
+    "GatedForward",
     "GatedSAE",
     "SAEConfig",
     "TrainConfig",
     "TrainResult",
     "Trainer",
+    "TrainerState",
     "array_batches",
     "fold_scale",
+    "gated_forward",
     "load_sae",
     "loss_and_grads",
     "reference_loss",

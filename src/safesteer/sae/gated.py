@@ -92,11 +92,7 @@ class GatedSAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Latent activations ``f`` (rows x d_sae) for activations ``x`` (rows x d_in)."""
-        x = self._check(x)
-        pre = (x - self.b_dec) @ self.W_enc
-        gate = (pre + self.b_gate) > 0
-        mag = torch.relu(pre * torch.exp(self.r_mag) + self.b_mag)
-        return mag * gate
+        return gated_forward(self.params(), self._check(x), self.variant, decode=False).f
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         if f.shape[-1] != self.cfg.d_sae:
@@ -119,26 +115,54 @@ class GatedSAE(nn.Module):
         self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
 
 
-def reference_loss(p: dict[str, torch.Tensor], x: torch.Tensor, l1: float, variant: str) -> dict[str, torch.Tensor]:
-    """The loss written plainly with autograd (used by tests and as the definition)."""
-    xt = x - p["b_dec"]
-    pre = xt @ p["W_enc"]
+@dataclass
+class GatedForward:
+    """The pieces of one gated forward pass (see the module notation); ``x_hat``/``x_aux`` None unless decoded."""
+
+    pre: torch.Tensor  # x~ W_enc
+    pi_gate: torch.Tensor  # pre + b_gate
+    gate: torch.Tensor  # bool 1[pi_gate > 0]
+    m: torch.Tensor  # ReLU(pi_mag)
+    f: torch.Tensor  # gate * m
+    a: torch.Tensor | None = None  # ReLU(pi_gate): the paper's sparsity term and the aux path's latents
+    x_hat: torch.Tensor | None = None  # f W_dec + b_dec
+    x_aux: torch.Tensor | None = None  # a sg(W_dec) + sg(b_dec)
+
+    def sparsity(self, variant: str) -> torch.Tensor:
+        """Per-row L1 term (before lambda): sum ReLU(pi_gate) (paper) or sum of magnitudes (article)."""
+        if variant != "paper":
+            return self.m.sum(-1)
+        return (self.a if self.a is not None else torch.relu(self.pi_gate)).sum(-1)
+
+
+def gated_forward(p: dict[str, torch.Tensor], x: torch.Tensor, variant: str, *, decode: bool = True) -> GatedForward:
+    """The one functional Gated SAE forward: a pure function of the parameters and ``x`` (rows x d_in).
+
+    Used by :class:`GatedSAE` (encode), :func:`reference_loss` (the definition the fused kernel
+    must match) and the trainer's evaluation. ``variant="article"`` drops ``r_mag`` (pi_mag = pre + b_mag).
+    """
+    pre = (x - p["b_dec"]) @ p["W_enc"]
     pi_gate = pre + p["b_gate"]
-    gate = (pi_gate > 0).to(x.dtype)
-    if variant == "paper":
-        pi_mag = pre * torch.exp(p["r_mag"]) + p["b_mag"]
-    else:
-        pi_mag = pre + p["b_mag"]
+    gate = pi_gate > 0
+    pi_mag = pre * torch.exp(p["r_mag"]) + p["b_mag"] if variant == "paper" else pre + p["b_mag"]
     m = torch.relu(pi_mag)
-    f = gate * m
-    x_hat = f @ p["W_dec"] + p["b_dec"]
-    a = torch.relu(pi_gate)
-    x_aux = a @ p["W_dec"].detach() + p["b_dec"].detach()
-    mse = (x - x_hat).pow(2).sum(-1).mean()
-    aux = (x - x_aux).pow(2).sum(-1).mean()
-    sparsity = (a if variant == "paper" else m).sum(-1).mean()
+    f = m * gate.to(m.dtype)
+    out = GatedForward(pre, pi_gate, gate, m, f)
+    if decode:
+        out.a = torch.relu(pi_gate)
+        out.x_hat = f @ p["W_dec"] + p["b_dec"]
+        out.x_aux = out.a @ p["W_dec"].detach() + p["b_dec"].detach()
+    return out
+
+
+def reference_loss(p: dict[str, torch.Tensor], x: torch.Tensor, l1: float, variant: str) -> dict[str, torch.Tensor]:
+    """The loss written plainly with autograd on :func:`gated_forward` (used by tests and as the definition)."""
+    fw = gated_forward(p, x, variant)
+    mse = (x - fw.x_hat).pow(2).sum(-1).mean()
+    aux = (x - fw.x_aux).pow(2).sum(-1).mean()
+    sparsity = fw.sparsity(variant).mean()
     loss = mse + l1 * sparsity + aux
-    return {"loss": loss, "mse": mse, "aux": aux, "l1": sparsity, "f": f, "x_hat": x_hat}
+    return {"loss": loss, "mse": mse, "aux": aux, "l1": sparsity, "f": fw.f, "x_hat": fw.x_hat}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,11 +458,13 @@ def geometric_median(points: torch.Tensor, iters: int = 20, eps: float = 1e-8) -
 
 
 __all__ = [
+    "GatedForward",
     "GatedSAE",
     "PARAM_NAMES",
     "StepStats",
     "flops_textbook_step",
     "enc_layout",
+    "gated_forward",
     "geometric_median",
     "loss_and_grads",
     "reference_loss",

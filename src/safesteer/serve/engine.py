@@ -1,4 +1,4 @@
-"""What the service computes, and the single worker thread that owns the model.
+"""What the service computes (the worker thread that owns the model is in :mod:`safesteer.serve.worker`).
 
 Hook state is global to a model (``Backbone.steer`` registers a forward hook on a block), so the
 model is only ever used by one thread at a time: every request becomes a job on
@@ -20,13 +20,10 @@ text at its layer; rows at or below the threshold are left untouched inside the 
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import math
 import threading
-import time
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -34,6 +31,7 @@ import torch
 
 from safesteer.errors import SafesteerError
 from safesteer.serve.policies import Policy, PolicyRecord
+from safesteer.serve.worker import ModelWorker, Overloaded  # noqa: F401  (re-exported: the old import path)
 from safesteer.steering import ClampEdit, DirectionSet, steering_vector, unit
 
 
@@ -279,13 +277,19 @@ class Engine:
         with self.backbone.steer(cp.layer, edit=cp.edit(alpha or 0.0, mask)):
             yield
 
-    # ------------------------------------------------------------- endpoints
-    def score(self, texts: Sequence[str], probe_names: Sequence[str], plan: Plan) -> dict[str, Any]:
-        """Probe probabilities for ``texts`` (under the plan's steering when it has a policy)."""
-        probes = [self._probe(n) for n in probe_names]
-        layers = sorted({p.layer for p in probes})
+    def _run_chunks(self, texts: Sequence[str], plan: Plan, fn: Callable[..., None],
+                    extra_layers: Sequence[int] = ()) -> dict[str, Any]:
+        """The one chunk → condition → steer loop behind every endpoint.
+
+        Per chunk of at most ``max_batch_texts`` texts: the condition probe (if the plan has one)
+        picks the rows to steer from the unsteered pooled vectors (also at ``extra_layers``), the
+        plan's steering is installed on those rows (or on all, or none), and inside it
+        ``fn(chunk, start, end, rows, H0, active)`` computes and stores the chunk's outputs
+        (``rows``: bool per text or None for "all"; ``H0``: the unsteered pooled vectors, empty
+        without a condition; ``active``: whether any steering is installed). Returns the common
+        fields ``steered`` and (with a condition) ``condition_probability``.
+        """
         cp = plan.compiled
-        probs = {p.name: np.zeros(len(texts)) for p in probes}
         steered = np.zeros(len(texts), dtype=bool)
         cond_p = np.full(len(texts), np.nan)
         for s, e in self._chunks(len(texts)):
@@ -293,20 +297,34 @@ class Engine:
             rows = None
             H0: dict[int, np.ndarray] = {}
             if cp is not None and cp.condition is not None:
-                cond_p[s:e], rows, H0 = self._condition_rows(cp, chunk, layers)
-            if cp is None or (rows is not None and not rows.any()):
-                H = {l: H0[l] for l in layers} if H0 else self.backbone.pooled(chunk, layers, batch_size=len(chunk))
-            else:
-                with self._steering(cp, plan.alpha, rows):
-                    Hs = self.backbone.pooled(chunk, layers, batch_size=len(chunk))
-                H = Hs if rows is None else {l: np.where(rows[:, None], Hs[l], H0[l]) for l in layers}
+                cond_p[s:e], rows, H0 = self._condition_rows(cp, chunk, extra_layers)
+            active = cp is not None and (rows is None or bool(rows.any()))
+            with self._steering(cp, plan.alpha, rows):
+                fn(chunk, s, e, rows, H0, active)
             steered[s:e] = cp is not None if rows is None else rows
-            for p in probes:
-                probs[p.name][s:e] = p.probe.predict_proba(H[p.layer])
-        out = {"probabilities": {k: _floats(v) for k, v in probs.items()}, "steered": steered.tolist()}
+        out: dict[str, Any] = {"steered": steered.tolist()}
         if cp is not None and cp.condition is not None:
             out["condition_probability"] = _floats(cond_p)
         return out
+
+    # ------------------------------------------------------------- endpoints
+    def score(self, texts: Sequence[str], probe_names: Sequence[str], plan: Plan) -> dict[str, Any]:
+        """Probe probabilities for ``texts`` (under the plan's steering when it has a policy)."""
+        probes = [self._probe(n) for n in probe_names]
+        layers = sorted({p.layer for p in probes})
+        probs = {p.name: np.zeros(len(texts)) for p in probes}
+
+        def run(chunk, s, e, rows, H0, active):
+            if not active:  # nothing steered: the condition pass already holds the unsteered vectors
+                H = {l: H0[l] for l in layers} if H0 else self.backbone.pooled(chunk, layers, batch_size=len(chunk))
+            else:
+                Hs = self.backbone.pooled(chunk, layers, batch_size=len(chunk))
+                H = Hs if rows is None else {l: np.where(rows[:, None], Hs[l], H0[l]) for l in layers}
+            for p in probes:
+                probs[p.name][s:e] = p.probe.predict_proba(H[p.layer])
+
+        common = self._run_chunks(texts, plan, run, layers)
+        return {"probabilities": {k: _floats(v) for k, v in probs.items()}, **common}
 
     def choice(self, texts: Sequence[str], prompt_type: str, plan: Plan) -> dict[str, Any]:
         """Forced-choice P(Yes)/P(No) (see :mod:`safesteer.evaluate.choice`) under the plan."""
@@ -314,54 +332,36 @@ class Engine:
 
         if self._answers is None:
             raise SafesteerError(f"forced choice is unavailable for this model: {self._answers_error}")
-        cp = plan.compiled
         p_yes, p_no, mass = (np.zeros(len(texts)) for _ in range(3))
-        steered = np.zeros(len(texts), dtype=bool)
-        cond_p = np.full(len(texts), np.nan)
-        for s, e in self._chunks(len(texts)):
-            chunk = list(texts[s:e])
-            rows = None
-            if cp is not None and cp.condition is not None:
-                cond_p[s:e], rows, _ = self._condition_rows(cp, chunk)
-            with self._steering(cp, plan.alpha, rows):
-                lp = answer_logprobs(self.backbone, chunk, prompt_type, batch_size=len(chunk))
+
+        def run(chunk, s, e, rows, H0, active):
+            lp = answer_logprobs(self.backbone, chunk, prompt_type, batch_size=len(chunk))
             p_yes[s:e], p_no[s:e], mass[s:e] = choice_probs(lp, self._answers)
-            steered[s:e] = cp is not None if rows is None else rows
-        out = {"p_yes": _floats(p_yes), "p_no": _floats(p_no), "answer_mass": _floats(mass), "steered": steered.tolist()}
-        if cp is not None and cp.condition is not None:
-            out["condition_probability"] = _floats(cond_p)
-        return out
+
+        common = self._run_chunks(texts, plan, run)
+        return {"p_yes": _floats(p_yes), "p_no": _floats(p_no), "answer_mass": _floats(mass), **common}
 
     def generate(self, prompts: Sequence[str], plan: Plan, max_new_tokens: int, do_sample: bool = False, seed: int = 0,
                  temperature: float | None = None, top_p: float | None = None, chat: bool = True) -> dict[str, Any]:
         """Completions of ``prompts`` (chat-templated when ``chat``) under the plan (causal models only)."""
         if self.backbone.kind != "causal":
             raise SafesteerError("generation needs a causal LM; this server runs a masked LM")
-        cp = plan.compiled
         outs: list[str] = []
-        steered = np.zeros(len(prompts), dtype=bool)
-        cond_p = np.full(len(prompts), np.nan)
         kwargs: dict[str, Any] = {}
         if do_sample:
             if temperature is not None:
                 kwargs["temperature"] = float(temperature)
             if top_p is not None:
                 kwargs["top_p"] = float(top_p)
-        for s, e in self._chunks(len(prompts)):
-            chunk = list(prompts[s:e])
-            rows = None
-            if cp is not None and cp.condition is not None:
-                cond_p[s:e], rows, _ = self._condition_rows(cp, chunk)
+
+        def run(chunk, s, e, rows, H0, active):
             rendered = [self.backbone.chat_prompt(p) for p in chunk] if chat else chunk
             self._check_context(rendered, max_new_tokens)
-            with self._steering(cp, plan.alpha, rows):
-                outs.extend(self.backbone.generate(rendered, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                                   seed=seed + s, **kwargs))
-            steered[s:e] = cp is not None if rows is None else rows
-        out = {"completions": outs, "steered": steered.tolist()}
-        if cp is not None and cp.condition is not None:
-            out["condition_probability"] = _floats(cond_p)
-        return out
+            outs.extend(self.backbone.generate(rendered, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                               seed=seed + s, **kwargs))
+
+        common = self._run_chunks(prompts, plan, run)
+        return {"completions": outs, **common}
 
     def _check_context(self, prompts: Sequence[str], max_new_tokens: int) -> None:
         """Refuse prompts that, with the new tokens, would run past the model's position limit."""
@@ -410,116 +410,3 @@ def sae_layer_of(sae: Any) -> int | None:
         if isinstance(v, int):
             return v
     return None
-
-
-# --------------------------------------------------------------------------------- the worker
-class Overloaded(Exception):
-    """The job queue is full."""
-
-
-@dataclass
-class _Job:
-    fn: Callable[[list[Any]], list[Any]]
-    payload: Any
-    key: Hashable | None
-    size: int
-    future: Future = field(default_factory=Future)
-    queued_at: float = field(default_factory=time.perf_counter)
-
-
-class ModelWorker:
-    """One daemon thread that runs model jobs in order, holding ``lock`` while each job runs.
-
-    ``submit(fn, payload, key, size)`` queues a job; ``fn`` takes a list of payloads and returns
-    one result per payload. Jobs with the same non-None ``key`` that arrive within the batching
-    window are handed to ``fn`` together (up to ``max_batch`` in total ``size``).
-    """
-
-    def __init__(self, lock: threading.RLock, max_queue: int = 256, window_s: float = 0.0, max_batch: int = 64,
-                 on_batch: Callable[[int, int], None] | None = None):
-        self.lock = lock
-        self.max_queue = int(max_queue)
-        self.window_s = float(window_s)
-        self.max_batch = int(max_batch)
-        self.on_batch = on_batch
-        self._queue: collections.deque[_Job] = collections.deque()
-        self._cv = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-
-    def submit(self, fn: Callable[[list[Any]], list[Any]], payload: Any, key: Hashable | None = None, size: int = 1) -> Future:
-        job = _Job(fn, payload, key, max(1, int(size)))
-        with self._cv:
-            if self._stopping:
-                raise Overloaded("the server is shutting down")
-            if len(self._queue) >= self.max_queue:
-                raise Overloaded(f"{len(self._queue)} requests are waiting for the model; retry later")
-            self._queue.append(job)
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="safesteer-model", daemon=True)
-                self._thread.start()
-            self._cv.notify()
-        return job.future
-
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
-
-    def reopen(self) -> None:
-        """Accept jobs again after :meth:`close` (an app served twice, e.g. by two test clients)."""
-        with self._cv:
-            self._stopping = False
-
-    def close(self, timeout: float = 10.0) -> None:
-        with self._cv:
-            self._stopping = True
-            self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def _take(self) -> list[_Job] | None:
-        with self._cv:
-            while not self._queue:
-                if self._stopping:
-                    return None
-                self._cv.wait()
-            first = self._queue.popleft()
-            group = [first]
-            if first.key is None or self.window_s <= 0:
-                return group
-            total = first.size
-            deadline = time.perf_counter() + self.window_s
-            while total < self.max_batch:
-                for job in list(self._queue):
-                    if job.key == first.key and total + job.size <= self.max_batch:
-                        self._queue.remove(job)
-                        group.append(job)
-                        total += job.size
-                left = deadline - time.perf_counter()
-                if left <= 0 or total >= self.max_batch or self._stopping:
-                    break
-                self._cv.wait(left)
-            return group
-
-    def _loop(self) -> None:
-        while True:
-            group = self._take()
-            if group is None:
-                return
-            group = [j for j in group if j.future.set_running_or_notify_cancel()]
-            if not group:
-                continue
-            try:
-                with self.lock:
-                    results = group[0].fn([j.payload for j in group])
-                if len(results) != len(group):
-                    raise RuntimeError(f"job returned {len(results)} results for {len(group)} payloads")
-            except BaseException as exc:  # noqa: BLE001 - handed to the waiting requests
-                for j in group:
-                    j.future.set_exception(exc)
-                continue
-            if self.on_batch is not None:
-                self.on_batch(len(group), sum(j.size for j in group))
-            for j, r in zip(group, results):
-                j.future.set_result(r)
-
