@@ -45,7 +45,7 @@ MUTANTS_JOBS ?= 1
 mutants: install-test
 	@$(BIN)/python -c "import mutmut" 2>/dev/null || $(BIN)/pip install -q mutmut==$(MUTMUT_VERSION)
 	$(BIN)/mutmut run --max-children $(MUTANTS_JOBS) || true
-	$(BIN)/python bench/mutants_report.py mutants > bench/mutants.md
+	$(BIN)/python bench/mutants.py mutants > bench/mutants.md
 	@cat bench/mutants.md
 
 clean:

@@ -1,6 +1,6 @@
 """Summarise a mutmut 3 run (``mutants/**.py.meta``) as killed / survived per module, in Markdown.
 
-Usage: ``python bench/mutants_report.py [mutants-folder] > bench/mutants.md`` (``make mutants`` does it).
+Usage: ``python bench/mutants.py [mutants-folder] > bench/mutants.md`` (``make mutants`` does it).
 Survivors are listed by mutant name; ``mutmut show NAME`` prints the diff of one.
 """
 
@@ -16,7 +16,8 @@ STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests"
           -11: "segfault", None: "not checked"}
 
 
-def main(root: str = "mutants") -> int:
+def main(argv: list[str] | None = None) -> int:
+    root = (argv or ["mutants"])[0]
     metas = sorted(Path(root).rglob("*.py.meta"))
     if not metas:
         print(f"no mutmut results under {root}/; run `make mutants` first", file=sys.stderr)
@@ -41,4 +42,4 @@ def main(root: str = "mutants") -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(*sys.argv[1:]))
+    raise SystemExit(main(sys.argv[1:]))
