@@ -74,7 +74,7 @@ def test_probe_map_atoms(workspace, monkeypatch, capsys):
     metrics = json.loads((root / "probe-tox" / "metrics.json").read_text())
     assert metrics["n_test"] > 0 and metrics["auroc"] > 0.8 and "dataset split" in metrics["holdout"]
     assert np.load(root / "probe-tox" / "direction.npy").shape == (32,)
-    assert main(["probe", "--acts", str(acts), "--label", "harmfulness", "--out", str(root / "probe-harm"), "--holdout", "id"]) == 0
+    assert main(["probe", "--acts", str(acts), "--label", "harmfulness", "--out", str(root / "probe-harm"), "--holdout", "id", "--no-balanced"]) == 0
 
     store = ActivationStore(acts)
     rng = np.random.default_rng(0)
@@ -83,7 +83,7 @@ def test_probe_map_atoms(workspace, monkeypatch, capsys):
     W /= np.linalg.norm(W, axis=1, keepdims=True)
     (root / "sae").mkdir()
     save_npy(root / "sae" / "W_dec.npy", W.astype(np.float32))
-    monkeypatch.setattr("safesteer.cli.probes._open_latents", lambda path: FakeLatents(store, W))
+    monkeypatch.setattr("safesteer.cartography.map._open_latents", lambda path: FakeLatents(store, W))
     assert main(["map", "--latents", str(root / "lat"), "--acts", str(acts), "--out", str(root / "map"), "--heldout", "0.2",
                  "--probe", str(root / "probe-tox"), "--sae", str(root / "sae"), "--min-per-class", "3"]) == 0
     amap = pd.read_parquet(root / "map" / "atom_map.parquet")
@@ -104,7 +104,7 @@ def test_probe_map_atoms(workspace, monkeypatch, capsys):
     assert (pd.read_csv(root / "allpos" / "atoms_all_positive.csv").dmu > 0).all()
 
     assert main(["atoms", "--map", str(root / "map"), "--mode", "filtered", "--sae", str(root / "sae"), "--judge", "none",
-                 "--no-dedup", "--candidates", "3", "--model", str(root / "tiny-model"), "--out", str(root / "filtered")]) == 0
+                 "--no-dedup", "--no-screen", "--candidates", "3", "--model", str(root / "tiny-model"), "--out", str(root / "filtered")]) == 0
     final = pd.read_csv(root / "filtered" / "final_steering_atoms.csv")
     assert list(final.columns[:6]) == ["atom", "category", "label", "concept", "verdict", "reason"]
     assert 5 in final.atom.tolist() and final.selected.all()
@@ -125,7 +125,7 @@ def test_cli_errors(workspace, capsys):
 def test_real_sae_and_latent_store(workspace):
     """The map/atoms commands read the SAE engineer's formats (GatedSAE folder, LatentStore) directly."""
     pytest.importorskip("safesteer.sae.latents")
-    from safesteer.cli.probes import load_decoder
+    from safesteer.cartography.map import load_decoder
     from safesteer.sae import GatedSAE, SAEConfig, save_sae
     from safesteer.sae.latents import encode_store
 

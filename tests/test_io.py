@@ -27,3 +27,32 @@ def test_failed_write_leaves_the_old_file(tmp_path):
             raise RuntimeError("killed")
     assert read_json(tmp_path / "a.json") == {"x": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_canonical_safetensors_sorts_metadata_and_keeps_tensors(tmp_path):
+    import json
+    import struct
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+    from safetensors import safe_open
+
+    from safesteer.io import canonical_safetensors
+
+    tensors = {"b": np.arange(3, dtype=np.float32), "a": np.ones((2, 5), dtype=np.float32)}
+    meta = {"zeta": "1", "alpha": "2", "mid": "3"}
+    p = tmp_path / "t.safetensors"
+    save_file(tensors, str(p), metadata=meta)
+    canonical_safetensors(p)
+    raw = p.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    assert n % 8 == 0
+    header = json.loads(raw[8:8 + n])
+    assert list(header["__metadata__"]) == ["alpha", "mid", "zeta"]
+    back = load_file(str(p))
+    assert set(back) == {"a", "b"} and all(np.array_equal(back[k], tensors[k]) for k in tensors)
+    with safe_open(str(p), "np") as f:
+        assert f.metadata() == meta
+    once = p.read_bytes()
+    canonical_safetensors(p)
+    assert p.read_bytes() == once  # idempotent

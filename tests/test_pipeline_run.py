@@ -61,7 +61,7 @@ def tiny_config(model_dir: Path, data_dir: Path) -> Config:
     cfg.evaluate.max_prompts = 6
     cfg.evaluate.max_bias = 0
     cfg.evaluate.calib_prompts = 4
-    cfg.evaluate.random_members = 2
+    cfg.directions.random_members = 2
     cfg.evaluate.bootstrap = 50
     return cfg.validate()
 

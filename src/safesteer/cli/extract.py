@@ -7,7 +7,10 @@ from typing import Optional
 
 import typer
 
+from safesteer.config import DataSection, ExtractSection, ModelSection
 from safesteer.errors import SafesteerError
+
+_D, _E, _M = DataSection(), ExtractSection(), ModelSection()
 
 
 def _int_list(value: str, what: str) -> list[int]:
@@ -17,36 +20,28 @@ def _int_list(value: str, what: str) -> list[int]:
         raise SafesteerError(f"{what} must be comma-separated integers, got {value!r}") from None
 
 
-def dataset_rows(names: list[str], split: str, max_rows: int | None, seed: int, source: str, data_dir: Path | None):
-    """(dataset, Record) pairs of several datasets, each sampled to ``max_rows``, in a fixed order."""
-    from safesteer.data import load
-
-    for name in names:
-        for rec in load(name, split=split, source=source, data_dir=data_dir, max_rows=max_rows, seed=seed):
-            yield name, rec
-
-
 def register(app: typer.Typer) -> None:
     @app.command("extract")
     def extract_cmd(
-        model: str = typer.Option("smollm2-135m", "--model", help="Alias (smollm2-135m), local folder or hub id."),
+        model: str = typer.Option(_M.name, "--model", help="Alias (smollm2-135m), local folder or hub id."),
         dataset: str = typer.Option(..., "--dataset", help="Dataset name(s), comma-separated (see 'safesteer data list')."),
         layer: str = typer.Option(..., "--layer", help="Layer(s), comma-separated; all come from one forward pass."),
         out: Path = typer.Option(..., "--out", help="Output folder (one layer-<L>/ folder per layer)."),
         split: str = typer.Option("train", "--split", help="train, test or all."),
         max_rows: Optional[int] = typer.Option(None, "--max-rows", help="Sample at most this many rows per dataset."),
-        shard_size: int = typer.Option(20_000, "--shard-size"),
-        dtype: str = typer.Option("float32", "--dtype", help="float16 or float32 storage."),
-        batch_size: int = typer.Option(32, "--batch-size"),
-        max_length: int = typer.Option(512, "--max-length", help="Truncate texts to this many tokens."),
-        precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast if the CPU supports it and cosine ≥ 0.999), bf16 or fp32."),
-        source: str = typer.Option("auto", "--source", help="auto, local, pypi or hub."),
+        shard_size: int = typer.Option(_E.shard_size, "--shard-size"),
+        dtype: str = typer.Option(_E.dtype, "--dtype", help="float16 or float32 storage."),
+        batch_size: int = typer.Option(_E.batch_size, "--batch-size"),
+        max_length: int = typer.Option(_M.max_length, "--max-length", help="Truncate texts to this many tokens."),
+        precision: str = typer.Option(_E.precision, "--precision", help="fp32 (the same numbers on every machine), bf16, or auto (bf16 autocast if the CPU supports it and cosine ≥ 0.999)."),
+        source: str = typer.Option(_D.source, "--source", help="auto, local, pypi or hub."),
         data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="SAFESTEER_DATA_DIR", help="Offline data folder."),
         seed: int = typer.Option(0, "--seed"),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a folder written by a different run."),
     ) -> None:
         """Extract mean-pooled hidden states into resumable, checksummed shards."""
         from safesteer.data import get_spec
+        from safesteer.data.rows import dataset_rows
         from safesteer.extract import ExtractConfig, extract
         from safesteer.models import load_backbone
 

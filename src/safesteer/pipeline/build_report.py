@@ -12,6 +12,7 @@ import pandas as pd
 
 from safesteer.config import dump_toml
 from safesteer.io import read_json, write_json
+from safesteer.pipeline import files
 from safesteer.pipeline.report import Section, hardware, render, versions
 
 
@@ -21,7 +22,7 @@ def _read_csv(path: Path) -> pd.DataFrame | None:
 
 def _grid_sections(sae_dir: Path) -> Section:
     sec = Section("Gated SAE: grid search and convergence")
-    grid = sae_dir / "grid_results.json"
+    grid = sae_dir / files.GRID_RESULTS
     if grid.is_file():
         g = read_json(grid)
         rows = pd.DataFrame(g["rows"])
@@ -40,15 +41,15 @@ def _grid_sections(sae_dir: Path) -> Section:
 
 def _cards_section(atoms_dir: Path) -> Section:
     sec = Section("Selected atoms and their cards")
-    final = _read_csv(atoms_dir / "filtered" / "final_steering_atoms.csv")
-    cand = _read_csv(atoms_dir / "filtered" / "candidates.csv")
+    final = _read_csv(atoms_dir / files.FILTERED_DIR / files.FILTERED_CSV)
+    cand = _read_csv(atoms_dir / files.FILTERED_DIR / files.CANDIDATES_CSV)
     if cand is not None:
         cols = [c for c in ("atom", "category", "label", "verdict", "r", "r_heldout", "replicates", "effect", "screen_pass", "flag", "selected") if c in cand.columns]
         n_flag = int(cand["flag"].fillna("").astype(str).str.len().gt(0).sum()) if "flag" in cand.columns else 0
         sec.text(f"{len(cand)} candidates judged by the offline judge and causally screened; "
                  f"{0 if final is None else len(final)} kept; {n_flag} flagged.")
         sec.table(cand[cols].head(60), floatfmt="{:.3g}")
-    cards_path = atoms_dir / "filtered" / "atom_cards.json"
+    cards_path = atoms_dir / files.FILTERED_DIR / files.ATOM_CARDS
     if cards_path.is_file() and final is not None and len(final):
         cards = {c["atom"]: c for c in read_json(cards_path)}
         html_parts = []
@@ -74,7 +75,7 @@ def _esc(s: str) -> str:
 
 def headline_tables(ev: Path) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
     """(metric × strategy table of unsteered value and Δ [95% CI], per-strategy α table) from the evaluate outputs."""
-    res = _read_csv(ev / "results.csv")
+    res = _read_csv(ev / files.RESULTS_CSV)
     if res is None or not len(res):
         return None, None
     from safesteer.evaluate.stats import format_ci
@@ -136,13 +137,13 @@ def build_report(pipe) -> Path:
     ent = _read_csv(ev / "entanglement.csv")
     if ent is not None:
         sections.append(Section("Entanglement matrix").text("Standardised effect of each strategy on every metric.").table(ent, floatfmt="{:.3g}"))
-    pm = st["probes"].dir / "probe_metrics.json"
+    pm = st["probes"].dir / files.PROBE_METRICS
     if pm.is_file():
         m = read_json(pm)
         df = pd.DataFrame([{"probe": k, **{kk: v for kk, v in vals.items() if not isinstance(v, (dict, list))}} for k, vals in m.items()])
         sections.append(Section("Probes (held-out metrics)").text("ℓ2 logistic regression on pooled activations; C by cross-validation; metrics on held-out rows.").table(df, floatfmt="{:.4g}"))
     sections.append(_grid_sections(st["sae"].dir))
-    msum = st["map"].dir / "summary.json"
+    msum = st["map"].dir / files.MAP_SUMMARY
     if msum.is_file():
         s = read_json(msum)
         sec = Section("Concept cartography")
@@ -165,6 +166,6 @@ def build_report(pipe) -> Path:
         "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     html_path, _ = render(f"safesteer run: {cfg.run.name}", sections, repro, pipe.out)
-    write_json(pipe.out / "run_summary.json", {"timings": pipe.timings, "stage_seconds": seconds, "status": pipe.status,
+    write_json(pipe.out / files.RUN_SUMMARY, {"timings": pipe.timings, "stage_seconds": seconds, "status": pipe.status,
                                                "stages": {k: str(v.dir) for k, v in st.items()}})
     return html_path

@@ -33,7 +33,7 @@ KEEP_CHECKPOINTS = 2
 
 def new_acc() -> dict[str, float]:
     """Empty per-epoch training accumulators."""
-    return {"batches": 0, "rows": 0, "loss": 0.0, "mse": 0.0, "aux": 0.0, "l1": 0.0, "l0": 0.0, "var": 0.0, "seconds": 0.0}
+    return {"batches": 0, "rows": 0, "loss": 0.0, "mse": 0.0, "aux": 0.0, "l1": 0.0, "l0": 0.0, "var": 0.0}
 
 
 @dataclass

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from safesteer.errors import SafesteerError
-from safesteer.io import atomic_path, read_json, sha256_file, write_json
+from safesteer.io import atomic_path, read_json, sha256_file, write_json, canonical_safetensors
 from safesteer.sae.config import SAEConfig
 from safesteer.sae.gated import PARAM_NAMES, GatedSAE
 
@@ -51,6 +51,7 @@ def save_sae(sae: GatedSAE, folder: str | os.PathLike, *, extra: dict | None = N
     tensors = {n: getattr(sae, n).detach().to("cpu", torch.float32).contiguous() for n in PARAM_NAMES}
     with atomic_path(folder / WEIGHTS_FILENAME) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", "architecture": "gated", "variant": sae.cfg.variant})
+        canonical_safetensors(tmp)  # metadata key order is random per process otherwise
     cfg = sae.cfg.to_dict()
     cfg["weights_sha256"] = sha256_file(folder / WEIGHTS_FILENAME)
     if extra:

@@ -140,6 +140,8 @@ class Trainer:
         self.best_epoch: int | None = None
         self.bad_epochs = 0
         self.history: list[dict[str, Any]] = []
+        self.timings: list[dict[str, Any]] = []  # per-epoch wall clock; never in metrics.json or checkpoints
+        self._seconds = 0.0
         self.acc = self._new_acc()
         self.initialised = False
 
@@ -305,16 +307,16 @@ class Trainer:
                 if self.on_step is not None:
                     self.on_step(info)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                    self.acc["seconds"] += time.perf_counter() - t0
+                    self._seconds += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     self.save_checkpoint()
                     last_ckpt_step = self.step
                 if cfg.max_steps is not None and self.step >= cfg.max_steps:
-                    self.acc["seconds"] += time.perf_counter() - t0
+                    self._seconds += time.perf_counter() - t0
                     if last_ckpt_step != self.step:
                         self.save_checkpoint()
                     return self._result("max_steps")
-            self.acc["seconds"] += time.perf_counter() - t0
+            self._seconds += time.perf_counter() - t0
             self._end_epoch(batches)
             self.save_checkpoint()
             last_ckpt_step = self.step
@@ -328,8 +330,13 @@ class Trainer:
         train = {k: a[k] / rows for k in ("loss", "mse", "aux", "l1", "l0")}
         train["fvu"] = a["mse"] / a["var"] if a["var"] > 0 else float("nan")
         train["rows"] = a["rows"]
-        train["seconds"] = a["seconds"]
-        train["samples_per_s"] = a["rows"] / a["seconds"] if a["seconds"] > 0 else None
+        # Wall-clock figures go to timings.json only, so metrics.json and checkpoints are byte-reproducible.
+        self.timings.append({"epoch": self.epoch, "seconds": round(self._seconds, 3),
+                             "samples_per_s": a["rows"] / self._seconds if self._seconds > 0 else None})
+        self._seconds = 0.0
+        if self.is_writer and self.out_dir is not None:
+            write_json(self.out_dir / "timings.json", {"note": "wall clock, this process only (a resumed epoch counts from the resume)",
+                                                       "epochs": self.timings})
         val = self.evaluate(batches(self.epoch, "val"), epoch=self.epoch)
         crit = val.get("loss") if val else None
         if crit is None:  # no validation rows: fall back on the training objective

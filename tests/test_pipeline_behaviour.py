@@ -1,0 +1,68 @@
+"""The tiny pipeline's headline is pinned: refactors of the stage plumbing must not move a number.
+
+fp32 on CPU, tiny random Llama, real offline data; the digest of ``results.csv`` was recorded on
+the code before the stage-table refactor (issue #12) and must stay the same through it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from safesteer.pipeline.runner import Pipeline
+
+from conftest import make_tiny_llama
+from test_pipeline_run import tiny_config
+
+pytestmark = pytest.mark.integration
+
+RESULTS_SHA256 = "58de2bc5ec71ca8d0377a0430e00ea7acf2138bb77d6e45439c51b6ad0f3d79d"
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama-pin")
+    bb = make_tiny_llama(seed=1)
+    bb.model.save_pretrained(folder)
+    bb.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def pinned_config(model_dir: Path, data_dir: Path):
+    cfg = tiny_config(model_dir, data_dir)
+    cfg.run.device = "cpu"
+    cfg.extract.precision = "fp32"
+    cfg.sae.precision = "fp32"
+    return cfg.validate()
+
+
+def test_tiny_pipeline_results_digest_is_pinned(tmp_path, tiny_model_dir, shared_data):
+    pipe = Pipeline(pinned_config(tiny_model_dir, shared_data), tmp_path / "run")
+    assert pipe.run() is not None
+    results = (pipe.st["evaluate"].dir / "results.csv").read_bytes()
+    assert hashlib.sha256(results).hexdigest() == RESULTS_SHA256, results.decode()[:2000]
+
+
+def test_knobs_that_were_hard_coded_rerun_their_stages_and_errors_pass_through(tmp_path, tiny_model_dir, shared_data):
+    from safesteer.errors import SafesteerError
+    from safesteer.pipeline.runner import stage_keys
+
+    cfg = pinned_config(tiny_model_dir, shared_data)
+    out = tmp_path / "run"
+    first = Pipeline(cfg, out)
+    first.run()
+    assert {n: st.key for n, st in first.st.items()} == stage_keys(cfg)  # the runner uses the table's keys
+    cfg.atoms.screen_texts = 10  # was a literal 12 in the runner, invisible to the cache
+    again = Pipeline(cfg, out)
+    again.run()
+    assert {n for n, s in again.status.items() if s == "ran"} == {"atoms", "directions", "evaluate"}
+    assert again.outputs["map"] == first.outputs["map"]  # cached outputs are read back from DONE.json
+    cfg.encode.batch_size = 7  # encode was keyed on nothing
+    third = Pipeline(cfg, out)
+    third.run()
+    assert {n for n, s in third.status.items() if s == "ran"} == {"encode", "map", "atoms", "directions", "evaluate"}
+    cfg.evaluate.strategies = ["nope"]  # the stage's own error reaches the caller, not "stage command … failed"
+    with pytest.raises(SafesteerError, match="unknown strategy 'nope'; this direction set has"):
+        Pipeline(cfg, out).run()
