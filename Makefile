@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 SHARED_DATA := $(abspath ../shared/data)
 export SAFESTEER_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/README.md),$(SHARED_DATA),)
 
-.PHONY: venv install install-test run test test-all clean
+.PHONY: venv install install-test run test test-all mutants clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -43,5 +43,15 @@ test: install-test
 test-all: install-test
 	$(BIN)/python -m pytest
 
+# Mutation testing of the formula modules ([tool.mutmut] in pyproject.toml); not part of `make test`.
+# MUTANTS_JOBS parallel children (default 1: a shared machine); report in bench/mutants.md.
+MUTMUT_VERSION := 3.8.1
+MUTANTS_JOBS ?= 1
+mutants: install-test
+	@$(BIN)/python -c "import mutmut" 2>/dev/null || $(BIN)/pip install -q mutmut==$(MUTMUT_VERSION)
+	$(BIN)/mutmut run --max-children $(MUTANTS_JOBS) || true
+	$(BIN)/python bench/mutants.py mutants > bench/mutants.md
+	@cat bench/mutants.md
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache mutants
