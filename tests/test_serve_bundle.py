@@ -65,10 +65,12 @@ def test_serve_run_answers_as_the_evaluation(behaviour_run, run_folder, monkeypa
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: captured.update(app=app, **kw))
     assert main(["serve", "--run", str(run), "--port", "8124"]) == 0
     ans = pd.read_csv(out / "answers.csv", keep_default_na=False)
-    cond = ans[ans["policy"] == "conditional"]
-    prompts, expected = cond["prompt"].tolist()[:16], cond["answer"].tolist()[:16]
+    cond = ans[ans["policy"] == "conditional"].reset_index(drop=True)
     c = summary["test"]["conditional"]["policy"]
-    flags = gate_flags(load_backbone(str(model_dir)), Condition.load(out / "gate").with_threshold(c["threshold"]), prompts)
+    every = gate_flags(load_backbone(str(model_dir)), Condition.load(out / "gate").with_threshold(c["threshold"]), cond["prompt"].tolist())
+    pick = sorted(list(np.flatnonzero(every)[:8]) + list(np.flatnonzero(~every)[:8]))
+    cond = cond.iloc[pick]
+    prompts, expected, flags = cond["prompt"].tolist(), cond["answer"].tolist(), every[pick]
     assert 0 < flags.sum() < len(prompts)  # both kinds of prompt are in the check
     with TestClient(captured["app"]) as client:
         assert client.get("/healthz").json()["policies"] == ["recommended"]
@@ -78,7 +80,7 @@ def test_serve_run_answers_as_the_evaluation(behaviour_run, run_folder, monkeypa
     assert got["steered"] == flags.tolist()  # the service's gate decides as the evaluation's
     assert [a.strip() for a in got["completions"]] == expected  # … and the answers are the evaluation's
     unsteered = ans[ans["policy"] == "unsteered"].set_index(["set", "prompt"])["answer"]
-    base = [unsteered[(s, p)] for s, p in zip(cond["set"].tolist()[:16], prompts)]
+    base = [unsteered[(s, p)] for s, p in zip(cond["set"].tolist(), prompts)]
     assert [a.strip() for a in plain["completions"]] == base
     assert all(e == b for e, b, f in zip(expected, base, flags) if not f)  # unflagged: answered as unsteered
     assert any(e != b for e, b, f in zip(expected, base, flags) if f)  # flagged: the steering changed answers
