@@ -117,7 +117,7 @@ def test_run_caches_reruns_what_changed_and_reports_stage_numbers(tmp_path, tiny
     probes = pd.read_json(last.st["probes"].dir / "probe_metrics.json").T
     assert f"{probes.loc['harmfulness', 'auroc']:.4g}" in page
     assert page.count("data:image/png;base64,") >= 3 and "src='http" not in page
-    shot = chromium_screenshot(out / "report.html", tmp_path / "report.png", 1280, 4000)
+    shot = chromium_screenshot(out / "report.html", tmp_path / "report.png", 1280, 8000)  # behaviour sections come first
     assert colour_fraction(shot, (31, 119, 180), tol=30) > 0.002  # matplotlib's blue: the plots rendered
 
 
