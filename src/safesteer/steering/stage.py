@@ -19,6 +19,7 @@ from safesteer.io import write_json
 
 BEHAVIOUR_OWN = ("refusal_caa", "refusal_dim")
 SUMMARY = "summary.json"
+TIMINGS = "timings.json"
 POLICY_DIR = "policy"
 
 
@@ -92,5 +93,7 @@ def run_behaviour_stage(section: Any, inputs: Mapping[str, Any], out_dir: Path, 
     extra = toward_refusal(DirectionSet.load(inputs["directions"].directions), section.strategies)
     cfg = study_config(section, c.model.name, c.model.layer, ctx.seed, ctx.data_dir)
     summary = run_study(cfg, out_dir, bb, extra_directions=extra)
+    write_json(out_dir / TIMINGS, summary.pop("seconds", {}))  # wall clock apart: the stage files stay byte-reproducible
+    write_json(out_dir / SUMMARY, summary)
     recommended = write_bundle(summary, out_dir, policy, model=c.model.name)
     return BehaviourOutputs(out_dir, out_dir / SUMMARY, policy, recommended, "")
