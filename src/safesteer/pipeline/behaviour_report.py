@@ -46,6 +46,13 @@ def verdict(summary: dict[str, Any], none_reason: str | None, run_dir: Path) -> 
                  f"requests and {pct(cond['safe_refusal'])} of XSTest-safe ones; P(Yes) on harmful prompts {pct(cond['p_yes'])}; "
                  f"harmless fluency (NLL) {fluency(cond['harmless_fluency'])}. "
                  f"Serve it with `safesteer serve --run {run_dir}` ({run_dir.name}/policies/recommended.json).")
+        cfg = summary["config"]
+        over = [f"XSTest-safe refusal {cond['safe_refusal']['delta']:+.1f} pp > +{cfg['max_safe_pp']:g} pp"] * (
+            cond["safe_refusal"]["delta"] > cfg["max_safe_pp"]) + [
+            f"harmless fluency {cond['harmless_fluency']['delta_pct']:+.2f}% > {100 * cfg['max_fluency_rel']:g}%"] * (
+            cond["harmless_fluency"]["delta_pct"] > 100 * cfg["max_fluency_rel"])
+        if over:
+            sec.text("Caution: on the test split the policy exceeds the constraints it met on validation: " + "; ".join(over) + ".")
     rows = []
     first = "conditional (best feasible, not recommended)" if none_reason else "conditional (recommended)"
     for label, r in ((first, cond), ("unconditional (contrast)", unc)):
