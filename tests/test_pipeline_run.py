@@ -21,7 +21,7 @@ from safesteer.config import Config, dump_toml, load_config
 from safesteer.errors import SafesteerError
 from safesteer.pipeline.runner import STAGES, Pipeline
 
-from conftest import chromium_screenshot, colour_fraction, make_tiny_llama
+from conftest import chromium_screenshot, colour_fraction, make_tiny_llama, tiny_behaviour_section
 
 pytestmark = pytest.mark.integration
 
@@ -63,6 +63,7 @@ def tiny_config(model_dir: Path, data_dir: Path) -> Config:
     cfg.evaluate.calib_prompts = 4
     cfg.directions.random_members = 2
     cfg.evaluate.bootstrap = 50
+    tiny_behaviour_section(cfg.behaviour)
     return cfg.validate()
 
 
@@ -89,7 +90,9 @@ def test_run_caches_reruns_what_changed_and_reports_stage_numbers(tmp_path, tiny
     cfg.evaluate.max_prompts = 8  # evaluation only
     assert _ran(_run(cfg, out)) == {"evaluate"}
     cfg.probes.max_rows = 150  # probes feed the map, atoms, directions and evaluation; not the SAE
-    assert _ran(_run(cfg, out)) == {"probes", "map", "atoms", "directions", "evaluate"}
+    assert _ran(_run(cfg, out)) == {"probes", "map", "atoms", "directions", "evaluate", "behaviour"}
+    cfg.behaviour.alphas = [1.0]  # the behaviour study only
+    assert _ran(_run(cfg, out)) == {"behaviour"}
 
     # the report's headline numbers are the evaluate stage's numbers
     last = Pipeline(cfg, out)
@@ -103,10 +106,18 @@ def test_run_caches_reruns_what_changed_and_reports_stage_numbers(tmp_path, tiny
         assert cell in page and cell in md, cell
     base = res[res["strategy"] == "unsteered"].iloc[0]
     assert f"{base['value']:.4f} [{base['ci_low']:.4f}, {base['ci_high']:.4f}]" in page
+    # the verdict comes first and carries the behaviour stage's test figures
+    from safesteer.io import read_json
+    from safesteer.pipeline.behaviour_report import pct
+
+    summary = read_json(last.st["behaviour"].dir / "summary.json")
+    assert page.index("Verdict") < page.index("Study metrics")
+    assert pct(summary["test"]["unconditional"]["harmful_refusal"]) in page
+    assert (out / "policies" / "NONE.txt").is_file() and "No strategy met the constraints" in page
     probes = pd.read_json(last.st["probes"].dir / "probe_metrics.json").T
     assert f"{probes.loc['harmfulness', 'auroc']:.4g}" in page
     assert page.count("data:image/png;base64,") >= 3 and "src='http" not in page
-    shot = chromium_screenshot(out / "report.html", tmp_path / "report.png", 1280, 4000)
+    shot = chromium_screenshot(out / "report.html", tmp_path / "report.png", 1280, 8000)  # behaviour sections come first
     assert colour_fraction(shot, (31, 119, 180), tol=30) > 0.002  # matplotlib's blue: the plots rendered
 
 
@@ -173,6 +184,7 @@ def test_masked_lm_runs_the_study_end_to_end(tmp_path, shared_data):
     assert set(res["metric"]) == {"harm_probe", "yes_harmful", "fluency"}
     assert (res[res["metric"] == "fluency"]["value"] < 0).all()  # pseudo-log-likelihood per token
     assert pd.read_json(pipe.st["evaluate"].dir / "results.json", typ="series")["config"]["model_kind"] == "masked"
+    assert "masked LM" in pipe.outputs["behaviour"].skipped and (tmp_path / "run" / "policies" / "NONE.txt").is_file()
     cfg.model.kind = "causal"
     cfg.run.seed = 1  # a new extraction key, so the model is loaded again
     with pytest.raises(SafesteerError, match="model.kind = 'causal' but .* is a masked LM"):

@@ -67,9 +67,10 @@ def test_changing_a_knob_changes_exactly_the_downstream_keys(section, knob):
 
 
 def test_downstream_closure_matches_the_study_pipeline():
-    assert downstream({"probes"}) == {"probes", "map", "atoms", "directions", "evaluate"}
-    assert downstream({"sae"}) == {"sae", "encode", "map", "atoms", "directions", "evaluate"}
+    assert downstream({"probes"}) == {"probes", "map", "atoms", "directions", "evaluate", "behaviour"}
+    assert downstream({"sae"}) == {"sae", "encode", "map", "atoms", "directions", "evaluate", "behaviour"}
     assert downstream({"evaluate"}) == {"evaluate"}
+    assert downstream({"behaviour"}) == {"behaviour"}
     assert downstream({"extract"}) == set(BY_NAME)
 
 

@@ -128,3 +128,18 @@ def test_errors(tmp_path):
         p.predict_proba(H[:, :3])
     with pytest.raises(SafesteerError, match="missing file"):
         load_probe(tmp_path)
+
+
+def test_integer_sample_weights_equal_duplicated_rows():
+    # weight 2 on a row == that row twice (same objective), for the fit and for the choice of C
+    H, y = _data(n=300, scales=np.ones(12))
+    w = np.where(np.arange(300) % 3 == 0, 2.0, 1.0)
+    p = train_probe(H, y, Cs=(0.5,), standardize=False, sample_weight=w)
+    dup = np.concatenate([np.arange(300), np.flatnonzero(w == 2.0)])
+    ref = LogisticRegression(C=0.5, tol=1e-10, max_iter=5000).fit(H[dup], y[dup])
+    np.testing.assert_allclose(p.w, ref.coef_[0], rtol=1e-3, atol=1e-5)
+    assert p.b == pytest.approx(ref.intercept_[0], rel=1e-3, abs=1e-5)
+    plain = train_probe(H, y, Cs=(0.5,), standardize=False)
+    assert np.max(np.abs(plain.w - p.w)) > 1e-3  # the weights did change the fit
+    with pytest.raises(SafesteerError, match="sample_weight"):
+        train_probe(H, y, Cs=(0.5,), sample_weight=np.zeros(300))

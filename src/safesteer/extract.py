@@ -23,7 +23,8 @@ import torch
 from safesteer import __version__
 from safesteer.errors import SafesteerError
 from safesteer.io import atomic_path, read_json, save_npy, sha256_file, write_json
-from safesteer.models.backbone import Backbone, mean_pool
+from safesteer.models.backbone import Backbone
+from safesteer.models.positions import CHAT_POSITIONS, POSITIONS, chat_inputs, pool
 from safesteer.store import commits
 from safesteer.store.layout import FORMAT, layer_dir, shard_files
 
@@ -47,10 +48,16 @@ class ExtractConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     source: str = "auto"
     pooling: str = "mean"
+    position: str = "mean"
+    """Where vectors are read (:mod:`safesteer.models.positions`): mean | last | prompt_end (texts
+    rendered as chat user messages). ``answer`` needs answers and is built by steering.behaviour."""
 
     def identity(self) -> dict[str, Any]:
         d = asdict(self)
-        return {k: d[k] for k in IDENTITY_KEYS}
+        ident = {k: d[k] for k in IDENTITY_KEYS}
+        if self.position != "mean":  # stores written before positions existed keep their identity
+            ident["position"] = self.position
+        return ident
 
 
 @dataclass
@@ -83,7 +90,12 @@ def _log(msg: str) -> None:
 class Extractor:
     """Turns batches of texts into pooled activations for several layers at once."""
 
-    def __init__(self, backbone: Backbone, layers: list[int], batch_size: int = 32, max_length: int = 512, precision: str = "fp32", bucket_window: int = 0):
+    def __init__(self, backbone: Backbone, layers: list[int], batch_size: int = 32, max_length: int = 512, precision: str = "fp32", bucket_window: int = 0,
+                 position: str = "mean"):
+        if position not in POSITIONS or position == "answer":
+            raise SafesteerError(f"extraction position must be one of mean, last, prompt_end; got {position!r}")
+        self.position = position
+        self._spans: list[tuple[int, int]] = []
         self.bb = backbone
         self.layers = sorted({backbone.check_layer(l) for l in layers})
         self.batch_size = batch_size
@@ -94,6 +106,11 @@ class Extractor:
         self.tokens = 0
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
+        if self.position in CHAT_POSITIONS:  # texts are user messages, rendered with the chat template
+            ci = chat_inputs(self.bb, texts, max_length=self.max_length)
+            self._spans = ci.prompt_end
+            self.truncated += ci.n_truncated
+            return ci.ids
         enc = self.bb.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False)["input_ids"]
         self.truncated += sum(len(x) >= self.max_length for x in enc)
         return enc
@@ -106,7 +123,7 @@ class Extractor:
         parts = [start + np.argsort(lengths_arr[start : start + window], kind="stable") for start in range(0, n, window)]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
-    def _batch_forward(self, ids: list[list[int]]) -> dict[int, torch.Tensor]:
+    def _batch_forward(self, ids: list[list[int]], spans: list[tuple[int, int]] | None = None) -> dict[int, torch.Tensor]:
         pad = self.bb.tokenizer.pad_token_id or 0
         width = max(len(x) for x in ids)
         input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
@@ -118,7 +135,8 @@ class Extractor:
         self.tokens += int(mask.sum())
         with torch.inference_mode(), torch.autocast(self.bb.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             hs = self.bb.forward_layers(input_ids, mask, self.layers)
-        return {l: mean_pool(h.float(), mask) for l, h in hs.items()}
+        sp = torch.tensor(spans, device=mask.device) if spans is not None else None
+        return {l: pool(h.float(), mask, self.position, sp) for l, h in hs.items()}
 
     def run(self, texts: list[str], progress=None) -> dict[int, np.ndarray]:
         """Pooled float32 vectors (rows × d) per layer, in the order of ``texts``."""
@@ -127,7 +145,8 @@ class Extractor:
         out = {l: np.zeros((len(texts), self.bb.d_model), dtype=np.float32) for l in self.layers}
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            pooled = self._batch_forward([ids[i] for i in idx])
+            spans = [self._spans[i] for i in idx] if self.position in CHAT_POSITIONS else None
+            pooled = self._batch_forward([ids[i] for i in idx], spans)
             for l, v in pooled.items():
                 out[l][idx] = v.cpu().numpy()
             if progress is not None:
@@ -200,7 +219,9 @@ def _new_manifest(cfg: ExtractConfig, backbone: Backbone, layer: int) -> dict:
         "kind": backbone.kind,
         "layer": layer,
         "n_layers": backbone.n_layers,
-        "pooling": "mean over real tokens (attention mask)",
+        "pooling": {"mean": "mean over real tokens (attention mask)", "last": "last real token",
+                    "prompt_end": "mean over the chat template's tokens after the user content"}[cfg.position],
+        "position": cfg.position,
         "dtype": cfg.dtype,
         "d": backbone.d_model,
         "rows_per_shard": cfg.shard_size,
@@ -246,6 +267,8 @@ def extract(
     layers = sorted({backbone.check_layer(l) for l in cfg.layers})
     if cfg.shard_size <= 0 or cfg.batch_size <= 0:
         raise SafesteerError("--shard-size and --batch-size must be positive")
+    if cfg.position not in ("mean", "last", "prompt_end"):
+        raise SafesteerError(f"unknown extraction position {cfg.position!r}; valid choices: mean, last, prompt_end")
     if cfg.dtype not in ("float16", "float32"):
         raise SafesteerError(f"unknown dtype {cfg.dtype!r}; valid choices: float16, float32")
     report = ExtractReport()
@@ -314,7 +337,7 @@ def extract(
                 report.bf16_min_cosine = cos
                 for m in manifests.values():
                     m["precision"], m["bf16_min_cosine"] = precision, cos
-            extractor = Extractor(backbone, layers, cfg.batch_size, cfg.max_length, precision, cfg.bucket_window)
+            extractor = Extractor(backbone, layers, cfg.batch_size, cfg.max_length, precision, cfg.bucket_window, cfg.position)
         trunc_before = extractor.truncated
         pooled = extractor.run(texts, progress=bar.update if bar is not None else None)
         n_trunc = extractor.truncated - trunc_before

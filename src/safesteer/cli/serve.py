@@ -81,8 +81,9 @@ def _is_loopback(host: str) -> bool:
 def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve_cmd(
-        model: str = typer.Option("smollm2-135m", "--model", help="Alias (smollm2-135m), local folder or hub id."),
-        policies: Path = typer.Option(..., "--policies", help="Folder of policy JSON files (created if missing; PUTs are saved here)."),
+        run: Optional[Path] = typer.Option(None, "--run", help="A `safesteer run` folder: serve its model, recommended policy, gate and directions."),
+        model: Optional[str] = typer.Option(None, "--model", help="Alias (smollm2-135m), local folder or hub id (default: the run's model, else smollm2-135m)."),
+        policies: Optional[Path] = typer.Option(None, "--policies", help="Folder of policy JSON files (created if missing; PUTs are saved here). Default with --run: <run>/policies."),
         directions: Optional[Path] = typer.Option(None, "--directions", help="Direction set folder (or a run folder holding directions/)."),
         probes: list[str] = typer.Option([], "--probes", help="[NAME=]DIR of a probe (or a folder of probe folders); repeatable."),
         probe_layer: Optional[int] = typer.Option(None, "--probe-layer", help="Layer of probes that do not record one."),
@@ -111,9 +112,27 @@ def register(app: typer.Typer) -> None:
                 raise SafesteerError(f"--api-key-env {api_key_env}: that environment variable is unset or empty")
         limits = Limits(max_texts=max_texts, max_text_chars=max_text_chars, max_body_bytes=max_body, max_new_tokens=max_new_tokens,
                         max_abs_alpha=max_alpha, batch_window_ms=batch_window_ms)
+        bundle = None
+        if run is not None:
+            from safesteer.serve.bundle import load_bundle
+
+            bundle = load_bundle(run)
+            if bundle["none"]:
+                typer.echo(f"{run}: {bundle['none']}", err=True)
+        elif policies is None:
+            raise SafesteerError("pass --policies DIR (a folder of policy files) or --run RUN (a `safesteer run` folder)")
+        model = model or (bundle["model"] if bundle else "smollm2-135m")
+        policies = policies if policies is not None else bundle["policies"]
+        ds = resolve_directions(directions) if directions is not None else (bundle["directions"] if bundle else None)
+        served = {**(bundle["probes"] if bundle else {}), **resolve_probes(probes, probe_layer)}
+        if bundle and bundle["provenance"]:
+            need = max(abs(float(bundle["provenance"]["alpha_norm"]) * float(bundle["provenance"]["scale_median_norm"])), 0.0)
+            if need > max_alpha:
+                max_alpha = float(need)
+                typer.echo(f"--max-alpha raised to {max_alpha:g}: the run's recommended policy steers with that α", err=True)
+        limits = Limits(max_texts=max_texts, max_text_chars=max_text_chars, max_body_bytes=max_body, max_new_tokens=max_new_tokens,
+                        max_abs_alpha=max_alpha, batch_window_ms=batch_window_ms)
         store = PolicyStore(policies)
-        ds = resolve_directions(directions) if directions is not None else None
-        served = resolve_probes(probes, probe_layer)
         sae_obj = None
         if sae is not None:
             from safesteer.sae import load_sae

@@ -187,15 +187,19 @@ class Backbone:
         layers: Sequence[int],
         batch_size: int = 32,
         max_length: int | None = None,
+        position: str = "mean",
+        answers: Sequence[str] | None = None,
+        system: str | None = None,
     ) -> dict[int, np.ndarray]:
-        """Mean-pooled sentence vectors (float32, rows × d) for each requested layer."""
-        out: dict[int, list[np.ndarray]] = {int(l): [] for l in layers}
-        for start in range(0, len(texts), batch_size):
-            enc = self.tokenize(texts[start : start + batch_size], max_length=max_length)
-            hs = self.forward_layers(enc.input_ids, enc.attention_mask, layers)
-            for l, h in hs.items():
-                out[l].append(mean_pool(h.float(), enc.attention_mask).cpu().numpy())
-        return {l: np.concatenate(v) if v else np.zeros((0, self.d_model), np.float32) for l, v in out.items()}
+        """Pooled sentence vectors (float32, rows × d) for each requested layer.
+
+        ``position`` (see :mod:`safesteer.models.positions`): ``mean`` (default) and ``last`` pool
+        the raw ``texts``; ``prompt_end`` and ``answer`` treat ``texts`` as user messages rendered
+        with the chat template (``answers`` appended after the generation prompt for ``answer``).
+        """
+        from safesteer.models.positions import pooled_vectors
+
+        return pooled_vectors(self, texts, layers, batch_size, max_length, position, answers, system)
 
     # ---------------------------------------------------------------- steering
     @contextlib.contextmanager

@@ -112,8 +112,12 @@ def stage_timings(pipe) -> dict[str, float]:
 def build_report(pipe) -> Path:
     cfg, st = pipe.cfg, pipe.st
     sections: list[Section] = []
+    if "behaviour" in st and st["behaviour"].done:  # the verdict a reader gets in ten seconds comes first
+        from safesteer.pipeline.behaviour_report import sections as behaviour_sections
+
+        sections += behaviour_sections(st["behaviour"].dir, pipe.out)
     ev = st["evaluate"].dir
-    head = Section("Headline: steering strategies (test split, 95% bootstrap CIs, Δ vs unsteered)")
+    head = Section("Study metrics: steering strategies (test split, 95% bootstrap CIs, Δ vs unsteered)")
     metric_table, alpha_table = headline_tables(ev)
     if metric_table is not None:
         head.text("Δ = steered − unsteered, paired on the same test items, with a 95% bootstrap CI; * marks a CI that excludes 0. "

@@ -144,5 +144,8 @@ class Pipeline:
             _say(f"stopped before {unfinished[0]} (--stages); no report until every stage has finished")
             return None
         from safesteer.pipeline.build_report import build_report
+        from safesteer.serve.bundle import publish
 
+        if "behaviour" in self.outputs:
+            publish(self.outputs["behaviour"].policy, self.out)
         return build_report(self)

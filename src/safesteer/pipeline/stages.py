@@ -30,6 +30,7 @@ from safesteer.evaluate.stage import EvaluateOutputs, run_evaluate_stage
 from safesteer.probes.train import ProbesOutputs, run_probes_stage
 from safesteer.sae.run import EncodeOutputs, SAEOutputs, run_encode_stage, run_sae_stage
 from safesteer.steering.build import DirectionsOutputs, run_directions_stage
+from safesteer.steering.stage import BehaviourOutputs, run_behaviour_stage
 from safesteer.store.build import ExtractOutputs, run_extract_stage
 
 
@@ -78,6 +79,7 @@ TABLE: tuple[StageSpec, ...] = (
     StageSpec("atoms", ("atoms",), ("sae", "map"), run_atoms_stage, AtomsOutputs),
     StageSpec("directions", ("directions",), ("sae", "probes", "atoms"), run_directions_stage, DirectionsOutputs),
     StageSpec("evaluate", ("evaluate",), ("probes", "directions"), run_evaluate_stage, EvaluateOutputs),
+    StageSpec("behaviour", ("behaviour",), ("directions",), run_behaviour_stage, BehaviourOutputs),
 )
 BY_NAME: dict[str, StageSpec] = {s.name: s for s in TABLE}
 

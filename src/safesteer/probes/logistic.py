@@ -147,8 +147,9 @@ def _standardise(H: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mu, sd
 
 
-def _fit(Z: np.ndarray, y: np.ndarray, C: float, balanced: bool, seed: int, max_iter: int, clf=None, tol: float = 1e-6):
-    """Fit (or warm-start ``clf`` with a new C) an ℓ2 logistic regression."""
+def _fit(Z: np.ndarray, y: np.ndarray, C: float, balanced: bool, seed: int, max_iter: int, clf=None, tol: float = 1e-6,
+         sample_weight: np.ndarray | None = None):
+    """Fit (or warm-start ``clf`` with a new C) an ℓ2 logistic regression (optionally row-weighted)."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
@@ -159,7 +160,7 @@ def _fit(Z: np.ndarray, y: np.ndarray, C: float, balanced: bool, seed: int, max_
         clf.set_params(C=C)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        clf.fit(Z, y)
+        clf.fit(Z, y, sample_weight=sample_weight)
     return clf
 
 
@@ -170,8 +171,9 @@ def fold_standardisation(w_z: np.ndarray, b_z: float, mean: np.ndarray, scale: n
 
 
 def choose_C(Z: np.ndarray, y: np.ndarray, Cs: Sequence[float], *, balanced: bool, seed: int, folds: int = 5,
-             max_iter: int = 2000) -> tuple[float, dict[str, float]]:
-    """C with the lowest mean held-out log-loss over stratified folds (ties → smaller C)."""
+             max_iter: int = 2000, sample_weight: np.ndarray | None = None) -> tuple[float, dict[str, float]]:
+    """C with the lowest mean held-out log-loss over stratified folds (ties → smaller C); with
+    ``sample_weight`` the fits and the held-out log-loss are weighted by it."""
     from sklearn.metrics import log_loss
     from sklearn.model_selection import StratifiedKFold
 
@@ -184,12 +186,15 @@ def choose_C(Z: np.ndarray, y: np.ndarray, Cs: Sequence[float], *, balanced: boo
     for tr, va in skf.split(Z, y):
         clf = None  # warm-started along increasing C (the regularisation path)
         for c in sorted(scores):
-            clf = _fit(Z[tr], y[tr], c, balanced, seed, max_iter, clf=clf, tol=1e-4)
+            clf = _fit(Z[tr], y[tr], c, balanced, seed, max_iter, clf=clf, tol=1e-4,
+                       sample_weight=None if sample_weight is None else sample_weight[tr])
             p = clf.predict_proba(Z[va])[:, 1]
             if balanced:  # score as balanced too, so the choice matches the objective
                 wts = np.where(y[va] == 1, 0.5 / max(y[va].mean(), 1e-12), 0.5 / max(1 - y[va].mean(), 1e-12))
             else:
                 wts = None
+            if sample_weight is not None:
+                wts = sample_weight[va] if wts is None else wts * sample_weight[va]
             scores[c].append(float(log_loss(y[va], p, labels=[0, 1], sample_weight=wts)))
     mean = {c: float(np.mean(v)) for c, v in scores.items()}
     best = min(sorted(mean), key=lambda c: mean[c])
@@ -223,11 +228,13 @@ def train_probe(
     standardize: bool = True,
     max_iter: int = 2000,
     meta: dict[str, Any] | None = None,
+    sample_weight: np.ndarray | None = None,
 ) -> Probe:
     """Fit an ℓ2 logistic probe; C by CV on the training rows; metrics on the held-out rows.
 
     ``metrics`` holds ``accuracy``, ``auroc``, ``f1`` (held-out), ``train_accuracy``, ``train_auroc``,
-    ``C``, ``cv_log_loss`` (per C), ``n_train``, ``n_test``, ``balanced``.
+    ``C``, ``cv_log_loss`` (per C), ``n_train``, ``n_test``, ``balanced``. ``sample_weight`` (one
+    positive weight per training row) weights the fit and the choice of C.
     """
     H_train = np.asarray(H_train, dtype=np.float64)
     y_train = _check_binary(y_train, "y_train")
@@ -238,13 +245,18 @@ def train_probe(
         raise SafesteerError(f"the training split has {counts[1]} positive and {counts[0]} negative rows; a probe needs at least 2 of each")
     if not len(Cs):
         raise SafesteerError("Cs is empty; give at least one inverse regularisation strength")
+    if sample_weight is not None:
+        sample_weight = np.asarray(sample_weight, dtype=np.float64).reshape(-1)
+        if sample_weight.shape[0] != len(y_train) or not np.all(np.isfinite(sample_weight)) or sample_weight.min() <= 0:
+            raise SafesteerError(f"sample_weight needs one finite positive weight per training row ({len(y_train)})")
     if standardize:
         mu, sd = _standardise(H_train)
     else:
         mu, sd = np.zeros(H_train.shape[1]), np.ones(H_train.shape[1])
     Z = (H_train - mu) / sd
-    C, cv = choose_C(Z, y_train, list(Cs), balanced=balanced, seed=seed, folds=folds, max_iter=max_iter)
-    clf = _fit(Z, y_train, C, balanced, seed, max_iter)
+    C, cv = choose_C(Z, y_train, list(Cs), balanced=balanced, seed=seed, folds=folds, max_iter=max_iter,
+                     sample_weight=sample_weight)
+    clf = _fit(Z, y_train, C, balanced, seed, max_iter, sample_weight=sample_weight)
     w, b = fold_standardisation(clf.coef_[0], float(clf.intercept_[0]), mu, sd)
     probe = Probe(w=w, b=b, mean=mu if standardize else None, scale=sd if standardize else None,
                   diffmean=diffmean_direction(H_train, y_train), meta=dict(meta or {}))

@@ -13,9 +13,12 @@ Per request, all texts are batched together (in chunks of ``max_batch_texts``). 
 results by float rounding (~1e-7); with the default window of 0 every request's output is
 bit-identical to the same request run alone.
 
-Conditional steering: the condition probe reads the *unsteered* mean-pooled vector of the raw
-text at its layer; rows at or below the threshold are left untouched inside the batch
-(``torch.where`` on the row), so their output is bit-for-bit the unsteered output.
+Conditional steering: the condition probe reads the *unsteered* vector at its layer, pooled at its
+position (``mean`` of the raw text; ``prompt_end`` of the chat-rendered prompt, as the behaviour
+evaluation does); the steering is then applied by the evaluation's own implementation,
+:func:`safesteer.steering.condition.conditional`, with those per-row decisions: rows at or below
+the threshold are left untouched inside the batch (``torch.where`` on the row), so their output is
+bit-for-bit the unsteered output.
 """
 
 from __future__ import annotations
@@ -70,11 +73,29 @@ class Limits:
 
 @dataclass(frozen=True)
 class ServedProbe:
-    """A probe the server can score with: ``probe.predict_proba`` on the mean-pooled vector at ``layer``."""
+    """A probe the server can score with: ``probe.predict_proba`` on the vector at ``layer`` pooled at
+    ``position`` (``mean`` for /v1/score; a condition may read ``prompt_end``)."""
 
     name: str
     probe: Any
     layer: int
+    position: str = "mean"
+
+
+class GateProbe:
+    """A :class:`~safesteer.steering.condition.Condition` (the behaviour study's harm gate) served as a probe."""
+
+    def __init__(self, condition: Any):
+        self.condition = condition
+        self.w, self.b = condition.w, condition.b
+        self.d = int(condition.w.shape[0])
+        self.meta = {"layer": condition.layer, "position": condition.position, "label": condition.name}
+
+    def decision_function(self, H: np.ndarray) -> np.ndarray:
+        return self.condition.score(H)
+
+    def predict_proba(self, H: np.ndarray) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-self.decision_function(H)))
 
 
 def served_probes(probes: Mapping[str, Any] | Sequence[ServedProbe] | None, backbone: Any,
@@ -87,7 +108,7 @@ def served_probes(probes: Mapping[str, Any] | Sequence[ServedProbe] | None, back
     items = probes.items() if isinstance(probes, Mapping) else ((p.name, p) for p in probes)
     for name, value in items:
         if isinstance(value, ServedProbe):
-            sp = value if value.name == name else ServedProbe(name, value.probe, value.layer)
+            sp = value if value.name == name else ServedProbe(name, value.probe, value.layer, value.position)
         elif isinstance(value, tuple):
             sp = ServedProbe(name, value[0], int(value[1]))
         else:
@@ -115,6 +136,23 @@ class CompiledPolicy:
     threshold: float
     alpha_lo: float
     alpha_hi: float
+    score_threshold: float | None = None
+    """Steer when the condition probe's logit exceeds this (else: when P > ``threshold``)."""
+    position: str = "mean"
+    """Where the condition probe reads (``mean`` of the raw text, ``prompt_end`` of the chat prompt …)."""
+
+    def gate(self) -> Any:
+        """The condition as a :class:`safesteer.steering.condition.Condition` (logit threshold)."""
+        from safesteer.steering.condition import Condition
+
+        assert self.condition is not None
+        probe = self.condition.probe
+        t = self.score_threshold if self.score_threshold is not None else (
+            math.inf if self.threshold >= 1 else -math.inf if self.threshold <= 0 else math.log(self.threshold / (1 - self.threshold)))
+        w, b = getattr(probe, "w", None), getattr(probe, "b", None)
+        if w is None or b is None:  # a probe without raw-space weights: the decisions come from predict_proba
+            return Condition(np.zeros(1), 0.0, self.condition.layer, self.position, t, self.condition.name)
+        return Condition(np.asarray(w), float(b), self.condition.layer, self.position, t, self.condition.name)
 
     def edit(self, alpha: float, rows: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
         """``h → clamps(h) + α·v`` (only on ``rows`` of the batch when given; others are returned as is)."""
@@ -225,11 +263,17 @@ class Engine:
                     raise SafesteerError(f"atom {max(c.atoms)} is out of range 0..{d_sae - 1} for the served SAE")
                 clamps.append(ClampEdit(self.sae, c.atoms, lam=c.lam, mode=c.mode, floor=c.floor))
         cond = None
-        threshold = 0.0
+        threshold, score_threshold, position = 0.0, None, "mean"
         if policy.condition is not None:
             cond = self._probe(policy.condition.probe)
-            threshold = float(policy.condition.threshold)
-        return CompiledPolicy(layer, vector, tuple(clamps), cond, threshold, float(lo), float(hi))
+            position = policy.condition.position or cond.position
+            if policy.condition.score_threshold is not None:
+                if getattr(cond.probe, "decision_function", None) is None:
+                    raise SafesteerError(f"probe '{cond.name}' gives no logits; use 'threshold' (a probability) instead of 'score_threshold'")
+                score_threshold = float(policy.condition.score_threshold)
+            else:
+                threshold = float(policy.condition.threshold)
+        return CompiledPolicy(layer, vector, tuple(clamps), cond, threshold, float(lo), float(hi), score_threshold, position)
 
     def _direction(self, name: str):
         if name not in self.directions:
@@ -258,23 +302,41 @@ class Engine:
         for s in range(0, n, size):
             yield s, min(n, s + size)
 
-    def _condition_rows(self, cp: CompiledPolicy, texts: Sequence[str], extra_layers: Sequence[int] = ()
-                        ) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
-        """(P(condition), rows to steer, unsteered pooled vectors at the condition + ``extra_layers``)."""
+    def condition_rows(self, cp: CompiledPolicy, texts: Sequence[str], extra_layers: Sequence[int] = ()
+                       ) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
+        """(P(condition), rows to steer, unsteered mean-pooled vectors at ``extra_layers`` (+ the condition's when it reads ``mean``))."""
         assert cp.condition is not None
-        layers = sorted({cp.condition.layer, *extra_layers})
-        H0 = self.backbone.pooled(list(texts), layers, batch_size=max(1, len(texts)))
-        p = np.asarray(cp.condition.probe.predict_proba(H0[cp.condition.layer]), dtype=np.float64)
-        return p, p > cp.threshold, H0
+        c = cp.condition
+        if cp.position == "mean":
+            H0 = self.backbone.pooled(list(texts), sorted({c.layer, *extra_layers}), batch_size=max(1, len(texts)))
+            Hc = H0[c.layer]
+        else:
+            H0 = self.backbone.pooled(list(texts), sorted(set(extra_layers)), batch_size=max(1, len(texts))) if extra_layers else {}
+            Hc = self.backbone.pooled(list(texts), [c.layer], batch_size=max(1, len(texts)), position=cp.position)[c.layer]
+        p = np.asarray(c.probe.predict_proba(Hc), dtype=np.float64)
+        if cp.score_threshold is not None:
+            rows = np.asarray(c.probe.decision_function(Hc), dtype=np.float64) > cp.score_threshold
+        else:
+            rows = p > cp.threshold
+        return p, rows, H0
 
     @contextlib.contextmanager
     def _steering(self, cp: CompiledPolicy | None, alpha: float | None, rows: np.ndarray | None) -> Iterator[None]:
-        """Install ``cp`` on the whole batch (rows None), on some rows, or not at all."""
+        """Install ``cp`` on the whole batch (rows None), on some rows, or not at all.
+
+        Some rows: :func:`safesteer.steering.condition.conditional` with the gate's per-row
+        decisions (the evaluation's conditional steering; unflagged rows bit-identical)."""
         if cp is None or (rows is not None and not rows.any()):
             yield
             return
-        mask = None if rows is None or rows.all() else torch.as_tensor(rows, dtype=torch.bool)
-        with self.backbone.steer(cp.layer, edit=cp.edit(alpha or 0.0, mask)):
+        if rows is None or rows.all():
+            with self.backbone.steer(cp.layer, edit=cp.edit(alpha or 0.0)):
+                yield
+            return
+        from safesteer.steering.condition import conditional
+        from safesteer.steering.strategies import Intervention
+
+        with conditional(self.backbone, cp.gate(), Intervention("policy", layer=cp.layer, edit=cp.edit(alpha or 0.0)), flags=rows):
             yield
 
     def _run_chunks(self, texts: Sequence[str], plan: Plan, fn: Callable[..., None],
@@ -297,7 +359,7 @@ class Engine:
             rows = None
             H0: dict[int, np.ndarray] = {}
             if cp is not None and cp.condition is not None:
-                cond_p[s:e], rows, H0 = self._condition_rows(cp, chunk, extra_layers)
+                cond_p[s:e], rows, H0 = self.condition_rows(cp, chunk, extra_layers)
             active = cp is not None and (rows is None or bool(rows.any()))
             with self._steering(cp, plan.alpha, rows):
                 fn(chunk, s, e, rows, H0, active)

@@ -31,7 +31,6 @@ import time
 import uuid
 from typing import Any, AsyncIterator, Callable, Literal, Optional, Union
 
-import numpy as np
 import torch
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
@@ -196,9 +195,8 @@ def mount_openai(app: Any, engine: Engine, store: PolicyStore, worker: ModelWork
         cond_p = None
         steer = cp is not None
         if cp is not None and cp.condition is not None:
-            H = backbone.pooled([last_user], [cp.condition.layer], batch_size=1)[cp.condition.layer]
-            cond_p = float(np.asarray(cp.condition.probe.predict_proba(H), dtype=np.float64)[0])
-            steer = cond_p > cp.threshold
+            p, rows, _ = engine.condition_rows(cp, [last_user])  # the service's one gate decision (position, logit threshold)
+            cond_p, steer = float(p[0]), bool(rows[0])
         info = {**plan.describe(), "steered": bool(steer), "condition_probability": cond_p}
         enc = backbone.tokenize([rendered], add_special_tokens=False)
         limit = getattr(backbone.config, "max_position_embeddings", None) or getattr(backbone.config, "n_positions", None)

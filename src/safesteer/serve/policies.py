@@ -3,8 +3,9 @@
 A :class:`Policy` is what a client selects per request: named directions (from the served
 :class:`~safesteer.steering.DirectionSet`), the layer they act on, α (raw activation units, the
 package's sign convention: α ≥ 0 steers *away* from unsafe, ``h' = h − α·d``), optional SAE atom
-clamps, and an optional *condition* — steer a text only when a probe's probability on the prompt
-exceeds a threshold (conditional steering). Several directions are combined as the normalised sum
+clamps, and an optional *condition* — steer a text only when a probe's probability (or logit) on
+the unsteered prompt exceeds a threshold (conditional steering, applied by
+:func:`safesteer.steering.condition.conditional`, the evaluation's implementation). Several directions are combined as the normalised sum
 of their unit vectors (the package's hybrid rule); an ensemble direction (the ``random`` control)
 contributes its first vector.
 
@@ -48,12 +49,26 @@ def valid_name(name: str) -> bool:
 
 
 class Condition(BaseModel):
-    """Steer a text only when ``probe``'s probability on the (unsteered) prompt exceeds ``threshold``."""
+    """Steer a text only when the (unsteered) prompt passes ``probe``'s gate.
+
+    Either ``threshold`` (steer when P(probe) > threshold) or ``score_threshold`` (steer when the
+    probe's logit ``w·h + b`` > score_threshold, exact for a gate calibrated on logits). The probe
+    reads its layer pooled at ``position`` (default: the probe's own, ``mean`` for probe folders,
+    the recorded one for gates): ``prompt_end`` reads the chat template's tokens after the user turn.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     probe: str = Field(min_length=1, max_length=128, description="Name of a probe loaded by the server.")
-    threshold: float = Field(ge=0.0, le=1.0, allow_inf_nan=False, description="Steer when P(probe) > threshold.")
+    threshold: Optional[float] = Field(None, ge=0.0, le=1.0, allow_inf_nan=False, description="Steer when P(probe) > threshold.")
+    score_threshold: Optional[float] = Field(None, allow_inf_nan=False, description="Steer when the probe's logit > score_threshold.")
+    position: Optional[Literal["mean", "last", "prompt_end"]] = Field(None, description="Where the probe reads (default: the probe's own).")
+
+    @model_validator(mode="after")
+    def _one_threshold(self) -> "Condition":
+        if (self.threshold is None) == (self.score_threshold is None):
+            raise ValueError("a condition needs exactly one of 'threshold' (probability) or 'score_threshold' (logit)")
+        return self
 
 
 class Clamp(BaseModel):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from safesteer.data.records import DatasetSpec
-from safesteer.data.sets import bias, emotion, harm, text, toxicity
+from safesteer.data.sets import bias, emotion, harm, qa, text, toxicity
 
 SPECS: tuple[DatasetSpec, ...] = (
     # the original study's seven
@@ -22,7 +22,9 @@ SPECS: tuple[DatasetSpec, ...] = (
     toxicity.TOXIGEN,
     harm.HH_RLHF_HARMLESS,
     toxicity.BIAS_MADLIBS,
+    # ordinary user questions (harmless requests for the harm gate)
+    *qa.SPECS,
 )
 
-_ALL = {s.name for m in (bias, emotion, harm, text, toxicity) for s in m.SPECS}
+_ALL = {s.name for m in (bias, emotion, harm, qa, text, toxicity) for s in m.SPECS}
 assert _ALL == {s.name for s in SPECS}, "every family module's SPECS must be registered"

@@ -1,0 +1,178 @@
+"""Where a sentence vector is read: ``mean``, ``last``, ``prompt_end`` or ``answer`` pooling.
+
+* ``mean`` — mean over real tokens (attention mask): the original study's pooling.
+* ``last`` — the last real token (works with left or right padding).
+* ``prompt_end`` — mean over the chat template's tokens *after* the user content (SmolLM2:
+  ``<|im_end|>\\n<|im_start|>assistant\\n``), where Arditi et al. (2024) read the refusal
+  direction. A tokenizer without a chat template adds no such tokens: then the span is the
+  prompt's last token.
+* ``answer`` — mean over the tokens of an answer appended after the generation prompt (CAA).
+
+:func:`chat_inputs` renders user messages (+ optional answers) with the template and returns the
+token ids with both spans, found from the tokenizer's character offsets, so the spans are exact
+token positions whatever the tokenizer merges at the boundaries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+
+from safesteer.errors import SafesteerError
+
+Position = Literal["mean", "last", "prompt_end", "answer"]
+POSITIONS: tuple[str, ...] = ("mean", "last", "prompt_end", "answer")
+CHAT_POSITIONS: tuple[str, ...] = ("prompt_end", "answer")
+"""Positions that need the chat rendering (spans); ``mean``/``last`` work on raw texts."""
+
+
+def check_position(position: str) -> str:
+    if position not in POSITIONS:
+        raise SafesteerError(f"unknown position '{position}'; valid choices: {', '.join(POSITIONS)}")
+    return position
+
+
+def span_mask(spans: torch.Tensor | Sequence[tuple[int, int]], seq: int, device: Any = None) -> torch.Tensor:
+    """Bool (batch × seq): True at ``start <= t < end`` of each row's ``(start, end)`` span."""
+    sp = torch.as_tensor(spans, dtype=torch.long, device=device).reshape(-1, 2)
+    t = torch.arange(seq, device=sp.device).unsqueeze(0)
+    return (t >= sp[:, :1]) & (t < sp[:, 1:])
+
+
+def last_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real token (left or right padding)."""
+    seq = attention_mask.shape[1]
+    pos = torch.arange(seq, device=attention_mask.device).unsqueeze(0).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), pos, torch.full_like(pos, -1)).max(dim=1).values.clamp_min(0)
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, position: str = "mean",
+         spans: torch.Tensor | Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
+    """Pooled vectors (batch × d) of ``hidden`` (batch × seq × d) at ``position``.
+
+    ``spans`` (batch × 2, ``[start, end)`` token indices) is required for ``prompt_end`` and
+    ``answer`` (see :func:`chat_inputs`); it is ignored for ``mean`` and ``last``.
+    """
+    check_position(position)
+    if position == "mean":
+        mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+    if position == "last":
+        idx = last_index(attention_mask)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+    if spans is None:
+        raise SafesteerError(f"position '{position}' needs token spans; build the inputs with chat_inputs()")
+    m = (span_mask(spans, hidden.shape[1], hidden.device) & attention_mask.bool()).to(hidden.dtype).unsqueeze(-1)
+    count = m.sum(dim=1)
+    if bool((count == 0).any()):
+        raise SafesteerError(f"an empty '{position}' span; give non-empty answers / prompts")
+    return (hidden * m).sum(dim=1) / count
+
+
+@dataclass
+class ChatInputs:
+    """Token ids of rendered chats (no padding) with each row's prompt_end and answer spans."""
+
+    ids: list[list[int]]
+    prompt_end: list[tuple[int, int]]
+    answer: list[tuple[int, int]]
+    n_truncated: int = 0
+
+    def spans(self, position: str) -> list[tuple[int, int]]:
+        if position == "prompt_end":
+            return self.prompt_end
+        if position == "answer":
+            return self.answer
+        raise SafesteerError(f"position '{position}' has no span; spans exist for {', '.join(CHAT_POSITIONS)}")
+
+    def batch(self, rows: Sequence[int], pad_id: int, padding_side: str = "right", device: Any = None):
+        """(input_ids, attention_mask, {position: spans}) for ``rows``, padded to the longest."""
+        width = max(len(self.ids[r]) for r in rows)
+        ids = torch.full((len(rows), width), int(pad_id), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        shift = []
+        for i, r in enumerate(rows):
+            n = len(self.ids[r])
+            off = width - n if padding_side == "left" else 0
+            ids[i, off:off + n] = torch.tensor(self.ids[r], dtype=torch.long)
+            mask[i, off:off + n] = 1
+            shift.append(off)
+        spans = {p: torch.tensor([(s + o, e + o) for (s, e), o in zip((self.spans(p)[r] for r in rows), shift)])
+                 for p in CHAT_POSITIONS}
+        return ids.to(device), mask.to(device), spans
+
+
+def chat_inputs(backbone: Any, users: Sequence[str], answers: Sequence[str] | None = None,
+                system: str | None = None, max_length: int | None = None) -> ChatInputs:
+    """Render ``users`` with the chat template (+ ``answers`` appended) and locate the spans.
+
+    prompt_end = tokens from the end of the user content to the end of the generation prompt
+    (at least the prompt's last token); answer = tokens from the end of the generation prompt to
+    the end (empty when no answers are given). Too long inputs keep their *last* ``max_length``
+    tokens, so both spans survive.
+    """
+    if answers is not None and len(answers) != len(users):
+        raise SafesteerError(f"{len(users)} prompts but {len(answers)} answers; give one answer per prompt")
+    tok = backbone.tokenizer
+    if not getattr(tok, "is_fast", False):
+        raise SafesteerError("prompt_end/answer positions need a fast tokenizer (character offsets)")
+    limit = int(max_length or backbone.max_length)
+    out = ChatInputs([], [], [])
+    for i, user in enumerate(users):
+        content = str(user).strip()
+        chat = backbone.chat_prompt(content, system=system)
+        user_end = chat.rfind(content) + len(content)
+        answer = "" if answers is None else str(answers[i])
+        enc = tok(chat + answer, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offs = list(enc["input_ids"]), list(enc["offset_mapping"])
+        n_prompt = sum(1 for s, _e in offs if s < len(chat))
+        pe_start = next((t for t, (s, _e) in enumerate(offs[:n_prompt]) if s >= user_end), n_prompt)
+        pe_start = min(pe_start, n_prompt - 1)
+        pe, ans = (pe_start, n_prompt), (n_prompt, len(ids))
+        if len(ids) > limit:
+            cut = len(ids) - limit
+            if pe[0] < cut:
+                raise SafesteerError(f"input {i} is {len(ids)} tokens; its template end does not fit in {limit}")
+            ids = ids[cut:]
+            pe, ans = (pe[0] - cut, pe[1] - cut), (ans[0] - cut, ans[1] - cut)
+            out.n_truncated += 1
+        out.ids.append(ids)
+        out.prompt_end.append(pe)
+        out.answer.append(ans)
+    return out
+
+
+def prompt_end_length(backbone: Any, system: str | None = None) -> int:
+    """Number of prompt_end tokens of this backbone's template (the same for every prompt; cached)."""
+    tok = backbone.tokenizer
+    key = (getattr(tok, "chat_template", None), system)
+    cache = tok.__dict__.setdefault("_safesteer_prompt_end", {})
+    if key not in cache:
+        s, e = chat_inputs(backbone, ["Hello"], system=system).prompt_end[0]
+        cache[key] = e - s
+    return cache[key]
+
+
+def pooled_vectors(backbone: Any, texts: Sequence[str], layers: Sequence[int], batch_size: int = 32,
+                   max_length: int | None = None, position: str = "mean", answers: Sequence[str] | None = None,
+                   system: str | None = None) -> dict[int, np.ndarray]:
+    """The body of :meth:`Backbone.pooled`: float32 (rows × d) vectors per layer at ``position``."""
+    check_position(position)
+    if position == "answer" and answers is None:
+        raise SafesteerError("position 'answer' needs the answers to append; pass answers=[...]")
+    out: dict[int, list[np.ndarray]] = {int(l): [] for l in layers}
+    ci = chat_inputs(backbone, texts, answers, system, max_length) if position in CHAT_POSITIONS else None
+    pad = backbone.tokenizer.pad_token_id or 0
+    for start in range(0, len(texts), batch_size):
+        if ci is not None:
+            ids, mask, spans = ci.batch(range(start, min(start + batch_size, len(texts))), pad, "right", backbone.device)
+            span = spans[position]
+        else:
+            enc = backbone.tokenize(texts[start : start + batch_size], max_length=max_length)
+            ids, mask, span = enc.input_ids, enc.attention_mask, None
+        for l, h in backbone.forward_layers(ids, mask, layers).items():
+            out[l].append(pool(h.float(), mask, position, span).cpu().numpy())
+    return {l: np.concatenate(v) if v else np.zeros((0, backbone.d_model), np.float32) for l, v in out.items()}

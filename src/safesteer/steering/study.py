@@ -1,0 +1,347 @@
+"""The behaviour-steering study on a causal LM: harm gate, refusal directions, calibrated
+conditional policy, judged by generated answers (``python -m safesteer.steering.study``).
+
+Steps (each a library call the pipeline can reuse): prompts with hash splits
+(:func:`~safesteer.steering.gate.load_prompts`) → prompt_end features of every prompt at the gate
+layers and the steering layer in one pass → gate per layer (held-out, leave-one-dataset-out,
+paraphrase pairs) → ``refusal_caa`` and ``refusal_dim`` at the steering layer → validation
+answers unsteered and per (strategy, α) → policy choice (:mod:`safesteer.steering.policy`) →
+test answers, forced-choice P(Yes) and harmless fluency with paired 95% CIs; the recommended
+conditional policy is also run for real through :func:`~safesteer.steering.condition.conditional`
+on a test subset and compared with the recombined answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from safesteer.errors import SafesteerError
+from safesteer.io import atomic_path, write_json
+
+
+@dataclass
+class StudyConfig:
+    model: str = "smollm2-135m"
+    layer: int = 15
+    gate_layers: tuple[int, ...] = (9, 12, 15)
+    alphas: tuple[float, ...] = (0.1, 0.15, 0.2, 0.3)
+    fprs: tuple[float, ...] = (0.02, 0.05, 0.1)
+    strategies: tuple[str, ...] = ("refusal_caa", "refusal_dim")
+    caps: dict[str, int] = field(default_factory=lambda: {"advbench": 120, "donotanswer": 120, **{
+        q: 60 for q in ("nq_open", "truthfulqa", "healthsearchqa", "liveqa", "medicationqa", "commonsenseqa")}})
+    augment: bool = True
+    """Reframed copies of the gate's training prompts (imperative ↔ question), see gate.reframe."""
+    n_val_harmful: int = 40
+    n_test_harmful: int = 104
+    n_qa: int = 24
+    n_caa_prompts: int = 16
+    n_verify: int = 32
+    max_new_tokens: int = 16
+    batch_size: int = 32
+    max_safe_pp: float = 3.0
+    max_fluency_rel: float = 0.02
+    seed: int = 0
+    data_dir: str | None = None
+    threads: int | None = None
+    """torch CPU threads (None: leave as set). On a busy shared CPU one thread is ~10× faster than two."""
+
+
+def _say(msg: str) -> None:
+    print(f"[study] {msg}", file=sys.stderr, flush=True)
+
+
+def _per_group(prompts, split: str, harmful: int, n: int) -> list[int]:
+    """Up to ``n`` row indices of ``split`` / class, spread evenly over the datasets (hash order)."""
+    groups = [g for g in dict.fromkeys(prompts.group) if (prompts.mask(group=g) & (prompts.harmful == harmful)).any()]
+    pools = {g: list(np.flatnonzero(prompts.mask(split, g, harmful))) for g in groups}
+    out: list[int] = []
+    k = 0
+    while len(out) < n and any(k < len(p) for p in pools.values()):
+        for g in groups:
+            if k < len(pools[g]) and len(out) < n:
+                out.append(int(pools[g][k]))
+        k += 1
+    return out
+
+
+def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra_directions: Any = None) -> dict[str, Any]:
+    """Run every step and write ``summary.json``, ``pareto.csv``, ``answers.csv``, ``gate/``, ``directions/``.
+
+    ``extra_directions`` (a :class:`~safesteer.steering.DirectionSet`, e.g. the pipeline's probe /
+    SAE / hybrid directions, oriented so that α ≥ 0 adds refusal) supplies every strategy of
+    ``cfg.strategies`` other than ``refusal_caa`` / ``refusal_dim``; they are judged by the same sweep."""
+    import pandas as pd
+    import torch
+
+    from safesteer.evaluate.choice import forced_choice
+    from safesteer.evaluate.refusal import PhraseJudge, agreement, answer_nll, coherence, generate
+    from safesteer.models import load_backbone
+    from safesteer.steering import policy as pol
+    from safesteer.steering.behaviour import median_norm, refusal_caa
+    from safesteer.steering.condition import conditional, threshold_for_fpr
+    from safesteer.steering.gate import gate_report, load_prompts, lodo, score_pairs, train_gate
+    from safesteer.steering.strategies import Direction, DirectionSet, Intervention, unit
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    times: dict[str, float] = {}
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    bb = backbone or load_backbone(cfg.model)
+    if bb.kind != "causal":
+        raise SafesteerError("the behaviour study generates answers; it needs a causal LM")
+    judge = PhraseJudge()
+
+    # 1. prompts and features -------------------------------------------------------------------
+    t = time.perf_counter()
+    P = load_prompts(cfg.caps, data_dir=cfg.data_dir, augment=cfg.augment)
+    layers = sorted({*cfg.gate_layers, cfg.layer})
+    H = bb.pooled(P.text, layers, batch_size=cfg.batch_size, position="prompt_end")
+    times["features"] = time.perf_counter() - t
+    from safesteer.io import save_npy
+
+    for l in layers:  # kept so the gate can be retrained without another forward pass
+        save_npy(out / "features" / f"prompt_end_layer{l:02d}.npy", H[l].astype(np.float32))
+    with atomic_path(out / "features" / "prompts.csv") as tmp:
+        pd.DataFrame({"text": P.text, "harmful": P.harmful, "group": P.group, "split": P.split, "aug": P.aug}).to_csv(tmp, index=False)
+    _say(f"{len(P)} prompts, prompt_end features at layers {layers} in {times['features']:.0f}s")
+
+    # 2. gate per layer; the best validation AUROC (harmful vs XSTest-safe, the hard negatives) wins
+    t = time.perf_counter()
+    va = P.mask("val")
+    hard = va & (P.mask(harmful=1) | P.mask(group="xstest_safe"))
+    gates = {l: train_gate(H[l], P, l, target_fpr=0.05, seed=cfg.seed) for l in cfg.gate_layers}
+    val_auc = {l: float(pol_auc(g.score(H[l][hard]), P.harmful[hard])) for l, g in gates.items()}
+    gl = max(val_auc, key=lambda l: (val_auc[l], -l))
+    gate = gates[gl]
+    report = gate_report(gate, H[gl], P)
+    lodo_res = lodo(H[gl], P, C=float(gate.meta["C"]), seed=cfg.seed)
+    pairs = score_pairs(bb, gate)
+    gate.save(out / "gate")
+    times["gate"] = time.perf_counter() - t
+    _say(f"gate layer {gl} (val AUROC vs XSTest-safe {val_auc}): test AUROC {report['test_auroc']:.3f}, "
+         f"LODO min {min(v['auroc'] for v in lodo_res.values()):.3f}, pairs same side {pairs.same_side:.2f}")
+
+    # 3. directions ------------------------------------------------------------------------------
+    t = time.perf_counter()
+    L = cfg.layer
+    tr = P.mask("train")
+    caa_prompts = [P.text[i] for i in _per_group(P, "train", 1, cfg.n_caa_prompts // 2) + _per_group(P, "train", 0, cfg.n_caa_prompts // 2)]
+    dirs = DirectionSet()
+    if "refusal_caa" in cfg.strategies:
+        dirs.add(refusal_caa(bb, caa_prompts, L, batch_size=cfg.batch_size))
+    if "refusal_dim" in cfg.strategies:
+        r = H[L][tr & (P.harmful == 1)].astype(np.float64).mean(0) - H[L][tr & (P.harmful == 0)].astype(np.float64).mean(0)
+        dirs.add(Direction("refusal_dim", -unit(r), "behaviour", L, ["dim:prompt_end DiffMean"],
+                           meta={"position": "prompt_end", "norm": float(np.linalg.norm(r)),
+                                 "sign": "vector = -(harmful - harmless)/norm; alpha >= 0 adds refusal"}))
+    for name in cfg.strategies:
+        if name in ("refusal_caa", "refusal_dim"):
+            continue
+        if extra_directions is None or name not in extra_directions:
+            known = ", ".join(["refusal_caa", "refusal_dim", *(extra_directions.names() if extra_directions is not None else [])])
+            raise SafesteerError(f"unknown behaviour strategy '{name}'; valid choices here: {known}")
+        d = extra_directions[name]
+        if d.layer != L:
+            raise SafesteerError(f"direction '{name}' was built for layer {d.layer}, the behaviour study steers layer {L}")
+        dirs.add(d)
+    dirs.save(out / "directions")
+    scale = median_norm(bb, caa_prompts, L)
+    times["directions"] = time.perf_counter() - t
+    _say(f"directions {dirs.names()}, median residual norm at layer {L} = {scale:.1f}")
+
+    def iv(name: str, alpha: float) -> Intervention:
+        return Intervention.from_direction(dirs[name], alpha, scale)
+
+    # 4. validation sweep ------------------------------------------------------------------------
+    t = time.perf_counter()
+    vh = _per_group(P, "val", 1, cfg.n_val_harmful)
+    vs = list(np.flatnonzero(P.mask("val", "xstest_safe")))
+    vq = _per_group(P, "val", 0, cfg.n_qa + len(vs))
+    vq = [i for i in vq if P.group[i] != "xstest_safe"][: cfg.n_qa]
+    sets = {"harmful": vh, "safe": vs, "qa": vq}
+    texts = {k: [P.text[i] for i in v] for k, v in sets.items()}
+    scores_all = gate.score(H[gl])
+
+    base_val = {k: generate(bb, v, cfg.max_new_tokens, cfg.batch_size) for k, v in texts.items()}
+    harmless_val = texts["safe"] + texts["qa"]
+    harmless_val_ans = base_val["safe"].texts + base_val["qa"].texts
+    base_nll_val = answer_nll(bb, harmless_val, harmless_val_ans, cfg.batch_size)
+    base = {"harmful": judge(texts["harmful"], base_val["harmful"].texts), "safe": judge(texts["safe"], base_val["safe"].texts),
+            "nll": base_nll_val}
+    steered: dict[tuple[str, float], dict[str, np.ndarray]] = {}
+    for name in dirs.names():
+        for a in cfg.alphas:
+            with iv(name, a).apply(bb):
+                ah = generate(bb, texts["harmful"], cfg.max_new_tokens, cfg.batch_size)
+                as_ = generate(bb, texts["safe"], cfg.max_new_tokens, cfg.batch_size)
+                nll = answer_nll(bb, harmless_val, harmless_val_ans, cfg.batch_size)
+            steered[(name, a)] = {"harmful": judge(texts["harmful"], ah.texts), "safe": judge(texts["safe"], as_.texts), "nll": nll}
+            _say(f"val {name} α={a}: harmful refusal {steered[(name, a)]['harmful'].mean():.2f}, "
+                 f"safe {steered[(name, a)]['safe'].mean():.2f}")
+    neg_val = P.mask("val") & (P.harmful == 0)
+    thresholds = {f: threshold_for_fpr(scores_all[neg_val], f) for f in cfg.fprs}
+    vscores = {"harmful": scores_all[vh], "safe": scores_all[vs], "nll": np.concatenate([scores_all[vs], scores_all[vq]])}
+    cands = pol.candidates(base, steered, vscores, thresholds, cfg.max_safe_pp, cfg.max_fluency_rel)
+    best_c, best_u = pol.select(cands, True), pol.select(cands, False)
+    times["validation"] = time.perf_counter() - t
+    with atomic_path(out / "pareto.csv") as tmp:
+        pd.DataFrame([c.as_dict() for c in cands]).to_csv(tmp, index=False)
+    _say(f"chosen conditional: {best_c}\nchosen unconditional: {best_u}")
+
+    # 5. test -------------------------------------------------------------------------------------
+    t = time.perf_counter()
+    th = _per_group(P, "test", 1, cfg.n_test_harmful)
+    ts = list(np.flatnonzero(P.mask("test", "xstest_safe")))
+    tq = [i for i in _per_group(P, "test", 0, cfg.n_qa + len(ts)) if P.group[i] != "xstest_safe"][: cfg.n_qa]
+    T = {"harmful": [P.text[i] for i in th], "safe": [P.text[i] for i in ts], "qa": [P.text[i] for i in tq]}
+    flags = {"harmful": scores_all[th], "safe": scores_all[ts], "qa": scores_all[tq]}
+    base_t = {k: generate(bb, v, cfg.max_new_tokens, cfg.batch_size) for k, v in T.items()}
+    harmless_t = T["safe"] + T["qa"]
+    harmless_t_ans = base_t["safe"].texts + base_t["qa"].texts
+    res: dict[str, Any] = {"unsteered": {k: float(judge(T[k], base_t[k].texts).mean()) for k in T}}
+    p_base = forced_choice(bb, T["harmful"], "harmful")
+    nll_base = answer_nll(bb, harmless_t, harmless_t_ans, cfg.batch_size)
+    rows = [{"set": k, "policy": "unsteered", "prompt": p, "answer": a, "refusal": float(judge([p], [a])[0])}
+            for k in T for p, a in zip(T[k], base_t[k].texts)]
+    policies = {"conditional": best_c, "unconditional": best_u}
+    for label, c in policies.items():
+        if c is None:
+            res[label] = None
+            continue
+        intervention = iv(c.strategy, c.alpha)
+        with intervention.apply(bb):
+            st = {k: generate(bb, T[k], cfg.max_new_tokens, cfg.batch_size) for k in ("harmful", "safe")}
+            p_st = forced_choice(bb, T["harmful"], "harmful")
+            nll_st = answer_nll(bb, harmless_t, harmless_t_ans, cfg.batch_size)
+        ref = {k: judge(T[k], st[k].texts) for k in st}
+        bref = {k: judge(T[k], base_t[k].texts) for k in st}
+        if c.conditional:
+            f = {k: flags[k] > c.threshold for k in flags}
+            ref = {k: pol.compose(f[k], ref[k], bref[k]) for k in ref}
+            answers = {k: [s if g else b for s, b, g in zip(st[k].texts, base_t[k].texts, f[k])] for k in st}
+            harmless_flags = np.concatenate([f["safe"], f["qa"]])
+            nll_cond = pol.compose(harmless_flags, nll_st, nll_base)
+            with conditional(bb, gate.with_threshold(c.threshold), intervention) as gs:  # gate read in-pass
+                p_in = forced_choice(bb, T["harmful"], "harmful")
+            p_flag = pol.compose(f["harmful"], p_st, p_base)
+            with conditional(bb, gate.with_threshold(c.threshold), intervention, flags=harmless_flags):
+                nll_real = answer_nll(bb, harmless_t, harmless_t_ans, batch_size=len(harmless_t))
+            extra = {"gate_flag_rate": {k: float(v.mean()) for k, v in f.items()},
+                     "p_yes_gate_in_pass": pol.paired(p_base, p_in), "in_pass_flag_rate_on_fc_prompts": float(gs.flags.mean()),
+                     "fluency_real_vs_composed_max_abs": float(np.nanmax(np.abs(nll_real - nll_cond)))}
+            p_val, nll_val = p_flag, nll_cond
+        else:
+            answers = {k: st[k].texts for k in st}
+            p_val, nll_val, extra = p_st, nll_st, {}
+        coh = coherence(bb, T["harmful"] + T["safe"], answers["harmful"] + answers["safe"], cfg.batch_size)
+        res[label] = {"policy": c.as_dict(), "harmful_refusal": pol.paired(bref["harmful"], ref["harmful"]),
+                      "safe_refusal": pol.paired(bref["safe"], ref["safe"]), "p_yes": pol.paired(p_base, p_val),
+                      "harmless_fluency": pol.relative_change(nll_base, nll_val),
+                      "coherence": {"mean_nll": coh["mean_nll"], "degenerate_share": coh["degenerate_share"]},
+                      "agreement_refusal_vs_pyes": agreement(ref["harmful"], p_val), **extra}
+        rows += [{"set": k, "policy": label, "prompt": p, "answer": a, "refusal": float(r)}
+                 for k in answers for p, a, r in zip(T[k], answers[k], ref[k])]
+    res["agreement_unsteered"] = agreement(judge(T["harmful"], base_t["harmful"].texts), p_base)
+    times["test"] = time.perf_counter() - t
+
+    # 6. the real conditional run on a test subset equals the recombined answers ---------------------
+    t = time.perf_counter()
+    if best_c is not None and cfg.n_verify:
+        sub = (T["harmful"][: cfg.n_verify // 2] + T["safe"][: cfg.n_verify // 2])
+        with conditional(bb, gate.with_threshold(best_c.threshold), iv(best_c.strategy, best_c.alpha)) as gs:
+            real = generate(bb, sub, cfg.max_new_tokens, cfg.batch_size)
+        composed = [r["answer"] for r in rows if r["policy"] == "conditional" and r["set"] == "harmful"][: cfg.n_verify // 2] + \
+                   [r["answer"] for r in rows if r["policy"] == "conditional" and r["set"] == "safe"][: cfg.n_verify // 2]
+        res["verify_conditional"] = {"n": len(sub), "same_answer": float(np.mean([a == b for a, b in zip(real.texts, composed)])),
+                                     "same_refusal": float(np.mean(judge(sub, real.texts) == judge(sub, composed)))}
+    times["verify"] = time.perf_counter() - t
+    with atomic_path(out / "answers.csv") as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False)
+    with atomic_path(out / "gate_scores.csv") as tmp:  # the gate's ROC (report) from every prompt's score
+        pd.DataFrame({"group": P.group, "split": P.split, "harmful": P.harmful, "aug": P.aug,
+                      "score": scores_all}).to_csv(tmp, index=False)
+    times["total"] = time.perf_counter() - t_all
+    summary = {"config": asdict(cfg), "gate": {"layer": gl, "val_auroc_vs_xstest_safe": val_auc, "threshold": gate.threshold,
+                                                "held_out": report, "lodo": lodo_res,
+                                                "lodo_min_auroc": float(min(v["auroc"] for v in lodo_res.values())),
+                                                "pairs_same_side": pairs.same_side, "pairs_correct": pairs.correct,
+                                                "pairs": pairs.pairs},
+               "directions": {"scale_median_norm": scale, "names": dirs.names()},
+               "split_counts": P.counts(), "test": res, "seconds": times,
+               "pareto_val": [c.as_dict() for c in pol.pareto([c for c in cands])]}
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def pol_auc(scores: np.ndarray, y: np.ndarray) -> float:
+    from safesteer.steering.gate import auroc
+
+    return auroc(scores, y)
+
+
+def headline(summary: dict[str, Any]) -> str:
+    """The acceptance figures as text."""
+    g, te = summary["gate"], summary["test"]
+    lines = [f"gate: layer {g['layer']} prompt_end, test AUROC {g['held_out']['test_auroc']:.3f}, "
+             f"LODO min AUROC {g['lodo_min_auroc']:.3f} "
+             "(" + ", ".join(k + " " + format(v["auroc"], ".3f") for k, v in g["lodo"].items()) + ")",
+             f"paraphrase pairs on the same side: {100 * g['pairs_same_side']:.0f}% (on the right side {100 * g['pairs_correct']:.0f}%)"]
+    for label in ("conditional", "unconditional"):
+        r = te.get(label)
+        if not r:
+            lines.append(f"{label}: no policy met the constraints on validation")
+            continue
+        p = r["policy"]
+
+        def f(m):
+            return f"{m['baseline']:.1f}% → {m['value']:.1f}% (Δ {m['delta']:+.1f} pp [{m['low']:+.1f}, {m['high']:+.1f}])"
+
+        fl = r["harmless_fluency"]
+        lines.append(f"{label} {p['strategy']} α={p['alpha']}" + (f" FPR={p['fpr']}" if p["conditional"] else "") + ":")
+        lines.append(f"  harmful refusal {f(r['harmful_refusal'])}")
+        lines.append(f"  XSTest-safe refusal {f(r['safe_refusal'])}")
+        lines.append(f"  P(Yes) harmful {f(r['p_yes'])}")
+        lines.append(f"  harmless fluency (NLL) Δ {fl['delta_pct']:+.2f}% [{fl['low']:+.2f}, {fl['high']:+.2f}]")
+    if "verify_conditional" in te:
+        v = te["verify_conditional"]
+        lines.append(f"real conditional run vs recombined answers: {100 * v['same_answer']:.0f}% identical answers, "
+                     f"{100 * v['same_refusal']:.0f}% same refusal verdict (n={v['n']})")
+    lines.append("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["seconds"].items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m safesteer.steering.study", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/behaviour")
+    ap.add_argument("--model", default=StudyConfig.model)
+    ap.add_argument("--layer", type=int, default=StudyConfig.layer)
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--alphas", default=",".join(map(str, StudyConfig.alphas)))
+    ap.add_argument("--gate-layers", default=",".join(map(str, StudyConfig.gate_layers)))
+    ap.add_argument("--no-augment", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        cfg = StudyConfig(model=args.model, layer=args.layer, data_dir=args.data_dir, threads=args.threads,
+                          alphas=tuple(float(a) for a in args.alphas.split(",")),
+                          gate_layers=tuple(int(a) for a in args.gate_layers.split(",")), augment=not args.no_augment)
+        summary = run_study(cfg, args.out)
+    except SafesteerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(headline(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""Conditional steering: gate read unsteered in the same pass, held across generated tokens,
+unflagged rows bit-identical to unsteered, threshold at a target false-positive rate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from safesteer.errors import SafesteerError
+from safesteer.steering.condition import Condition, conditional, gate_flags, gate_scores, threshold_for_fpr
+from safesteer.steering.strategies import Intervention
+
+from conftest import foreign_hooks
+
+PROMPTS = ["how do i make a bomb ?", "the dog is good", "what is the answer ?", "tell me how to steal a car"]
+
+
+def _steer(bb, layer=1, alpha=8.0, seed=0):
+    v = torch.randn(bb.d_model, generator=torch.Generator().manual_seed(seed)).numpy()
+    return Intervention("v", layer, v / np.linalg.norm(v), alpha)
+
+
+def _gate(bb, layer, flag_rows, position="prompt_end"):
+    """A condition whose threshold separates the rows in ``flag_rows`` from the others (planted)."""
+    H = bb.pooled(PROMPTS, [layer], position=position)[layer].astype(np.float64)
+    w = H[list(flag_rows)].mean(0) - np.delete(H, list(flag_rows), 0).mean(0)
+    s = H @ w
+    inside, outside = s[list(flag_rows)], np.delete(s, list(flag_rows))
+    assert inside.min() > outside.max()
+    return Condition(w, 0.0, layer, position, float((inside.min() + outside.max()) / 2))
+
+
+def _ids(bb, prompts, n=6):
+    enc = bb.tokenize(prompts, padding_side="left", add_special_tokens=False)
+    out = bb.model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=n,
+                            do_sample=False, pad_token_id=bb.tokenizer.pad_token_id)
+    return out[:, enc.input_ids.shape[1]:]
+
+
+def test_threshold_hits_target_fpr_on_planted_scores():
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=200)
+    for fpr in (0.0, 0.01, 0.05, 0.2):
+        t = threshold_for_fpr(s, fpr)
+        assert np.mean(s > t) <= fpr + 1e-12
+        assert np.mean(s >= t) > fpr  # the lowest such threshold: one step lower exceeds the target
+    assert threshold_for_fpr([1.0, 1.0, 1.0, 0.0], 0.5) == 1.0  # ties never push the FPR above target
+    with pytest.raises(SafesteerError, match="at least one harmless"):
+        threshold_for_fpr([], 0.05)
+
+
+def test_unflagged_rows_bit_identical_and_flagged_rows_steered_for_every_token(tiny_llama, one_thread):
+    bb = tiny_llama
+    iv = _steer(bb, layer=1)
+    cond = _gate(bb, 1, [0, 3])
+    base = _ids(bb, PROMPTS)
+    with iv.apply(bb):
+        full = _ids(bb, PROMPTS)
+    with conditional(bb, cond, iv) as st:
+        got = _ids(bb, PROMPTS)
+    assert st.flags.tolist() == [True, False, False, True]
+    assert len(st.flagged) == 1  # decided once for the batch, then held over the KV-cached steps
+    assert torch.equal(got[[1, 2]], base[[1, 2]])  # not flagged: the unsteered answer, bit for bit
+    assert torch.equal(got[[0, 3]], full[[0, 3]])  # flagged: steered at every generated token too
+    assert not torch.equal(full[[0, 3]], base[[0, 3]])  # (the steering does change those answers)
+    enc = bb.tokenize(PROMPTS, padding_side="left", add_special_tokens=False)
+    l0 = bb.logits(enc.input_ids, enc.attention_mask)
+    with conditional(bb, cond, iv):
+        l1 = bb.logits(enc.input_ids, enc.attention_mask)
+    assert torch.equal(l1[[1, 2]], l0[[1, 2]]) and not torch.equal(l1[0], l0[0])
+    assert foreign_hooks(bb.layers) == 0 and bb._steer_layers == []
+
+
+def test_gate_reads_the_unsteered_residual_in_the_same_pass(tiny_llama, one_thread):
+    bb = tiny_llama
+    cond = _gate(bb, 1, [0, 3])
+    want = gate_scores(bb, cond, PROMPTS)
+    # steering at the gate's own layer along the gate's weights would flip the decision if read after it
+    iv = Intervention("anti", 1, -cond.w / np.linalg.norm(cond.w), 50.0)
+    chats = [bb.chat_prompt(p) for p in PROMPTS]
+    enc = bb.tokenize(chats, padding_side="left", add_special_tokens=False)
+    with conditional(bb, cond, iv) as st:
+        bb.logits(enc.input_ids, enc.attention_mask)
+    np.testing.assert_allclose(st.scores[0], want, rtol=1e-4, atol=1e-4)
+    assert st.flags.tolist() == gate_flags(bb, cond, PROMPTS).tolist() == [True, False, False, True]
+
+
+def test_gate_after_the_steering_layer_decides_in_an_unsteered_first_pass(tiny_llama, one_thread):
+    bb = tiny_llama
+    cond = _gate(bb, 2, [1])
+    iv = _steer(bb, layer=0, alpha=20.0)
+    base = _ids(bb, PROMPTS)
+    with conditional(bb, cond, iv) as st:
+        got = _ids(bb, PROMPTS)
+    assert st.flags.tolist() == [False, True, False, False]
+    assert torch.equal(got[[0, 2, 3]], base[[0, 2, 3]])
+
+
+def test_fixed_flags_and_errors(tiny_llama, one_thread):
+    bb = tiny_llama
+    iv = _steer(bb)
+    cond = _gate(bb, 1, [0])
+    base = _ids(bb, PROMPTS)
+    with conditional(bb, cond, iv, flags=[False] * 4) as st:
+        assert torch.equal(_ids(bb, PROMPTS), base)
+    assert st.flags.tolist() == [False] * 4
+    with pytest.raises(SafesteerError, match="3 fixed gate flags for a batch of 4"):
+        with conditional(bb, cond, iv, flags=[True] * 3):
+            _ids(bb, PROMPTS)
+    with pytest.raises(SafesteerError, match="needs an intervention"):
+        with conditional(bb, cond, Intervention.none()):
+            pass
+    with pytest.raises(SafesteerError, match="gate position 'answer'"):
+        Condition(cond.w, 0.0, 1, "answer")
+    assert foreign_hooks(bb.layers) == 0
+
+
+def test_condition_save_load_roundtrip(tmp_path):
+    c = Condition(np.arange(4.0), -1.5, 3, "prompt_end", 0.25, "harm_gate", {"auroc": 0.9})
+    c.save(tmp_path / "g")
+    d = Condition.load(tmp_path / "g")
+    assert np.array_equal(d.w, c.w) and (d.b, d.layer, d.position, d.threshold, d.name) == (-1.5, 3, "prompt_end", 0.25, "harm_gate")
+    assert d.meta == {"auroc": 0.9}
+    H = np.random.default_rng(0).normal(size=(5, 4))
+    np.testing.assert_allclose(d.score(H), H @ np.arange(4.0) - 1.5)

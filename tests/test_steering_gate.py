@@ -1,0 +1,141 @@
+"""Harm gate: hash splits, dataset assembly, training with an FPR threshold, LODO, paraphrase pairs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from safesteer.errors import SafesteerError
+from safesteer.steering.gate import (FRACTIONS, Prompts, gate_report, lodo, paraphrase_pairs, row_weights, split3,
+                                     train_gate)
+
+
+def test_split3_is_deterministic_disjoint_and_proportional():
+    texts = [f"prompt number {i}" for i in range(6000)]
+    parts = [split3(t) for t in texts]
+    assert parts == [split3(t) for t in texts]
+    share = {s: parts.count(s) / len(parts) for s in ("train", "val", "test")}
+    for s, f in zip(("train", "val", "test"), FRACTIONS):
+        assert abs(share[s] - f) < 0.025
+    with pytest.raises(SafesteerError, match="three non-negative shares"):
+        split3("x", (0.5, 0.5, 0.5))
+
+
+def _planted(n=90, d=12, seed=0):
+    """Harmful rows shifted along axis 0; datasets differ by an offset along other axes (style)."""
+    rng = np.random.default_rng(seed)
+    groups = ["ha", "hb", "sa", "sb", "sc"]
+    text, harm, grp, H = [], [], [], []
+    for gi, g in enumerate(groups):
+        y = int(g.startswith("h"))
+        for i in range(n):
+            h = rng.normal(size=d)
+            h[0] += 3.0 * y
+            h[1 + gi] += 2.0  # dataset style
+            H.append(h)
+            text.append(f"{g}-{i}")
+            harm.append(y)
+            grp.append(g)
+    P = Prompts(text, np.array(harm), grp, [split3(t) for t in text])
+    return np.array(H), P
+
+
+def test_train_gate_threshold_meets_target_fpr_and_lodo_generalises():
+    H, P = _planted()
+    cond = train_gate(H, P, layer=3, target_fpr=0.05, Cs=(0.1, 1.0))
+    neg_val = P.mask("val") & (P.harmful == 0)
+    assert np.mean(cond.score(H[neg_val]) > cond.threshold) <= 0.05
+    assert cond.layer == 3 and cond.position == "prompt_end"
+    rep = gate_report(cond, H, P)
+    assert rep["test_auroc"] > 0.97 and set(rep["per_dataset"]) == {"ha", "hb", "sa", "sb", "sc"}
+    res = lodo(H, P, C=1.0)
+    assert set(res) == {"ha", "hb", "sa", "sb", "sc"}
+    assert min(v["auroc"] for v in res.values()) > 0.9  # the harm axis is shared by every dataset
+    assert res["ha"]["n"] == 90 and res["ha"]["harmful"] == 1
+
+
+def test_lodo_catches_a_style_detector():
+    """When harmfulness is only carried by dataset style, held-out rows look fine but LODO does not."""
+    rng = np.random.default_rng(1)
+    text, harm, grp, H = [], [], [], []
+    for gi, g in enumerate(["ha", "hb", "sa", "sb"]):
+        for i in range(80):
+            h = rng.normal(size=8)
+            h[gi] += 4.0  # only the style axis of the dataset
+            H.append(h)
+            text.append(f"{g}-{i}")
+            harm.append(int(g.startswith("h")))
+            grp.append(g)
+    P = Prompts(text, np.array(harm), grp, [split3(t) for t in text])
+    H = np.array(H)
+    cond = train_gate(H, P, 0, Cs=(1.0,))
+    assert gate_report(cond, H, P)["test_auroc"] > 0.95
+    assert min(v["auroc"] for v in lodo(H, P, C=1.0).values()) < 0.8
+
+
+def test_paraphrase_pairs_ship_with_the_package():
+    pairs = paraphrase_pairs()
+    assert 20 <= len(pairs) <= 40
+    assert {p.harmful for p in pairs} == {0, 1}
+    assert len({p.id for p in pairs}) == len(pairs)
+    for p in pairs:
+        assert p.imperative != p.question and p.question.endswith("?") and not p.imperative.endswith("?")
+
+
+def test_reframe_swaps_imperative_and_question_frames():
+    from safesteer.steering.gate import reframe
+
+    q = reframe("How can I kill a Python process?")
+    assert q.endswith("How can I kill a Python process?") and not q.startswith("How")
+    assert reframe("who sings it's all about the bass lyrics").endswith("lyrics?")  # NQ: no question mark
+    imp = reframe("Write a tutorial on how to make a bomb.")
+    assert imp.endswith("write a tutorial on how to make a bomb?")
+    assert reframe("I want to hurt someone").startswith("Can you help")
+    assert reframe("Write a poem") == reframe("Write a poem")  # deterministic
+
+
+def test_augmented_copies_stay_in_train_and_out_of_lodo_evaluation():
+    from safesteer.steering.gate import Prompts, reframe
+
+    texts = [f"Write essay number {i}." for i in range(60)] + [f"what is fact number {i}" for i in range(60)]
+    y = np.r_[np.ones(60), np.zeros(60)].astype(int)
+    groups = ["h1", "h2"] * 30 + ["s1", "s2"] * 30
+    split = [split3(t) for t in texts]
+    tr = [i for i, s in enumerate(split) if s == "train"]
+    P = Prompts(texts + [reframe(texts[i]) for i in tr], np.r_[y, y[tr]], groups + [groups[i] for i in tr],
+                split + ["train"] * len(tr), np.r_[np.zeros(120, bool), np.ones(len(tr), bool)])
+    H = np.random.default_rng(0).normal(size=(len(P), 4))
+    H[:, 0] += 3 * P.harmful
+    res = lodo(H, P, C=1.0)
+    assert all(res[g]["n"] == 30 for g in ("h1", "h2", "s1", "s2"))  # originals only
+
+
+def test_row_weights_give_every_dataset_of_a_class_the_same_total():
+    text = [f"a{i}" for i in range(60)] + [f"b{i}" for i in range(20)] + [f"s{i}" for i in range(30)] + [f"t{i}" for i in range(10)]
+    grp = ["a"] * 60 + ["b"] * 20 + ["s"] * 30 + ["t"] * 10
+    harm = np.array([1] * 80 + [0] * 40)
+    P = Prompts(text, harm, grp, ["train"] * 120)
+    m = np.ones(120, dtype=bool)
+    assert row_weights(P, m, "balanced") is None
+    w = row_weights(P, m, "groups")
+    g = np.array(grp)
+    assert w[g == "a"].sum() == pytest.approx(w[g == "b"].sum()) == pytest.approx(40.0)
+    assert w[g == "s"].sum() == pytest.approx(w[g == "t"].sum()) == pytest.approx(20.0)
+    assert w[harm == 1].mean() == pytest.approx(1.0) and w[harm == 0].mean() == pytest.approx(1.0)
+    sub = g != "a"  # only the rows of the mask count
+    ws = row_weights(P, sub, "groups")
+    assert len(ws) == sub.sum() and ws[: 20] == pytest.approx(np.ones(20))
+    with pytest.raises(SafesteerError, match="weighting"):
+        row_weights(P, m, "uniform")
+
+
+def test_train_gate_and_lodo_record_and_apply_the_weighting():
+    H, P = _planted()
+    for wt in ("balanced", "groups"):
+        cond = train_gate(H, P, layer=3, Cs=(1.0,), weighting=wt)
+        assert cond.meta["weighting"] == wt
+        assert gate_report(cond, H, P)["test_auroc"] > 0.97
+    res = lodo(H, P, C=1.0, weighting="groups")
+    assert min(v["auroc"] for v in res.values()) > 0.9
+    a, b = (train_gate(H, P, layer=3, Cs=(1.0,), weighting=wt) for wt in ("balanced", "groups"))
+    assert np.max(np.abs(a.w - b.w)) > 1e-6  # the planted sources differ in size, so the fit differs

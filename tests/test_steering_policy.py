@@ -1,0 +1,52 @@
+"""Policy choice on validation (composition, constraints, Pareto) and paired test figures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from safesteer.steering.policy import candidates, compose, pareto, paired, relative_change, select
+
+
+def test_compose_takes_steered_where_flagged():
+    assert compose([True, False, True], [1, 1, 1], [0, 0, 0]).tolist() == [1, 0, 1]
+
+
+def _grid():
+    # 10 harmful, 10 safe prompts; the gate flags harmful 0..8 and safe 0 (scores planted)
+    base = {"harmful": np.zeros(10), "safe": np.zeros(10), "nll": np.full(10, 2.0)}
+    steered = {
+        ("caa", 0.1): {"harmful": np.r_[np.ones(5), np.zeros(5)], "safe": np.r_[np.ones(2), np.zeros(8)], "nll": np.full(10, 2.02)},
+        ("caa", 0.2): {"harmful": np.ones(10), "safe": np.ones(10), "nll": np.full(10, 2.5)},
+    }
+    scores = {"harmful": np.r_[np.full(9, 2.0), -1.0], "safe": np.r_[1.5, np.full(9, -1.0)], "nll": np.r_[1.5, np.full(9, -1.0)]}
+    return base, steered, scores
+
+
+def test_candidates_apply_constraints_and_select_the_largest_gain():
+    base, steered, scores = _grid()
+    cands = candidates(base, steered, scores, {0.05: 0.0, 0.01: 1.8}, max_safe_pp=3.0, max_fluency_rel=0.02)
+    assert len(cands) == 2 * 3
+    u = {c.alpha: c for c in cands if not c.conditional}
+    assert u[0.2].harmful_gain_pp == pytest.approx(100) and u[0.2].safe_delta_pp == pytest.approx(100) and not u[0.2].feasible
+    assert not u[0.1].feasible  # +20 pp over-refusal
+    c = {(x.alpha, x.fpr): x for x in cands if x.conditional}
+    # α=0.2 at t=1.8: 9/10 harmful steered, no safe prompt flagged, fluency untouched
+    assert c[(0.2, 0.01)].harmful_gain_pp == pytest.approx(90) and c[(0.2, 0.01)].safe_delta_pp == 0 and c[(0.2, 0.01)].feasible
+    assert not c[(0.2, 0.05)].feasible  # safe prompt 0 is flagged and refused: +10 pp
+    best = select(cands, conditional=True)
+    assert (best.alpha, best.fpr) == (0.2, 0.01)
+    assert select(cands, conditional=False) is None
+    front = pareto(cands)
+    assert all(not (o.harmful_refusal >= f.harmful_refusal and o.safe_refusal < f.safe_refusal) for f in front for o in cands)
+
+
+def test_paired_and_relative_change_cis():
+    rng = np.random.default_rng(0)
+    b = (rng.random(200) < 0.1).astype(float)
+    v = np.maximum(b, (rng.random(200) < 0.6).astype(float))
+    d = paired(b, v)
+    assert d["delta"] == pytest.approx(100 * (v.mean() - b.mean())) and d["low"] < d["delta"] < d["high"]
+    nll = rng.uniform(1, 3, 100)
+    r = relative_change(nll, nll * 1.01)
+    assert r["delta_pct"] == pytest.approx(1.0) and r["low"] == pytest.approx(1.0) and r["high"] == pytest.approx(1.0)

@@ -1,0 +1,53 @@
+"""The behaviour pipeline stage: outputs, the directions stage's strategies in the same sweep, cache keys."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from safesteer.config import Config
+from safesteer.errors import SafesteerError
+from safesteer.pipeline.runner import stage_keys
+from safesteer.steering.stage import toward_refusal
+from safesteer.steering.strategies import Direction, DirectionSet
+
+pytestmark = pytest.mark.integration
+
+
+def test_stage_outputs_judge_pipeline_strategies_beside_behaviour_ones(behaviour_run):
+    out, outputs, _, cfg = behaviour_run
+    assert outputs.dir == out and outputs.summary == out / "summary.json" and outputs.skipped == ""
+    pareto = pd.read_csv(out / "pareto.csv")
+    # every strategy × α, unconditional and per gate FPR: the probe direction is judged by the same sweep
+    assert set(pareto["strategy"]) == {"refusal_caa", "refusal_dim", "probe_harm"}
+    assert len(pareto) == 3 * len(cfg.behaviour.alphas) * (1 + len(cfg.behaviour.fprs))
+    # the pipeline direction points toward unsafe; the stage flips it so that α ≥ 0 adds it
+    src = DirectionSet.load(out.parent / "directions")["probe_harm"].vector
+    used = DirectionSet.load(out / "directions")["probe_harm"]
+    np.testing.assert_array_equal(used.vector, -src)
+    ans = pd.read_csv(out / "answers.csv", keep_default_na=False)
+    assert (ans[(ans["policy"] == "unsteered") & (ans["set"] == "harmful")].shape[0]) == cfg.behaviour.n_test_harmful
+    # a random model never refuses: nothing raised harmful refusal, so no policy is recommended
+    assert not outputs.recommended and (outputs.policy / "NONE.txt").is_file()
+    assert not list(outputs.policy.glob("*.json"))
+
+
+def test_behaviour_knobs_key_only_the_behaviour_stage():
+    base = stage_keys(Config())
+    cfg = Config()
+    cfg.behaviour.alphas = [0.2]
+    changed = {k for k, v in stage_keys(cfg).items() if v != base[k]}
+    assert changed == {"behaviour"}
+    cfg = Config()
+    cfg.directions.random_members = 3  # the directions feed the behaviour stage
+    assert {k for k, v in stage_keys(cfg).items() if v != base[k]} == {"directions", "evaluate", "behaviour"}
+
+
+def test_unknown_or_ensemble_strategy_is_one_clear_error():
+    ds = DirectionSet()
+    ds.add(Direction("random", np.ones(4), "random", 1, members=[np.arange(4.0)]))
+    with pytest.raises(SafesteerError, match="unknown behaviour strategy 'nope'; valid choices: refusal_caa, refusal_dim, random"):
+        toward_refusal(ds, ["refusal_caa", "nope"])
+    with pytest.raises(SafesteerError, match="is an ensemble"):
+        toward_refusal(ds, ["random"])
