@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 SHARED_DATA := $(abspath ../shared/data)
 export SAFESTEER_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/README.md),$(SHARED_DATA),)
 
-.PHONY: venv install install-test run test test-all clean
+.PHONY: venv install install-test run test test-all mutants clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,8 +21,12 @@ $(VENV)/.installed: $(VENV)/.torch pyproject.toml
 	$(BIN)/pip install -q -e .
 	@touch $@
 
+# steering-vectors / repeng pin transformers<5 / numpy<2 in their metadata; --no-deps keeps our versions.
+NO_DEPS_TEST := steering-vectors==0.12.2 repeng==0.4.0
+
 $(VENV)/.installed-test: $(VENV)/.torch pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps $(NO_DEPS_TEST)
 	@touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
@@ -31,12 +35,23 @@ install-test: $(VENV)/.installed-test
 run: install
 	$(BIN)/safesteer run --config configs/default.toml --out runs/default
 
-# Unit + integration tests (SmolLM2, ../shared/data); `slow` ones (minutes each) only in test-all.
+# Unit + integration tests (SmolLM2, ../shared/data); `slow` ones (minutes each) only in test-all
+# (the llama.cpp check builds llama-cpp-python from source once, cached under ~/.cache/safesteer).
 test: install-test
 	$(BIN)/python -m pytest -m "not slow"
 
 test-all: install-test
 	$(BIN)/python -m pytest
 
+# Mutation testing of the formula modules ([tool.mutmut] in pyproject.toml); not part of `make test`.
+# MUTANTS_JOBS parallel children (default 1: a shared machine); report in bench/mutants.md.
+MUTMUT_VERSION := 3.8.1
+MUTANTS_JOBS ?= 1
+mutants: install-test
+	@$(BIN)/python -c "import mutmut" 2>/dev/null || $(BIN)/pip install -q mutmut==$(MUTMUT_VERSION)
+	$(BIN)/mutmut run --max-children $(MUTANTS_JOBS) || true
+	$(BIN)/python bench/mutants.py mutants > bench/mutants.md
+	@cat bench/mutants.md
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache mutants

@@ -17,6 +17,32 @@ from safesteer.testing import tiny_tokenizer as _tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = (ROOT.parent / "shared" / "data").resolve()
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def find_data_dir(env: dict[str, str] | None = None, root: Path = ROOT) -> Path | None:
+    """The package's rule: ``SAFESTEER_DATA_DIR`` (when it is a folder), else ``../shared/data`` beside the
+    project; a folder counts when it holds the data pack's README.md."""
+    env = os.environ if env is None else env
+    candidates = [Path(env["SAFESTEER_DATA_DIR"]).expanduser()] if env.get("SAFESTEER_DATA_DIR") else []
+    candidates.append(root.parent / "shared" / "data")
+    for c in candidates:
+        if (c / "README.md").is_file():
+            return c.resolve()
+    return None
+
+
+def missing_data(env: dict[str, str] | None = None) -> str:
+    """Skip reason, or raise under CI (``CI=true``): there a missing data folder is a failure, not a skip."""
+    env = os.environ if env is None else env
+    msg = ("no data folder: set SAFESTEER_DATA_DIR to a folder in the layout of ../shared/data "
+           f"(looked at SAFESTEER_DATA_DIR={env.get('SAFESTEER_DATA_DIR', '')!r} and {ROOT.parent / 'shared' / 'data'})")
+    if env.get("CI", "").lower() in _TRUE:
+        pytest.fail("CI=true: " + msg, pytrace=False)
+    return msg
+
+
+DATA = find_data_dir() or SHARED_DATA  # the data folder the tests read (see find_data_dir)
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -51,9 +77,15 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    if not (SHARED_DATA / "README.md").is_file():
-        pytest.skip("../shared/data is not present")
-    return SHARED_DATA
+    """The data folder (``SAFESTEER_DATA_DIR``, else ../shared/data); skipped when absent, failed under CI=true."""
+    found = find_data_dir()
+    if found is None:
+        pytest.skip(missing_data())
+    return found
+
+
+# For tests that read ``conftest.DATA`` directly: the same rule as the ``shared_data`` fixture.
+needs_data = pytest.mark.usefixtures("shared_data")
 
 
 def foreign_hooks(layers) -> int:

@@ -11,8 +11,7 @@ import pytest
 
 from safesteer.cli.main import main
 
-DATA = (Path(__file__).resolve().parents[1].parent / "shared" / "data").resolve()
-needs_data = pytest.mark.skipif(not (DATA / "README.md").is_file(), reason="../shared/data not present")
+from conftest import DATA, needs_data  # SAFESTEER_DATA_DIR, else ../shared/data; a failure under CI=true
 
 
 @pytest.fixture(autouse=True)

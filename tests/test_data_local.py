@@ -16,8 +16,7 @@ from safesteer.data.records import hash_split
 from safesteer.data.sets import emotion, text
 from safesteer.errors import SafesteerError
 
-DATA = (Path(__file__).resolve().parents[1].parent / "shared" / "data").resolve()
-needs_data = pytest.mark.skipif(not (DATA / "README.md").is_file(), reason="../shared/data not present")
+from conftest import DATA, needs_data  # SAFESTEER_DATA_DIR, else ../shared/data; a failure under CI=true
 
 EXPECTED = {
     "advbench", "beavertails", "bias_madlibs", "civil_comments", "crows_pairs", "donotanswer",

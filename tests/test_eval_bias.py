@@ -202,9 +202,12 @@ def test_stereoset_scores_and_alpha_zero(tiny_backbone):
 
 
 def test_stereoset_masked_intrasentence_procedure(roberta64):
-    """Single-token word: score = log P(word | context with the word masked)."""
+    """Single-token word: score = P(word | context with the word masked) (reference), its log as an option."""
     ex = STEREO[0]
     s = stereoset_scores(roberta64, [ex])
+    s_log = stereoset_scores(roberta64, [ex], masked_average="logprob")
+    np.testing.assert_allclose(s, np.exp(s_log), rtol=1e-12)
+    s = s_log
     tok = roberta64.tokenizer
     for c, cand in enumerate(("bad", "good", "car")):
         ids = tok(f"the man is {tok.mask_token} .", add_special_tokens=True)["input_ids"]

@@ -98,8 +98,8 @@ def test_suite_end_to_end(request, shared_data, tmp_path, which):
     assert (rnd["members"] == 3).all()
     # the probe metric reads the steered pooled vector: steering away lowers P(harmful)
     ph = df[(df["strategy"] == "probe_harm") & (df["metric"] == "harm_probe")].iloc[0]
-    if ph["alpha"] > 0:
-        assert ph["delta"] < 0
+    # (either sign: calibration picks α = −2 for the tiny Llama, +2 for the tiny RoBERTa)
+    assert ph["alpha"] != 0 and np.sign(ph["delta"]) == -np.sign(ph["alpha"]), (ph["alpha"], ph["delta"])
     assert any("calibrating" in m for m in msgs)
 
     paths = write_outputs(res, tmp_path / "out")

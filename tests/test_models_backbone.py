@@ -134,6 +134,15 @@ def test_masked_token_logprobs(tiny_roberta):
     lp = bb.masked_token_logprobs(enc.input_ids, enc.attention_mask, pos)
     assert lp.shape == (2, len(bb.tokenizer))
     torch.testing.assert_close(lp.exp().sum(1), torch.ones(2), atol=1e-5, rtol=0)
+    # against a manual forward of each unpadded row, read at its mask position
+    assert pos.tolist() == [2, 3]
+    for i in range(2):
+        ids = enc.input_ids[i, enc.attention_mask[i].bool()].unsqueeze(0)
+        with torch.inference_mode():
+            logits = bb.model(input_ids=ids).logits[0].double()
+        manual = torch.log_softmax(logits[int(pos[i])], -1)
+        torch.testing.assert_close(lp[i].double(), manual, atol=1e-5, rtol=0)
+        assert not torch.allclose(lp[i].double(), torch.log_softmax(logits[int(pos[i]) - 1], -1), atol=1e-3)
 
 
 def _count_calls(module: torch.nn.Module):
@@ -168,10 +177,10 @@ def test_prefix_cache_equals_full_passes_and_skips_shallow_blocks(tiny_backbone)
         # deeper layers through forward_layers also start from the cache
         h2 = bb.forward_layers(enc.input_ids, enc.attention_mask, [2])[2]
     handle.remove()
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
-    torch.testing.assert_close(got_edit, ref_edit, atol=1e-5, rtol=0)
+    assert torch.equal(got, ref)  # bit-exact, as the docs claim
+    assert torch.equal(got_edit, ref_edit)
     assert torch.equal(again, base)
-    torch.testing.assert_close(h2, bb.forward_layers(enc.input_ids, enc.attention_mask, [2])[2], atol=1e-6, rtol=0)
+    assert torch.equal(h2, bb.forward_layers(enc.input_ids, enc.attention_mask, [2])[2])
     assert foreign_hooks(bb.layers) == hooks
     assert all("forward" not in vars(block) for block in bb.layers)  # stubs removed
     assert torch.equal(bb.logits(enc.input_ids, enc.attention_mask), base)
@@ -194,8 +203,8 @@ def test_prefix_cache_not_used_when_steering_a_shallower_block_or_new_inputs(tin
         with pytest.raises(SafesteerError, match="already active"):
             with bb.prefix_cache(1):
                 pass
-    torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
-    torch.testing.assert_close(got_other, ref_other, atol=1e-6, rtol=0)
+    assert torch.equal(got, ref)
+    assert torch.equal(got_other, ref_other)
 
 
 def test_prefix_cache_respects_memory_cap(tiny_backbone):

@@ -23,6 +23,7 @@ class RunSection:
     name: str = "default"
     seed: int = 0
     device: str = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
+    distributed: bool = False  # under torchrun: extract, sae and encode split across ranks (same results)
 
 
 @dataclass

@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import numpy as np
 import pandas as pd
@@ -25,6 +25,7 @@ from safesteer.errors import SafesteerError
 from safesteer.io import atomic_path, read_json, save_npy, sha256_file, write_json
 from safesteer.models.backbone import Backbone
 from safesteer.models.positions import CHAT_POSITIONS, POSITIONS, chat_inputs, pool
+from safesteer.store import commits
 from safesteer.store.layout import FORMAT, layer_dir, shard_files
 
 #: Settings that change the bytes of a shard; a folder written with others is refused.
@@ -251,8 +252,17 @@ def extract(
     overwrite: bool = False,
     total: int | None = None,
     progress: bool = True,
+    rank: int = 0,
+    world: int = 1,
+    sync: Callable[[], None] | None = None,
 ) -> ExtractReport:
-    """Extract pooled activations of ``rows`` ((dataset name, Record) pairs) into ``out``."""
+    """Extract pooled activations of ``rows`` ((dataset name, Record) pairs) into ``out``.
+
+    ``rank``/``world``/``sync`` (see :mod:`safesteer.extract_dist`): with ``world`` > 1 this rank
+    computes only the shards ``k`` with ``k % world == rank``, commits each with a record
+    (:mod:`safesteer.store.commits`) instead of rewriting the manifest, and after ``sync()`` (a
+    barrier) rank 0 folds every rank's records into the manifest. The bytes are those of ``world=1``.
+    """
     out = Path(out)
     layers = sorted({backbone.check_layer(l) for l in cfg.layers})
     if cfg.shard_size <= 0 or cfg.batch_size <= 0:
@@ -263,6 +273,7 @@ def extract(
         raise SafesteerError(f"unknown dtype {cfg.dtype!r}; valid choices: float16, float32")
     report = ExtractReport()
     manifests: dict[int, dict] = {}
+    replace: list[Path] = []
     for l in layers:
         folder = layer_dir(out, l)
         mpath = folder / "manifest.json"
@@ -275,14 +286,23 @@ def extract(
                         f"{folder} holds activations from a different run (differs in: {', '.join(diff) or 'format'}); "
                         "pass --overwrite to replace it or choose another --out"
                     )
-                shutil.rmtree(folder)
+                replace.append(folder)
             else:
                 manifests[l] = old
         if l not in manifests:
-            if folder.exists() and overwrite:
-                shutil.rmtree(folder)
+            if folder.exists() and overwrite and folder not in replace:
+                replace.append(folder)
             manifests[l] = _new_manifest(cfg, backbone, l)
-        folder.mkdir(parents=True, exist_ok=True)
+    if sync is not None:
+        sync()  # every rank has read the old manifests ...
+    if rank == 0:
+        for folder in replace:
+            shutil.rmtree(folder)
+    if sync is not None:
+        sync()  # ... and rank 0 has removed what --overwrite replaces before anyone writes
+    for l in layers:
+        layer_dir(out, l).mkdir(parents=True, exist_ok=True)
+        commits.apply_commits(manifests[l], commits.read_commits(layer_dir(out, l), cfg.identity()))
 
     precision = manifests[layers[0]].get("precision")
     extractor: Extractor | None = None
@@ -292,7 +312,15 @@ def extract(
 
         bar = tqdm(total=total, unit="rows", desc=f"extract L{','.join(map(str, layers))}", file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
     t0 = time.perf_counter()
+    n_chunks = 0
     for index, chunk in enumerate(_shards(rows, cfg.shard_size, report)):
+        n_chunks = index + 1
+        if world > 1 and index % world != rank:
+            if index == 0 and precision is None:  # every rank decides on shard 0, as one process would
+                precision, report.bf16_min_cosine = choose_precision(backbone, layers, [r.text for _, r in chunk], cfg.precision)
+                for m in manifests.values():
+                    m["precision"], m["bf16_min_cosine"] = precision, report.bf16_min_cosine
+            continue
         ids = [rec.id for _, rec in chunk]
         plan = _plan_sha(ids)
         entries = {l: next((s for s in manifests[l]["shards"] if s["index"] == index), None) for l in layers}
@@ -337,23 +365,41 @@ def extract(
             m = manifests[l]
             m["shards"] = sorted([s for s in m["shards"] if s["index"] != index] + [entry], key=lambda s: s["index"])
             m["labels"] = sorted(set(m["labels"]) | set(meta.columns[4:]))
-            for name, count in meta["dataset"].value_counts().items():
-                m["datasets"].setdefault(name, {})[str(index)] = int(count)
-            write_json(folder / "manifest.json", m)
+            counts = [(name, int(count)) for name, count in meta["dataset"].value_counts().items()]
+            for name, count in counts:
+                m["datasets"].setdefault(name, {})[str(index)] = count
+            if world > 1:
+                commits.write_commit(folder, entry, labels=list(meta.columns[4:]), datasets=counts, precision=precision,
+                                     bf16_min_cosine=m.get("bf16_min_cosine"), identity=cfg.identity())
+            else:
+                write_json(folder / "manifest.json", m)
         report.shards_done += 1
         report.rows += len(chunk)
     report.seconds = time.perf_counter() - t0
     if bar is not None:
         bar.close()
-    n_shards = report.shards_done + report.shards_skipped
+    n_shards = n_chunks
+    if sync is not None:
+        sync()  # every rank has committed its shards
+    if world > 1 and rank != 0:
+        report.precision = precision or "fp32"
+        return report
     for l in layers:
         m = manifests[l]
+        commits.apply_commits(m, commits.read_commits(layer_dir(out, l), cfg.identity()))
+        have = {int(s["index"]) for s in m["shards"]}
+        lost = sorted(set(range(n_shards)) - have)
+        if lost:
+            raise SafesteerError(f"shard(s) {lost[:5]} of {layer_dir(out, l)} were not committed by their rank; "
+                                 "re-run the same command to compute them (the manifest is left incomplete)")
+        m["datasets"] = commits.canonical_datasets(m["datasets"])
         m["shards"] = [s for s in m["shards"] if s["index"] < n_shards]
         m["complete"] = True
         m["n_rows"] = int(sum(s["rows"] for s in m["shards"]))
         m["empty_skipped"] = report.empty_skipped
         m["truncated"] = int(sum(s.get("truncated", 0) for s in m["shards"]))
         write_json(layer_dir(out, l) / "manifest.json", m)
+        commits.clear_commits(layer_dir(out, l))
         report.out.append(str(layer_dir(out, l)))
     report.truncated = int(manifests[layers[0]]["truncated"])
     if extractor is not None:

@@ -38,11 +38,15 @@ def register(app: typer.Typer) -> None:
         data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="SAFESTEER_DATA_DIR", help="Offline data folder."),
         seed: int = typer.Option(0, "--seed"),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a folder written by a different run."),
+        device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto; under torchrun each rank uses cuda:LOCAL_RANK (NCCL) or the CPU (gloo)."),
     ) -> None:
-        """Extract mean-pooled hidden states into resumable, checksummed shards."""
+        """Extract mean-pooled hidden states into resumable, checksummed shards (torchrun: shards split across ranks)."""
         from safesteer.data import get_spec
         from safesteer.data.rows import dataset_rows
-        from safesteer.extract import ExtractConfig, extract
+        from safesteer.devices import resolve_device
+        from safesteer.distributed import from_env
+        from safesteer.extract import ExtractConfig
+        from safesteer.extract_dist import run_extract
         from safesteer.models import load_backbone
 
         names = [n.strip() for n in dataset.split(",") if n.strip()]
@@ -56,11 +60,14 @@ def register(app: typer.Typer) -> None:
             shard_size=shard_size, dtype=dtype, batch_size=batch_size, max_length=max_length,
             precision=precision, source=source,
         )
-        bb = load_backbone(model, max_length=max_length)
+        dist = from_env(resolve_device(device))
+        bb = load_backbone(model, max_length=max_length, device=dist.device)
         for l in layers:
             bb.check_layer(l)
         rows = dataset_rows(names, split, max_rows, seed, source, data_dir)
-        rep = extract(bb, rows, out, cfg, overwrite=overwrite, total=max_rows * len(names) if max_rows else None)
+        rep = run_extract(bb, rows, out, cfg, dist, overwrite=overwrite, total=max_rows * len(names) if max_rows else None)
+        if not dist.is_writer:
+            return
         rate = rep.rows / rep.seconds if rep.seconds else 0.0
         typer.echo(
             f"extracted {rep.rows} rows ({rep.shards_done} shards computed, {rep.shards_skipped} reused) "

@@ -41,7 +41,7 @@ def _root(
 
 def _register_all() -> None:
     # Each import adds the commands of one stage. Keep this list in pipeline order.
-    for module in ("data", "extract", "sae", "probes", "evaluate", "pipeline", "serve", "bench"):
+    for module in ("data", "extract", "sae", "probes", "dist", "evaluate", "pipeline", "serve", "export", "bench"):
         try:
             mod = __import__(f"safesteer.cli.{module}", fromlist=["register"])
         except ModuleNotFoundError as exc:

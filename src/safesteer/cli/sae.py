@@ -59,6 +59,7 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
         """Train a Gated SAE on an activation store (grid search optional; resumable)."""
+        from safesteer.distributed import env_world_size, from_env
         from safesteer.sae.config import TrainConfig
         from safesteer.sae.metrics import convergence_table
         from safesteer.sae.run import train_on_store
@@ -76,8 +77,11 @@ def register(app: typer.Typer) -> None:
         if grid:
             grid_spec = {"expansions": [int(x) for x in _float_list(grid_expansions, "--grid-expansions")],
                          "l1s": _float_list(grid_l1, "--grid-l1"), "grid_epochs": grid_epochs, "grid_patience": grid_patience}
+        dist = from_env(device) if env_world_size() > 1 else None  # under torchrun: data-parallel
         final, table = train_on_store(acts, out, base, val_fraction=val_fraction, shuffle_buffer=shuffle_buffer, device=device,
-                                      grid=grid_spec, resume=resume, show_progress=progress)
+                                      grid=grid_spec, resume=resume, show_progress=progress, dist=dist)
+        if dist is not None and not dist.is_writer:
+            return
         if table is not None:
             typer.echo(table, nl=False)
         typer.echo(convergence_table(final.history), nl=False)

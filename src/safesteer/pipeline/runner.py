@@ -61,10 +61,15 @@ class Pipeline:
 
         self.data_dir = run_data_dir(cfg.data.data_dir)
         self.show_progress = sys.stderr.isatty() if show_progress is None else show_progress
+        self.dist = None  # set in run(): a safesteer.distributed.Dist under torchrun with run.distributed
+
+    @property
+    def is_writer(self) -> bool:
+        return self.dist is None or self.dist.is_writer
 
     def context(self) -> Context:
         return Context(config=self.cfg, seed=self.cfg.run.seed, device=self.device, data_dir=self.data_dir, say=_say,
-                       show_progress=self.show_progress)
+                       show_progress=self.show_progress and self.is_writer, dist=self.dist)
 
     def _stage(self, spec: StageSpec, cache: StageCache, ctx: Context) -> None:
         st = cache.stage(spec.name, stage_params(spec, self.cfg), {k: self.st[k].key for k in spec.inputs})
@@ -81,29 +86,58 @@ class Pipeline:
         missing = [k for k in spec.inputs if not self.st[k].done]
         if missing:
             raise SafesteerError(f"stage {spec.name} needs {missing[0]}, which has no finished output for these settings; include {missing[0]} in --stages")
-        _say(f"{spec.name}: running -> {st.dir}")
+        if self.is_writer:
+            _say(f"{spec.name}: running -> {st.dir}")
         t0 = time.perf_counter()
-        outputs = spec.run(spec.section_of(self.cfg), {k: self.outputs[k] for k in spec.inputs}, st.dir, ctx)
+        if self.dist is not None and self.dist.enabled and not spec.ranks:
+            # a one-process stage: rank 0 runs it, the other ranks read its outputs after the barrier
+            outputs = None
+            if self.dist.is_writer:
+                outputs = spec.run(spec.section_of(self.cfg), {k: self.outputs[k] for k in spec.inputs}, st.dir, ctx)
+                st.mark_done(seconds=round(time.perf_counter() - t0, 2), outputs=dump_outputs(outputs, self.out))
+            self.dist.barrier(f"stage {spec.name}")
+            if outputs is None:
+                outputs = load_outputs(spec.outputs, st.info()["outputs"], self.out)
+        else:
+            outputs = spec.run(spec.section_of(self.cfg), {k: self.outputs[k] for k in spec.inputs}, st.dir, ctx)
+            if self.is_writer:
+                st.mark_done(seconds=round(time.perf_counter() - t0, 2), outputs=dump_outputs(outputs, self.out))
+            if self.dist is not None:
+                self.dist.barrier(f"stage {spec.name}")
         seconds = time.perf_counter() - t0
         self.timings[spec.name] = seconds
         self.status[spec.name] = "ran"
         self.outputs[spec.name] = outputs
-        st.mark_done(seconds=round(seconds, 2), outputs=dump_outputs(outputs, self.out))
 
     def run(self) -> Path | None:
+        from safesteer.distributed import env_world_size, from_env
+
+        world = env_world_size()
+        if world > 1 and not self.cfg.run.distributed:
+            raise SafesteerError(f"WORLD_SIZE={world} (torchrun) but run.distributed is false; set [run] distributed = true "
+                                 "or launch one process")
+        if self.cfg.run.distributed and world > 1:
+            self.dist = from_env(self.device)
+            self.dist.agree({"config": self.cfg.to_dict(), "out": str(self.out.resolve())}, "the run configuration")
+            if not self.dist.is_writer:  # rank 0 holds the run lock and writes the report; the others follow it
+                self._run()
+                return None
         with RunLock(self.out):
             return self._run()
 
     def _run(self) -> Path | None:
         cache = StageCache(self.out)
-        with atomic_path(self.out / files.CONFIG) as tmp:
-            tmp.write_text(dump_toml(self.cfg))
+        if self.is_writer:
+            with atomic_path(self.out / files.CONFIG) as tmp:
+                tmp.write_text(dump_toml(self.cfg))
         t_start = time.perf_counter()
         ctx = self.context()
         for spec in TABLE:
             self._stage(spec, cache, ctx)
         self.timings["total"] = time.perf_counter() - t_start
         unfinished = [s.name for s in TABLE if not self.st[s.name].done]
+        if not self.is_writer:
+            return None
         if unfinished:
             if self.only is not None and "report" in self.only:
                 raise SafesteerError(f"the report needs {unfinished[0]}, which has no finished output for these settings; include it in --stages")

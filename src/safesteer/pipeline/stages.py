@@ -43,6 +43,11 @@ class Context:
     data_dir: Path | None  # the offline data folder, if any
     say: Callable[[str], None]
     show_progress: bool = False
+    dist: Any = None  # a safesteer.distributed.Dist when run.distributed under torchrun; None: one process
+
+    @property
+    def distributed(self) -> bool:
+        return self.dist is not None and self.dist.enabled
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class StageSpec:
     inputs: tuple[str, ...]
     run: Callable[[Any, Mapping[str, Any], Path, Context], Any]
     outputs: type
+    ranks: bool = False  # every rank runs it under torchrun (else rank 0 alone, the others wait)
 
     def section_of(self, cfg: Config) -> Any:
         """The section dataclass (or tuple of them) that ``run`` receives."""
@@ -64,9 +70,9 @@ class StageSpec:
 
 
 TABLE: tuple[StageSpec, ...] = (
-    StageSpec("extract", ("model", "data", "extract"), (), run_extract_stage, ExtractOutputs),
-    StageSpec("sae", ("sae",), ("extract",), run_sae_stage, SAEOutputs),
-    StageSpec("encode", ("encode",), ("extract", "sae"), run_encode_stage, EncodeOutputs),
+    StageSpec("extract", ("model", "data", "extract"), (), run_extract_stage, ExtractOutputs, ranks=True),
+    StageSpec("sae", ("sae",), ("extract",), run_sae_stage, SAEOutputs, ranks=True),
+    StageSpec("encode", ("encode",), ("extract", "sae"), run_encode_stage, EncodeOutputs, ranks=True),
     StageSpec("probes", ("probes",), ("extract",), run_probes_stage, ProbesOutputs),
     StageSpec("map", ("map",), ("extract", "sae", "encode", "probes"), run_map_stage, MapOutputs),
     StageSpec("atoms", ("atoms",), ("sae", "map"), run_atoms_stage, AtomsOutputs),

@@ -54,7 +54,16 @@ def run_grid(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     on_run: Callable[[str, TrainConfig], None] | None = None,
     sae_metadata: dict[str, Any] | None = None,
+    fit: Callable[[TrainConfig, Path, bool], TrainResult] | None = None,
+    is_writer: bool = True,
 ) -> GridResult:
+    """``fit(cfg, folder, resume)``: how one run is trained (default: a :class:`Trainer` here; a
+    distributed run passes :func:`safesteer.sae.distributed.train_distributed`); only a writer
+    writes the grid's files."""
+    if fit is None:
+        def fit(cfg: TrainConfig, folder: Path, resume: bool) -> TrainResult:
+            return Trainer(cfg, d_in, folder, device=device, data_identity=data_identity, on_step=on_step, on_epoch=on_epoch,
+                           sae_metadata=sae_metadata).fit(batches, resume=resume)
     if not expansions or not l1s:
         raise SafesteerError("the grid needs at least one expansion and one L1 coefficient")
     for k in expansions:
@@ -72,23 +81,22 @@ def run_grid(
             folder = out / "grid" / grid_name(k, lam)
             if on_run is not None:
                 on_run(folder.name, cfg)
-            tr = Trainer(cfg, d_in, folder, device=device, data_identity=data_identity, on_step=on_step, on_epoch=on_epoch,
-                         sae_metadata=sae_metadata)
-            res = tr.fit(batches, resume=resume)
+            res = fit(cfg, folder, resume)
             rows.append(_row(k, lam, res, folder))
     rows.sort(key=lambda r: (float("inf") if r["best_val_loss"] is None else r["best_val_loss"]))
     best = rows[0]
     table = grid_table(rows)
-    write_json(out / "grid_results.json", {"rows": rows, "best": best["name"]})
-    (out / "grid.md").write_text(table)
+    if is_writer:
+        write_json(out / "grid_results.json", {"rows": rows, "best": best["name"]})
+        (out / "grid.md").write_text(table)
     # continue the winner from its own checkpoint to convergence
     cfg = base.replace(expansion=best["expansion"], l1=best["l1"], epochs=final_epochs, patience=final_patience)
     if on_run is not None:
         on_run(f"{best['name']} (final)", cfg)
-    tr = Trainer(cfg, d_in, best["folder"], device=device, data_identity=data_identity, on_step=on_step, on_epoch=on_epoch,
-                 sae_metadata=sae_metadata)
-    final = tr.fit(batches, resume=True)
+    final = fit(cfg, Path(best["folder"]), True)
     final_dir = out / "sae"
+    if not is_writer:
+        return GridResult(rows=rows, best=best, final=final, table=table)
     if final_dir.exists():
         shutil.rmtree(final_dir)
     save_sae(final.sae, final_dir, extra={"grid": best["name"]})

@@ -3,6 +3,7 @@ encode stages of the pipeline."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
@@ -107,9 +108,13 @@ def train_config(section: Any, seed: int, *, expansion: int | None = None, l1: f
 
 
 def train_on_store(acts: Path, out: Path, base: Any, *, val_fraction: float, shuffle_buffer: int, device: str = "cpu",
-                   grid: dict[str, Any] | None = None, resume: bool = False, show_progress: bool = True):
+                   grid: dict[str, Any] | None = None, resume: bool = False, show_progress: bool = True, dist: Any = None):
     """Train one SAE (``grid=None``) or a grid (``grid``: expansions, l1s, grid_epochs, grid_patience)
-    on the store at ``acts``; the selected SAE lands in ``out/sae``. Returns (final TrainResult, grid table or None)."""
+    on the store at ``acts``; the selected SAE lands in ``out/sae``. Returns (final TrainResult, grid table or None).
+
+    ``dist``: a :class:`safesteer.distributed.Dist` with several ranks trains data-parallel
+    (:mod:`safesteer.sae.distributed`; rank 0 writes, progress on rank 0)."""
+    from safesteer.sae.distributed import grid_distributed, train_distributed
     from safesteer.sae.grid import run_grid
     from safesteer.sae.trainer import Trainer
 
@@ -126,13 +131,18 @@ def train_on_store(acts: Path, out: Path, base: Any, *, val_fraction: float, shu
     meta = {"dataset_path": str(getattr(store, "path", acts)), "hook_layer": (store.manifest or {}).get("layer"),
             "model_name": (store.manifest or {}).get("model")}
     steps = max(1, -(-int(store.n_rows * (1 - val_fraction)) // base.batch_size))
-    with TrainProgress(show_progress, steps) as prog:
+    distributed = dist is not None and dist.enabled
+    with TrainProgress(show_progress and (not distributed or dist.is_writer), steps) as prog:
         if grid is not None:
-            res = run_grid(batches, store.d, base, out, expansions=list(grid["expansions"]), l1s=list(grid["l1s"]),
+            grid_fn = functools.partial(grid_distributed, dist=dist) if distributed else run_grid
+            res = grid_fn(batches, store.d, base, out, expansions=list(grid["expansions"]), l1s=list(grid["l1s"]),
                            grid_epochs=grid["grid_epochs"], grid_patience=grid["grid_patience"], final_epochs=base.epochs,
                            final_patience=base.patience, resume=resume, device=device, data_identity=ident,
                            on_step=prog.on_step, on_epoch=prog.on_epoch, on_run=prog.start_run, sae_metadata=meta)
             return res.final, res.table
+        if distributed:
+            return train_distributed(batches, store.d, base, out, dist, resume=resume, data_identity=ident, on_step=prog.on_step,
+                                     on_epoch=prog.on_epoch, sae_metadata=meta), None
         tr = Trainer(base, store.d, out, device=device, data_identity=ident, on_step=prog.on_step, on_epoch=prog.on_epoch,
                      sae_metadata=meta)
         return tr.fit(batches, resume=resume), None
@@ -166,13 +176,20 @@ def run_sae_stage(section: Any, inputs: Mapping[str, Any], out_dir: Path, ctx) -
     # the folder belongs to this key: continue whatever a killed run left
     _, table = train_on_store(inputs["extract"].acts, out_dir, train_config(section, ctx.seed), val_fraction=section.val_fraction,
                               shuffle_buffer=section.shuffle_buffer, device=ctx.device, grid=grid, resume=True,
-                              show_progress=ctx.show_progress)
+                              show_progress=ctx.show_progress, dist=ctx.dist if ctx.distributed else None)
     if table:
         ctx.say("SAE grid:\n" + table.rstrip())
     return SAEOutputs(out_dir / files.SAE, out_dir / files.GRID_RESULTS)
 
 
 def run_encode_stage(section: Any, inputs: Mapping[str, Any], out_dir: Path, ctx) -> EncodeOutputs:
+    if ctx.distributed:  # each rank encodes its shards; the parts are assembled into one latent store
+        from safesteer.cartography.map_dist import encode_distributed
+        from safesteer.sae.saving import load_sae
+
+        z = encode_distributed(load_sae(inputs["sae"].sae, device=ctx.dist.device), inputs["extract"].acts, out_dir / files.LATENTS,
+                               ctx.dist, batch_size=section.batch_size, progress=ctx.show_progress)
+        return EncodeOutputs(out_dir / files.LATENTS, float(z.manifest["mean_l0"]))
     z = encode(inputs["sae"].sae, inputs["extract"].acts, out_dir / files.LATENTS, batch_size=section.batch_size,
                device=ctx.device, show_progress=ctx.show_progress)
     return EncodeOutputs(out_dir / files.LATENTS, float(z.manifest["mean_l0"]))

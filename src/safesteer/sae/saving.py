@@ -15,7 +15,18 @@ raw ``x`` and keeps every decoder row at unit norm: with ``b_dec' = b_dec / c``,
 So the latent values are in raw activation units: ``f'_j`` is the coefficient of the unit atom
 ``W_dec[j]`` in raw space. (SAELens' own folding instead rescales ``W_enc``/``W_dec``, which would
 break the unit-norm rows that downstream steering relies on.) ``c`` is recorded as
-``scaling_factor`` for information only.
+``metadata.training_scaling_factor`` for information only: it is already folded in, and
+``normalize_activations`` is ``"none"``, so SAELens' ``encode``/``decode`` on raw activations give
+exactly safesteer's numbers.
+
+**SAELens 6 metadata** (:func:`saelens_metadata`): ``sae_lens_version`` (the config format, so
+SAELens skips its pre-6.0 conversion), ``model_name``, ``hook_name`` and ``hook_layer``. safesteer's
+layer ``L`` is the output of transformer block ``L`` (0-based) = Hugging Face
+``hidden_states[L + 1]`` = TransformerLens ``blocks.{L}.hook_resid_post``; that is the hook name
+written. The SAEs are trained on *mean-pooled* block outputs (one vector per text), recorded as
+``metadata.activations``. The article variant is the same inference function as SAELens'
+``gated`` architecture with ``r_mag = 0``; its training objective has no SAELens architecture,
+which ``metadata.training_objective`` says (see :mod:`safesteer.interop.saelens`).
 """
 
 from __future__ import annotations
@@ -34,6 +45,41 @@ from safesteer.sae.gated import PARAM_NAMES, GatedSAE
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
+SAELENS_FORMAT_VERSION = "6.0.0"
+"""The SAELens config format written (``metadata.sae_lens_version``); checked with sae-lens 6.54.12."""
+LAYER_CONVENTION = ("layer L = output of transformer block L (0-based) = HF hidden_states[L+1] "
+                    "= TransformerLens blocks.L.hook_resid_post")
+TRAINING_OBJECTIVES = {
+    "paper": "gated (Rajamanoharan et al. 2024); SAELens architecture 'gated'",
+    "article": ("article (L1 on magnitudes, r_mag fixed at 0): no SAELens architecture trains this objective; "
+                "it runs in SAELens as architecture 'gated' with r_mag = 0 (the same inference function)"),
+}
+
+
+def hook_name_for_layer(layer: int) -> str:
+    """The TransformerLens/SAELens hook of safesteer's layer ``layer`` (output of block ``layer``)."""
+    return f"blocks.{int(layer)}.hook_resid_post"
+
+
+def saelens_metadata(cfg: SAEConfig) -> dict:
+    """The ``metadata`` block of a SAELens 6 ``cfg.json`` for ``cfg`` (plus safesteer's own keys)."""
+    meta = dict(cfg.metadata)
+    layer = meta.get("hook_layer")
+    if isinstance(layer, int) and not meta.get("hook_name"):
+        meta["hook_name"] = hook_name_for_layer(layer)
+    meta.setdefault("model_name", None)
+    meta.setdefault("hook_name", None)
+    meta.setdefault("hook_head_index", None)
+    meta.setdefault("prepend_bos", True)
+    meta.setdefault("activations", "mean over the tokens of each text of the block output (one vector per text)")
+    meta["sae_lens_version"] = SAELENS_FORMAT_VERSION
+    meta.setdefault("sae_lens_training_version", None)
+    meta["layer_convention"] = LAYER_CONVENTION
+    meta["safesteer_variant"] = cfg.variant
+    meta["training_objective"] = TRAINING_OBJECTIVES[cfg.variant]
+    meta["training_scaling_factor"] = float(cfg.scaling_factor)
+    meta["training_scaling_note"] = "already folded into the saved weights; apply nothing (normalize_activations='none')"
+    return meta
 
 
 def fold_scale(params: dict[str, torch.Tensor], c: float) -> dict[str, torch.Tensor]:
@@ -54,14 +100,21 @@ def save_sae(sae: GatedSAE, folder: str | os.PathLike, *, extra: dict | None = N
         canonical_safetensors(tmp)  # metadata key order is random per process otherwise
     cfg = sae.cfg.to_dict()
     cfg["weights_sha256"] = sha256_file(folder / WEIGHTS_FILENAME)
+    meta = saelens_metadata(sae.cfg)
     if extra:
-        cfg.setdefault("metadata", {}).update(extra)
+        meta.update(extra)
+    cfg["metadata"] = meta
+    cfg["reshape_activations"] = "none"
+    cfg["model_name"], cfg["hook_name"] = meta["model_name"], meta["hook_name"]
+    cfg["meta"] = {k: meta.get(k) for k in ("model_name", "hook_name", "hook_layer", "dataset_path")}
+    cfg.pop("scaling_factor", None)  # folded in: SAELens must not see a factor it would be tempted to apply
     write_json(folder / CFG_FILENAME, cfg)
     return folder
 
 
 def load_sae(folder: str | os.PathLike, device: str | torch.device = "cpu") -> GatedSAE:
-    """Load an SAE saved by :func:`save_sae` (or a SAELens gated SAE with the same keys).
+    """Load an SAE saved by :func:`save_sae`, or one saved by SAELens (gated or standard; see
+    :mod:`safesteer.interop.saelens`).
 
     Decoder rows that are not unit norm (e.g. a SAELens SAE trained without the constraint) are
     normalised and the norms folded into the encoder so the function is unchanged.
@@ -73,6 +126,16 @@ def load_sae(folder: str | os.PathLike, device: str | torch.device = "cpu") -> G
     raw = read_json(cfg_path)
     if not isinstance(raw, dict):
         raise SafesteerError(f"{cfg_path} is not an SAE config")
+    from safesteer.interop.saelens import layer_from_hook, needs_conversion
+
+    if needs_conversion(raw):  # a SAELens standard SAE, or one that does not subtract b_dec from its input
+        from safesteer.interop.saelens import from_saelens
+
+        return from_saelens(folder, device=device)
+    raw = dict(raw)
+    if "scaling_factor" not in raw:
+        sf = (raw.get("metadata") or {}).get("training_scaling_factor")
+        raw["scaling_factor"] = float(sf) if isinstance(sf, (int, float)) else 1.0
     cfg = SAEConfig.from_dict(raw)
     try:
         tensors = load_file(str(w_path))
@@ -90,6 +153,9 @@ def load_sae(folder: str | os.PathLike, device: str | torch.device = "cpu") -> G
             raise SafesteerError(f"{w_path} lacks the tensor {name!r}; it is not a gated SAE")
         if tuple(tensors[name].shape) != shape:
             raise SafesteerError(f"{w_path}: {name} has shape {tuple(tensors[name].shape)}, cfg.json implies {shape}")
+    if cfg.variant == "article" and bool(torch.any(tensors["r_mag"] != 0)):
+        raise SafesteerError(f"{cfg_path} says variant 'article' but r_mag is not 0: the article variant cannot represent it; "
+                             "set \"variant\": \"paper\" (SAELens' gated architecture)")
     sae = GatedSAE(cfg, seed=0)
     with torch.no_grad():
         for name in PARAM_NAMES:
@@ -101,6 +167,10 @@ def load_sae(folder: str | os.PathLike, device: str | torch.device = "cpu") -> G
             sae.W_enc *= n[None, :]
             sae.b_gate *= n
             sae.b_mag *= n
+    if not isinstance(sae.cfg.metadata.get("hook_layer"), int):
+        layer = layer_from_hook(sae.cfg.metadata.get("hook_name") or raw.get("hook_name"))
+        if layer is not None:
+            sae.cfg.metadata["hook_layer"] = layer
     sae.source_sha256 = raw.get("weights_sha256") or sha256_file(w_path)  # type: ignore[attr-defined]
     return sae.to(device)
 

@@ -15,17 +15,14 @@ Training recipe (Rajamanoharan et al. 2024 / dictionary_learning ``gdm.py``):
   ``W_dec`` random unit rows, ``W_enc = W_dec^T``, gate/magnitude biases and ``r_mag`` zero;
 * constrained Adam (beta1=0, beta2=0.999 by default): the gradient component parallel to each
   decoder row is removed before the update and the rows are renormalised after it;
-* linear LR warmup over ``lr_warmup_steps`` and sparsity-coefficient warmup over ``l1_warmup_steps``;
-* dead-latent tracking (last row at which each latent fired), validation every epoch on the
-  held-out split, early stopping with ``patience``; the weights of the best validation epoch are
-  the result;
+* linear LR and sparsity-coefficient warmups (``lr_warmup_steps``, ``l1_warmup_steps``);
+* dead-latent tracking, validation every epoch on the held-out split, early stopping with
+  ``patience``; the weights of the best validation epoch are the result;
 * a checkpoint of one :class:`~safesteer.sae.checkpoint.TrainerState` at every epoch end (and every
   ``checkpoint_every`` steps), see :mod:`safesteer.sae.checkpoint`. No pickle anywhere.
 
-The optimiser is :class:`safesteer.sae.optim.ConstrainedAdam`; the forward used for evaluation is
-:func:`safesteer.sae.gated.gated_forward`. Two hooks serve data-parallel training: ``reduce_grads``
-(called on the gradient dict right before each optimiser step, e.g. an all-reduce mean) and
-``is_writer`` (only a writer saves checkpoints, metrics and the SAE).
+Optimiser: :class:`safesteer.sae.optim.ConstrainedAdam`; evaluation forward:
+:func:`safesteer.sae.gated.gated_forward`; data-parallel hooks: ``reduce_grads``, ``is_writer``.
 """
 
 from __future__ import annotations

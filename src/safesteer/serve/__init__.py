@@ -6,7 +6,9 @@
 
 Modules: :mod:`~safesteer.serve.policies` (Policy model, atomic PolicyStore),
 :mod:`~safesteer.serve.engine` (computations, the model worker thread, limits),
-:mod:`~safesteer.serve.app` (FastAPI endpoints), :mod:`~safesteer.serve.metrics` (Prometheus text).
+:mod:`~safesteer.serve.app` (FastAPI endpoints), :mod:`~safesteer.serve.openai_api` (OpenAI-compatible
+``/v1/chat/completions`` and ``/v1/models``), :mod:`~safesteer.serve.http` (error bodies, guard middleware),
+:mod:`~safesteer.serve.metrics` (Prometheus text).
 """
 
 from safesteer.serve.engine import Engine, Limits, ServedProbe

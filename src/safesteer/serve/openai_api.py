@@ -1,0 +1,341 @@
+"""OpenAI-compatible endpoints of the steering service: ``POST /v1/chat/completions``, ``GET /v1/models``.
+
+Any OpenAI client works against ``http://HOST:PORT/v1``::
+
+    client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+    client.chat.completions.create(model="smollm2-135m:recommended", messages=[...])
+
+**Policy.** The model name is ``<model>`` (unsteered) or ``<model>:<policy>`` (steered by that
+policy); ``GET /v1/models`` lists both forms for every current policy. The policy may instead be
+named in the extra body field ``policy`` (``extra_body={"policy": ..., "alpha": ...}`` in the
+client); naming two different policies is an error. The policy snapshot is taken once per request.
+
+**Sampling.** ``temperature`` absent or 0: greedy (deterministic); > 0: sampling with ``top_p`` and
+``seed`` (default 0, so the same request gives the same text). ``max_tokens`` (or
+``max_completion_tokens``) is bounded by the server's ``max_new_tokens`` limit. ``n`` must be 1.
+
+**Streaming.** ``stream: true`` answers ``text/event-stream``: ``data: {chat.completion.chunk}``
+events as tokens are generated (a first chunk with the role, content deltas, a last chunk with
+``finish_reason``), then ``data: [DONE]``.
+
+**What was applied.** Every response (and every chunk) carries ``safesteer``: ``policy``,
+``policy_version``, ``alpha``, ``steered`` (false without a policy, or when a conditional policy's
+probe stayed at or below its threshold on the last user message) and ``condition_probability``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator, Callable, Literal, Optional, Union
+
+import numpy as np
+import torch
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from safesteer.serve.engine import Engine, Limits, Plan
+from safesteer.serve.worker import ModelWorker
+from safesteer.serve.http import _ERRORS, ApiError
+from safesteer.serve.metrics import Metrics
+from safesteer.serve.policies import PolicyStore
+
+MAX_MESSAGES = 64
+DEFAULT_MAX_TOKENS = 64
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # clients add name/tool fields we do not use
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart]]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=256, description="'<model>' or '<model>:<policy>' (GET /v1/models).")
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
+    seed: Optional[int] = Field(None, ge=0, le=2**32 - 1)
+    n: int = Field(1, ge=1, le=1, description="Only one choice per request.")
+    stream: bool = False
+    stream_options: Optional[dict[str, Any]] = None
+    user: Optional[str] = None
+    policy: Optional[str] = Field(None, max_length=128, description="safesteer: the policy (instead of '<model>:<policy>').")
+    alpha: Optional[float] = Field(None, allow_inf_nan=False, description="safesteer: override the policy's alpha within its bounds.")
+
+
+class SteeringInfo(BaseModel):
+    policy: Optional[str]
+    policy_version: Optional[int]
+    alpha: Optional[float]
+    steered: bool
+    condition_probability: Optional[float] = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    safesteer: SteeringInfo
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "safesteer"
+    safesteer: dict[str, Any]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class _Streamer:
+    """transformers streamer: new token ids of row 0 go to an asyncio queue (the prompt's ids are skipped)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
+        self.loop, self.queue, self.prompt_seen = loop, queue, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        ids = value.reshape(-1).tolist()
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, ("tokens", ids))
+
+    def end(self) -> None:
+        pass
+
+
+def render_messages(tokenizer: Any, messages: list[ChatMessage]) -> str:
+    """The chat with the tokenizer's template (ready for the assistant's turn), or a plain transcript."""
+    plain = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
+    return "\n".join(f"{m['role']}: {m['content']}" for m in plain) + "\nassistant:"
+
+
+def mount_openai(app: Any, engine: Engine, store: PolicyStore, worker: ModelWorker, metrics: Metrics, limits: Limits,
+                 model_name: str, make_plan: Callable[[Optional[str], Optional[float]], Plan]) -> APIRouter:
+    """Add the OpenAI-compatible routes to ``app`` (see the module docstring)."""
+    router = APIRouter(tags=["openai"])
+    backbone = engine.backbone
+    started = int(time.time())
+
+    def resolve(req: ChatCompletionRequest) -> Plan:
+        base, sep, from_name = req.model.partition(":")
+        if base != model_name:
+            raise ApiError(404, "model_not_found", f"unknown model '{req.model}'; this server serves '{model_name}' and "
+                                                   f"'{model_name}:<policy>' (GET /v1/models)")
+        if sep and not from_name:
+            raise ApiError(422, "invalid_model", f"model '{req.model}' names no policy after ':'")
+        if from_name and req.policy and from_name != req.policy:
+            raise ApiError(422, "conflicting_policy", f"the model names policy '{from_name}' but the body names '{req.policy}'; name one")
+        return make_plan(from_name or req.policy, req.alpha)
+
+    def check(req: ChatCompletionRequest) -> tuple[str, str, int]:
+        if backbone.kind != "causal":
+            raise ApiError(400, "not_causal", "chat completion needs a causal LM; this server runs a masked LM")
+        for i, m in enumerate(req.messages):
+            if len(m.text()) > limits.max_text_chars:
+                raise ApiError(422, "text_too_long", f"messages[{i}] has {len(m.text())} characters; the limit is {limits.max_text_chars}")
+        users = [m.text() for m in req.messages if m.role == "user"]
+        if not users or not users[-1].strip():
+            raise ApiError(422, "no_user_message", "messages need a non-empty user message")
+        if req.max_tokens is not None and req.max_completion_tokens is not None and req.max_tokens != req.max_completion_tokens:
+            raise ApiError(422, "conflicting_max_tokens", "max_tokens and max_completion_tokens differ; give one")
+        max_new = req.max_completion_tokens or req.max_tokens or min(DEFAULT_MAX_TOKENS, limits.max_new_tokens)
+        if max_new > limits.max_new_tokens:
+            raise ApiError(422, "too_many_tokens", f"max_tokens {max_new} exceeds the limit of {limits.max_new_tokens}")
+        if req.temperature in (None, 0.0) and req.top_p is not None:
+            raise ApiError(422, "top_p_without_temperature", "top_p needs a temperature > 0 (temperature 0 or absent is greedy)")
+        return render_messages(backbone.tokenizer, req.messages), users[-1], int(max_new)
+
+    def generate(plan: Plan, rendered: str, last_user: str, max_new: int, req: ChatCompletionRequest,
+                 streamer: _Streamer | None) -> dict[str, Any]:
+        """Runs on the model worker: the policy's edit as a hook around ``model.generate``."""
+        cp = plan.compiled
+        cond_p = None
+        steer = cp is not None
+        if cp is not None and cp.condition is not None:
+            H = backbone.pooled([last_user], [cp.condition.layer], batch_size=1)[cp.condition.layer]
+            cond_p = float(np.asarray(cp.condition.probe.predict_proba(H), dtype=np.float64)[0])
+            steer = cond_p > cp.threshold
+        info = {**plan.describe(), "steered": bool(steer), "condition_probability": cond_p}
+        enc = backbone.tokenize([rendered], add_special_tokens=False)
+        limit = getattr(backbone.config, "max_position_embeddings", None) or getattr(backbone.config, "n_positions", None)
+        n_prompt = int(enc.input_ids.shape[1])
+        if limit and n_prompt + max_new > int(limit):
+            raise ApiError(422, "context_length_exceeded", f"the prompt has {n_prompt} tokens; with max_tokens {max_new} it exceeds "
+                                                            f"the model's context of {limit} tokens")
+        if streamer is not None:
+            streamer.loop.call_soon_threadsafe(streamer.queue.put_nowait, ("info", info))
+        sampling = bool(req.temperature)
+        kw: dict[str, Any] = {"do_sample": sampling}
+        if sampling:
+            kw["temperature"] = float(req.temperature)
+            if req.top_p is not None:
+                kw["top_p"] = float(req.top_p)
+            torch.manual_seed(int(req.seed or 0))
+        tok = backbone.tokenizer
+        ctx = backbone.steer(cp.layer, edit=cp.edit(plan.alpha or 0.0)) if steer else _null()
+        with ctx, torch.inference_mode():
+            out = backbone.model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=max_new,
+                                          pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                                          streamer=streamer, **kw)
+        new = out[0, n_prompt:].tolist()
+        eos = {tok.eos_token_id} | set(_as_list(getattr(backbone.model.generation_config, "eos_token_id", None)))
+        finished = bool(new) and new[-1] in eos
+        text = tok.decode(new, skip_special_tokens=True)
+        return {"text": text, "prompt_tokens": n_prompt, "completion_tokens": len(new),
+                "finish_reason": "stop" if finished or len(new) < max_new else "length",
+                "info": info}
+
+    def submit(fn: Callable[[], dict[str, Any]]) -> Any:
+        """Queue ``fn`` on the model worker; returns an awaitable bounded by the request timeout."""
+        future = worker.submit(lambda payloads: [fn()], None, None, 1)
+        return asyncio.wait_for(asyncio.wrap_future(future), limits.request_timeout_s)
+
+    @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
+    async def chat_completions(req: ChatCompletionRequest):
+        """OpenAI chat completion, optionally steered by a policy (model '<model>:<policy>' or body 'policy')."""
+        plan = resolve(req)
+        rendered, last_user, max_new = check(req)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        metrics.observe_texts("/v1/chat/completions", 1)
+        if not req.stream:
+            try:
+                r = await submit(lambda: generate(plan, rendered, last_user, max_new, req, None))
+            except asyncio.TimeoutError:
+                raise ApiError(504, "timeout", f"the model did not answer within {limits.request_timeout_s:g} s") from None
+            return {"id": cid, "created": created, "model": req.model, "safesteer": r["info"],
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": r["text"]}, "finish_reason": r["finish_reason"]}],
+                    "usage": {"prompt_tokens": r["prompt_tokens"], "completion_tokens": r["completion_tokens"],
+                              "total_tokens": r["prompt_tokens"] + r["completion_tokens"]}}
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        streamer = _Streamer(loop, queue)
+        done = submit(lambda: generate(plan, rendered, last_user, max_new, req, streamer))
+        return StreamingResponse(_events(cid, created, req.model, queue, done), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def _events(cid: str, created: int, model: str, queue: asyncio.Queue, done: Any) -> AsyncIterator[bytes]:
+        tok = backbone.tokenizer
+        task = asyncio.ensure_future(done)
+        task.add_done_callback(lambda _t: queue.put_nowait(("end", None)))
+
+        def chunk(delta: dict, finish: str | None, info: dict) -> bytes:
+            body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], "safesteer": info}
+            return f"data: {json.dumps(body)}\n\n".encode()
+
+        ids: list[int] = []
+        sent = ""
+        info0: dict | None = None
+        while True:
+            kind, value = await queue.get()
+            if kind == "end":
+                break
+            if kind == "info":  # what is applied, known before the first token
+                info0 = value
+                yield chunk({"role": "assistant", "content": ""}, None, info0)
+                continue
+            ids.extend(value)
+            text = tok.decode(ids, skip_special_tokens=True)
+            if text.endswith("\ufffd"):
+                continue  # a multi-byte character is not complete yet
+            if len(text) > len(sent):
+                yield chunk({"content": text[len(sent):]}, None, info0)
+                sent = text
+        try:
+            r = task.result()
+        except asyncio.TimeoutError:
+            err = {"error": {"code": "timeout", "message": f"the model did not answer within {limits.request_timeout_s:g} s"}}
+            yield f"data: {json.dumps(err)}\n\n".encode()
+            return
+        except ApiError as exc:
+            yield f"data: {json.dumps({'error': {'code': exc.code, 'message': exc.message}})}\n\n".encode()
+            return
+        if info0 is None:
+            yield chunk({"role": "assistant", "content": ""}, None, r["info"])
+        if len(r["text"]) > len(sent):  # the full decode can differ at the very end (a trailing partial character)
+            yield chunk({"content": r["text"][len(sent):]}, None, r["info"])
+        yield chunk({}, r["finish_reason"], r["info"])
+        yield b"data: [DONE]\n\n"
+
+    def cards() -> list[dict[str, Any]]:
+        out = [{"id": model_name, "created": started, "safesteer": {"policy": None}}]
+        for name, rec in sorted(store.snapshot().items()):
+            out.append({"id": f"{model_name}:{name}", "created": int(rec.updated_at),
+                        "safesteer": {"policy": name, "policy_version": rec.version, "alpha": rec.policy.alpha}})
+        return out
+
+    @router.get("/v1/models", response_model=ModelList)
+    async def list_models() -> dict[str, Any]:
+        """The model unsteered, and '<model>:<policy>' for every current policy."""
+        return {"object": "list", "data": cards()}
+
+    @router.get("/v1/models/{model_id}", response_model=ModelCard, responses=_ERRORS)
+    async def get_model(model_id: str) -> dict[str, Any]:
+        for card in cards():
+            if card["id"] == model_id:
+                return card
+        raise ApiError(404, "model_not_found", f"unknown model '{model_id}' (GET /v1/models)")
+
+    app.include_router(router)
+    return router
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _as_list(x: Any) -> list[int]:
+    if x is None:
+        return []
+    return [int(v) for v in x] if isinstance(x, (list, tuple)) else [int(x)]
+
+
+__all__ = ["ChatCompletionRequest", "mount_openai", "render_messages"]
