@@ -168,10 +168,10 @@ def row_weights(prompts: Prompts, m: np.ndarray, weighting: str = "groups") -> n
 
 def train_gate(H: np.ndarray, prompts: Prompts, layer: int, position: str = "prompt_end",
                target_fpr: float = DEFAULT_FPR, Cs: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0), seed: int = 0,
-               name: str = "harm_gate", weighting: str = "groups") -> Condition:
-    """Standardised, class-balanced ℓ2 logistic probe on the train rows (each dataset weighted
-    equally within its class by default, :func:`row_weights`); threshold at ``target_fpr`` on the
-    harmless *val* rows; held-out metrics on the test rows in ``meta``."""
+               name: str = "harm_gate", weighting: str = "balanced") -> Condition:
+    """Standardised, class-balanced ℓ2 logistic probe on the train rows (``weighting="groups"``:
+    each dataset weighted equally within its class, :func:`row_weights`); threshold at ``target_fpr``
+    on the harmless *val* rows; held-out metrics on the test rows in ``meta``."""
     from safesteer.probes.logistic import train_probe
 
     tr, va, te = (prompts.mask(s) for s in ("train", "val", "test"))
@@ -209,7 +209,7 @@ def gate_report(cond: Condition, H: np.ndarray, prompts: Prompts) -> dict[str, A
 
 
 def lodo(H: np.ndarray, prompts: Prompts, C: float = 0.01, seed: int = 0,
-         weighting: str = "groups") -> dict[str, dict[str, float]]:
+         weighting: str = "balanced") -> dict[str, dict[str, float]]:
     """Leave-one-dataset-out: for each dataset D, a probe trained on the train rows of all other
     datasets scores all of D's rows against the other class's test rows (AUROC)."""
     from safesteer.probes.logistic import train_probe
