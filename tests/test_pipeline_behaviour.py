@@ -13,21 +13,11 @@ import pytest
 
 from safesteer.pipeline.runner import Pipeline
 
-from conftest import make_tiny_llama
-from test_pipeline_run import tiny_config
+from test_pipeline_run import tiny_config, tiny_model_dir  # noqa: F401  (the shared tiny-model fixture)
 
 pytestmark = pytest.mark.integration
 
 RESULTS_SHA256 = "58de2bc5ec71ca8d0377a0430e00ea7acf2138bb77d6e45439c51b6ad0f3d79d"
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama-pin")
-    bb = make_tiny_llama(seed=1)
-    bb.model.save_pretrained(folder)
-    bb.tokenizer.save_pretrained(folder)
-    return folder
 
 
 def pinned_config(model_dir: Path, data_dir: Path):

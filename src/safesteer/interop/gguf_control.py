@@ -69,8 +69,8 @@ def policy_control_vector(policy: Mapping, directions, model_hint: str, alpha: f
 
     Returns the vector and a description (layer, alpha, directions) for the file's metadata.
     """
-    from safesteer.serve.policies import Policy
-    from safesteer.steering import steering_vector, unit
+    from safesteer.serve.policies import Policy, policy_direction
+    from safesteer.steering import steering_vector
 
     body = dict(policy.get("policy", policy)) if policy.get("format") == "safesteer-policy" else dict(policy)
     name = str(body.pop("name", None) or policy.get("name") or "policy")
@@ -84,14 +84,7 @@ def policy_control_vector(policy: Mapping, directions, model_hint: str, alpha: f
     if pol.condition is not None:
         raise SafesteerError(f"policy '{name}' is conditional on a probe, which llama.cpp cannot evaluate; "
                              "export a policy without a condition")
-    ds = [directions[n] for n in pol.directions]
-    layer = pol.layer
-    if layer is None:
-        layers = {d.layer for d in ds}
-        if len(layers) > 1:
-            raise SafesteerError(f"directions {pol.directions} were built for different layers {sorted(layers)}; set the policy's 'layer'")
-        layer = ds[0].layer
-    vec = ds[0].vector if len(ds) == 1 else unit(np.sum([unit(d.vector) for d in ds], axis=0), "sum of the policy's directions")
+    layer, vec = policy_direction(pol.directions, [directions[n] for n in pol.directions], pol.layer)
     a = float(pol.alpha if alpha is None else alpha)
     if not np.isfinite(a):
         raise SafesteerError(f"alpha {a} is not finite")

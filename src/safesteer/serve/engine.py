@@ -33,9 +33,9 @@ import numpy as np
 import torch
 
 from safesteer.errors import SafesteerError
-from safesteer.serve.policies import Policy, PolicyRecord
+from safesteer.serve.policies import Policy, PolicyRecord, policy_direction
 from safesteer.serve.worker import ModelWorker, Overloaded  # noqa: F401  (re-exported: the old import path)
-from safesteer.steering import ClampEdit, DirectionSet, steering_vector, unit
+from safesteer.steering import ClampEdit, DirectionSet, steering_vector
 
 
 @dataclass(frozen=True)
@@ -235,13 +235,7 @@ class Engine:
         vector = None
         layer = policy.layer
         if policy.directions:
-            ds = [self._direction(n) for n in policy.directions]
-            if layer is None:
-                layers = {d.layer for d in ds}
-                if len(layers) > 1:
-                    raise SafesteerError(f"directions {policy.directions} were built for different layers {sorted(layers)}; set 'layer'")
-                layer = ds[0].layer
-            vec = ds[0].vector if len(ds) == 1 else unit(np.sum([unit(d.vector) for d in ds], axis=0), "sum of the policy's directions")
+            layer, vec = policy_direction(policy.directions, [self._direction(n) for n in policy.directions], layer)
             vector = torch.as_tensor(steering_vector(vec)).to(torch.float32).to(self.backbone.device)
         if layer is None:
             if self.sae_layer is None:

@@ -320,3 +320,21 @@ def format_validation_error(exc: ValidationError, limit: int = 3) -> str:
         parts.append(f"{loc}: {err.get('msg', 'invalid')}")
     more = len(exc.errors()) - limit
     return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
+
+
+def policy_direction(names: list[str], directions: list[Any], layer: int | None) -> tuple[int | None, Any]:
+    """A policy's steering layer and unit vector: its directions' normalised sum of unit vectors (the
+    package's hybrid rule; one direction is used as is). ``layer`` None: the directions' own layer,
+    which must then agree."""
+    import numpy as np
+
+    from safesteer.steering import unit
+
+    if layer is None:
+        layers = {d.layer for d in directions}
+        if len(layers) > 1:
+            raise SafesteerError(f"directions {names} were built for different layers {sorted(layers)}; set the policy's 'layer'")
+        layer = directions[0].layer
+    if len(directions) == 1:
+        return layer, directions[0].vector
+    return layer, unit(np.sum([unit(d.vector) for d in directions], axis=0), "sum of the policy's directions")
