@@ -45,11 +45,13 @@ test-all: install-test
 
 # Mutation testing of the formula modules ([tool.mutmut] in pyproject.toml); not part of `make test`.
 # MUTANTS_JOBS parallel children (default 1: a shared machine); report in bench/mutants.md.
+# One torch/OpenMP thread: mutmut forks a child per mutant, and a child forked after the parent used the
+# OpenMP pool hangs in its first parallel op (every such mutant would be a bogus "timeout").
 MUTMUT_VERSION := 3.8.1
 MUTANTS_JOBS ?= 1
 mutants: install-test
 	@$(BIN)/python -c "import mutmut" 2>/dev/null || $(BIN)/pip install -q mutmut==$(MUTMUT_VERSION)
-	$(BIN)/mutmut run --max-children $(MUTANTS_JOBS) || true
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/mutmut run --max-children $(MUTANTS_JOBS) || true
 	$(BIN)/python bench/mutants.py mutants > bench/mutants.md
 	@cat bench/mutants.md
 

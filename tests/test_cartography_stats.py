@@ -154,3 +154,100 @@ def test_map_latents_with_heldout_and_label_codes():
     assert len(df) == 30 and {"r_heldout", "dmu_heldout", "score", "category"} <= set(df.columns)
     np.testing.assert_allclose(df[df.label == "b"].r_heldout.to_numpy(), ref_h.arrays()["r"][:, 1], rtol=1e-9)
     assert (df.category == "other").all()
+
+
+def test_map_latents_bookkeeping_against_hand_counts():
+    """Counts the map reports (rows, unlabelled rows, n_pos/n_neg, held-out columns), checked by hand."""
+    Z, Y = _random(n=300, atoms=6, seed=12)
+    ids = np.array([f"ds:{i}" for i in range(300)])
+    labelled = np.arange(300) % 7 != 3  # every 7th latent row has no label row
+    lab_ids, lab_Y = ids[labelled], Y[labelled]
+    # a duplicated label id: the first occurrence counts
+    lab_ids = np.concatenate([lab_ids, lab_ids[:1]])
+    lab_Y = np.concatenate([lab_Y, 1.0 - np.nan_to_num(lab_Y[:1], nan=0.0)])
+    logits = np.random.default_rng(1).normal(size=(len(lab_ids), 2))
+    shards = [(k, sp.csr_matrix(Z[p]), ids[p]) for k, p in enumerate(np.array_split(np.arange(300), 4))]
+    seen = []
+
+    def progress(it):
+        seen.append(1)
+        return it
+
+    res = map_latents(iter(shards), 6, lab_ids, LABELS, encode_labels(lab_Y), heldout_fraction=0.3, top_k=2,
+                      logits=logits, probe_names=["p", "q"], fire_threshold=0.5, progress=progress)
+    assert seen == [1] and res.n_rows == 300 and res.heldout_fraction == 0.3
+    assert res.n_unlabelled == int((~labelled).sum())
+    assert res.stats.fire_threshold == 0.5 and res.heldout.fire_threshold == 0.5
+    assert res.top.k == 2 and res.corr.names == ["p", "q"]
+    Yfull = np.where(labelled[:, None], Y, np.nan)
+    h = heldout_mask(ids, 0.3)
+    # the main accumulator equals a direct pass over the non-held-out rows (duplicate ignored)
+    ref = StreamingStats(6, LABELS, 0.5).update(sp.csr_matrix(Z[~h]), Yfull[~h])
+    np.testing.assert_allclose(res.stats.arrays()["dmu"], ref.arrays()["dmu"], rtol=1e-9)
+    # probe-logit correlations over the labelled rows, against numpy's Pearson r
+    lg = logits[: labelled.sum()]
+    r_ref = np.corrcoef(np.column_stack([Z[labelled][:, 2], lg[:, 1]]).T)[0, 1]
+    assert res.corr.correlations()[2, 1] == pytest.approx(r_ref, rel=1e-9)
+
+    df = atom_table(res, weights={"r": 0.0, "dmu": 1.0})
+    assert list(df.columns[:3]) == ["atom", "label", "category"] and df.index.equals(pd.RangeIndex(len(df)))
+    for li, name in enumerate(LABELS):
+        rows = df[df.label == name]
+        y_main, y_held = Yfull[~h, li], Yfull[h, li]
+        assert (rows.n_pos == np.sum(y_main == 1)).all() and (rows.n_neg == np.sum(y_main == 0)).all()
+        assert (rows.n_pos_heldout == np.sum(y_held == 1)).all() and (rows.n_neg_heldout == np.sum(y_held == 0)).all()
+        dmu_h = np.array([Z[h][y_held == 1, j].mean() - Z[h][y_held == 0, j].mean() for j in range(6)])
+        np.testing.assert_allclose(rows.dmu_heldout.to_numpy(), dmu_h, rtol=1e-9)
+        # the weights reach the score: with w_r = 0 it is Δμ / max|Δμ| of that label
+        dmu = rows.dmu.to_numpy()
+        np.testing.assert_allclose(rows.score.to_numpy(), dmu / np.nanmax(np.abs(dmu)), rtol=1e-12)
+    # an explicit held-out accumulator replaces the map's own
+    other = StreamingStats(6, LABELS, 0.5).update(sp.csr_matrix(Z[:50]), Yfull[:50])
+    df2 = atom_table(res, heldout=other)
+    assert (df2[df2.label == "a"].n_pos_heldout == np.sum(Yfull[:50, 0] == 1)).all()
+    # no held-out fraction: no held-out accumulator, every row in the main one
+    res0 = map_latents(iter(shards), 6, lab_ids, LABELS, encode_labels(lab_Y), heldout_fraction=0.0)
+    assert res0.heldout is None and res0.stats.rows_seen == 300
+    assert atom_table(res0).r_heldout.isna().all()
+
+
+def test_to_frame_label_subset_merge_count_and_persisted_threshold(tmp_path):
+    Z, Y = _random(n=80, atoms=4, seed=13)
+    st = StreamingStats(4, LABELS, fire_threshold=0.25).update(sp.csr_matrix(Z[:50]), Y[:50])
+    st.merge(StreamingStats(4, LABELS, fire_threshold=0.25).update(sp.csr_matrix(Z[50:]), Y[50:]))
+    assert st.rows_seen == 80
+    full = st.to_frame()
+    sub = st.to_frame(labels=["c", "a"])
+    assert sub.label.tolist() == ["c"] * 4 + ["a"] * 4
+    np.testing.assert_array_equal(sub.r.to_numpy()[:4], full[full.label == "c"].r.to_numpy())
+    st.save(tmp_path / "deep" / "s")  # parent folders are created
+    back = StreamingStats.load(tmp_path / "deep" / "s")
+    assert back.fire_threshold == 0.25 and back.rows_seen == 80
+    np.testing.assert_array_equal(back.arrays()["freq_pos"], st.arrays()["freq_pos"])
+    st.save(tmp_path / "deep" / "s")  # saving over an existing folder is fine
+    import json
+    meta = json.loads((tmp_path / "deep" / "s" / "stats.json").read_text())
+    (tmp_path / "deep" / "s" / "stats.json").write_text(json.dumps({**meta, "version": 1}))
+    with pytest.raises(SafesteerError, match="not a safesteer atom-statistics file"):
+        StreamingStats.load(tmp_path / "deep" / "s")
+
+
+def test_heldout_rule_is_the_documented_hash():
+    """blake2b-64(salt|id), little-endian, as a fraction of 2^64: stable across releases (stored maps stay valid)."""
+    import hashlib
+
+    ids = [f"ds:{i}" for i in range(400)]
+    ref = np.array([int.from_bytes(hashlib.blake2b(f"safesteer-map|{x}".encode(), digest_size=8).digest(), "little")
+                    / 2.0**64 < 0.3 for x in ids])
+    np.testing.assert_array_equal(heldout_mask(ids, 0.3), ref)
+    assert not heldout_mask(ids, 0.0).any()
+
+
+def test_concept_score_label_without_finite_dmu():
+    """A label with no Δμ at all (no positives): its score is w_r·r alone, whatever the atom count."""
+    from safesteer.cartography.stats import concept_score
+
+    r = np.array([[0.1, 0.2], [0.3, -0.4], [0.5, 0.0]])
+    dmu = np.full((3, 2), np.nan)
+    np.testing.assert_allclose(concept_score(r, dmu, {"r": 2.0, "dmu": 1.0}), 2.0 * r)
+    np.testing.assert_allclose(concept_score(r[:, 0], dmu[:, 0], {"r": 2.0, "dmu": 1.0}), 2.0 * r[:, 0])

@@ -70,3 +70,48 @@ def test_errors():
         paired_bootstrap([1.0, 2.0], [1.0])
     with pytest.raises(SafesteerError):
         bootstrap_ci([1.0, 2.0], method="bogus")
+
+
+def test_paired_custom_stat_equals_default_path_and_gets_index_arrays():
+    """The custom-stat path resamples the same items as the default one: same CI, same p-value."""
+    rng = np.random.default_rng(7)
+    a = rng.normal(size=40)
+    b = a + 0.05 + rng.normal(scale=0.3, size=40)  # a small shift: the p-value is neither floored nor capped
+    seen = []
+
+    def stat(idx, which):
+        seen.append((idx.dtype.kind, idx.shape))
+        return float((a if which == 0 else b)[idx].mean())
+
+    ref = paired_bootstrap(a, b, n_boot=400, seed=3)
+    got = paired_bootstrap(stat=stat, n=40, n_boot=400, seed=3)
+    assert 0.01 < ref.p_value < 0.99
+    assert got.p_value == pytest.approx(ref.p_value, abs=1e-12)
+    assert got.diff.low == pytest.approx(ref.diff.low) and got.diff.high == pytest.approx(ref.diff.high)
+    assert got.baseline == pytest.approx(a.mean()) and got.value == pytest.approx(b.mean())
+    assert set(seen) == {("i", (40,))}  # every call gets an integer index array of n items
+
+
+def test_paired_p_value_is_seeded():
+    rng = np.random.default_rng(8)
+    a = rng.normal(size=30)
+    b = a + rng.normal(scale=0.5, size=30)
+    p = {paired_bootstrap(a, b, n_boot=500, seed=5).p_value for _ in range(3)}
+    assert len(p) == 1 and 0.02 < p.pop() < 1.0
+    stat = lambda idx, w: float((a if w == 0 else b)[idx].mean())  # noqa: E731
+    q = {paired_bootstrap(stat=stat, n=30, n_boot=500, seed=5).p_value for _ in range(3)}
+    assert len(q) == 1
+
+
+def test_paired_errors_name_the_sample_and_as_dict_keys():
+    with pytest.raises(SafesteerError, match="empty baseline"):
+        paired_bootstrap([], [1.0])
+    with pytest.raises(SafesteerError, match="empty steered sample"):
+        paired_bootstrap([1.0], [])
+    with pytest.raises(SafesteerError, match="steered sample contains NaN"):
+        paired_bootstrap([1.0], [float("nan")])
+    res = paired_bootstrap([0.0, 1.0, 1.0], [1.0, 1.0, 1.0], n_boot=50)
+    d = res.as_dict()
+    assert set(d) == {"baseline", "value", "diff", "p_value"}
+    assert d["baseline"] == res.baseline and d["value"] == res.value and d["p_value"] == res.p_value
+    assert d["diff"]["estimate"] == pytest.approx(1 / 3)

@@ -10,7 +10,7 @@ import torch
 
 from safesteer.errors import SafesteerError
 from safesteer.sae import GatedSAE, SAEConfig, TrainConfig, load_sae, loss_and_grads, reference_loss, save_sae
-from safesteer.sae.gated import PARAM_NAMES
+from safesteer.sae.gated import PARAM_NAMES, gated_forward
 from safesteer.sae.saving import fold_scale
 
 
@@ -306,3 +306,59 @@ def test_one_forward_for_module_reference_and_evaluation(variant):
     assert got.keys() - {"mse_raw"} == want.keys()
     for k in want:
         assert got[k] == want[k], k
+
+
+@pytest.mark.parametrize("variant", ["paper", "article"])
+def test_sparse_path_with_an_empty_row_and_a_dead_latent(variant):
+    """CSR products whose last row / last column are empty (a row with every gate shut, a latent that
+    never fires) still have the right shape and values: sparse = autograd."""
+    sae = _random_sae(variant, seed=4)
+    with torch.no_grad():
+        sae.b_gate.fill_(-0.05)
+        sae.b_gate[-1] = -1e3  # the last latent never opens
+        sae.b_mag.copy_(sae.b_gate)  # article: no shift, the support is the gate
+    x = torch.randn(9, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    x[-1] = sae.b_dec.detach()  # x~ = 0: every gate of the last row is shut
+    fw = gated_forward(_params(sae), x, variant)
+    assert not fw.gate[-1].any() and not fw.gate[:, -1].any() and fw.gate.any()
+    out = sae.loss(x, 0.05)
+    out["loss"].backward()
+    grads, st = loss_and_grads(_params(sae), x, 0.05, variant, sparse_threshold=1.1)
+    assert st.path == "sparse"
+    for n in PARAM_NAMES:
+        ref = getattr(sae, n).grad
+        ref = torch.zeros_like(grads[n]) if ref is None else ref
+        assert grads[n].shape == ref.shape, n
+        torch.testing.assert_close(grads[n], ref, atol=1e-12, rtol=1e-10, msg=f"{variant} {n}")
+
+
+@pytest.mark.parametrize("variant", ["paper", "article"])
+def test_step_stats_density_and_path_labels(variant):
+    """density = share of (row, latent) pairs where a gradient can flow; path names what ran."""
+    sae = _random_sae(variant, seed=6)
+    x = torch.randn(12, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    p = _params(sae)
+    fw = gated_forward(p, x, variant)
+    support = fw.pi_gate > 0 if variant == "paper" else (fw.pi_gate + torch.clamp(p["b_mag"] - p["b_gate"], min=0)) > 0
+    _, st = loss_and_grads(p, x, 0.05, variant)
+    assert st.path == "dense" and st.density == pytest.approx(float(support.double().mean()), abs=1e-15)
+    assert loss_and_grads(p, x, 0.05, variant, sparse_threshold=1.1)[1].path == "sparse"
+    # one row per chunk and a threshold between the rows' densities: some chunks dense, some sparse
+    row_density = support.double().mean(1)
+    assert row_density.min() < row_density.max()
+    thr = float((row_density.min() + row_density.max()) / 2)
+    _, st = loss_and_grads(p, x, 0.05, variant, sparse_threshold=thr, chunk_elems=16)
+    assert st.path == "mixed" and st.density == pytest.approx(float(support.double().mean()), abs=1e-15)
+
+
+def test_encode_decode_accept_token_grids():
+    """(batch, seq, d_in) activations give the same latents / reconstructions as their flattened rows."""
+    sae = _random_sae("paper", seed=8)
+    x = torch.randn(2, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    f = sae.encode(x)
+    assert f.shape == (2, 5, 16)
+    torch.testing.assert_close(f.reshape(10, 16), sae.encode(x.reshape(10, 6)), atol=0, rtol=0)
+    torch.testing.assert_close(sae.decode(f).reshape(10, 6), sae.decode(f.reshape(10, 16)), atol=0, rtol=0)
+    fw = gated_forward(_params(sae), x, "paper")
+    torch.testing.assert_close(fw.sparsity("paper"), torch.relu(fw.pi_gate).sum(-1))
+    assert fw.sparsity("article").shape == (2, 5)

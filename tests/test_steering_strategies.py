@@ -20,6 +20,7 @@ from safesteer.steering import (
     sae_direction,
     steering_vector,
 )
+from safesteer.steering.strategies import RANDOM_SEED, STRATEGY_NAMES
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -165,3 +166,63 @@ def test_intervention_steers_pooled_vector_exactly(tiny_backbone, where):
     assert Intervention.none().is_identity
     with pytest.raises(SafesteerError):
         Intervention("x", None, np.ones(3), 1.0)
+
+
+def test_build_directions_metadata_order_and_raw_matrix():
+    probes, sae, atoms = _ingredients()
+    ds = build_directions(2, probes, sae, atoms, sources={"sae": "runs/sae", "tox_top20": "runs/atoms.csv"})
+    assert ds.names() == [n for n in STRATEGY_NAMES if n in ds]  # the study's order, not insertion order
+    assert ds.names().index("probe_harm") < ds.names().index("diffmean_tox")
+    assert ds["sae_tox_top20"].kind == "sae" and ds["sae_tox_top20"].meta == {"n_atoms": 20}
+    assert ds["sae_tox_top20"].sources == ["runs/sae", "runs/atoms.csv"]
+    assert ds["sae_harm_filtered"].sources == ["runs/sae", "atoms:harm_filtered"]
+    assert ds["sae_harm_filtered"].atoms == [3, 5, 7] and ds["sae_harm_filtered"].meta == {"n_atoms": 3}
+    assert ds["probe_harm"].sources == ["probe:harm"] and ds["diffmean_tox"].sources == ["probe:tox"]
+    assert ds["probe_tox+harm"].kind == "hybrid" and ds["sae_tox+sae_harm"].kind == "hybrid"
+    assert ds["sae_tox+probe_tox"].sources == ["sae_tox_top20", "probe_tox"]
+    # an SAE given as its bare decoder matrix (numpy, or a torch parameter that needs grad) is the same SAE
+    W = torch.nn.Parameter(torch.tensor(sae.W_dec, dtype=torch.float32))
+    for raw in (sae.W_dec, W):
+        other = build_directions(2, probes, raw, atoms)
+        np.testing.assert_allclose(other["sae_tox_top20"].vector, ds["sae_tox_top20"].vector, atol=1e-6)
+    with pytest.raises(SafesteerError, match="probe_tox, probe_harm"):
+        ds["nope"]
+    # probes without a diffmean attribute: no DiffMean baseline, no error
+    bare = {"tox": type("P", (), {"direction": probes["tox"].direction})()}
+    assert "diffmean_tox" not in build_directions(0, bare) and "probe_tox" in build_directions(0, bare)
+    # one random member is allowed: a single direction, no ensemble
+    one = build_directions(0, d_model=8, random_members=1)["random"]
+    assert one.members == [] and one.meta == {"seeds": [RANDOM_SEED]}
+
+
+def test_direction_errors_name_the_direction():
+    with pytest.raises(SafesteerError, match="direction 'zero' has zero"):
+        Direction("zero", np.zeros(4), "custom", 0)
+    with pytest.raises(SafesteerError, match="member of 'ens' has zero"):
+        Direction("ens", np.ones(4), "custom", 0, members=[np.zeros(4)])
+    with pytest.raises(SafesteerError, match="they are opposite"):
+        combine(np.ones(3), -np.ones(3))
+    with pytest.raises(SafesteerError, match="all-zero decoder row"):
+        sae_direction(np.array([[1.0, 0.0], [0.0, 0.0]]), [0, 1])
+
+
+def test_intervention_member_names_and_layer():
+    d = build_directions(3, d_model=8, random_members=3)["random"]
+    ivs = Intervention.ensemble(d, 1.0)
+    assert [iv.name for iv in ivs] == ["random", "random#1", "random#2"]
+    assert [iv.layer for iv in ivs] == [3, 3, 3]
+    assert Intervention.from_direction(d, 1.0, layer=1, member=2).layer == 1
+
+
+def test_hand_written_direction_set_loads_with_defaults(tmp_path):
+    """A minimal directions.json (format + layer only) loads: kind custom, no sources/atoms/meta/members."""
+    from safetensors.numpy import save_file
+
+    save_file({"mine": np.array([3.0, 4.0], dtype=np.float32)}, str(tmp_path / "directions.safetensors"))
+    (tmp_path / "directions.json").write_text(json.dumps({"format": "safesteer-directions", "directions": {"mine": {"layer": 1}}}))
+    d = DirectionSet.load(tmp_path / "directions.json")["mine"]  # the json path works as well as the folder
+    assert (d.kind, d.layer, d.sources, d.atoms, d.meta, d.members) == ("custom", 1, [], [], {}, [])
+    np.testing.assert_allclose(d.vector, [0.6, 0.8])
+    ds = DirectionSet([d])
+    ds.save(tmp_path / "a" / "b")  # nested folders are created
+    assert DirectionSet.load(tmp_path / "a" / "b")["mine"].kind == "custom"
