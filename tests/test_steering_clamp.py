@@ -69,3 +69,38 @@ def test_clamp_as_backbone_edit(tiny_backbone):
     with bb.steer(1, edit=ClampEdit(sae, list(range(48)), mode="zero")):
         moved = bb.logits(enc.input_ids, enc.attention_mask)
     assert not torch.allclose(base, moved)
+
+
+class _Float64SAE(ReluSAE):
+    """The SAE computing in float64 (as a float32 SAE does on a bf16 model)."""
+
+    def encode(self, x):
+        return super().encode(x.float()).double()
+
+    def decode(self, f):
+        return super().decode(f.float()).double()
+
+
+def test_edit_keeps_the_hidden_dtype_when_the_sae_has_another():
+    h = torch.randn(2, 3, 32) * 3
+    out = ClampEdit(_Float64SAE(), [1, 2], lam=1.0)(h)
+    assert out.dtype == torch.float32 and out.shape == h.shape and not torch.equal(out, h)
+    ref = ClampEdit(ReluSAE(), [1, 2], lam=1.0)(h)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def test_error_messages_name_the_problem():
+    sae = ReluSAE()
+    with pytest.raises(SafesteerError, match="no atoms to clamp; pass at least one atom index"):
+        ClampEdit(sae, [])
+    with pytest.raises(SafesteerError, match="valid choices: subtract, scale, zero"):
+        ClampEdit(sae, [1], mode="bogus")
+    with pytest.raises(SafesteerError, match=r"clamping needs an SAE with encode\(\) and decode\(\)"):
+        ClampEdit(object(), [1])
+
+    class Bad(ReluSAE):
+        def encode(self, x):
+            return super().encode(x)[:2]
+
+    with pytest.raises(SafesteerError, match=r"SAE encode returned shape \(2, 64\) for 6 rows"):
+        ClampEdit(Bad(), [1], lam=1.0)(torch.randn(6, 32))
