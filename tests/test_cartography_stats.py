@@ -251,3 +251,62 @@ def test_concept_score_label_without_finite_dmu():
     dmu = np.full((3, 2), np.nan)
     np.testing.assert_allclose(concept_score(r, dmu, {"r": 2.0, "dmu": 1.0}), 2.0 * r)
     np.testing.assert_allclose(concept_score(r[:, 0], dmu[:, 0], {"r": 2.0, "dmu": 1.0}), 2.0 * r[:, 0])
+
+
+def test_small_and_degenerate_labels_against_numpy():
+    """Labels with 0, 1, 2, 3 rows on a side and constant atoms: every result column against a
+    float64 NumPy computation (NaN where a quantity is undefined, 0 where the spread is 0)."""
+    Z = np.array([[1.0, 2.0, 0.0], [3.0, 2.0, 5.0], [0.5, 2.0, 0.0], [4.0, 2.0, 0.0], [2.0, 2.0, 1.0]])
+    nan = np.nan
+    Y = np.array([  # l0: 1 pos / 1 neg; l1: 2 pos / 1 neg; l2: no negatives; l3: nothing defined; l4: constant sides
+        [1, 1, 1, nan, 1], [0, 1, 1, nan, 1], [nan, 0, nan, nan, 0], [nan, nan, nan, nan, 0], [nan, nan, 1, nan, 0]])
+    names = ["l0", "l1", "l2", "l3", "l4"]
+    Zc = Z.copy()
+    Zc[:, 2] = np.where(Y[:, 4] == 1, 7.0, 3.0)  # atom 2 constant within each side of l4
+    st = StreamingStats(3, names, fire_threshold=1.5).update(sp.csr_matrix(Zc), Y)
+    a = st.arrays()
+    assert all(v.dtype == np.float64 for v in a.values())
+    for li in range(5):
+        y = Y[:, li]
+        pos, neg, dfn = Zc[y == 1], Zc[y == 0], Zc[~np.isnan(y)]
+        n1, n0 = len(pos), len(neg)
+        dmu = pos.mean(0) - neg.mean(0) if n1 and n0 else np.full(3, nan)
+        sd = dfn.std(0) if len(dfn) else np.full(3, nan)
+        p = n1 / len(dfn) if len(dfn) else nan
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r = np.where(sd > 0, dmu / sd * np.sqrt(p * (1 - p)), 0.0)
+            r = np.where(np.isnan(dmu), nan, r)
+            m2 = ((pos - pos.mean(0)) ** 2).sum(0) + ((neg - neg.mean(0)) ** 2).sum(0) if n1 and n0 else np.full(3, nan)
+            pooled = np.sqrt(m2 / (n1 + n0 - 2)) if n1 + n0 > 2 else np.full(3, nan)
+            d = np.where(pooled > 0, dmu / pooled, 0.0)
+            d = np.where(np.isnan(dmu) | np.isnan(pooled), nan, d)
+        f1 = (pos > 1.5).mean(0) if n1 else np.full(3, nan)
+        f0 = (neg > 1.5).mean(0) if n0 else np.full(3, nan)
+        for key, ref in (("dmu", dmu), ("std", sd), ("r", r), ("cohens_d", d), ("freq_pos", f1), ("freq_neg", f0)):
+            np.testing.assert_allclose(a[key][:, li], ref, rtol=1e-12, atol=1e-12, err_msg=f"{names[li]} {key}")
+    assert a["cohens_d"][2, 4] == 0.0 and a["dmu"][2, 4] == 4.0  # perfectly separated constant sides: d = 0 by convention
+    assert np.isnan(a["r"][1, 2]) and a["r"][1, 1] == 0.0  # atom 1 is constant: r undefined without Δμ, else 0
+
+
+def test_pending_sums_flush_often_equals_one_pass():
+    """flush_rows=7 folds the pending raw sums many times; the result equals one big update."""
+    Z, Y = _random(n=120, atoms=5, seed=14)
+    ref = StreamingStats(5, LABELS).update(sp.csr_matrix(Z), Y)
+    st = StreamingStats(5, LABELS, flush_rows=7)
+    for part in np.array_split(np.arange(120), 17):
+        st.update(sp.csr_matrix(Z[part]), Y[part])
+    assert st.rows_seen == 120
+    for k, v in ref.arrays().items():
+        np.testing.assert_allclose(st.arrays()[k], v, rtol=1e-8, atol=1e-12, err_msg=k)  # atom 0: mean 1e3, sd 1
+    np.testing.assert_array_equal(st.n, ref.n)
+
+
+def test_atom_count_and_one_label_vector():
+    with pytest.raises(SafesteerError, match="n_atoms must be positive"):
+        StreamingStats(0, ["x"])
+    Z = sp.csr_matrix(np.array([[1.0], [0.0], [2.0]]))
+    y = np.array([1.0, 0.0, 1.0])
+    one = StreamingStats(1, ["x"]).update(Z, y)  # one atom, a 1-D label vector for one label
+    two = StreamingStats(1, ["x"]).update(Z, y[:, None])
+    np.testing.assert_array_equal(one.arrays()["dmu"], two.arrays()["dmu"])
+    assert one.arrays()["dmu"][0, 0] == 1.5

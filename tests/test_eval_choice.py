@@ -98,3 +98,29 @@ def test_masked_long_text_keeps_the_slot(tiny_roberta):
 def test_unknown_prompt_type(tiny_llama):
     with pytest.raises(SafesteerError, match="prompt type"):
         causal_prompts(tiny_llama, ["x"], "bogus")
+
+
+def test_masked_shortening_keeps_a_prefix_and_only_what_is_needed(tiny_roberta):
+    """A long text is cut to a prefix of its own tokens (nothing else inserted), close to the window;
+    a prompt that fills the window exactly is kept whole."""
+    from safesteer.evaluate.choice import MASKED_TEMPLATES, _question
+
+    tok, budget = tiny_roberta.tokenizer, tiny_roberta.max_length
+    pre, post = _question("harmful", MASKED_TEMPLATES).split("{text}")
+    pre_ids = tok(pre.format(mask=tok.mask_token), add_special_tokens=False)["input_ids"]
+    post_ids = tok(post.format(mask=tok.mask_token), add_special_tokens=False)["input_ids"]
+    words = ("the dog is good " * 40).split()  # one token per word
+    word_ids = tok(" ".join(words), add_special_tokens=False)["input_ids"]
+    ids, att, _ = masked_inputs(tiny_roberta, [" ".join(words)], "harmful")
+    row = ids[0][att[0].bool()].tolist()
+    assert budget - 8 <= len(row) <= budget  # shortened to the window, not far below it
+    body = row[1:-1]  # <s> … </s>
+    assert body[: len(pre_ids)] == pre_ids and body[len(body) - len(post_ids):] == post_ids
+    middle = body[len(pre_ids): len(body) - len(post_ids)]
+    assert middle == word_ids[: len(middle)]
+    assert set(att.unique().tolist()) == {1}
+    # a text whose prompt fills the window exactly is kept whole
+    k = budget - 2 - len(pre_ids) - len(post_ids)
+    ids2, att2, _ = masked_inputs(tiny_roberta, [" ".join(words[:k]), "hello"], "harmful")
+    assert int(att2[0].sum()) == budget and ids2[0, 1 + len(pre_ids): 1 + len(pre_ids) + k].tolist() == word_ids[:k]
+    assert set(att2.unique().tolist()) == {0, 1}

@@ -362,3 +362,22 @@ def test_encode_decode_accept_token_grids():
     fw = gated_forward(_params(sae), x, "paper")
     torch.testing.assert_close(fw.sparsity("paper"), torch.relu(fw.pi_gate).sum(-1))
     assert fw.sparsity("article").shape == (2, 5)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.1])
+def test_step_stats_equal_the_reference_terms(threshold):
+    """StepStats mse / aux / l1 are the batch means of reference_loss; var is the total variance of x."""
+    sae = _random_sae("paper", seed=10)
+    x = torch.randn(13, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(11)) * 2 + 1
+    ref = reference_loss(_params(sae), x, 0.1, "paper")
+    _, st = loss_and_grads(_params(sae), x, 0.1, "paper", sparse_threshold=threshold, chunk_elems=16 * 5)
+    for k in ("mse", "aux", "l1"):
+        assert getattr(st, k) == pytest.approx(float(ref[k]), rel=1e-12), k
+    assert st.var == pytest.approx(float(x.var(0, unbiased=False).sum()), rel=1e-12)
+
+
+def test_init_is_seeded():
+    cfg = SAEConfig(d_in=6, d_sae=16)
+    a, b, c = GatedSAE(cfg, seed=3), GatedSAE(cfg, seed=3), GatedSAE(cfg, seed=4)
+    assert torch.equal(a.W_dec, b.W_dec) and torch.equal(a.W_enc, b.W_enc)
+    assert not torch.equal(a.W_dec, c.W_dec)
