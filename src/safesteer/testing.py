@@ -6,6 +6,12 @@ models of width 32 built from configs with a fixed seed.
 
 from __future__ import annotations
 
+# Loaded with the module, not inside the builders: a test run that forks a process per test
+# (``make mutants``) imports these ~1.3 s of model code once, in the parent, instead of in every child.
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, RobertaConfig, RobertaForMaskedLM
+
 WORDS = (
     "the a an is are was were be to of and in that it for on with as at by this from or not but "
     "you he she they we i my your his her their our man woman people person group women men "
@@ -19,9 +25,6 @@ WORDS = (
 
 def tiny_tokenizer():
     """Word-level fast tokenizer: <pad>=0, <s>=1, </s>=2, <unk>=3, <mask>=4, then WORDS and punctuation."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     specials = ["<pad>", "<s>", "</s>", "<unk>", "<mask>"]
     vocab = {tok: i for i, tok in enumerate(specials + sorted(set(WORDS)) + list(".,?!'"))}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -35,9 +38,6 @@ def tiny_tokenizer():
 
 def make_tiny_roberta(seed: int = 0):
     """A random 3-block RoBERTa masked LM (d=32) as a :class:`~safesteer.models.Backbone`."""
-    import torch
-    from transformers import RobertaConfig, RobertaForMaskedLM
-
     from safesteer.models import Backbone
 
     tok = tiny_tokenizer()
@@ -51,9 +51,6 @@ def make_tiny_roberta(seed: int = 0):
 
 def make_tiny_llama(seed: int = 0):
     """A random 3-block Llama causal LM (d=32, GQA 4/2 heads) as a :class:`~safesteer.models.Backbone`."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from safesteer.models import Backbone
 
     tok = tiny_tokenizer()
