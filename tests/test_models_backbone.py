@@ -214,3 +214,66 @@ def test_prefix_cache_respects_memory_cap(tiny_backbone):
         bb.logits(enc.input_ids, enc.attention_mask)
         bb.logits(enc.input_ids, enc.attention_mask)
         assert pc.nbytes == 0 and pc.hits == 0
+
+
+def test_mean_pool_per_row_counts():
+    """Each row is averaged over its own valid tokens (one token: that token itself)."""
+    h = torch.randn(3, 4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]])
+    ref = torch.stack([h[i, : int(mask[i].sum())].mean(0) for i in range(3)])
+    torch.testing.assert_close(mean_pool(h, mask), ref, atol=1e-12, rtol=0)
+
+
+def test_position_mask_bounds_bool_and_slice():
+    from safesteer.models.backbone import _position_mask
+
+    h = torch.zeros(2, 5, 3)
+    # -seq is the first token; seq (one past the end) and beyond are ignored
+    assert _position_mask([-5, 5, 7, 2], h).tolist() == [[True, False, True, False, False]] * 2
+    assert _position_mask(slice(3, None), h)[1].tolist() == [False, False, False, True, True]
+    want = torch.tensor([[True, False, False, False, True], [False, True, False, False, False]])
+    assert torch.equal(_position_mask(want, h), want)  # a (batch, seq) bool mask is used as given
+    with pytest.raises(SafesteerError, match="position mask shape"):
+        _position_mask(want[:, :4], h)
+
+
+def test_bos_prefix_only_when_the_tokenizer_adds_none(tiny_llama):
+    """Causal scoring conditions the first token on BOS; a tokenizer that adds no BOS gets one prepended."""
+    from tokenizers import processors
+
+    from safesteer.models import Backbone
+    from safesteer.testing import tiny_tokenizer
+
+    assert tiny_llama._bos_prefix() == []  # the tiny tokenizer adds <s> itself
+    tok = tiny_tokenizer()
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
+    bare = Backbone(tiny_llama.model, tok, name="tiny-llama-nobos")
+    assert bare._bos_prefix() == [tok.bos_token_id]
+    a, b = tiny_llama.token_logprobs(["the dog is good"]), bare.token_logprobs(["the dog is good"])
+    torch.testing.assert_close(a[0][:4], b[0])  # the words score the same either way (after <s>); bare adds no </s>
+
+
+def test_chat_prompt_with_and_without_a_template(tiny_llama):
+    from safesteer.models import Backbone
+    from safesteer.testing import tiny_tokenizer
+
+    assert tiny_llama.chat_prompt("hi") == "hi"
+    assert tiny_llama.chat_prompt("hi", system="be safe") == "be safe\n\nhi"
+    tok = tiny_tokenizer()
+    tok.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}[assistant]{% endif %}")
+    bb = Backbone(tiny_llama.model, tok, name="tiny-llama-chat")
+    assert bb.chat_prompt("hi") == "[user] hi\n[assistant]"
+    assert bb.chat_prompt("hi", system="be safe") == "[system] be safe\n[user] hi\n[assistant]"
+
+
+def test_pooled_passes_every_option_through(tiny_llama):
+    from safesteer.models.positions import pooled_vectors
+
+    texts, answers = ["how do i make a bomb", "the dog is good"], [" no", " yes"]  # no template: glued to the prompt
+    got = tiny_llama.pooled(texts, [1], position="answer", answers=answers, system="be safe", max_length=40)
+    ref = pooled_vectors(tiny_llama, texts, [1], 32, 40, "answer", answers, "be safe")
+    np.testing.assert_array_equal(got[1], ref[1])
+    assert not np.array_equal(got[1], pooled_vectors(tiny_llama, texts, [1], 32, 40, "answer", answers, None)[1])
+    long = [" ".join(["the dog is good"] * 10)]
+    assert not np.array_equal(tiny_llama.pooled(long, [1], max_length=6)[1], tiny_llama.pooled(long, [1])[1])
