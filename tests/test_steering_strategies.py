@@ -226,3 +226,14 @@ def test_hand_written_direction_set_loads_with_defaults(tmp_path):
     ds = DirectionSet([d])
     ds.save(tmp_path / "a" / "b")  # nested folders are created
     assert DirectionSet.load(tmp_path / "a" / "b")["mine"].kind == "custom"
+
+
+def test_sources_defaults_and_saved_metadata_round_trip(tmp_path):
+    probes, sae, atoms = _ingredients()
+    ds = build_directions(1, probes, sae, atoms, sources={"probe_tox": "runs/probe_tox"})
+    assert ds["diffmean_tox"].sources == ["runs/probe_tox"]  # the DiffMean comes from the probe's file
+    assert ds["sae_tox_all"].sources == ["sae", "atoms:tox_all"]  # defaults without sources
+    ds.save(tmp_path)
+    back = DirectionSet.load(tmp_path)
+    for n in ds:
+        assert (back[n].sources, back[n].atoms, back[n].meta) == (ds[n].sources, ds[n].atoms, ds[n].meta), n
