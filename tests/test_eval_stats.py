@@ -123,3 +123,55 @@ def test_coverage_simulation_counts_exactly():
     assert far == 0.0
     a = coverage_simulation(lambda rng, n: rng.normal(size=n), true_mean=0.0, n=10, reps=20, n_boot=50, seed=3)
     assert a == coverage_simulation(lambda rng, n: rng.normal(size=n), true_mean=0.0, n=10, reps=20, n_boot=50, seed=3)
+
+
+def _bca_reference(x, rows, level):
+    """Efron's BCa interval written out in float64 from the resamples actually drawn (rows)."""
+    from scipy.stats import norm
+
+    theta = x.mean()
+    boots = np.array([x[r].mean() for r in rows])
+    prop = (np.sum(boots < theta) + 0.5 * np.sum(boots == theta)) / boots.size
+    z0 = norm.ppf(prop)
+    jack = np.array([np.delete(x, i).mean() for i in range(x.size)])
+    d = jack.mean() - jack
+    a = np.sum(d**3) / (6.0 * np.sum(d**2) ** 1.5)
+    alpha = (1 - level) / 2
+    q = [norm.cdf(z0 + (z0 + z) / (1 - a * (z0 + z))) for z in (norm.ppf(alpha), norm.ppf(1 - alpha))]
+    return np.quantile(boots, q), boots
+
+
+@pytest.mark.parametrize("level", [0.9, 0.95])
+def test_bca_equals_efron_formula_and_scipy(level):
+    """BCa on a skewed sample: exactly the textbook formula on the drawn resamples, and close to scipy's."""
+    from scipy.stats import bootstrap
+
+    x = np.random.default_rng(21).exponential(size=25) ** 2  # strongly skewed: a != 0, z0 != 0
+    rows = []
+    got = bootstrap_ci(stat=lambda idx: (rows.append(idx.copy()), float(x[idx].mean()))[1], n=x.size,
+                       n_boot=1500, level=level, method="bca", seed=4)
+    rows = rows[1:1501]  # the first call is θ̂ on all items, then the 1500 resamples, then the jackknife
+    (lo, hi), boots = _bca_reference(x, rows, level)
+    assert got.low == pytest.approx(lo, rel=1e-12) and got.high == pytest.approx(hi, rel=1e-12)
+    assert got.se == pytest.approx(np.std(boots, ddof=1), rel=1e-12) and got.n == 25 and got.method == "bca"
+    mean_path = bootstrap_ci(x, n_boot=1500, level=level, method="bca", seed=4)
+    assert mean_path.low == pytest.approx(lo, rel=1e-9) and mean_path.high == pytest.approx(hi, rel=1e-9)
+    sp = bootstrap((x,), np.mean, n_resamples=20000, confidence_level=level, method="BCa", random_state=0)
+    big = bootstrap_ci(x, n_boot=20000, level=level, method="bca", seed=4)  # Monte Carlo error ~1 %
+    assert big.low == pytest.approx(sp.confidence_interval.low, rel=0.03)
+    assert big.high == pytest.approx(sp.confidence_interval.high, rel=0.03)
+    pct = bootstrap_ci(x, n_boot=1500, level=level, seed=4)
+    np.testing.assert_allclose([pct.low, pct.high], np.quantile(boots, [(1 - level) / 2, (1 + level) / 2]), rtol=1e-12)
+    assert got.high > pct.high  # right skew moves the BCa interval up
+
+
+def test_every_item_can_be_resampled_and_level_bounds():
+    ci = bootstrap_ci([0.0, 1.0], n_boot=2000, level=0.99, seed=0)
+    assert ci.low == 0.0 and ci.high == 1.0  # all-zeros and all-ones resamples both occur
+    for bad in (0.0, 1.0):
+        with pytest.raises(SafesteerError, match=r"CI level must be in \(0, 1\)"):
+            bootstrap_ci([1.0, 2.0], level=bad)
+    with pytest.raises(SafesteerError, match="cannot bootstrap zero items"):
+        bootstrap_ci(stat=lambda idx: 0.0, n=0)
+    one = bootstrap_ci(stat=lambda idx: float(idx.size), n=1, n_boot=10, method="bca")
+    assert one.estimate == 1.0 and one.low == 1.0
