@@ -144,3 +144,17 @@ def test_extract_records_position_and_reads_prompt_end(templated_llama, tmp_path
     with pytest.raises(SafesteerError, match="unknown extraction position"):
         extract(templated_llama, rows, tmp_path / "x", ExtractConfig(model="t", datasets=["toy"], layers=[1], position="answer"),
                 progress=False)
+
+
+def test_pooled_at_several_positions_equals_one_call_per_position(templated_llama):
+    from safesteer.models.positions import pooled_at
+
+    bb = templated_llama
+    got = pooled_at(bb, USERS, [0, 1], ("prompt_end", "prompt"), batch_size=2)
+    for p in ("prompt_end", "prompt"):
+        one = bb.pooled(USERS, [0, 1], batch_size=2, position=p)
+        for l in (0, 1):
+            np.testing.assert_array_equal(got[p][l], one[l])
+    assert not np.allclose(got["prompt"][1], got["prompt_end"][1])
+    with pytest.raises(SafesteerError, match="one kind"):
+        pooled_at(bb, USERS, [1], ("mean", "prompt"))

