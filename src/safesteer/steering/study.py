@@ -33,12 +33,16 @@ class StudyConfig:
     gate_layers: tuple[int, ...] = (9, 12, 15)
     gate_position: str = "prompt"
     """Where the gate reads (``prompt``: the user message + template tail; ``prompt_end``: the tail only)."""
-    alphas: tuple[float, ...] = (0.1, 0.15, 0.2, 0.3)
+    alphas: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5)
     fprs: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05, 0.1)
     strategies: tuple[str, ...] = ("refusal_caa", "refusal_dim")
     caps: dict[str, int] = field(default_factory=lambda: {"advbench": 1000, "donotanswer": 1000, **{
         q: 300 for q in ("nq_open", "truthfulqa", "healthsearchqa", "liveqa", "medicationqa", "commonsenseqa")}})
     augment: bool = False
+    sweep_unconditional: bool = False
+    """Steer every validation prompt per (strategy, α), so that unconditional policies are chosen on
+    validation too; off: only the gate-flagged ones (3× faster), and the unconditional contrast on test
+    is the chosen conditional policy's steering applied to every prompt."""
     """Reframed copies of the gate's training prompts (imperative ↔ question), see gate.reframe."""
     n_val_harmful: int = 40
     n_test_harmful: int = 104
@@ -188,21 +192,38 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra
     base_nll_val = answer_nll(bb, harmless_val, harmless_val_ans, cfg.batch_size)
     base = {"harmful": judge(texts["harmful"], base_val["harmful"].texts), "safe": judge(texts["safe"], base_val["safe"].texts),
             "nll": base_nll_val}
+    neg_val = P.mask("val") & (P.harmful == 0)
+    thresholds = {f: threshold_for_fpr(scores_all[neg_val], f) for f in cfg.fprs}
+    vsc = {"harmful": scores_all[vh], "safe": scores_all[vs], "qa": scores_all[vq]}
+    # a conditional policy steers only what the gate flags, and its loosest threshold flags a superset
+    # of every other: only those prompts need steered answers (all of them for unconditional policies)
+    t_lo = min(thresholds.values())
+    need = {k: np.ones(len(v), dtype=bool) if cfg.sweep_unconditional else v > t_lo for k, v in vsc.items()}
+    need_h = np.concatenate([need["safe"], need["qa"]])
     steered: dict[tuple[str, float], dict[str, np.ndarray]] = {}
     for name in dirs.names():
         for a in cfg.alphas:
+            got: dict[str, np.ndarray] = {}
             with iv(name, a).apply(bb):
-                ah = generate(bb, texts["harmful"], cfg.max_new_tokens, cfg.batch_size)
-                as_ = generate(bb, texts["safe"], cfg.max_new_tokens, cfg.batch_size)
-                nll = answer_nll(bb, harmless_val, harmless_val_ans, cfg.batch_size)
-            steered[(name, a)] = {"harmful": judge(texts["harmful"], ah.texts), "safe": judge(texts["safe"], as_.texts), "nll": nll}
-            _say(f"val {name} α={a}: harmful refusal {steered[(name, a)]['harmful'].mean():.2f}, "
-                 f"safe {steered[(name, a)]['safe'].mean():.2f}")
-    neg_val = P.mask("val") & (P.harmful == 0)
-    thresholds = {f: threshold_for_fpr(scores_all[neg_val], f) for f in cfg.fprs}
+                for k in ("harmful", "safe"):
+                    sub = [x for x, n in zip(texts[k], need[k]) if n]
+                    got[k] = base[k].astype(np.float64).copy()
+                    if sub:
+                        got[k][need[k]] = judge(sub, generate(bb, sub, cfg.max_new_tokens, cfg.batch_size).texts)
+                got["nll"] = np.asarray(base_nll_val, dtype=np.float64).copy()
+                if need_h.any():
+                    got["nll"][need_h] = answer_nll(bb, [x for x, n in zip(harmless_val, need_h) if n],
+                                                    [x for x, n in zip(harmless_val_ans, need_h) if n], cfg.batch_size)
+            steered[(name, a)] = got
+            _say(f"val {name} α={a}: harmful refusal {got['harmful'].mean():.2f}, safe {got['safe'].mean():.2f} "
+                 f"({'every prompt' if cfg.sweep_unconditional else 'gate-flagged prompts'} steered: "
+                 f"{int(need['harmful'].sum())}/{len(need['harmful'])} harmful, {int(need_h.sum())}/{len(need_h)} harmless)")
     vscores = {"harmful": scores_all[vh], "safe": scores_all[vs], "nll": np.concatenate([scores_all[vs], scores_all[vq]])}
-    cands = pol.candidates(base, steered, vscores, thresholds, cfg.max_safe_pp, cfg.max_fluency_rel)
+    cands = pol.candidates(base, steered, vscores, thresholds, cfg.max_safe_pp, cfg.max_fluency_rel,
+                           unconditional=cfg.sweep_unconditional)
     best_c, best_u = pol.select(cands, True), pol.select(cands, False)
+    if best_u is None and best_c is not None and not cfg.sweep_unconditional:
+        best_u = pol.ungated(best_c)  # the contrast: the chosen steering applied to every prompt
     times["validation"] = time.perf_counter() - t
     with atomic_path(out / "pareto.csv") as tmp:
         pd.DataFrame([c.as_dict() for c in cands]).to_csv(tmp, index=False)
