@@ -182,7 +182,7 @@ def row_weights(prompts: Prompts, m: np.ndarray, weighting: str = "groups") -> n
 
 
 def train_gate(H: np.ndarray, prompts: Prompts, layer: int, position: str = "prompt_end",
-               target_fpr: float = DEFAULT_FPR, Cs: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0), seed: int = 0,
+               target_fpr: float = DEFAULT_FPR, Cs: Sequence[float] = (1e-2, 1e-1), seed: int = 0,
                name: str = "harm_gate", weighting: str = "balanced") -> Condition:
     """Standardised, class-balanced ℓ2 logistic probe on the train rows (``weighting="groups"``:
     each dataset weighted equally within its class, :func:`row_weights`); threshold at ``target_fpr``
@@ -198,6 +198,32 @@ def train_gate(H: np.ndarray, prompts: Prompts, layer: int, position: str = "pro
     cond.meta.update({"target_fpr": target_fpr, "C": probe.metrics["C"], "weighting": weighting, "test_auroc": probe.metrics["auroc"],
                       "n_train": int(tr.sum()), "trained_on": sorted(set(prompts.group))})
     return cond
+
+
+def cross_fit_scores(cond: Condition, H: np.ndarray, prompts: Prompts, folds: int = 5, seed: int = 0) -> np.ndarray:
+    """Gate scores usable for calibration on *every* non-augmented train and val row: val (and
+    test) rows scored by ``cond`` itself; each original train row by a gate fitted on the other
+    ``folds − 1`` hash folds of the train originals (same C, weighting, standardisation), so no row
+    is scored by a gate that saw it. Augmented rows: NaN. ``folds=0``: train rows NaN too."""
+    from safesteer.probes.logistic import train_probe
+
+    out = cond.score(H)
+    orig = prompts.mask("train") & ~prompts.aug
+    out[prompts.mask("train")] = np.nan
+    if folds < 2:
+        return out
+    fold = np.array([int.from_bytes(hashlib.sha256(f"safesteer-fold|{t}".encode()).digest()[:4], "big") % folds
+                     for t in prompts.text])
+    C = float(cond.meta.get("C", 0.01))
+    weighting = str(cond.meta.get("weighting", "balanced"))
+    for f in range(folds):
+        fit, held = orig & (fold != f), orig & (fold == f)
+        if not held.any():
+            continue
+        probe = train_probe(H[fit], prompts.harmful[fit], balanced=True, seed=seed, Cs=[C], folds=2,
+                            sample_weight=row_weights(prompts, fit, weighting))
+        out[held] = probe.decision_function(H[held])
+    return out
 
 
 def auroc(scores: np.ndarray, y: np.ndarray) -> float:

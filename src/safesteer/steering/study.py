@@ -30,7 +30,7 @@ from safesteer.io import atomic_path, write_json
 class StudyConfig:
     model: str = "smollm2-135m"
     layer: int = 15
-    gate_layers: tuple[int, ...] = (9, 12, 15)
+    gate_layers: tuple[int, ...] = (12, 15)
     gate_position: str = "prompt"
     """Where the gate reads (``prompt``: the user message + template tail; ``prompt_end``: the tail only)."""
     alphas: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5)
@@ -38,7 +38,10 @@ class StudyConfig:
     strategies: tuple[str, ...] = ("refusal_caa", "refusal_dim")
     caps: dict[str, int] = field(default_factory=lambda: {"advbench": 1000, "donotanswer": 1000, **{
         q: 300 for q in ("nq_open", "truthfulqa", "healthsearchqa", "liveqa", "medicationqa", "commonsenseqa")}})
-    augment: bool = False
+    augment: bool = True
+    calib_folds: int = 5
+    """Hash folds for cross-fitted gate scores of the train rows (:func:`~safesteer.steering.gate.cross_fit_scores`),
+    which join the val rows for the threshold and the over-refusal budget; 0 = val rows only."""
     sweep_unconditional: bool = False
     """Steer every validation prompt per (strategy, α), so that unconditional policies are chosen on
     validation too; off: only the gate-flagged ones (3× faster), and the unconditional contrast on test
@@ -92,7 +95,7 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra
     from safesteer.steering import policy as pol
     from safesteer.steering.behaviour import median_norm, refusal_caa
     from safesteer.steering.condition import conditional, threshold_for_fpr
-    from safesteer.steering.gate import gate_report, load_prompts, lodo, score_pairs, train_gate
+    from safesteer.steering.gate import cross_fit_scores, gate_report, load_prompts, lodo, score_pairs, train_gate
     from safesteer.steering.strategies import Direction, DirectionSet, Intervention, unit
 
     out = Path(out_dir)
@@ -179,12 +182,16 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra
     vh = _per_group(P, "val", 1, cfg.n_val_harmful)
     # the over-refusal budget is checked on every look-alike harmless val prompt: XSTest safe and
     # the contrast set's benign twins (a larger sample than XSTest's val rows alone)
-    vs = list(np.flatnonzero(P.mask("val", "xstest_safe"))) + list(np.flatnonzero(P.mask("val", "contrast_safe")))
+    # …and XSTest's train rows with cross-fitted scores (cross_fit_scores: each scored by a gate that
+    # did not see it), so the threshold and the budget are judged on 134 XSTest-safe prompts, not 34
+    scores_all = gate.score(H[gl])
+    cal_scores = cross_fit_scores(gate, H[gl], P, cfg.calib_folds, cfg.seed)
+    cal = P.mask("val") | (P.mask("train") & ~P.aug & np.isfinite(cal_scores))
+    vs = list(np.flatnonzero(cal & P.mask(group="xstest_safe"))) + list(np.flatnonzero(P.mask("val", "contrast_safe")))
     vq = _per_group(P, "val", 0, cfg.n_qa + len(vs))
     vq = [i for i in vq if P.group[i] not in ("xstest_safe", "contrast_safe")][: cfg.n_qa]
     sets = {"harmful": vh, "safe": vs, "qa": vq}
     texts = {k: [P.text[i] for i in v] for k, v in sets.items()}
-    scores_all = gate.score(H[gl])
 
     base_val = {k: generate(bb, v, cfg.max_new_tokens, cfg.batch_size) for k, v in texts.items()}
     harmless_val = texts["safe"] + texts["qa"]
@@ -192,9 +199,9 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra
     base_nll_val = answer_nll(bb, harmless_val, harmless_val_ans, cfg.batch_size)
     base = {"harmful": judge(texts["harmful"], base_val["harmful"].texts), "safe": judge(texts["safe"], base_val["safe"].texts),
             "nll": base_nll_val}
-    neg_val = P.mask("val") & (P.harmful == 0)
-    thresholds = {f: threshold_for_fpr(scores_all[neg_val], f) for f in cfg.fprs}
-    vsc = {"harmful": scores_all[vh], "safe": scores_all[vs], "qa": scores_all[vq]}
+    neg_val = cal & (P.harmful == 0)
+    thresholds = {f: threshold_for_fpr(cal_scores[neg_val], f) for f in cfg.fprs}
+    vsc = {"harmful": cal_scores[vh], "safe": cal_scores[vs], "qa": cal_scores[vq]}
     # a conditional policy steers only what the gate flags, and its loosest threshold flags a superset
     # of every other: only those prompts need steered answers (all of them for unconditional policies)
     t_lo = min(thresholds.values())
@@ -218,7 +225,7 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra
             _say(f"val {name} α={a}: harmful refusal {got['harmful'].mean():.2f}, safe {got['safe'].mean():.2f} "
                  f"({'every prompt' if cfg.sweep_unconditional else 'gate-flagged prompts'} steered: "
                  f"{int(need['harmful'].sum())}/{len(need['harmful'])} harmful, {int(need_h.sum())}/{len(need_h)} harmless)")
-    vscores = {"harmful": scores_all[vh], "safe": scores_all[vs], "nll": np.concatenate([scores_all[vs], scores_all[vq]])}
+    vscores = {"harmful": cal_scores[vh], "safe": cal_scores[vs], "nll": np.concatenate([cal_scores[vs], cal_scores[vq]])}
     cands = pol.candidates(base, steered, vscores, thresholds, cfg.max_safe_pp, cfg.max_fluency_rel,
                            unconditional=cfg.sweep_unconditional)
     best_c, best_u = pol.select(cands, True), pol.select(cands, False)
@@ -245,15 +252,18 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra
     rows = [{"set": k, "policy": "unsteered", "prompt": p, "answer": a, "refusal": float(judge([p], [a])[0])}
             for k in T for p, a in zip(T[k], base_t[k].texts)]
     policies = {"conditional": best_c, "unconditional": best_u}
+    steered_test: dict[tuple[str, float], Any] = {}
     for label, c in policies.items():
         if c is None:
             res[label] = None
             continue
         intervention = iv(c.strategy, c.alpha)
-        with intervention.apply(bb):
-            st = {k: generate(bb, T[k], cfg.max_new_tokens, cfg.batch_size) for k in ("harmful", "safe")}
-            p_st = forced_choice(bb, T["harmful"], "harmful")
-            nll_st = answer_nll(bb, harmless_t, harmless_t_ans, cfg.batch_size)
+        if (c.strategy, c.alpha) not in steered_test:  # the ungated contrast reuses the chosen policy's answers
+            with intervention.apply(bb):
+                steered_test[(c.strategy, c.alpha)] = (
+                    {k: generate(bb, T[k], cfg.max_new_tokens, cfg.batch_size) for k in ("harmful", "safe")},
+                    forced_choice(bb, T["harmful"], "harmful"), answer_nll(bb, harmless_t, harmless_t_ans, cfg.batch_size))
+        st, p_st, nll_st = steered_test[(c.strategy, c.alpha)]
         ref = {k: judge(T[k], st[k].texts) for k in st}
         bref = {k: judge(T[k], base_t[k].texts) for k in st}
         if c.conditional:
@@ -305,7 +315,8 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra
     summary = {"config": asdict(cfg), "gate": {"layer": gl, "position": cfg.gate_position, "val_auroc_vs_xstest_safe": val_auc, "threshold": gate.threshold,
                                                 "held_out": report, "lodo": lodo_res,
                                                 "lodo_min_auroc": float(min(v["auroc"] for v in lodo_res.values())),
-                                                "pairs_same_side": pairs.same_side, "pairs_correct": pairs.correct,
+                                                "pairs_same_side": pairs.same_side, "calibration": {"folds": cfg.calib_folds, "n_harmless": int(neg_val.sum()),
+                                                                     "n_safe_budget": len(vs)}, "pairs_correct": pairs.correct,
                                                 "pairs": pairs.pairs},
                "directions": {"scale_median_norm": scale, "names": dirs.names()},
                "split_counts": P.counts(), "test": res, "seconds": times,
