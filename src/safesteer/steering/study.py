@@ -33,11 +33,11 @@ class StudyConfig:
     gate_layers: tuple[int, ...] = (12, 15)
     gate_position: str = "prompt"
     """Where the gate reads (``prompt``: the user message + template tail; ``prompt_end``: the tail only)."""
-    alphas: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5)
+    alphas: tuple[float, ...] = (0.2, 0.3, 0.4)
     fprs: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05, 0.1)
     strategies: tuple[str, ...] = ("refusal_caa", "refusal_dim")
     caps: dict[str, int] = field(default_factory=lambda: {"advbench": 1000, "donotanswer": 1000, **{
-        q: 300 for q in ("nq_open", "truthfulqa", "healthsearchqa", "liveqa", "medicationqa", "commonsenseqa")}})
+        q: 150 for q in ("nq_open", "truthfulqa", "healthsearchqa", "liveqa", "medicationqa", "commonsenseqa")}})
     augment: bool = True
     calib_folds: int = 5
     """Hash folds for cross-fitted gate scores of the train rows (:func:`~safesteer.steering.gate.cross_fit_scores`),
