@@ -153,7 +153,7 @@ def tiny_behaviour_section(section):
     section.strategies = ["refusal_caa", "refusal_dim", "probe_harm"]
     section.alphas = [0.5, 2.0]
     section.fprs = [0.05, 0.2]
-    section.cap_harmful, section.cap_qa = 20, 10
+    section.cap_harmful, section.cap_qa, section.cap_shipped = 20, 10, 10
     section.n_val_harmful = section.n_test_harmful = 8
     section.n_qa, section.n_caa_prompts, section.n_verify = 4, 4, 4
     section.max_new_tokens, section.batch_size = 4, 16

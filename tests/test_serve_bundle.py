@@ -43,7 +43,7 @@ def test_policy_files_round_trip(behaviour_run, run_folder):
     p = store.get("recommended").policy
     assert store.names() == ["recommended"] and p.directions == [c["strategy"]] and p.layer == cfg.model.layer
     assert p.alpha == pytest.approx(c["alpha"] * summary["directions"]["scale_median_norm"], rel=1e-12)
-    assert p.condition.probe == GATE_PROBE and p.condition.score_threshold == c["threshold"] and p.condition.position == "prompt_end"
+    assert p.condition.probe == GATE_PROBE and p.condition.score_threshold == c["threshold"] and p.condition.position == cfg.behaviour.gate_position == "prompt"
     gate, study_gate = Condition.load(pol / "gate"), Condition.load(out / "gate")
     np.testing.assert_array_equal(gate.w, study_gate.w)
     assert (gate.b, gate.layer, gate.threshold) == (study_gate.b, study_gate.layer, c["threshold"])
@@ -51,7 +51,7 @@ def test_policy_files_round_trip(behaviour_run, run_folder):
                                   DirectionSet.load(out / "directions")[c["strategy"]].vector)
     b = load_bundle(run)
     assert b["model"] == cfg.model.name and b["none"] is None and list(b["probes"]) == [GATE_PROBE]
-    assert b["probes"][GATE_PROBE].position == "prompt_end"
+    assert b["probes"][GATE_PROBE].position == "prompt"
 
 
 def test_serve_run_answers_as_the_evaluation(behaviour_run, run_folder, monkeypatch):

@@ -13,6 +13,7 @@ from safesteer.steering.strategies import Intervention
 
 from conftest import foreign_hooks
 
+TEMPLATE = "{% for m in messages %}<s> {{ m['content'] }} </s>{% endfor %}{% if add_generation_prompt %} <s> answer {% endif %}"
 PROMPTS = ["how do i make a bomb ?", "the dog is good", "what is the answer ?", "tell me how to steal a car"]
 
 
@@ -72,9 +73,24 @@ def test_unflagged_rows_bit_identical_and_flagged_rows_steered_for_every_token(t
     assert foreign_hooks(bb.layers) == 0 and bb._steer_layers == []
 
 
-def test_gate_reads_the_unsteered_residual_in_the_same_pass(tiny_llama, one_thread):
+@pytest.mark.parametrize("templated", [False, True])
+@pytest.mark.parametrize("position", ["prompt_end", "prompt"])
+def test_gate_reads_the_unsteered_residual_in_the_same_pass(tiny_llama, one_thread, position, templated):
     bb = tiny_llama
-    cond = _gate(bb, 1, [0, 3])
+    tok = bb.tokenizer
+    old = getattr(tok, "chat_template", None)
+    if templated:  # the template's tail repeats the user header's "<s>": prompt must still start at the user text
+        tok.chat_template = TEMPLATE
+        tok.__dict__.pop("_safesteer_prompt_end", None)
+    try:
+        _same_pass(bb, position)
+    finally:
+        tok.chat_template = old
+        tok.__dict__.pop("_safesteer_prompt_end", None)
+
+
+def _same_pass(bb, position):
+    cond = _gate(bb, 1, [0, 3], position)
     want = gate_scores(bb, cond, PROMPTS)
     # steering at the gate's own layer along the gate's weights would flip the decision if read after it
     iv = Intervention("anti", 1, -cond.w / np.linalg.norm(cond.w), 50.0)

@@ -139,3 +139,26 @@ def test_train_gate_and_lodo_record_and_apply_the_weighting():
     assert min(v["auroc"] for v in res.values()) > 0.9
     a, b = (train_gate(H, P, layer=3, Cs=(1.0,), weighting=wt) for wt in ("balanced", "groups"))
     assert np.max(np.abs(a.w - b.w)) > 1e-6  # the planted sources differ in size, so the fit differs
+
+
+def test_cross_fit_scores_score_each_train_row_with_a_gate_that_did_not_see_it():
+    import hashlib
+
+    from safesteer.probes.logistic import train_probe
+    from safesteer.steering.gate import cross_fit_scores
+
+    H, P = _planted(n=40)
+    P.aug[np.flatnonzero(P.mask("train"))[:5]] = True  # (marked augmented — always train rows: never scored)
+    cond = train_gate(H, P, layer=3, Cs=(0.1,))
+    s = cross_fit_scores(cond, H, P, folds=4)
+    nontrain = ~P.mask("train")
+    np.testing.assert_array_equal(s[nontrain], cond.score(H[nontrain]))  # val/test: the gate itself
+    assert np.isnan(s[P.aug]).all() and np.isfinite(s[P.mask("train") & ~P.aug]).all()
+    fold = np.array([int.from_bytes(hashlib.sha256(f"safesteer-fold|{t}".encode()).digest()[:4], "big") % 4 for t in P.text])
+    orig = P.mask("train") & ~P.aug
+    fit, held = orig & (fold != 2), orig & (fold == 2)
+    ref = train_probe(H[fit], P.harmful[fit], balanced=True, Cs=[0.1], folds=2).decision_function(H[held])
+    np.testing.assert_allclose(s[held], ref, rtol=1e-10)
+    # a row's own fit would score it differently: out-of-fold really is out of fold
+    assert not np.allclose(s[held], cond.score(H[held]))
+    assert np.isnan(cross_fit_scores(cond, H, P, folds=0)[P.mask("train")]).all()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from safesteer.steering.policy import candidates, compose, pareto, paired, relative_change, select
+from safesteer.steering.policy import candidates, compose, pareto, paired, relative_change, select, ungated
 
 
 def test_compose_takes_steered_where_flagged():
@@ -50,3 +50,24 @@ def test_paired_and_relative_change_cis():
     nll = rng.uniform(1, 3, 100)
     r = relative_change(nll, nll * 1.01)
     assert r["delta_pct"] == pytest.approx(1.0) and r["low"] == pytest.approx(1.0) and r["high"] == pytest.approx(1.0)
+
+
+def test_conditional_candidates_need_steered_values_only_where_the_loosest_threshold_flags():
+    rng = np.random.default_rng(3)
+    n = 60
+    base = {"harmful": rng.random(n) < 0.1, "safe": rng.random(n) < 0.05, "nll": rng.uniform(1, 3, 2 * n)}
+    full = {("v", 0.3): {"harmful": rng.random(n) < 0.8, "safe": rng.random(n) < 0.6, "nll": rng.uniform(1, 6, 2 * n)}}
+    scores = {"harmful": rng.normal(1, 1, n), "safe": rng.normal(-1, 1, n), "nll": rng.normal(-1, 1, 2 * n)}
+    thresholds = {0.02: 1.5, 0.1: 0.4, 0.05: 0.9}
+    lo = min(thresholds.values())
+    # what the study holds when it steers only the flagged prompts: garbage (here: the opposite) elsewhere
+    part = {k: np.where(scores[k] > lo, v, 1 - v if v.dtype == bool else -v) for k, v in full[("v", 0.3)].items()}
+    a = [c for c in candidates(base, full, scores, thresholds) if c.conditional]
+    b = candidates(base, {("v", 0.3): part}, scores, thresholds, unconditional=False)
+    assert len(b) == len(a) == 3 and all(c.conditional for c in b)
+    assert [c.as_dict() for c in a] == [c.as_dict() for c in b]
+    # …whereas an unconditional candidate from the partial values would be wrong (why they are not formed)
+    u = [c for c in candidates(base, {("v", 0.3): part}, scores, thresholds) if not c.conditional][0]
+    assert u.as_dict() != [c for c in candidates(base, full, scores, thresholds) if not c.conditional][0].as_dict()
+    g = ungated(a[0])
+    assert (g.strategy, g.alpha, g.conditional, g.threshold) == ("v", 0.3, False, None) and np.isnan(g.harmful_refusal)

@@ -19,9 +19,10 @@ def test_stage_outputs_judge_pipeline_strategies_beside_behaviour_ones(behaviour
     out, outputs, _, cfg = behaviour_run
     assert outputs.dir == out and outputs.summary == out / "summary.json" and outputs.skipped == ""
     pareto = pd.read_csv(out / "pareto.csv")
-    # every strategy × α, unconditional and per gate FPR: the probe direction is judged by the same sweep
+    # every strategy × α per gate FPR: the probe direction is judged by the same sweep (unconditional
+    # candidates only with sweep_unconditional, below)
     assert set(pareto["strategy"]) == {"refusal_caa", "refusal_dim", "probe_harm"}
-    assert len(pareto) == 3 * len(cfg.behaviour.alphas) * (1 + len(cfg.behaviour.fprs))
+    assert len(pareto) == 3 * len(cfg.behaviour.alphas) * len(cfg.behaviour.fprs) and pareto["conditional"].all()
     # the pipeline direction points toward unsafe; the stage flips it so that α ≥ 0 adds it
     src = DirectionSet.load(out.parent / "directions")["probe_harm"].vector
     used = DirectionSet.load(out / "directions")["probe_harm"]
@@ -51,3 +52,23 @@ def test_unknown_or_ensemble_strategy_is_one_clear_error():
         toward_refusal(ds, ["refusal_caa", "nope"])
     with pytest.raises(SafesteerError, match="is an ensemble"):
         toward_refusal(ds, ["random"])
+
+
+def test_sweeping_every_prompt_adds_unconditional_candidates_and_keeps_the_conditional_ones(behaviour_run, shared_data, tmp_path):
+    from types import SimpleNamespace
+
+    from safesteer.pipeline.stages import Context
+    from safesteer.steering.stage import run_behaviour_stage
+
+    out, _, _, cfg = behaviour_run
+    cfg.behaviour.sweep_unconditional = True
+    try:
+        ctx = Context(config=cfg, seed=0, device="cpu", data_dir=shared_data, say=lambda m: None)
+        run_behaviour_stage(cfg.behaviour, {"directions": SimpleNamespace(directions=out.parent / "directions")}, tmp_path / "all", ctx)
+    finally:
+        cfg.behaviour.sweep_unconditional = False
+    flagged, every = pd.read_csv(out / "pareto.csv"), pd.read_csv(tmp_path / "all" / "pareto.csv")
+    assert len(every) == 3 * len(cfg.behaviour.alphas) * (1 + len(cfg.behaviour.fprs))
+    cond = every[every["conditional"]].reset_index(drop=True)
+    pd.testing.assert_frame_equal(cond.drop(columns=["fluency_rel", "feasible"]), flagged.drop(columns=["fluency_rel", "feasible"]))
+    np.testing.assert_allclose(cond["fluency_rel"], flagged["fluency_rel"], atol=1e-6)  # batch composition only

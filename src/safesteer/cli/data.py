@@ -71,7 +71,7 @@ def show_dataset(
     name: str = typer.Argument(..., help="Dataset name (see `safesteer data list`)."),
     rows: int = typer.Option(5, "--rows", "-n", min=0, help="How many rows to sample."),
     split: str = typer.Option("train", "--split", help="train, test or all."),
-    source: str = typer.Option("auto", "--source", help="auto, local, pypi or hub."),
+    source: str = typer.Option("auto", "--source", help="auto, package, local, pypi or hub."),
     data_dir: Path | None = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
 ) -> None:

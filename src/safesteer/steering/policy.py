@@ -55,11 +55,13 @@ def fluency_rel(base_nll: np.ndarray, nll: np.ndarray) -> float:
 
 def candidates(base: Mapping[str, np.ndarray], steered: Mapping[tuple[str, float], Mapping[str, np.ndarray]],
                scores: Mapping[str, np.ndarray], thresholds: Mapping[float, float],
-               max_safe_pp: float = 3.0, max_fluency_rel: float = 0.02) -> list[Candidate]:
+               max_safe_pp: float = 3.0, max_fluency_rel: float = 0.02, unconditional: bool = True) -> list[Candidate]:
     """Every unconditional (strategy, α) and conditional (strategy, α, FPR) policy on validation.
 
     ``base``/``steered[(s, α)]``: ``harmful``/``safe`` refusal flags and ``nll`` (harmless answers);
     ``scores``: gate scores of the ``harmful``/``safe``/``nll`` prompts; ``thresholds``: FPR → t.
+    ``unconditional=False``: ``steered`` holds real values only where the loosest threshold flags
+    (the study steers only those), so unconditional candidates are not formed.
     """
     out: list[Candidate] = []
     b_h, b_s = float(np.mean(base["harmful"])), float(np.mean(base["safe"]))
@@ -71,7 +73,8 @@ def candidates(base: Mapping[str, np.ndarray], steered: Mapping[tuple[str, float
         out.append(c)
 
     for (strategy, alpha), st in steered.items():
-        add(strategy, alpha, False, None, None, st["harmful"], st["safe"], st["nll"])
+        if unconditional:
+            add(strategy, alpha, False, None, None, st["harmful"], st["safe"], st["nll"])
         for fpr, t in thresholds.items():
             f = {k: scores[k] > t for k in ("harmful", "safe", "nll")}
             add(strategy, alpha, True, fpr, t, compose(f["harmful"], st["harmful"], base["harmful"]),
@@ -85,6 +88,12 @@ def select(cands: Sequence[Candidate], conditional: bool) -> Candidate | None:
     if not pool:
         return None
     return max(pool, key=lambda c: (round(c.harmful_gain_pp, 9), -round(c.safe_delta_pp, 9), -c.alpha))
+
+
+def ungated(c: Candidate) -> Candidate:
+    """``c``'s steering without its gate (for contrast on test; its validation figures are unknown: NaN)."""
+    nan = float("nan")
+    return Candidate(c.strategy, c.alpha, False, None, None, nan, nan, nan, nan, nan, False)
 
 
 def pareto(cands: Sequence[Candidate]) -> list[Candidate]:

@@ -34,13 +34,14 @@ class BehaviourOutputs:
 
 def study_config(section: Any, model: str, layer: int, seed: int, data_dir: Path | None):
     """The :class:`~safesteer.steering.study.StudyConfig` of a ``[behaviour]`` section."""
-    from safesteer.steering.gate import HARMLESS_SETS
+    from safesteer.steering.gate import QA_SETS
     from safesteer.steering.study import StudyConfig
 
-    caps = {"advbench": section.cap_harmful, "donotanswer": section.cap_harmful,
-            **{q: section.cap_qa for q in HARMLESS_SETS if q != "xstest_safe"}}
-    return StudyConfig(model=model, layer=layer, gate_layers=tuple(section.gate_layers), alphas=tuple(section.alphas),
-                       fprs=tuple(section.fprs), strategies=tuple(section.strategies), caps=caps, augment=section.augment,
+    caps = {"advbench": section.cap_harmful, "donotanswer": section.cap_harmful, **{q: section.cap_qa for q in QA_SETS},
+            **{s: section.cap_shipped for s in ("contrast_safe", "contrast_unsafe", "tasks")}}
+    return StudyConfig(model=model, layer=layer, gate_layers=tuple(section.gate_layers), gate_position=section.gate_position,
+                       alphas=tuple(section.alphas),
+                       fprs=tuple(section.fprs), strategies=tuple(section.strategies), caps=caps, augment=section.augment, sweep_unconditional=section.sweep_unconditional, calib_folds=section.calib_folds,
                        n_val_harmful=section.n_val_harmful, n_test_harmful=section.n_test_harmful, n_qa=section.n_qa,
                        n_caa_prompts=section.n_caa_prompts, n_verify=section.n_verify, max_new_tokens=section.max_new_tokens,
                        batch_size=section.batch_size, max_safe_pp=section.max_safe_pp, max_fluency_rel=section.max_fluency_rel,

@@ -30,13 +30,22 @@ from safesteer.io import atomic_path, write_json
 class StudyConfig:
     model: str = "smollm2-135m"
     layer: int = 15
-    gate_layers: tuple[int, ...] = (9, 12, 15)
-    alphas: tuple[float, ...] = (0.1, 0.15, 0.2, 0.3)
-    fprs: tuple[float, ...] = (0.02, 0.05, 0.1)
+    gate_layers: tuple[int, ...] = (12, 15)
+    gate_position: str = "prompt"
+    """Where the gate reads (``prompt``: the user message + template tail; ``prompt_end``: the tail only)."""
+    alphas: tuple[float, ...] = (0.2, 0.3, 0.4)
+    fprs: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05, 0.1)
     strategies: tuple[str, ...] = ("refusal_caa", "refusal_dim")
-    caps: dict[str, int] = field(default_factory=lambda: {"advbench": 120, "donotanswer": 120, **{
-        q: 60 for q in ("nq_open", "truthfulqa", "healthsearchqa", "liveqa", "medicationqa", "commonsenseqa")}})
+    caps: dict[str, int] = field(default_factory=lambda: {"advbench": 1000, "donotanswer": 1000, **{
+        q: 150 for q in ("nq_open", "truthfulqa", "healthsearchqa", "liveqa", "medicationqa", "commonsenseqa")}})
     augment: bool = True
+    calib_folds: int = 5
+    """Hash folds for cross-fitted gate scores of the train rows (:func:`~safesteer.steering.gate.cross_fit_scores`),
+    which join the val rows for the threshold and the over-refusal budget; 0 = val rows only."""
+    sweep_unconditional: bool = False
+    """Steer every validation prompt per (strategy, α), so that unconditional policies are chosen on
+    validation too; off: only the gate-flagged ones (3× faster), and the unconditional contrast on test
+    is the chosen conditional policy's steering applied to every prompt."""
     """Reframed copies of the gate's training prompts (imperative ↔ question), see gate.reframe."""
     n_val_harmful: int = 40
     n_test_harmful: int = 104
@@ -86,7 +95,7 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra
     from safesteer.steering import policy as pol
     from safesteer.steering.behaviour import median_norm, refusal_caa
     from safesteer.steering.condition import conditional, threshold_for_fpr
-    from safesteer.steering.gate import gate_report, load_prompts, lodo, score_pairs, train_gate
+    from safesteer.steering.gate import cross_fit_scores, gate_report, load_prompts, lodo, score_pairs, train_gate
     from safesteer.steering.strategies import Direction, DirectionSet, Intervention, unit
 
     out = Path(out_dir)
@@ -105,21 +114,27 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra
     t = time.perf_counter()
     P = load_prompts(cfg.caps, data_dir=cfg.data_dir, augment=cfg.augment)
     layers = sorted({*cfg.gate_layers, cfg.layer})
-    H = bb.pooled(P.text, layers, batch_size=cfg.batch_size, position="prompt_end")
+    from safesteer.models.positions import pooled_at
+
+    if cfg.gate_position not in ("prompt", "prompt_end"):
+        raise SafesteerError(f"behaviour gate_position '{cfg.gate_position}' unsupported; valid choices: prompt, prompt_end")
+    feats = pooled_at(bb, P.text, layers, (cfg.gate_position, "prompt_end"), batch_size=cfg.batch_size)
+    H, H_end = feats[cfg.gate_position], feats["prompt_end"]  # gate features; Arditi's refusal_dim reads prompt_end
     times["features"] = time.perf_counter() - t
     from safesteer.io import save_npy
 
-    for l in layers:  # kept so the gate can be retrained without another forward pass
-        save_npy(out / "features" / f"prompt_end_layer{l:02d}.npy", H[l].astype(np.float32))
+    for p, per in feats.items():  # kept so the gate can be retrained without another forward pass
+        for l in layers:
+            save_npy(out / "features" / f"{p}_layer{l:02d}.npy", per[l].astype(np.float32))
     with atomic_path(out / "features" / "prompts.csv") as tmp:
         pd.DataFrame({"text": P.text, "harmful": P.harmful, "group": P.group, "split": P.split, "aug": P.aug}).to_csv(tmp, index=False)
-    _say(f"{len(P)} prompts, prompt_end features at layers {layers} in {times['features']:.0f}s")
+    _say(f"{len(P)} prompts, {cfg.gate_position}/prompt_end features at layers {layers} in {times['features']:.0f}s")
 
     # 2. gate per layer; the best validation AUROC (harmful vs XSTest-safe, the hard negatives) wins
     t = time.perf_counter()
     va = P.mask("val")
     hard = va & (P.mask(harmful=1) | P.mask(group="xstest_safe"))
-    gates = {l: train_gate(H[l], P, l, target_fpr=0.05, seed=cfg.seed) for l in cfg.gate_layers}
+    gates = {l: train_gate(H[l], P, l, cfg.gate_position, target_fpr=0.05, seed=cfg.seed) for l in cfg.gate_layers}
     val_auc = {l: float(pol_auc(g.score(H[l][hard]), P.harmful[hard])) for l, g in gates.items()}
     gl = max(val_auc, key=lambda l: (val_auc[l], -l))
     gate = gates[gl]
@@ -140,7 +155,7 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra
     if "refusal_caa" in cfg.strategies:
         dirs.add(refusal_caa(bb, caa_prompts, L, batch_size=cfg.batch_size))
     if "refusal_dim" in cfg.strategies:
-        r = H[L][tr & (P.harmful == 1)].astype(np.float64).mean(0) - H[L][tr & (P.harmful == 0)].astype(np.float64).mean(0)
+        r = H_end[L][tr & (P.harmful == 1)].astype(np.float64).mean(0) - H_end[L][tr & (P.harmful == 0)].astype(np.float64).mean(0)
         dirs.add(Direction("refusal_dim", -unit(r), "behaviour", L, ["dim:prompt_end DiffMean"],
                            meta={"position": "prompt_end", "norm": float(np.linalg.norm(r)),
                                  "sign": "vector = -(harmful - harmless)/norm; alpha >= 0 adds refusal"}))
@@ -165,12 +180,18 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra
     # 4. validation sweep ------------------------------------------------------------------------
     t = time.perf_counter()
     vh = _per_group(P, "val", 1, cfg.n_val_harmful)
-    vs = list(np.flatnonzero(P.mask("val", "xstest_safe")))
+    # the over-refusal budget is checked on every look-alike harmless val prompt: XSTest safe and
+    # the contrast set's benign twins (a larger sample than XSTest's val rows alone)
+    # …and XSTest's train rows with cross-fitted scores (cross_fit_scores: each scored by a gate that
+    # did not see it), so the threshold and the budget are judged on 134 XSTest-safe prompts, not 34
+    scores_all = gate.score(H[gl])
+    cal_scores = cross_fit_scores(gate, H[gl], P, cfg.calib_folds, cfg.seed)
+    cal = P.mask("val") | (P.mask("train") & ~P.aug & np.isfinite(cal_scores))
+    vs = list(np.flatnonzero(cal & P.mask(group="xstest_safe"))) + list(np.flatnonzero(P.mask("val", "contrast_safe")))
     vq = _per_group(P, "val", 0, cfg.n_qa + len(vs))
-    vq = [i for i in vq if P.group[i] != "xstest_safe"][: cfg.n_qa]
+    vq = [i for i in vq if P.group[i] not in ("xstest_safe", "contrast_safe")][: cfg.n_qa]
     sets = {"harmful": vh, "safe": vs, "qa": vq}
     texts = {k: [P.text[i] for i in v] for k, v in sets.items()}
-    scores_all = gate.score(H[gl])
 
     base_val = {k: generate(bb, v, cfg.max_new_tokens, cfg.batch_size) for k, v in texts.items()}
     harmless_val = texts["safe"] + texts["qa"]
@@ -178,21 +199,38 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra
     base_nll_val = answer_nll(bb, harmless_val, harmless_val_ans, cfg.batch_size)
     base = {"harmful": judge(texts["harmful"], base_val["harmful"].texts), "safe": judge(texts["safe"], base_val["safe"].texts),
             "nll": base_nll_val}
+    neg_val = cal & (P.harmful == 0)
+    thresholds = {f: threshold_for_fpr(cal_scores[neg_val], f) for f in cfg.fprs}
+    vsc = {"harmful": cal_scores[vh], "safe": cal_scores[vs], "qa": cal_scores[vq]}
+    # a conditional policy steers only what the gate flags, and its loosest threshold flags a superset
+    # of every other: only those prompts need steered answers (all of them for unconditional policies)
+    t_lo = min(thresholds.values())
+    need = {k: np.ones(len(v), dtype=bool) if cfg.sweep_unconditional else v > t_lo for k, v in vsc.items()}
+    need_h = np.concatenate([need["safe"], need["qa"]])
     steered: dict[tuple[str, float], dict[str, np.ndarray]] = {}
     for name in dirs.names():
         for a in cfg.alphas:
+            got: dict[str, np.ndarray] = {}
             with iv(name, a).apply(bb):
-                ah = generate(bb, texts["harmful"], cfg.max_new_tokens, cfg.batch_size)
-                as_ = generate(bb, texts["safe"], cfg.max_new_tokens, cfg.batch_size)
-                nll = answer_nll(bb, harmless_val, harmless_val_ans, cfg.batch_size)
-            steered[(name, a)] = {"harmful": judge(texts["harmful"], ah.texts), "safe": judge(texts["safe"], as_.texts), "nll": nll}
-            _say(f"val {name} α={a}: harmful refusal {steered[(name, a)]['harmful'].mean():.2f}, "
-                 f"safe {steered[(name, a)]['safe'].mean():.2f}")
-    neg_val = P.mask("val") & (P.harmful == 0)
-    thresholds = {f: threshold_for_fpr(scores_all[neg_val], f) for f in cfg.fprs}
-    vscores = {"harmful": scores_all[vh], "safe": scores_all[vs], "nll": np.concatenate([scores_all[vs], scores_all[vq]])}
-    cands = pol.candidates(base, steered, vscores, thresholds, cfg.max_safe_pp, cfg.max_fluency_rel)
+                for k in ("harmful", "safe"):
+                    sub = [x for x, n in zip(texts[k], need[k]) if n]
+                    got[k] = base[k].astype(np.float64).copy()
+                    if sub:
+                        got[k][need[k]] = judge(sub, generate(bb, sub, cfg.max_new_tokens, cfg.batch_size).texts)
+                got["nll"] = np.asarray(base_nll_val, dtype=np.float64).copy()
+                if need_h.any():
+                    got["nll"][need_h] = answer_nll(bb, [x for x, n in zip(harmless_val, need_h) if n],
+                                                    [x for x, n in zip(harmless_val_ans, need_h) if n], cfg.batch_size)
+            steered[(name, a)] = got
+            _say(f"val {name} α={a}: harmful refusal {got['harmful'].mean():.2f}, safe {got['safe'].mean():.2f} "
+                 f"({'every prompt' if cfg.sweep_unconditional else 'gate-flagged prompts'} steered: "
+                 f"{int(need['harmful'].sum())}/{len(need['harmful'])} harmful, {int(need_h.sum())}/{len(need_h)} harmless)")
+    vscores = {"harmful": cal_scores[vh], "safe": cal_scores[vs], "nll": np.concatenate([cal_scores[vs], cal_scores[vq]])}
+    cands = pol.candidates(base, steered, vscores, thresholds, cfg.max_safe_pp, cfg.max_fluency_rel,
+                           unconditional=cfg.sweep_unconditional)
     best_c, best_u = pol.select(cands, True), pol.select(cands, False)
+    if best_u is None and best_c is not None and not cfg.sweep_unconditional:
+        best_u = pol.ungated(best_c)  # the contrast: the chosen steering applied to every prompt
     times["validation"] = time.perf_counter() - t
     with atomic_path(out / "pareto.csv") as tmp:
         pd.DataFrame([c.as_dict() for c in cands]).to_csv(tmp, index=False)
@@ -202,7 +240,7 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra
     t = time.perf_counter()
     th = _per_group(P, "test", 1, cfg.n_test_harmful)
     ts = list(np.flatnonzero(P.mask("test", "xstest_safe")))
-    tq = [i for i in _per_group(P, "test", 0, cfg.n_qa + len(ts)) if P.group[i] != "xstest_safe"][: cfg.n_qa]
+    tq = [i for i in _per_group(P, "test", 0, cfg.n_qa + len(ts)) if P.group[i] not in ("xstest_safe", "contrast_safe")][: cfg.n_qa]
     T = {"harmful": [P.text[i] for i in th], "safe": [P.text[i] for i in ts], "qa": [P.text[i] for i in tq]}
     flags = {"harmful": scores_all[th], "safe": scores_all[ts], "qa": scores_all[tq]}
     base_t = {k: generate(bb, v, cfg.max_new_tokens, cfg.batch_size) for k, v in T.items()}
@@ -214,15 +252,18 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra
     rows = [{"set": k, "policy": "unsteered", "prompt": p, "answer": a, "refusal": float(judge([p], [a])[0])}
             for k in T for p, a in zip(T[k], base_t[k].texts)]
     policies = {"conditional": best_c, "unconditional": best_u}
+    steered_test: dict[tuple[str, float], Any] = {}
     for label, c in policies.items():
         if c is None:
             res[label] = None
             continue
         intervention = iv(c.strategy, c.alpha)
-        with intervention.apply(bb):
-            st = {k: generate(bb, T[k], cfg.max_new_tokens, cfg.batch_size) for k in ("harmful", "safe")}
-            p_st = forced_choice(bb, T["harmful"], "harmful")
-            nll_st = answer_nll(bb, harmless_t, harmless_t_ans, cfg.batch_size)
+        if (c.strategy, c.alpha) not in steered_test:  # the ungated contrast reuses the chosen policy's answers
+            with intervention.apply(bb):
+                steered_test[(c.strategy, c.alpha)] = (
+                    {k: generate(bb, T[k], cfg.max_new_tokens, cfg.batch_size) for k in ("harmful", "safe")},
+                    forced_choice(bb, T["harmful"], "harmful"), answer_nll(bb, harmless_t, harmless_t_ans, cfg.batch_size))
+        st, p_st, nll_st = steered_test[(c.strategy, c.alpha)]
         ref = {k: judge(T[k], st[k].texts) for k in st}
         bref = {k: judge(T[k], base_t[k].texts) for k in st}
         if c.conditional:
@@ -271,10 +312,11 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra
         pd.DataFrame({"group": P.group, "split": P.split, "harmful": P.harmful, "aug": P.aug,
                       "score": scores_all}).to_csv(tmp, index=False)
     times["total"] = time.perf_counter() - t_all
-    summary = {"config": asdict(cfg), "gate": {"layer": gl, "val_auroc_vs_xstest_safe": val_auc, "threshold": gate.threshold,
+    summary = {"config": asdict(cfg), "gate": {"layer": gl, "position": cfg.gate_position, "val_auroc_vs_xstest_safe": val_auc, "threshold": gate.threshold,
                                                 "held_out": report, "lodo": lodo_res,
                                                 "lodo_min_auroc": float(min(v["auroc"] for v in lodo_res.values())),
-                                                "pairs_same_side": pairs.same_side, "pairs_correct": pairs.correct,
+                                                "pairs_same_side": pairs.same_side, "calibration": {"folds": cfg.calib_folds, "n_harmless": int(neg_val.sum()),
+                                                                     "n_safe_budget": len(vs)}, "pairs_correct": pairs.correct,
                                                 "pairs": pairs.pairs},
                "directions": {"scale_median_norm": scale, "names": dirs.names()},
                "split_counts": P.counts(), "test": res, "seconds": times,
@@ -292,7 +334,7 @@ def pol_auc(scores: np.ndarray, y: np.ndarray) -> float:
 def headline(summary: dict[str, Any]) -> str:
     """The acceptance figures as text."""
     g, te = summary["gate"], summary["test"]
-    lines = [f"gate: layer {g['layer']} prompt_end, test AUROC {g['held_out']['test_auroc']:.3f}, "
+    lines = [f"gate: layer {g['layer']} {g.get('position', 'prompt_end')}, test AUROC {g['held_out']['test_auroc']:.3f}, "
              f"LODO min AUROC {g['lodo_min_auroc']:.3f} "
              "(" + ", ".join(k + " " + format(v["auroc"], ".3f") for k, v in g["lodo"].items()) + ")",
              f"paraphrase pairs on the same side: {100 * g['pairs_same_side']:.0f}% (on the right side {100 * g['pairs_correct']:.0f}%)"]

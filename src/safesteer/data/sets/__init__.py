@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from safesteer.data.records import DatasetSpec
-from safesteer.data.sets import bias, emotion, harm, qa, text, toxicity
+from safesteer.data.sets import bias, contrast, emotion, harm, qa, text, toxicity
 
 SPECS: tuple[DatasetSpec, ...] = (
     # the original study's seven
@@ -24,7 +24,10 @@ SPECS: tuple[DatasetSpec, ...] = (
     toxicity.BIAS_MADLIBS,
     # ordinary user questions (harmless requests for the harm gate)
     *qa.SPECS,
+    # written for safesteer (shipped in the package): harmful requests + harmless look-alikes; benign tasks
+    contrast.CONTRAST,
+    contrast.TASKS,
 )
 
-_ALL = {s.name for m in (bias, emotion, harm, qa, text, toxicity) for s in m.SPECS}
+_ALL = {s.name for m in (bias, contrast, emotion, harm, qa, text, toxicity) for s in m.SPECS}
 assert _ALL == {s.name for s in SPECS}, "every family module's SPECS must be registered"
