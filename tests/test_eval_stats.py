@@ -175,3 +175,21 @@ def test_every_item_can_be_resampled_and_level_bounds():
         bootstrap_ci(stat=lambda idx: 0.0, n=0)
     one = bootstrap_ci(stat=lambda idx: float(idx.size), n=1, n_boot=10, method="bca")
     assert one.estimate == 1.0 and one.low == 1.0
+
+
+def test_bca_on_tied_samples_counts_ties_half_and_falls_back_when_degenerate():
+    """Discrete data: many resamples equal θ̂ exactly, so the tie rule of z0 matters (Efron's
+    share below θ̂ with ties counted half); a statistic no resample reaches (θ̂ above every
+    resample: prop = 1) falls back to the percentile interval instead of an infinite z0."""
+    x = np.array([0.0] * 6 + [1.0] * 4)
+    rows = []
+    got = bootstrap_ci(stat=lambda idx: (rows.append(idx.copy()), float(x[idx].mean()))[1], n=x.size,
+                       n_boot=800, level=0.9, method="bca", seed=2)
+    rows = rows[1:801]
+    (lo, hi), boots = _bca_reference(x, rows, 0.9)
+    assert np.sum(boots == x.mean()) > 100  # the ties are really there
+    assert got.low == pytest.approx(lo, rel=1e-12) and got.high == pytest.approx(hi, rel=1e-12)
+    distinct = bootstrap_ci(stat=lambda idx: float(len(np.unique(idx))), n=12, n_boot=500, level=0.9, method="bca", seed=0)
+    pct = bootstrap_ci(stat=lambda idx: float(len(np.unique(idx))), n=12, n_boot=500, level=0.9, seed=0)
+    assert distinct.estimate == 12.0 and np.isfinite([distinct.low, distinct.high]).all()
+    assert (distinct.low, distinct.high) == (pct.low, pct.high)
