@@ -27,7 +27,7 @@ def fluency(m: dict[str, Any]) -> str:
 
 def _policy_name(p: dict[str, Any]) -> str:
     return (f"cond:{p['strategy']}" if p["conditional"] else p["strategy"]) + f" α={p['alpha']:g}" + \
-        (f" (gate FPR {100 * p['fpr']:.0f}%)" if p["conditional"] else "")
+        (f" (gate FPR {100 * p['fpr']:g}%)" if p["conditional"] else "")
 
 
 def verdict(summary: dict[str, Any], none_reason: str | None, run_dir: Path) -> Section:
@@ -63,7 +63,7 @@ def verdict(summary: dict[str, Any], none_reason: str | None, run_dir: Path) -> 
                      "XSTest-safe refusal": pct(r["safe_refusal"]), "P(Yes) harmful": pct(r["p_yes"]),
                      "harmless fluency Δ": fluency(r["harmless_fluency"]),
                      "degenerate answers": f"{100 * r['coherence']['degenerate_share']:.1f}%"})
-    sec.table(pd.DataFrame(rows), caption=f"Chosen on validation: max harmful refusal gain with XSTest-safe over-refusal ≤ "
+    sec.table(pd.DataFrame(rows), caption=f"Chosen on validation: max harmful refusal gain with look-alike (XSTest-safe + contrast-safe) over-refusal ≤ "
                                           f"+{summary['config']['max_safe_pp']:g} pp and harmless NLL within "
                                           f"{100 * summary['config']['max_fluency_rel']:g}%; reported on test (paired bootstrap)")
     if "verify_conditional" in te:
@@ -158,7 +158,7 @@ def sections(bdir: Path, run_dir: Path) -> list[Section]:
     fig = Section("Pareto: harmful refusal vs XSTest-safe refusal")
     pareto = pd.read_csv(bdir / "pareto.csv") if (bdir / "pareto.csv").is_file() else None
     fig.image(pareto_plot(pareto, summary, plots / "behaviour_pareto.png") or plots / "none.png",
-              "Validation split: each strategy × α, conditional (o, per gate FPR) and unconditional (x); chosen points circled, "
+              "Validation split: each strategy × α, conditional (o, per gate FPR) and, with sweep_unconditional, unconditional (x); chosen points circled, "
               "their test figures starred")
     if pareto is not None:
         front = pd.DataFrame(summary.get("pareto_val") or [])

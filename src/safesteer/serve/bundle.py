@@ -67,7 +67,7 @@ def write_bundle(summary: dict[str, Any] | None, study_dir: str | Path, out_dir:
     raw = float(c["alpha"]) * scale
     test = {k: res[k] for k in ("harmful_refusal", "safe_refusal", "p_yes", "harmless_fluency") if k in res}
     policy = {"description": (f"{c['strategy']} at layer {layer}, alpha {c['alpha']} x median norm, only when the harm gate "
-                              f"(layer {gate.layer}, {gate.position}) fires; calibrated on validation to {100 * c['fpr']:.0f}% gate FPR"),
+                              f"(layer {gate.layer}, {gate.position}) fires; calibrated on validation to {100 * c['fpr']:g}% gate FPR"),
               "directions": [c["strategy"]], "layer": layer, "alpha": raw, "alpha_min": 0.0, "alpha_max": raw,
               "condition": {"probe": GATE_PROBE, "score_threshold": float(c["threshold"]), "position": gate.position}}
     write_json(out / f"{POLICY_NAME}.json", {
