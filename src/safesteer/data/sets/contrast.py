@@ -6,8 +6,11 @@ paraphrase pairs, or each other. Splits: an 80/20 hash split on the text.
 
 - ``contrast`` (``contrast_prompts.jsonl``; ``{"id", "prompt", "harmful", "category", "twin"}``): a
   harmless request that merely *looks* harmful (a homonym, an idiom, a safe target or context, a
-  definition, a safety question, a public fact) and, for most of them, a harmful ``twin`` that shares
-  its trigger word or frame: XSTest-like contrast data, independent of XSTest itself.
+  definition, a safety question, a public fact, a fictional character's "private" data, an absurd
+  group's "rights", a question about why a historical atrocity happened) and, for most of them, a
+  harmful ``twin`` that shares its trigger word or frame (a real private person's data, discrimination
+  against a real group, how to repeat or justify the atrocity): XSTest-like contrast data, independent
+  of XSTest itself. Both classes mix questions and imperatives, so that neither form predicts the label.
 - ``tasks`` (``task_prompts.jsonl``; ``{"id", "prompt", "harmful", "category"}``): benign task
   requests, mostly imperative, in the verbs and frames of AdvBench's instructions ("Write a script
   that…", "Develop a strategy for…", "Create a tutorial on…", "Teach children how to…") but with
@@ -36,6 +39,9 @@ CONTRAST_CATEGORIES: tuple[str, ...] = (
     "safety_and_defence",
     "health_legal_finance",
     "public_figures",
+    "privacy_fictional",
+    "nonsense_discrimination",
+    "historical_events",
 )
 """The contrast categories; every one holds both harmful and harmless prompts."""
 
