@@ -140,3 +140,53 @@ def test_condition_save_load_roundtrip(tmp_path):
     assert d.meta == {"auroc": 0.9}
     H = np.random.default_rng(0).normal(size=(5, 4))
     np.testing.assert_allclose(d.score(H), H @ np.arange(4.0) - 1.5)
+
+
+def _mlp_gate(bb, layer, position, k=6, seed=0):
+    """A random one-hidden-layer gate whose threshold flags the two highest-scoring prompts."""
+    rng = np.random.default_rng(seed)
+    H = bb.pooled(PROMPTS, [layer], position=position)[layer].astype(np.float64)
+    W1 = rng.normal(size=(k, bb.d_model))
+    b1 = -(H @ W1.T).mean(0)  # about half the units active
+    c = Condition(rng.normal(size=k), 0.3, layer, position, 0.0, "mlp", W1=W1, b1=b1)
+    s = np.sort(c.score(H))
+    return c.with_threshold(float((s[-2] + s[-3]) / 2))
+
+
+@pytest.mark.parametrize("position", ["prompt_end", "prompt"])
+def test_mlp_gate_in_pass_equals_pooled_scores_and_holds_unflagged_rows(tiny_llama, one_thread, position):
+    bb = tiny_llama
+    cond = _mlp_gate(bb, 1, position)
+    want = gate_scores(bb, cond, PROMPTS)
+    H = bb.pooled(PROMPTS, [1], position=position)[1].astype(np.float64)
+    np.testing.assert_allclose(want, np.maximum(H @ cond.W1.T + cond.b1, 0) @ cond.w + cond.b, rtol=1e-12)
+    iv = _steer(bb, layer=1, alpha=30.0)
+    chats = [bb.chat_prompt(p) for p in PROMPTS]
+    enc = bb.tokenize(chats, padding_side="left", add_special_tokens=False)
+    l0 = bb.logits(enc.input_ids, enc.attention_mask)
+    with conditional(bb, cond, iv) as st:
+        l1 = bb.logits(enc.input_ids, enc.attention_mask)
+    np.testing.assert_allclose(st.scores[0], want, rtol=1e-4, atol=1e-4)
+    flags = st.flags
+    assert flags.sum() == 2 and flags.tolist() == (want > cond.threshold).tolist()
+    assert torch.equal(l1[~torch.as_tensor(flags)], l0[~torch.as_tensor(flags)])
+    assert not torch.equal(l1[torch.as_tensor(flags)], l0[torch.as_tensor(flags)])
+
+
+def test_mlp_condition_roundtrip_and_shape_errors(tmp_path):
+    rng = np.random.default_rng(1)
+    W1, b1, w = rng.normal(size=(3, 5)), rng.normal(size=3), rng.normal(size=3)
+    c = Condition(w, 0.5, 2, "prompt", 1.0, "g", {}, W1, b1)
+    assert (c.kind, c.d) == ("mlp", 5)
+    d = Condition.load(c.save(tmp_path / "m"))
+    assert d.kind == "mlp" and np.array_equal(d.W1, W1) and np.array_equal(d.b1, b1)
+    H = rng.normal(size=(7, 5))
+    np.testing.assert_allclose(d.score(H), np.maximum(H @ W1.T + b1, 0) @ w + 0.5, rtol=1e-12)
+    np.testing.assert_allclose(d.torch_scorer()(torch.as_tensor(H)).numpy(), d.score(H), rtol=1e-12)
+    assert np.array_equal(d.with_threshold(2.0).W1, W1)
+    with pytest.raises(SafesteerError, match="both hidden weights"):
+        Condition(w, 0.0, 1, W1=W1)
+    with pytest.raises(SafesteerError, match="shapes disagree"):
+        Condition(rng.normal(size=4), 0.0, 1, W1=W1, b1=b1)
+    with pytest.raises(SafesteerError, match="rows × 5 activations"):
+        c.score(rng.normal(size=(2, 3)))

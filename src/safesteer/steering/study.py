@@ -33,6 +33,10 @@ class StudyConfig:
     gate_layers: tuple[int, ...] = (12, 15)
     gate_position: str = "prompt"
     """Where the gate reads (``prompt``: the user message + template tail; ``prompt_end``: the tail only)."""
+    gate_hidden: int = 128
+    """ReLU units per MLP member of the gate (:func:`~safesteer.steering.gate.fit_mlp`); 0: a linear probe."""
+    gate_members: int = 5
+    gate_mlp_alpha: float = 1.0
     alphas: tuple[float, ...] = (0.2, 0.3, 0.4)
     fprs: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05, 0.1)
     strategies: tuple[str, ...] = ("refusal_caa", "refusal_dim")
@@ -134,12 +138,13 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra
     t = time.perf_counter()
     va = P.mask("val")
     hard = va & (P.mask(harmful=1) | P.mask(group="xstest_safe"))
-    gates = {l: train_gate(H[l], P, l, cfg.gate_position, target_fpr=0.05, seed=cfg.seed) for l in cfg.gate_layers}
+    gates = {l: train_gate(H[l], P, l, cfg.gate_position, target_fpr=0.05, seed=cfg.seed, hidden=cfg.gate_hidden,
+                           members=cfg.gate_members, mlp_alpha=cfg.gate_mlp_alpha) for l in cfg.gate_layers}
     val_auc = {l: float(pol_auc(g.score(H[l][hard]), P.harmful[hard])) for l, g in gates.items()}
     gl = max(val_auc, key=lambda l: (val_auc[l], -l))
     gate = gates[gl]
     report = gate_report(gate, H[gl], P)
-    lodo_res = lodo(H[gl], P, C=float(gate.meta["C"]), seed=cfg.seed)
+    lodo_res = lodo(H[gl], P, seed=cfg.seed, model=gate.meta)
     pairs = score_pairs(bb, gate)
     gate.save(out / "gate")
     times["gate"] = time.perf_counter() - t
