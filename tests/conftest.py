@@ -153,6 +153,7 @@ def tiny_behaviour_section(section):
     section.strategies = ["refusal_caa", "refusal_dim", "probe_harm"]
     section.alphas = [0.5, 2.0]
     section.fprs = [0.05, 0.2]
+    section.gate_hidden, section.gate_members = 16, 2  # a small MLP gate: the default kind, end to end
     section.cap_harmful, section.cap_qa, section.cap_shipped = 20, 10, 10
     section.n_val_harmful = section.n_test_harmful = 8
     section.n_qa, section.n_caa_prompts, section.n_verify = 4, 4, 4

@@ -42,7 +42,7 @@ class Shipped:
 
 CONTRAST = Shipped("contrast", "contrast_rows", mod.CONTRAST_RESOURCE, "contrast_prompts", "c",
                    frozenset({"id", "prompt", "harmful", "category", "twin"}), mod.CONTRAST_CATEGORIES,
-                   {0: 30, 1: 20}, {0: 500, 1: 400})
+                   {0: 25, 1: 20}, {0: 500, 1: 400})
 TASKS = Shipped("tasks", "task_rows", mod.TASKS_RESOURCE, "task_prompts", "t",
                 frozenset({"id", "prompt", "harmful", "category"}), mod.TASK_CATEGORIES, {0: 25}, {0: 340})
 SETS = pytest.mark.parametrize("s", [CONTRAST, TASKS], ids=lambda s: s.name)

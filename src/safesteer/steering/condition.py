@@ -61,6 +61,7 @@ class Condition:
     meta: dict[str, Any] = field(default_factory=dict)
     W1: np.ndarray | None = None
     b1: np.ndarray | None = None
+    _torch: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.w = np.asarray(self.w, dtype=np.float64).reshape(-1)
@@ -102,10 +103,14 @@ class Condition:
         return H @ self.w + self.b
 
     def torch_scorer(self, device: Any = None) -> Callable[[torch.Tensor], torch.Tensor]:
-        """:meth:`score` as a float64 torch function, its weights put on ``device`` once (the in-pass gate)."""
-        w = torch.as_tensor(self.w, dtype=torch.float64, device=device)
-        hidden = None if self.W1 is None else (torch.as_tensor(self.W1.T.copy(), dtype=torch.float64, device=device),
-                                               torch.as_tensor(self.b1, dtype=torch.float64, device=device))
+        """:meth:`score` as a float64 torch function, its weights put on ``device`` once per device
+        (the in-pass gate; a Condition's weights are not meant to change after it is built)."""
+        key = str(device)
+        if key not in self._torch:
+            self._torch[key] = (torch.as_tensor(self.w, dtype=torch.float64, device=device), None if self.W1 is None else (
+                torch.as_tensor(self.W1.T.copy(), dtype=torch.float64, device=device),
+                torch.as_tensor(self.b1, dtype=torch.float64, device=device)))
+        w, hidden = self._torch[key]
         b = self.b
 
         def score(pooled: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""The harm gate: diverse harmful vs diverse harmless *requests*, a standardised logistic probe at
-``prompt_end`` of a middle layer, judged held-out, leave-one-dataset-out and on paraphrase pairs.
+"""The harm gate: diverse harmful vs diverse harmless *requests*, a standardised logistic probe or
+an average of small MLPs (:func:`fit_mlp`) at ``prompt`` / ``prompt_end`` of a middle layer,
+judged held-out, leave-one-dataset-out and on paraphrase pairs.
 
 Data (:func:`load_prompts`): harmful = AdvBench, Do-Not-Answer (the risk areas of requests to
 refuse, :data:`DNA_GATE_AREAS`), BeaverTails prompts (the user turn only), XSTest unsafe and the
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Mapping, Sequence
@@ -105,6 +107,12 @@ def _raw(name: str, data_dir: Any) -> list[str]:
 
 
 _TO_IMPERATIVE = ("Tell me: {t}", "Please answer this: {t}", "I need to know: {t}")
+_HOW_IMPERATIVE = ("Explain how to {t}.", "Tell me how to {t}.", "Show me how to {t}.")
+_HOW_QUESTION = ("How do I {t}?", "How can I {t}?", "What's the best way to {t}?")
+_HOW_Q = re.compile(r"^how (?:do|can|could|should|would|might) (?:i|we|you|one|someone|people) (.+?)\?*$", re.IGNORECASE)
+_HOW_PASSIVE = re.compile(r"^how (is|are|was|were) (.+) (\w+ed|made|built|done|grown|written|taken|stolen|hidden|given)\?*$",
+                          re.IGNORECASE)
+_HOW_TO = re.compile(r"\bhow to (.+?)[.!?]*$", re.IGNORECASE)
 _TO_QUESTION = ("Can you {t}?", "Could you help me {t}?", "Would you {t}?")
 _QUESTION_WORDS = frozenset("who what when where why how which whose whom is are was were can could do does did will "
                             "would should shall may might has have".split())
@@ -113,9 +121,22 @@ _QUESTION_WORDS = frozenset("who what when where why how which whose whom is are
 def reframe(text: str) -> str:
     """The same request in the other frame: a question becomes an imperative, an imperative a
     question (templates chosen by hash). Counterfactual augmentation: the gate must not learn
-    "imperative ⇒ harmful" from AdvBench-style instructions vs QA-style questions."""
+    "imperative ⇒ harmful" from AdvBench-style instructions vs QA-style questions. "How do I X?"
+    and "How is X made?" become "Explain how to X." / "Explain how X is made.", and an instruction
+    with "how to X" becomes "How do I X?" (the same request, not only a wrapped one); other
+    questions are wrapped ("Tell me: …"), other instructions asked ("Can you …?")."""
     t = " ".join(text.split())
     k = int.from_bytes(hashlib.sha256(f"safesteer-frame|{t}".encode()).digest()[:2], "big") % 3
+    m = _HOW_Q.match(t)
+    if m:
+        return _HOW_IMPERATIVE[k].format(t=m.group(1).rstrip("?. "))
+    m = _HOW_PASSIVE.match(t)
+    if m:
+        return f"Explain how {m.group(2)} {m.group(1).lower()} {m.group(3)}."
+    if not t.endswith("?"):
+        m = _HOW_TO.search(t)
+        if m and m.group(1).strip():
+            return _HOW_QUESTION[k].format(t=m.group(1).strip())
     if t.endswith("?") or t.split(" ", 1)[0].lower() in _QUESTION_WORDS:
         return _TO_IMPERATIVE[k].format(t=t if t.endswith("?") else t + "?")
     if t.split(" ", 1)[0].lower() in ("i", "i'm", "my", "we", "our"):  # a statement of need

@@ -35,10 +35,10 @@ class StudyConfig:
     """Where the gate reads (``prompt``: the user message + template tail; ``prompt_end``: the tail only)."""
     gate_hidden: int = 128
     """ReLU units per MLP member of the gate (:func:`~safesteer.steering.gate.fit_mlp`); 0: a linear probe."""
-    gate_members: int = 5
+    gate_members: int = 3
     gate_mlp_alpha: float = 1.0
-    alphas: tuple[float, ...] = (0.2, 0.3, 0.4)
-    fprs: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05, 0.1)
+    alphas: tuple[float, ...] = (0.2, 0.3)
+    fprs: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05)
     strategies: tuple[str, ...] = ("refusal_caa", "refusal_dim")
     caps: dict[str, int] = field(default_factory=lambda: {"advbench": 1000, "donotanswer": 1000, **{
         q: 150 for q in ("nq_open", "truthfulqa", "healthsearchqa", "liveqa", "medicationqa", "commonsenseqa")}})
@@ -317,7 +317,9 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra
         pd.DataFrame({"group": P.group, "split": P.split, "harmful": P.harmful, "aug": P.aug,
                       "score": scores_all}).to_csv(tmp, index=False)
     times["total"] = time.perf_counter() - t_all
-    summary = {"config": asdict(cfg), "gate": {"layer": gl, "position": cfg.gate_position, "val_auroc_vs_xstest_safe": val_auc, "threshold": gate.threshold,
+    summary = {"config": asdict(cfg), "gate": {"layer": gl, "position": cfg.gate_position, "kind": gate.kind,
+                                                "hidden": int(gate.meta.get("hidden", 0)), "members": int(gate.meta.get("members", 1)),
+                                                "val_auroc_vs_xstest_safe": val_auc, "threshold": gate.threshold,
                                                 "held_out": report, "lodo": lodo_res,
                                                 "lodo_min_auroc": float(min(v["auroc"] for v in lodo_res.values())),
                                                 "pairs_same_side": pairs.same_side, "calibration": {"folds": cfg.calib_folds, "n_harmless": int(neg_val.sum()),
