@@ -72,3 +72,18 @@ def test_sweeping_every_prompt_adds_unconditional_candidates_and_keeps_the_condi
     cond = every[every["conditional"]].reset_index(drop=True)
     pd.testing.assert_frame_equal(cond.drop(columns=["fluency_rel", "feasible"]), flagged.drop(columns=["fluency_rel", "feasible"]))
     np.testing.assert_allclose(cond["fluency_rel"], flagged["fluency_rel"], atol=1e-6)  # batch composition only
+
+
+def test_pairs_are_also_judged_at_the_recommended_policys_threshold(behaviour_run):
+    from safesteer.io import read_json
+
+    out, _, _, _ = behaviour_run
+    s = read_json(out / "summary.json")
+    g, c = s["gate"], (s["test"].get("conditional") or {}).get("policy")
+    at = g["pairs_at_policy_threshold"]
+    assert (at is None) == (c is None)
+    if c is not None:
+        t = c["threshold"]
+        side = [(p["score_imperative"] > t) == (p["score_question"] > t) for p in g["pairs"]]
+        right = [(p["score_imperative"] > t) == (p["score_question"] > t) == bool(p["harmful"]) for p in g["pairs"]]
+        assert at["threshold"] == t and at["same_side"] == pytest.approx(np.mean(side)) and at["correct"] == pytest.approx(np.mean(right))

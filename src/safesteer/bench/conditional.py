@@ -2,8 +2,8 @@
 
 Times full forward passes (logits) over the same batch of chat prompts, interleaved: unsteered,
 unconditional steering, and conditional steering (gate read at ``--gate-layer`` of the same pass,
-steering at ``--layer``; an MLP gate of ``--gate-hidden`` ReLU units, default 640 = the default
-gate's 5 members × 128, or ``0`` for a linear one), plus greedy generation with and without the conditional policy. Prints
+steering at ``--layer``; an MLP gate of ``--gate-hidden`` ReLU units, default 384 = the default
+gate's 3 members × 128, or ``0`` for a linear one), plus greedy generation with and without the conditional policy. Prints
 the median of each and the ratios (target: conditional ≤ 1.05× unsteered).
 """
 
@@ -33,7 +33,7 @@ def _time(fn, reps: int) -> list[float]:
 
 
 def run(model: str = "smollm2-135m", layer: int = 15, gate_layer: int = 15, batch: int = 16, reps: int = 7,
-        new_tokens: int = 8, tiny: bool = False, position: str = "prompt", gate_hidden: int = 640) -> dict:
+        new_tokens: int = 8, tiny: bool = False, position: str = "prompt", gate_hidden: int = 384) -> dict:
     from safesteer.models import load_backbone
     from safesteer.models.positions import chat_inputs
     from safesteer.steering.condition import Condition, conditional
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--layer", type=int, default=15)
     ap.add_argument("--gate-layer", type=int, default=15)
     ap.add_argument("--position", default="prompt", choices=["prompt", "prompt_end", "last", "mean"])
-    ap.add_argument("--gate-hidden", type=int, default=640, help="ReLU units of the MLP gate (0 = linear)")
+    ap.add_argument("--gate-hidden", type=int, default=384, help="ReLU units of the MLP gate (0 = linear)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--tiny", action="store_true", help="a tiny random model instead (smoke run)")

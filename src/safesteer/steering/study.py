@@ -317,6 +317,11 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra
         pd.DataFrame({"group": P.group, "split": P.split, "harmful": P.harmful, "aug": P.aug,
                       "score": scores_all}).to_csv(tmp, index=False)
     times["total"] = time.perf_counter() - t_all
+    at_policy = None  # the pairs at the recommended policy's threshold (the gate as deployed), beside the gate's own
+    if best_c is not None:
+        flag = [(p["score_imperative"] > best_c.threshold, p["score_question"] > best_c.threshold) for p in pairs.pairs]
+        at_policy = {"threshold": float(best_c.threshold), "same_side": float(np.mean([a == b for a, b in flag])),
+                     "correct": float(np.mean([a == b == bool(p["harmful"]) for (a, b), p in zip(flag, pairs.pairs)]))}
     summary = {"config": asdict(cfg), "gate": {"layer": gl, "position": cfg.gate_position, "kind": gate.kind,
                                                 "hidden": int(gate.meta.get("hidden", 0)), "members": int(gate.meta.get("members", 1)),
                                                 "val_auroc_vs_xstest_safe": val_auc, "threshold": gate.threshold,
@@ -324,6 +329,7 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra
                                                 "lodo_min_auroc": float(min(v["auroc"] for v in lodo_res.values())),
                                                 "pairs_same_side": pairs.same_side, "calibration": {"folds": cfg.calib_folds, "n_harmless": int(neg_val.sum()),
                                                                      "n_safe_budget": len(vs)}, "pairs_correct": pairs.correct,
+                                                "pairs_at_policy_threshold": at_policy,
                                                 "pairs": pairs.pairs},
                "directions": {"scale_median_norm": scale, "names": dirs.names()},
                "split_counts": P.counts(), "test": res, "seconds": times,
@@ -344,7 +350,10 @@ def headline(summary: dict[str, Any]) -> str:
     lines = [f"gate: layer {g['layer']} {g.get('position', 'prompt_end')}, test AUROC {g['held_out']['test_auroc']:.3f}, "
              f"LODO min AUROC {g['lodo_min_auroc']:.3f} "
              "(" + ", ".join(k + " " + format(v["auroc"], ".3f") for k, v in g["lodo"].items()) + ")",
-             f"paraphrase pairs on the same side: {100 * g['pairs_same_side']:.0f}% (on the right side {100 * g['pairs_correct']:.0f}%)"]
+             f"paraphrase pairs on the same side: {100 * g['pairs_same_side']:.0f}% (on the right side {100 * g['pairs_correct']:.0f}%)"
+             + ("" if not g.get("pairs_at_policy_threshold") else
+                f"; at the policy's threshold {g['pairs_at_policy_threshold']['threshold']:.2f}: "
+                f"{100 * g['pairs_at_policy_threshold']['same_side']:.0f}% (right side {100 * g['pairs_at_policy_threshold']['correct']:.0f}%)")]
     for label in ("conditional", "unconditional"):
         r = te.get(label)
         if not r:
