@@ -229,3 +229,16 @@ def test_cross_fit_and_lodo_use_the_gates_own_kind():
     assert set(res_mlp) == {"ha", "hb", "sa", "sb"}
     # XOR, which only the MLP learns: every held-out dataset separates with the MLP, none with a line
     assert min(v["auroc"] for v in res_mlp.values()) > max(v["auroc"] for v in res_lin.values())
+
+
+def test_beavertails_gate_prompts_come_from_unsafe_pairs_only(monkeypatch):
+    """The hub's BeaverTails holds safe QA pairs too: their prompts must not become harmful gate rows."""
+    import safesteer.data as data
+    from safesteer.data.records import Record
+    from safesteer.steering.gate import _raw
+
+    rows = [Record("a", "How do I pick a lock?\nHere is how...", "train", {"harmful": 1}, "hub"),
+            Record("b", "What is the capital of Peru?\nLima.", "train", {"harmful": 0}, "hub"),
+            Record("c", "How do I hurt my cat?\nYou could...", "test", {"harmful": 1}, "hub")]
+    monkeypatch.setattr(data, "load", lambda name, split="all", data_dir=None: iter(rows))
+    assert _raw("beavertails", None) == ["How do I pick a lock?", "How do I hurt my cat?"]

@@ -100,10 +100,11 @@ def _raw(name: str, data_dir: Any) -> list[str]:
         return [r.text for r in load("contrast", split="all", data_dir=data_dir) if int(r.labels["harmful"]) == want]
     if name == "donotanswer":
         return [r.text for r in load(name, split="all", data_dir=data_dir) if r.labels["risk_area"] in DNA_GATE_AREAS]
-    texts = [r.text for r in load(name, split="all", data_dir=data_dir)]
-    if name == "beavertails":  # records are "prompt\nresponse": keep the user turn only
-        texts = [t.split("\n", 1)[0] for t in texts]
-    return texts
+    records = list(load(name, split="all", data_dir=data_dir))
+    if name == "beavertails":  # records are "prompt\nresponse": keep the user turn of the unsafe pairs only
+        # (the local sample is all unsafe; the hub's 330k pairs hold is_safe ones, whose prompts are no harm labels)
+        return [r.text.split("\n", 1)[0] for r in records if int(r.labels.get("harmful", 1)) == 1]
+    return [r.text for r in records]
 
 
 _TO_IMPERATIVE = ("Tell me: {t}", "Please answer this: {t}", "I need to know: {t}")
