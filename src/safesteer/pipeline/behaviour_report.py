@@ -41,7 +41,7 @@ def verdict(summary: dict[str, Any], none_reason: str | None, run_dir: Path) -> 
                  f"Nothing is recommended for deployment ({run_dir.name}/policies/NONE.txt).")
     else:
         p = cond["policy"]
-        sec.text(f"Recommended: {_policy_name(p)} at layer {summary['config']['layer']}, gated by the harm probe at layer "
+        sec.text(f"Recommended: {_policy_name(p)} at layer {summary['config']['layer']}, gated by the harm gate (" + ("MLP" if summary["gate"].get("kind") == "mlp" else "linear probe") + ") at layer "
                  f"{summary['gate']['layer']} ({summary['gate'].get('position', 'prompt_end')}). On the test split it refuses {pct(cond['harmful_refusal'])} of harmful "
                  f"requests and {pct(cond['safe_refusal'])} of XSTest-safe ones; P(Yes) on harmful prompts {pct(cond['p_yes'])}; "
                  f"harmless fluency (NLL) {fluency(cond['harmless_fluency'])}. "
