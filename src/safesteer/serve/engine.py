@@ -149,7 +149,7 @@ class CompiledPolicy:
         t = self.score_threshold if self.score_threshold is not None else (
             math.inf if self.threshold >= 1 else -math.inf if self.threshold <= 0 else math.log(self.threshold / (1 - self.threshold)))
         if isinstance(probe, GateProbe):  # a linear or MLP gate: its own scoring, this policy's threshold
-            return probe.condition.with_threshold(t, self.position).renamed(self.condition.name, self.condition.layer)
+            return probe.condition.with_threshold(t, position=self.position, name=self.condition.name, layer=self.condition.layer)
         w, b = getattr(probe, "w", None), getattr(probe, "b", None)
         if w is None or b is None:  # a probe without raw-space weights: the decisions come from predict_proba
             return Condition(np.zeros(1), 0.0, self.condition.layer, self.position, t, self.condition.name)

@@ -30,6 +30,7 @@ so evaluation, benchmarks and the service share one implementation::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -124,14 +125,9 @@ class Condition:
     def flags(self, H: np.ndarray | torch.Tensor) -> np.ndarray:
         return self.score(H) > self.threshold
 
-    def with_threshold(self, threshold: float, position: str | None = None) -> "Condition":
-        return Condition(self.w, self.b, self.layer, position or self.position, threshold, self.name, dict(self.meta),
-                         self.W1, self.b1)
-
-    def renamed(self, name: str, layer: int | None = None) -> "Condition":
-        c = self.with_threshold(self.threshold)
-        c.name, c.layer = name, self.layer if layer is None else int(layer)
-        return c
+    def with_threshold(self, threshold: float, **changes: Any) -> "Condition":
+        """A copy with another ``threshold`` (and any other fields in ``changes``, e.g. ``position``)."""
+        return dataclasses.replace(self, threshold=threshold, meta=dict(self.meta), **changes)
 
     # I/O (no pickle)
     def save(self, out_dir: str | Path) -> Path:

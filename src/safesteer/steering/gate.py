@@ -203,16 +203,6 @@ def row_weights(prompts: Prompts, m: np.ndarray, weighting: str = "groups") -> n
     return w
 
 
-def _balanced(y: np.ndarray, weight: np.ndarray | None) -> np.ndarray:
-    """Class-balanced sample weights (each class sums to n/2) times ``weight``."""
-    w = np.ones(len(y)) if weight is None else np.asarray(weight, dtype=np.float64).copy()
-    for c in (0, 1):
-        m = y == c
-        if m.any():
-            w[m] *= len(y) / (2.0 * w[m].sum())
-    return w
-
-
 def fit_mlp(H: np.ndarray, y: np.ndarray, hidden: int = 128, members: int = 5, alpha: float = 1.0, seed: int = 0,
             weight: np.ndarray | None = None, max_iter: int = 200) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
     """An average of ``members`` one-hidden-layer ReLU MLPs (scikit-learn, seeds ``seed…``), class-
@@ -233,7 +223,9 @@ def fit_mlp(H: np.ndarray, y: np.ndarray, hidden: int = 128, members: int = 5, a
     mu, sd = H.mean(0), H.std(0)
     sd[sd < 1e-12] = 1.0
     Z = (H - mu) / sd
-    sw = _balanced(y, weight)
+    from sklearn.utils.class_weight import compute_sample_weight
+
+    sw = compute_sample_weight("balanced", y) * (1.0 if weight is None else np.asarray(weight, dtype=np.float64))
     W1s, b1s, ws, bs = [], [], [], []
     for i in range(members):
         clf = MLPClassifier((hidden,), alpha=alpha, max_iter=max_iter, random_state=seed + i)
