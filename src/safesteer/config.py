@@ -143,6 +143,8 @@ class BehaviourSection:
     enabled: bool = True  # causal LMs only; a masked LM's run records that the stage was skipped
     strategies: list[str] = field(default_factory=lambda: ["refusal_caa", "refusal_dim", "probe_harm", "sae_harm+probe_harm"])
     alphas: list[float] = field(default_factory=lambda: [0.2, 0.3])  # × median residual norm; ≥ 0 adds refusal
+    steer_positions: str = "prompt"  # prompt: steer the prompt's positions, generate the answer unsteered on them | all
+    budget_groups: list[str] = field(default_factory=lambda: ["xstest_safe"])  # look-alike harmless sources of the val budget
     gate_layers: list[int] = field(default_factory=lambda: [12, 15])
     gate_position: str = "prompt"  # where the gate reads: prompt (user message + template tail) | prompt_end (the tail only)
     gate_hidden: int = 128  # ReLU units per MLP member of the gate (0 = a linear logistic probe)
@@ -242,6 +244,10 @@ class Config:
         if b.gate_hidden < 0 or b.gate_members < 1 or not b.gate_mlp_alpha > 0:
             raise SafesteerError("config behaviour.gate_hidden must be >= 0 (0 = linear), gate_members >= 1 and "
                                  f"gate_mlp_alpha > 0 (got {b.gate_hidden}, {b.gate_members}, {b.gate_mlp_alpha})")
+        if b.steer_positions not in ("all", "prompt"):
+            raise SafesteerError(f"config behaviour.steer_positions '{b.steer_positions}' unknown; valid choices: all, prompt")
+        if b.enabled and not b.budget_groups:
+            raise SafesteerError("config behaviour.budget_groups must name at least one harmless source (e.g. [\"xstest_safe\"])")
         if b.calib_folds < 0 or b.calib_folds == 1:
             raise SafesteerError(f"config behaviour.calib_folds must be 0 (val rows only) or >= 2 folds (got {b.calib_folds})")
         if any(not 0 <= f < 1 for f in b.fprs):

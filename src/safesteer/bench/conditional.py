@@ -2,7 +2,7 @@
 
 Times full forward passes (logits) over the same batch of chat prompts, interleaved: unsteered,
 unconditional steering, and conditional steering (gate read at ``--gate-layer`` of the same pass,
-steering at ``--layer``; an MLP gate of ``--gate-hidden`` ReLU units, default 384 = the default
+steering at ``--layer`` on ``--where`` positions; an MLP gate of ``--gate-hidden`` ReLU units, default 384 = the default
 gate's 3 members × 128, or ``0`` for a linear one), plus greedy generation with and without the conditional policy. Prints
 the median of each and the ratios (target: conditional ≤ 1.05× unsteered).
 """
@@ -33,7 +33,8 @@ def _time(fn, reps: int) -> list[float]:
 
 
 def run(model: str = "smollm2-135m", layer: int = 15, gate_layer: int = 15, batch: int = 16, reps: int = 7,
-        new_tokens: int = 8, tiny: bool = False, position: str = "prompt", gate_hidden: int = 384) -> dict:
+        new_tokens: int = 8, tiny: bool = False, position: str = "prompt", gate_hidden: int = 384,
+        where: str = "prompt") -> dict:
     from safesteer.models import load_backbone
     from safesteer.models.positions import chat_inputs
     from safesteer.steering.condition import Condition, conditional
@@ -51,7 +52,7 @@ def run(model: str = "smollm2-135m", layer: int = 15, gate_layer: int = 15, batc
     ci = chat_inputs(bb, prompts)
     ids, mask, _ = ci.batch(range(batch), bb.tokenizer.pad_token_id or 0, "left", bb.device)
     v = rng.standard_normal(bb.d_model).astype(np.float32)
-    iv = Intervention("bench", layer, v / np.linalg.norm(v), 5.0)
+    iv = Intervention("bench", layer, v / np.linalg.norm(v), 5.0, where=where)
     H = bb.pooled(prompts, [gate_layer], position=position)[gate_layer]
     if gate_hidden:
         W1 = rng.standard_normal((gate_hidden, bb.d_model)) / np.sqrt(bb.d_model)
@@ -98,7 +99,7 @@ def run(model: str = "smollm2-135m", layer: int = 15, gate_layer: int = 15, batc
     med = {k: statistics.median(v) for k, v in times.items()}
     paired = [c / u for c, u in zip(times["conditional"], times["unsteered"])]  # adjacent in time: robust to load drift
     return {"model": bb.name, "batch": batch, "layer": layer, "gate_layer": gate_layer, "position": position,
-            "gate": cond.kind, "gate_hidden": int(gate_hidden), "median_seconds": med,
+            "gate": cond.kind, "gate_hidden": int(gate_hidden), "where": where, "median_seconds": med,
             "min_seconds": {k: min(v) for k, v in times.items()},
             "ratio_conditional_vs_unsteered": statistics.median(paired),
             "ratio_of_medians": med["conditional"] / med["unsteered"],
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gate-layer", type=int, default=15)
     ap.add_argument("--position", default="prompt", choices=["prompt", "prompt_end", "last", "mean"])
     ap.add_argument("--gate-hidden", type=int, default=384, help="ReLU units of the MLP gate (0 = linear)")
+    ap.add_argument("--where", default="prompt", choices=["prompt", "all"], help="steered positions (default: the behaviour policy's)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--tiny", action="store_true", help="a tiny random model instead (smoke run)")
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     res = run(args.model, args.layer, args.gate_layer, args.batch, args.reps, tiny=args.tiny, position=args.position,
-              gate_hidden=args.gate_hidden)
+              gate_hidden=args.gate_hidden, where=args.where)
     m = res["median_seconds"]
     print(f"forward ({res['model']}, batch {res['batch']}, {res['gate']} gate L{res['gate_layer']} {res['position']} → steer L{res['layer']}): "
           f"unsteered {m['unsteered'] * 1e3:.1f} ms, unconditional {m['unconditional'] * 1e3:.1f} ms, "

@@ -198,7 +198,9 @@ def answer_nll(backbone: Any, prompts: Sequence[str], answers: Sequence[str], ba
     for s in range(0, len(keep), batch_size):
         rows = list(range(s, min(s + batch_size, len(keep))))
         ids, mask, spans = ci.batch(rows, pad, "right", backbone.device)
-        logp = torch.log_softmax(backbone.logits(ids, mask).double(), dim=-1)
+        with backbone.answer_starts(spans["answer"][:, 0]):  # prompt-only steering stops at the answer
+            logits = backbone.logits(ids, mask)
+        logp = torch.log_softmax(logits.double(), dim=-1)
         for r, row in enumerate(rows):
             a0, a1 = spans["answer"][r].tolist()
             if a1 <= a0:

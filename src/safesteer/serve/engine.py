@@ -139,6 +139,8 @@ class CompiledPolicy:
     """Steer when the condition probe's logit exceeds this (else: when P > ``threshold``)."""
     position: str = "mean"
     """Where the condition probe reads (``mean`` of the raw text, ``prompt_end`` of the chat prompt …)."""
+    where: str = "all"
+    """Which positions are steered: ``all``, or the ``prompt``'s only (the answer tokens run unsteered)."""
 
     def gate(self) -> Any:
         """The condition as a :class:`safesteer.steering.condition.Condition` (logit threshold)."""
@@ -268,7 +270,8 @@ class Engine:
                 score_threshold = float(policy.condition.score_threshold)
             else:
                 threshold = float(policy.condition.threshold)
-        return CompiledPolicy(layer, vector, tuple(clamps), cond, threshold, float(lo), float(hi), score_threshold, position)
+        return CompiledPolicy(layer, vector, tuple(clamps), cond, threshold, float(lo), float(hi), score_threshold, position,
+                              policy.positions)
 
     def _direction(self, name: str):
         if name not in self.directions:
@@ -325,13 +328,14 @@ class Engine:
             yield
             return
         if rows is None or rows.all():
-            with self.backbone.steer(cp.layer, edit=cp.edit(alpha or 0.0)):
+            with self.backbone.steer(cp.layer, edit=cp.edit(alpha or 0.0), where=cp.where):
                 yield
             return
         from safesteer.steering.condition import conditional
         from safesteer.steering.strategies import Intervention
 
-        with conditional(self.backbone, cp.gate(), Intervention("policy", layer=cp.layer, edit=cp.edit(alpha or 0.0)), flags=rows):
+        with conditional(self.backbone, cp.gate(), Intervention("policy", layer=cp.layer, edit=cp.edit(alpha or 0.0), where=cp.where),
+                         flags=rows):
             yield
 
     def _run_chunks(self, texts: Sequence[str], plan: Plan, fn: Callable[..., None],

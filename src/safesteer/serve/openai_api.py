@@ -214,7 +214,7 @@ def mount_openai(app: Any, engine: Engine, store: PolicyStore, worker: ModelWork
                 kw["top_p"] = float(req.top_p)
             torch.manual_seed(int(req.seed or 0))
         tok = backbone.tokenizer
-        ctx = backbone.steer(cp.layer, edit=cp.edit(plan.alpha or 0.0)) if steer else _null()
+        ctx = backbone.steer(cp.layer, edit=cp.edit(plan.alpha or 0.0), where=cp.where) if steer else _null()
         with ctx, torch.inference_mode():
             out = backbone.model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=max_new,
                                           pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,

@@ -104,6 +104,8 @@ class PolicyBody(BaseModel):
     alpha_max: Optional[float] = Field(None, allow_inf_nan=False, description="Highest alpha a request may ask for (default: +server limit).")
     clamps: list[Clamp] = Field(default_factory=list, max_length=MAX_CLAMPS, description="SAE atom clamps (need a server SAE).")
     condition: Optional[Condition] = None
+    positions: Literal["all", "prompt"] = Field("all", description="Steer every position, or the prompt's only "
+                                                "(the answer tokens are then generated unsteered, on the steered context).")
 
     @field_validator("directions")
     @classmethod

@@ -41,6 +41,7 @@ from torch import nn
 
 from safesteer.errors import SafesteerError
 from safesteer.io import atomic_path, read_json, write_json
+from safesteer.models.backbone import PromptOnly, is_new_input
 from safesteer.models.positions import last_index, prompt_end_length, prompt_starts, span_mask, user_header
 from safesteer.steering.strategies import Intervention
 
@@ -202,16 +203,6 @@ def _owner(backbone: Any) -> nn.Module:
     return base if isinstance(base, nn.Module) else backbone.model
 
 
-def _is_new_input(kwargs: dict) -> bool:
-    pkv = next((kwargs[k] for k in ("past_key_values", "cache", "past_key_value") if kwargs.get(k) is not None), None)
-    if pkv is None:
-        return True
-    try:
-        return int(pkv.get_seq_length()) == 0
-    except AttributeError:  # legacy tuple caches
-        return len(pkv) == 0 or pkv[0] is None
-
-
 def _hidden(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -274,7 +265,7 @@ def conditional(backbone: Any, condition: Condition, intervention: Intervention,
     def pre(_module, args, kwargs):
         if inner["on"]:
             return None
-        if not _is_new_input(kwargs):
+        if not is_new_input(kwargs):
             return None
         ids = kwargs.get("input_ids", args[0] if args else None)
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
@@ -309,8 +300,9 @@ def conditional(backbone: Any, condition: Condition, intervention: Intervention,
         g = state.current.to(h.device).reshape(-1, *([1] * (h.ndim - 1)))
         if g.shape[0] != h.shape[0]:
             raise SafesteerError(f"gate decided {g.shape[0]} rows but the pass has {h.shape[0]}")
-        return _replace(output, torch.where(g, edit(h), h))
+        return _replace(output, only.select(torch.where(g, edit(h), h), h))
 
+    only = PromptOnly(backbone, intervention.where)
     handles = [_owner(backbone).register_forward_pre_hook(pre, with_kwargs=True)]
     if fixed is None and c <= L:
         handles.append(backbone.layers[c].register_forward_hook(gate_hook, prepend=True))
@@ -318,7 +310,8 @@ def conditional(backbone: Any, condition: Condition, intervention: Intervention,
     backbone._steer_depth += 1
     backbone._steer_layers.append(L)
     try:
-        yield state
+        with only:
+            yield state
     finally:
         for hd in handles:
             hd.remove()

@@ -115,6 +115,7 @@ _HOW_PASSIVE = re.compile(r"^how (is|are|was|were) (.+) (\w+ed|made|built|done|g
                           re.IGNORECASE)
 _HOW_TO = re.compile(r"\bhow to (.+?)[.!?]*$", re.IGNORECASE)
 _TO_QUESTION = ("Can you {t}?", "Could you help me {t}?", "Would you {t}?")
+_MAKE = re.compile(r"^(?:make|build|create|produce|synthesi[sz]e|manufacture|brew|cook) (?:up )?(.+)$", re.IGNORECASE)
 _QUESTION_WORDS = frozenset("who what when where why how which whose whom is are was were can could do does did will "
                             "would should shall may might has have".split())
 
@@ -124,7 +125,8 @@ def reframe(text: str) -> str:
     question (templates chosen by hash). Counterfactual augmentation: the gate must not learn
     "imperative ⇒ harmful" from AdvBench-style instructions vs QA-style questions. "How do I X?"
     and "How is X made?" become "Explain how to X." / "Explain how X is made.", and an instruction
-    with "how to X" becomes "How do I X?" (the same request, not only a wrapped one); other
+    with "how to X" becomes "How do I X?" (with "how to make X", mostly "How is X made?": the same
+    request, not only a wrapped one); other
     questions are wrapped ("Tell me: …"), other instructions asked ("Can you …?")."""
     t = " ".join(text.split())
     k = int.from_bytes(hashlib.sha256(f"safesteer-frame|{t}".encode()).digest()[:2], "big") % 3
@@ -137,6 +139,9 @@ def reframe(text: str) -> str:
     if not t.endswith("?"):
         m = _HOW_TO.search(t)
         if m and m.group(1).strip():
+            made = _MAKE.match(m.group(1).strip())
+            if made and k != 2:  # "…how to make X." → "How is X made?" (the passive question of the same request)
+                return f"How is {made.group(1)} made?"
             return _HOW_QUESTION[k].format(t=m.group(1).strip())
     if t.endswith("?") or t.split(" ", 1)[0].lower() in _QUESTION_WORDS:
         return _TO_IMPERATIVE[k].format(t=t if t.endswith("?") else t + "?")

@@ -41,7 +41,8 @@ def study_config(section: Any, model: str, layer: int, seed: int, data_dir: Path
             **{s: section.cap_shipped for s in ("contrast_safe", "contrast_unsafe", "tasks")}}
     return StudyConfig(model=model, layer=layer, gate_layers=tuple(section.gate_layers), gate_position=section.gate_position,
                        gate_hidden=section.gate_hidden, gate_members=section.gate_members, gate_mlp_alpha=section.gate_mlp_alpha,
-                       alphas=tuple(section.alphas),
+                       alphas=tuple(section.alphas), steer_positions=section.steer_positions,
+                       budget_groups=tuple(section.budget_groups),
                        fprs=tuple(section.fprs), strategies=tuple(section.strategies), caps=caps, augment=section.augment, sweep_unconditional=section.sweep_unconditional, calib_folds=section.calib_folds,
                        n_val_harmful=section.n_val_harmful, n_test_harmful=section.n_test_harmful, n_qa=section.n_qa,
                        n_caa_prompts=section.n_caa_prompts, n_verify=section.n_verify, max_new_tokens=section.max_new_tokens,

@@ -340,8 +340,12 @@ class Intervention:
     """
 
     def __init__(self, name: str = "unsteered", layer: int | None = None, vector: np.ndarray | None = None,
-                 alpha: float = 0.0, edit: Any = None):
+                 alpha: float = 0.0, edit: Any = None, where: str = "all"):
+        from safesteer.models.backbone import check_where
+
         self.name = name
+        self.where = check_where(where)
+        """Which positions are steered: ``all``, or ``prompt`` (the prompt's; answer tokens run unsteered)."""
         self.layer = layer
         self.vector = None if vector is None else np.asarray(vector, dtype=np.float32)
         self.alpha = float(alpha)
@@ -355,12 +359,12 @@ class Intervention:
 
     @classmethod
     def from_direction(cls, d: Direction, alpha: float, scale: float = 1.0, layer: int | None = None,
-                       member: int = 0) -> "Intervention":
+                       member: int = 0, where: str = "all") -> "Intervention":
         """Steer away from ``d`` (its ``member``-th vector) by ``alpha * scale`` (raw units) at ``layer``
-        (default: the direction's)."""
+        (default: the direction's), at the positions ``where`` names."""
         vec = steering_vector(d.vectors[member])
         name = d.name if member == 0 else f"{d.name}#{member}"
-        return cls(name, d.layer if layer is None else layer, vec, float(alpha) * float(scale))
+        return cls(name, d.layer if layer is None else layer, vec, float(alpha) * float(scale), where=where)
 
     @classmethod
     def ensemble(cls, d: Direction, alpha: float, scale: float = 1.0, layer: int | None = None) -> list["Intervention"]:
@@ -378,9 +382,9 @@ class Intervention:
         if self.is_identity:
             return contextlib.nullcontext()
         if self.edit is not None:
-            return backbone.steer(self.layer, edit=self.edit)
-        return backbone.steer(self.layer, self.vector, alpha=self.alpha)
+            return backbone.steer(self.layer, edit=self.edit, where=self.where)
+        return backbone.steer(self.layer, self.vector, alpha=self.alpha, where=self.where)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "layer": self.layer, "alpha_raw": self.alpha,
+        return {"name": self.name, "layer": self.layer, "alpha_raw": self.alpha, "where": self.where,
                 "kind": "none" if self.is_identity else ("edit" if self.edit is not None else "vector")}

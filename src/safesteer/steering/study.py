@@ -37,6 +37,12 @@ class StudyConfig:
     """ReLU units per MLP member of the gate (:func:`~safesteer.steering.gate.fit_mlp`); 0: a linear probe."""
     gate_members: int = 3
     gate_mlp_alpha: float = 1.0
+    steer_positions: str = "prompt"
+    """Where the policies steer: ``prompt`` (the prompt's positions; the answer is generated unsteered on
+    the steered context) or ``all`` (every position, also each generated token)."""
+    budget_groups: tuple[str, ...] = ("xstest_safe",)
+    """The look-alike harmless sources whose validation (+ cross-fitted train) rows judge the over-refusal
+    and fluency budget: the same population as the test figures they stand for."""
     alphas: tuple[float, ...] = (0.2, 0.3)
     fprs: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05)
     strategies: tuple[str, ...] = ("refusal_caa", "refusal_dim")
@@ -180,20 +186,24 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra
     _say(f"directions {dirs.names()}, median residual norm at layer {L} = {scale:.1f}")
 
     def iv(name: str, alpha: float) -> Intervention:
-        return Intervention.from_direction(dirs[name], alpha, scale)
+        return Intervention.from_direction(dirs[name], alpha, scale, where=cfg.steer_positions)
 
     # 4. validation sweep ------------------------------------------------------------------------
     t = time.perf_counter()
     vh = _per_group(P, "val", 1, cfg.n_val_harmful)
-    # the over-refusal budget is checked on every look-alike harmless val prompt: XSTest safe and
-    # the contrast set's benign twins (a larger sample than XSTest's val rows alone)
-    # …and XSTest's train rows with cross-fitted scores (cross_fit_scores: each scored by a gate that
-    # did not see it), so the threshold and the budget are judged on 134 XSTest-safe prompts, not 34
+    # the over-refusal and fluency budget is checked on the look-alike harmless prompts of
+    # cfg.budget_groups (XSTest safe: the population of the test figures; the contrast set's benign
+    # twins would dilute it with easier prompts and make validation promise less than test shows):
+    # their val rows and their train rows with cross-fitted scores (cross_fit_scores: each scored by a
+    # gate that did not see it), so the threshold and the budget are judged on 134 prompts, not 34
     scores_all = gate.score(H[gl])
     cal_scores = cross_fit_scores(gate, H[gl], P, cfg.calib_folds, cfg.seed)
     cal = P.mask("val") | (P.mask("train") & ~P.aug & np.isfinite(cal_scores))
-    vs = list(np.flatnonzero(cal & P.mask(group="xstest_safe"))) + list(np.flatnonzero(P.mask("val", "contrast_safe")))
-    vq = _per_group(P, "val", 0, cfg.n_qa + len(vs))
+    vs = [int(i) for g in cfg.budget_groups for i in np.flatnonzero(cal & P.mask(group=g))]
+    if not vs:
+        raise SafesteerError(f"no validation prompts of the budget groups {list(cfg.budget_groups)}; "
+                             f"pick groups the gate data has ({', '.join(dict.fromkeys(P.group))})")
+    vq = _per_group(P, "val", 0, int(P.mask("val", harmful=0).sum()))  # every val harmless row, round-robin over sources
     vq = [i for i in vq if P.group[i] not in ("xstest_safe", "contrast_safe")][: cfg.n_qa]
     sets = {"harmful": vh, "safe": vs, "qa": vq}
     texts = {k: [P.text[i] for i in v] for k, v in sets.items()}
@@ -328,7 +338,7 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra
                                                 "held_out": report, "lodo": lodo_res,
                                                 "lodo_min_auroc": float(min(v["auroc"] for v in lodo_res.values())),
                                                 "pairs_same_side": pairs.same_side, "calibration": {"folds": cfg.calib_folds, "n_harmless": int(neg_val.sum()),
-                                                                     "n_safe_budget": len(vs)}, "pairs_correct": pairs.correct,
+                                                                     "n_safe_budget": len(vs), "budget_groups": list(cfg.budget_groups)}, "pairs_correct": pairs.correct,
                                                 "pairs_at_policy_threshold": at_policy,
                                                 "pairs": pairs.pairs},
                "directions": {"scale_median_norm": scale, "names": dirs.names()},
