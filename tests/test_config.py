@@ -28,6 +28,8 @@ def test_defaults_round_trip(tmp_path):
         ("[bogus]\nx = 1\n", "unknown config key 'bogus'"),
         ("[model]\nlayer = -2\n", "model.layer must be positive"),
         ("not toml = = 1", "not valid TOML"),
+        ("[behaviour]\nsteer_positions = 'answer'\n", "behaviour.steer_positions 'answer' unknown; valid choices: all, prompt"),
+        ("[behaviour]\nbudget_groups = []\n", "behaviour.budget_groups must name at least one"),
     ],
 )
 def test_bad_configs_rejected(tmp_path, text, match):

@@ -105,3 +105,31 @@ def test_degenerate_and_agreement():
     assert agreement([1, 0], [0.0, 1.0])["corr_refusal_pno"] == pytest.approx(1.0)
     with pytest.raises(SafesteerError, match="one refusal flag and one P"):
         agreement([1], [0.5, 0.5])
+
+
+def test_answer_nll_under_prompt_only_steering_equals_generating_the_answer(tiny_llama, one_thread):
+    """Scoring an answer under where='prompt' sees what generating it saw: the prompt's positions
+    steered, the answer's not (a manual single-row pass with the steering masked to the prompt)."""
+    from safesteer.steering.strategies import Intervention
+
+    bb = tiny_llama
+    answers = [" yes it is", " no", "", " the dog"]
+    v = torch.randn(bb.d_model, generator=torch.Generator().manual_seed(1)).numpy()
+    iv = Intervention("v", 1, v / np.linalg.norm(v), 20.0, where="prompt")
+    with iv.apply(bb):
+        got = answer_nll(bb, PROMPTS, answers, batch_size=2)
+    with Intervention("v", 1, v / np.linalg.norm(v), 20.0).apply(bb):
+        every = answer_nll(bb, PROMPTS, answers, batch_size=2)
+    base = answer_nll(bb, PROMPTS, answers, batch_size=2)
+    tok = bb.tokenizer
+    for i in (0, 1, 3):
+        chat = bb.chat_prompt(PROMPTS[i])
+        n = len(tok(chat, add_special_tokens=False)["input_ids"])
+        ids = tok(chat + answers[i], add_special_tokens=False)["input_ids"]
+        with torch.inference_mode(), bb.steer(1, iv.vector, alpha=iv.alpha, positions=slice(0, n)):
+            lp = torch.log_softmax(bb.model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+        want = -np.mean([float(lp[t - 1, ids[t]]) for t in range(n, len(ids))])
+        assert got[i] == pytest.approx(want, rel=1e-5)
+        assert abs(got[i] - base[i]) > 1e-6  # the prompt is steered …
+        if len(ids) - n > 1:  # … and the answer's own positions are not (a one-token answer only sees the prompt)
+            assert abs(got[i] - every[i]) > 1e-3

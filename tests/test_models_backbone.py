@@ -277,3 +277,51 @@ def test_pooled_passes_every_option_through(tiny_llama):
     assert not np.array_equal(got[1], pooled_vectors(tiny_llama, texts, [1], 32, 40, "answer", answers, None)[1])
     long = [" ".join(["the dog is good"] * 10)]
     assert not np.array_equal(tiny_llama.pooled(long, [1], max_length=6)[1], tiny_llama.pooled(long, [1])[1])
+
+
+def _greedy(bb, ids, mask, n=6):
+    out = bb.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                            pad_token_id=bb.tokenizer.pad_token_id)
+    return out[:, ids.shape[1]:]
+
+
+def test_prompt_only_steering_steers_the_prompt_and_generates_the_answer_unsteered(tiny_llama):
+    bb = tiny_llama
+    enc = bb.tokenize(TEXTS, padding_side="left", add_special_tokens=False)
+    ids, mask = enc.input_ids, enc.attention_mask
+    v = torch.randn(bb.d_model, generator=torch.Generator().manual_seed(5))
+    base = _greedy(bb, ids, mask)
+    with bb.steer(1, v, alpha=6.0):
+        full = _greedy(bb, ids, mask)
+    with bb.steer(1, v, alpha=6.0, where="prompt"):
+        got = _greedy(bb, ids, mask)
+    assert not torch.equal(got, base) and not torch.equal(got, full)
+    assert torch.equal(got[:, 0], full[:, 0])  # the first answer token comes from the (steered) prompt
+    # reference: one teacher-forced pass over prompt + answer with the steering masked to the prompt's
+    # positions (the independently tested positions= mechanism): its greedy choices are the answer
+    seq = torch.cat([ids, got], 1)
+    att = torch.cat([mask, torch.ones_like(got)], 1)
+    prompt_pos = torch.arange(seq.shape[1]).unsqueeze(0).expand(seq.shape[0], -1) < ids.shape[1]
+    with bb.steer(1, v, alpha=6.0, positions=prompt_pos):
+        ref = bb.logits(seq, att)
+    assert torch.equal(ref[:, ids.shape[1] - 1:-1].argmax(-1), got)
+    # teacher forcing under where="prompt" needs the answer starts; then it equals the masked pass
+    with bb.steer(1, v, alpha=6.0, where="prompt"), bb.answer_starts([ids.shape[1]] * seq.shape[0]):
+        tf = bb.logits(seq, att)
+    torch.testing.assert_close(tf, ref, atol=0, rtol=0)
+    with bb.steer(1, v, alpha=6.0):
+        every = bb.logits(seq, att)
+    with bb.steer(1, v, alpha=6.0, where="prompt"):  # without them every position of a new input is prompt
+        torch.testing.assert_close(bb.logits(seq, att), every, atol=0, rtol=0)
+    assert bb._answer_starts is None and foreign_hooks(bb.layers) == 0
+    assert not bb.model.model._forward_pre_hooks
+    with pytest.raises(SafesteerError, match="valid choices: all, prompt"):
+        with bb.steer(1, v, where="answer"):
+            pass
+    with pytest.raises(SafesteerError, match="not both"):
+        with bb.steer(1, v, where="prompt", positions=[0]):
+            pass
+    with pytest.raises(SafesteerError, match="answer starts for a pass"):
+        with bb.steer(1, v, where="prompt"), bb.answer_starts([3]):
+            bb.logits(seq, att)
+

@@ -43,6 +43,7 @@ def test_policy_files_round_trip(behaviour_run, run_folder):
     p = store.get("recommended").policy
     assert store.names() == ["recommended"] and p.directions == [c["strategy"]] and p.layer == cfg.model.layer
     assert p.alpha == pytest.approx(c["alpha"] * summary["directions"]["scale_median_norm"], rel=1e-12)
+    assert p.positions == cfg.behaviour.steer_positions == "prompt"  # the study's steered positions travel with it
     assert p.condition.probe == GATE_PROBE and p.condition.score_threshold == c["threshold"] and p.condition.position == cfg.behaviour.gate_position == "prompt"
     gate, study_gate = Condition.load(pol / "gate"), Condition.load(out / "gate")
     np.testing.assert_array_equal(gate.w, study_gate.w)

@@ -16,7 +16,8 @@ from safesteer.serve.policies import PolicyBody, valid_name
 def test_policy_validation():
     p = Policy(name="kid-safe.v2", directions=["probe_harm"], alpha=4.0, alpha_min=0, alpha_max=8,
                condition={"probe": "harm", "threshold": 0.7}, clamps=[{"atoms": [3, 1, 3], "lam": 2}])
-    assert p.clamps[0].atoms == [3, 1] and p.condition.threshold == 0.7
+    assert p.clamps[0].atoms == [3, 1] and p.condition.threshold == 0.7 and p.positions == "all"
+    assert Policy(name="x", directions=["a"], positions="prompt").positions == "prompt"
     bad = [
         dict(name="x"),  # neither directions nor clamps
         dict(name="x", directions=["a"], alpha=9, alpha_max=8),
@@ -31,6 +32,7 @@ def test_policy_validation():
         dict(name="x", clamps=[{"atoms": []}]),
         dict(name="x", clamps=[{"atoms": [1], "mode": "melt"}]),
         dict(name="x", directions=["a"], typo=1),
+        dict(name="x", directions=["a"], positions="answer"),
         dict(name="../etc", directions=["a"]),
         dict(name="", directions=["a"]),
         dict(name="a" * 65, directions=["a"]),

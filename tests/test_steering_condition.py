@@ -190,3 +190,34 @@ def test_mlp_condition_roundtrip_and_shape_errors(tmp_path):
         Condition(rng.normal(size=4), 0.0, 1, W1=W1, b1=b1)
     with pytest.raises(SafesteerError, match="rows × 5 activations"):
         c.score(rng.normal(size=(2, 3)))
+
+
+def test_prompt_only_conditional_steers_flagged_prompts_and_leaves_answers_unsteered(tiny_llama, one_thread):
+    bb = tiny_llama
+    v = torch.randn(bb.d_model, generator=torch.Generator().manual_seed(0)).numpy()
+    iv = Intervention("v", 1, v / np.linalg.norm(v), 8.0, where="prompt")
+    cond = _gate(bb, 1, [0, 3])
+    base = _ids(bb, PROMPTS)
+    with iv.apply(bb):
+        prompt_only = _ids(bb, PROMPTS)
+    with Intervention("v", 1, v / np.linalg.norm(v), 8.0).apply(bb):
+        every = _ids(bb, PROMPTS)
+    with conditional(bb, cond, iv) as st:
+        got = _ids(bb, PROMPTS)
+    assert st.flags.tolist() == [True, False, False, True]
+    assert torch.equal(got[[1, 2]], base[[1, 2]])  # unflagged: bit-identical
+    assert torch.equal(got[[0, 3]], prompt_only[[0, 3]])  # flagged: the same as prompt-only steering alone
+    assert not torch.equal(prompt_only[[0, 3]], every[[0, 3]])  # (which differs from steering every token)
+    # teacher-forced answer scoring with fixed flags: flagged rows equal prompt-only steering with the answer starts
+    enc = bb.tokenize(PROMPTS, padding_side="left", add_special_tokens=False)
+    seq = torch.cat([enc.input_ids, base], 1)
+    att = torch.cat([enc.attention_mask, torch.ones_like(base)], 1)
+    starts = [enc.input_ids.shape[1]] * len(PROMPTS)
+    l0 = bb.logits(seq, att)
+    with iv.apply(bb), bb.answer_starts(starts):
+        l_po = bb.logits(seq, att)
+    with conditional(bb, cond, iv, flags=[True, False, False, True]), bb.answer_starts(starts):
+        l_c = bb.logits(seq, att)
+    assert torch.equal(l_c[[1, 2]], l0[[1, 2]]) and torch.equal(l_c[[0, 3]], l_po[[0, 3]])
+    assert not torch.equal(l_po[0, starts[0]:], l0[0, starts[0]:])
+    assert foreign_hooks(bb.layers) == 0 and not bb.model.model._forward_pre_hooks

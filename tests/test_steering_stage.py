@@ -87,3 +87,18 @@ def test_pairs_are_also_judged_at_the_recommended_policys_threshold(behaviour_ru
         side = [(p["score_imperative"] > t) == (p["score_question"] > t) for p in g["pairs"]]
         right = [(p["score_imperative"] > t) == (p["score_question"] > t) == bool(p["harmful"]) for p in g["pairs"]]
         assert at["threshold"] == t and at["same_side"] == pytest.approx(np.mean(side)) and at["correct"] == pytest.approx(np.mean(right))
+
+
+def test_the_budget_is_judged_on_the_test_figures_population(behaviour_run):
+    """Over-refusal and fluency are checked on validation on the budget groups only (XSTest safe: the
+    population of the test figures), its val rows plus its cross-fitted train rows."""
+    from safesteer.io import read_json
+
+    out, _, _, cfg = behaviour_run
+    s = read_json(out / "summary.json")
+    cal = s["gate"]["calibration"]
+    assert cal["budget_groups"] == cfg.behaviour.budget_groups == ["xstest_safe"]
+    rows = pd.read_csv(out / "gate_scores.csv")
+    want = rows[(rows["group"] == "xstest_safe") & ~rows["aug"] & rows["split"].isin(["val", "train"])]
+    assert cal["n_safe_budget"] == len(want) > 0
+    assert s["config"]["steer_positions"] == cfg.behaviour.steer_positions == "prompt"

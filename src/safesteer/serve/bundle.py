@@ -66,11 +66,12 @@ def write_bundle(summary: dict[str, Any] | None, study_dir: str | Path, out_dir:
     keep.save(out / DIRECTIONS_DIR)
     raw = float(c["alpha"]) * scale
     test = {k: res[k] for k in ("harmful_refusal", "safe_refusal", "p_yes", "harmless_fluency") if k in res}
-    policy = {"description": (f"{c['strategy']} at layer {layer}, alpha {c['alpha']} x median norm, only when the harm gate "
+    where = str(summary["config"].get("steer_positions", "all"))
+    policy = {"description": (f"{c['strategy']} at layer {layer} ({where} positions), alpha {c['alpha']} x median norm, only when the harm gate "
                               f"(layer {gate.layer}, {gate.position}) fires; calibrated on validation to {100 * c['fpr']:g}% gate FPR"),
               "directions": [c["strategy"]], "layer": layer, "alpha": raw, "alpha_min": 0.0, "alpha_max": raw,
               "condition": {"probe": GATE_PROBE, "score_threshold": float(c["threshold"]), "position": gate.position},
-              "positions": str(summary["config"].get("steer_positions", "all"))}
+              "positions": where}
     write_json(out / f"{POLICY_NAME}.json", {
         "format": "safesteer-policy", "name": POLICY_NAME, "version": 1, "updated_at": 0.0, "policy": policy,
         "provenance": {"model": model, "strategy": c["strategy"], "alpha_norm": float(c["alpha"]), "scale_median_norm": scale,

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -208,17 +209,47 @@ def row_weights(prompts: Prompts, m: np.ndarray, weighting: str = "groups") -> n
     return w
 
 
-def fit_mlp(H: np.ndarray, y: np.ndarray, hidden: int = 128, members: int = 5, alpha: float = 1.0, seed: int = 0,
-            weight: np.ndarray | None = None, max_iter: int = 200) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
-    """An average of ``members`` one-hidden-layer ReLU MLPs (scikit-learn, seeds ``seed…``), class-
-    balanced, on standardised ``H``; returned in raw space as ``(w, b, W1, b1)`` of
-    ``score(h) = w·relu(W1 h + b1) + b`` — the mean of the members' logits, their hidden units side
-    by side, the standardisation folded into ``W1`` / ``b1``."""
+def _single_threaded(fn: Callable[..., Any], *args: Any) -> Any:
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        return fn(*args)
+
+
+def parallel_map(fn: Callable[..., Any], calls: Sequence[tuple], jobs: int | None = None) -> list[Any]:
+    """``[fn(*args) for args in calls]`` in up to ``jobs`` worker processes (default: the CPU count),
+    every call with single-threaded BLAS, so the results are the same bits whatever the number of
+    cores or workers. The gate's fits (MLP members, cross-fitting folds, LODO datasets) are small
+    and many: processes use the cores far better than BLAS threads do on them."""
+    n = max(1, min(len(calls), jobs or os.cpu_count() or 1))
+    if n == 1:
+        return [_single_threaded(fn, *args) for args in calls]
+    from joblib import Parallel, delayed
+
+    return list(Parallel(n_jobs=n)(delayed(_single_threaded)(fn, *args) for args in calls))
+
+
+def _fit_member(Z: np.ndarray, y: np.ndarray, sw: np.ndarray, hidden: int, alpha: float, max_iter: int, seed: int):
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier
 
+    clf = MLPClassifier((hidden,), alpha=alpha, max_iter=max_iter, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.fit(Z, y, sample_weight=sw)
+    return clf.coefs_, clf.intercepts_
+
+
+def fit_mlp(H: np.ndarray, y: np.ndarray, hidden: int = 128, members: int = 5, alpha: float = 1.0, seed: int = 0,
+            weight: np.ndarray | None = None, max_iter: int = 200, jobs: int | None = None
+            ) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+    """An average of ``members`` one-hidden-layer ReLU MLPs (scikit-learn, seeds ``seed…``), class-
+    balanced, on standardised ``H``; returned in raw space as ``(w, b, W1, b1)`` of
+    ``score(h) = w·relu(W1 h + b1) + b`` — the mean of the members' logits, their hidden units side
+    by side, the standardisation folded into ``W1`` / ``b1``. The members train in parallel
+    (:func:`parallel_map`, ``jobs`` processes; 1 = in this process)."""
     if hidden < 1 or members < 1:
         raise SafesteerError(f"an MLP gate needs hidden >= 1 and members >= 1, got {hidden} and {members}")
     H = np.asarray(H, dtype=np.float64)
@@ -232,24 +263,23 @@ def fit_mlp(H: np.ndarray, y: np.ndarray, hidden: int = 128, members: int = 5, a
 
     sw = compute_sample_weight("balanced", y) * (1.0 if weight is None else np.asarray(weight, dtype=np.float64))
     W1s, b1s, ws, bs = [], [], [], []
-    for i in range(members):
-        clf = MLPClassifier((hidden,), alpha=alpha, max_iter=max_iter, random_state=seed + i)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            clf.fit(Z, y, sample_weight=sw)
-        A, a = clf.coefs_[0] / sd[:, None], clf.intercepts_[0]  # (d × k), (k,) in raw space
+    fitted = parallel_map(_fit_member, [(Z, y, sw, hidden, alpha, max_iter, seed + i) for i in range(members)], jobs)
+    for coefs, intercepts in fitted:
+        A, a = coefs[0] / sd[:, None], intercepts[0]  # (d × k), (k,) in raw space
         W1s.append(A.T)
         b1s.append(a - mu @ A)
-        ws.append(clf.coefs_[1][:, 0] / members)
-        bs.append(float(clf.intercepts_[1][0]) / members)
+        ws.append(coefs[1][:, 0] / members)
+        bs.append(float(intercepts[1][0]) / members)
     return np.concatenate(ws), float(sum(bs)), np.concatenate(W1s), np.concatenate(b1s)
 
 
-def _fit(H: np.ndarray, y: np.ndarray, weight: np.ndarray | None, meta: Mapping[str, Any], seed: int) -> Condition:
+def _fit(H: np.ndarray, y: np.ndarray, weight: np.ndarray | None, meta: Mapping[str, Any], seed: int,
+         jobs: int | None = None) -> Condition:
     """A gate of the kind ``meta`` records (``hidden`` 0: logistic with ``C``; else an MLP), threshold 0."""
     hidden = int(meta.get("hidden", 0) or 0)
     if hidden:
-        w, b, W1, b1 = fit_mlp(H, y, hidden, int(meta.get("members", 5)), float(meta.get("mlp_alpha", 1.0)), seed, weight)
+        w, b, W1, b1 = fit_mlp(H, y, hidden, int(meta.get("members", 5)), float(meta.get("mlp_alpha", 1.0)), seed, weight,
+                               jobs=jobs)
         return Condition(w, b, 0, "prompt_end", 0.0, W1=W1, b1=b1)
     from safesteer.probes.logistic import train_probe
 
@@ -286,7 +316,8 @@ def train_gate(H: np.ndarray, prompts: Prompts, layer: int, position: str = "pro
     return cond
 
 
-def cross_fit_scores(cond: Condition, H: np.ndarray, prompts: Prompts, folds: int = 5, seed: int = 0) -> np.ndarray:
+def cross_fit_scores(cond: Condition, H: np.ndarray, prompts: Prompts, folds: int = 5, seed: int = 0,
+                     jobs: int | None = None) -> np.ndarray:
     """Gate scores usable for calibration on *every* non-augmented train and val row: val (and
     test) rows scored by ``cond`` itself; each original train row by a gate fitted on the other
     ``folds − 1`` hash folds of the train originals (same kind, C or MLP settings, weighting,
@@ -300,12 +331,19 @@ def cross_fit_scores(cond: Condition, H: np.ndarray, prompts: Prompts, folds: in
     fold = np.array([int.from_bytes(hashlib.sha256(f"safesteer-fold|{t}".encode()).digest()[:4], "big") % folds
                      for t in prompts.text])
     weighting = str(cond.meta.get("weighting", "balanced"))
-    for f in range(folds):
-        fit, held = orig & (fold != f), orig & (fold == f)
-        if not held.any():
-            continue
-        out[held] = _fit(H[fit], prompts.harmful[fit], row_weights(prompts, fit, weighting), cond.meta, seed).score(H[held])
+    folds_held = [(orig & (fold != f), orig & (fold == f)) for f in range(folds)]
+    folds_held = [(fit, held) for fit, held in folds_held if held.any()]
+    scored = parallel_map(_fit_score, [(H[fit], prompts.harmful[fit], row_weights(prompts, fit, weighting), cond.meta, seed, H[held])
+                                       for fit, held in folds_held], jobs)
+    for (_, held), s in zip(folds_held, scored):
+        out[held] = s
     return out
+
+
+def _fit_score(H: np.ndarray, y: np.ndarray, weight: np.ndarray | None, meta: Mapping[str, Any], seed: int,
+               X: np.ndarray) -> np.ndarray:
+    """Scores of ``X`` by a gate fitted on ``H`` (one worker's job: its MLP members in this process)."""
+    return _fit(H, y, weight, meta, seed, jobs=1).score(X)
 
 
 def auroc(scores: np.ndarray, y: np.ndarray) -> float:
@@ -332,7 +370,8 @@ def gate_report(cond: Condition, H: np.ndarray, prompts: Prompts) -> dict[str, A
 
 
 def lodo(H: np.ndarray, prompts: Prompts, C: float = 0.01, seed: int = 0,
-         weighting: str = "balanced", model: Mapping[str, Any] | None = None) -> dict[str, dict[str, float]]:
+         weighting: str = "balanced", model: Mapping[str, Any] | None = None,
+         jobs: int | None = None) -> dict[str, dict[str, float]]:
     """Leave-one-dataset-out: for each dataset D, a gate trained on the train rows of all other
     datasets scores all of D's rows against the other class's test rows (AUROC). ``model``: the
     gate kind as a trained gate's ``meta`` records it (an MLP gate's ``hidden``, ``members``,
@@ -341,13 +380,17 @@ def lodo(H: np.ndarray, prompts: Prompts, C: float = 0.01, seed: int = 0,
     te = prompts.mask("test")
     spec = dict(model or {})
     spec.setdefault("C", C)
+    jobs_in: list[tuple] = []
+    evs: list[tuple[str, np.ndarray, int]] = []
     for g in dict.fromkeys(prompts.group):
         inD = prompts.mask(group=g)
         tr = prompts.mask("train") & ~inD
-        gate = _fit(H[tr], prompts.harmful[tr], row_weights(prompts, tr, weighting), spec, seed)
         flag = int(prompts.harmful[inD][0])
         ev = (inD & ~prompts.aug) | (te & ~inD & (prompts.harmful == 1 - flag))
-        out[g] = {"auroc": auroc(gate.score(H[ev]), prompts.harmful[ev]), "n": int((inD & ~prompts.aug).sum()),
+        jobs_in.append((H[tr], prompts.harmful[tr], row_weights(prompts, tr, weighting), spec, seed, H[ev]))
+        evs.append((g, ev, flag))
+    for (g, ev, flag), s in zip(evs, parallel_map(_fit_score, jobs_in, jobs)):
+        out[g] = {"auroc": auroc(s, prompts.harmful[ev]), "n": int((prompts.mask(group=g) & ~prompts.aug).sum()),
                   "harmful": flag}
     return out
 

@@ -290,8 +290,10 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra
             with conditional(bb, gate.with_threshold(c.threshold), intervention) as gs:  # gate read in-pass
                 p_in = forced_choice(bb, T["harmful"], "harmful")
             p_flag = pol.compose(f["harmful"], p_st, p_base)
-            with conditional(bb, gate.with_threshold(c.threshold), intervention, flags=harmless_flags):
-                nll_real = answer_nll(bb, harmless_t, harmless_t_ans, batch_size=len(harmless_t))
+            nll_real = np.concatenate([np.zeros(0)] + [_nll_fixed_flags(bb, gate.with_threshold(c.threshold), intervention,
+                                                                         harmless_t[s:s + cfg.batch_size], harmless_t_ans[s:s + cfg.batch_size],
+                                                                         harmless_flags[s:s + cfg.batch_size])
+                                                       for s in range(0, len(harmless_t), cfg.batch_size)])
             extra = {"gate_flag_rate": {k: float(v.mean()) for k, v in f.items()},
                      "p_yes_gate_in_pass": pol.paired(p_base, p_in), "in_pass_flag_rate_on_fc_prompts": float(gs.flags.mean()),
                      "fluency_real_vs_composed_max_abs": float(np.nanmax(np.abs(nll_real - nll_cond)))}
@@ -346,6 +348,20 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra
                "pareto_val": [c.as_dict() for c in pol.pareto([c for c in cands])]}
     write_json(out / "summary.json", summary)
     return summary
+
+
+def _nll_fixed_flags(bb: Any, gate: Any, intervention: Any, prompts: list[str], answers: list[str], flags: np.ndarray) -> np.ndarray:
+    """Answer NLLs of one batch under the real conditional hooks with the gate's decisions fixed (an
+    appended answer would move the gate's ``prompt`` span)."""
+    from safesteer.evaluate.refusal import answer_nll
+    from safesteer.steering.condition import conditional
+
+    out = np.full(len(prompts), np.nan)
+    keep = [i for i, a in enumerate(answers) if str(a).strip()]  # answer_nll skips empty answers (NaN)
+    if keep:
+        with conditional(bb, gate, intervention, flags=np.asarray(flags, dtype=bool)[keep]):
+            out[keep] = answer_nll(bb, [prompts[i] for i in keep], [answers[i] for i in keep], batch_size=len(keep))
+    return out
 
 
 def pol_auc(scores: np.ndarray, y: np.ndarray) -> float:
