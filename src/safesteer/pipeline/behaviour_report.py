@@ -41,7 +41,9 @@ def verdict(summary: dict[str, Any], none_reason: str | None, run_dir: Path) -> 
                  f"Nothing is recommended for deployment ({run_dir.name}/policies/NONE.txt).")
     else:
         p = cond["policy"]
-        sec.text(f"Recommended: {_policy_name(p)} at layer {summary['config']['layer']}, gated by the harm gate (" + ("MLP" if summary["gate"].get("kind") == "mlp" else "linear probe") + ") at layer "
+        where = {"prompt": " on the prompt's positions (answers generated unsteered on them)", "all": " on every position"}.get(
+            summary["config"].get("steer_positions", "all"), "")
+        sec.text(f"Recommended: {_policy_name(p)} at layer {summary['config']['layer']}{where}, gated by the harm gate (" + ("MLP" if summary["gate"].get("kind") == "mlp" else "linear probe") + ") at layer "
                  f"{summary['gate']['layer']} ({summary['gate'].get('position', 'prompt_end')}). On the test split it refuses {pct(cond['harmful_refusal'])} of harmful "
                  f"requests and {pct(cond['safe_refusal'])} of XSTest-safe ones; P(Yes) on harmful prompts {pct(cond['p_yes'])}; "
                  f"harmless fluency (NLL) {fluency(cond['harmless_fluency'])}. "
@@ -63,7 +65,8 @@ def verdict(summary: dict[str, Any], none_reason: str | None, run_dir: Path) -> 
                      "XSTest-safe refusal": pct(r["safe_refusal"]), "P(Yes) harmful": pct(r["p_yes"]),
                      "harmless fluency Δ": fluency(r["harmless_fluency"]),
                      "degenerate answers": f"{100 * r['coherence']['degenerate_share']:.1f}%"})
-    sec.table(pd.DataFrame(rows), caption=f"Chosen on validation: max harmful refusal gain with look-alike (XSTest-safe + contrast-safe) over-refusal ≤ "
+    groups = (summary["gate"].get("calibration") or {}).get("budget_groups") or ["xstest_safe", "contrast_safe"]
+    sec.table(pd.DataFrame(rows), caption=f"Chosen on validation: max harmful refusal gain with look-alike ({' + '.join(groups)}) over-refusal ≤ "
                                           f"+{summary['config']['max_safe_pp']:g} pp and harmless NLL within "
                                           f"{100 * summary['config']['max_fluency_rel']:g}%; reported on test (paired bootstrap)")
     if "verify_conditional" in te:
