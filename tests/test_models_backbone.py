@@ -8,6 +8,7 @@ import torch
 
 from safesteer.errors import SafesteerError
 from safesteer.models.backbone import mean_pool
+from safesteer.models.where import answer_starts
 
 from conftest import foreign_hooks
 
@@ -306,7 +307,7 @@ def test_prompt_only_steering_steers_the_prompt_and_generates_the_answer_unsteer
         ref = bb.logits(seq, att)
     assert torch.equal(ref[:, ids.shape[1] - 1:-1].argmax(-1), got)
     # teacher forcing under where="prompt" needs the answer starts; then it equals the masked pass
-    with bb.steer(1, v, alpha=6.0, where="prompt"), bb.answer_starts([ids.shape[1]] * seq.shape[0]):
+    with bb.steer(1, v, alpha=6.0, where="prompt"), answer_starts(bb, [ids.shape[1]] * seq.shape[0]):
         tf = bb.logits(seq, att)
     torch.testing.assert_close(tf, ref, atol=0, rtol=0)
     with bb.steer(1, v, alpha=6.0):
@@ -322,6 +323,6 @@ def test_prompt_only_steering_steers_the_prompt_and_generates_the_answer_unsteer
         with bb.steer(1, v, where="prompt", positions=[0]):
             pass
     with pytest.raises(SafesteerError, match="answer starts for a pass"):
-        with bb.steer(1, v, where="prompt"), bb.answer_starts([3]):
+        with bb.steer(1, v, where="prompt"), answer_starts(bb, [3]):
             bb.logits(seq, att)
 

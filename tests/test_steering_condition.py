@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from safesteer.errors import SafesteerError
+from safesteer.models.where import answer_starts
 from safesteer.steering.condition import Condition, conditional, gate_flags, gate_scores, threshold_for_fpr
 from safesteer.steering.strategies import Intervention
 
@@ -214,9 +215,9 @@ def test_prompt_only_conditional_steers_flagged_prompts_and_leaves_answers_unste
     att = torch.cat([enc.attention_mask, torch.ones_like(base)], 1)
     starts = [enc.input_ids.shape[1]] * len(PROMPTS)
     l0 = bb.logits(seq, att)
-    with iv.apply(bb), bb.answer_starts(starts):
+    with iv.apply(bb), answer_starts(bb, starts):
         l_po = bb.logits(seq, att)
-    with conditional(bb, cond, iv, flags=[True, False, False, True]), bb.answer_starts(starts):
+    with conditional(bb, cond, iv, flags=[True, False, False, True]), answer_starts(bb, starts):
         l_c = bb.logits(seq, att)
     assert torch.equal(l_c[[1, 2]], l0[[1, 2]]) and torch.equal(l_c[[0, 3]], l_po[[0, 3]])
     assert not torch.equal(l_po[0, starts[0]:], l0[0, starts[0]:])

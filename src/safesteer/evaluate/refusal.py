@@ -27,6 +27,7 @@ import torch
 from safesteer.errors import SafesteerError
 from safesteer.evaluate.generation import REFUSAL_PHRASES, is_refusal
 from safesteer.models.positions import chat_inputs
+from safesteer.models.where import answer_starts
 
 
 @dataclass
@@ -198,7 +199,7 @@ def answer_nll(backbone: Any, prompts: Sequence[str], answers: Sequence[str], ba
     for s in range(0, len(keep), batch_size):
         rows = list(range(s, min(s + batch_size, len(keep))))
         ids, mask, spans = ci.batch(rows, pad, "right", backbone.device)
-        with backbone.answer_starts(spans["answer"][:, 0]):  # prompt-only steering stops at the answer
+        with answer_starts(backbone, spans["answer"][:, 0]):  # prompt-only steering stops at the answer
             logits = backbone.logits(ids, mask)
         logp = torch.log_softmax(logits.double(), dim=-1)
         for r, row in enumerate(rows):

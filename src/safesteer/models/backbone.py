@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from safesteer.errors import SafesteerError
+from safesteer.models.where import PromptOnly, check_where
 
 Kind = Literal["causal", "masked"]
 Positions = torch.Tensor | slice | Sequence[int] | None
@@ -278,17 +279,6 @@ class Backbone:
 
     # ----------------------------------------------------------------- scoring
     @torch.inference_mode()
-    @contextlib.contextmanager
-    def answer_starts(self, starts: torch.Tensor | Sequence[int]) -> Iterator[None]:
-        """Declare, for the passes inside, where each row's appended answer starts (teacher-forced
-        scoring of prompt + answer in one pass), so that prompt-only steering stops there."""
-        prev = self._answer_starts
-        self._answer_starts = torch.as_tensor(starts, dtype=torch.long).reshape(-1)
-        try:
-            yield
-        finally:
-            self._answer_starts = prev
-
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         kwargs = {"use_cache": False} if self.kind == "causal" else {}
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
@@ -450,73 +440,6 @@ class _PrefixCache:
         self._patched.clear()
         self.store.clear()
         self._key, self._hit = None, False
-
-
-WHERE = ("all", "prompt")
-
-
-def check_where(where: str) -> str:
-    if where not in WHERE:
-        raise SafesteerError(f"steering positions '{where}' unknown; valid choices: {', '.join(WHERE)}")
-    return where
-
-
-def is_new_input(kwargs: dict) -> bool:
-    """Whether a model call (its forward kwargs) starts a new input: no KV cache, or an empty one."""
-    pkv = next((kwargs[k] for k in ("past_key_values", "cache", "past_key_value") if kwargs.get(k) is not None), None)
-    if pkv is None:
-        return True
-    try:
-        return int(pkv.get_seq_length()) == 0
-    except AttributeError:  # legacy tuple caches
-        return len(pkv) == 0 or pkv[0] is None
-
-
-class PromptOnly:
-    """Which positions of the current pass a ``where`` steering touches.
-
-    ``all``: every position of every pass. ``prompt``: the positions of a new input (the prompt;
-    cached generation then decodes the answer tokens unsteered, on the steered context), and in a
-    teacher-forced pass the positions before :meth:`Backbone.answer_starts` — so that scoring a
-    given answer sees exactly the activations generating it would. Used as a context manager, it
-    watches the model's calls (a forward pre-hook) while steering is installed."""
-
-    def __init__(self, backbone: "Backbone", where: str = "all"):
-        self.bb, self.where, self.new, self._handle = backbone, where, True, None
-
-    def __enter__(self) -> "PromptOnly":
-        if self.where == "prompt":
-            base = getattr(self.bb.model, getattr(self.bb.model, "base_model_prefix", ""), None)
-            owner = base if isinstance(base, nn.Module) else self.bb.model  # the body: called by every path
-            self._handle = owner.register_forward_pre_hook(self._pre, with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-
-    def _pre(self, _module, _args, kwargs):
-        self.new = is_new_input(kwargs)
-        return None
-
-    def mask(self, h: torch.Tensor) -> torch.Tensor | None:
-        """Bool (batch × seq) of the positions to steer in this pass; None = all of them."""
-        if self.where == "all":
-            return None
-        if not self.new:
-            return torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device)
-        starts = self.bb._answer_starts
-        if starts is None:
-            return None
-        if starts.shape[0] != h.shape[0]:
-            raise SafesteerError(f"{starts.shape[0]} answer starts for a pass of {h.shape[0]} rows")
-        return torch.arange(h.shape[1], device=h.device).unsqueeze(0) < starts.to(h.device).unsqueeze(1)
-
-    def select(self, new: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """``new`` where this pass steers, ``h`` elsewhere."""
-        m = self.mask(h)
-        return new if m is None else torch.where(m.unsqueeze(-1), new, h)
 
 
 def _position_mask(positions: Positions, h: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,7 @@ from torch import nn
 
 from safesteer.errors import SafesteerError
 from safesteer.io import atomic_path, read_json, write_json
-from safesteer.models.backbone import PromptOnly, is_new_input
+from safesteer.models.where import PromptOnly, is_new_input
 from safesteer.models.positions import last_index, prompt_end_length, prompt_starts, span_mask, user_header
 from safesteer.steering.strategies import Intervention
 
