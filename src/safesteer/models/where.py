@@ -49,7 +49,8 @@ class PromptOnly:
     cached generation then decodes the answer tokens unsteered, on the steered context), and in a
     teacher-forced pass the positions before :func:`answer_starts` — so that scoring a
     given answer sees exactly the activations generating it would. Used as a context manager, it
-    watches the model's calls (a forward pre-hook) while steering is installed."""
+    watches the model's calls (a forward pre-hook) while steering is installed. Generation must
+    use the KV cache (transformers' default): without it every step is a new input, steered whole."""
 
     def __init__(self, backbone: Any, where: str = "all"):
         self.bb, self.where, self.new, self._handle = backbone, where, True, None
