@@ -30,6 +30,13 @@ def is_new_input(kwargs: dict) -> bool:
         return len(pkv) == 0 or pkv[0] is None
 
 
+def body(backbone: Any) -> nn.Module:
+    """The transformer body under the LM head (Llama ``model.model``), called by every forward path
+    (generation, logits, :meth:`Backbone.forward_layers`); the whole model if it has none."""
+    base = getattr(backbone.model, getattr(backbone.model, "base_model_prefix", ""), None)
+    return base if isinstance(base, nn.Module) else backbone.model
+
+
 @contextlib.contextmanager
 def answer_starts(backbone: Any, starts: torch.Tensor | Sequence[int]) -> Iterator[None]:
     """Declare, for the passes inside, where each row's appended answer starts (teacher-forced
@@ -57,9 +64,7 @@ class PromptOnly:
 
     def __enter__(self) -> "PromptOnly":
         if self.where == "prompt":
-            base = getattr(self.bb.model, getattr(self.bb.model, "base_model_prefix", ""), None)
-            owner = base if isinstance(base, nn.Module) else self.bb.model  # the body: called by every path
-            self._handle = owner.register_forward_pre_hook(self._pre, with_kwargs=True)
+            self._handle = body(self.bb).register_forward_pre_hook(self._pre, with_kwargs=True)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -72,11 +77,9 @@ class PromptOnly:
         return None
 
     def mask(self, h: torch.Tensor) -> torch.Tensor | None:
-        """Bool (batch × seq) of the positions to steer in this pass; None = all of them."""
+        """Bool (batch × seq) of the positions to steer in this pass (a new input); None = all of them."""
         if self.where == "all":
             return None
-        if not self.new:
-            return torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device)
         starts = self.bb._answer_starts
         if starts is None:
             return None
@@ -85,6 +88,8 @@ class PromptOnly:
         return torch.arange(h.shape[1], device=h.device).unsqueeze(0) < starts.to(h.device).unsqueeze(1)
 
     def select(self, new: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """``new`` where this pass steers, ``h`` elsewhere."""
+        """``new`` where this pass steers, ``h`` elsewhere (all of ``h`` in a cached decoding step)."""
+        if self.where == "prompt" and not self.new:
+            return h
         m = self.mask(h)
         return new if m is None else torch.where(m.unsqueeze(-1), new, h)

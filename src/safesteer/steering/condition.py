@@ -37,11 +37,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 from safesteer.errors import SafesteerError
 from safesteer.io import atomic_path, read_json, write_json
-from safesteer.models.where import PromptOnly, is_new_input
+from safesteer.models.where import PromptOnly, body, is_new_input
 from safesteer.models.positions import last_index, prompt_end_length, prompt_starts, span_mask, user_header
 from safesteer.steering.strategies import Intervention
 
@@ -198,10 +197,6 @@ class GateState:
         return np.concatenate(self.flagged) if self.flagged else np.zeros(0, dtype=bool)
 
 
-def _owner(backbone: Any) -> nn.Module:
-    base = getattr(backbone.model, getattr(backbone.model, "base_model_prefix", ""), None)
-    return base if isinstance(base, nn.Module) else backbone.model
-
 
 def _hidden(output):
     return output[0] if isinstance(output, (tuple, list)) else output
@@ -303,7 +298,7 @@ def conditional(backbone: Any, condition: Condition, intervention: Intervention,
         return _replace(output, only.select(torch.where(g, edit(h), h), h))
 
     only = PromptOnly(backbone, intervention.where)
-    handles = [_owner(backbone).register_forward_pre_hook(pre, with_kwargs=True)]
+    handles = [body(backbone).register_forward_pre_hook(pre, with_kwargs=True)]
     if fixed is None and c <= L:
         handles.append(backbone.layers[c].register_forward_hook(gate_hook, prepend=True))
     handles.append(backbone.layers[L].register_forward_hook(steer_hook))

@@ -381,17 +381,16 @@ def lodo(H: np.ndarray, prompts: Prompts, C: float = 0.01, seed: int = 0,
     spec = dict(model or {})
     spec.setdefault("C", C)
     jobs_in: list[tuple] = []
-    evs: list[tuple[str, np.ndarray, int]] = []
+    evs: list[tuple[str, np.ndarray, dict[str, int]]] = []
     for g in dict.fromkeys(prompts.group):
         inD = prompts.mask(group=g)
         tr = prompts.mask("train") & ~inD
         flag = int(prompts.harmful[inD][0])
         ev = (inD & ~prompts.aug) | (te & ~inD & (prompts.harmful == 1 - flag))
         jobs_in.append((H[tr], prompts.harmful[tr], row_weights(prompts, tr, weighting), spec, seed, H[ev]))
-        evs.append((g, ev, flag))
-    for (g, ev, flag), s in zip(evs, parallel_map(_fit_score, jobs_in, jobs)):
-        out[g] = {"auroc": auroc(s, prompts.harmful[ev]), "n": int((prompts.mask(group=g) & ~prompts.aug).sum()),
-                  "harmful": flag}
+        evs.append((g, ev, {"n": int((inD & ~prompts.aug).sum()), "harmful": flag}))
+    for (g, ev, info), s in zip(evs, parallel_map(_fit_score, jobs_in, jobs)):
+        out[g] = {"auroc": auroc(s, prompts.harmful[ev]), **info}
     return out
 
 

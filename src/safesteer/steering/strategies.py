@@ -341,7 +341,7 @@ class Intervention:
 
     def __init__(self, name: str = "unsteered", layer: int | None = None, vector: np.ndarray | None = None,
                  alpha: float = 0.0, edit: Any = None, where: str = "all"):
-        from safesteer.models.where import check_where
+        from safesteer.models.where import check_where  # here: this module does not import torch
 
         self.name = name
         self.where = check_where(where)

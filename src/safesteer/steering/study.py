@@ -287,13 +287,11 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra
             answers = {k: [s if g else b for s, b, g in zip(st[k].texts, base_t[k].texts, f[k])] for k in st}
             harmless_flags = np.concatenate([f["safe"], f["qa"]])
             nll_cond = pol.compose(harmless_flags, nll_st, nll_base)
-            with conditional(bb, gate.with_threshold(c.threshold), intervention) as gs:  # gate read in-pass
+            deployed = gate.with_threshold(c.threshold)
+            with conditional(bb, deployed, intervention) as gs:  # gate read in-pass
                 p_in = forced_choice(bb, T["harmful"], "harmful")
             p_flag = pol.compose(f["harmful"], p_st, p_base)
-            nll_real = np.concatenate([np.zeros(0)] + [_nll_fixed_flags(bb, gate.with_threshold(c.threshold), intervention,
-                                                                         harmless_t[s:s + cfg.batch_size], harmless_t_ans[s:s + cfg.batch_size],
-                                                                         harmless_flags[s:s + cfg.batch_size])
-                                                       for s in range(0, len(harmless_t), cfg.batch_size)])
+            nll_real = _nll_fixed_flags(bb, deployed, intervention, harmless_t, harmless_t_ans, harmless_flags, cfg.batch_size)
             extra = {"gate_flag_rate": {k: float(v.mean()) for k, v in f.items()},
                      "p_yes_gate_in_pass": pol.paired(p_base, p_in), "in_pass_flag_rate_on_fc_prompts": float(gs.flags.mean()),
                      "fluency_real_vs_composed_max_abs": float(np.nanmax(np.abs(nll_real - nll_cond)))}
@@ -350,17 +348,20 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra
     return summary
 
 
-def _nll_fixed_flags(bb: Any, gate: Any, intervention: Any, prompts: list[str], answers: list[str], flags: np.ndarray) -> np.ndarray:
-    """Answer NLLs of one batch under the real conditional hooks with the gate's decisions fixed (an
-    appended answer would move the gate's ``prompt`` span)."""
+def _nll_fixed_flags(bb: Any, gate: Any, intervention: Any, prompts: list[str], answers: list[str], flags: np.ndarray,
+                     batch_size: int) -> np.ndarray:
+    """Answer NLLs under the real conditional hooks with the gate's decisions fixed (an appended
+    answer would move the gate's ``prompt`` span), one ``conditional`` block per batch."""
     from safesteer.evaluate.refusal import answer_nll
     from safesteer.steering.condition import conditional
 
     out = np.full(len(prompts), np.nan)
     keep = [i for i, a in enumerate(answers) if str(a).strip()]  # answer_nll skips empty answers (NaN)
-    if keep:
-        with conditional(bb, gate, intervention, flags=np.asarray(flags, dtype=bool)[keep]):
-            out[keep] = answer_nll(bb, [prompts[i] for i in keep], [answers[i] for i in keep], batch_size=len(keep))
+    flags = np.asarray(flags, dtype=bool)
+    for s in range(0, len(keep), batch_size):
+        rows = keep[s:s + batch_size]
+        with conditional(bb, gate, intervention, flags=flags[rows]):
+            out[rows] = answer_nll(bb, [prompts[i] for i in rows], [answers[i] for i in rows], batch_size=len(rows))
     return out
 
 
