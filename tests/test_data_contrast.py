@@ -16,7 +16,7 @@ from safesteer.cli.main import main
 from safesteer.data import available_sources, get_spec, load
 from safesteer.data.records import hash_split
 from safesteer.errors import SafesteerError
-from safesteer.steering.gate import paraphrase_pairs
+from safesteer.steering.pairs import paraphrase_pairs
 
 from conftest import DATA, needs_data  # SAFESTEER_DATA_DIR, else ../shared/data; a failure under CI=true
 
@@ -153,6 +153,15 @@ def test_prompts_are_not_near_copies_of_xstest_advbench_or_donotanswer(s):
             for name in ("xstest", "advbench", "donotanswer")}
     assert {n: len(t) for n, t in refs.items()} == {"xstest": 450, "advbench": 520, "donotanswer": 939}
     assert _near_copies(s.rows(), [t for texts in refs.values() for t in texts]) == []
+
+
+def test_dev_pairs_are_not_near_copies_of_the_test_pairs_or_of_the_gates_training_sets():
+    """The dev pairs judge phrasing robustness on requests the gate never saw: neither the
+    acceptance pairs nor the contrast / tasks prompts the gate trains on."""
+    dev = [{"id": p.id, "prompt": x} for p in paraphrase_pairs("dev") for x in (p.imperative, p.question)]
+    test = [x for p in paraphrase_pairs("test") for x in (p.imperative, p.question)]
+    assert _near_copies(dev, test) == []
+    assert _near_copies(dev, [r["prompt"] for r in CONTRAST.rows() + TASKS.rows()]) == []
 
 
 def test_the_two_sets_are_not_near_copies_of_each_other():

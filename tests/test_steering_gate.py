@@ -1,4 +1,4 @@
-"""Harm gate: hash splits, dataset assembly, training with an FPR threshold, LODO, paraphrase pairs."""
+"""Harm gate: hash splits, dataset assembly, training with an FPR threshold, LODO, cross-fitting."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from safesteer.errors import SafesteerError
-from safesteer.steering.gate import (FRACTIONS, Prompts, gate_report, lodo, paraphrase_pairs, row_weights, split3,
-                                     train_gate)
+from safesteer.steering.gate import FRACTIONS, Prompts, gate_report, lodo, row_weights, split3, train_gate
 
 
 def test_split3_is_deterministic_disjoint_and_proportional():
@@ -71,15 +70,6 @@ def test_lodo_catches_a_style_detector():
     cond = train_gate(H, P, 0, Cs=(1.0,))
     assert gate_report(cond, H, P)["test_auroc"] > 0.95
     assert min(v["auroc"] for v in lodo(H, P, C=1.0).values()) < 0.8
-
-
-def test_paraphrase_pairs_ship_with_the_package():
-    pairs = paraphrase_pairs()
-    assert 20 <= len(pairs) <= 40
-    assert {p.harmful for p in pairs} == {0, 1}
-    assert len({p.id for p in pairs}) == len(pairs)
-    for p in pairs:
-        assert p.imperative != p.question and p.question.endswith("?") and not p.imperative.endswith("?")
 
 
 def test_reframe_swaps_imperative_and_question_frames():
@@ -169,6 +159,34 @@ def test_cross_fit_scores_score_each_train_row_with_a_gate_that_did_not_see_it()
     # a row's own fit would score it differently: out-of-fold really is out of fold
     assert not np.allclose(s[held], cond.score(H[held]))
     assert np.isnan(cross_fit_scores(cond, H, P, folds=0)[P.mask("train")]).all()
+
+
+def test_cross_fit_keeps_an_augmented_copy_in_its_originals_fold():
+    import hashlib
+
+    from safesteer.probes.logistic import train_probe
+    from safesteer.steering.gate import cross_fit_scores
+
+    H0, P0 = _planted(n=40)
+    tr = np.flatnonzero(P0.mask("train"))
+    rng = np.random.default_rng(1)
+    H = np.vstack([H0, H0[tr] + 0.3 * rng.normal(size=(len(tr), H0.shape[1]))])  # a copy sits near its original
+    n0 = len(P0)
+    P = Prompts(P0.text + [f"copy of {P0.text[i]}" for i in tr], np.r_[P0.harmful, P0.harmful[tr]],
+                P0.group + [P0.group[i] for i in tr], P0.split + ["train"] * len(tr),
+                np.r_[np.zeros(n0, bool), np.ones(len(tr), bool)], np.r_[np.full(n0, -1), tr])
+    cond = train_gate(H, P, layer=3, Cs=(0.1,))
+    s = cross_fit_scores(cond, H, P, folds=4)
+    assert np.isnan(s[P.aug]).all() and np.isfinite(s[P.mask("train") & ~P.aug]).all()
+    fold = np.array([int.from_bytes(hashlib.sha256(f"safesteer-fold|{t}".encode()).digest()[:4], "big") % 4 for t in P.text])
+    fold[n0:] = fold[tr]  # the copy's fold is its original's, not its own text's
+    held = P.mask("train") & ~P.aug & (fold == 1)
+    fit = P.mask("train") & (fold != 1)  # originals and copies of the other folds
+    assert fit[n0:].any() and not fit[n0:][fold[tr] == 1].any()
+    ref = train_probe(H[fit], P.harmful[fit], balanced=True, Cs=[0.1], folds=2).decision_function(H[held])
+    np.testing.assert_allclose(s[held], ref, rtol=1e-10)
+    with pytest.raises(SafesteerError, match="origin"):
+        Prompts(["a", "b"], np.array([1, 0]), ["g", "g"], ["train"] * 2, np.array([False, True]), np.array([0, -1]))
 
 
 def _xor(n=300, d=4, seed=0):

@@ -74,7 +74,7 @@ def test_sweeping_every_prompt_adds_unconditional_candidates_and_keeps_the_condi
     np.testing.assert_allclose(cond["fluency_rel"], flagged["fluency_rel"], atol=1e-6)  # batch composition only
 
 
-def test_pairs_are_also_judged_at_the_recommended_policys_threshold(behaviour_run):
+def test_pairs_are_also_judged_at_the_recommended_policys_threshold_and_on_the_dev_pairs(behaviour_run):
     from safesteer.io import read_json
 
     out, _, _, _ = behaviour_run
@@ -87,6 +87,16 @@ def test_pairs_are_also_judged_at_the_recommended_policys_threshold(behaviour_ru
         side = [(p["score_imperative"] > t) == (p["score_question"] > t) for p in g["pairs"]]
         right = [(p["score_imperative"] > t) == (p["score_question"] > t) == bool(p["harmful"]) for p in g["pairs"]]
         assert at["threshold"] == t and at["same_side"] == pytest.approx(np.mean(side)) and at["correct"] == pytest.approx(np.mean(right))
+    # the dev pairs (other requests and frames) are scored by the same gate, at both thresholds
+    from safesteer.steering.pairs import paraphrase_pairs
+
+    dev = g["dev_pairs"]
+    assert [p["id"] for p in dev["pairs"]] == [p.id for p in paraphrase_pairs("dev")]
+    t0 = g["threshold"]
+    side0 = [(p["score_imperative"] > t0) == (p["score_question"] > t0) for p in dev["pairs"]]
+    assert dev["at_gate"]["threshold"] == t0 and dev["at_gate"]["same_side"] == pytest.approx(np.mean(side0))
+    assert dev["at_gate"]["same_side_ci"][0] <= dev["at_gate"]["same_side"] <= dev["at_gate"]["same_side_ci"][1]
+    assert (dev["at_policy"] is None) == (c is None) and g["pairs_at_gate_threshold"]["same_side"] == pytest.approx(g["pairs_same_side"])
 
 
 def test_the_budget_is_judged_on_the_test_figures_population(behaviour_run):

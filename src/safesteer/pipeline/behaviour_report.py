@@ -14,6 +14,7 @@ import pandas as pd
 
 from safesteer.io import read_json
 from safesteer.pipeline.report import Section
+from safesteer.steering.pairs import pair_line
 
 
 def pct(m: dict[str, Any]) -> str:
@@ -178,12 +179,7 @@ def sections(bdir: Path, run_dir: Path) -> list[Section]:
             if g.get("kind") == "mlp" else "Logistic probe")
     gate.text(f"{kind} at {g.get('position', 'prompt_end')} of layer {g['layer']} (chosen on validation among "
               f"{', '.join(str(k) for k in g['val_auroc_vs_xstest_safe'])}). Held-out test AUROC {g['held_out']['test_auroc']:.3f}; "
-              f"leave-one-dataset-out min AUROC {g['lodo_min_auroc']:.3f}; paraphrase pairs on the same side of the threshold "
-              f"{100 * g['pairs_same_side']:.0f}% (on the right side {100 * g['pairs_correct']:.0f}%, n={len(g['pairs'])})"
-              + ("." if not g.get("pairs_at_policy_threshold") else
-                 f"; at the recommended policy's threshold {g['pairs_at_policy_threshold']['threshold']:.2f} "
-                 f"{100 * g['pairs_at_policy_threshold']['same_side']:.0f}% (right side "
-                 f"{100 * g['pairs_at_policy_threshold']['correct']:.0f}%)."))
+              f"leave-one-dataset-out min AUROC {g['lodo_min_auroc']:.3f}; {pair_line(g)} (Wilson 95% intervals).")
     if (bdir / "gate_scores.csv").is_file():
         gate.image(roc_plot(pd.read_csv(bdir / "gate_scores.csv"), plots / "gate_roc.png") or plots / "none.png",
                    "ROC of the gate on the test split (augmented copies excluded)")

@@ -1,6 +1,6 @@
 """The harm gate: diverse harmful vs diverse harmless *requests*, a standardised logistic probe or
 an average of small MLPs (:func:`fit_mlp`) at ``prompt`` / ``prompt_end`` of a middle layer,
-judged held-out, leave-one-dataset-out and on paraphrase pairs.
+judged held-out, leave-one-dataset-out and on paraphrase pairs (:mod:`safesteer.steering.pairs`).
 
 Data (:func:`load_prompts`): harmful = AdvBench, Do-Not-Answer (the risk areas of requests to
 refuse, :data:`DNA_GATE_AREAS`), BeaverTails prompts (the user turn only), XSTest unsafe and the
@@ -14,11 +14,9 @@ prompt and the split is the same on every machine. Large sets are capped by hash
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
-from dataclasses import dataclass, field
-from importlib import resources
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -62,10 +60,20 @@ class Prompts:
     split: list[str]
     aug: np.ndarray | None = None
     """True for reframed copies of training prompts (:func:`reframe`); never in val/test."""
+    origin: np.ndarray | None = None
+    """Per row, the index of the prompt an augmented copy was made from (−1 for originals, and for
+    every row when unknown): cross-fitting keeps a copy in its original's fold."""
 
     def __post_init__(self) -> None:
         if self.aug is None:
             self.aug = np.zeros(len(self.text), dtype=bool)
+        if self.origin is None:
+            self.origin = np.full(len(self.text), -1, dtype=np.int64)
+        self.origin = np.asarray(self.origin, dtype=np.int64)
+        if self.origin.shape != (len(self.text),) or bool((self.origin[~self.aug] != -1).any()) or \
+                bool((self.origin >= len(self.text)).any()):
+            raise SafesteerError("Prompts.origin needs one entry per row: −1 for originals, the source row's index for "
+                                 "augmented copies")
 
     def __len__(self) -> int:
         return len(self.text)
@@ -176,6 +184,7 @@ def load_prompts(caps: int | Mapping[str, int] | None = None, fractions: Sequenc
                 group.append(name)
     split = [split3(t, fractions) for t in text]
     aug = [False] * len(text)
+    origin = [-1] * len(text)
     if augment:
         for i in [i for i, s in enumerate(split) if s == "train"]:
             text.append(reframe(text[i]))
@@ -183,7 +192,9 @@ def load_prompts(caps: int | Mapping[str, int] | None = None, fractions: Sequenc
             group.append(group[i])
             split.append("train")
             aug.append(True)
-    return Prompts(text, np.asarray(harmful, dtype=np.int64), group, split, np.asarray(aug, dtype=bool))
+            origin.append(i)
+    return Prompts(text, np.asarray(harmful, dtype=np.int64), group, split, np.asarray(aug, dtype=bool),
+                   np.asarray(origin, dtype=np.int64))
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -320,18 +331,25 @@ def cross_fit_scores(cond: Condition, H: np.ndarray, prompts: Prompts, folds: in
                      jobs: int | None = None) -> np.ndarray:
     """Gate scores usable for calibration on *every* non-augmented train and val row: val (and
     test) rows scored by ``cond`` itself; each original train row by a gate fitted on the other
-    ``folds − 1`` hash folds of the train originals (same kind, C or MLP settings, weighting,
-    standardisation), so no row is scored by a gate that saw it. Augmented rows: NaN.
-    ``folds=0``: train rows NaN too."""
+    ``folds − 1`` hash folds of the train rows (same kind, C or MLP settings, weighting,
+    standardisation). An augmented copy sits in its original's fold (``Prompts.origin``), so the
+    fold gates train on reframed copies as the deployed gate does — and never on a copy of a row
+    they score; copies of unknown origin are left out. Augmented rows: NaN. ``folds=0``: train
+    rows NaN too."""
     out = cond.score(H)
-    orig = prompts.mask("train") & ~prompts.aug
-    out[prompts.mask("train")] = np.nan
+    tr = prompts.mask("train")
+    orig = tr & ~prompts.aug
+    out[tr] = np.nan
     if folds < 2:
         return out
     fold = np.array([int.from_bytes(hashlib.sha256(f"safesteer-fold|{t}".encode()).digest()[:4], "big") % folds
                      for t in prompts.text])
+    copy = tr & prompts.aug
+    known = copy & (prompts.origin >= 0)
+    fold[copy] = -1
+    fold[known] = fold[prompts.origin[known]]
     weighting = str(cond.meta.get("weighting", "balanced"))
-    folds_held = [(orig & (fold != f), orig & (fold == f)) for f in range(folds)]
+    folds_held = [(tr & (fold >= 0) & (fold != f), orig & (fold == f)) for f in range(folds)]
     folds_held = [(fit, held) for fit, held in folds_held if held.any()]
     scored = parallel_map(_fit_score, [(H[fit], prompts.harmful[fit], row_weights(prompts, fit, weighting), cond.meta, seed, H[held])
                                        for fit, held in folds_held], jobs)
@@ -392,47 +410,3 @@ def lodo(H: np.ndarray, prompts: Prompts, C: float = 0.01, seed: int = 0,
     for (g, ev, info), s in zip(evs, parallel_map(_fit_score, jobs_in, jobs)):
         out[g] = {"auroc": auroc(s, prompts.harmful[ev]), **info}
     return out
-
-
-# --------------------------------------------------------------------------------------- paraphrases
-@dataclass
-class ParaphrasePair:
-    id: str
-    harmful: int
-    imperative: str
-    question: str
-
-
-def paraphrase_pairs() -> list[ParaphrasePair]:
-    """The shipped pairs (``safesteer/data/paraphrase_pairs.jsonl``): the same request phrased as an
-    imperative and as a question, harmful and harmless."""
-    text = resources.files("safesteer").joinpath("data/paraphrase_pairs.jsonl").read_text(encoding="utf-8")
-    return [ParaphrasePair(**json.loads(line)) for line in text.splitlines() if line.strip()]
-
-
-@dataclass
-class PairResult:
-    pairs: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def same_side(self) -> float:
-        return float(np.mean([p["same_side"] for p in self.pairs]))
-
-    @property
-    def correct(self) -> float:
-        return float(np.mean([p["correct"] for p in self.pairs]))
-
-
-def score_pairs(backbone: Any, cond: Condition, pairs: Sequence[ParaphrasePair] | None = None) -> PairResult:
-    """Gate scores of both phrasings of every pair; same side of the threshold? on the right side?"""
-    from safesteer.steering.condition import gate_scores
-
-    pairs = list(pairs or paraphrase_pairs())
-    s = gate_scores(backbone, cond, [p.imperative for p in pairs] + [p.question for p in pairs])
-    n = len(pairs)
-    res = PairResult()
-    for i, p in enumerate(pairs):
-        a, b = bool(s[i] > cond.threshold), bool(s[n + i] > cond.threshold)
-        res.pairs.append({"id": p.id, "harmful": p.harmful, "score_imperative": float(s[i]), "score_question": float(s[n + i]),
-                          "same_side": a == b, "correct": a == b == bool(p.harmful)})
-    return res

@@ -24,6 +24,7 @@ import numpy as np
 
 from safesteer.errors import SafesteerError
 from safesteer.io import atomic_path, write_json
+from safesteer.steering.pairs import pair_line
 
 
 @dataclass
@@ -105,7 +106,8 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra
     from safesteer.steering import policy as pol
     from safesteer.steering.behaviour import median_norm, refusal_caa
     from safesteer.steering.condition import conditional, threshold_for_fpr
-    from safesteer.steering.gate import cross_fit_scores, gate_report, load_prompts, lodo, score_pairs, train_gate
+    from safesteer.steering.gate import cross_fit_scores, gate_report, load_prompts, lodo, train_gate
+    from safesteer.steering.pairs import paraphrase_pairs, score_pairs
     from safesteer.steering.strategies import Direction, DirectionSet, Intervention, unit
 
     out = Path(out_dir)
@@ -137,7 +139,8 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra
         for l in layers:
             save_npy(out / "features" / f"{p}_layer{l:02d}.npy", per[l].astype(np.float32))
     with atomic_path(out / "features" / "prompts.csv") as tmp:
-        pd.DataFrame({"text": P.text, "harmful": P.harmful, "group": P.group, "split": P.split, "aug": P.aug}).to_csv(tmp, index=False)
+        pd.DataFrame({"text": P.text, "harmful": P.harmful, "group": P.group, "split": P.split, "aug": P.aug,
+                      "origin": P.origin}).to_csv(tmp, index=False)
     _say(f"{len(P)} prompts, {cfg.gate_position}/prompt_end features at layers {layers} in {times['features']:.0f}s")
 
     # 2. gate per layer; the best validation AUROC (harmful vs XSTest-safe, the hard negatives) wins
@@ -152,10 +155,12 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra
     report = gate_report(gate, H[gl], P)
     lodo_res = lodo(H[gl], P, seed=cfg.seed, model=gate.meta)
     pairs = score_pairs(bb, gate)
+    dev_pairs = score_pairs(bb, gate, paraphrase_pairs("dev"))  # other requests and frames: phrasing robustness beside test
     gate.save(out / "gate")
     times["gate"] = time.perf_counter() - t
     _say(f"gate layer {gl} (val AUROC vs XSTest-safe {val_auc}): test AUROC {report['test_auroc']:.3f}, "
-         f"LODO min {min(v['auroc'] for v in lodo_res.values()):.3f}, pairs same side {pairs.same_side:.2f}")
+         f"LODO min {min(v['auroc'] for v in lodo_res.values()):.3f}, pairs same side {pairs.same_side:.2f} "
+         f"(dev pairs {dev_pairs.same_side:.2f})")
 
     # 3. directions ------------------------------------------------------------------------------
     t = time.perf_counter()
@@ -327,11 +332,9 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra
         pd.DataFrame({"group": P.group, "split": P.split, "harmful": P.harmful, "aug": P.aug,
                       "score": scores_all}).to_csv(tmp, index=False)
     times["total"] = time.perf_counter() - t_all
-    at_policy = None  # the pairs at the recommended policy's threshold (the gate as deployed), beside the gate's own
-    if best_c is not None:
-        flag = [(p["score_imperative"] > best_c.threshold, p["score_question"] > best_c.threshold) for p in pairs.pairs]
-        at_policy = {"threshold": float(best_c.threshold), "same_side": float(np.mean([a == b for a, b in flag])),
-                     "correct": float(np.mean([a == b == bool(p["harmful"]) for (a, b), p in zip(flag, pairs.pairs)]))}
+    at_policy = None if best_c is None else pairs.at(best_c.threshold)  # the pairs at the deployed gate's threshold too
+    dev = {"at_gate": dev_pairs.at(), "at_policy": None if best_c is None else dev_pairs.at(best_c.threshold),
+           "pairs": dev_pairs.pairs}
     summary = {"config": asdict(cfg), "gate": {"layer": gl, "position": cfg.gate_position, "kind": gate.kind,
                                                 "hidden": int(gate.meta.get("hidden", 0)), "members": int(gate.meta.get("members", 1)),
                                                 "val_auroc_vs_xstest_safe": val_auc, "threshold": gate.threshold,
@@ -339,8 +342,8 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra
                                                 "lodo_min_auroc": float(min(v["auroc"] for v in lodo_res.values())),
                                                 "pairs_same_side": pairs.same_side, "calibration": {"folds": cfg.calib_folds, "n_harmless": int(neg_val.sum()),
                                                                      "n_safe_budget": len(vs), "budget_groups": list(cfg.budget_groups)}, "pairs_correct": pairs.correct,
-                                                "pairs_at_policy_threshold": at_policy,
-                                                "pairs": pairs.pairs},
+                                                "pairs_at_gate_threshold": pairs.at(), "pairs_at_policy_threshold": at_policy,
+                                                "pairs": pairs.pairs, "dev_pairs": dev},
                "directions": {"scale_median_norm": scale, "names": dirs.names()},
                "split_counts": P.counts(), "test": res, "seconds": times,
                "pareto_val": [c.as_dict() for c in pol.pareto([c for c in cands])]}
@@ -377,10 +380,7 @@ def headline(summary: dict[str, Any]) -> str:
     lines = [f"gate: layer {g['layer']} {g.get('position', 'prompt_end')}, test AUROC {g['held_out']['test_auroc']:.3f}, "
              f"LODO min AUROC {g['lodo_min_auroc']:.3f} "
              "(" + ", ".join(k + " " + format(v["auroc"], ".3f") for k, v in g["lodo"].items()) + ")",
-             f"paraphrase pairs on the same side: {100 * g['pairs_same_side']:.0f}% (on the right side {100 * g['pairs_correct']:.0f}%)"
-             + ("" if not g.get("pairs_at_policy_threshold") else
-                f"; at the policy's threshold {g['pairs_at_policy_threshold']['threshold']:.2f}: "
-                f"{100 * g['pairs_at_policy_threshold']['same_side']:.0f}% (right side {100 * g['pairs_at_policy_threshold']['correct']:.0f}%)")]
+             pair_line(g)]
     for label in ("conditional", "unconditional"):
         r = te.get(label)
         if not r:
