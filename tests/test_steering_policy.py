@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -37,6 +39,9 @@ def test_candidates_apply_constraints_and_select_the_largest_gain():
     best = select(cands, conditional=True)
     assert (best.alpha, best.fpr) == (0.2, 0.01)
     assert select(cands, conditional=False) is None
+    # two thresholds that flag the same validation prompts tie on every figure: the stricter one wins, in any order
+    tie = [dataclasses.replace(best, fpr=f, threshold=t) for f, t in ((0.02, 1.0), (0.005, 2.5), (0.01, 1.8))]
+    assert select(tie, conditional=True).fpr == 0.005 and select(tie[::-1], conditional=True).fpr == 0.005
     front = pareto(cands)
     assert all(not (o.harmful_refusal >= f.harmful_refusal and o.safe_refusal < f.safe_refusal) for f in front for o in cands)
 

@@ -83,11 +83,14 @@ def candidates(base: Mapping[str, np.ndarray], steered: Mapping[tuple[str, float
 
 
 def select(cands: Sequence[Candidate], conditional: bool) -> Candidate | None:
-    """The feasible candidate with the largest harmful refusal gain (ties: smaller over-refusal, α)."""
+    """The feasible candidate with the largest harmful refusal gain (ties: smaller over-refusal, then
+    smaller α, then the smaller gate FPR — two thresholds that flag the same validation prompts are
+    told apart only by the data they were not judged on, so the one that flags fewer prompts wins)."""
     pool = [c for c in cands if c.conditional == conditional and c.feasible]
     if not pool:
         return None
-    return max(pool, key=lambda c: (round(c.harmful_gain_pp, 9), -round(c.safe_delta_pp, 9), -c.alpha))
+    return max(pool, key=lambda c: (round(c.harmful_gain_pp, 9), -round(c.safe_delta_pp, 9), -c.alpha,
+                                    -(c.fpr if c.fpr is not None else 0.0)))
 
 
 def ungated(c: Candidate) -> Candidate:
