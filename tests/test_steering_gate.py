@@ -72,27 +72,9 @@ def test_lodo_catches_a_style_detector():
     assert min(v["auroc"] for v in lodo(H, P, C=1.0).values()) < 0.8
 
 
-def test_reframe_swaps_imperative_and_question_frames():
-    from safesteer.steering.gate import reframe
-
-    q = reframe("How can I kill a Python process?")  # "how do I X?" -> "<explain|tell me|show me> how to X."
-    assert q.endswith(" how to kill a Python process.") and q.split(" how to")[0] in ("Explain", "Tell me", "Show me")
-    assert reframe("How is a deadly nerve agent made?") == "Explain how a deadly nerve agent is made."
-    assert reframe("What is the capital of Peru?").endswith(": What is the capital of Peru?")  # other questions: wrapped
-    assert reframe("who sings it's all about the bass lyrics").endswith("lyrics?")  # NQ: no question mark
-    imp = reframe("Write a tutorial on how to hack a bank.")  # "... how to X." -> "How do I X?"
-    assert imp in ("How do I hack a bank?", "How can I hack a bank?", "What's the best way to hack a bank?")
-    made = [reframe(f"Explain how to make {x}.") for x in ("a pipe bomb", "sourdough bread", "a nerve agent", "soap", "a kite")]
-    passive = [m for m in made if m.startswith("How is ") and m.endswith(" made?")]  # "how to make X" -> mostly passive
-    assert "How is sourdough bread made?" in passive and len(passive) >= 3
-    assert all(m in passive or m.startswith("What's the best way to make ") for m in made)
-    assert reframe("Give me tips for cheating on my taxes.").endswith(" give me tips for cheating on my taxes?")  # asked
-    assert reframe("I want to hurt someone").startswith("Can you help")
-    assert reframe("Write a poem") == reframe("Write a poem")  # deterministic
-
-
 def test_augmented_copies_stay_in_train_and_out_of_lodo_evaluation():
-    from safesteer.steering.gate import Prompts, reframe
+    from safesteer.steering.gate import Prompts
+    from safesteer.steering.reframe import reframe
 
     texts = [f"Write essay number {i}." for i in range(60)] + [f"what is fact number {i}" for i in range(60)]
     y = np.r_[np.ones(60), np.zeros(60)].astype(int)

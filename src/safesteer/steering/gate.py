@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -23,6 +22,7 @@ import numpy as np
 
 from safesteer.errors import SafesteerError
 from safesteer.steering.condition import DEFAULT_FPR, Condition, threshold_for_fpr
+from safesteer.steering.reframe import reframe, reframe_wide
 
 HARMFUL_SETS: tuple[str, ...] = ("advbench", "donotanswer", "beavertails", "xstest_unsafe", "contrast_unsafe")
 QA_SETS: tuple[str, ...] = ("nq_open", "truthfulqa", "healthsearchqa", "liveqa", "medicationqa", "commonsenseqa")
@@ -116,56 +116,13 @@ def _raw(name: str, data_dir: Any) -> list[str]:
     return [r.text for r in records]
 
 
-_TO_IMPERATIVE = ("Tell me: {t}", "Please answer this: {t}", "I need to know: {t}")
-_HOW_IMPERATIVE = ("Explain how to {t}.", "Tell me how to {t}.", "Show me how to {t}.")
-_HOW_QUESTION = ("How do I {t}?", "How can I {t}?", "What's the best way to {t}?")
-_HOW_Q = re.compile(r"^how (?:do|can|could|should|would|might) (?:i|we|you|one|someone|people) (.+?)\?*$", re.IGNORECASE)
-_HOW_PASSIVE = re.compile(r"^how (is|are|was|were) (.+) (\w+ed|made|built|done|grown|written|taken|stolen|hidden|given)\?*$",
-                          re.IGNORECASE)
-_HOW_TO = re.compile(r"\bhow to (.+?)[.!?]*$", re.IGNORECASE)
-_TO_QUESTION = ("Can you {t}?", "Could you help me {t}?", "Would you {t}?")
-_MAKE = re.compile(r"^(?:make|build|create|produce|synthesi[sz]e|manufacture|brew|cook) (?:up )?(.+)$", re.IGNORECASE)
-_QUESTION_WORDS = frozenset("who what when where why how which whose whom is are was were can could do does did will "
-                            "would should shall may might has have".split())
-
-
-def reframe(text: str) -> str:
-    """The same request in the other frame: a question becomes an imperative, an imperative a
-    question (templates chosen by hash). Counterfactual augmentation: the gate must not learn
-    "imperative ⇒ harmful" from AdvBench-style instructions vs QA-style questions. "How do I X?"
-    and "How is X made?" become "Explain how to X." / "Explain how X is made.", and an instruction
-    with "how to X" becomes "How do I X?" (with "how to make X", mostly "How is X made?": the same
-    request, not only a wrapped one); other
-    questions are wrapped ("Tell me: …"), other instructions asked ("Can you …?")."""
-    t = " ".join(text.split())
-    k = int.from_bytes(hashlib.sha256(f"safesteer-frame|{t}".encode()).digest()[:2], "big") % 3
-    m = _HOW_Q.match(t)
-    if m:
-        return _HOW_IMPERATIVE[k].format(t=m.group(1).rstrip("?. "))
-    m = _HOW_PASSIVE.match(t)
-    if m:
-        return f"Explain how {m.group(2)} {m.group(1).lower()} {m.group(3)}."
-    if not t.endswith("?"):
-        m = _HOW_TO.search(t)
-        if m and m.group(1).strip():
-            made = _MAKE.match(m.group(1).strip())
-            if made and k != 2:  # "…how to make X." → "How is X made?" (the passive question of the same request)
-                return f"How is {made.group(1)} made?"
-            return _HOW_QUESTION[k].format(t=m.group(1).strip())
-    if t.endswith("?") or t.split(" ", 1)[0].lower() in _QUESTION_WORDS:
-        return _TO_IMPERATIVE[k].format(t=t if t.endswith("?") else t + "?")
-    if t.split(" ", 1)[0].lower() in ("i", "i'm", "my", "we", "our"):  # a statement of need
-        return f"Can you help with this? {t}"
-    body = t.rstrip(".!")
-    body = body[:1].lower() + body[1:] if body[:2] != body[:2].upper() else body
-    return _TO_QUESTION[k].format(t=body)
-
-
 def load_prompts(caps: int | Mapping[str, int] | None = None, fractions: Sequence[float] = FRACTIONS,
                  data_dir: Any = None, harmful_sets: Sequence[str] = HARMFUL_SETS,
-                 harmless_sets: Sequence[str] = HARMLESS_SETS, augment: bool = False) -> Prompts:
+                 harmless_sets: Sequence[str] = HARMLESS_SETS, augment: bool = False, wide: bool = False) -> Prompts:
     """Deduplicated prompts of the gate's datasets; ``caps`` limits rows per dataset (hash order).
-    ``augment`` adds a reframed copy (:func:`reframe`) of every *training* prompt (split ``train``)."""
+    ``augment`` adds a reframed copy (:func:`~safesteer.steering.reframe.reframe`) of every *training*
+    prompt (split ``train``); ``wide`` a second one from the wide bank of frames (:func:`reframe_wide`),
+    unless it is the same text."""
     text: list[str] = []
     harmful: list[int] = []
     group: list[str] = []
@@ -186,13 +143,19 @@ def load_prompts(caps: int | Mapping[str, int] | None = None, fractions: Sequenc
     aug = [False] * len(text)
     origin = [-1] * len(text)
     if augment:
-        for i in [i for i, s in enumerate(split) if s == "train"]:
-            text.append(reframe(text[i]))
-            harmful.append(harmful[i])
-            group.append(group[i])
-            split.append("train")
-            aug.append(True)
-            origin.append(i)
+        train = [i for i, s in enumerate(split) if s == "train"]
+        for fn in (reframe, reframe_wide) if wide else (reframe,):
+            done = set(text)
+            for i in train:
+                copy = fn(text[i])
+                if fn is reframe or copy not in done:
+                    done.add(copy)
+                    text.append(copy)
+                    harmful.append(harmful[i])
+                    group.append(group[i])
+                    split.append("train")
+                    aug.append(True)
+                    origin.append(i)
     return Prompts(text, np.asarray(harmful, dtype=np.int64), group, split, np.asarray(aug, dtype=bool),
                    np.asarray(origin, dtype=np.int64))
 

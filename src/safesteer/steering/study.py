@@ -50,6 +50,11 @@ class StudyConfig:
     caps: dict[str, int] = field(default_factory=lambda: {"advbench": 1000, "donotanswer": 1000, **{
         q: 150 for q in ("nq_open", "truthfulqa", "healthsearchqa", "liveqa", "medicationqa", "commonsenseqa")}})
     augment: bool = True
+    """Reframed copies of the gate's training prompts (imperative ↔ question), see ``steering.reframe``."""
+    augment_wide: bool = False
+    """A second reframed copy of each from the wide bank of frames (``steering.reframe.reframe_wide``).
+    Alone it leaves the gate's phrasing robustness as it is (dev pairs, four seeds); with a gate that
+    reads layers 9, 12 and 15 side by side it raised it (README, "Behaviour steering")."""
     calib_folds: int = 5
     """Hash folds for cross-fitted gate scores of the train rows (:func:`~safesteer.steering.gate.cross_fit_scores`),
     which join the val rows for the threshold and the over-refusal budget; 0 = val rows only."""
@@ -57,7 +62,6 @@ class StudyConfig:
     """Steer every validation prompt per (strategy, α), so that unconditional policies are chosen on
     validation too; off: only the gate-flagged ones (3× faster), and the unconditional contrast on test
     is the chosen conditional policy's steering applied to every prompt."""
-    """Reframed copies of the gate's training prompts (imperative ↔ question), see gate.reframe."""
     n_val_harmful: int = 40
     n_test_harmful: int = 104
     n_qa: int = 24
@@ -124,7 +128,7 @@ def run_study(cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra
 
     # 1. prompts and features -------------------------------------------------------------------
     t = time.perf_counter()
-    P = load_prompts(cfg.caps, data_dir=cfg.data_dir, augment=cfg.augment)
+    P = load_prompts(cfg.caps, data_dir=cfg.data_dir, augment=cfg.augment, wide=cfg.augment_wide)
     layers = sorted({*cfg.gate_layers, cfg.layer})
     from safesteer.models.positions import pooled_at
 
