@@ -49,6 +49,12 @@ def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     return float(ci.low), float(ci.high)
 
 
+def _sides(p: dict[str, Any], t: float) -> tuple[bool, bool]:
+    """(both phrasings on the same side of ``t``, and on the right side) for one scored pair."""
+    a, b = p["score_imperative"] > t, p["score_question"] > t
+    return a == b, a == b == bool(p["harmful"])
+
+
 @dataclass
 class PairResult:
     pairs: list[dict[str, Any]] = field(default_factory=list)
@@ -66,13 +72,11 @@ class PairResult:
         """Shares of pairs with both phrasings on the same side of ``threshold`` (default: the gate's)
         and on the right side, each with a Wilson 95% interval."""
         t = self.threshold if threshold is None else float(threshold)
-        flags = [(p["score_imperative"] > t, p["score_question"] > t) for p in self.pairs]
-        same = sum(a == b for a, b in flags)
-        right = sum(a == b == bool(p["harmful"]) for (a, b), p in zip(flags, self.pairs))
-        n = len(self.pairs)
+        sides = [_sides(p, t) for p in self.pairs]
+        same, right, n = sum(s for s, _ in sides), sum(r for _, r in sides), len(self.pairs)
         return {"threshold": t, "n": n, "same_side": same / n if n else float("nan"), "same_side_ci": list(wilson(same, n)),
                 "correct": right / n if n else float("nan"), "correct_ci": list(wilson(right, n)),
-                "split": [p["id"] for (a, b), p in zip(flags, self.pairs) if a != b]}
+                "split": [p["id"] for p, (s, _) in zip(self.pairs, sides) if not s]}
 
 
 def score_pairs(backbone: Any, cond: Condition, pairs: Sequence[ParaphrasePair] | None = None) -> PairResult:
@@ -84,9 +88,9 @@ def score_pairs(backbone: Any, cond: Condition, pairs: Sequence[ParaphrasePair] 
     n = len(pairs)
     res = PairResult(threshold=cond.threshold)
     for i, p in enumerate(pairs):
-        a, b = bool(s[i] > cond.threshold), bool(s[n + i] > cond.threshold)
-        res.pairs.append({"id": p.id, "harmful": p.harmful, "score_imperative": float(s[i]), "score_question": float(s[n + i]),
-                          "same_side": a == b, "correct": a == b == bool(p.harmful)})
+        row = {"id": p.id, "harmful": p.harmful, "score_imperative": float(s[i]), "score_question": float(s[n + i])}
+        row["same_side"], row["correct"] = _sides(row, cond.threshold)
+        res.pairs.append(row)
     return res
 
 
@@ -97,15 +101,17 @@ def _share(d: dict[str, Any], key: str) -> str:
 
 def pair_line(g: dict[str, Any]) -> str:
     """The paraphrase-pair figures of a summary's gate: test pairs and dev pairs, each at the gate's
-    threshold and at the recommended policy's, same side and right side with Wilson 95% intervals."""
+    threshold and at the recommended policy's, same side and right side with Wilson 95% intervals.
+    Summaries written before the dev pairs and the intervals existed give the test shares alone."""
+    test_at_gate = g.get("pairs_at_gate_threshold") or {"same_side": g["pairs_same_side"], "correct": g["pairs_correct"],
+                                                        "n": len(g["pairs"])}
+    dev = g.get("dev_pairs") or {}
     parts = []
-    for label, at_gate, at_policy in (("test", g.get("pairs_at_gate_threshold") or {"same_side": g["pairs_same_side"],
-                                                                                    "correct": g["pairs_correct"], "n": len(g["pairs"])},
-                                       g.get("pairs_at_policy_threshold")),
-                                      ("dev", (g.get("dev_pairs") or {}).get("at_gate"), (g.get("dev_pairs") or {}).get("at_policy"))):
+    for label, at_gate, at_policy in (("test", test_at_gate, g.get("pairs_at_policy_threshold")),
+                                      ("dev", dev.get("at_gate"), dev.get("at_policy"))):
         if not at_gate:
             continue
-        text = (f"{label} pairs (n={at_gate.get('n', '?')}) on the same side of the gate's threshold {_share(at_gate, 'same_side')} "
+        text = (f"{label} pairs (n={at_gate['n']}) on the same side of the gate's threshold {_share(at_gate, 'same_side')} "
                 f"(right side {_share(at_gate, 'correct')})")
         if at_policy:
             text += (f", of the policy's threshold {at_policy['threshold']:.2f} {_share(at_policy, 'same_side')} "
