@@ -18,6 +18,12 @@ from test_pipeline_run import tiny_config, tiny_model_dir  # noqa: F401  (the sh
 pytestmark = pytest.mark.integration
 
 RESULTS_SHA256 = "58de2bc5ec71ca8d0377a0430e00ea7acf2138bb77d6e45439c51b6ad0f3d79d"
+# the tiny behaviour stage's files, recorded at 67a6b51 before the behaviour package redesign (issue #23)
+BEHAVIOUR_SHA256 = {
+    "summary.json": "679379e8dc5f1bde696dab7ea43ea3c69de68e3c624dfca8d1fa2ed614aa45e2",
+    "pareto.csv": "6b96541237d9f687ae2660b6ff3ad8ef46a990939c105811b83287001dfebf12",
+    "answers.csv": "cd45a0c4f671834cbb563c8eba4f8d844eb2fe3aa75d3239054f205f2fe03d22",
+}
 
 
 def pinned_config(model_dir: Path, data_dir: Path):
@@ -28,11 +34,22 @@ def pinned_config(model_dir: Path, data_dir: Path):
     return cfg.validate()
 
 
+def _digest(path: Path, *machine_paths: Path) -> str:
+    """sha256 of a file's bytes, with this machine's model and data folders written as placeholders."""
+    data = path.read_bytes()
+    for i, folder in enumerate(machine_paths):
+        data = data.replace(str(folder).encode(), f"<path{i}>".encode())
+    return hashlib.sha256(data).hexdigest()
+
+
 def test_tiny_pipeline_results_digest_is_pinned(tmp_path, tiny_model_dir, shared_data):
     pipe = Pipeline(pinned_config(tiny_model_dir, shared_data), tmp_path / "run")
     assert pipe.run() is not None
     results = (pipe.st["evaluate"].dir / "results.csv").read_bytes()
     assert hashlib.sha256(results).hexdigest() == RESULTS_SHA256, results.decode()[:2000]
+    behaviour = pipe.st["behaviour"].dir
+    got = {name: _digest(behaviour / name, tiny_model_dir, shared_data) for name in BEHAVIOUR_SHA256}
+    assert got == BEHAVIOUR_SHA256
 
 
 def test_knobs_that_were_hard_coded_rerun_their_stages_and_errors_pass_through(tmp_path, tiny_model_dir, shared_data):
