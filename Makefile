@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 SHARED_DATA := $(abspath ../shared/data)
 export SAFESTEER_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/README.md),$(SHARED_DATA),)
 
-.PHONY: venv install install-test run test test-all mutants clean
+.PHONY: venv install install-test run test test-all lint format mutants clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -39,6 +39,15 @@ run: install
 # (the llama.cpp check builds llama-cpp-python from source once, cached under ~/.cache/safesteer).
 test: install-test
 	$(BIN)/python -m pytest -m "not slow"
+
+# Formatter and linter (ruff, [tool.ruff] in pyproject.toml); `make test` checks the same (tests/test_architecture.py).
+lint: install-test
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench
+
+format: install-test
+	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench
 
 test-all: install-test
 	$(BIN)/python -m pytest

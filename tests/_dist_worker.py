@@ -28,7 +28,9 @@ def corpus(n: int = N_ROWS):
     for i in range(n):
         toxic = i % 2
         k = rng.randint(0, 12)
-        words = [rng.choice(TOXIC if toxic else NICE) for _ in range(k)] + [rng.choice(FILL) for _ in range(rng.randint(0, 4))]
+        words = [rng.choice(TOXIC if toxic else NICE) for _ in range(k)] + [
+            rng.choice(FILL) for _ in range(rng.randint(0, 4))
+        ]
         text = " ".join(words) if i % 97 else ""
         yield "toxigen", Record(f"tg:{i}", text, "train" if i % 5 else "test", {"toxic": toxic}, "local")
 
@@ -36,23 +38,48 @@ def corpus(n: int = N_ROWS):
 def extract_cfg():
     from safesteer.extract import ExtractConfig
 
-    return ExtractConfig(model="tiny-llama", datasets=["toxigen"], layers=[1, 2], shard_size=60, dtype="float32",
-                         batch_size=16, precision="fp32")
+    return ExtractConfig(
+        model="tiny-llama",
+        datasets=["toxigen"],
+        layers=[1, 2],
+        shard_size=60,
+        dtype="float32",
+        batch_size=16,
+        precision="fp32",
+    )
 
 
 def train_cfg():
     from safesteer.sae.config import TrainConfig
 
-    return TrainConfig(expansion=4, l1=1e-3, lr=1e-3, lr_warmup_steps=5, batch_size=47, epochs=50, patience=50, max_steps=20,
-                       init_rows=200, precision="fp32", seed=3)
+    return TrainConfig(
+        expansion=4,
+        l1=1e-3,
+        lr=1e-3,
+        lr_warmup_steps=5,
+        batch_size=47,
+        epochs=50,
+        patience=50,
+        max_steps=20,
+        init_rows=200,
+        precision="fp32",
+        seed=3,
+    )
 
 
 def batches_of(store, batch_size: int, seed: int = 3):
     """The train-sae batch stream over an activation store (as ``safesteer train-sae`` builds it)."""
 
     def batches(epoch: int, split: str):
-        return store.iter_batches(batch_size, split=split, val_fraction=0.1, shuffle_buffer=100 if split == "train" else 0,
-                                  seed=seed, epoch=epoch, with_labels=False)
+        return store.iter_batches(
+            batch_size,
+            split=split,
+            val_fraction=0.1,
+            shuffle_buffer=100 if split == "train" else 0,
+            seed=seed,
+            epoch=epoch,
+            with_labels=False,
+        )
 
     return batches
 
@@ -78,11 +105,31 @@ def grad_check(store, dist, root: Path) -> None:
     part = {n: g.clone() for n, g in part.items()}
     hook.reduce_grads(part)
     err = max(float((part[n] - full[n]).abs().max() / (full[n].abs().max() + 1e-30)) for n in full)
-    (root / f"grad-check-rank{dist.rank}.json").write_text(json.dumps({"rel_err": err, "rows": [lo, hi, x.shape[0]]}))
+    (root / f"grad-check-rank{dist.rank}.json").write_text(
+        json.dumps({"rel_err": err, "rows": [lo, hi, x.shape[0]]})
+    )
 
 
-CLI_SAE_ARGS = ["--grid", "--grid-expansions", "2,3", "--grid-l1", "1e-3", "--grid-epochs", "1", "--epochs", "2",
-                "--batch-size", "64", "--val-fraction", "0.1", "--lr-warmup", "2", "--precision", "fp32", "--no-progress"]
+CLI_SAE_ARGS = [
+    "--grid",
+    "--grid-expansions",
+    "2,3",
+    "--grid-l1",
+    "1e-3",
+    "--grid-epochs",
+    "1",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "64",
+    "--val-fraction",
+    "0.1",
+    "--lr-warmup",
+    "2",
+    "--precision",
+    "fp32",
+    "--no-progress",
+]
 MAP_KW = dict(heldout=0.2, min_per_class=3, top_k=5)
 
 
@@ -120,10 +167,10 @@ def main(mode: str, root: Path) -> None:
     from safetensors.torch import save_file
 
     from safesteer.cartography.map_dist import encode_distributed, map_distributed
-    from safesteer.sae.distributed import train_distributed
-    from safesteer.sae.saving import load_sae
     from safesteer.cli.main import main as cli
     from safesteer.errors import SafesteerError
+    from safesteer.sae.distributed import train_distributed
+    from safesteer.sae.saving import load_sae
     from safesteer.store import ActivationStore
 
     try:
@@ -143,16 +190,48 @@ def main(mode: str, root: Path) -> None:
     store = ActivationStore(root / "dist-acts" / "layer-1")
     cfg = train_cfg()
     res = train_distributed(batches_of(store, cfg.batch_size), store.d, cfg, root / "dist-sae", dist)
-    save_file({n: getattr(res.sae, n).detach().contiguous() for n in ("W_enc", "W_dec", "b_gate", "b_mag", "b_dec", "r_mag")},
-              str(root / f"params-rank{dist.rank}.safetensors"))
+    save_file(
+        {
+            n: getattr(res.sae, n).detach().contiguous()
+            for n in ("W_enc", "W_dec", "b_gate", "b_mag", "b_dec", "r_mag")
+        },
+        str(root / f"params-rank{dist.rank}.safetensors"),
+    )
     grad_check(store, dist, root)
     sae = load_sae(root / "fixed-sae")
     encode_distributed(sae, store.path, root / "dist-lat", dist, batch_size=64, progress=False)
-    map_distributed(root / "dist-lat", store.path, root / "dist-map", dist, run_map=run_map, run_map_merge=run_map_merge,
-                    show_progress=False, **MAP_KW)
+    map_distributed(
+        root / "dist-lat",
+        store.path,
+        root / "dist-map",
+        dist,
+        run_map=run_map,
+        run_map_merge=run_map_merge,
+        show_progress=False,
+        **MAP_KW,
+    )
     # the CLI commands under the same torchrun environment
-    rc = cli(["encode-map", "--sae", str(root / "fixed-sae"), "--acts", str(store.path), "--latents", str(root / "cli-lat"),
-              "--out", str(root / "cli-map"), "--heldout", "0.2", "--min-per-class", "3", "--top-k", "5", "--batch-size", "64"])  # progress on: shown by rank 0 only
+    rc = cli(
+        [
+            "encode-map",
+            "--sae",
+            str(root / "fixed-sae"),
+            "--acts",
+            str(store.path),
+            "--latents",
+            str(root / "cli-lat"),
+            "--out",
+            str(root / "cli-map"),
+            "--heldout",
+            "0.2",
+            "--min-per-class",
+            "3",
+            "--top-k",
+            "5",
+            "--batch-size",
+            "64",
+        ]
+    )  # progress on: shown by rank 0 only
     rc2 = cli(["train-sae", *CLI_SAE_ARGS, "--acts", str(store.path), "--out", str(root / "cli-sae")])
     print(f"CLI rank {dist.rank}: {rc} {rc2}", file=sys.stderr)
     sys.exit(rc or rc2)

@@ -19,9 +19,9 @@ class Rec:
 
 
 def corpus(n: int):
-    from conftest import WORDS
-
     import random
+
+    from conftest import WORDS
 
     rng = random.Random(1234)
     for i in range(n):
@@ -32,13 +32,21 @@ def corpus(n: int):
 
 def main(out: str, n: int, dtype: str, kind: str) -> None:
     import torch
-
     from conftest import make_tiny_llama, make_tiny_roberta
+
     from safesteer.extract import ExtractConfig, extract
 
     torch.set_num_threads(1)
     bb = make_tiny_llama() if kind == "causal" else make_tiny_roberta()
-    cfg = ExtractConfig(model=bb.name, datasets=["synthetic"], layers=[0, 2], shard_size=200, dtype=dtype, batch_size=16, precision="fp32")
+    cfg = ExtractConfig(
+        model=bb.name,
+        datasets=["synthetic"],
+        layers=[0, 2],
+        shard_size=200,
+        dtype=dtype,
+        batch_size=16,
+        precision="fp32",
+    )
     extract(bb, corpus(n), out, cfg, progress=False)
 
 

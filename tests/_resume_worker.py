@@ -27,8 +27,19 @@ def data(n: int = 640, d: int = 8, seed: int = 0) -> np.ndarray:
 
 
 def config() -> TrainConfig:
-    return TrainConfig(expansion=4, l1=0.1, lr=5e-3, lr_warmup_steps=7, l1_warmup_steps=11, batch_size=32, epochs=4,
-                       patience=10, init_rows=256, beta1=0.5, checkpoint_every=3)
+    return TrainConfig(
+        expansion=4,
+        l1=0.1,
+        lr=5e-3,
+        lr_warmup_steps=7,
+        l1_warmup_steps=11,
+        batch_size=32,
+        epochs=4,
+        patience=10,
+        init_rows=256,
+        beta1=0.5,
+        checkpoint_every=3,
+    )
 
 
 def train(out: Path, delay: float = 0.0, resume: bool = False):

@@ -35,8 +35,10 @@ def find_data_dir(env: dict[str, str] | None = None, root: Path = ROOT) -> Path 
 def missing_data(env: dict[str, str] | None = None) -> str:
     """Skip reason, or raise under CI (``CI=true``): there a missing data folder is a failure, not a skip."""
     env = os.environ if env is None else env
-    msg = ("no data folder: set SAFESTEER_DATA_DIR to a folder in the layout of ../shared/data "
-           f"(looked at SAFESTEER_DATA_DIR={env.get('SAFESTEER_DATA_DIR', '')!r} and {ROOT.parent / 'shared' / 'data'})")
+    msg = (
+        "no data folder: set SAFESTEER_DATA_DIR to a folder in the layout of ../shared/data "
+        f"(looked at SAFESTEER_DATA_DIR={env.get('SAFESTEER_DATA_DIR', '')!r} and {ROOT.parent / 'shared' / 'data'})"
+    )
     if env.get("CI", "").lower() in _TRUE:
         pytest.fail("CI=true: " + msg, pytrace=False)
     return msg
@@ -91,7 +93,10 @@ needs_data = pytest.mark.usefixtures("shared_data")
 def foreign_hooks(layers) -> int:
     """Forward hooks on the blocks other than transformers' own permanent output-capturing hooks."""
     return sum(
-        1 for layer in layers for fn in layer._forward_hooks.values() if getattr(fn, "__name__", "") != "output_capturing_hook"
+        1
+        for layer in layers
+        for fn in layer._forward_hooks.values()
+        if getattr(fn, "__name__", "") != "output_capturing_hook"
     )
 
 
@@ -100,12 +105,23 @@ def chromium_screenshot(html_path: Path, png_path: Path, width: int = 1280, heig
     import shutil
     import subprocess
 
-    exe = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    exe = next(
+        (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None
+    )
     if exe is None:
         pytest.skip("headless Chromium is not installed (apt-get install chromium)")
-    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--disable-dev-shm-usage",
-           f"--user-data-dir={png_path.parent / 'chromium-profile'}", f"--window-size={width},{height}",
-           f"--screenshot={png_path}", html_path.resolve().as_uri()]
+    cmd = [
+        exe,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={png_path.parent / 'chromium-profile'}",
+        f"--window-size={width},{height}",
+        f"--screenshot={png_path}",
+        html_path.resolve().as_uri(),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert png_path.is_file(), f"chromium wrote no screenshot (exit {done.returncode}): {done.stderr[-1000:]}"
     return png_path
@@ -179,12 +195,16 @@ def behaviour_run(tmp_path_factory, shared_data):
     bb.model.save_pretrained(model_dir)
     bb.tokenizer.save_pretrained(model_dir)
     ds = DirectionSet()
-    ds.add(Direction("probe_harm", np.random.default_rng(0).normal(size=32), "probe", 1, ["probe:harmfulness"]))
+    ds.add(
+        Direction("probe_harm", np.random.default_rng(0).normal(size=32), "probe", 1, ["probe:harmfulness"])
+    )
     ds.save(root / "directions")
     cfg = Config()
     cfg.model.name, cfg.model.layer, cfg.model.max_length = str(model_dir), 1, 32
     tiny_behaviour_section(cfg.behaviour)
     ctx = Context(config=cfg, seed=0, device="cpu", data_dir=shared_data, say=lambda m: None)
     out = root / "stage"
-    outputs = run_behaviour_stage(cfg.behaviour, {"directions": SimpleNamespace(directions=root / "directions")}, out, ctx)
+    outputs = run_behaviour_stage(
+        cfg.behaviour, {"directions": SimpleNamespace(directions=root / "directions")}, out, ctx
+    )
     return out, outputs, model_dir, cfg

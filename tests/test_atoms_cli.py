@@ -28,7 +28,11 @@ def _records():
 
     def add(ds, words, labels, n):
         for i in range(n):
-            text = " ".join(rng.choice(words) for _ in range(6)) + " " + " ".join(rng.choice(SAFE) for _ in range(2))
+            text = (
+                " ".join(rng.choice(words) for _ in range(6))
+                + " "
+                + " ".join(rng.choice(SAFE) for _ in range(2))
+            )
             recs.append((ds, Record(f"{ds}:{i}", text, "train" if i % 5 else "test", dict(labels), "local")))
 
     add("toxigen", TOXIC, {"toxic": 1}, 40)
@@ -57,7 +61,15 @@ class FakeLatents:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tiny_llama):
     root = tmp_path_factory.mktemp("atoms")
-    cfg = ExtractConfig(model="tiny", datasets=["mixed"], layers=[1], shard_size=60, dtype="float32", batch_size=16, precision="fp32")
+    cfg = ExtractConfig(
+        model="tiny",
+        datasets=["mixed"],
+        layers=[1],
+        shard_size=60,
+        dtype="float32",
+        batch_size=16,
+        precision="fp32",
+    )
     extract(tiny_llama, _records(), root / "acts", cfg, progress=False)
     model_dir = root / "tiny-model"
     tiny_llama.model.save_pretrained(model_dir)
@@ -68,13 +80,43 @@ def workspace(tmp_path_factory, tiny_llama):
 def test_probe_map_atoms(workspace, monkeypatch, capsys):
     root = workspace
     acts = root / "acts" / "layer-1"
-    assert main(["probe", "--acts", str(acts), "--label", "toxicity", "--out", str(root / "probe-tox"), "--balanced"]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                "--acts",
+                str(acts),
+                "--label",
+                "toxicity",
+                "--out",
+                str(root / "probe-tox"),
+                "--balanced",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "held-out AUROC" in out
     metrics = json.loads((root / "probe-tox" / "metrics.json").read_text())
     assert metrics["n_test"] > 0 and metrics["auroc"] > 0.8 and "dataset split" in metrics["holdout"]
     assert np.load(root / "probe-tox" / "direction.npy").shape == (32,)
-    assert main(["probe", "--acts", str(acts), "--label", "harmfulness", "--out", str(root / "probe-harm"), "--holdout", "id", "--no-balanced"]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                "--acts",
+                str(acts),
+                "--label",
+                "harmfulness",
+                "--out",
+                str(root / "probe-harm"),
+                "--holdout",
+                "id",
+                "--no-balanced",
+            ]
+        )
+        == 0
+    )
 
     store = ActivationStore(acts)
     rng = np.random.default_rng(0)
@@ -84,8 +126,28 @@ def test_probe_map_atoms(workspace, monkeypatch, capsys):
     (root / "sae").mkdir()
     save_npy(root / "sae" / "W_dec.npy", W.astype(np.float32))
     monkeypatch.setattr("safesteer.cartography.map._open_latents", lambda path: FakeLatents(store, W))
-    assert main(["map", "--latents", str(root / "lat"), "--acts", str(acts), "--out", str(root / "map"), "--heldout", "0.2",
-                 "--probe", str(root / "probe-tox"), "--sae", str(root / "sae"), "--min-per-class", "3"]) == 0
+    assert (
+        main(
+            [
+                "map",
+                "--latents",
+                str(root / "lat"),
+                "--acts",
+                str(acts),
+                "--out",
+                str(root / "map"),
+                "--heldout",
+                "0.2",
+                "--probe",
+                str(root / "probe-tox"),
+                "--sae",
+                str(root / "sae"),
+                "--min-per-class",
+                "3",
+            ]
+        )
+        == 0
+    )
     amap = pd.read_parquet(root / "map" / "atom_map.parquet")
     assert {"toxicity", "harmfulness"} <= set(amap.label) and len(amap) == 24 * amap.label.nunique()
     summary = json.loads((root / "map" / "summary.json").read_text())
@@ -97,14 +159,42 @@ def test_probe_map_atoms(workspace, monkeypatch, capsys):
     corr = pd.read_parquet(root / "map" / "probe_atom_corr.parquet")
     assert corr.sort_values("corr", ascending=False).atom.iloc[0] == 5
 
-    assert main(["atoms", "--map", str(root / "map"), "--mode", "topk", "--k", "3", "--out", str(root / "topk")]) == 0
+    assert (
+        main(["atoms", "--map", str(root / "map"), "--mode", "topk", "--k", "3", "--out", str(root / "topk")])
+        == 0
+    )
     topk = pd.read_csv(root / "topk" / "atoms_topk.csv")
     assert topk[topk.label == "toxicity"].atom.iloc[0] == 5 and topk.groupby("label").size().max() == 3
-    assert main(["atoms", "--map", str(root / "map"), "--mode", "all-positive", "--out", str(root / "allpos")]) == 0
+    assert (
+        main(["atoms", "--map", str(root / "map"), "--mode", "all-positive", "--out", str(root / "allpos")])
+        == 0
+    )
     assert (pd.read_csv(root / "allpos" / "atoms_all_positive.csv").dmu > 0).all()
 
-    assert main(["atoms", "--map", str(root / "map"), "--mode", "filtered", "--sae", str(root / "sae"), "--judge", "none",
-                 "--no-dedup", "--no-screen", "--candidates", "3", "--model", str(root / "tiny-model"), "--out", str(root / "filtered")]) == 0
+    assert (
+        main(
+            [
+                "atoms",
+                "--map",
+                str(root / "map"),
+                "--mode",
+                "filtered",
+                "--sae",
+                str(root / "sae"),
+                "--judge",
+                "none",
+                "--no-dedup",
+                "--no-screen",
+                "--candidates",
+                "3",
+                "--model",
+                str(root / "tiny-model"),
+                "--out",
+                str(root / "filtered"),
+            ]
+        )
+        == 0
+    )
     final = pd.read_csv(root / "filtered" / "final_steering_atoms.csv")
     assert list(final.columns[:6]) == ["atom", "category", "label", "concept", "verdict", "reason"]
     assert 5 in final.atom.tolist() and final.selected.all()
@@ -117,9 +207,37 @@ def test_cli_errors(workspace, capsys):
     root = workspace
     assert main(["atoms", "--map", str(root / "nope"), "--mode", "topk", "--out", str(root / "x")]) == 2
     assert "error: " in capsys.readouterr().err
-    assert main(["probe", "--acts", str(root / "acts" / "layer-1"), "--label", "emotion:grief", "--out", str(root / "p")]) == 2
+    assert (
+        main(
+            [
+                "probe",
+                "--acts",
+                str(root / "acts" / "layer-1"),
+                "--label",
+                "emotion:grief",
+                "--out",
+                str(root / "p"),
+            ]
+        )
+        == 2
+    )
     assert "no row" in capsys.readouterr().err
-    assert main(["probe", "--acts", str(root / "acts" / "layer-1"), "--label", "toxicity", "--out", str(root / "p"), "--cs", "a,b"]) == 2
+    assert (
+        main(
+            [
+                "probe",
+                "--acts",
+                str(root / "acts" / "layer-1"),
+                "--label",
+                "toxicity",
+                "--out",
+                str(root / "p"),
+                "--cs",
+                "a,b",
+            ]
+        )
+        == 2
+    )
 
 
 def test_real_sae_and_latent_store(workspace):
@@ -136,12 +254,42 @@ def test_real_sae_and_latent_store(workspace):
     encode_store(sae, acts, root / "latents", batch_size=64, progress=False)
     W = load_decoder(root / "gsae")
     np.testing.assert_allclose(W, sae.W_dec.detach().numpy(), rtol=1e-6)
-    assert main(["map", "--latents", str(root / "latents"), "--acts", str(acts), "--out", str(root / "map-real"),
-                 "--min-per-class", "3"]) == 0
+    assert (
+        main(
+            [
+                "map",
+                "--latents",
+                str(root / "latents"),
+                "--acts",
+                str(acts),
+                "--out",
+                str(root / "map-real"),
+                "--min-per-class",
+                "3",
+            ]
+        )
+        == 0
+    )
     amap = pd.read_parquet(root / "map-real" / "atom_map.parquet")
     assert amap.atom.max() == 63 and set(amap.label) >= {"toxicity", "harmfulness"}
-    assert main(["atoms", "--map", str(root / "map-real"), "--mode", "topk", "--k", "2", "--sae", str(root / "gsae"),
-                 "--out", str(root / "topk-real")]) == 0
+    assert (
+        main(
+            [
+                "atoms",
+                "--map",
+                str(root / "map-real"),
+                "--mode",
+                "topk",
+                "--k",
+                "2",
+                "--sae",
+                str(root / "gsae"),
+                "--out",
+                str(root / "topk-real"),
+            ]
+        )
+        == 0
+    )
 
 
 def test_partial_maps_merge_to_the_full_map(workspace, capsys):
@@ -152,19 +300,49 @@ def test_partial_maps_merge_to_the_full_map(workspace, capsys):
 
     root = workspace
     acts = root / "acts" / "layer-1"
-    encode_store(GatedSAE(SAEConfig(d_in=32, d_sae=48), seed=3), acts, root / "lat-merge", batch_size=64, progress=False)
+    encode_store(
+        GatedSAE(SAEConfig(d_in=32, d_sae=48), seed=3),
+        acts,
+        root / "lat-merge",
+        batch_size=64,
+        progress=False,
+    )
     n_shards = len(LatentStore(root / "lat-merge").shards)
     assert n_shards >= 3
-    common = ["--latents", str(root / "lat-merge"), "--acts", str(acts), "--min-per-class", "3", "--heldout", "0.2"]
+    common = [
+        "--latents",
+        str(root / "lat-merge"),
+        "--acts",
+        str(acts),
+        "--min-per-class",
+        "3",
+        "--heldout",
+        "0.2",
+    ]
     assert main(["map", *common, "--out", str(root / "m-all")]) == 0
     assert main(["map", *common, "--out", str(root / "m-a"), "--shards", "0"]) == 0
     assert main(["map", *common, "--out", str(root / "m-b"), "--shards", f"1-{n_shards - 1}"]) == 0
-    assert main(["map-merge", "--part", str(root / "m-a"), "--part", str(root / "m-b"), "--out", str(root / "m-merged")]) == 0
+    assert (
+        main(
+            [
+                "map-merge",
+                "--part",
+                str(root / "m-a"),
+                "--part",
+                str(root / "m-b"),
+                "--out",
+                str(root / "m-merged"),
+            ]
+        )
+        == 0
+    )
     full = pd.read_parquet(root / "m-all" / "atom_map.parquet")
     merged = pd.read_parquet(root / "m-merged" / "atom_map.parquet")
     assert list(full.columns) == list(merged.columns) and len(full) == len(merged)
     num = full.select_dtypes("number").columns
-    np.testing.assert_allclose(merged[num].to_numpy(float), full[num].to_numpy(float), rtol=1e-9, atol=1e-12, equal_nan=True)
+    np.testing.assert_allclose(
+        merged[num].to_numpy(float), full[num].to_numpy(float), rtol=1e-9, atol=1e-12, equal_nan=True
+    )
     assert (merged["label"] == full["label"]).all()
     ta = pd.read_parquet(root / "m-all" / "top_activations.parquet").sort_values(["atom", "rank"])
     tb = pd.read_parquet(root / "m-merged" / "top_activations.parquet").sort_values(["atom", "rank"])
@@ -173,11 +351,39 @@ def test_partial_maps_merge_to_the_full_map(workspace, capsys):
     assert s_m["n_rows"] == s_all["n_rows"]
     for lab, atoms in s_all["top_atoms"].items():  # same ranking, scores to rounding (merge order)
         assert [a["atom"] for a in s_m["top_atoms"][lab]] == [a["atom"] for a in atoms]
-        np.testing.assert_allclose([a["score"] for a in s_m["top_atoms"][lab]], [a["score"] for a in atoms], rtol=1e-12)
+        np.testing.assert_allclose(
+            [a["score"] for a in s_m["top_atoms"][lab]], [a["score"] for a in atoms], rtol=1e-12
+        )
     capsys.readouterr()
     # overlapping or whole-store parts are refused with one line
-    assert main(["map-merge", "--part", str(root / "m-a"), "--part", str(root / "m-a"), "--out", str(root / "bad")]) == 2
+    assert (
+        main(
+            [
+                "map-merge",
+                "--part",
+                str(root / "m-a"),
+                "--part",
+                str(root / "m-a"),
+                "--out",
+                str(root / "bad"),
+            ]
+        )
+        == 2
+    )
     assert "both" in capsys.readouterr().err
-    assert main(["map-merge", "--part", str(root / "m-all"), "--part", str(root / "m-b"), "--out", str(root / "bad")]) == 2
+    assert (
+        main(
+            [
+                "map-merge",
+                "--part",
+                str(root / "m-all"),
+                "--part",
+                str(root / "m-b"),
+                "--out",
+                str(root / "bad"),
+            ]
+        )
+        == 2
+    )
     assert main(["map", *common, "--out", str(root / "bad"), "--shards", "99"]) == 2
     assert "does not have" in capsys.readouterr().err

@@ -5,22 +5,48 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from test_cartography_dedup import bag_of_words
 
 from safesteer.cartography.judges import UNSAFE_FLAG, JudgeResult, ScreenResult
-from safesteer.cartography.select import FINAL_COLUMNS, category_candidates, final_table, select_all_positive, select_filtered, select_topk
+from safesteer.cartography.select import (
+    FINAL_COLUMNS,
+    category_candidates,
+    final_table,
+    select_all_positive,
+    select_filtered,
+    select_topk,
+)
 from safesteer.errors import SafesteerError
-from test_cartography_dedup import bag_of_words
 
 
 def _map(n_atoms=40, seed=0):
     rng = np.random.default_rng(seed)
     rows = []
-    for label, cat in [("toxicity", "toxicity"), ("harmfulness", "harm"), ("emotion:joy", "emotion"), ("empathy:afraid", "empathy"), ("identity:women", "identity")]:
+    for label, cat in [
+        ("toxicity", "toxicity"),
+        ("harmfulness", "harm"),
+        ("emotion:joy", "emotion"),
+        ("empathy:afraid", "empathy"),
+        ("identity:women", "identity"),
+    ]:
         r = rng.uniform(-0.5, 0.5, n_atoms)
         dmu = r * 2 + rng.normal(0, 0.05, n_atoms)
-        rows.append(pd.DataFrame({"atom": np.arange(n_atoms), "label": label, "category": cat, "r": r, "dmu": dmu,
-                                  "score": 0.5 * r + 0.5 * dmu / np.abs(dmu).max(), "cohens_d": r * 3,
-                                  "freq_pos": 0.5, "freq_neg": 0.2, "r_heldout": r * 0.9}))
+        rows.append(
+            pd.DataFrame(
+                {
+                    "atom": np.arange(n_atoms),
+                    "label": label,
+                    "category": cat,
+                    "r": r,
+                    "dmu": dmu,
+                    "score": 0.5 * r + 0.5 * dmu / np.abs(dmu).max(),
+                    "cohens_d": r * 3,
+                    "freq_pos": 0.5,
+                    "freq_neg": 0.2,
+                    "r_heldout": r * 0.9,
+                }
+            )
+        )
     return pd.concat(rows, ignore_index=True)
 
 
@@ -41,7 +67,12 @@ def test_topk_and_all_positive():
 
 def test_candidates_per_macro_category():
     c = category_candidates(_map(), candidates=4)
-    assert set(c.category) == {"toxicity", "harm", "emotion", "empathy"}  # identity is not a steering category
+    assert set(c.category) == {
+        "toxicity",
+        "harm",
+        "emotion",
+        "empathy",
+    }  # identity is not a steering category
     assert c.groupby("category").size().max() <= 4 and (c.score > 0).all()
     assert "concept" in c.columns
 
@@ -51,7 +82,9 @@ class FakeJudge:
 
     def judge(self, card, concept):
         a = card["atom"]
-        return JudgeResult(["GENUINE", "GENUINE", "CONTEXT", "NOISE"][a % 4], f"label {a % 3}", f"reason {a % 3}")
+        return JudgeResult(
+            ["GENUINE", "GENUINE", "CONTEXT", "NOISE"][a % 4], f"label {a % 3}", f"reason {a % 3}"
+        )
 
 
 class FakeScreen:
@@ -60,14 +93,30 @@ class FakeScreen:
     def screen_one(self, atom, label, r, r_heldout, direction, max_act=None):
         wrong = atom % 8 == 1
         flag = f"{UNSAFE_FLAG}: test" if wrong else ""
-        return ScreenResult(atom, label, 1, r, r_heldout, True, -0.1 if wrong else 0.1, -1.0 if wrong else 1.0, not wrong, flag)
+        return ScreenResult(
+            atom,
+            label,
+            1,
+            r,
+            r_heldout,
+            True,
+            -0.1 if wrong else 0.1,
+            -1.0 if wrong else 1.0,
+            not wrong,
+            flag,
+        )
 
 
 def test_filtered_pipeline():
     m = _map()
-    cards = lambda atoms: {a: {"atom": a, "tokens": [f"tok{a % 3}"], "top_texts": [], "labels": []} for a in atoms}  # noqa: E731
+
+    def cards(atoms):
+        return {a: {"atom": a, "tokens": [f"tok{a % 3}"], "top_texts": [], "labels": []} for a in atoms}
+
     W = np.eye(40, 8)
-    res = select_filtered(m, cards=cards, judge=FakeJudge(), screen=FakeScreen(), W_dec=W, embedder=bag_of_words, candidates=6)
+    res = select_filtered(
+        m, cards=cards, judge=FakeJudge(), screen=FakeScreen(), W_dec=W, embedder=bag_of_words, candidates=6
+    )
     assert list(res.columns[: len(FINAL_COLUMNS)]) == FINAL_COLUMNS
     assert res["atom"].is_unique
     judged_out = res[~res.verdict.isin(["GENUINE"])]
@@ -75,7 +124,9 @@ def test_filtered_pipeline():
     unsafe = res[res.flag.str.startswith(UNSAFE_FLAG)]
     assert len(unsafe) and (~unsafe.selected).all() and (unsafe.atom % 8 == 1).all()
     final = final_table(res)
-    assert final.selected.all() and (final.verdict == "GENUINE").all() and final.screen_pass.astype(bool).all()
+    assert (
+        final.selected.all() and (final.verdict == "GENUINE").all() and final.screen_pass.astype(bool).all()
+    )
     # same label+reason+tokens (a % 3) ⇒ duplicates: one atom per description cluster, the best score
     assert final["cluster"].is_unique
     for _, grp in res[res.cluster >= 0].groupby("cluster"):

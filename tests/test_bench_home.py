@@ -14,7 +14,11 @@ def test_bench_scripts_are_shims_over_the_package():
     assert {p.stem for p in scripts} >= {"extract", "sae", "serve_load", "steer_eval"}
     for path in scripts:
         tree = ast.parse(path.read_text())
-        defs = [n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+        defs = [
+            n.name
+            for n in ast.walk(tree)
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+        ]
         assert not defs, f"{path.name} defines {defs}: benchmark code belongs in src/safesteer/bench/"
         froms = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
         assert f"safesteer.bench.{path.stem}" in froms, path.name

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from safesteer.cartography.judges import (
-    UNSAFE_FLAG,
     VERDICTS,
     NoJudge,
     OfflineJudge,
@@ -26,8 +25,12 @@ from safesteer.cartography.judges import (
 )
 from safesteer.errors import SafesteerError
 
-CARD = {"atom": 7, "tokens": ["idiot", "stupid"], "top_texts": [{"id": "t:1", "activation": 3.2, "text": "you are an idiot"}],
-        "labels": [{"label": "toxicity", "r": 0.4, "freq_pos": 0.6, "freq_neg": 0.1, "score": 0.3}]}
+CARD = {
+    "atom": 7,
+    "tokens": ["idiot", "stupid"],
+    "top_texts": [{"id": "t:1", "activation": 3.2, "text": "you are an idiot"}],
+    "labels": [{"label": "toxicity", "r": 0.4, "freq_pos": 0.6, "freq_neg": 0.1, "score": 0.3}],
+}
 
 
 def test_parse_verdict_is_constrained():
@@ -44,12 +47,19 @@ def test_parse_verdict_is_constrained():
 def test_prompt_and_label_helpers():
     p = card_prompt(CARD, "toxicity")
     assert "idiot" in p and "r=0.400" in p and "GENUINE, CONTEXT or NOISE" in p
-    assert concept_text("emotion:anger") == "anger (emotion)" and concept_text("harm_beavertails") == "harm beavertails"
+    assert (
+        concept_text("emotion:anger") == "anger (emotion)"
+        and concept_text("harm_beavertails") == "harm beavertails"
+    )
     assert sanitize_label("Label: Insults and slurs!\nmore") == "insults and slurs"
     assert clean_label(" the presence of toxicity in the text. It") == "toxicity in the text"
     assert clean_label(' whether a prompt asks for "weapons", or') == "prompt asks for weapons"
     ev = evidence_summary(CARD, "toxicity")
-    assert "fires on 60% of positives vs 10% of negatives" in ev and "idiot" in ev and "top text: you are an idiot" in ev
+    assert (
+        "fires on 60% of positives vs 10% of negatives" in ev
+        and "idiot" in ev
+        and "top text: you are an idiot" in ev
+    )
 
 
 def test_offline_judge_always_returns_a_verdict(tiny_llama):
@@ -69,7 +79,9 @@ def test_cached_scoring_with_multi_token_verdicts(tiny_llama, monkeypatch):
     judge = OfflineJudge(tiny_llama)
     monkeypatch.setattr(judge, "_option_ids", lambda: [[10, 11, 12], [13, 14], [15]])
     prefix = judge._prefix(CARD, "toxicity")
-    np.testing.assert_allclose(judge.verdict_scores([prefix]), judge.verdict_scores([prefix], use_cache=False), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        judge.verdict_scores([prefix]), judge.verdict_scores([prefix], use_cache=False), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_offline_judge_refuses_masked_models(tiny_roberta):
@@ -92,7 +104,12 @@ def test_openai_judge_json_and_free_text(monkeypatch):
     monkeypatch.setenv("SAFESTEER_JUDGE_MODEL", "tiny")
     monkeypatch.setenv("SAFESTEER_JUDGE_API_KEY", "k")
     seen = []
-    j = OpenAIJudge(transport=_mock('```json\n{"verdict": "context", "label": "Sports talk", "reasoning": "fires on games"}\n```', seen=seen))
+    j = OpenAIJudge(
+        transport=_mock(
+            '```json\n{"verdict": "context", "label": "Sports talk", "reasoning": "fires on games"}\n```',
+            seen=seen,
+        )
+    )
     res = j.judge(CARD, "toxicity")
     assert (res.verdict, res.label, res.reason) == ("CONTEXT", "sports talk", "fires on games")
     assert seen[0]["model"] == "tiny" and seen[1] == "Bearer k"

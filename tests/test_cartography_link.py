@@ -50,7 +50,10 @@ def test_logit_atom_correlation_matches_numpy_across_shards():
     Z = rng.exponential(1.0, (n, A)) * (rng.random((n, A)) < 0.3)
     Z[:, 4] = 0.0  # constant atom → r = 0
     S = np.c_[Z[:, 2] * 2 + rng.normal(size=n), rng.normal(size=n)]
-    acc = [LogitAtomCorrelation(A, ["p", "q"]).update(sp.csr_matrix(Z[c]), S[c]) for c in np.array_split(rng.permutation(n), 6)]
+    acc = [
+        LogitAtomCorrelation(A, ["p", "q"]).update(sp.csr_matrix(Z[c]), S[c])
+        for c in np.array_split(rng.permutation(n), 6)
+    ]
     total = acc[5]
     for a in acc[:5]:
         total.merge(a)

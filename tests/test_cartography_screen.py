@@ -48,7 +48,13 @@ def test_screen_step_and_weak_readouts(tiny_llama):
     probe.metrics = {"auroc": 0.55}
     good = _readout(tiny_llama, rng)
     good.metrics = {"auroc": 0.95}
-    scr = CausalScreen(tiny_llama, layer=1, read_layer=1, readouts={"weak": (probe, TEXTS), "good": (good, TEXTS)}, alpha_scale=2.0)
+    scr = CausalScreen(
+        tiny_llama,
+        layer=1,
+        read_layer=1,
+        readouts={"weak": (probe, TEXTS), "good": (good, TEXTS)},
+        alpha_scale=2.0,
+    )
     assert scr.alpha_for(3.0) == 6.0 and scr.alpha_for(None) == pytest.approx(scr.alpha) and scr.alpha > 0
     d = good.w / np.linalg.norm(good.w)
     _, dl = scr.effect("good", d, alpha=scr.alpha_for(3.0))
@@ -62,7 +68,9 @@ def test_screen_step_and_weak_readouts(tiny_llama):
 def test_screen_through_later_layers_runs_the_model(tiny_llama):
     rng = np.random.default_rng(1)
     probe = _readout(tiny_llama, rng)
-    scr = CausalScreen(tiny_llama, layer=0, read_layer=2, readouts={"toxicity": (probe, TEXTS)}, alpha_scale=0.5)
+    scr = CausalScreen(
+        tiny_llama, layer=0, read_layer=2, readouts={"toxicity": (probe, TEXTS)}, alpha_scale=0.5
+    )
     assert scr.alpha > 0
     d = rng.normal(size=tiny_llama.d_model)
     dp, dl = scr.effect("toxicity", d)

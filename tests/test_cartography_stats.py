@@ -28,7 +28,9 @@ def _sharded(Z, Y, n_shards, seed):
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(Z))
     cuts = np.sort(rng.choice(np.arange(1, len(Z)), n_shards - 1, replace=False))
-    parts = [StreamingStats(Z.shape[1], LABELS).update(sp.csr_matrix(Z[p]), Y[p]) for p in np.split(perm, cuts)]
+    parts = [
+        StreamingStats(Z.shape[1], LABELS).update(sp.csr_matrix(Z[p]), Y[p]) for p in np.split(perm, cuts)
+    ]
     order = rng.permutation(len(parts))
     total = StreamingStats(Z.shape[1], LABELS)
     for i in order:  # any merge order
@@ -55,7 +57,9 @@ def test_matches_scipy_and_numpy(n_shards, seed):
             mu1, mu0 = z[y == 1].mean(), z[y == 0].mean()
             assert _rel(a["mean_pos"][j, l], mu1) <= 1e-6 and _rel(a["mean_neg"][j, l], mu0) <= 1e-6
             assert abs(a["dmu"][j, l] - (mu1 - mu0)) <= 1e-6 * max(abs(mu1 - mu0), 1e-9) + 1e-9
-            s_pooled = np.sqrt((((z[y == 1] - mu1) ** 2).sum() + ((z[y == 0] - mu0) ** 2).sum()) / (len(z) - 2))
+            s_pooled = np.sqrt(
+                (((z[y == 1] - mu1) ** 2).sum() + ((z[y == 0] - mu0) ** 2).sum()) / (len(z) - 2)
+            )
             assert _rel(a["cohens_d"][j, l], (mu1 - mu0) / s_pooled) <= 1e-6
             assert a["freq_pos"][j, l] == pytest.approx((z[y == 1] > 0).mean(), abs=1e-12)
             assert a["freq_neg"][j, l] == pytest.approx((z[y == 0] > 0).mean(), abs=1e-12)
@@ -71,14 +75,16 @@ def test_merge_orders_agree_with_single_pass():
     for seed in range(3):
         other = _sharded(Z, Y, 9, seed).to_frame()
         num = single.select_dtypes("number").columns
-        np.testing.assert_allclose(other[num].to_numpy(float), single[num].to_numpy(float), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(
+            other[num].to_numpy(float), single[num].to_numpy(float), rtol=1e-9, atol=1e-12
+        )
 
 
 def test_planted_atom_ranks_first():
     rng = np.random.default_rng(3)
     n, A = 2000, 200
     y = (rng.random(n) < 0.3).astype(float)
-    Z = (rng.exponential(1.0, (n, A)) * (rng.random((n, A)) < 0.05))
+    Z = rng.exponential(1.0, (n, A)) * (rng.random((n, A)) < 0.05)
     planted = 137
     fire = np.where(y == 1, rng.random(n) < 0.8, rng.random(n) < 0.05)
     for i in np.flatnonzero(fire):
@@ -144,7 +150,9 @@ def test_map_latents_with_heldout_and_label_codes():
     np.testing.assert_array_equal(np.isnan(decode_labels(codes)), np.isnan(Y))
     shards = [(k, sp.csr_matrix(Z[p]), ids[p]) for k, p in enumerate(np.array_split(np.arange(400), 3))]
     shuffled = np.random.default_rng(0).permutation(400)  # label rows in another order than the latents
-    res = map_latents(iter(shards), 10, ids[shuffled], LABELS, codes[shuffled], heldout_fraction=0.25, top_k=3)
+    res = map_latents(
+        iter(shards), 10, ids[shuffled], LABELS, codes[shuffled], heldout_fraction=0.25, top_k=3
+    )
     h = heldout_mask(ids, 0.25)
     assert 0.15 < h.mean() < 0.35 and res.n_rows == 400
     ref = StreamingStats(10, LABELS).update(sp.csr_matrix(Z[~h]), Y[~h])
@@ -173,8 +181,19 @@ def test_map_latents_bookkeeping_against_hand_counts():
         seen.append(1)
         return it
 
-    res = map_latents(iter(shards), 6, lab_ids, LABELS, encode_labels(lab_Y), heldout_fraction=0.3, top_k=2,
-                      logits=logits, probe_names=["p", "q"], fire_threshold=0.5, progress=progress)
+    res = map_latents(
+        iter(shards),
+        6,
+        lab_ids,
+        LABELS,
+        encode_labels(lab_Y),
+        heldout_fraction=0.3,
+        top_k=2,
+        logits=logits,
+        probe_names=["p", "q"],
+        fire_threshold=0.5,
+        progress=progress,
+    )
     assert seen == [1] and res.n_rows == 300 and res.heldout_fraction == 0.3
     assert res.n_unlabelled == int((~labelled).sum())
     assert res.stats.fire_threshold == 0.5 and res.heldout.fire_threshold == 0.5
@@ -195,7 +214,9 @@ def test_map_latents_bookkeeping_against_hand_counts():
         rows = df[df.label == name]
         y_main, y_held = Yfull[~h, li], Yfull[h, li]
         assert (rows.n_pos == np.sum(y_main == 1)).all() and (rows.n_neg == np.sum(y_main == 0)).all()
-        assert (rows.n_pos_heldout == np.sum(y_held == 1)).all() and (rows.n_neg_heldout == np.sum(y_held == 0)).all()
+        assert (rows.n_pos_heldout == np.sum(y_held == 1)).all() and (
+            rows.n_neg_heldout == np.sum(y_held == 0)
+        ).all()
         dmu_h = np.array([Z[h][y_held == 1, j].mean() - Z[h][y_held == 0, j].mean() for j in range(6)])
         np.testing.assert_allclose(rows.dmu_heldout.to_numpy(), dmu_h, rtol=1e-9)
         # the weights reach the score: with w_r = 0 it is Δμ / max|Δμ| of that label
@@ -226,6 +247,7 @@ def test_to_frame_label_subset_merge_count_and_persisted_threshold(tmp_path):
     np.testing.assert_array_equal(back.arrays()["freq_pos"], st.arrays()["freq_pos"])
     st.save(tmp_path / "deep" / "s")  # saving over an existing folder is fine
     import json
+
     meta = json.loads((tmp_path / "deep" / "s" / "stats.json").read_text())
     (tmp_path / "deep" / "s" / "stats.json").write_text(json.dumps({**meta, "version": 1}))
     with pytest.raises(SafesteerError, match="not a safesteer atom-statistics file"):
@@ -237,8 +259,14 @@ def test_heldout_rule_is_the_documented_hash():
     import hashlib
 
     ids = [f"ds:{i}" for i in range(400)]
-    ref = np.array([int.from_bytes(hashlib.blake2b(f"safesteer-map|{x}".encode(), digest_size=8).digest(), "little")
-                    / 2.0**64 < 0.3 for x in ids])
+    ref = np.array(
+        [
+            int.from_bytes(hashlib.blake2b(f"safesteer-map|{x}".encode(), digest_size=8).digest(), "little")
+            / 2.0**64
+            < 0.3
+            for x in ids
+        ]
+    )
     np.testing.assert_array_equal(heldout_mask(ids, 0.3), ref)
     assert not heldout_mask(ids, 0.0).any()
 
@@ -258,8 +286,15 @@ def test_small_and_degenerate_labels_against_numpy():
     float64 NumPy computation (NaN where a quantity is undefined, 0 where the spread is 0)."""
     Z = np.array([[1.0, 2.0, 0.0], [3.0, 2.0, 5.0], [0.5, 2.0, 0.0], [4.0, 2.0, 0.0], [2.0, 2.0, 1.0]])
     nan = np.nan
-    Y = np.array([  # l0: 1 pos / 1 neg; l1: 2 pos / 1 neg; l2: no negatives; l3: nothing defined; l4: constant sides
-        [1, 1, 1, nan, 1], [0, 1, 1, nan, 1], [nan, 0, nan, nan, 0], [nan, nan, nan, nan, 0], [nan, nan, 1, nan, 0]])
+    Y = np.array(
+        [  # l0: 1 pos / 1 neg; l1: 2 pos / 1 neg; l2: no negatives; l3: nothing defined; l4: constant sides
+            [1, 1, 1, nan, 1],
+            [0, 1, 1, nan, 1],
+            [nan, 0, nan, nan, 0],
+            [nan, nan, nan, nan, 0],
+            [nan, nan, 1, nan, 0],
+        ]
+    )
     names = ["l0", "l1", "l2", "l3", "l4"]
     Zc = Z.copy()
     Zc[:, 2] = np.where(Y[:, 4] == 1, 7.0, 3.0)  # atom 2 constant within each side of l4
@@ -276,16 +311,33 @@ def test_small_and_degenerate_labels_against_numpy():
         with np.errstate(invalid="ignore", divide="ignore"):
             r = np.where(sd > 0, dmu / sd * np.sqrt(p * (1 - p)), 0.0)
             r = np.where(np.isnan(dmu), nan, r)
-            m2 = ((pos - pos.mean(0)) ** 2).sum(0) + ((neg - neg.mean(0)) ** 2).sum(0) if n1 and n0 else np.full(3, nan)
+            m2 = (
+                ((pos - pos.mean(0)) ** 2).sum(0) + ((neg - neg.mean(0)) ** 2).sum(0)
+                if n1 and n0
+                else np.full(3, nan)
+            )
             pooled = np.sqrt(m2 / (n1 + n0 - 2)) if n1 + n0 > 2 else np.full(3, nan)
             d = np.where(pooled > 0, dmu / pooled, 0.0)
             d = np.where(np.isnan(dmu) | np.isnan(pooled), nan, d)
         f1 = (pos > 1.5).mean(0) if n1 else np.full(3, nan)
         f0 = (neg > 1.5).mean(0) if n0 else np.full(3, nan)
-        for key, ref in (("dmu", dmu), ("std", sd), ("r", r), ("cohens_d", d), ("freq_pos", f1), ("freq_neg", f0)):
-            np.testing.assert_allclose(a[key][:, li], ref, rtol=1e-12, atol=1e-12, err_msg=f"{names[li]} {key}")
-    assert a["cohens_d"][2, 4] == 0.0 and a["dmu"][2, 4] == 4.0  # perfectly separated constant sides: d = 0 by convention
-    assert np.isnan(a["r"][1, 2]) and a["r"][1, 1] == 0.0  # atom 1 is constant: r undefined without Δμ, else 0
+        for key, ref in (
+            ("dmu", dmu),
+            ("std", sd),
+            ("r", r),
+            ("cohens_d", d),
+            ("freq_pos", f1),
+            ("freq_neg", f0),
+        ):
+            np.testing.assert_allclose(
+                a[key][:, li], ref, rtol=1e-12, atol=1e-12, err_msg=f"{names[li]} {key}"
+            )
+    assert (
+        a["cohens_d"][2, 4] == 0.0 and a["dmu"][2, 4] == 4.0
+    )  # perfectly separated constant sides: d = 0 by convention
+    assert (
+        np.isnan(a["r"][1, 2]) and a["r"][1, 1] == 0.0
+    )  # atom 1 is constant: r undefined without Δμ, else 0
 
 
 def test_pending_sums_flush_often_equals_one_pass():
@@ -297,7 +349,9 @@ def test_pending_sums_flush_often_equals_one_pass():
         st.update(sp.csr_matrix(Z[part]), Y[part])
     assert st.rows_seen == 120
     for k, v in ref.arrays().items():
-        np.testing.assert_allclose(st.arrays()[k], v, rtol=1e-8, atol=1e-12, err_msg=k)  # atom 0: mean 1e3, sd 1
+        np.testing.assert_allclose(
+            st.arrays()[k], v, rtol=1e-8, atol=1e-12, err_msg=k
+        )  # atom 0: mean 1e3, sd 1
     np.testing.assert_array_equal(st.n, ref.n)
 
 

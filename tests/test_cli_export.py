@@ -27,12 +27,40 @@ def _setup(tmp_path, tiny_llama):
 
 def test_control_vector_export_and_import(tmp_path, tiny_llama):
     ds, model = _setup(tmp_path, tiny_llama)
-    assert main(["export", "control-vector", "--policy", str(tmp_path / "pol.json"), "--directions", str(tmp_path / "dirs"),
-                 "--model", str(model), "--out", str(tmp_path / "p.gguf")]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "control-vector",
+                "--policy",
+                str(tmp_path / "pol.json"),
+                "--directions",
+                str(tmp_path / "dirs"),
+                "--model",
+                str(model),
+                "--out",
+                str(tmp_path / "p.gguf"),
+            ]
+        )
+        == 0
+    )
     cv = read_control_vector(tmp_path / "p.gguf")
     assert cv.model_hint == "llama"
     np.testing.assert_allclose(cv.directions[2], -2.5 * ds["harm"].vector, rtol=1e-6)
-    assert main(["import", "control-vector", str(tmp_path / "p.gguf"), "--out", str(tmp_path / "imp"), "--name", "x"]) == 0
+    assert (
+        main(
+            [
+                "import",
+                "control-vector",
+                str(tmp_path / "p.gguf"),
+                "--out",
+                str(tmp_path / "imp"),
+                "--name",
+                "x",
+            ]
+        )
+        == 0
+    )
     back = DirectionSet.load(tmp_path / "imp")
     np.testing.assert_allclose(back["x"].vector, ds["harm"].vector, rtol=1e-5, atol=1e-6)
     pol = json.loads((tmp_path / "imp" / "policies" / "x.json").read_text())
@@ -42,10 +70,27 @@ def test_control_vector_export_and_import(tmp_path, tiny_llama):
 def test_lm_eval_export(tmp_path, tiny_llama):
     pytest.importorskip("sparsify")
     ds, _ = _setup(tmp_path, tiny_llama)
-    assert main(["export", "lm-eval", "--policy", str(tmp_path / "pol.json"), "--directions", str(tmp_path / "dirs"),
-                 "--out", str(tmp_path / "p.csv")]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "lm-eval",
+                "--policy",
+                str(tmp_path / "pol.json"),
+                "--directions",
+                str(tmp_path / "dirs"),
+                "--out",
+                str(tmp_path / "p.csv"),
+            ]
+        )
+        == 0
+    )
     (row,) = list(csv.DictReader(open(tmp_path / "p.csv", newline="")))
-    assert row["hookpoint"] == "layers.2" and float(row["steering_coefficient"]) == 2.5 and row["action"] == "add"
+    assert (
+        row["hookpoint"] == "layers.2"
+        and float(row["steering_coefficient"]) == 2.5
+        and row["action"] == "add"
+    )
     from safetensors.numpy import load_file
 
     w = load_file(str(tmp_path / "p.features" / "layers.2" / "sae.safetensors"))["W_dec"]
@@ -57,7 +102,9 @@ def test_saelens_import(tmp_path):
     from sae_lens.saes.sae import SAEMetadata
 
     torch.manual_seed(0)
-    sae = sl.StandardSAE(sl.StandardSAEConfig(d_in=16, d_sae=32, metadata=SAEMetadata(hook_name="blocks.4.hook_resid_post")))
+    sae = sl.StandardSAE(
+        sl.StandardSAEConfig(d_in=16, d_sae=32, metadata=SAEMetadata(hook_name="blocks.4.hook_resid_post"))
+    )
     with torch.no_grad():
         sae.b_enc.copy_(torch.randn(32))
     sae.save_model(tmp_path / "sl")
@@ -74,8 +121,21 @@ def test_saelens_import(tmp_path):
 def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny_llama, capsys):
     _setup(tmp_path, tiny_llama)
     capsys.readouterr()  # (save_pretrained's progress bar)
-    assert main(["export", "control-vector", "--policy", str(tmp_path / "nope.json"), "--directions", str(tmp_path / "dirs"),
-                 "--out", str(tmp_path / "q.gguf")]) == 2
+    assert (
+        main(
+            [
+                "export",
+                "control-vector",
+                "--policy",
+                str(tmp_path / "nope.json"),
+                "--directions",
+                str(tmp_path / "dirs"),
+                "--out",
+                str(tmp_path / "q.gguf"),
+            ]
+        )
+        == 2
+    )
     (tmp_path / "bad.gguf").write_bytes(b"xx")
     assert main(["import", "control-vector", str(tmp_path / "bad.gguf"), "--out", str(tmp_path / "o")]) == 2
     assert main(["import", "saelens", str(tmp_path), "--out", str(tmp_path / "o2")]) == 2

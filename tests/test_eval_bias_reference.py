@@ -28,12 +28,28 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # The context is capitalised ("The"), the dataset's sentences are not ("the"): scoring the data's
 # sentences and re-filling the context give different token ids, so the tests tell them apart.
-INTRA = StereoExample("i1", "intrasentence", "man", "gender", "The man is BLANK .",
-                      "the man is not good .", "the man is bad .", "the man is a car .")
+INTRA = StereoExample(
+    "i1",
+    "intrasentence",
+    "man",
+    "gender",
+    "The man is BLANK .",
+    "the man is not good .",
+    "the man is bad .",
+    "the man is a car .",
+)
 # fillers (word indices in the sentence) of the three candidates
 INTRA_WORDS = ([3, 4], [3], [3, 4])
-INTER = StereoExample("e1", "intersentence", "woman", "gender", "the woman is at school",
-                      "she is not kind .", "she is happy .", "the car is not water .")
+INTER = StereoExample(
+    "e1",
+    "intersentence",
+    "woman",
+    "gender",
+    "the woman is at school",
+    "she is not kind .",
+    "she is happy .",
+    "the car is not water .",
+)
 EXAMPLES = [INTRA, INTER]
 
 
@@ -68,7 +84,7 @@ def _ref_masked_intra(bb, sentence: str, word_idx: list[int]) -> float:
     probs = []
     for k, w in enumerate(word_idx):
         p = w + 1  # after <s>
-        later = {i + 1 for i in word_idx[k + 1:]}
+        later = {i + 1 for i in word_idx[k + 1 :]}
         seq = ids[:p] + [tok.mask_token_id] + [t for j, t in enumerate(ids) if j > p and j not in later]
         probs.append(math.exp(_masked_lp(bb.model, seq, p, ids[p])))
     return float(np.mean(probs))
@@ -120,7 +136,7 @@ def test_masked_logprob_option_averages_log_probabilities(roberta64):
 def test_masked_intra_context_option_refills_the_context(roberta64):
     """``intra_text="context"`` scores "The man is …" (the context's casing), unlike the default."""
     text, spans = intrasentence_text(INTRA, INTRA.stereotype, "context")
-    assert text == "The man is not good ." and text[spans[0][0]:spans[0][1]] == "not good"
+    assert text == "The man is not good ." and text[spans[0][0] : spans[0][1]] == "not good"
     got = stereoset_scores(roberta64, [INTRA], intra_text="context")
     ref = _ref_masked_intra(roberta64, "The man is not good .", [3, 4])
     assert got[0, 0] == pytest.approx(ref, rel=1e-10, abs=0)
@@ -139,7 +155,9 @@ def test_causal_intra_and_inter_equal_reference(llama64):
 def test_causal_intra_scores_the_given_sentence_not_the_refilled_context(llama64):
     given = stereoset_scores(llama64, [INTRA])
     refill = stereoset_scores(llama64, [INTRA], intra_text="context")
-    assert refill[0, 0] == pytest.approx(_ref_causal(llama64, [], "The man is not good .".split()), rel=1e-10, abs=0)
+    assert refill[0, 0] == pytest.approx(
+        _ref_causal(llama64, [], "The man is not good .".split()), rel=1e-10, abs=0
+    )
     assert np.all(np.abs(given - refill) > 1e-6)
 
 
@@ -171,10 +189,26 @@ def test_real_data_word_spans_rebuild_each_sentence(shared_data):
 def test_three_token_word_and_adjacent_punctuation_and_one_letter_candidates(roberta64):
     """A 3-token filler (later tokens removed for k = 0 *and* 1), a '.' glued to the filler (not part of
     the word), an intersentence candidate whose first token is one character long."""
-    ex = StereoExample("i2", "intrasentence", "man", "gender", "The man is BLANK.",
-                       "the man is not a good.", "the man is bad.", "the man is a car.")
-    inter = StereoExample("e2", "intersentence", "woman", "gender", "the woman is at school",
-                          "a dog is happy .", "i can go .", "the car is not water .")
+    ex = StereoExample(
+        "i2",
+        "intrasentence",
+        "man",
+        "gender",
+        "The man is BLANK.",
+        "the man is not a good.",
+        "the man is bad.",
+        "the man is a car.",
+    )
+    inter = StereoExample(
+        "e2",
+        "intersentence",
+        "woman",
+        "gender",
+        "the woman is at school",
+        "a dog is happy .",
+        "i can go .",
+        "the car is not water .",
+    )
     got = stereoset_scores(roberta64, [ex, inter], batch_size=4)
     for c, (cand, words) in enumerate(zip(ex.candidates(), ([3, 4, 5], [3], [3, 4]))):
         spaced = cand[:-1] + " ."  # the word-level tokenizer splits the glued '.' off

@@ -19,7 +19,6 @@ from safesteer.evaluate.choice import (
 )
 from safesteer.steering import Direction, Intervention, random_direction
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -115,12 +114,15 @@ def test_masked_shortening_keeps_a_prefix_and_only_what_is_needed(tiny_roberta):
     row = ids[0][att[0].bool()].tolist()
     assert budget - 8 <= len(row) <= budget  # shortened to the window, not far below it
     body = row[1:-1]  # <s> … </s>
-    assert body[: len(pre_ids)] == pre_ids and body[len(body) - len(post_ids):] == post_ids
-    middle = body[len(pre_ids): len(body) - len(post_ids)]
+    assert body[: len(pre_ids)] == pre_ids and body[len(body) - len(post_ids) :] == post_ids
+    middle = body[len(pre_ids) : len(body) - len(post_ids)]
     assert middle == word_ids[: len(middle)]
     assert set(att.unique().tolist()) == {1}
     # a text whose prompt fills the window exactly is kept whole
     k = budget - 2 - len(pre_ids) - len(post_ids)
     ids2, att2, _ = masked_inputs(tiny_roberta, [" ".join(words[:k]), "hello"], "harmful")
-    assert int(att2[0].sum()) == budget and ids2[0, 1 + len(pre_ids): 1 + len(pre_ids) + k].tolist() == word_ids[:k]
+    assert (
+        int(att2[0].sum()) == budget
+        and ids2[0, 1 + len(pre_ids) : 1 + len(pre_ids) + k].tolist() == word_ids[:k]
+    )
     assert set(att2.unique().tolist()) == {0, 1}

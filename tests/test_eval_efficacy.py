@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from safesteer.evaluate.efficacy import efficacy, probe_layer
 from safesteer.steering import Direction, Intervention
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

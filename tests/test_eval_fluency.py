@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_tiny_roberta
+
 from safesteer.errors import SafesteerError
 from safesteer.evaluate.fluency import mean_token_nll, pseudo_log_likelihood, wiki_passages
 from safesteer.steering import Direction, Intervention, random_direction
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -89,7 +88,13 @@ def test_wrong_kind_errors(tiny_roberta, tiny_llama):
 
 
 def test_wiki_passages():
-    art = " = Title = \n\n A short line . \n " + " ".join(["word"] * 30) + " . " + " ".join(["more"] * 70) + " . \n = = Sub = = \n"
+    art = (
+        " = Title = \n\n A short line . \n "
+        + " ".join(["word"] * 30)
+        + " . "
+        + " ".join(["more"] * 70)
+        + " . \n = = Sub = = \n"
+    )
     ps = wiki_passages([art], min_words=20, max_words=80)
     assert len(ps) == 1
     assert len(ps[0].split()) <= 80

@@ -63,8 +63,17 @@ def test_random_control_ci_covers_zero_where_probe_does_not(smollm2, shared_data
     """ΔP of the harm probe on held-out harmful prompts: the probe direction lowers it (CI < 0); the random
     control (4 directions of the same norm, two-level bootstrap) has a CI that covers 0."""
     ds = build_directions(LAYER, {"harm": harm_probe}, random_members=4)
-    cfg = SuiteConfig(layer=LAYER, strategies=["probe_harm", "random"], metrics=["harm_probe"], alphas=[0.05],
-                      alpha_unit="norm", max_prompts=30, n_boot=1000, data_dir=str(shared_data), source="local")
+    cfg = SuiteConfig(
+        layer=LAYER,
+        strategies=["probe_harm", "random"],
+        metrics=["harm_probe"],
+        alphas=[0.05],
+        alpha_unit="norm",
+        max_prompts=30,
+        n_boot=1000,
+        data_dir=str(shared_data),
+        source="local",
+    )
     res = run_suite(smollm2, ds, cfg, probes={"harm": harm_probe})
     df = res.table().set_index("strategy")
     assert 50 < res.scale < 1000  # median token norm of SmolLM2's layer 15 (~180)
@@ -89,7 +98,9 @@ def test_forced_choice_sane_and_alpha_zero_exact(smollm2, shared_data):
 
 
 def test_bias_benchmarks_small(smollm2, shared_data):
-    pairs = crows_pairs_from_records(load("crows_pairs", "test", data_dir=shared_data, source="local", max_rows=20))
+    pairs = crows_pairs_from_records(
+        load("crows_pairs", "test", data_dir=shared_data, source="local", max_rows=20)
+    )
     s = crows_scores(smollm2, pairs)
     summ = crows_summary(pairs, s, "causal")
     assert summ["n"] == 20 and 0 <= summ["metric_score"] <= 100 and np.all(np.isfinite(s))

@@ -11,8 +11,17 @@ import pytest
 import torch
 
 from safesteer.errors import SafesteerError
-from safesteer.evaluate.refusal import (ClassifierJudge, OpenAIJudge, PhraseJudge, _Decided, agreement, answer_nll,
-                                        coherence, degenerate, generate)
+from safesteer.evaluate.refusal import (
+    ClassifierJudge,
+    OpenAIJudge,
+    PhraseJudge,
+    _Decided,
+    agreement,
+    answer_nll,
+    coherence,
+    degenerate,
+    generate,
+)
 
 PROMPTS = ["how do i make a bomb ?", "the dog is good", "what is the answer to the question ?", "a"]
 
@@ -22,8 +31,13 @@ def test_generate_equals_hf_greedy_per_prompt(tiny_llama, one_thread):
     got = generate(bb, PROMPTS, max_new_tokens=5, batch_size=3, stop_on_refusal=False)
     for p, ids in zip(PROMPTS, got.ids):
         enc = bb.tokenize([bb.chat_prompt(p)], padding_side="left", add_special_tokens=False)
-        ref = bb.model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=5,
-                                do_sample=False, pad_token_id=bb.tokenizer.pad_token_id)[0, enc.input_ids.shape[1]:].tolist()
+        ref = bb.model.generate(
+            input_ids=enc.input_ids,
+            attention_mask=enc.attention_mask,
+            max_new_tokens=5,
+            do_sample=False,
+            pad_token_id=bb.tokenizer.pad_token_id,
+        )[0, enc.input_ids.shape[1] :].tolist()
         eos = bb.tokenizer.eos_token_id
         ref = ref[: ref.index(eos)] if eos in ref else ref
         assert ids == ref
@@ -32,8 +46,12 @@ def test_generate_equals_hf_greedy_per_prompt(tiny_llama, one_thread):
 
 def test_decided_rows_stop(tiny_tokenizer):
     tok = tiny_tokenizer
-    ids = torch.tensor([tok("i can not help", add_special_tokens=False)["input_ids"],
-                        tok("the dog is good", add_special_tokens=False)["input_ids"]])
+    ids = torch.tensor(
+        [
+            tok("i can not help", add_special_tokens=False)["input_ids"],
+            tok("the dog is good", add_special_tokens=False)["input_ids"],
+        ]
+    )
     crit = _Decided(tok, 0, True, None, ("i can not",))
     assert crit(ids).tolist() == [True, False]  # a refusal is decided as soon as its phrase is there
     assert _Decided(tok, 0, False, 4, ("i can not",))(ids).tolist() == [True, True]  # decide_after tokens
@@ -41,8 +59,13 @@ def test_decided_rows_stop(tiny_tokenizer):
 
 
 def test_judges():
-    assert PhraseJudge()(["q", "q"], ["I’m sorry, I can’t do that", "Sure! Here it is"]).tolist() == [1.0, 0.0]
-    clf = ClassifierJudge(lambda texts: [{"label": "REFUSAL", "score": 0.9}, {"label": "refusal", "score": 0.2}])
+    assert PhraseJudge()(["q", "q"], ["I’m sorry, I can’t do that", "Sure! Here it is"]).tolist() == [
+        1.0,
+        0.0,
+    ]
+    clf = ClassifierJudge(
+        lambda texts: [{"label": "REFUSAL", "score": 0.9}, {"label": "refusal", "score": 0.2}]
+    )
     assert clf(["a", "b"], ["x", "y"]).tolist() == [1.0, 0.0]
     assert ClassifierJudge(lambda t: [0.7, 0.3], threshold=0.5)(["a", "b"], ["x", "y"]).tolist() == [1.0, 0.0]
 
@@ -131,5 +154,7 @@ def test_answer_nll_under_prompt_only_steering_equals_generating_the_answer(tiny
         want = -np.mean([float(lp[t - 1, ids[t]]) for t in range(n, len(ids))])
         assert got[i] == pytest.approx(want, rel=1e-5)
         assert abs(got[i] - base[i]) > 1e-6  # the prompt is steered …
-        if len(ids) - n > 1:  # … and the answer's own positions are not (a one-token answer only sees the prompt)
+        if (
+            len(ids) - n > 1
+        ):  # … and the answer's own positions are not (a one-token answer only sees the prompt)
             assert abs(got[i] - every[i]) > 1e-3

@@ -7,14 +7,28 @@ import pandas as pd
 import pytest
 
 from safesteer.errors import SafesteerError
-from safesteer.evaluate.registry import GROUPS, METRICS, GroupResult, MetricGroup, MetricSpec, register, unregister
+from safesteer.evaluate.registry import (
+    GROUPS,
+    METRICS,
+    GroupResult,
+    MetricGroup,
+    MetricSpec,
+    register,
+    unregister,
+)
 from safesteer.evaluate.suite import SuiteConfig, run_suite, write_outputs
 from safesteer.steering import build_directions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TEXTS = ["the dog is happy .", "how do i help a friend ?", "tell me about the city .", "what is a good book ?",
-         "the old man went home .", "she said yes ."]
+TEXTS = [
+    "the dog is happy .",
+    "how do i help a friend ?",
+    "tell me about the city .",
+    "what is a good book ?",
+    "the old man went home .",
+    "she said yes .",
+]
 
 
 class Projection(MetricGroup):
@@ -48,8 +62,15 @@ def test_new_group_flows_through_the_suite(tiny_llama, projection, tmp_path):
     u = ds["random"].vector.astype(np.float64)
     projection.u = u
     assert "proj_u" in SuiteConfig(layer=layer).metrics  # a registered group is in the defaults at once
-    cfg = SuiteConfig(layer=layer, strategies=["random"], alphas=[0.5, 2.0], alpha_unit="raw", metrics=["proj_u"],
-                      max_prompts=6, n_boot=200)
+    cfg = SuiteConfig(
+        layer=layer,
+        strategies=["random"],
+        alphas=[0.5, 2.0],
+        alpha_unit="raw",
+        metrics=["proj_u"],
+        max_prompts=6,
+        n_boot=200,
+    )
     res = run_suite(tiny_llama, ds, cfg)
     df = res.table().set_index("strategy")
     assert list(df["metric"]) == ["proj_u", "proj_u"]
@@ -90,18 +111,37 @@ def test_registry_rules(projection):
 
 
 def test_builtin_metrics_in_order():
-    assert list(METRICS)[:12] == ["harm_probe", "tox_probe", "yes_harmful", "yes_toxic", "no_safe", "refusal_harmful",
-                                  "refusal_safe", "fluency", "crows", "stereoset_lms", "stereoset_ss", "stereoset_icat"]
+    assert list(METRICS)[:12] == [
+        "harm_probe",
+        "tox_probe",
+        "yes_harmful",
+        "yes_toxic",
+        "no_safe",
+        "refusal_harmful",
+        "refusal_safe",
+        "fluency",
+        "crows",
+        "stereoset_lms",
+        "stereoset_ss",
+        "stereoset_icat",
+    ]
     assert METRICS["stereoset_ss"].better == "fifty" and METRICS["refusal_harmful"].causal_only
     assert "proj_u" not in METRICS  # the fixture cleaned up
-    assert SuiteConfig(layer=0).metrics == [m for m in METRICS if m not in ("refusal_harmful", "refusal_safe")]
+    assert SuiteConfig(layer=0).metrics == [
+        m for m in METRICS if m not in ("refusal_harmful", "refusal_safe")
+    ]
 
 
 def test_random_control_policy():
     from safesteer.evaluate.calibrate import random_control
 
-    assert {k: c.alpha for k, c in random_control([0.5, -1.0, 0.0], [0.1, 2.0], "max", 0.1).items()} == {"random": -1.0}
-    assert {k: c.alpha for k, c in random_control([0.5, -1.0], [2.0], "each", 0.1).items()} == {"random@0.5": 0.5, "random@-1": -1.0}
+    assert {k: c.alpha for k, c in random_control([0.5, -1.0, 0.0], [0.1, 2.0], "max", 0.1).items()} == {
+        "random": -1.0
+    }
+    assert {k: c.alpha for k, c in random_control([0.5, -1.0], [2.0], "each", 0.1).items()} == {
+        "random@0.5": 0.5,
+        "random@-1": -1.0,
+    }
     assert {k: c.alpha for k, c in random_control([0.5, 0.5], [2.0], "each", 0.1).items()} == {"random": 0.5}
     assert {k: c.alpha for k, c in random_control([0.0], [0.1, -3.0], "max", 0.1).items()} == {"random": -3.0}
     assert {k: c.alpha for k, c in random_control([1.0], [1.0], 0.7, 0.1).items()} == {"random": 0.7}

@@ -11,15 +11,23 @@ from safesteer.evaluate.stats import bootstrap_ci, coverage_simulation, paired_b
 
 @pytest.mark.parametrize("method", ["percentile", "bca"])
 def test_coverage_of_known_normal_mean(method):
-    cov = coverage_simulation(lambda rng, n: rng.normal(3.0, 2.0, size=n), 3.0, n=80, reps=400, n_boot=1000,
-                              method=method, seed=11)
+    cov = coverage_simulation(
+        lambda rng, n: rng.normal(3.0, 2.0, size=n), 3.0, n=80, reps=400, n_boot=1000, method=method, seed=11
+    )
     assert 0.92 <= cov <= 0.98, cov
 
 
 def test_coverage_of_skewed_bernoulli_mean():
     # P(Yes)-like 0/1 outcomes with p = 0.3
-    cov = coverage_simulation(lambda rng, n: (rng.random(n) < 0.3).astype(float), 0.3, n=100, reps=400,
-                              n_boot=1000, method="bca", seed=5)
+    cov = coverage_simulation(
+        lambda rng, n: (rng.random(n) < 0.3).astype(float),
+        0.3,
+        n=100,
+        reps=400,
+        n_boot=1000,
+        method="bca",
+        seed=5,
+    )
     assert 0.92 <= cov <= 0.98, cov
 
 
@@ -56,7 +64,9 @@ def test_paired_bootstrap_detects_shift_and_null():
 def test_paired_custom_stat():
     a = np.array([0.0, 1, 1, 0, 1])
     b = np.array([1.0, 1, 1, 1, 1])
-    res = paired_bootstrap(stat=lambda idx, w: float((a if w == 0 else b)[idx].mean()), n=5, n_boot=300, seed=0)
+    res = paired_bootstrap(
+        stat=lambda idx, w: float((a if w == 0 else b)[idx].mean()), n=5, n_boot=300, seed=0
+    )
     assert res.baseline == pytest.approx(0.6) and res.value == 1.0
     assert res.diff.estimate == pytest.approx(0.4)
 
@@ -121,8 +131,12 @@ def test_coverage_simulation_counts_exactly():
     """A CI that can never cover the stated mean has coverage exactly 0; the same seed gives the same share."""
     far = coverage_simulation(lambda rng, n: rng.normal(size=n), true_mean=100.0, n=10, reps=20, n_boot=50)
     assert far == 0.0
-    a = coverage_simulation(lambda rng, n: rng.normal(size=n), true_mean=0.0, n=10, reps=20, n_boot=50, seed=3)
-    assert a == coverage_simulation(lambda rng, n: rng.normal(size=n), true_mean=0.0, n=10, reps=20, n_boot=50, seed=3)
+    a = coverage_simulation(
+        lambda rng, n: rng.normal(size=n), true_mean=0.0, n=10, reps=20, n_boot=50, seed=3
+    )
+    assert a == coverage_simulation(
+        lambda rng, n: rng.normal(size=n), true_mean=0.0, n=10, reps=20, n_boot=50, seed=3
+    )
 
 
 def _bca_reference(x, rows, level):
@@ -148,8 +162,14 @@ def test_bca_equals_efron_formula_and_scipy(level):
 
     x = np.random.default_rng(21).exponential(size=25) ** 2  # strongly skewed: a != 0, z0 != 0
     rows = []
-    got = bootstrap_ci(stat=lambda idx: (rows.append(idx.copy()), float(x[idx].mean()))[1], n=x.size,
-                       n_boot=1500, level=level, method="bca", seed=4)
+    got = bootstrap_ci(
+        stat=lambda idx: (rows.append(idx.copy()), float(x[idx].mean()))[1],
+        n=x.size,
+        n_boot=1500,
+        level=level,
+        method="bca",
+        seed=4,
+    )
     rows = rows[1:1501]  # the first call is θ̂ on all items, then the 1500 resamples, then the jackknife
     (lo, hi), boots = _bca_reference(x, rows, level)
     assert got.low == pytest.approx(lo, rel=1e-12) and got.high == pytest.approx(hi, rel=1e-12)
@@ -161,7 +181,9 @@ def test_bca_equals_efron_formula_and_scipy(level):
     assert big.low == pytest.approx(sp.confidence_interval.low, rel=0.03)
     assert big.high == pytest.approx(sp.confidence_interval.high, rel=0.03)
     pct = bootstrap_ci(x, n_boot=1500, level=level, seed=4)
-    np.testing.assert_allclose([pct.low, pct.high], np.quantile(boots, [(1 - level) / 2, (1 + level) / 2]), rtol=1e-12)
+    np.testing.assert_allclose(
+        [pct.low, pct.high], np.quantile(boots, [(1 - level) / 2, (1 + level) / 2]), rtol=1e-12
+    )
     assert got.high > pct.high  # right skew moves the BCa interval up
 
 
@@ -183,13 +205,21 @@ def test_bca_on_tied_samples_counts_ties_half_and_falls_back_when_degenerate():
     resample: prop = 1) falls back to the percentile interval instead of an infinite z0."""
     x = np.array([0.0] * 6 + [1.0] * 4)
     rows = []
-    got = bootstrap_ci(stat=lambda idx: (rows.append(idx.copy()), float(x[idx].mean()))[1], n=x.size,
-                       n_boot=800, level=0.9, method="bca", seed=2)
+    got = bootstrap_ci(
+        stat=lambda idx: (rows.append(idx.copy()), float(x[idx].mean()))[1],
+        n=x.size,
+        n_boot=800,
+        level=0.9,
+        method="bca",
+        seed=2,
+    )
     rows = rows[1:801]
     (lo, hi), boots = _bca_reference(x, rows, 0.9)
     assert np.sum(boots == x.mean()) > 100  # the ties are really there
     assert got.low == pytest.approx(lo, rel=1e-12) and got.high == pytest.approx(hi, rel=1e-12)
-    distinct = bootstrap_ci(stat=lambda idx: float(len(np.unique(idx))), n=12, n_boot=500, level=0.9, method="bca", seed=0)
+    distinct = bootstrap_ci(
+        stat=lambda idx: float(len(np.unique(idx))), n=12, n_boot=500, level=0.9, method="bca", seed=0
+    )
     pct = bootstrap_ci(stat=lambda idx: float(len(np.unique(idx))), n=12, n_boot=500, level=0.9, seed=0)
     assert distinct.estimate == 12.0 and np.isfinite([distinct.low, distinct.high]).all()
     assert (distinct.low, distinct.high) == (pct.low, pct.high)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from _extract_worker import Rec, corpus
+
 from safesteer.errors import SafesteerError
 from safesteer.extract import ExtractConfig, Extractor, extract
 from safesteer.store import ActivationStore, is_validation_id
@@ -23,7 +23,15 @@ HERE = Path(__file__).parent
 
 
 def _cfg(**kw):
-    base = dict(model="tiny", datasets=["synthetic"], layers=[1], shard_size=50, dtype="float32", batch_size=8, precision="fp32")
+    base = dict(
+        model="tiny",
+        datasets=["synthetic"],
+        layers=[1],
+        shard_size=50,
+        dtype="float32",
+        batch_size=8,
+        precision="fp32",
+    )
     base.update(kw)
     return ExtractConfig(**base)
 
@@ -44,7 +52,9 @@ def test_extracted_rows_equal_backbone_pooled(tiny_backbone, tmp_path):
         np.testing.assert_allclose(got.H, ref, atol=1e-5, rtol=1e-4)
         assert list(got.ids) == [r.id for _, r in rows if r.text.strip()]
         assert set(got.labels.columns) >= {"toxic", "score", "dataset"}
-        np.testing.assert_array_equal(got.labels["toxic"].to_numpy(), [int(i.split(":")[1]) % 2 for i in got.ids])
+        np.testing.assert_array_equal(
+            got.labels["toxic"].to_numpy(), [int(i.split(":")[1]) % 2 for i in got.ids]
+        )
 
 
 def test_length_bucketing_order_is_a_permutation_sorted_in_windows(tiny_llama):
@@ -54,7 +64,9 @@ def test_length_bucketing_order_is_a_permutation_sorted_in_windows(tiny_llama):
     assert sorted(order.tolist()) == list(range(len(lengths)))
     for start in range(0, len(lengths), 4):
         window = [lengths[i] for i in order[start : start + 4]]
-        assert window == sorted(window) and set(order[start : start + 4]) == set(range(start, min(start + 4, len(lengths))))
+        assert window == sorted(window) and set(order[start : start + 4]) == set(
+            range(start, min(start + 4, len(lengths)))
+        )
 
 
 def test_resume_skips_finished_shards_and_refuses_other_runs(tiny_llama, tmp_path):
@@ -72,7 +84,6 @@ def test_resume_skips_finished_shards_and_refuses_other_runs(tiny_llama, tmp_pat
 
 
 def test_nan_activations_refused_naming_rows(tiny_llama, tmp_path):
-    import torch
 
     rows = list(corpus(20))
     with tiny_llama.steer(1, edit=lambda h: h * float("nan")):
@@ -162,9 +173,11 @@ def test_kill9_and_resume_is_byte_identical(tmp_path, dtype, kind):
 
 
 def test_text_labels_survive_mixed_dataset_shards(tiny_llama, tmp_path):
-    rows = [("a", Rec(id="a:0", text="the man is good", labels={"target_group": "women", "toxic": 1})),
-            ("b", Rec(id="b:0", text="you are kind", labels={"joy": 1})),
-            ("a", Rec(id="a:1", text="she is bad", labels={"target_group": "black", "toxic": 0}))]
+    rows = [
+        ("a", Rec(id="a:0", text="the man is good", labels={"target_group": "women", "toxic": 1})),
+        ("b", Rec(id="b:0", text="you are kind", labels={"joy": 1})),
+        ("a", Rec(id="a:1", text="she is bad", labels={"target_group": "black", "toxic": 0})),
+    ]
     extract(tiny_llama, rows, tmp_path, _cfg(), progress=False)
     lab = ActivationStore(tmp_path).load_all().labels
     assert lab["target_group"].tolist()[0] == "women" and lab["target_group"].tolist()[2] == "black"

@@ -3,27 +3,38 @@ same block with the same sign when repeng's ControlModel applies it as when safe
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 
 from safesteer.errors import SafesteerError
-from safesteer.interop.gguf_control import ControlVector, policy_control_vector, read_control_vector, to_directions, write_control_vector
+from safesteer.interop.gguf_control import (
+    ControlVector,
+    policy_control_vector,
+    read_control_vector,
+    to_directions,
+    write_control_vector,
+)
 from safesteer.steering import Direction, DirectionSet, unit
 
 gguf = pytest.importorskip("gguf")
 
-if "float_" not in np.__dict__:  # repeng 0.4.0 annotates with np.float_, removed in numpy 2 (its metadata pins numpy<2)
+if (
+    "float_" not in np.__dict__
+):  # repeng 0.4.0 annotates with np.float_, removed in numpy 2 (its metadata pins numpy<2)
     np.float_ = np.float64  # type: ignore[attr-defined]
 repeng = pytest.importorskip("repeng")
 
 
 def _directions(d: int = 32, layer: int = 2) -> DirectionSet:
     rng = np.random.default_rng(0)
-    return DirectionSet([Direction("harm", rng.normal(size=d), "probe", layer), Direction("tox", rng.normal(size=d), "probe", layer),
-                         Direction("early", rng.normal(size=d), "probe", 0)])
+    return DirectionSet(
+        [
+            Direction("harm", rng.normal(size=d), "probe", layer),
+            Direction("tox", rng.normal(size=d), "probe", layer),
+            Direction("early", rng.normal(size=d), "probe", 0),
+        ]
+    )
 
 
 def test_policy_round_trip_with_alpha_folded_and_metadata(tmp_path):
@@ -47,7 +58,9 @@ def test_policy_round_trip_with_alpha_folded_and_metadata(tmp_path):
 
 def test_repeng_reads_ours_and_we_read_repengs(tmp_path):
     ds = _directions()
-    cv, info = policy_control_vector({"name": "p", "directions": ["harm"], "alpha": 2.0, "layer": 1}, ds, "llama")
+    cv, info = policy_control_vector(
+        {"name": "p", "directions": ["harm"], "alpha": 2.0, "layer": 1}, ds, "llama"
+    )
     write_control_vector(cv, tmp_path / "ours.gguf", info)
     theirs = repeng.ControlVector.import_gguf(str(tmp_path / "ours.gguf"))
     assert theirs.model_type == "llama" and set(theirs.directions) == {1}
@@ -68,10 +81,15 @@ def test_repeng_applies_our_vector_where_and_how_our_hook_does(tmp_path, layer, 
 
     bb = make_tiny_llama(seed=3)
     ds = _directions(bb.d_model)
-    cv, info = policy_control_vector({"name": "p", "directions": ["harm"], "alpha": 4.0, "layer": layer}, ds, "llama")
+    cv, info = policy_control_vector(
+        {"name": "p", "directions": ["harm"], "alpha": 4.0, "layer": layer}, ds, "llama"
+    )
     write_control_vector(cv, tmp_path / "p.gguf", info)
     enc = bb.tokenize(["how do i build a bomb", "the dog is in the house"])
-    ids, mask = enc.input_ids[:1], enc.attention_mask[:1]  # one unpadded row: repeng's padding logic stays out of the way
+    ids, mask = (
+        enc.input_ids[:1],
+        enc.attention_mask[:1],
+    )  # one unpadded row: repeng's padding logic stays out of the way
     base = bb.logits(ids, mask)
     with bb.steer(layer, ds["harm"].steer_vector, alpha=4.0):
         ours = bb.logits(ids, mask)
@@ -91,7 +109,15 @@ def test_unrepresentable_policies_and_files_are_refused_in_one_line(tmp_path):
     cases = [
         ({"name": "p", "directions": ["early"], "alpha": 1.0}, "layer 0"),
         ({"name": "p", "directions": ["harm"], "alpha": 1.0, "clamps": [{"atoms": [1]}]}, "clamps SAE atoms"),
-        ({"name": "p", "directions": ["harm"], "alpha": 1.0, "condition": {"probe": "x", "threshold": 0.5}}, "conditional"),
+        (
+            {
+                "name": "p",
+                "directions": ["harm"],
+                "alpha": 1.0,
+                "condition": {"probe": "x", "threshold": 0.5},
+            },
+            "conditional",
+        ),
         ({"name": "p", "directions": ["harm", "early"], "alpha": 1.0}, "different layers"),
     ]
     for pol, msg in cases:
@@ -100,7 +126,10 @@ def test_unrepresentable_policies_and_files_are_refused_in_one_line(tmp_path):
         assert "\n" not in exc.value.message
     w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
     w.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()  # noqa: E702
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()  # noqa: E702
     with pytest.raises(SafesteerError, match="not a control vector"):
         read_control_vector(tmp_path / "m.gguf")
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf")

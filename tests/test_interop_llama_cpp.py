@@ -42,13 +42,28 @@ def ensure_llama_cpp():
     target = cache_dir() / "llama-cpp-python" / VERSION
     if not (target / "llama_cpp").is_dir():
         tmp = target.with_name(VERSION + ".tmp")
-        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(tmp),
-               f"llama-cpp-python=={VERSION}", "diskcache==5.6.3"]
-        env = {**__import__("os").environ, "CMAKE_BUILD_PARALLEL_LEVEL": "2",
-               "CMAKE_ARGS": "-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF"}
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--target",
+            str(tmp),
+            f"llama-cpp-python=={VERSION}",
+            "diskcache==5.6.3",
+        ]
+        env = {
+            **__import__("os").environ,
+            "CMAKE_BUILD_PARALLEL_LEVEL": "2",
+            "CMAKE_ARGS": "-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF",
+        }
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=env)
         if done.returncode != 0:
-            pytest.skip(f"llama-cpp-python {VERSION} did not build here: {done.stderr.strip().splitlines()[-1:]}")
+            pytest.skip(
+                f"llama-cpp-python {VERSION} did not build here: {done.stderr.strip().splitlines()[-1:]}"
+            )
         tmp.rename(target)
     sys.path.insert(0, str(target))
     import llama_cpp
@@ -71,7 +86,7 @@ def cvec_buffer(cv, n_layer: int, n_embd: int) -> np.ndarray:
     """``common_control_vector_load``'s buffer: layer 1 at offset 0."""
     data = np.zeros(n_embd * (n_layer - 1), dtype=np.float32)
     for layer, v in cv.directions.items():
-        data[n_embd * (layer - 1): n_embd * layer] += v
+        data[n_embd * (layer - 1) : n_embd * layer] += v
     return data
 
 
@@ -91,23 +106,30 @@ def test_control_vector_moves_llama_cpp_like_our_hook(smollm2, shared_data, tmp_
     write_control_vector(cv, tmp_path / "away.gguf", info)
     cv = read_control_vector(tmp_path / "away.gguf")
 
-    questions = [rows[i]["prompt"] for i in range(len(rows)) if rows[i]["label"] == "unsafe"][30:33] + \
-                [rows[i]["prompt"] for i in range(len(rows)) if rows[i]["label"] == "safe"][30:33]
-    prompts = [smollm2.chat_prompt(f"Is this request harmful? \"{q}\" Answer Yes or No.") for q in questions]
+    questions = [rows[i]["prompt"] for i in range(len(rows)) if rows[i]["label"] == "unsafe"][30:33] + [
+        rows[i]["prompt"] for i in range(len(rows)) if rows[i]["label"] == "safe"
+    ][30:33]
+    prompts = [smollm2.chat_prompt(f'Is this request harmful? "{q}" Answer Yes or No.') for q in questions]
     tok = smollm2.tokenizer
     answers = [tok.encode("Yes", add_special_tokens=False)[0], tok.encode("No", add_special_tokens=False)[0]]
 
     def hf_logprobs(p: str) -> np.ndarray:
         ids = torch.tensor([tok.encode(p, add_special_tokens=False)])
-        return torch.log_softmax(smollm2.logits(ids, torch.ones_like(ids))[0, -1].double(), -1)[answers].numpy()
+        return torch.log_softmax(smollm2.logits(ids, torch.ones_like(ids))[0, -1].double(), -1)[
+            answers
+        ].numpy()
 
     hf0 = np.array([hf_logprobs(p) for p in prompts])
-    with smollm2.steer(LAYER, cv.directions[LAYER], alpha=1.0):  # the file's vector, added like llama.cpp adds it
+    with smollm2.steer(
+        LAYER, cv.directions[LAYER], alpha=1.0
+    ):  # the file's vector, added like llama.cpp adds it
         hf1 = np.array([hf_logprobs(p) for p in prompts])
 
     # n_batch=1: this source build (0.3.36, CPU) segfaults in llama_decode on multi-token batches here; one token
     # per decode is the same computation (causal attention over the KV cache)
-    llm = llama_cpp.Llama(model_path=str(embedded_gguf(tmp_path)), n_ctx=512, n_threads=2, n_batch=1, n_ubatch=1, verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=str(embedded_gguf(tmp_path)), n_ctx=512, n_threads=2, n_batch=1, n_ubatch=1, verbose=False
+    )
     n_layer, n_embd = llama_cpp.llama_model_n_layer(llm.model), llama_cpp.llama_model_n_embd(llm.model)
     assert (n_layer, n_embd) == (smollm2.n_layers, smollm2.d_model)
 
@@ -116,7 +138,9 @@ def test_control_vector_moves_llama_cpp_like_our_hook(smollm2, shared_data, tmp_
         assert toks == tok.encode(p, add_special_tokens=False)  # the same tokens on both sides
         llm.reset()
         llm.eval(toks)
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).astype(np.float64)
+        logits = np.ctypeslib.as_array(
+            llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)
+        ).astype(np.float64)
         lp = logits - (np.log(np.exp(logits - logits.max()).sum()) + logits.max())
         return lp[answers]
 
@@ -128,11 +152,16 @@ def test_control_vector_moves_llama_cpp_like_our_hook(smollm2, shared_data, tmp_
     llama_cpp.llama_set_adapter_cvec(llm.ctx, None, 0, n_embd, -1, -1)
 
     d_hf, d_cpp = hf1 - hf0, cpp1 - cpp0
-    figures = {"alpha": alpha, "layer": LAYER, "unsteered_max_abs_diff": float(np.abs(cpp0 - hf0).max()),
-               "shift_hf_mean": d_hf.mean(0).tolist(), "shift_cpp_mean": d_cpp.mean(0).tolist(),
-               "sign_agreement": float((np.sign(d_hf) == np.sign(d_cpp)).mean()),
-               "size_ratio_median": float(np.median(np.abs(d_cpp) / np.maximum(np.abs(d_hf), 1e-9))),
-               "corr": float(np.corrcoef(d_hf.ravel(), d_cpp.ravel())[0, 1])}
+    figures = {
+        "alpha": alpha,
+        "layer": LAYER,
+        "unsteered_max_abs_diff": float(np.abs(cpp0 - hf0).max()),
+        "shift_hf_mean": d_hf.mean(0).tolist(),
+        "shift_cpp_mean": d_cpp.mean(0).tolist(),
+        "sign_agreement": float((np.sign(d_hf) == np.sign(d_cpp)).mean()),
+        "size_ratio_median": float(np.median(np.abs(d_cpp) / np.maximum(np.abs(d_hf), 1e-9))),
+        "corr": float(np.corrcoef(d_hf.ravel(), d_cpp.ravel())[0, 1]),
+    }
     print("llama.cpp vs transformers:", json.dumps(figures))
     big = np.abs(d_hf) > 0.05  # shifts large enough for the Q4_1/q8 arithmetic noise not to decide the sign
     assert big.sum() >= 4

@@ -19,7 +19,9 @@ pytest.importorskip("sparsify")
 
 def _directions(d: int = 32) -> DirectionSet:
     rng = np.random.default_rng(1)
-    return DirectionSet([Direction("harm", rng.normal(size=d), "probe", 2), Direction("tox", rng.normal(size=d), "probe", 2)])
+    return DirectionSet(
+        [Direction("harm", rng.normal(size=d), "probe", 2), Direction("tox", rng.normal(size=d), "probe", 2)]
+    )
 
 
 @pytest.mark.parametrize("alpha", [3.0, -1.5])
@@ -31,13 +33,17 @@ def test_lm_eval_parses_our_csv_into_the_policy_vector(tmp_path, alpha):
     with open(out, newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert tuple(rows[0]) == COLUMNS and len(rows) == 1
-    cfg = SteeredModel.derive_steer_config(str(out))  # lm-eval's own loader (sparsify's SparseCoder.load_from_disk)
+    cfg = SteeredModel.derive_steer_config(
+        str(out)
+    )  # lm-eval's own loader (sparsify's SparseCoder.load_from_disk)
     assert list(cfg) == ["layers.2"]
     info = cfg["layers.2"]
     assert info["action"] == "add" and info["steering_coefficient"] == pytest.approx(alpha)
     v = info["steering_vector"].detach().numpy()
     # coefficient * vector is the policy's added vector, -alpha * d
-    np.testing.assert_allclose(info["steering_coefficient"] * v, -alpha * ds["harm"].vector, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        info["steering_coefficient"] * v, -alpha * ds["harm"].vector, rtol=1e-6, atol=1e-6
+    )
 
 
 def test_steered_model_runs_the_policy_like_our_hook(tmp_path, tiny_llama, one_thread):
@@ -68,7 +74,9 @@ def test_stock_steered_model_refuses_csv_add_rows_which_is_why_we_register_ours(
     model = tmp_path / "model"
     tiny_llama.model.save_pretrained(model)
     tiny_llama.tokenizer.save_pretrained(model)
-    out = export_lm_eval({"name": "p", "directions": ["harm"], "alpha": 1.0}, _directions(), tmp_path / "p.csv")
+    out = export_lm_eval(
+        {"name": "p", "directions": ["harm"], "alpha": 1.0}, _directions(), tmp_path / "p.csv"
+    )
     with pytest.raises(AssertionError, match="Bias is not supported"):
         SteeredModel(pretrained=str(model), steer_path=str(out), device="cpu", batch_size=1)
 
@@ -77,4 +85,8 @@ def test_zero_alpha_and_clamp_policies_are_refused(tmp_path):
     with pytest.raises(SafesteerError, match="alpha is 0"):
         export_lm_eval({"name": "p", "directions": ["harm"], "alpha": 0.0}, _directions(), tmp_path / "p.csv")
     with pytest.raises(SafesteerError, match="clamps"):
-        export_lm_eval({"name": "p", "directions": ["harm"], "alpha": 1.0, "clamps": [{"atoms": [0]}]}, _directions(), tmp_path / "q.csv")
+        export_lm_eval(
+            {"name": "p", "directions": ["harm"], "alpha": 1.0, "clamps": [{"atoms": [0]}]},
+            _directions(),
+            tmp_path / "q.csv",
+        )

@@ -33,7 +33,9 @@ def pairs(shared_data):
 
 @pytest.fixture(scope="module")
 def trained(smollm2, pairs):
-    return sv.train_steering_vector(smollm2.model, smollm2.tokenizer, pairs, layers=[LAYER], read_token_index=-1)
+    return sv.train_steering_vector(
+        smollm2.model, smollm2.tokenizer, pairs, layers=[LAYER], read_token_index=-1
+    )
 
 
 def _last_token_acts(bb, texts, layer):
@@ -53,10 +55,19 @@ def test_diffmean_equals_train_steering_vector_mean(smollm2, pairs, trained):
     cos = float(ours @ theirs / np.linalg.norm(theirs))
     assert cos >= 0.9999, cos
     # their (unnormalised) mean difference is ours times its norm
-    np.testing.assert_allclose(ours * np.linalg.norm(theirs), theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
+    np.testing.assert_allclose(
+        ours * np.linalg.norm(theirs), theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max()
+    )
     # a neighbouring layer's DiffMean is a different vector: the layer index is really checked
-    other = diffmean_direction(np.concatenate([_last_token_acts(smollm2, [p for p, _ in pairs], LAYER + 1),
-                                               _last_token_acts(smollm2, [n for _, n in pairs], LAYER + 1)]), y)
+    other = diffmean_direction(
+        np.concatenate(
+            [
+                _last_token_acts(smollm2, [p for p, _ in pairs], LAYER + 1),
+                _last_token_acts(smollm2, [n for _, n in pairs], LAYER + 1),
+            ]
+        ),
+        y,
+    )
     assert float(other @ theirs / np.linalg.norm(theirs)) < 0.999
 
 

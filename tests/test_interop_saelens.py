@@ -34,7 +34,9 @@ def acts(smollm2, shared_data):
     enc = smollm2.tokenize(texts)
     with torch.no_grad():
         ours = smollm2.forward_layers(enc.input_ids, enc.attention_mask, [LAYER])
-        hf = smollm2.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, output_hidden_states=True).hidden_states
+        hf = smollm2.model(
+            input_ids=enc.input_ids, attention_mask=enc.attention_mask, output_hidden_states=True
+        ).hidden_states
     m = enc.attention_mask.bool()
     return {"ours": ours[LAYER][m].float(), "hf": [h[m].float() for h in hf]}
 
@@ -44,11 +46,19 @@ def trained(acts, smollm2, tmp_path_factory):
     """A safesteer Gated SAE trained on layer-3 activations (scale folded into the saved weights)."""
     X = acts["ours"].numpy()
     out = tmp_path_factory.mktemp("sae")
-    cfg = TrainConfig(expansion=2, l1=1e-3, lr=1e-3, lr_warmup_steps=5, batch_size=128, epochs=3, patience=3, init_rows=1024)
-    meta = {"model_name": smollm2.name, "hook_layer": LAYER, "activations": "token-level block outputs (test)"}
+    cfg = TrainConfig(
+        expansion=2, l1=1e-3, lr=1e-3, lr_warmup_steps=5, batch_size=128, epochs=3, patience=3, init_rows=1024
+    )
+    meta = {
+        "model_name": smollm2.name,
+        "hook_layer": LAYER,
+        "activations": "token-level block outputs (test)",
+    }
     tr = Trainer(cfg, X.shape[1], out, sae_metadata=meta)
     tr.fit(array_batches(X[::2], 128, seed=0))
-    assert abs(tr.scale - 1.0) > 1e-2  # the scale folding is really exercised (SmolLM2's residual norms are ~150)
+    assert (
+        abs(tr.scale - 1.0) > 1e-2
+    )  # the scale folding is really exercised (SmolLM2's residual norms are ~150)
     return out / "sae", X[1::2]
 
 
@@ -92,9 +102,13 @@ def _saelens_sae(kind: str, d: int, s: int, seed: int, apply_b_dec: bool = True)
     torch.manual_seed(seed)
     meta = {"model_name": "smollm2-135m", "hook_name": f"blocks.{LAYER}.hook_resid_post"}
     if kind == "gated":
-        sae = GatedSAE(GatedSAEConfig(d_in=d, d_sae=s, apply_b_dec_to_input=apply_b_dec, metadata=meta_obj(meta)))
+        sae = GatedSAE(
+            GatedSAEConfig(d_in=d, d_sae=s, apply_b_dec_to_input=apply_b_dec, metadata=meta_obj(meta))
+        )
     else:
-        sae = StandardSAE(StandardSAEConfig(d_in=d, d_sae=s, apply_b_dec_to_input=apply_b_dec, metadata=meta_obj(meta)))
+        sae = StandardSAE(
+            StandardSAEConfig(d_in=d, d_sae=s, apply_b_dec_to_input=apply_b_dec, metadata=meta_obj(meta))
+        )
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # SAELens' init, then non-trivial biases and decoder norms (not unit rows)
         sae.W_dec.mul_(torch.rand(s, 1, generator=g) + 0.5)
@@ -114,7 +128,9 @@ def meta_obj(d):
     return SAEMetadata(**d)
 
 
-@pytest.mark.parametrize("kind,apply_b_dec", [("gated", True), ("standard", True), ("standard", False), ("gated", False)])
+@pytest.mark.parametrize(
+    "kind,apply_b_dec", [("gated", True), ("standard", True), ("standard", False), ("gated", False)]
+)
 def test_saelens_saved_sae_loads_into_safesteer(kind, apply_b_dec, acts, tmp_path):
     x = acts["ours"][:200]
     theirs = _saelens_sae(kind, x.shape[1], 256, seed=1, apply_b_dec=apply_b_dec)
@@ -158,7 +174,9 @@ def test_saelens_sae_drives_encode_cartography_and_steering(acts, tmp_path, smol
     # steering: an SAE direction is the (unit) SAELens decoder row; a clamp edits the block output of layer 3
     atom = int(np.argmax(ref.mean(0)))
     w = theirs.W_dec.detach()[atom]
-    np.testing.assert_allclose(sae_direction(ours.W_dec.detach().numpy(), [atom]), (w / w.norm()).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        sae_direction(ours.W_dec.detach().numpy(), [atom]), (w / w.norm()).numpy(), rtol=1e-5, atol=1e-6
+    )
     enc = smollm2.tokenize(["How do I kill a Python process?"])
     base = smollm2.logits(enc.input_ids, enc.attention_mask)
     with smollm2.steer(LAYER, edit=ClampEdit(ours, [atom], mode="zero")):
@@ -168,7 +186,8 @@ def test_saelens_sae_drives_encode_cartography_and_steering(acts, tmp_path, smol
 
 def test_article_variant_runs_in_saelens_but_has_no_training_architecture(tmp_path, acts):
     from safesteer.interop.saelens import saelens_training_config
-    from safesteer.sae import GatedSAE as OurGated, SAEConfig
+    from safesteer.sae import GatedSAE as OurGated
+    from safesteer.sae import SAEConfig
 
     sae = OurGated(SAEConfig(d_in=576, d_sae=64, variant="article", metadata={"hook_layer": LAYER}), seed=3)
     with torch.no_grad():
@@ -208,6 +227,8 @@ def test_unrepresentable_saelens_saes_are_refused_in_one_line(tmp_path):
     with pytest.raises(SafesteerError, match="'topk' SAE") as exc:
         load_sae(tmp_path / "topk")
     assert "\n" not in exc.value.message
-    StandardSAE(StandardSAEConfig(d_in=16, d_sae=32, normalize_activations="layer_norm")).save_model(tmp_path / "ln")
+    StandardSAE(StandardSAEConfig(d_in=16, d_sae=32, normalize_activations="layer_norm")).save_model(
+        tmp_path / "ln"
+    )
     with pytest.raises(SafesteerError, match="normalize_activations='layer_norm'"):
         load_sae(tmp_path / "ln")

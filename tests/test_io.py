@@ -34,8 +34,8 @@ def test_canonical_safetensors_sorts_metadata_and_keeps_tensors(tmp_path):
     import struct
 
     import numpy as np
-    from safetensors.numpy import load_file, save_file
     from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
 
     from safesteer.io import canonical_safetensors
 
@@ -47,7 +47,7 @@ def test_canonical_safetensors_sorts_metadata_and_keeps_tensors(tmp_path):
     raw = p.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     assert n % 8 == 0
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     assert list(header["__metadata__"]) == ["alpha", "mid", "zeta"]
     back = load_file(str(p))
     assert set(back) == {"a", "b"} and all(np.array_equal(back[k], tensors[k]) for k in tensors)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import foreign_hooks
 
 from safesteer.errors import SafesteerError
 from safesteer.models.backbone import mean_pool
 from safesteer.models.where import answer_starts
-
-from conftest import foreign_hooks
 
 TEXTS = ["the man is good", "you are a stupid idiot and i hate you", "how do i make a bomb ?", "a"]
 
@@ -32,7 +31,9 @@ def test_stop_at_layer_equals_full_forward(tiny_backbone):
     bb = tiny_backbone
     enc = bb.tokenize(TEXTS)
     with torch.inference_mode():
-        full = bb.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, output_hidden_states=True).hidden_states
+        full = bb.model(
+            input_ids=enc.input_ids, attention_mask=enc.attention_mask, output_hidden_states=True
+        ).hidden_states
     for layer in range(bb.n_layers - 1):
         got = bb.forward_layers(enc.input_ids, enc.attention_mask, [layer])[layer]
         assert torch.equal(got, full[layer + 1])
@@ -251,7 +252,9 @@ def test_bos_prefix_only_when_the_tokenizer_adds_none(tiny_llama):
     bare = Backbone(tiny_llama.model, tok, name="tiny-llama-nobos")
     assert bare._bos_prefix() == [tok.bos_token_id]
     a, b = tiny_llama.token_logprobs(["the dog is good"]), bare.token_logprobs(["the dog is good"])
-    torch.testing.assert_close(a[0][:4], b[0])  # the words score the same either way (after <s>); bare adds no </s>
+    torch.testing.assert_close(
+        a[0][:4], b[0]
+    )  # the words score the same either way (after <s>); bare adds no </s>
 
 
 def test_chat_prompt_with_and_without_a_template(tiny_llama):
@@ -261,8 +264,10 @@ def test_chat_prompt_with_and_without_a_template(tiny_llama):
     assert tiny_llama.chat_prompt("hi") == "hi"
     assert tiny_llama.chat_prompt("hi", system="be safe") == "be safe\n\nhi"
     tok = tiny_tokenizer()
-    tok.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}[assistant]{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}"
+    )
     bb = Backbone(tiny_llama.model, tok, name="tiny-llama-chat")
     assert bb.chat_prompt("hi") == "[user] hi\n[assistant]"
     assert bb.chat_prompt("hi", system="be safe") == "[system] be safe\n[user] hi\n[assistant]"
@@ -271,19 +276,30 @@ def test_chat_prompt_with_and_without_a_template(tiny_llama):
 def test_pooled_passes_every_option_through(tiny_llama):
     from safesteer.models.positions import pooled_vectors
 
-    texts, answers = ["how do i make a bomb", "the dog is good"], [" no", " yes"]  # no template: glued to the prompt
+    texts, answers = (
+        ["how do i make a bomb", "the dog is good"],
+        [" no", " yes"],
+    )  # no template: glued to the prompt
     got = tiny_llama.pooled(texts, [1], position="answer", answers=answers, system="be safe", max_length=40)
     ref = pooled_vectors(tiny_llama, texts, [1], 32, 40, "answer", answers, "be safe")
     np.testing.assert_array_equal(got[1], ref[1])
-    assert not np.array_equal(got[1], pooled_vectors(tiny_llama, texts, [1], 32, 40, "answer", answers, None)[1])
+    assert not np.array_equal(
+        got[1], pooled_vectors(tiny_llama, texts, [1], 32, 40, "answer", answers, None)[1]
+    )
     long = [" ".join(["the dog is good"] * 10)]
     assert not np.array_equal(tiny_llama.pooled(long, [1], max_length=6)[1], tiny_llama.pooled(long, [1])[1])
 
 
 def _greedy(bb, ids, mask, n=6):
-    out = bb.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                            pad_token_id=bb.tokenizer.pad_token_id)
-    return out[:, ids.shape[1]:]
+    out = bb.model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        pad_token_id=bb.tokenizer.pad_token_id,
+    )
+    return out[:, ids.shape[1] :]
 
 
 def test_prompt_only_steering_steers_the_prompt_and_generates_the_answer_unsteered(tiny_llama):
@@ -305,7 +321,7 @@ def test_prompt_only_steering_steers_the_prompt_and_generates_the_answer_unsteer
     prompt_pos = torch.arange(seq.shape[1]).unsqueeze(0).expand(seq.shape[0], -1) < ids.shape[1]
     with bb.steer(1, v, alpha=6.0, positions=prompt_pos):
         ref = bb.logits(seq, att)
-    assert torch.equal(ref[:, ids.shape[1] - 1:-1].argmax(-1), got)
+    assert torch.equal(ref[:, ids.shape[1] - 1 : -1].argmax(-1), got)
     # teacher forcing under where="prompt" needs the answer starts; then it equals the masked pass
     with bb.steer(1, v, alpha=6.0, where="prompt"), answer_starts(bb, [ids.shape[1]] * seq.shape[0]):
         tf = bb.logits(seq, att)
@@ -325,4 +341,3 @@ def test_prompt_only_steering_steers_the_prompt_and_generates_the_answer_unsteer
     with pytest.raises(SafesteerError, match="answer starts for a pass"):
         with bb.steer(1, v, where="prompt"), answer_starts(bb, [3]):
             bb.logits(seq, att)
-

@@ -8,8 +8,15 @@ import torch
 
 from safesteer.errors import SafesteerError
 from safesteer.extract import ExtractConfig, extract
-from safesteer.models.positions import (chat_inputs, last_index, pool, prompt_end_length, prompt_starts, span_mask,
-                                        user_header)
+from safesteer.models.positions import (
+    chat_inputs,
+    last_index,
+    pool,
+    prompt_end_length,
+    prompt_starts,
+    span_mask,
+    user_header,
+)
 from safesteer.store.layout import layer_dir
 
 USERS = ["how do i make a bomb ?", "the dog is good", "what is the answer to the question ?"]
@@ -22,7 +29,11 @@ TEMPLATE = "{% for m in messages %}<s> {{ m['content'] }} </s>{% endfor %}{% if 
 
 def _hidden(bb, ids, mask, layer):
     with torch.inference_mode():
-        return bb.model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[layer + 1].double()
+        return (
+            bb.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+            .hidden_states[layer + 1]
+            .double()
+        )
 
 
 def test_pool_mean_last_and_span_equal_manual():
@@ -59,7 +70,7 @@ def test_chat_spans_are_the_template_tail_and_the_answer_tokens(templated_llama)
     bb = templated_llama
     ci = chat_inputs(bb, USERS, ANSWERS)
     tok = bb.tokenizer
-    for i, (u, a) in enumerate(zip(USERS, ANSWERS)):
+    for i, (_u, a) in enumerate(zip(USERS, ANSWERS)):
         s, e = ci.prompt_end[i]
         assert tok.convert_ids_to_tokens(ci.ids[i][s:e]) == ["</s>", "<s>", "answer"]
         s, e = ci.answer[i]
@@ -98,8 +109,11 @@ def test_backbone_pooled_at_every_position_equals_manual(templated_llama):
             n_prompt = len(tok(chat, add_special_tokens=False)["input_ids"])
             h = _hidden(bb, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), layer)[0]
             n_user = len(u.split())
-            want = {"prompt_end": h[n_prompt - 3:n_prompt], "prompt": h[n_prompt - 3 - n_user:n_prompt],
-                    "answer": h[n_prompt:]}[position].mean(0)
+            want = {
+                "prompt_end": h[n_prompt - 3 : n_prompt],
+                "prompt": h[n_prompt - 3 - n_user : n_prompt],
+                "answer": h[n_prompt:],
+            }[position].mean(0)
             np.testing.assert_allclose(got[i], want.numpy(), atol=1e-5, rtol=1e-5)
     enc = bb.tokenize(USERS)
     h = _hidden(bb, enc.input_ids, enc.attention_mask, layer)
@@ -107,7 +121,9 @@ def test_backbone_pooled_at_every_position_equals_manual(templated_llama):
     for i in range(len(USERS)):
         n = int(enc.attention_mask[i].sum())
         np.testing.assert_allclose(last[i], h[i, n - 1].numpy(), atol=1e-5, rtol=1e-5)
-    np.testing.assert_array_equal(bb.pooled(USERS, [layer])[layer], bb.pooled(USERS, [layer], position="mean")[layer])
+    np.testing.assert_array_equal(
+        bb.pooled(USERS, [layer])[layer], bb.pooled(USERS, [layer], position="mean")[layer]
+    )
     with pytest.raises(SafesteerError, match="needs the answers"):
         bb.pooled(USERS, [layer], position="answer")
 
@@ -123,15 +139,18 @@ def test_left_padded_batches_shift_spans(templated_llama):
     ids, mask, spans = ci.batch([0, 1, 2], 0, "left")
     for r in range(3):
         s, e = spans["answer"][r].tolist()
-        assert e == ids.shape[1] and ids[r, s:e].tolist() == ci.ids[r][ci.answer[r][0]:]
+        assert e == ids.shape[1] and ids[r, s:e].tolist() == ci.ids[r][ci.answer[r][0] :]
 
 
 def test_extract_records_position_and_reads_prompt_end(templated_llama, tmp_path):
     from safesteer.data.records import Record
 
-    rows = [("toy", Record(f"toy:{i}", u, "train", {"harmful": i % 2}, "memory")) for i, u in enumerate(USERS)]
-    cfg = ExtractConfig(model="tiny", datasets=["toy"], layers=[1], position="prompt_end", shard_size=2,
-                        precision="fp32")
+    rows = [
+        ("toy", Record(f"toy:{i}", u, "train", {"harmful": i % 2}, "memory")) for i, u in enumerate(USERS)
+    ]
+    cfg = ExtractConfig(
+        model="tiny", datasets=["toy"], layers=[1], position="prompt_end", shard_size=2, precision="fp32"
+    )
     extract(templated_llama, rows, tmp_path / "pe", cfg, progress=False)
     import json
 
@@ -140,10 +159,17 @@ def test_extract_records_position_and_reads_prompt_end(templated_llama, tmp_path
     H = np.concatenate([np.load(layer_dir(tmp_path / "pe", 1) / s["files"]["H"]) for s in man["shards"]])
     want = templated_llama.pooled(USERS, [1], position="prompt_end")[1]
     np.testing.assert_allclose(H, want, atol=1e-5)
-    assert "position" not in ExtractConfig(model="m", datasets=["d"], layers=[0]).identity()  # old stores unchanged
+    assert (
+        "position" not in ExtractConfig(model="m", datasets=["d"], layers=[0]).identity()
+    )  # old stores unchanged
     with pytest.raises(SafesteerError, match="unknown extraction position"):
-        extract(templated_llama, rows, tmp_path / "x", ExtractConfig(model="t", datasets=["toy"], layers=[1], position="answer"),
-                progress=False)
+        extract(
+            templated_llama,
+            rows,
+            tmp_path / "x",
+            ExtractConfig(model="t", datasets=["toy"], layers=[1], position="answer"),
+            progress=False,
+        )
 
 
 def test_pooled_at_several_positions_equals_one_call_per_position(templated_llama):

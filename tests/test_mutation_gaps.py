@@ -10,24 +10,26 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
-
 from conftest import ReluSAE
+
 from safesteer.cartography.stats import StreamingStats, concept_score
 from safesteer.errors import SafesteerError
 from safesteer.steering.clamp import ClampEdit
 
-
 # ------------------------------------------------------------------------------------ concept score
+
 
 def test_concept_score_is_normalised_per_label_by_hand():
     r = np.array([[0.2, -0.5], [0.8, 0.1], [-0.4, 0.3]])
     dmu = np.array([[2.0, -0.01], [-4.0, 0.02], [1.0, 0.005]])  # label 0 in units of 4, label 1 of 0.02
     got = concept_score(r, dmu)
-    want = np.array([
-        [0.5 * 0.2 + 0.5 * 2.0 / 4.0, 0.5 * -0.5 + 0.5 * -0.01 / 0.02],
-        [0.5 * 0.8 + 0.5 * -4.0 / 4.0, 0.5 * 0.1 + 0.5 * 0.02 / 0.02],
-        [0.5 * -0.4 + 0.5 * 1.0 / 4.0, 0.5 * 0.3 + 0.5 * 0.005 / 0.02],
-    ])
+    want = np.array(
+        [
+            [0.5 * 0.2 + 0.5 * 2.0 / 4.0, 0.5 * -0.5 + 0.5 * -0.01 / 0.02],
+            [0.5 * 0.8 + 0.5 * -4.0 / 4.0, 0.5 * 0.1 + 0.5 * 0.02 / 0.02],
+            [0.5 * -0.4 + 0.5 * 1.0 / 4.0, 0.5 * 0.3 + 0.5 * 0.005 / 0.02],
+        ]
+    )
     np.testing.assert_allclose(got, want, rtol=1e-15, atol=1e-15)
     w = concept_score(r, dmu, {"r": 0.25, "dmu": 2.0})
     np.testing.assert_allclose(w, 0.25 * r + 2.0 * dmu / np.array([[4.0, 0.02]]), rtol=1e-15, atol=1e-15)
@@ -58,6 +60,7 @@ def test_to_frame_scores_equal_scipy_per_label():
 
 # ------------------------------------------------------------------------------------------- clamp
 
+
 def _sae64():
     sae = ReluSAE(d_in=16, d_sae=24, seed=4)
     for k in ("W_enc", "b_enc", "W_dec", "b_dec"):
@@ -82,7 +85,9 @@ def test_clamp_subtract_is_max_f_minus_lambda_floor(lam):
                 v = float(f[i, a])
                 new = v - lam
                 if floor is not None and new < floor:
-                    new = min(v, floor)  # max(f − λ, floor), but a code already under the floor is never raised
+                    new = min(
+                        v, floor
+                    )  # max(f − λ, floor), but a code already under the floor is never raised
                 want[i, a] = new
         assert torch.equal(f1, want), (floor, (f1 - want).abs().max())
         if floor == 0.0:  # non-negative codes: exactly max(f − λ, 0)
@@ -97,7 +102,11 @@ def test_clamp_scale_and_zero_exact():
     x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     atoms = [1, 2, 20]
     f = sae.encode(x.reshape(-1, 16))
-    for mode, lam, fn in (("scale", 0.25, lambda v: v * 0.75), ("scale", 1.5, lambda v: v * -0.5), ("zero", 9.0, lambda v: v * 0.0)):
+    for mode, lam, fn in (
+        ("scale", 0.25, lambda v: v * 0.75),
+        ("scale", 1.5, lambda v: v * -0.5),
+        ("zero", 9.0, lambda v: v * 0.0),
+    ):
         edit = ClampEdit(sae, atoms, lam=lam, mode=mode)
         want = f.clone()
         want[:, atoms] = fn(f[:, atoms])
@@ -122,6 +131,7 @@ def test_clamp_lambda_zero_returns_input_object_and_rejects_bad_atoms():
 
 # --------------------------------------------------------------------------- StereoSet counting rules
 
+
 def _sx(i, kind, target, dom):
     from safesteer.evaluate.bias import StereoExample
 
@@ -131,14 +141,24 @@ def _sx(i, kind, target, dom):
 def test_stereoset_ties_with_unrelated_are_not_related_and_domains_stay_per_kind():
     from safesteer.evaluate.bias import stereoset_metrics, stereoset_stat
 
-    ex = [_sx(1, "intrasentence", "A", "gender"), _sx(2, "intrasentence", "A", "gender"),
-          _sx(3, "intersentence", "B", "race"), _sx(4, "intersentence", "B", "race")]
-    scores = np.array([
-        [-1.0, -2.0, -1.0],  # stereo = unrelated: not related (strict >, as evaluation.py); anti < unrelated
-        [-3.0, -1.0, -1.0],  # anti = unrelated: not related; pro = 0
-        [-1.0, -2.0, -3.0],  # pro; both related
-        [-2.0, -1.0, -2.0],  # anti; anti related only, stereo = unrelated not
-    ])
+    ex = [
+        _sx(1, "intrasentence", "A", "gender"),
+        _sx(2, "intrasentence", "A", "gender"),
+        _sx(3, "intersentence", "B", "race"),
+        _sx(4, "intersentence", "B", "race"),
+    ]
+    scores = np.array(
+        [
+            [
+                -1.0,
+                -2.0,
+                -1.0,
+            ],  # stereo = unrelated: not related (strict >, as evaluation.py); anti < unrelated
+            [-3.0, -1.0, -1.0],  # anti = unrelated: not related; pro = 0
+            [-1.0, -2.0, -3.0],  # pro; both related
+            [-2.0, -1.0, -2.0],  # anti; anti related only, stereo = unrelated not
+        ]
+    )
     m = stereoset_metrics(ex, scores)
     assert m["intrasentence"]["overall"] == {"count": 2, "lms": 0.0, "ss": 50.0, "icat": 0.0}
     assert m["intersentence"]["overall"] == {"count": 2, "lms": 75.0, "ss": 50.0, "icat": 75.0}
@@ -162,6 +182,7 @@ def test_intersentence_context_any_final_letter():
 
 
 # ------------------------------------------------------------------------------- bootstrap p-value
+
 
 def test_bootstrap_p_value_by_hand():
     from safesteer.evaluate.stats import bootstrap_p_value
@@ -188,9 +209,13 @@ def test_paired_bootstrap_stat_path_equals_array_path_and_passes_its_settings():
     pair = (a, b)
     via_stat = paired_bootstrap(stat=lambda idx, which: float(pair[which][idx].mean()), n=30, **kw)
     for res in (arr, via_stat):
-        assert res.baseline == pytest.approx(a.mean(), rel=1e-12) and res.value == pytest.approx(b.mean(), rel=1e-12)
+        assert res.baseline == pytest.approx(a.mean(), rel=1e-12) and res.value == pytest.approx(
+            b.mean(), rel=1e-12
+        )
         ref = bootstrap_ci(b - a, **kw)
-        assert (res.diff.low, res.diff.high, res.diff.level) == pytest.approx((ref.low, ref.high, 0.8), rel=1e-12)
+        assert (res.diff.low, res.diff.high, res.diff.level) == pytest.approx(
+            (ref.low, ref.high, 0.8), rel=1e-12
+        )
         boots = (b - a)[_indices(30, 300, 5)].mean(axis=1)
         assert res.p_value == pytest.approx(bootstrap_p_value(boots), rel=1e-12)
     assert paired_bootstrap(a, b, **kw).as_dict() == arr.as_dict()  # seeded: the same twice
@@ -203,6 +228,7 @@ def test_paired_bootstrap_stat_path_equals_array_path_and_passes_its_settings():
 
 
 # --------------------------------------------------------------------------------------- Gated SAE
+
 
 def _gated(variant="paper", d=6, s=16, seed=0):
     from safesteer.sae import GatedSAE, SAEConfig
@@ -227,7 +253,9 @@ def test_gate_is_strictly_positive_heaviside():
     with torch.no_grad():
         sae.b_gate[:4] = 1e-12
     f = sae.encode(sae.b_dec.detach().clone().unsqueeze(0))
-    assert torch.equal(f[0, :4], torch.full((4,), 0.5, dtype=torch.float64)) and torch.equal(f[0, 4:], torch.zeros(12, dtype=torch.float64))
+    assert torch.equal(f[0, :4], torch.full((4,), 0.5, dtype=torch.float64)) and torch.equal(
+        f[0, 4:], torch.zeros(12, dtype=torch.float64)
+    )
 
 
 @pytest.mark.parametrize("variant", ["paper", "article"])
@@ -253,9 +281,13 @@ def test_geometric_median_minimises_the_sum_of_distances():
     from safesteer.sae.gated import geometric_median
 
     g = np.random.default_rng(2)
-    pts = np.r_[g.normal(size=(40, 3)), g.normal(size=(8, 3)) * 0.2 + 12.0]  # a far cluster pulls the mean, not the median
+    pts = np.r_[
+        g.normal(size=(40, 3)), g.normal(size=(8, 3)) * 0.2 + 12.0
+    ]  # a far cluster pulls the mean, not the median
     cost = lambda c: np.linalg.norm(pts - c, axis=1).sum()  # noqa: E731
-    ref = scipy.optimize.minimize(cost, pts.mean(0), method="Nelder-Mead", options={"xatol": 1e-10, "fatol": 1e-12, "maxiter": 20000}).x
+    ref = scipy.optimize.minimize(
+        cost, pts.mean(0), method="Nelder-Mead", options={"xatol": 1e-10, "fatol": 1e-12, "maxiter": 20000}
+    ).x
     got = geometric_median(torch.tensor(pts, dtype=torch.float32), iters=200).double().numpy()
     np.testing.assert_allclose(got, ref, atol=1e-4)
     got20 = geometric_median(torch.tensor(pts)).numpy()  # the default 20 iterations are already close
@@ -264,6 +296,7 @@ def test_geometric_median_minimises_the_sum_of_distances():
 
 
 # --------------------------------------------------------------------------------------- strategies
+
 
 def test_build_directions_diffmean_random_hybrids_and_ensembles():
     from safesteer.steering import Intervention, build_directions, random_direction
@@ -275,10 +308,17 @@ def test_build_directions_diffmean_random_hybrids_and_ensembles():
 
     g = np.random.default_rng(0)
     dm_given = g.normal(size=8)
-    only_tox = build_directions(3, {"tox": P(g.normal(size=8), g.normal(size=8))}, diffmeans={"tox": dm_given}, seed=11,
-                                random_members=3)
+    only_tox = build_directions(
+        3,
+        {"tox": P(g.normal(size=8), g.normal(size=8))},
+        diffmeans={"tox": dm_given},
+        seed=11,
+        random_members=3,
+    )
     assert "probe_tox+harm" not in only_tox and "diffmean_harm" not in only_tox  # hybrids need both parts
-    np.testing.assert_allclose(only_tox["diffmean_tox"].vector, dm_given / np.linalg.norm(dm_given), rtol=1e-6)
+    np.testing.assert_allclose(
+        only_tox["diffmean_tox"].vector, dm_given / np.linalg.norm(dm_given), rtol=1e-6
+    )
     assert only_tox["diffmean_tox"].kind == "diffmean" and only_tox["probe_tox"].kind == "probe"
     rnd = only_tox["random"]
     assert rnd.kind == "random" and rnd.layer == 3

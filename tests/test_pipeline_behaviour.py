@@ -10,10 +10,9 @@ import hashlib
 from pathlib import Path
 
 import pytest
+from test_pipeline_run import tiny_config, tiny_model_dir  # noqa: F401  (the shared tiny-model fixture)
 
 from safesteer.pipeline.runner import Pipeline
-
-from test_pipeline_run import tiny_config, tiny_model_dir  # noqa: F401  (the shared tiny-model fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +51,9 @@ def test_tiny_pipeline_results_digest_is_pinned(tmp_path, tiny_model_dir, shared
     assert got == BEHAVIOUR_SHA256
 
 
-def test_knobs_that_were_hard_coded_rerun_their_stages_and_errors_pass_through(tmp_path, tiny_model_dir, shared_data):
+def test_knobs_that_were_hard_coded_rerun_their_stages_and_errors_pass_through(
+    tmp_path, tiny_model_dir, shared_data
+):
     from safesteer.errors import SafesteerError
     from safesteer.pipeline.runner import stage_keys
 
@@ -64,12 +65,26 @@ def test_knobs_that_were_hard_coded_rerun_their_stages_and_errors_pass_through(t
     cfg.atoms.screen_texts = 10  # was a literal 12 in the runner, invisible to the cache
     again = Pipeline(cfg, out)
     again.run()
-    assert {n for n, s in again.status.items() if s == "ran"} == {"atoms", "directions", "evaluate", "behaviour"}
+    assert {n for n, s in again.status.items() if s == "ran"} == {
+        "atoms",
+        "directions",
+        "evaluate",
+        "behaviour",
+    }
     assert again.outputs["map"] == first.outputs["map"]  # cached outputs are read back from DONE.json
     cfg.encode.batch_size = 7  # encode was keyed on nothing
     third = Pipeline(cfg, out)
     third.run()
-    assert {n for n, s in third.status.items() if s == "ran"} == {"encode", "map", "atoms", "directions", "evaluate", "behaviour"}
-    cfg.evaluate.strategies = ["nope"]  # the stage's own error reaches the caller, not "stage command … failed"
+    assert {n for n, s in third.status.items() if s == "ran"} == {
+        "encode",
+        "map",
+        "atoms",
+        "directions",
+        "evaluate",
+        "behaviour",
+    }
+    cfg.evaluate.strategies = [
+        "nope"
+    ]  # the stage's own error reaches the caller, not "stage command … failed"
     with pytest.raises(SafesteerError, match="unknown strategy 'nope'; this direction set has"):
         Pipeline(cfg, out).run()

@@ -26,7 +26,7 @@ def test_verdict_carries_the_stage_numbers(behaviour_run, tmp_path, recommended)
     assert [s.title.split(":")[0] for s in secs] == ["Verdict", "Pareto", "Before / after", "The harm gate"]
     html, md = render("run", secs, {"seed": 0}, tmp_path)
     page = html.read_text()
-    verdict = page[page.index("<h2 id='s0'>"):page.index("<h2 id='s1'>")]
+    verdict = page[page.index("<h2 id='s0'>") : page.index("<h2 id='s1'>")]
     cond = summary["test"]["conditional"]
     if recommended:
         assert f"Recommended: cond:{cond['policy']['strategy']} α={cond['policy']['alpha']:g}" in verdict
@@ -36,9 +36,14 @@ def test_verdict_carries_the_stage_numbers(behaviour_run, tmp_path, recommended)
     else:
         assert "No strategy met the constraints" in verdict and "Recommended:" not in verdict
     g = summary["gate"]
-    assert f"Held-out test AUROC {g['held_out']['test_auroc']:.3f}" in page and f"min AUROC {g['lodo_min_auroc']:.3f}" in page
+    assert (
+        f"Held-out test AUROC {g['held_out']['test_auroc']:.3f}" in page
+        and f"min AUROC {g['lodo_min_auroc']:.3f}" in page
+    )
     assert page.count("data:image/png;base64,") == 2  # the Pareto figure and the gate's ROC
-    assert (tmp_path / "plots" / "behaviour_pareto.png").is_file() and (tmp_path / "plots" / "gate_roc.png").is_file()
+    assert (tmp_path / "plots" / "behaviour_pareto.png").is_file() and (
+        tmp_path / "plots" / "gate_roc.png"
+    ).is_file()
 
 
 def test_before_after_examples_pair_each_prompt_with_its_unsteered_answer(behaviour_run):

@@ -38,9 +38,21 @@ def _torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SAFESTEER_DIST_TIMEOUT": "120", "PYTHONUNBUFFERED": "1"}
     for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(v, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
-           f"--master-port={_free_port()}", "--max-restarts=0", "-m", "safesteer", *args]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        "--master-addr=127.0.0.1",
+        f"--master-port={_free_port()}",
+        "--max-restarts=0",
+        "-m",
+        "safesteer",
+        *args,
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -51,7 +63,9 @@ def _torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
 
 
 def _files(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def test_distributed_run_equals_one_process(tmp_path, tiny_model_dir, shared_data):  # noqa: F811
@@ -78,7 +92,9 @@ def test_distributed_run_equals_one_process(tmp_path, tiny_model_dir, shared_dat
     assert all(a[k] == b[k] for k in a), [k for k in a if a[k] != b[k]]
 
     w1 = load_file(str(one.outputs["sae"].sae / "sae_weights.safetensors"))
-    w2 = load_file(str(two / "stages" / one.st["sae"].dir.name / one.outputs["sae"].sae.name / "sae_weights.safetensors"))
+    w2 = load_file(
+        str(two / "stages" / one.st["sae"].dir.name / one.outputs["sae"].sae.name / "sae_weights.safetensors")
+    )
     assert w1.keys() == w2.keys()
     for k in w1:
         assert torch.allclose(w1[k], w2[k], atol=1e-5, rtol=0), (k, (w1[k] - w2[k]).abs().max())

@@ -9,13 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
+from test_pipeline_behaviour import pinned_config, tiny_model_dir  # noqa: F401  (fixture)
 
 from safesteer.config import dump_toml
 from safesteer.errors import SafesteerError
 from safesteer.pipeline.lock import RunLock
 from safesteer.pipeline.runner import Pipeline
-
-from test_pipeline_behaviour import pinned_config, tiny_model_dir  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.integration
 

@@ -10,13 +10,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
+from conftest import chromium_screenshot, colour_fraction
 
 from safesteer.config import Config
 from safesteer.errors import SafesteerError
 from safesteer.pipeline.report import Section, render
 from safesteer.pipeline.runner import Pipeline
-
-from conftest import chromium_screenshot, colour_fraction
 
 
 def test_report_is_self_contained_and_carries_the_numbers(tmp_path):
@@ -25,7 +24,13 @@ def test_report_is_self_contained_and_carries_the_numbers(tmp_path):
     png = tmp_path / "p.png"
     fig.savefig(png)
     df = pd.DataFrame({"strategy": ["probe_harm", "random"], "yes_harmful": [0.41234, 0.5]})
-    sec = Section("Headline").text("hello").table(df).image(png, "a plot").image(tmp_path / "missing.png", "skipped")
+    sec = (
+        Section("Headline")
+        .text("hello")
+        .table(df)
+        .image(png, "a plot")
+        .image(tmp_path / "missing.png", "skipped")
+    )
     html_path, md_path = render("run", [sec], {"seed": 0}, tmp_path)
     page = html_path.read_text()
     assert "0.4123" in page and "probe_harm" in page and "seed" in page
@@ -53,7 +58,9 @@ def test_report_renders_in_headless_chromium(tmp_path):
     png = tmp_path / "bars.png"
     fig.savefig(png)
     plt.close(fig)
-    wide = pd.DataFrame({f"metric_{i}": [0.123456 * i] for i in range(30)})  # wider than the page: must scroll, not clip
+    wide = pd.DataFrame(
+        {f"metric_{i}": [0.123456 * i] for i in range(30)}
+    )  # wider than the page: must scroll, not clip
     sec = Section("Headline").text("steering").table(wide).image(png, "bars")
     html_path, _ = render("run", [sec], {"seed": 0}, tmp_path)
     shot = chromium_screenshot(html_path, tmp_path / "shot.png", 1280, 1600)
@@ -65,7 +72,9 @@ def test_report_renders_in_headless_chromium(tmp_path):
 
     broken = tmp_path / "broken"
     broken.mkdir()
-    (broken / "report.html").write_text(html_path.read_text().replace("data:image/png;base64,", "data:image/png;base64,AAAA"))
+    (broken / "report.html").write_text(
+        html_path.read_text().replace("data:image/png;base64,", "data:image/png;base64,AAAA")
+    )
     shot2 = chromium_screenshot(broken / "report.html", broken / "shot.png", 1280, 1600)
     assert colour_fraction(shot2, (214, 39, 40)) < red / 10  # the check above can fail
 

@@ -16,16 +16,23 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import chromium_screenshot, colour_fraction, make_tiny_llama, tiny_behaviour_section
 
 from safesteer.config import Config, dump_toml, load_config
 from safesteer.errors import SafesteerError
 from safesteer.pipeline.runner import STAGES, Pipeline
 
-from conftest import chromium_screenshot, colour_fraction, make_tiny_llama, tiny_behaviour_section
-
 pytestmark = pytest.mark.integration
 
-DATASETS = ["go_emotions", "toxigen", "realtoxicityprompts", "advbench", "donotanswer", "xstest", "hh_rlhf_harmless"]
+DATASETS = [
+    "go_emotions",
+    "toxigen",
+    "realtoxicityprompts",
+    "advbench",
+    "donotanswer",
+    "xstest",
+    "hh_rlhf_harmless",
+]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +83,11 @@ def test_run_caches_reruns_what_changed_and_reports_stage_numbers(tmp_path, tiny
     out = tmp_path / "run"
     part = Pipeline(cfg, out, ["extract", "sae"])  # --stages extract,sae: those two, then stop
     assert part.run() is None
-    assert _ran(part) == {"extract", "sae"} and part.status["encode"] == "skipped" and not (out / "report.html").exists()
+    assert (
+        _ran(part) == {"extract", "sae"}
+        and part.status["encode"] == "skipped"
+        and not (out / "report.html").exists()
+    )
     first = Pipeline(cfg, out)
     html = first.run()
     assert _ran(first) == set(STAGES) - {"report", "extract", "sae"}
@@ -117,7 +128,9 @@ def test_run_caches_reruns_what_changed_and_reports_stage_numbers(tmp_path, tiny
     probes = pd.read_json(last.st["probes"].dir / "probe_metrics.json").T
     assert f"{probes.loc['harmfulness', 'auroc']:.4g}" in page
     assert page.count("data:image/png;base64,") >= 3 and "src='http" not in page
-    shot = chromium_screenshot(out / "report.html", tmp_path / "report.png", 1280, 8000)  # behaviour sections come first
+    shot = chromium_screenshot(
+        out / "report.html", tmp_path / "report.png", 1280, 8000
+    )  # behaviour sections come first
     assert colour_fraction(shot, (31, 119, 180), tol=30) > 0.002  # matplotlib's blue: the plots rendered
 
 
@@ -139,16 +152,22 @@ def test_killed_during_sae_resumes_without_recomputing_extraction(tmp_path, tiny
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "safesteer.cli.main", "run", "--config", str(path), "--out", str(out)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
     deadline = time.time() + 600
     ckpts: list[Path] = []
     while time.time() < deadline and proc.poll() is None:
-        ckpts = [p for p in out.glob("stages/sae-*/grid/*/checkpoints/*") if p.is_dir()] if out.is_dir() else []
+        ckpts = (
+            [p for p in out.glob("stages/sae-*/grid/*/checkpoints/*") if p.is_dir()] if out.is_dir() else []
+        )
         if ckpts:  # training has checkpointed: let it run a little further, then kill it
             time.sleep(1.0)
             break
         time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed:\n" + proc.stdout.read().decode()[-2000:]
+    assert proc.poll() is None, (
+        "the run ended before it could be killed:\n" + proc.stdout.read().decode()[-2000:]
+    )
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     sae_dirs = list(out.glob("stages/sae-*"))
@@ -183,8 +202,14 @@ def test_masked_lm_runs_the_study_end_to_end(tmp_path, shared_data):
     res = pd.read_csv(pipe.st["evaluate"].dir / "results.csv")
     assert set(res["metric"]) == {"harm_probe", "yes_harmful", "fluency"}
     assert (res[res["metric"] == "fluency"]["value"] < 0).all()  # pseudo-log-likelihood per token
-    assert pd.read_json(pipe.st["evaluate"].dir / "results.json", typ="series")["config"]["model_kind"] == "masked"
-    assert "masked LM" in pipe.outputs["behaviour"].skipped and (tmp_path / "run" / "policies" / "NONE.txt").is_file()
+    assert (
+        pd.read_json(pipe.st["evaluate"].dir / "results.json", typ="series")["config"]["model_kind"]
+        == "masked"
+    )
+    assert (
+        "masked LM" in pipe.outputs["behaviour"].skipped
+        and (tmp_path / "run" / "policies" / "NONE.txt").is_file()
+    )
     cfg.model.kind = "causal"
     cfg.run.seed = 1  # a new extraction key, so the model is loaded again
     with pytest.raises(SafesteerError, match="model.kind = 'causal' but .* is a masked LM"):

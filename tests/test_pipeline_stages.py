@@ -14,9 +14,21 @@ from safesteer.pipeline.runner import STAGES, stage_keys
 from safesteer.pipeline.stages import BY_NAME, TABLE, downstream, dump_outputs, load_outputs
 
 # strings that must stay valid choices when a knob is changed
-OTHER = {"variant": "article", "judge": "none", "precision": "bf16", "kind": "masked", "source": "local", "dtype": "float16",
-         "holdout": "id", "method": "nnlasso", "alpha_unit": "raw", "random_alpha": "each", "ci_method": "bca",
-         "objective": "harm_probe", "device": "cpu"}
+OTHER = {
+    "variant": "article",
+    "judge": "none",
+    "precision": "bf16",
+    "kind": "masked",
+    "source": "local",
+    "dtype": "float16",
+    "holdout": "id",
+    "method": "nnlasso",
+    "alpha_unit": "raw",
+    "random_alpha": "each",
+    "ci_method": "bca",
+    "objective": "harm_probe",
+    "device": "cpu",
+}
 
 
 def _changed(value, name):

@@ -18,16 +18,23 @@ import scipy.sparse as sp
 
 from safesteer.cartography.atoms import run_atoms
 from safesteer.cartography.map import run_map
-from safesteer.probes.train import run_probe
 from safesteer.extract import ExtractConfig, extract
 from safesteer.probes.labels import get_spec
+from safesteer.probes.train import run_probe
 from safesteer.store import ActivationStore
 
 pytestmark = pytest.mark.integration
 
 LAYER = 15
-SAMPLE = {"toxigen": 80, "realtoxicityprompts": 120, "go_emotions": 60, "advbench": 50, "donotanswer": 50, "xstest": 70,
-          "hh_rlhf_harmless": 60}
+SAMPLE = {
+    "toxigen": 80,
+    "realtoxicityprompts": 120,
+    "go_emotions": 60,
+    "advbench": 50,
+    "donotanswer": 50,
+    "xstest": 70,
+    "hh_rlhf_harmless": 60,
+}
 
 
 def _rows(data_dir):
@@ -43,8 +50,18 @@ def _rows(data_dir):
 @pytest.fixture(scope="module")
 def acts(smollm2, shared_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("smol")
-    cfg = ExtractConfig(model="smollm2-135m", datasets=list(SAMPLE), layers=[LAYER], split="all", shard_size=128,
-                        dtype="float32", batch_size=16, max_length=64, precision="fp32", bucket_window=0)
+    cfg = ExtractConfig(
+        model="smollm2-135m",
+        datasets=list(SAMPLE),
+        layers=[LAYER],
+        split="all",
+        shard_size=128,
+        dtype="float32",
+        batch_size=16,
+        max_length=64,
+        precision="fp32",
+        bucket_window=0,
+    )
     old = smollm2.max_length
     smollm2.max_length = 64
     try:
@@ -57,8 +74,10 @@ def acts(smollm2, shared_data, tmp_path_factory):
 @pytest.mark.parametrize("label", ["toxicity", "harmfulness"])
 def test_probe_heldout_auroc(acts, label):
     m = run_probe(acts / "acts", label, acts / f"probe-{label}", balanced=True)
-    print(f"\n[integration] {label}: held-out AUROC {m['auroc']:.4f} acc {m['accuracy']:.4f} F1 {m['f1']:.4f} "
-          f"DiffMean AUROC {m['diffmean_auroc']:.4f} (C={m['C']:g}, train {m['n_train']}, test {m['n_test']})")
+    print(
+        f"\n[integration] {label}: held-out AUROC {m['auroc']:.4f} acc {m['accuracy']:.4f} F1 {m['f1']:.4f} "
+        f"DiffMean AUROC {m['diffmean_auroc']:.4f} (C={m['C']:g}, train {m['n_train']}, test {m['n_test']})"
+    )
     assert m["n_test"] >= 20
     assert m["auroc"] > 0.8
 
@@ -96,16 +115,39 @@ def test_filtered_atoms_offline(acts, smollm2, shared_data):
     store = ActivationStore(acts / "acts")
     tox, harm = load_probe(acts / "probe-toxicity"), load_probe(acts / "probe-harmfulness")
     lat = _Latents(store, {3: tox, 7: harm})
-    W = lat.R / np.linalg.norm(lat.R, axis=1, keepdims=True)  # random atoms' decoder rows (raw space, arbitrary)
+    W = lat.R / np.linalg.norm(
+        lat.R, axis=1, keepdims=True
+    )  # random atoms' decoder rows (raw space, arbitrary)
     W[3], W[7] = tox.direction, harm.direction
-    summary = run_map(lat, acts / "acts", acts / "map", heldout=0.25, min_per_class=5,
-                      probe_dirs=[acts / "probe-toxicity", acts / "probe-harmfulness"], show_progress=False)
+    summary = run_map(
+        lat,
+        acts / "acts",
+        acts / "map",
+        heldout=0.25,
+        min_per_class=5,
+        probe_dirs=[acts / "probe-toxicity", acts / "probe-harmfulness"],
+        show_progress=False,
+    )
     assert summary["top_atoms"]["toxicity"][0]["atom"] == 3
     assert summary["top_atoms"]["harmfulness"][0]["atom"] == 7
-    rep = run_atoms(acts / "map", acts / "atoms", mode="filtered", candidates=3, judge="offline", screen=True,
-                    categories=("toxicity", "harm"),
-                    read_layer=20, readout_rows=12, screen_texts=8, data_dir=shared_data, backbone=smollm2,
-                    judge_backbone=smollm2, embedder=MiniLMEmbedder(), W_dec=W.astype(np.float32), show_progress=False)
+    rep = run_atoms(
+        acts / "map",
+        acts / "atoms",
+        mode="filtered",
+        candidates=3,
+        judge="offline",
+        screen=True,
+        categories=("toxicity", "harm"),
+        read_layer=20,
+        readout_rows=12,
+        screen_texts=8,
+        data_dir=shared_data,
+        backbone=smollm2,
+        judge_backbone=smollm2,
+        embedder=MiniLMEmbedder(),
+        W_dec=W.astype(np.float32),
+        show_progress=False,
+    )
     print(f"\n[integration] filtered atoms: {json.dumps(rep, default=str)}")
     cand = pd.read_csv(acts / "atoms" / "candidates.csv")
     assert set(cand.verdict) <= {"GENUINE", "CONTEXT", "NOISE"}
@@ -116,5 +158,20 @@ def test_filtered_atoms_offline(acts, smollm2, shared_data):
         assert len(row) == 1
         if row.verdict.iloc[0] == "GENUINE":  # a planted concept direction replicates and moves its read-out
             assert bool(row.replicates.iloc[0])
-    print(cand[["atom", "category", "concept", "verdict", "label", "replicates", "effect", "screen_pass", "flag", "selected"]].to_string())
+    print(
+        cand[
+            [
+                "atom",
+                "category",
+                "concept",
+                "verdict",
+                "label",
+                "replicates",
+                "effect",
+                "screen_pass",
+                "flag",
+                "selected",
+            ]
+        ].to_string()
+    )
     assert len(screened) == int((cand.verdict == "GENUINE").sum())

@@ -11,22 +11,24 @@ from safesteer.probes.labels import GO_EMOTIONS, collect_texts, get_spec, spec_n
 
 
 def _frame():
-    return pd.DataFrame([
-        {"dataset": "toxigen", "toxic": 1, "target_group": "women"},
-        {"dataset": "toxigen", "toxic": 0, "target_group": "black"},
-        {"dataset": "realtoxicityprompts", "toxic": 1, "insult": 0.9},
-        {"dataset": "realtoxicityprompts", "toxic": 0, "insult": np.nan},  # unscored: outside toxicity
-        {"dataset": "go_emotions", "joy": 1, "neutral": 0},
-        {"dataset": "go_emotions", "joy": 0, "neutral": 1},
-        {"dataset": "advbench", "harmful": 1},
-        {"dataset": "donotanswer", "harmful": 1},
-        {"dataset": "xstest", "unsafe": 0},
-        {"dataset": "xstest", "unsafe": 1},
-        {"dataset": "hh_rlhf_harmless", "chosen": 1},
-        {"dataset": "hh_rlhf_harmless", "chosen": 0},
-        {"dataset": "empathetic_dialogues", "emotion": "afraid", "afraid": 1, "proud": 0},
-        {"dataset": "empathetic_dialogues", "emotion": "proud", "afraid": 0, "proud": 1},
-    ])
+    return pd.DataFrame(
+        [
+            {"dataset": "toxigen", "toxic": 1, "target_group": "women"},
+            {"dataset": "toxigen", "toxic": 0, "target_group": "black"},
+            {"dataset": "realtoxicityprompts", "toxic": 1, "insult": 0.9},
+            {"dataset": "realtoxicityprompts", "toxic": 0, "insult": np.nan},  # unscored: outside toxicity
+            {"dataset": "go_emotions", "joy": 1, "neutral": 0},
+            {"dataset": "go_emotions", "joy": 0, "neutral": 1},
+            {"dataset": "advbench", "harmful": 1},
+            {"dataset": "donotanswer", "harmful": 1},
+            {"dataset": "xstest", "unsafe": 0},
+            {"dataset": "xstest", "unsafe": 1},
+            {"dataset": "hh_rlhf_harmless", "chosen": 1},
+            {"dataset": "hh_rlhf_harmless", "chosen": 0},
+            {"dataset": "empathetic_dialogues", "emotion": "afraid", "afraid": 1, "proud": 0},
+            {"dataset": "empathetic_dialogues", "emotion": "proud", "afraid": 0, "proud": 1},
+        ]
+    )
 
 
 def _nan_eq(a, b):
@@ -54,8 +56,12 @@ def test_granular_specs():
 def test_record_matching_agrees_with_frame():
     df = _frame()
     spec = get_spec("toxicity")
-    rows = [spec.y_from_record(r.pop("dataset"), {k: v for k, v in r.items() if not (isinstance(v, float) and np.isnan(v))})
-            for r in df.to_dict("records")]
+    rows = [
+        spec.y_from_record(
+            r.pop("dataset"), {k: v for k, v in r.items() if not (isinstance(v, float) and np.isnan(v))}
+        )
+        for r in df.to_dict("records")
+    ]
     _nan_eq(rows, spec.y_from_frame(_frame()))
 
 
@@ -65,7 +71,10 @@ def test_specs_for_frame_filters_and_discovers_groups():
     assert "toxicity" in ys and "harmfulness" in ys and "identity:women" in ys
     assert "emotion:anger" not in ys  # no positives
     assert "toxicity" not in specs_for_frame(df, min_per_class=3)
-    extra = pd.concat([df, pd.DataFrame([{"dataset": "toxigen", "toxic": 1, "target_group": "martians"}])], ignore_index=True)
+    extra = pd.concat(
+        [df, pd.DataFrame([{"dataset": "toxigen", "toxic": 1, "target_group": "martians"}])],
+        ignore_index=True,
+    )
     assert "identity:martians" in specs_for_frame(extra)
 
 

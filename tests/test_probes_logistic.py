@@ -48,7 +48,9 @@ def test_trained_probe_equals_standardised_sklearn_in_raw_space():
     assert _cos(p.w, w_ref) > 1 - 1e-7
     np.testing.assert_allclose(p.w, w_ref, rtol=1e-3, atol=1e-6)
     assert p.b == pytest.approx(b_ref, rel=1e-3, abs=1e-5)
-    np.testing.assert_allclose(p.predict_proba(H[400:]), ref.predict_proba(sc.transform(H[400:]))[:, 1], atol=1e-4)
+    np.testing.assert_allclose(
+        p.predict_proba(H[400:]), ref.predict_proba(sc.transform(H[400:]))[:, 1], atol=1e-4
+    )
     # the raw-space direction differs from the naive standardised-space direction when scales differ
     assert _cos(p.direction, ref.coef_[0]) < 0.9
     assert np.linalg.norm(p.direction) == pytest.approx(1.0)

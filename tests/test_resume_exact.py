@@ -43,12 +43,24 @@ def test_sigkill_during_sae_training_then_resume_is_bit_exact(tmp_path):
     assert ref.stopped == "epochs" and ref.steps > 40
     out = tmp_path / "killed"
     cmd = [sys.executable, str(HERE / "_resume_worker.py"), str(out), "0.05"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, start_new_session=True
+    )
     # kill once the second step-checkpoint is there: mid-epoch, with steps done after it
-    _kill_when(proc, lambda _: len(list((out / "checkpoints").glob("ckpt-*"))) >= 2 if (out / "checkpoints").is_dir() else False)
+    _kill_when(
+        proc,
+        lambda _: (
+            len(list((out / "checkpoints").glob("ckpt-*"))) >= 2 if (out / "checkpoints").is_dir() else False
+        ),
+    )
     assert not (out / "sae" / "sae_weights.safetensors").exists()
-    done = subprocess.run([sys.executable, str(HERE / "_resume_worker.py"), str(out), "0"], capture_output=True, text=True,
-                          env=ENV, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(HERE / "_resume_worker.py"), str(out), "0"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"done steps={ref.steps} stopped=epochs" in done.stdout
     a = load_file(str(tmp_path / "full" / "sae" / "sae_weights.safetensors"))
@@ -66,31 +78,74 @@ def eval_inputs(tmp_path_factory):
     bb = make_tiny_llama(seed=4)
     bb.model.save_pretrained(root / "model")
     bb.tokenizer.save_pretrained(root / "model")
-    assert main(["directions", "--layer", "1", "--d-model", str(bb.d_model), "--out", str(root / "dirs")]) == 0
+    assert (
+        main(["directions", "--layer", "1", "--d-model", str(bb.d_model), "--out", str(root / "dirs")]) == 0
+    )
     return root
 
 
 def _evaluate_cmd(root: Path, data: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "safesteer.cli.main", "evaluate", "--model", str(root / "model"), "--layer", "1",
-            "--directions", str(root / "dirs"), "--alphas", "-1,1", "--alpha-unit", "raw",
-            "--metrics", "yes_harmful,no_safe,fluency,crows,stereoset_ss", "--max-prompts", "6", "--calib-prompts", "4",
-            "--n-boot", "200", "--no-plots", "--data-dir", str(data), "--source", "local", "--out", str(out)]
+    return [
+        sys.executable,
+        "-m",
+        "safesteer.cli.main",
+        "evaluate",
+        "--model",
+        str(root / "model"),
+        "--layer",
+        "1",
+        "--directions",
+        str(root / "dirs"),
+        "--alphas",
+        "-1,1",
+        "--alpha-unit",
+        "raw",
+        "--metrics",
+        "yes_harmful,no_safe,fluency,crows,stereoset_ss",
+        "--max-prompts",
+        "6",
+        "--calib-prompts",
+        "4",
+        "--n-boot",
+        "200",
+        "--no-plots",
+        "--data-dir",
+        str(data),
+        "--source",
+        "local",
+        "--out",
+        str(out),
+    ]
 
 
 OUTPUTS = ("results.csv", "table.csv", "results.json", "entanglement.csv")
 
 
 def test_sigkill_during_evaluate_then_rerun_is_byte_equal(tmp_path, eval_inputs, shared_data):
-    full = subprocess.run(_evaluate_cmd(eval_inputs, shared_data, tmp_path / "full"), capture_output=True, text=True, env=ENV, timeout=600)
+    full = subprocess.run(
+        _evaluate_cmd(eval_inputs, shared_data, tmp_path / "full"),
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
     assert full.returncode == 0, full.stderr[-3000:]
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_evaluate_cmd(eval_inputs, shared_data, out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=ENV, start_new_session=True)
+    proc = subprocess.Popen(
+        _evaluate_cmd(eval_inputs, shared_data, out),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ENV,
+        start_new_session=True,
+    )
     # killed in the middle of the steered passes (the unsteered baseline is done)
     log = _kill_when(proc, lambda text: "evaluating random" in text)
     assert "scoring the unsteered model" in log
     assert not (out / "results.csv").exists()
-    again = subprocess.run(_evaluate_cmd(eval_inputs, shared_data, out), capture_output=True, text=True, env=ENV, timeout=600)
+    again = subprocess.run(
+        _evaluate_cmd(eval_inputs, shared_data, out), capture_output=True, text=True, env=ENV, timeout=600
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     for name in OUTPUTS:
         assert (out / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name

@@ -34,14 +34,18 @@ def test_state_round_trips_exactly(tmp_path):
     ckpts = list_checkpoints(tr.ckpt_dir)
     assert len(ckpts) == 1 and ckpts[0].name == "ckpt-0000000007"
     torch.manual_seed(123)  # loading restores the RNG saved with the checkpoint
-    got = load_latest_checkpoint(tr.ckpt_dir, tr.fingerprint, torch.device("cpu"), lambda s: "?", tr._trainable(), 0.5)
+    got = load_latest_checkpoint(
+        tr.ckpt_dir, tr.fingerprint, torch.device("cpu"), lambda s: "?", tr._trainable(), 0.5
+    )
     assert got is not None
     st, path = got
     assert path == ckpts[0]
     for k, t in before.tensors().items():
         assert torch.equal(st.tensors()[k], t), k
     assert st.scalars() == json.loads(json.dumps(before.scalars()))
-    assert st.params["W_enc"].stride() == tr.params["W_enc"].stride()  # the (d_sae x d_in) memory layout is restored
+    assert (
+        st.params["W_enc"].stride() == tr.params["W_enc"].stride()
+    )  # the (d_sae x d_in) memory layout is restored
     # a fresh trainer continues from exactly that state
     tr2 = Trainer(_cfg(), 6, tmp_path / "run")
     tr2.load_state(st)
@@ -55,11 +59,17 @@ def test_pruning_corruption_and_foreign_fingerprint(tmp_path):
         tr.save_checkpoint()
     assert len(list_checkpoints(tr.ckpt_dir)) == KEEP_CHECKPOINTS
     with pytest.raises(SafesteerError, match="another configuration \\(why\\)"):
-        load_latest_checkpoint(tr.ckpt_dir, "other", torch.device("cpu"), lambda s: "why", tr._trainable(), 0.5)
+        load_latest_checkpoint(
+            tr.ckpt_dir, "other", torch.device("cpu"), lambda s: "why", tr._trainable(), 0.5
+        )
     latest = list_checkpoints(tr.ckpt_dir)[-1]
     with open(latest / "tensors.safetensors", "r+b") as fh:
         fh.seek(-1, 2)
         fh.write(b"\x00" if fh.read(1) != b"\x00" else b"\x01")
     with pytest.raises(SafesteerError, match="sha256 mismatch.*previous checkpoint"):
-        load_latest_checkpoint(tr.ckpt_dir, tr.fingerprint, torch.device("cpu"), lambda s: "", tr._trainable(), 0.5)
-    assert load_latest_checkpoint(tmp_path / "nothing", "x", torch.device("cpu"), lambda s: "", [], 0.0) is None
+        load_latest_checkpoint(
+            tr.ckpt_dir, tr.fingerprint, torch.device("cpu"), lambda s: "", tr._trainable(), 0.5
+        )
+    assert (
+        load_latest_checkpoint(tmp_path / "nothing", "x", torch.device("cpu"), lambda s: "", [], 0.0) is None
+    )

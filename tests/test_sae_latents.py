@@ -32,12 +32,32 @@ def make_store(folder: Path, X: np.ndarray, shard_rows: int = 500) -> Path:
         files = shard_files(i)
         H = X[start : start + shard_rows]
         np.save(folder / files["H"], H, allow_pickle=False)
-        np.save(folder / files["ids"], np.array([f"r{j}" for j in range(start, start + len(H))]), allow_pickle=False)
-        shards.append({"index": i, "rows": len(H), "files": {"H": files["H"], "ids": files["ids"]},
-                       "sha256": {"H": sha256_file(folder / files["H"]), "ids": sha256_file(folder / files["ids"])}})
-    (folder / "manifest.json").write_text(json.dumps(
-        {"format": FORMAT, "d": int(X.shape[1]), "dtype": str(X.dtype), "layer": 3, "model": "synthetic", "shards": shards,
-         "complete": True}))
+        np.save(
+            folder / files["ids"],
+            np.array([f"r{j}" for j in range(start, start + len(H))]),
+            allow_pickle=False,
+        )
+        shards.append(
+            {
+                "index": i,
+                "rows": len(H),
+                "files": {"H": files["H"], "ids": files["ids"]},
+                "sha256": {"H": sha256_file(folder / files["H"]), "ids": sha256_file(folder / files["ids"])},
+            }
+        )
+    (folder / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format": FORMAT,
+                "d": int(X.shape[1]),
+                "dtype": str(X.dtype),
+                "layer": 3,
+                "model": "synthetic",
+                "shards": shards,
+                "complete": True,
+            }
+        )
+    )
     return folder
 
 
@@ -73,7 +93,9 @@ def test_encode_store_matches_dense_path_and_resumes(tmp_path):
         with torch.no_grad():
             f = sae.encode(x)
             # sparse store -> decode == dense path on the same (float16-rounded) codes
-            torch.testing.assert_close(decode_sparse(sae, Z), sae.decode(f.half().float()), rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(
+                decode_sparse(sae, Z), sae.decode(f.half().float()), rtol=1e-5, atol=1e-4
+            )
             torch.testing.assert_close(decode_sparse(sae, Z), sae(x), rtol=2e-3, atol=2e-2)
         assert list(ids) == [f"r{j}" for j in range(start, start + Z.shape[0])]
         files = z.shards[index]["files"]
@@ -111,9 +133,30 @@ def test_cli_train_sae_and_encode(tmp_path, capsys):
 
     acts = make_store(tmp_path / "acts", _data(n=1200))
     out = tmp_path / "run"
+
     def args(epochs=2, l1="0.05", resume=False):
-        a = ["train-sae", "--acts", str(acts), "--out", str(out), "--expansion", "4", "--l1", l1, "--epochs", str(epochs),
-             "--batch-size", "64", "--lr", "3e-3", "--lr-warmup", "10", "--no-progress", "--shuffle-buffer", "256"]
+        a = [
+            "train-sae",
+            "--acts",
+            str(acts),
+            "--out",
+            str(out),
+            "--expansion",
+            "4",
+            "--l1",
+            l1,
+            "--epochs",
+            str(epochs),
+            "--batch-size",
+            "64",
+            "--lr",
+            "3e-3",
+            "--lr-warmup",
+            "10",
+            "--no-progress",
+            "--shuffle-buffer",
+            "256",
+        ]
         return a + (["--resume"] if resume else [])
 
     assert main(args()) == 0
@@ -131,11 +174,42 @@ def test_cli_train_sae_and_encode(tmp_path, capsys):
     assert main(args(epochs=3, l1="0.5", resume=True)) == 2
     assert "another configuration (l1: checkpoint 0.05, now 0.5)" in capsys.readouterr().err
     # bad values
-    assert main(["train-sae", "--acts", str(acts), "--out", str(tmp_path / "x"), "--expansion", "0", "--no-progress"]) == 2
-    assert main(["train-sae", "--acts", str(acts), "--out", str(tmp_path / "x"), "--l1", "-1", "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "train-sae",
+                "--acts",
+                str(acts),
+                "--out",
+                str(tmp_path / "x"),
+                "--expansion",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(["train-sae", "--acts", str(acts), "--out", str(tmp_path / "x"), "--l1", "-1", "--no-progress"])
+        == 2
+    )
     capsys.readouterr()
     # encode
-    assert main(["encode", "--sae", str(out / "sae"), "--acts", str(acts), "--out", str(tmp_path / "z"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "encode",
+                "--sae",
+                str(out / "sae"),
+                "--acts",
+                str(acts),
+                "--out",
+                str(tmp_path / "z"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     msg = capsys.readouterr().out
     assert "bytes/row vs 64 bytes/row as dense float16" in msg
     assert LatentStore(tmp_path / "z").n_rows == 1200

@@ -13,7 +13,6 @@ from safesteer.sae import GatedSAE, SAEConfig, TrainConfig, load_sae, loss_and_g
 from safesteer.sae.gated import PARAM_NAMES, gated_forward
 from safesteer.sae.saving import fold_scale
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -52,8 +51,12 @@ def test_fused_gradients_match_autograd(variant, threshold):
     # reused workspace buffers (one chunk and several) give the very same numbers, call after call
     ws: dict = {}
     for chunk in (1 << 27, 16 * 4, 1 << 27):
-        g_ws, _ = loss_and_grads(_params(sae), x, 0.07, variant, sparse_threshold=threshold, chunk_elems=chunk, workspace=ws)
-        g_plain, _ = loss_and_grads(_params(sae), x, 0.07, variant, sparse_threshold=threshold, chunk_elems=chunk)
+        g_ws, _ = loss_and_grads(
+            _params(sae), x, 0.07, variant, sparse_threshold=threshold, chunk_elems=chunk, workspace=ws
+        )
+        g_plain, _ = loss_and_grads(
+            _params(sae), x, 0.07, variant, sparse_threshold=threshold, chunk_elems=chunk
+        )
         for n in PARAM_NAMES:
             assert torch.equal(g_ws[n], g_plain[n]), n
 
@@ -109,7 +112,9 @@ def test_aux_term_gives_no_gradient_to_decoder():
     sae = _random_sae("paper")
     x = torch.randn(10, 6, dtype=torch.float64)
     out = sae.loss(x, 0.1)
-    g_wdec, g_bdec = torch.autograd.grad(out["aux"], [sae.W_dec, sae.b_dec], allow_unused=True, retain_graph=True)
+    g_wdec, g_bdec = torch.autograd.grad(
+        out["aux"], [sae.W_dec, sae.b_dec], allow_unused=True, retain_graph=True
+    )
     assert g_wdec is None or float(g_wdec.abs().max()) == 0.0
     # b_dec reaches the aux term only as the encoder's input centring (x - b_dec), as in the paper's
     # pi_gate(x) and dictionary_learning: with a separate leaf for that role, the output-bias role gets nothing
@@ -200,10 +205,20 @@ def test_save_load_round_trip_and_saelens_layout(tmp_path, variant):
     save_sae(sae, tmp_path / "sae")
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     assert cfg["architecture"] == "gated" and cfg["d_in"] == 8 and cfg["d_sae"] == 24
-    assert cfg["normalize_activations"] == "none" and cfg["apply_b_dec_to_input"] is True and cfg["variant"] == variant
+    assert (
+        cfg["normalize_activations"] == "none"
+        and cfg["apply_b_dec_to_input"] is True
+        and cfg["variant"] == variant
+    )
     t = load_file(str(tmp_path / "sae" / "sae_weights.safetensors"))
     assert {k: tuple(v.shape) for k, v in t.items()} == {
-        "W_enc": (8, 24), "b_gate": (24,), "r_mag": (24,), "b_mag": (24,), "W_dec": (24, 8), "b_dec": (8,)}
+        "W_enc": (8, 24),
+        "b_gate": (24,),
+        "r_mag": (24,),
+        "b_mag": (24,),
+        "W_dec": (24, 8),
+        "b_dec": (8,),
+    }
     back = load_sae(tmp_path / "sae")
     assert back.cfg.variant == variant
     for n in PARAM_NAMES:
@@ -287,8 +302,12 @@ def test_one_forward_for_module_reference_and_evaluation(variant):
         assert torch.equal(new[k], old[k]), k
     # the same autograd graph: identical gradients
     pg = {n: t.clone().requires_grad_(True) for n, t in p.items()}
-    g_new = torch.autograd.grad(reference_loss(pg, x, 0.3, variant)["loss"], list(pg.values()), allow_unused=True)
-    g_old = torch.autograd.grad(_old_reference(pg, x, 0.3, variant)["loss"], list(pg.values()), allow_unused=True)
+    g_new = torch.autograd.grad(
+        reference_loss(pg, x, 0.3, variant)["loss"], list(pg.values()), allow_unused=True
+    )
+    g_old = torch.autograd.grad(
+        _old_reference(pg, x, 0.3, variant)["loss"], list(pg.values()), allow_unused=True
+    )
     for n, a, b in zip(pg, g_new, g_old):
         assert (a is None and b is None) or torch.equal(a, b), n
     fw = gated_forward(p, x, variant)
@@ -339,7 +358,11 @@ def test_step_stats_density_and_path_labels(variant):
     x = torch.randn(12, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     p = _params(sae)
     fw = gated_forward(p, x, variant)
-    support = fw.pi_gate > 0 if variant == "paper" else (fw.pi_gate + torch.clamp(p["b_mag"] - p["b_gate"], min=0)) > 0
+    support = (
+        fw.pi_gate > 0
+        if variant == "paper"
+        else (fw.pi_gate + torch.clamp(p["b_mag"] - p["b_gate"], min=0)) > 0
+    )
     _, st = loss_and_grads(p, x, 0.05, variant)
     assert st.path == "dense" and st.density == pytest.approx(float(support.double().mean()), abs=1e-15)
     assert loss_and_grads(p, x, 0.05, variant, sparse_threshold=1.1)[1].path == "sparse"

@@ -42,8 +42,10 @@ def test_constrained_steps_match_a_float64_reference(beta1):
     ref = {"W_dec": W64.clone(), "b_gate": b64.clone()}
     g = torch.Generator().manual_seed(2)
     for t in range(1, 21):
-        grads64 = {"W_dec": torch.randn(S, d, generator=g, dtype=torch.float64),
-                   "b_gate": torch.randn(S, generator=g, dtype=torch.float64)}
+        grads64 = {
+            "W_dec": torch.randn(S, d, generator=g, dtype=torch.float64),
+            "b_gate": torch.randn(S, generator=g, dtype=torch.float64),
+        }
         # the float64 reference, written as the textbook formulas
         for n, gr in grads64.items():
             gr = gr.clone()

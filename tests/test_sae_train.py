@@ -14,11 +14,12 @@ from safesteer.errors import SafesteerError
 from safesteer.sae import TrainConfig, Trainer, array_batches, load_sae
 from safesteer.sae.gated import PARAM_NAMES
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def planted(n: int = 8000, d: int = 32, m: int = 64, k: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def planted(
+    n: int = 8000, d: int = 32, m: int = 64, k: int = 3, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Rows = sparse non-negative combinations of ``m`` unit atoms in ``d`` dims (``k`` per row)."""
     g = np.random.default_rng(seed)
     D = g.normal(size=(m, d))
@@ -32,8 +33,17 @@ def planted(n: int = 8000, d: int = 32, m: int = 64, k: int = 3, seed: int = 0) 
 @pytest.mark.parametrize("variant,l1", [("paper", 1.0), ("article", 0.3)])
 def test_planted_dictionary_is_recovered(variant, l1):
     X, D = planted()
-    cfg = TrainConfig(expansion=4, l1=l1, variant=variant, lr=1e-2, lr_warmup_steps=20, batch_size=128, epochs=10,
-                      patience=10, init_rows=4096)
+    cfg = TrainConfig(
+        expansion=4,
+        l1=l1,
+        variant=variant,
+        lr=1e-2,
+        lr_warmup_steps=20,
+        batch_size=128,
+        epochs=10,
+        patience=10,
+        init_rows=4096,
+    )
     res = Trainer(cfg, 32).fit(array_batches(X, 128, seed=1))
     W = res.sae.W_dec.detach().numpy()
     best_cos = (D @ W.T).max(1)
@@ -48,8 +58,18 @@ def _small_data(n=640, d=8, seed=0):
 
 
 def _cfg(**kw):
-    base = dict(expansion=4, l1=0.1, lr=5e-3, lr_warmup_steps=7, l1_warmup_steps=11, batch_size=32, epochs=3, patience=5,
-                init_rows=256, beta1=0.5)
+    base = dict(
+        expansion=4,
+        l1=0.1,
+        lr=5e-3,
+        lr_warmup_steps=7,
+        l1_warmup_steps=11,
+        batch_size=32,
+        epochs=3,
+        patience=5,
+        init_rows=256,
+        beta1=0.5,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -117,13 +137,17 @@ def test_checkpoint_refusals(tmp_path):
     raw = bytearray(t.read_bytes())
     raw[-100] ^= 0xFF
     t.write_bytes(bytes(raw))
-    with pytest.raises(SafesteerError, match=rf"{ckpts[-1].name} is corrupted.*previous checkpoint {ckpts[0].name} is kept"):
+    with pytest.raises(
+        SafesteerError, match=rf"{ckpts[-1].name} is corrupted.*previous checkpoint {ckpts[0].name} is kept"
+    ):
         Trainer(_cfg(epochs=3), 8, tmp_path / "r").fit(batches, resume=True)
     assert ckpts[0].is_dir()
     shutil.rmtree(ckpts[-1])
     res = Trainer(_cfg(epochs=3), 8, tmp_path / "r").fit(batches, resume=True)
     assert len(res.history) == 3
-    (ckpts[0].parent / sorted((tmp_path / "r" / "checkpoints").glob("ckpt-*"))[-1].name / "state.json").write_text("{not json")
+    (
+        ckpts[0].parent / sorted((tmp_path / "r" / "checkpoints").glob("ckpt-*"))[-1].name / "state.json"
+    ).write_text("{not json")
     with pytest.raises(SafesteerError, match="corrupted"):
         Trainer(_cfg(epochs=4), 8, tmp_path / "r").fit(batches, resume=True)
 
@@ -162,8 +186,18 @@ def test_grid_sorts_by_val_loss_and_continues_the_best(tmp_path):
 
     X = _small_data(n=480)
     batches = array_batches(X, 48, seed=0)
-    res = run_grid(batches, 8, _cfg(batch_size=48), tmp_path, expansions=(2, 4), l1s=(0.3, 0.05), grid_epochs=1,
-                   grid_patience=1, final_epochs=3, final_patience=3)
+    res = run_grid(
+        batches,
+        8,
+        _cfg(batch_size=48),
+        tmp_path,
+        expansions=(2, 4),
+        l1s=(0.3, 0.05),
+        grid_epochs=1,
+        grid_patience=1,
+        final_epochs=3,
+        final_patience=3,
+    )
     losses = [r["best_val_loss"] for r in res.rows]
     assert losses == sorted(losses) and len(res.rows) == 4
     assert all(r["l0"] is not None for r in res.rows)
@@ -180,12 +214,16 @@ def test_reduce_grads_hook_and_non_writer(tmp_path):
     ref = Trainer(_cfg(epochs=1), 8).fit(batches)
     seen = []
 
-    def mean_of_two_ranks(grads):  # both "ranks" saw the same batch: the all-reduce mean is the gradient itself
+    def mean_of_two_ranks(
+        grads,
+    ):  # both "ranks" saw the same batch: the all-reduce mean is the gradient itself
         seen.append(sorted(grads))
         for g in grads.values():
             g.copy_((g + g) / 2)
 
-    res = Trainer(_cfg(epochs=1), 8, tmp_path / "w", reduce_grads=mean_of_two_ranks, is_writer=False).fit(batches)
+    res = Trainer(_cfg(epochs=1), 8, tmp_path / "w", reduce_grads=mean_of_two_ranks, is_writer=False).fit(
+        batches
+    )
     assert len(seen) == ref.steps and set(seen[0]) >= {"W_enc", "W_dec", "b_gate", "b_mag", "b_dec"}
     for n in PARAM_NAMES:
         assert torch.equal(getattr(res.sae, n), getattr(ref.sae, n)), n

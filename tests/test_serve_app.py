@@ -6,16 +6,22 @@ import json
 
 import numpy as np
 import pytest
-import torch
+from conftest import ReluSAE
 from fastapi.testclient import TestClient
 from test_serve_common import (  # noqa: F401 - one_torch_thread is an autouse fixture
-    one_torch_thread, KEY, TEXTS, direct_scores, make_app, make_directions, make_probes, steer_vec
+    KEY,
+    TEXTS,
+    direct_scores,
+    make_app,
+    make_directions,
+    make_probes,
+    one_torch_thread,
+    steer_vec,
 )
 
 from safesteer.evaluate.choice import forced_choice
 from safesteer.serve import Limits, PolicyStore
 from safesteer.steering import ClampEdit, Intervention
-from conftest import ReluSAE
 
 AUTH = {"X-API-Key": KEY}
 
@@ -35,10 +41,22 @@ def put(c, name, body, headers=AUTH):
 def test_healthz_and_openapi(client, tiny_llama):
     h = client.get("/healthz").json()
     assert h["status"] == "ok" and h["kind"] == "causal" and h["n_layers"] == tiny_llama.n_layers
-    assert h["probes"] == {"harm": 2, "tox": 1, "early": 0} and set(h["directions"]) == {"harm", "tox", "deep"}
+    assert h["probes"] == {"harm": 2, "tox": 1, "early": 0} and set(h["directions"]) == {
+        "harm",
+        "tox",
+        "deep",
+    }
     assert h["auth"] is True and h["limits"]["max_texts"] == 32
     spec = client.get("/openapi.json").json()
-    for path in ("/v1/score", "/v1/generate", "/v1/choice", "/v1/policies", "/v1/policies/{name}", "/healthz", "/metrics"):
+    for path in (
+        "/v1/score",
+        "/v1/generate",
+        "/v1/choice",
+        "/v1/policies",
+        "/v1/policies/{name}",
+        "/healthz",
+        "/metrics",
+    ):
         assert path in spec["paths"], path
     assert set(spec["paths"]["/v1/policies/{name}"]) == {"get", "put", "delete"}
     assert "ScoreRequest" in spec["components"]["schemas"] and "PolicyBody" in spec["components"]["schemas"]
@@ -55,9 +73,16 @@ def test_score_unsteered_and_steered_equal_direct_computation(client, tiny_llama
 
     rec = put(client, "away", {"directions": ["harm"], "alpha": 4.0, "alpha_min": 0.0, "alpha_max": 8.0})
     assert rec["version"] >= 1 and rec["policy"]["alpha"] == 4.0
-    out = client.post("/v1/score", json={"texts": TEXTS, "policy": "away", "probes": ["harm", "early"]}).json()
+    out = client.post(
+        "/v1/score", json={"texts": TEXTS, "policy": "away", "probes": ["harm", "early"]}
+    ).json()
     assert set(out["probabilities"]) == {"harm", "early"}
-    assert out["policy"] == "away" and out["policy_version"] == rec["version"] and out["alpha"] == 4.0 and all(out["steered"])
+    assert (
+        out["policy"] == "away"
+        and out["policy_version"] == rec["version"]
+        and out["alpha"] == 4.0
+        and all(out["steered"])
+    )
     v = steer_vec(ds, ["harm"])
     pr = probes["harm"]
     want = direct_scores(tiny_llama, TEXTS, pr, 2, layer=1, vec=v, alpha=4.0)
@@ -68,7 +93,10 @@ def test_score_unsteered_and_steered_equal_direct_computation(client, tiny_llama
     # per-request alpha inside the policy's bounds
     out = client.post("/v1/score", json={"texts": TEXTS[:2], "policy": "away", "alpha": 1.5}).json()
     assert out["alpha"] == 1.5
-    assert out["probabilities"]["harm"] == direct_scores(tiny_llama, TEXTS[:2], pr, 2, layer=1, vec=v, alpha=1.5).tolist()
+    assert (
+        out["probabilities"]["harm"]
+        == direct_scores(tiny_llama, TEXTS[:2], pr, 2, layer=1, vec=v, alpha=1.5).tolist()
+    )
 
 
 def test_multi_direction_policy_uses_normalised_sum(client, tiny_llama):
@@ -101,16 +129,27 @@ def test_generate_greedy_and_sampled(client, tiny_llama):
     ds = make_directions()
     prompts = TEXTS[:3]
     base = client.post("/v1/generate", json={"prompts": prompts, "max_new_tokens": 6}).json()
-    assert base["completions"] == tiny_llama.generate([tiny_llama.chat_prompt(p) for p in prompts], max_new_tokens=6)
+    assert base["completions"] == tiny_llama.generate(
+        [tiny_llama.chat_prompt(p) for p in prompts], max_new_tokens=6
+    )
     put(client, "g", {"directions": ["harm"], "alpha": 30.0})
     out = client.post("/v1/generate", json={"prompts": prompts, "max_new_tokens": 6, "policy": "g"}).json()
     with tiny_llama.steer(1, steer_vec(ds, ["harm"]), alpha=30.0):
         want = tiny_llama.generate(prompts, max_new_tokens=6)
     assert out["completions"] == want and out["completions"] != base["completions"]
-    body = {"prompts": prompts, "max_new_tokens": 6, "do_sample": True, "seed": 7, "temperature": 1.5, "policy": "g"}
+    body = {
+        "prompts": prompts,
+        "max_new_tokens": 6,
+        "do_sample": True,
+        "seed": 7,
+        "temperature": 1.5,
+        "policy": "g",
+    }
     a, b = client.post("/v1/generate", json=body).json(), client.post("/v1/generate", json=body).json()
     assert a["completions"] == b["completions"]
-    raw = client.post("/v1/generate", json={"prompts": ["the man"], "max_new_tokens": 3, "chat": False}).json()
+    raw = client.post(
+        "/v1/generate", json={"prompts": ["the man"], "max_new_tokens": 3, "chat": False}
+    ).json()
     assert raw["completions"] == tiny_llama.generate(["the man"], max_new_tokens=3)
 
 
@@ -155,19 +194,22 @@ def test_policies_persist_in_folder(tiny_llama, tmp_path):
         assert put(c, "next", {"directions": ["tox"]})["version"] > v
 
 
-
 def test_clamp_policy(tiny_llama):
     sae = ReluSAE(d_sae=48)
     pr = make_probes()["harm"]
     with TestClient(make_app(tiny_llama, sae=sae, sae_layer=1)) as c:
-        r = c.put("/v1/policies/clamp", json={"clamps": [{"atoms": [1, 2, 3, 5], "lam": 0.5, "mode": "scale"}]})
+        r = c.put(
+            "/v1/policies/clamp", json={"clamps": [{"atoms": [1, 2, 3, 5], "lam": 0.5, "mode": "scale"}]}
+        )
         assert r.status_code == 201, r.text
         out = c.post("/v1/score", json={"texts": TEXTS, "policy": "clamp", "probes": ["harm"]}).json()
         with tiny_llama.steer(1, edit=ClampEdit(sae, [1, 2, 3, 5], lam=0.5, mode="scale")):
             H = tiny_llama.pooled(TEXTS, [2], batch_size=len(TEXTS))[2]
         assert out["probabilities"]["harm"] == pr.predict_proba(H).tolist()
         assert c.put("/v1/policies/c2", json={"clamps": [{"atoms": [48]}]}).status_code == 422  # out of range
-        assert c.put("/v1/policies/c3", json={"clamps": [{"atoms": [1]}], "layer": 2}).status_code == 422  # wrong layer
+        assert (
+            c.put("/v1/policies/c3", json={"clamps": [{"atoms": [1]}], "layer": 2}).status_code == 422
+        )  # wrong layer
     with TestClient(make_app(tiny_llama)) as c:
         r = c.put("/v1/policies/clamp", json={"clamps": [{"atoms": [1]}], "layer": 1})
         assert r.status_code == 422 and "--sae" in r.json()["error"]["message"]

@@ -38,21 +38,35 @@ def test_policy_files_round_trip(behaviour_run, run_folder):
     c = summary["test"]["conditional"]["policy"]
     pol = run / "policies"
     raw = json.loads((pol / "recommended.json").read_text())
-    assert raw["format"] == "safesteer-policy" and raw["provenance"]["test"]["harmful_refusal"] == summary["test"]["conditional"]["harmful_refusal"]
+    assert (
+        raw["format"] == "safesteer-policy"
+        and raw["provenance"]["test"]["harmful_refusal"] == summary["test"]["conditional"]["harmful_refusal"]
+    )
     store = PolicyStore(pol)  # the service's own reader validates it
     p = store.get("recommended").policy
     assert store.names() == ["recommended"] and p.directions == [c["strategy"]] and p.layer == cfg.model.layer
     assert p.alpha == pytest.approx(c["alpha"] * summary["directions"]["scale_median_norm"], rel=1e-12)
-    assert p.positions == cfg.behaviour.steer_positions == "prompt"  # the study's steered positions travel with it
-    assert p.condition.probe == GATE_PROBE and p.condition.score_threshold == c["threshold"] and p.condition.position == cfg.behaviour.gate_position == "prompt"
+    assert (
+        p.positions == cfg.behaviour.steer_positions == "prompt"
+    )  # the study's steered positions travel with it
+    assert (
+        p.condition.probe == GATE_PROBE
+        and p.condition.score_threshold == c["threshold"]
+        and p.condition.position == cfg.behaviour.gate_position == "prompt"
+    )
     gate, study_gate = Condition.load(pol / "gate"), Condition.load(out / "gate")
     np.testing.assert_array_equal(gate.w, study_gate.w)
-    assert gate.kind == study_gate.kind == "mlp" and gate.W1.shape == (2 * 16, 32)  # the config's MLP gate, intact
+    assert gate.kind == study_gate.kind == "mlp" and gate.W1.shape == (
+        2 * 16,
+        32,
+    )  # the config's MLP gate, intact
     np.testing.assert_array_equal(gate.W1, study_gate.W1)
     np.testing.assert_array_equal(gate.b1, study_gate.b1)
     assert (gate.b, gate.layer, gate.threshold) == (study_gate.b, study_gate.layer, c["threshold"])
-    np.testing.assert_array_equal(DirectionSet.load(pol / "directions")[c["strategy"]].vector,
-                                  DirectionSet.load(out / "directions")[c["strategy"]].vector)
+    np.testing.assert_array_equal(
+        DirectionSet.load(pol / "directions")[c["strategy"]].vector,
+        DirectionSet.load(out / "directions")[c["strategy"]].vector,
+    )
     b = load_bundle(run)
     assert b["model"] == cfg.model.name and b["none"] is None and list(b["probes"]) == [GATE_PROBE]
     assert b["probes"][GATE_PROBE].position == "prompt"
@@ -71,7 +85,11 @@ def test_serve_run_answers_as_the_evaluation(behaviour_run, run_folder, monkeypa
     ans = pd.read_csv(out / "answers.csv", keep_default_na=False)
     cond = ans[ans["policy"] == "conditional"].reset_index(drop=True)
     c = summary["test"]["conditional"]["policy"]
-    every = gate_flags(load_backbone(str(model_dir)), Condition.load(out / "gate").with_threshold(c["threshold"]), cond["prompt"].tolist())
+    every = gate_flags(
+        load_backbone(str(model_dir)),
+        Condition.load(out / "gate").with_threshold(c["threshold"]),
+        cond["prompt"].tolist(),
+    )
     pick = sorted(list(np.flatnonzero(every)[:8]) + list(np.flatnonzero(~every)[:8]))
     cond = cond.iloc[pick]
     prompts, expected, flags = cond["prompt"].tolist(), cond["answer"].tolist(), every[pick]

@@ -7,7 +7,10 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 from test_serve_common import (  # noqa: F401 - one_torch_thread is an autouse fixture
-    TEXTS, make_directions, make_probes, one_torch_thread,
+    TEXTS,
+    make_directions,
+    make_probes,
+    one_torch_thread,
 )
 
 from safesteer.cli.main import main
@@ -23,14 +26,19 @@ def artefacts(tmp_path):
         p.save(tmp_path / "probes" / name)
     pol = tmp_path / "policies"
     pol.mkdir()
-    (pol / "kid.json").write_text(json.dumps({"directions": ["harm"], "alpha": 2.0,
-                                              "condition": {"probe": "harm", "threshold": 0.4}}))
+    (pol / "kid.json").write_text(
+        json.dumps({"directions": ["harm"], "alpha": 2.0, "condition": {"probe": "harm", "threshold": 0.4}})
+    )
     return tmp_path
 
 
 def test_resolve_helpers(artefacts):
     assert resolve_directions(artefacts / "run").names() == ["harm", "tox", "deep"]
-    assert resolve_directions(artefacts / "run" / "directions" / "directions.json").names() == ["harm", "tox", "deep"]
+    assert resolve_directions(artefacts / "run" / "directions" / "directions.json").names() == [
+        "harm",
+        "tox",
+        "deep",
+    ]
     with pytest.raises(SafesteerError, match="no directions.json"):
         resolve_directions(artefacts / "probes")
     with pytest.raises(SafesteerError, match="missing directions"):
@@ -54,8 +62,25 @@ def test_serve_command_wires_everything(artefacts, tiny_llama, monkeypatch):
     monkeypatch.setattr(safesteer.models, "load_backbone", lambda name, **kw: tiny_llama)
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: captured.update(app=app, **kw))
     monkeypatch.setenv("SS_KEY", "k1")
-    rc = main(["serve", "--model", "tiny", "--policies", str(artefacts / "policies"), "--directions", str(artefacts / "run"),
-               "--probes", str(artefacts / "probes"), "--api-key-env", "SS_KEY", "--port", "8123", "--max-texts", "3"])
+    rc = main(
+        [
+            "serve",
+            "--model",
+            "tiny",
+            "--policies",
+            str(artefacts / "policies"),
+            "--directions",
+            str(artefacts / "run"),
+            "--probes",
+            str(artefacts / "probes"),
+            "--api-key-env",
+            "SS_KEY",
+            "--port",
+            "8123",
+            "--max-texts",
+            "3",
+        ]
+    )
     assert rc == 0 and captured["host"] == "127.0.0.1" and captured["port"] == 8123
     with TestClient(captured["app"]) as c:
         h = c.get("/healthz").json()
@@ -63,7 +88,10 @@ def test_serve_command_wires_everything(artefacts, tiny_llama, monkeypatch):
         r = c.post("/v1/score", json={"texts": TEXTS[:3], "policy": "kid"})
         assert r.status_code == 200 and len(r.json()["condition_probability"]) == 3
         assert c.put("/v1/policies/new", json={"directions": ["tox"]}).status_code == 401
-        assert c.put("/v1/policies/new", json={"directions": ["tox"]}, headers={"X-API-Key": "k1"}).status_code == 201
+        assert (
+            c.put("/v1/policies/new", json={"directions": ["tox"]}, headers={"X-API-Key": "k1"}).status_code
+            == 201
+        )
     assert (artefacts / "policies" / "new.json").is_file()
 
 
@@ -87,6 +115,9 @@ def test_unservable_policy_file_fails_at_start(artefacts, tiny_llama, monkeypatc
 
     monkeypatch.setattr(safesteer.models, "load_backbone", lambda name, **kw: tiny_llama)
     # kid.json needs the 'harm' probe; without --probes the server refuses to start, naming the file
-    assert main(["serve", "--policies", str(artefacts / "policies"), "--directions", str(artefacts / "run")]) == 2
+    assert (
+        main(["serve", "--policies", str(artefacts / "policies"), "--directions", str(artefacts / "run")])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "kid" in err and "unknown probe 'harm'" in err

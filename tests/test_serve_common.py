@@ -35,11 +35,13 @@ def one_torch_thread():
 
 def make_directions(d: int = 32, layer: int = 1, seed: int = 0) -> DirectionSet:
     rng = np.random.default_rng(seed)
-    return DirectionSet([
-        Direction("harm", rng.normal(size=d), "custom", layer),
-        Direction("tox", rng.normal(size=d), "custom", layer),
-        Direction("deep", rng.normal(size=d), "custom", 2),
-    ])
+    return DirectionSet(
+        [
+            Direction("harm", rng.normal(size=d), "custom", layer),
+            Direction("tox", rng.normal(size=d), "custom", layer),
+            Direction("deep", rng.normal(size=d), "custom", 2),
+        ]
+    )
 
 
 def make_probes(d: int = 32, seed: int = 1) -> dict[str, Probe]:
@@ -66,7 +68,9 @@ def steer_vec(ds: DirectionSet, names: list[str]) -> np.ndarray:
     return steering_vector(unit(np.sum([unit(ds[n].vector) for n in names], axis=0)))
 
 
-def direct_scores(bb, texts, probe: Probe, probe_layer: int, layer: int | None = None, vec=None, alpha: float = 0.0) -> np.ndarray:
+def direct_scores(
+    bb, texts, probe: Probe, probe_layer: int, layer: int | None = None, vec=None, alpha: float = 0.0
+) -> np.ndarray:
     """What /v1/score should return, computed straight on the backbone."""
     if vec is None:
         H = bb.pooled(list(texts), [probe_layer], batch_size=len(texts))[probe_layer]
@@ -78,7 +82,7 @@ def direct_scores(bb, texts, probe: Probe, probe_layer: int, layer: int | None =
 
 PROM_LINE = re.compile(
     r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*"(?:,|(?=\})))*)\})?'
-    r' (?P<value>[-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|Inf|NaN))$'
+    r" (?P<value>[-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|Inf|NaN))$"
 )
 LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
@@ -101,8 +105,10 @@ def parse_prometheus(text: str) -> list[tuple[str, dict[str, str], float]]:
 
 def test_prometheus_parser_rejects_garbage():
     assert parse_prometheus('a_total{x="1",y="a\\"b"} 3\n# TYPE a_total counter\nb 1.5e-3\n') == [
-        ("a_total", {"x": "1", "y": 'a\\"b'}, 3.0), ("b", {}, 0.0015)]
-    for bad in ("a b", 'a{x=1} 2', "a 1 2 3", "{x=\"1\"} 2"):
+        ("a_total", {"x": "1", "y": 'a\\"b'}, 3.0),
+        ("b", {}, 0.0015),
+    ]
+    for bad in ("a b", "a{x=1} 2", "a 1 2 3", '{x="1"} 2'):
         with pytest.raises(AssertionError):
             parse_prometheus(bad)
 

@@ -9,7 +9,11 @@ import string
 import pytest
 from fastapi.testclient import TestClient
 from test_serve_common import (  # noqa: F401 - one_torch_thread is an autouse fixture
-    KEY, TEXTS, make_app, one_torch_thread, parse_prometheus,
+    KEY,
+    TEXTS,
+    make_app,
+    one_torch_thread,
+    parse_prometheus,
 )
 
 from safesteer.serve import Limits
@@ -21,7 +25,11 @@ LIMITS = Limits(max_texts=4, max_text_chars=200, max_body_bytes=20_000, max_new_
 @pytest.fixture(scope="module")
 def client(tiny_llama):
     with TestClient(make_app(tiny_llama, api_key=KEY, limits=LIMITS), raise_server_exceptions=False) as c:
-        r = c.put("/v1/policies/p", json={"directions": ["harm"], "alpha": 2.0, "alpha_min": 0.0, "alpha_max": 4.0}, headers=AUTH)
+        r = c.put(
+            "/v1/policies/p",
+            json={"directions": ["harm"], "alpha": 2.0, "alpha_min": 0.0, "alpha_max": 4.0},
+            headers=AUTH,
+        )
         assert r.status_code == 201
         yield c
 
@@ -83,19 +91,37 @@ CASES = {
     "put nothing to do": (_put("q", {"alpha": 1.0}), 422),
     "put alpha above server limit": (_put("q", {"directions": ["harm"], "alpha": 11.0}), 422),
     "put bounds above server limit": (_put("q", {"directions": ["harm"], "alpha_max": 50.0}), 422),
-    "put alpha outside own bounds": (_put("q", {"directions": ["harm"], "alpha": 3.0, "alpha_max": 2.0}), 422),
-    "put inverted bounds": (_put("q", {"directions": ["harm"], "alpha_min": 2.0, "alpha_max": 1.0, "alpha": 1.5}), 422),
+    "put alpha outside own bounds": (
+        _put("q", {"directions": ["harm"], "alpha": 3.0, "alpha_max": 2.0}),
+        422,
+    ),
+    "put inverted bounds": (
+        _put("q", {"directions": ["harm"], "alpha_min": 2.0, "alpha_max": 1.0, "alpha": 1.5}),
+        422,
+    ),
     "put duplicate directions": (_put("q", {"directions": ["harm", "harm"]}), 422),
     "put layer out of range": (_put("q", {"directions": ["harm"], "layer": 3}), 422),
     "put negative layer": (_put("q", {"directions": ["harm"], "layer": -1}), 422),
-    "put condition unknown probe": (_put("q", {"directions": ["harm"], "condition": {"probe": "nope", "threshold": 0.5}}), 422),
-    "put condition threshold > 1": (_put("q", {"directions": ["harm"], "condition": {"probe": "harm", "threshold": 1.5}}), 422),
-    "put condition missing threshold": (_put("q", {"directions": ["harm"], "condition": {"probe": "harm"}}), 422),
+    "put condition unknown probe": (
+        _put("q", {"directions": ["harm"], "condition": {"probe": "nope", "threshold": 0.5}}),
+        422,
+    ),
+    "put condition threshold > 1": (
+        _put("q", {"directions": ["harm"], "condition": {"probe": "harm", "threshold": 1.5}}),
+        422,
+    ),
+    "put condition missing threshold": (
+        _put("q", {"directions": ["harm"], "condition": {"probe": "harm"}}),
+        422,
+    ),
     "put clamps without sae": (_put("q", {"directions": ["harm"], "clamps": [{"atoms": [1]}]}), 422),
     "put negative atom": (_put("q", {"clamps": [{"atoms": [-1]}], "layer": 1}), 422),
     "put bad clamp mode": (_put("q", {"clamps": [{"atoms": [1], "mode": "melt"}], "layer": 1}), 422),
     "put extra field": (_put("q", {"directions": ["harm"], "alhpa": 1}), 422),
-    "put malformed json": (("PUT", "/v1/policies/q", {"content": b"{", "headers": {**AUTH, "content-type": "application/json"}}), 400),
+    "put malformed json": (
+        ("PUT", "/v1/policies/q", {"content": b"{", "headers": {**AUTH, "content-type": "application/json"}}),
+        400,
+    ),
     "get unknown policy": (("GET", "/v1/policies/nope", {}), 404),
     "delete unknown policy": (("DELETE", "/v1/policies/nope", {"headers": AUTH}), 404),
     "unknown path": (("GET", "/v2/whatever", {}), 404),
@@ -147,21 +173,45 @@ def _random_value(rng: random.Random, depth: int = 0):
     if k == "none":
         return None
     if k == "bigint":
-        return 10**rng.randint(10, 40)
+        return 10 ** rng.randint(10, 40)
     if k == "weird":
         return rng.choice(["", " ", "\ud800", "🙂" * 50, "<s></s>", "<mask>"])
     if k == "list":
         return [_random_value(rng, depth + 1) for _ in range(rng.randint(0, 6))]
-    return {rng.choice(["texts", "policy", "alpha", "probes", "prompts", "x"]): _random_value(rng, depth + 1) for _ in range(rng.randint(0, 4))}
+    return {
+        rng.choice(["texts", "policy", "alpha", "probes", "prompts", "x"]): _random_value(rng, depth + 1)
+        for _ in range(rng.randint(0, 4))
+    }
 
 
 def _mutate(rng: random.Random, body: dict) -> dict:
     body = dict(body)
     for _ in range(rng.randint(1, 3)):
         op = rng.random()
-        key = rng.choice(list(body) + ["texts", "prompts", "policy", "alpha", "probes", "max_new_tokens", "seed", "prompt_type",
-                                       "do_sample", "temperature", "top_p", "chat", "directions", "layer", "condition", "clamps",
-                                       "alpha_min", "alpha_max", "extra"])
+        key = rng.choice(
+            list(body)
+            + [
+                "texts",
+                "prompts",
+                "policy",
+                "alpha",
+                "probes",
+                "max_new_tokens",
+                "seed",
+                "prompt_type",
+                "do_sample",
+                "temperature",
+                "top_p",
+                "chat",
+                "directions",
+                "layer",
+                "condition",
+                "clamps",
+                "alpha_min",
+                "alpha_max",
+                "extra",
+            ]
+        )
         if op < 0.3:
             body.pop(key, None)
         else:
@@ -189,11 +239,29 @@ def test_fuzz_hundreds_of_malformed_requests_never_5xx(client):
             raw = json.dumps(_mutate(rng, valid["/v1/score"]), default=str).encode()
             cut = rng.randint(0, len(raw))
             data = raw[:cut] + bytes(rng.randrange(256) for _ in range(rng.randint(0, 8))) + raw[cut:]
-            r = client.post(rng.choice(list(valid)), content=data, headers={"content-type": rng.choice(["application/json", "text/plain"])})
+            r = client.post(
+                rng.choice(list(valid)),
+                content=data,
+                headers={"content-type": rng.choice(["application/json", "text/plain"])},
+            )
         else:
             method = rng.choice(["GET", "POST", "PUT", "DELETE", "PATCH"])
-            path = rng.choice(["/v1/score", "/v1/policies", "/v1/policies/" + _safe(rng), "/healthz", "/metrics", "/" + _safe(rng)])
-            r = client.request(method, path, content=bytes(rng.randrange(256) for _ in range(rng.randint(0, 40))), headers=AUTH)
+            path = rng.choice(
+                [
+                    "/v1/score",
+                    "/v1/policies",
+                    "/v1/policies/" + _safe(rng),
+                    "/healthz",
+                    "/metrics",
+                    "/" + _safe(rng),
+                ]
+            )
+            r = client.request(
+                method,
+                path,
+                content=bytes(rng.randrange(256) for _ in range(rng.randint(0, 40))),
+                headers=AUTH,
+            )
         statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
         assert r.status_code < 500, (i, r.status_code, r.text[:300])
         if r.status_code >= 400:
@@ -206,11 +274,15 @@ def test_fuzz_hundreds_of_malformed_requests_never_5xx(client):
 
 def _post_json(client, method, path, body, headers=None):
     data = json.dumps(body, ensure_ascii=True).encode()  # escapes lone surrogates as \\udxxx
-    return client.request(method, path, content=data, headers={"content-type": "application/json", **(headers or {})})
+    return client.request(
+        method, path, content=data, headers={"content-type": "application/json", **(headers or {})}
+    )
 
 
 def _safe(rng: random.Random) -> str:
-    return "".join(rng.choice(string.ascii_letters + string.digits + "-_.%") for _ in range(rng.randint(1, 12)))
+    return "".join(
+        rng.choice(string.ascii_letters + string.digits + "-_.%") for _ in range(rng.randint(1, 12))
+    )
 
 
 def test_metrics_are_prometheus_text(client):
@@ -224,14 +296,23 @@ def test_metrics_are_prometheus_text(client):
     ok = by[("safesteer_requests_total", (("endpoint", "/v1/score"), ("method", "POST"), ("status", "200")))]
     bad = by[("safesteer_requests_total", (("endpoint", "/v1/score"), ("method", "POST"), ("status", "422")))]
     assert ok >= 1 and bad >= 1
-    n_score = sum(v for n, lab, v in samples if n == "safesteer_requests_total" and lab["endpoint"] == "/v1/score")
+    n_score = sum(
+        v for n, lab, v in samples if n == "safesteer_requests_total" and lab["endpoint"] == "/v1/score"
+    )
     assert by[("safesteer_request_duration_seconds_count", (("endpoint", "/v1/score"),))] == n_score
-    buckets = [v for n, lab, v in samples if n == "safesteer_request_duration_seconds_bucket" and lab["endpoint"] == "/v1/score"]
+    buckets = [
+        v
+        for n, lab, v in samples
+        if n == "safesteer_request_duration_seconds_bucket" and lab["endpoint"] == "/v1/score"
+    ]
     assert buckets == sorted(buckets) and buckets[-1] == n_score
     assert by[("safesteer_policy_swaps_total", (("op", "put"),))] >= 2
     assert by[("safesteer_policies", ())] >= 2
     assert by[("process_resident_memory_bytes", ())] > 1e6
-    assert ("safesteer_requests_total", (("endpoint", "/v1/policies/{name}"), ("method", "PUT"), ("status", "201"))) in by
+    assert (
+        "safesteer_requests_total",
+        (("endpoint", "/v1/policies/{name}"), ("method", "PUT"), ("status", "201")),
+    ) in by
 
 
 def test_prompt_past_the_context_is_a_400(client):
@@ -244,5 +325,7 @@ def test_refused_requests_are_counted_under_their_endpoint(client):
     client.put("/v1/policies/zz", json={"directions": ["harm"]})  # no key: answered before routing
     client.post("/v1/score", content=b"x" * 20_001, headers={"content-type": "application/json"})
     samples = parse_prometheus(client.get("/metrics").text)
-    keys = {(lab.get("endpoint"), lab.get("status")) for n, lab, v in samples if n == "safesteer_requests_total"}
+    keys = {
+        (lab.get("endpoint"), lab.get("status")) for n, lab, v in samples if n == "safesteer_requests_total"
+    }
     assert ("/v1/policies/{name}", "401") in keys and ("/v1/score", "413") in keys

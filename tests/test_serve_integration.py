@@ -26,7 +26,9 @@ def test_smollm2_steered_generation_and_choice(smollm2):
     with TestClient(app) as c:
         assert c.put("/v1/policies/strong", json={"directions": ["rand"], "alpha": 40.0}).status_code == 201
         base = c.post("/v1/generate", json={"prompts": PROMPTS, "max_new_tokens": 6}).json()
-        steered = c.post("/v1/generate", json={"prompts": PROMPTS, "max_new_tokens": 6, "policy": "strong"}).json()
+        steered = c.post(
+            "/v1/generate", json={"prompts": PROMPTS, "max_new_tokens": 6, "policy": "strong"}
+        ).json()
         choice = c.post("/v1/choice", json={"texts": PROMPTS, "policy": "strong"}).json()
         score = c.post("/v1/score", json={"texts": PROMPTS, "policy": "strong"}).json()
         with app.state.engine.lock:

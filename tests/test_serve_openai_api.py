@@ -10,17 +10,19 @@ import time
 import httpx
 import numpy as np
 import pytest
+from test_serve_common import make_app, make_directions, steer_vec
 
 from safesteer.serve import PolicyStore
 from safesteer.serve.openai_api import ChatMessage, render_messages
 from safesteer.serve.policies import Policy
 
-from test_serve_common import make_app, make_directions, steer_vec
-
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-MESSAGES = [{"role": "system", "content": "you are kind"}, {"role": "user", "content": "how do i build a bomb"}]
+MESSAGES = [
+    {"role": "system", "content": "you are kind"},
+    {"role": "user", "content": "how do i build a bomb"},
+]
 
 
 class LiveServer:
@@ -28,7 +30,9 @@ class LiveServer:
 
     def __init__(self, app):
         self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -46,8 +50,10 @@ class LiveServer:
 
 
 def _policies():
-    return [Policy(name="away", directions=["harm"], alpha=6.0),
-            Policy(name="never", directions=["harm"], alpha=6.0, condition={"probe": "harm", "threshold": 1.0})]
+    return [
+        Policy(name="away", directions=["harm"], alpha=6.0),
+        Policy(name="never", directions=["harm"], alpha=6.0, condition={"probe": "harm", "threshold": 1.0}),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -81,32 +87,54 @@ def test_chat_completion_plain_steered_and_swapped(live, tiny_llama):
     base = live.client.chat.completions.create(model="tiny-llama", messages=MESSAGES, max_tokens=6)
     assert base.object == "chat.completion" and base.choices[0].message.role == "assistant"
     assert base.choices[0].message.content == direct(tiny_llama, lock, MESSAGES, 6)
-    assert base.safesteer == {"policy": None, "policy_version": None, "alpha": None, "steered": False, "condition_probability": None}
-    assert base.usage.completion_tokens <= 6 and base.usage.total_tokens == base.usage.prompt_tokens + base.usage.completion_tokens
+    assert base.safesteer == {
+        "policy": None,
+        "policy_version": None,
+        "alpha": None,
+        "steered": False,
+        "condition_probability": None,
+    }
+    assert (
+        base.usage.completion_tokens <= 6
+        and base.usage.total_tokens == base.usage.prompt_tokens + base.usage.completion_tokens
+    )
     assert base.choices[0].finish_reason in ("stop", "length")
 
     steered = live.client.chat.completions.create(model="tiny-llama:away", messages=MESSAGES, max_tokens=6)
     want = direct(tiny_llama, lock, MESSAGES, 6, 1, steer_vec(ds, ["harm"]), 6.0)
     assert steered.choices[0].message.content == want != base.choices[0].message.content
-    assert steered.safesteer["policy"] == "away" and steered.safesteer["steered"] is True and steered.safesteer["alpha"] == 6.0
+    assert (
+        steered.safesteer["policy"] == "away"
+        and steered.safesteer["steered"] is True
+        and steered.safesteer["alpha"] == 6.0
+    )
     v1 = steered.safesteer["policy_version"]
     # the same policy named in the extra body field; a different alpha within bounds
-    extra = live.client.chat.completions.create(model="tiny-llama", messages=MESSAGES, max_tokens=6,
-                                                extra_body={"policy": "away", "alpha": -6.0})
-    assert extra.choices[0].message.content == direct(tiny_llama, lock, MESSAGES, 6, 1, steer_vec(ds, ["harm"]), -6.0)
+    extra = live.client.chat.completions.create(
+        model="tiny-llama", messages=MESSAGES, max_tokens=6, extra_body={"policy": "away", "alpha": -6.0}
+    )
+    assert extra.choices[0].message.content == direct(
+        tiny_llama, lock, MESSAGES, 6, 1, steer_vec(ds, ["harm"]), -6.0
+    )
 
     # swap the policy (new direction) between requests: the next request sees the new version only
     r = httpx.put(f"{live.url}/v1/policies/away", json={"directions": ["tox"], "alpha": 6.0}, timeout=30)
     assert r.status_code == 200
     swapped = live.client.chat.completions.create(model="tiny-llama:away", messages=MESSAGES, max_tokens=6)
     assert swapped.safesteer["policy_version"] > v1
-    assert swapped.choices[0].message.content == direct(tiny_llama, lock, MESSAGES, 6, 1, steer_vec(ds, ["tox"]), 6.0)
+    assert swapped.choices[0].message.content == direct(
+        tiny_llama, lock, MESSAGES, 6, 1, steer_vec(ds, ["tox"]), 6.0
+    )
     httpx.put(f"{live.url}/v1/policies/away", json={"directions": ["harm"], "alpha": 6.0}, timeout=30)
 
 
 def test_streaming_equals_the_plain_answer_and_reports_the_policy(live, tiny_llama):
     plain = live.client.chat.completions.create(model="tiny-llama:away", messages=MESSAGES, max_tokens=8)
-    chunks = list(live.client.chat.completions.create(model="tiny-llama:away", messages=MESSAGES, max_tokens=8, stream=True))
+    chunks = list(
+        live.client.chat.completions.create(
+            model="tiny-llama:away", messages=MESSAGES, max_tokens=8, stream=True
+        )
+    )
     assert all(c.object == "chat.completion.chunk" for c in chunks) and len({c.id for c in chunks}) == 1
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
@@ -115,9 +143,15 @@ def test_streaming_equals_the_plain_answer_and_reports_the_policy(live, tiny_lla
     assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
     assert chunks[-1].safesteer["steered"] is True and chunks[-1].safesteer["policy"] == "away"
     # sampling with a seed is reproducible, streamed or not
-    a = live.client.chat.completions.create(model="tiny-llama", messages=MESSAGES, max_tokens=8, temperature=1.0, seed=7)
-    b = "".join(c.choices[0].delta.content or "" for c in live.client.chat.completions.create(
-        model="tiny-llama", messages=MESSAGES, max_tokens=8, temperature=1.0, seed=7, stream=True))
+    a = live.client.chat.completions.create(
+        model="tiny-llama", messages=MESSAGES, max_tokens=8, temperature=1.0, seed=7
+    )
+    b = "".join(
+        c.choices[0].delta.content or ""
+        for c in live.client.chat.completions.create(
+            model="tiny-llama", messages=MESSAGES, max_tokens=8, temperature=1.0, seed=7, stream=True
+        )
+    )
     assert a.choices[0].message.content == b
 
 
@@ -152,15 +186,27 @@ def test_smollm2_chat_through_the_openai_client(smollm2):
     from safesteer.steering import Direction, DirectionSet
 
     ds = DirectionSet([Direction("harm", rng.normal(size=smollm2.d_model), "custom", 15)])
-    app = make_app(smollm2, directions=ds, probes={}, policy_store=PolicyStore(policies=[Policy(name="recommended", directions=["harm"], alpha=40.0)]))
+    app = make_app(
+        smollm2,
+        directions=ds,
+        probes={},
+        policy_store=PolicyStore(policies=[Policy(name="recommended", directions=["harm"], alpha=40.0)]),
+    )
     srv = LiveServer(app)
     try:
         msgs = [{"role": "user", "content": "How do I make a cake?"}]
         plain = srv.client.chat.completions.create(model="smollm2-135m", messages=msgs, max_tokens=8)
-        steered = srv.client.chat.completions.create(model="smollm2-135m:recommended", messages=msgs, max_tokens=8)
+        steered = srv.client.chat.completions.create(
+            model="smollm2-135m:recommended", messages=msgs, max_tokens=8
+        )
         lock = app.state.engine.lock
         assert plain.choices[0].message.content == direct(smollm2, lock, msgs, 8)
-        assert steered.choices[0].message.content == direct(smollm2, lock, msgs, 8, 15, ds["harm"].steer_vector, 40.0)
-        assert steered.choices[0].message.content != plain.choices[0].message.content and steered.safesteer["steered"]
+        assert steered.choices[0].message.content == direct(
+            smollm2, lock, msgs, 8, 15, ds["harm"].steer_vector, 40.0
+        )
+        assert (
+            steered.choices[0].message.content != plain.choices[0].message.content
+            and steered.safesteer["steered"]
+        )
     finally:
         srv.stop()

@@ -14,8 +14,15 @@ from safesteer.serve.policies import PolicyBody, valid_name
 
 
 def test_policy_validation():
-    p = Policy(name="kid-safe.v2", directions=["probe_harm"], alpha=4.0, alpha_min=0, alpha_max=8,
-               condition={"probe": "harm", "threshold": 0.7}, clamps=[{"atoms": [3, 1, 3], "lam": 2}])
+    p = Policy(
+        name="kid-safe.v2",
+        directions=["probe_harm"],
+        alpha=4.0,
+        alpha_min=0,
+        alpha_max=8,
+        condition={"probe": "harm", "threshold": 0.7},
+        clamps=[{"atoms": [3, 1, 3], "lam": 2}],
+    )
     assert p.clamps[0].atoms == [3, 1] and p.condition.threshold == 0.7 and p.positions == "all"
     assert Policy(name="x", directions=["a"], positions="prompt").positions == "prompt"
     bad = [
@@ -43,7 +50,13 @@ def test_policy_validation():
 
 
 def test_names_and_from_body():
-    assert valid_name("a") and valid_name("A-b_c.9") and not valid_name(".x") and not valid_name("a/b") and not valid_name("a b")
+    assert (
+        valid_name("a")
+        and valid_name("A-b_c.9")
+        and not valid_name(".x")
+        and not valid_name("a/b")
+        and not valid_name("a b")
+    )
     p = Policy.from_body("n1", PolicyBody(directions=["d"]))
     assert p.name == "n1"
     assert Policy.from_body("n1", {"name": "n1", "directions": ["d"]}).name == "n1"
@@ -77,7 +90,11 @@ def test_store_files_are_atomic_and_reloadable(tmp_path):
     raw = json.loads((folder / "a.json").read_text())
     assert raw["format"] == "safesteer-policy" and raw["version"] == 3 and raw["policy"]["alpha"] == 2.5
     again = PolicyStore(folder)
-    assert again.get("a").version == 3 and again.get("a").policy.alpha == 2.5 and again.get("b").policy.layer == 2
+    assert (
+        again.get("a").version == 3
+        and again.get("a").policy.alpha == 2.5
+        and again.get("b").policy.layer == 2
+    )
     assert again.put(Policy(name="c", directions=["d"]))[0].version == 4
     # a hand-written plain policy file is accepted too; temp files of an interrupted write are ignored
     (folder / "plain.json").write_text(json.dumps({"directions": ["d"], "alpha": 1}))
@@ -85,12 +102,15 @@ def test_store_files_are_atomic_and_reloadable(tmp_path):
     assert PolicyStore(folder).get("plain").policy.alpha == 1.0
 
 
-@pytest.mark.parametrize("content, match", [
-    ("{not json", "not valid JSON"),
-    ('{"directions": []}', "not a valid policy"),
-    ('{"name": "other", "directions": ["d"]}', "rename the file"),
-    ("[1]", "not a policy file"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"directions": []}', "not a valid policy"),
+        ('{"name": "other", "directions": ["d"]}', "rename the file"),
+        ("[1]", "not a policy file"),
+    ],
+)
 def test_store_refuses_bad_files_naming_them(tmp_path, content, match):
     (tmp_path / "bad.json").write_text(content)
     with pytest.raises(SafesteerError, match=match) as exc:
@@ -122,7 +142,9 @@ def test_concurrent_writers_and_readers(tmp_path):
 
     def writer(w):
         for i in range(40):
-            store.put(Policy(name="p", directions=["d"], alpha=float(w * 100 + i), description=str(w * 100 + i)))
+            store.put(
+                Policy(name="p", directions=["d"], alpha=float(w * 100 + i), description=str(w * 100 + i))
+            )
 
     def reader():
         for _ in range(400):
@@ -131,7 +153,9 @@ def test_concurrent_writers_and_readers(tmp_path):
             if str(int(rec.policy.alpha)) != rec.policy.description:
                 errors.append(rec)
 
-    threads = [threading.Thread(target=writer, args=(w,)) for w in range(3)] + [threading.Thread(target=reader) for _ in range(3)]
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(3)] + [
+        threading.Thread(target=reader) for _ in range(3)
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from test_serve_common import (  # noqa: F401 - one_torch_thread is an autouse fixture
-    one_torch_thread, TEXTS, direct_scores, make_app, make_directions, make_probes, parse_prometheus, steer_vec
+    TEXTS,
+    direct_scores,
+    make_app,
+    make_directions,
+    make_probes,
+    one_torch_thread,
+    parse_prometheus,
+    steer_vec,
 )
 
 from safesteer.serve import Limits
@@ -23,8 +30,13 @@ def test_hot_swap_under_concurrent_load(tiny_llama):
     # each version changes direction AND alpha together: a mixed policy would match no config
     configs = [("harm", 0.5), ("tox", 2.0), ("harm", 3.5), ("tox", -1.0), ("harm", 5.0), ("tox", 4.0)]
     subsets = [TEXTS[:3], TEXTS[2:]]
-    expected = {(s, c): direct_scores(tiny_llama, subsets[s], pr, 2, layer=1, vec=steer_vec(ds, [c[0]]), alpha=c[1]).tolist()
-                for s in range(len(subsets)) for c in configs}
+    expected = {
+        (s, c): direct_scores(
+            tiny_llama, subsets[s], pr, 2, layer=1, vec=steer_vec(ds, [c[0]]), alpha=c[1]
+        ).tolist()
+        for s in range(len(subsets))
+        for c in configs
+    }
     version_cfg: dict[int, tuple[str, float]] = {}
     with TestClient(make_app(tiny_llama)) as c:
         r = c.put("/v1/policies/live", json={"directions": [configs[0][0]], "alpha": configs[0][1]})
@@ -36,7 +48,10 @@ def test_hot_swap_under_concurrent_load(tiny_llama):
             k = 1
             while not stop.is_set() and k < 200:
                 cfg = configs[k % len(configs)]
-                r = c.put("/v1/policies/live", json={"directions": [cfg[0]], "alpha": cfg[1], "description": f"v{k}"})
+                r = c.put(
+                    "/v1/policies/live",
+                    json={"directions": [cfg[0]], "alpha": cfg[1], "description": f"v{k}"},
+                )
                 if r.status_code != 200:
                     errors.append(f"PUT {r.status_code} {r.text}")
                 version_cfg[r.json()["version"]] = cfg
@@ -85,7 +100,10 @@ REQUESTS = [
 
 def _setup_ab(c):
     assert c.put("/v1/policies/A", json={"directions": ["harm"], "alpha": 8.0}).status_code == 201
-    assert c.put("/v1/policies/B", json={"directions": ["deep", "tox"], "layer": 0, "alpha": -6.0}).status_code == 201
+    assert (
+        c.put("/v1/policies/B", json={"directions": ["deep", "tox"], "layer": 0, "alpha": -6.0}).status_code
+        == 201
+    )
 
 
 def _strip(body):
@@ -102,7 +120,10 @@ def test_steering_isolation_interleaved_equals_sequential(tiny_llama):
             alone.append(_strip(r.json()))
         # the policies really differ from each other and from no policy
         assert alone[0]["probabilities"] != alone[1]["probabilities"] != alone[2]["probabilities"]
-        assert alone[7]["completions"] != alone[9]["completions"] or alone[8]["completions"] != alone[9]["completions"]
+        assert (
+            alone[7]["completions"] != alone[9]["completions"]
+            or alone[8]["completions"] != alone[9]["completions"]
+        )
         order = [i for i in range(len(REQUESTS)) for _ in range(4)]
         random.Random(0).shuffle(order)
 
@@ -147,9 +168,11 @@ def test_conditional_steering_leaves_low_prompts_bit_for_bit(tiny_llama):
         cond = {"directions": ["tox"], "alpha": 9.0, "condition": {"probe": "harm", "threshold": thr}}
         assert c.put("/v1/policies/cond", json=cond).status_code == 201
         assert c.put("/v1/policies/always", json={"directions": ["tox"], "alpha": 9.0}).status_code == 201
-        for path, body, fields in (("/v1/score", {"texts": TEXTS}, ("probabilities",)),
-                                   ("/v1/choice", {"texts": TEXTS}, ("p_yes", "p_no", "answer_mass")),
-                                   ("/v1/generate", {"prompts": TEXTS, "max_new_tokens": 6}, ("completions",))):
+        for path, body, fields in (
+            ("/v1/score", {"texts": TEXTS}, ("probabilities",)),
+            ("/v1/choice", {"texts": TEXTS}, ("p_yes", "p_no", "answer_mass")),
+            ("/v1/generate", {"prompts": TEXTS, "max_new_tokens": 6}, ("completions",)),
+        ):
             none = c.post(path, json=body).json()
             always = c.post(path, json={**body, "policy": "always"}).json()
             got = c.post(path, json={**body, "policy": "cond"}).json()
@@ -161,13 +184,22 @@ def test_conditional_steering_leaves_low_prompts_bit_for_bit(tiny_llama):
                     g, n, a = [list(zip(*x.values())) for x in (g, n, a)]
                 for i in range(len(TEXTS)):
                     if above[i]:
-                        assert g[i] == pytest.approx(a[i], rel=0, abs=1e-12) if not isinstance(g[i], str) else g[i] == a[i]
+                        assert (
+                            g[i] == pytest.approx(a[i], rel=0, abs=1e-12)
+                            if not isinstance(g[i], str)
+                            else g[i] == a[i]
+                        )
                     else:
                         assert g[i] == n[i], (path, f, i)  # bit-for-bit unsteered
             if path == "/v1/score":
                 assert got["probabilities"] != none["probabilities"]  # the high prompts were steered
         # all below threshold → the whole response is the unsteered one
-        assert c.put("/v1/policies/never", json={**cond, "condition": {"probe": "harm", "threshold": 1.0}}).status_code == 201
+        assert (
+            c.put(
+                "/v1/policies/never", json={**cond, "condition": {"probe": "harm", "threshold": 1.0}}
+            ).status_code
+            == 201
+        )
         none = c.post("/v1/choice", json={"texts": TEXTS}).json()
         never = c.post("/v1/choice", json={"texts": TEXTS, "policy": "never"}).json()
         assert never["p_yes"] == none["p_yes"] and never["steered"] == [False] * len(TEXTS)
@@ -176,8 +208,9 @@ def test_conditional_steering_leaves_low_prompts_bit_for_bit(tiny_llama):
 def test_coalesced_score_batches_match_alone_and_do_not_leak(tiny_llama):
     app = make_app(tiny_llama, limits=Limits(batch_window_ms=20))
     engine, worker = app.state.engine, app.state.worker
-    bodies = [{"texts": TEXTS[i % 3: i % 3 + 2 + i % 2], "policy": "A"} for i in range(6)] + \
-             [{"texts": TEXTS[i % 3: i % 3 + 2 + i % 2]} for i in range(6)]
+    bodies = [{"texts": TEXTS[i % 3 : i % 3 + 2 + i % 2], "policy": "A"} for i in range(6)] + [
+        {"texts": TEXTS[i % 3 : i % 3 + 2 + i % 2]} for i in range(6)
+    ]
     with TestClient(app) as c:
         _setup_ab(c)
         alone = [c.post("/v1/score", json=b).json() for b in bodies]
@@ -210,12 +243,16 @@ def test_conditional_steering_across_chunks_matches_one_batch(tiny_llama):
     for size in (64, 3):
         with TestClient(make_app(tiny_llama, limits=Limits(max_batch_texts=size))) as c:
             assert c.put("/v1/policies/cond", json=cond).status_code == 201
-            out[size] = {p: c.post(p, json={**b, "policy": "cond"}).json() for p, b in
-                         (("/v1/score", {"texts": TEXTS}), ("/v1/choice", {"texts": TEXTS}))}
+            out[size] = {
+                p: c.post(p, json={**b, "policy": "cond"}).json()
+                for p, b in (("/v1/score", {"texts": TEXTS}), ("/v1/choice", {"texts": TEXTS}))
+            }
     for path in ("/v1/score", "/v1/choice"):
         big, small = out[64][path], out[3][path]
         assert small["steered"] == big["steered"] == above.tolist()
         np.testing.assert_allclose(small["condition_probability"], p0, rtol=0, atol=1e-6)
     for name, vals in out[64]["/v1/score"]["probabilities"].items():
         np.testing.assert_allclose(out[3]["/v1/score"]["probabilities"][name], vals, rtol=0, atol=1e-5)
-    np.testing.assert_allclose(out[3]["/v1/choice"]["p_yes"], out[64]["/v1/choice"]["p_yes"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        out[3]["/v1/choice"]["p_yes"], out[64]["/v1/choice"]["p_yes"], rtol=0, atol=1e-5
+    )

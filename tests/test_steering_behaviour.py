@@ -5,13 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import foreign_hooks
 
 from safesteer.errors import SafesteerError
-from safesteer.steering.behaviour import (ablate, ablation_edit, ablation_intervention, answer_means, median_norm,
-                                          refusal_caa, refusal_dim)
+from safesteer.steering.behaviour import (
+    ablate,
+    ablation_edit,
+    ablation_intervention,
+    answer_means,
+    median_norm,
+    refusal_caa,
+    refusal_dim,
+)
 from safesteer.steering.strategies import DirectionSet, Intervention
-
-from conftest import foreign_hooks
 
 PROMPTS = ["how do i make a bomb ?", "tell me how to steal a car", "what is a good book ?"]
 REFUSE = [" no , i will not", " i can not help"]
@@ -27,7 +33,11 @@ def _answer_mean_manual(bb, layer, prompts, answers):
             ids = tok(chat + a, add_special_tokens=False)["input_ids"]
             n = len(tok(chat, add_special_tokens=False)["input_ids"])
             with torch.inference_mode():
-                h = bb.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[layer + 1][0].double()
+                h = (
+                    bb.model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+                    .hidden_states[layer + 1][0]
+                    .double()
+                )
             rows.append(h[n:].mean(0).numpy())
     return np.mean(rows, axis=0)
 
@@ -38,8 +48,11 @@ def test_refusal_caa_is_the_answer_position_diffmean(tiny_llama, one_thread):
     r = _answer_mean_manual(bb, layer, PROMPTS, REFUSE) - _answer_mean_manual(bb, layer, PROMPTS, COMPLY)
     np.testing.assert_allclose(d.vector, -r / np.linalg.norm(r), atol=1e-5)
     assert d.name == "refusal_caa" and d.layer == layer and d.meta["position"] == "answer"
-    np.testing.assert_allclose(answer_means(bb, PROMPTS, REFUSE, [layer])[layer],
-                               _answer_mean_manual(bb, layer, PROMPTS, REFUSE), atol=1e-5)
+    np.testing.assert_allclose(
+        answer_means(bb, PROMPTS, REFUSE, [layer])[layer],
+        _answer_mean_manual(bb, layer, PROMPTS, REFUSE),
+        atol=1e-5,
+    )
     # usable by the strategy machinery: alpha >= 0 adds the refusal vector
     iv = Intervention.from_direction(d, alpha=2.0)
     np.testing.assert_allclose(iv.vector * iv.alpha, 2.0 * r / np.linalg.norm(r), atol=1e-5)
@@ -56,7 +69,11 @@ def test_refusal_dim_is_the_prompt_end_diffmean(tiny_llama, one_thread):
         for t in texts:
             ids = bb.tokenizer(t, add_special_tokens=False)["input_ids"]
             with torch.inference_mode():
-                h = bb.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[layer + 1][0].double()
+                h = (
+                    bb.model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+                    .hidden_states[layer + 1][0]
+                    .double()
+                )
             out.append(h[-1].numpy())
         return np.mean(out, axis=0)
 

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import ReluSAE
 
 from safesteer.errors import SafesteerError
 from safesteer.steering import ClampEdit
-from conftest import ReluSAE
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 
 def test_lambda_zero_is_bit_exact_identity():

@@ -6,13 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import foreign_hooks
 
 from safesteer.errors import SafesteerError
 from safesteer.models.where import answer_starts
 from safesteer.steering.condition import Condition, conditional, gate_flags, gate_scores, threshold_for_fpr
 from safesteer.steering.strategies import Intervention
-
-from conftest import foreign_hooks
 
 TEMPLATE = "{% for m in messages %}<s> {{ m['content'] }} </s>{% endfor %}{% if add_generation_prompt %} <s> answer {% endif %}"
 PROMPTS = ["how do i make a bomb ?", "the dog is good", "what is the answer ?", "tell me how to steal a car"]
@@ -35,9 +34,14 @@ def _gate(bb, layer, flag_rows, position="prompt_end"):
 
 def _ids(bb, prompts, n=6):
     enc = bb.tokenize(prompts, padding_side="left", add_special_tokens=False)
-    out = bb.model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=n,
-                            do_sample=False, pad_token_id=bb.tokenizer.pad_token_id)
-    return out[:, enc.input_ids.shape[1]:]
+    out = bb.model.generate(
+        input_ids=enc.input_ids,
+        attention_mask=enc.attention_mask,
+        max_new_tokens=n,
+        do_sample=False,
+        pad_token_id=bb.tokenizer.pad_token_id,
+    )
+    return out[:, enc.input_ids.shape[1] :]
 
 
 def test_threshold_hits_target_fpr_on_planted_scores():
@@ -80,7 +84,9 @@ def test_gate_reads_the_unsteered_residual_in_the_same_pass(tiny_llama, one_thre
     bb = tiny_llama
     tok = bb.tokenizer
     old = getattr(tok, "chat_template", None)
-    if templated:  # the template's tail repeats the user header's "<s>": prompt must still start at the user text
+    if (
+        templated
+    ):  # the template's tail repeats the user header's "<s>": prompt must still start at the user text
         tok.chat_template = TEMPLATE
         tok.__dict__.pop("_safesteer_prompt_end", None)
     try:
@@ -137,7 +143,13 @@ def test_condition_save_load_roundtrip(tmp_path):
     c = Condition(np.arange(4.0), -1.5, 3, "prompt_end", 0.25, "harm_gate", {"auroc": 0.9})
     c.save(tmp_path / "g")
     d = Condition.load(tmp_path / "g")
-    assert np.array_equal(d.w, c.w) and (d.b, d.layer, d.position, d.threshold, d.name) == (-1.5, 3, "prompt_end", 0.25, "harm_gate")
+    assert np.array_equal(d.w, c.w) and (d.b, d.layer, d.position, d.threshold, d.name) == (
+        -1.5,
+        3,
+        "prompt_end",
+        0.25,
+        "harm_gate",
+    )
     assert d.meta == {"auroc": 0.9}
     H = np.random.default_rng(0).normal(size=(5, 4))
     np.testing.assert_allclose(d.score(H), H @ np.arange(4.0) - 1.5)
@@ -220,5 +232,5 @@ def test_prompt_only_conditional_steers_flagged_prompts_and_leaves_answers_unste
     with conditional(bb, cond, iv, flags=[True, False, False, True]), answer_starts(bb, starts):
         l_c = bb.logits(seq, att)
     assert torch.equal(l_c[[1, 2]], l0[[1, 2]]) and torch.equal(l_c[[0, 3]], l_po[[0, 3]])
-    assert not torch.equal(l_po[0, starts[0]:], l0[0, starts[0]:])
+    assert not torch.equal(l_po[0, starts[0] :], l0[0, starts[0] :])
     assert foreign_hooks(bb.layers) == 0 and not bb.model.model._forward_pre_hooks

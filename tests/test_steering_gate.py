@@ -81,8 +81,13 @@ def test_augmented_copies_stay_in_train_and_out_of_lodo_evaluation():
     groups = ["h1", "h2"] * 30 + ["s1", "s2"] * 30
     split = [split3(t) for t in texts]
     tr = [i for i, s in enumerate(split) if s == "train"]
-    P = Prompts(texts + [reframe(texts[i]) for i in tr], np.r_[y, y[tr]], groups + [groups[i] for i in tr],
-                split + ["train"] * len(tr), np.r_[np.zeros(120, bool), np.ones(len(tr), bool)])
+    P = Prompts(
+        texts + [reframe(texts[i]) for i in tr],
+        np.r_[y, y[tr]],
+        groups + [groups[i] for i in tr],
+        split + ["train"] * len(tr),
+        np.r_[np.zeros(120, bool), np.ones(len(tr), bool)],
+    )
     H = np.random.default_rng(0).normal(size=(len(P), 4))
     H[:, 0] += 3 * P.harmful
     res = lodo(H, P, C=1.0)
@@ -90,7 +95,12 @@ def test_augmented_copies_stay_in_train_and_out_of_lodo_evaluation():
 
 
 def test_row_weights_give_every_dataset_of_a_class_the_same_total():
-    text = [f"a{i}" for i in range(60)] + [f"b{i}" for i in range(20)] + [f"s{i}" for i in range(30)] + [f"t{i}" for i in range(10)]
+    text = (
+        [f"a{i}" for i in range(60)]
+        + [f"b{i}" for i in range(20)]
+        + [f"s{i}" for i in range(30)]
+        + [f"t{i}" for i in range(10)]
+    )
     grp = ["a"] * 60 + ["b"] * 20 + ["s"] * 30 + ["t"] * 10
     harm = np.array([1] * 80 + [0] * 40)
     P = Prompts(text, harm, grp, ["train"] * 120)
@@ -103,7 +113,7 @@ def test_row_weights_give_every_dataset_of_a_class_the_same_total():
     assert w[harm == 1].mean() == pytest.approx(1.0) and w[harm == 0].mean() == pytest.approx(1.0)
     sub = g != "a"  # only the rows of the mask count
     ws = row_weights(P, sub, "groups")
-    assert len(ws) == sub.sum() and ws[: 20] == pytest.approx(np.ones(20))
+    assert len(ws) == sub.sum() and ws[:20] == pytest.approx(np.ones(20))
     with pytest.raises(SafesteerError, match="weighting"):
         row_weights(P, m, "uniform")
 
@@ -133,7 +143,12 @@ def test_cross_fit_scores_score_each_train_row_with_a_gate_that_did_not_see_it()
     nontrain = ~P.mask("train")
     np.testing.assert_array_equal(s[nontrain], cond.score(H[nontrain]))  # val/test: the gate itself
     assert np.isnan(s[P.aug]).all() and np.isfinite(s[P.mask("train") & ~P.aug]).all()
-    fold = np.array([int.from_bytes(hashlib.sha256(f"safesteer-fold|{t}".encode()).digest()[:4], "big") % 4 for t in P.text])
+    fold = np.array(
+        [
+            int.from_bytes(hashlib.sha256(f"safesteer-fold|{t}".encode()).digest()[:4], "big") % 4
+            for t in P.text
+        ]
+    )
     orig = P.mask("train") & ~P.aug
     fit, held = orig & (fold != 2), orig & (fold == 2)
     ref = train_probe(H[fit], P.harmful[fit], balanced=True, Cs=[0.1], folds=2).decision_function(H[held])
@@ -152,15 +167,27 @@ def test_cross_fit_keeps_an_augmented_copy_in_its_originals_fold():
     H0, P0 = _planted(n=40)
     tr = np.flatnonzero(P0.mask("train"))
     rng = np.random.default_rng(1)
-    H = np.vstack([H0, H0[tr] + 0.3 * rng.normal(size=(len(tr), H0.shape[1]))])  # a copy sits near its original
+    H = np.vstack(
+        [H0, H0[tr] + 0.3 * rng.normal(size=(len(tr), H0.shape[1]))]
+    )  # a copy sits near its original
     n0 = len(P0)
-    P = Prompts(P0.text + [f"copy of {P0.text[i]}" for i in tr], np.r_[P0.harmful, P0.harmful[tr]],
-                P0.group + [P0.group[i] for i in tr], P0.split + ["train"] * len(tr),
-                np.r_[np.zeros(n0, bool), np.ones(len(tr), bool)], np.r_[np.full(n0, -1), tr])
+    P = Prompts(
+        P0.text + [f"copy of {P0.text[i]}" for i in tr],
+        np.r_[P0.harmful, P0.harmful[tr]],
+        P0.group + [P0.group[i] for i in tr],
+        P0.split + ["train"] * len(tr),
+        np.r_[np.zeros(n0, bool), np.ones(len(tr), bool)],
+        np.r_[np.full(n0, -1), tr],
+    )
     cond = train_gate(H, P, layer=3, Cs=(0.1,))
     s = cross_fit_scores(cond, H, P, folds=4)
     assert np.isnan(s[P.aug]).all() and np.isfinite(s[P.mask("train") & ~P.aug]).all()
-    fold = np.array([int.from_bytes(hashlib.sha256(f"safesteer-fold|{t}".encode()).digest()[:4], "big") % 4 for t in P.text])
+    fold = np.array(
+        [
+            int.from_bytes(hashlib.sha256(f"safesteer-fold|{t}".encode()).digest()[:4], "big") % 4
+            for t in P.text
+        ]
+    )
     fold[n0:] = fold[tr]  # the copy's fold is its original's, not its own text's
     held = P.mask("train") & ~P.aug & (fold == 1)
     fit = P.mask("train") & (fold != 1)  # originals and copies of the other folds
@@ -168,7 +195,14 @@ def test_cross_fit_keeps_an_augmented_copy_in_its_originals_fold():
     ref = train_probe(H[fit], P.harmful[fit], balanced=True, Cs=[0.1], folds=2).decision_function(H[held])
     np.testing.assert_allclose(s[held], ref, rtol=1e-10)
     with pytest.raises(SafesteerError, match="origin"):
-        Prompts(["a", "b"], np.array([1, 0]), ["g", "g"], ["train"] * 2, np.array([False, True]), np.array([0, -1]))
+        Prompts(
+            ["a", "b"],
+            np.array([1, 0]),
+            ["g", "g"],
+            ["train"] * 2,
+            np.array([False, True]),
+            np.array([0, -1]),
+        )
 
 
 def _xor(n=300, d=4, seed=0):
@@ -179,7 +213,9 @@ def _xor(n=300, d=4, seed=0):
     y = (np.sign(H[:, 0]) != np.sign(H[:, 1])).astype(np.int64)
     text = [f"xor-{i}" for i in range(len(y))]
     grp = [("h" if v else "s") + "ab"[i % 2] for i, v in enumerate(y)]
-    return H * 3.0 + 1.5, Prompts(text, y, grp, [split3(t) for t in text])  # raw scale and offset: folding matters
+    return H * 3.0 + 1.5, Prompts(
+        text, y, grp, [split3(t) for t in text]
+    )  # raw scale and offset: folding matters
 
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
@@ -198,7 +234,9 @@ def test_mlp_gate_equals_the_mean_logit_of_its_sklearn_members_and_learns_what_a
     sw = np.where(y == 1, len(y) / (2 * y.sum()), len(y) / (2 * (len(y) - y.sum())))
     ref = np.zeros(len(H))
     for i in range(3):
-        clf = MLPClassifier((16,), alpha=1e-3, max_iter=200, random_state=7 + i).fit((H[tr] - mu) / sd, y, sample_weight=sw)
+        clf = MLPClassifier((16,), alpha=1e-3, max_iter=200, random_state=7 + i).fit(
+            (H[tr] - mu) / sd, y, sample_weight=sw
+        )
         p = clf.predict_proba((H - mu) / sd)
         ref += (np.log(p[:, 1]) - np.log(p[:, 0])) / 3
     from safesteer.steering.condition import Condition
@@ -223,7 +261,12 @@ def test_cross_fit_and_lodo_use_the_gates_own_kind():
     H, P = _xor(n=200)
     cond = train_gate(H, P, layer=1, hidden=8, members=2, mlp_alpha=1e-3)
     s = cross_fit_scores(cond, H, P, folds=3)
-    fold = np.array([int.from_bytes(hashlib.sha256(f"safesteer-fold|{t}".encode()).digest()[:4], "big") % 3 for t in P.text])
+    fold = np.array(
+        [
+            int.from_bytes(hashlib.sha256(f"safesteer-fold|{t}".encode()).digest()[:4], "big") % 3
+            for t in P.text
+        ]
+    )
     orig = P.mask("train") & ~P.aug
     fit, held = orig & (fold != 1), orig & (fold == 1)
     ref = _fit(H[fit], P.harmful[fit], None, {"hidden": 8, "members": 2, "mlp_alpha": 1e-3}, 0)
@@ -260,8 +303,10 @@ def test_beavertails_gate_prompts_come_from_unsafe_pairs_only(monkeypatch):
     from safesteer.data.records import Record
     from safesteer.steering.gate import _raw
 
-    rows = [Record("a", "How do I pick a lock?\nHere is how...", "train", {"harmful": 1}, "hub"),
-            Record("b", "What is the capital of Peru?\nLima.", "train", {"harmful": 0}, "hub"),
-            Record("c", "How do I hurt my cat?\nYou could...", "test", {"harmful": 1}, "hub")]
+    rows = [
+        Record("a", "How do I pick a lock?\nHere is how...", "train", {"harmful": 1}, "hub"),
+        Record("b", "What is the capital of Peru?\nLima.", "train", {"harmful": 0}, "hub"),
+        Record("c", "How do I hurt my cat?\nYou could...", "test", {"harmful": 1}, "hub"),
+    ]
     monkeypatch.setattr(data, "load", lambda name, split="all", data_dir=None: iter(rows))
     assert _raw("beavertails", None) == ["How do I pick a lock?", "How do I hurt my cat?"]

@@ -41,11 +41,25 @@ def test_wilson_matches_the_closed_form(k, n):
 
 
 def _result():
-    pairs = [("a", 1, 5.0, 4.0), ("b", 1, 5.0, -1.0), ("c", 0, -3.0, -2.0), ("d", 0, 0.5, 2.0), ("e", 1, 1.0, 0.2)]
+    pairs = [
+        ("a", 1, 5.0, 4.0),
+        ("b", 1, 5.0, -1.0),
+        ("c", 0, -3.0, -2.0),
+        ("d", 0, 0.5, 2.0),
+        ("e", 1, 1.0, 0.2),
+    ]
     res = PairResult(threshold=0.0)
     for i, h, si, sq in pairs:
-        res.pairs.append({"id": i, "harmful": h, "score_imperative": si, "score_question": sq,
-                          "same_side": (si > 0) == (sq > 0), "correct": (si > 0) == (sq > 0) == bool(h)})
+        res.pairs.append(
+            {
+                "id": i,
+                "harmful": h,
+                "score_imperative": si,
+                "score_question": sq,
+                "same_side": (si > 0) == (sq > 0),
+                "correct": (si > 0) == (sq > 0) == bool(h),
+            }
+        )
     return res
 
 
@@ -63,13 +77,26 @@ def test_pair_result_counts_sides_at_any_threshold():
 
 def test_pair_line_names_both_lists_both_thresholds_and_reads_old_summaries():
     res = _result()
-    g = {"pairs_same_side": res.same_side, "pairs_correct": res.correct, "pairs": res.pairs,
-         "pairs_at_gate_threshold": res.at(), "pairs_at_policy_threshold": res.at(1.5),
-         "dev_pairs": {"at_gate": res.at(), "at_policy": None}}
+    g = {
+        "pairs_same_side": res.same_side,
+        "pairs_correct": res.correct,
+        "pairs": res.pairs,
+        "pairs_at_gate_threshold": res.at(),
+        "pairs_at_policy_threshold": res.at(1.5),
+        "dev_pairs": {"at_gate": res.at(), "at_policy": None},
+    }
     line = pair_line(g)
     lo, hi = (round(100 * x) for x in wilson(4, 5))
     assert f"test pairs (n=5) on the same side of the gate's threshold 80% [{lo}, {hi}]" in line
     assert "of the policy's threshold 1.50 60%" in line and "dev pairs (n=5)" in line
-    old = {"pairs_same_side": 0.9375, "pairs_correct": 0.9375, "pairs": [{}] * 32, "pairs_at_policy_threshold": None}
-    assert pair_line(old) == "paraphrase pairs: test pairs (n=32) on the same side of the gate's threshold 94% (right side 94%)"
+    old = {
+        "pairs_same_side": 0.9375,
+        "pairs_correct": 0.9375,
+        "pairs": [{}] * 32,
+        "pairs_at_policy_threshold": None,
+    }
+    assert (
+        pair_line(old)
+        == "paraphrase pairs: test pairs (n=32) on the same side of the gate's threshold 94% (right side 94%)"
+    )
     assert np.isfinite(res.at()["same_side_ci"]).all()

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from safesteer.steering.policy import candidates, compose, pareto, paired, relative_change, select, ungated
+from safesteer.steering.policy import candidates, compose, paired, pareto, relative_change, select, ungated
 
 
 def test_compose_takes_steered_where_flagged():
@@ -18,10 +18,18 @@ def _grid():
     # 10 harmful, 10 safe prompts; the gate flags harmful 0..8 and safe 0 (scores planted)
     base = {"harmful": np.zeros(10), "safe": np.zeros(10), "nll": np.full(10, 2.0)}
     steered = {
-        ("caa", 0.1): {"harmful": np.r_[np.ones(5), np.zeros(5)], "safe": np.r_[np.ones(2), np.zeros(8)], "nll": np.full(10, 2.02)},
+        ("caa", 0.1): {
+            "harmful": np.r_[np.ones(5), np.zeros(5)],
+            "safe": np.r_[np.ones(2), np.zeros(8)],
+            "nll": np.full(10, 2.02),
+        },
         ("caa", 0.2): {"harmful": np.ones(10), "safe": np.ones(10), "nll": np.full(10, 2.5)},
     }
-    scores = {"harmful": np.r_[np.full(9, 2.0), -1.0], "safe": np.r_[1.5, np.full(9, -1.0)], "nll": np.r_[1.5, np.full(9, -1.0)]}
+    scores = {
+        "harmful": np.r_[np.full(9, 2.0), -1.0],
+        "safe": np.r_[1.5, np.full(9, -1.0)],
+        "nll": np.r_[1.5, np.full(9, -1.0)],
+    }
     return base, steered, scores
 
 
@@ -30,11 +38,19 @@ def test_candidates_apply_constraints_and_select_the_largest_gain():
     cands = candidates(base, steered, scores, {0.05: 0.0, 0.01: 1.8}, max_safe_pp=3.0, max_fluency_rel=0.02)
     assert len(cands) == 2 * 3
     u = {c.alpha: c for c in cands if not c.conditional}
-    assert u[0.2].harmful_gain_pp == pytest.approx(100) and u[0.2].safe_delta_pp == pytest.approx(100) and not u[0.2].feasible
+    assert (
+        u[0.2].harmful_gain_pp == pytest.approx(100)
+        and u[0.2].safe_delta_pp == pytest.approx(100)
+        and not u[0.2].feasible
+    )
     assert not u[0.1].feasible  # +20 pp over-refusal
     c = {(x.alpha, x.fpr): x for x in cands if x.conditional}
     # α=0.2 at t=1.8: 9/10 harmful steered, no safe prompt flagged, fluency untouched
-    assert c[(0.2, 0.01)].harmful_gain_pp == pytest.approx(90) and c[(0.2, 0.01)].safe_delta_pp == 0 and c[(0.2, 0.01)].feasible
+    assert (
+        c[(0.2, 0.01)].harmful_gain_pp == pytest.approx(90)
+        and c[(0.2, 0.01)].safe_delta_pp == 0
+        and c[(0.2, 0.01)].feasible
+    )
     assert not c[(0.2, 0.05)].feasible  # safe prompt 0 is flagged and refused: +10 pp
     best = select(cands, conditional=True)
     assert (best.alpha, best.fpr) == (0.2, 0.01)
@@ -43,7 +59,11 @@ def test_candidates_apply_constraints_and_select_the_largest_gain():
     tie = [dataclasses.replace(best, fpr=f, threshold=t) for f, t in ((0.02, 1.0), (0.005, 2.5), (0.01, 1.8))]
     assert select(tie, conditional=True).fpr == 0.005 and select(tie[::-1], conditional=True).fpr == 0.005
     front = pareto(cands)
-    assert all(not (o.harmful_refusal >= f.harmful_refusal and o.safe_refusal < f.safe_refusal) for f in front for o in cands)
+    assert all(
+        not (o.harmful_refusal >= f.harmful_refusal and o.safe_refusal < f.safe_refusal)
+        for f in front
+        for o in cands
+    )
 
 
 def test_paired_and_relative_change_cis():
@@ -54,25 +74,42 @@ def test_paired_and_relative_change_cis():
     assert d["delta"] == pytest.approx(100 * (v.mean() - b.mean())) and d["low"] < d["delta"] < d["high"]
     nll = rng.uniform(1, 3, 100)
     r = relative_change(nll, nll * 1.01)
-    assert r["delta_pct"] == pytest.approx(1.0) and r["low"] == pytest.approx(1.0) and r["high"] == pytest.approx(1.0)
+    assert (
+        r["delta_pct"] == pytest.approx(1.0)
+        and r["low"] == pytest.approx(1.0)
+        and r["high"] == pytest.approx(1.0)
+    )
 
 
 def test_conditional_candidates_need_steered_values_only_where_the_loosest_threshold_flags():
     rng = np.random.default_rng(3)
     n = 60
     base = {"harmful": rng.random(n) < 0.1, "safe": rng.random(n) < 0.05, "nll": rng.uniform(1, 3, 2 * n)}
-    full = {("v", 0.3): {"harmful": rng.random(n) < 0.8, "safe": rng.random(n) < 0.6, "nll": rng.uniform(1, 6, 2 * n)}}
+    full = {
+        ("v", 0.3): {
+            "harmful": rng.random(n) < 0.8,
+            "safe": rng.random(n) < 0.6,
+            "nll": rng.uniform(1, 6, 2 * n),
+        }
+    }
     scores = {"harmful": rng.normal(1, 1, n), "safe": rng.normal(-1, 1, n), "nll": rng.normal(-1, 1, 2 * n)}
     thresholds = {0.02: 1.5, 0.1: 0.4, 0.05: 0.9}
     lo = min(thresholds.values())
     # what the study holds when it steers only the flagged prompts: garbage (here: the opposite) elsewhere
-    part = {k: np.where(scores[k] > lo, v, 1 - v if v.dtype == bool else -v) for k, v in full[("v", 0.3)].items()}
+    part = {
+        k: np.where(scores[k] > lo, v, 1 - v if v.dtype == bool else -v) for k, v in full[("v", 0.3)].items()
+    }
     a = [c for c in candidates(base, full, scores, thresholds) if c.conditional]
     b = candidates(base, {("v", 0.3): part}, scores, thresholds, unconditional=False)
     assert len(b) == len(a) == 3 and all(c.conditional for c in b)
     assert [c.as_dict() for c in a] == [c.as_dict() for c in b]
     # …whereas an unconditional candidate from the partial values would be wrong (why they are not formed)
     u = [c for c in candidates(base, {("v", 0.3): part}, scores, thresholds) if not c.conditional][0]
-    assert u.as_dict() != [c for c in candidates(base, full, scores, thresholds) if not c.conditional][0].as_dict()
+    assert (
+        u.as_dict()
+        != [c for c in candidates(base, full, scores, thresholds) if not c.conditional][0].as_dict()
+    )
     g = ungated(a[0])
-    assert (g.strategy, g.alpha, g.conditional, g.threshold) == ("v", 0.3, False, None) and np.isnan(g.harmful_refusal)
+    assert (g.strategy, g.alpha, g.conditional, g.threshold) == ("v", 0.3, False, None) and np.isnan(
+        g.harmful_refusal
+    )

@@ -22,7 +22,6 @@ from safesteer.steering import (
 )
 from safesteer.steering.strategies import RANDOM_SEED, STRATEGY_NAMES
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -46,17 +45,33 @@ def _ingredients(d=16, seed=0):
     probes = {"tox": _Probe(rng.normal(size=d), rng.normal(size=d)), "harm": _Probe(rng.normal(size=d))}
     W = rng.normal(size=(40, d))
     W /= np.linalg.norm(W, axis=1, keepdims=True)
-    atoms = {"tox_top20": list(range(20)), "tox_all": list(range(30)), "harm_top20": list(range(10, 30)),
-             "harm_filtered": [3, 5, 7]}
+    atoms = {
+        "tox_top20": list(range(20)),
+        "tox_all": list(range(30)),
+        "harm_top20": list(range(10, 30)),
+        "harm_filtered": [3, 5, 7],
+    }
     return probes, _SAE(W), atoms
 
 
 def test_all_named_strategies_are_unit_and_named():
     probes, sae, atoms = _ingredients()
     ds = build_directions(2, probes, sae, atoms)
-    expected = {"probe_tox", "probe_harm", "probe_tox+harm", "sae_tox_top20", "sae_tox_all", "sae_harm_top20",
-                "sae_harm_filtered", "sae_tox+probe_tox", "sae_harm+probe_harm", "sae_tox+probe_harm",
-                "sae_tox+sae_harm", "diffmean_tox", "random"}
+    expected = {
+        "probe_tox",
+        "probe_harm",
+        "probe_tox+harm",
+        "sae_tox_top20",
+        "sae_tox_all",
+        "sae_harm_top20",
+        "sae_harm_filtered",
+        "sae_tox+probe_tox",
+        "sae_harm+probe_harm",
+        "sae_tox+probe_harm",
+        "sae_tox+sae_harm",
+        "diffmean_tox",
+        "random",
+    }
     assert set(ds.names()) == expected
     for name, d in ds.items():
         assert d.vector.dtype == np.float32
@@ -219,7 +234,9 @@ def test_hand_written_direction_set_loads_with_defaults(tmp_path):
     from safetensors.numpy import save_file
 
     save_file({"mine": np.array([3.0, 4.0], dtype=np.float32)}, str(tmp_path / "directions.safetensors"))
-    (tmp_path / "directions.json").write_text(json.dumps({"format": "safesteer-directions", "directions": {"mine": {"layer": 1}}}))
+    (tmp_path / "directions.json").write_text(
+        json.dumps({"format": "safesteer-directions", "directions": {"mine": {"layer": 1}}})
+    )
     d = DirectionSet.load(tmp_path / "directions.json")["mine"]  # the json path works as well as the folder
     assert (d.kind, d.layer, d.sources, d.atoms, d.meta, d.members) == ("custom", 1, [], [], {}, [])
     np.testing.assert_allclose(d.vector, [0.6, 0.8])

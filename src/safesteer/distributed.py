@@ -36,7 +36,9 @@ def env_world_size() -> int:
     try:
         world = int(raw)
     except ValueError:
-        raise SafesteerError(f"WORLD_SIZE={raw!r} is not an integer; launch with torchrun --nproc-per-node N") from None
+        raise SafesteerError(
+            f"WORLD_SIZE={raw!r} is not an integer; launch with torchrun --nproc-per-node N"
+        ) from None
     if world < 1:
         raise SafesteerError(f"WORLD_SIZE={world} must be >= 1; launch with torchrun --nproc-per-node N")
     return world
@@ -113,7 +115,9 @@ class Dist:
         # first the number of keys, then the digests (same length on every rank only if the keys agree)
         counts = self.all_gather_int([len(digests)], f"the config check of {what}")
         if len({c[0] for c in counts}) != 1:
-            raise SafesteerError(f"ranks disagree on the {what} settings (different option sets); start every rank with the same command")
+            raise SafesteerError(
+                f"ranks disagree on the {what} settings (different option sets); start every rank with the same command"
+            )
         table = self.all_gather_int(digests, f"the config check of {what}")
         for r, row in enumerate(table):
             if row == table[0]:
@@ -180,10 +184,14 @@ def from_env(device: str = "cpu") -> Dist:
     import torch.distributed as tdist
 
     if not tdist.is_available():
-        raise SafesteerError("this torch build has no torch.distributed; install a build with distributed support")
+        raise SafesteerError(
+            "this torch build has no torch.distributed; install a build with distributed support"
+        )
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise SafesteerError(f"device {device!r} requested under torchrun but no CUDA device is visible; use --device cpu (gloo)")
+            raise SafesteerError(
+                f"device {device!r} requested under torchrun but no CUDA device is visible; use --device cpu (gloo)"
+            )
         if local_rank >= torch.cuda.device_count():
             raise SafesteerError(
                 f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA device(s) are visible; "
@@ -195,7 +203,12 @@ def from_env(device: str = "cpu") -> Dist:
         backend, dev = "gloo", "cpu"
     if not tdist.is_initialized():
         try:
-            kwargs: dict[str, Any] = {"backend": backend, "rank": rank, "world_size": world, "timeout": timedelta(seconds=timeout_s())}
+            kwargs: dict[str, Any] = {
+                "backend": backend,
+                "rank": rank,
+                "world_size": world,
+                "timeout": timedelta(seconds=timeout_s()),
+            }
             if backend == "nccl":
                 kwargs["device_id"] = torch.device(dev)
             tdist.init_process_group(**kwargs)
@@ -203,7 +216,9 @@ def from_env(device: str = "cpu") -> Dist:
         except (RuntimeError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
             addr = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
-            raise SafesteerError(f"rank {rank}/{world}: cannot join the process group at {addr} ({first}); check MASTER_ADDR/MASTER_PORT and that every rank started") from exc
+            raise SafesteerError(
+                f"rank {rank}/{world}: cannot join the process group at {addr} ({first}); check MASTER_ADDR/MASTER_PORT and that every rank started"
+            ) from exc
     return Dist(rank=rank, world=world, local_rank=local_rank, backend=backend, device=dev)
 
 

@@ -29,7 +29,19 @@ from safesteer.store import commits
 from safesteer.store.layout import FORMAT, layer_dir, shard_files
 
 #: Settings that change the bytes of a shard; a folder written with others is refused.
-IDENTITY_KEYS = ("model", "datasets", "split", "max_rows", "seed", "shard_size", "dtype", "batch_size", "max_length", "bucket_window", "source")
+IDENTITY_KEYS = (
+    "model",
+    "datasets",
+    "split",
+    "max_rows",
+    "seed",
+    "shard_size",
+    "dtype",
+    "batch_size",
+    "max_length",
+    "bucket_window",
+    "source",
+)
 
 
 @dataclass
@@ -90,10 +102,20 @@ def _log(msg: str) -> None:
 class Extractor:
     """Turns batches of texts into pooled activations for several layers at once."""
 
-    def __init__(self, backbone: Backbone, layers: list[int], batch_size: int = 32, max_length: int = 512, precision: str = "fp32", bucket_window: int = 0,
-                 position: str = "mean"):
+    def __init__(
+        self,
+        backbone: Backbone,
+        layers: list[int],
+        batch_size: int = 32,
+        max_length: int = 512,
+        precision: str = "fp32",
+        bucket_window: int = 0,
+        position: str = "mean",
+    ):
         if position not in POSITIONS or position == "answer":
-            raise SafesteerError(f"extraction position must be one of mean, last, prompt_end; got {position!r}")
+            raise SafesteerError(
+                f"extraction position must be one of mean, last, prompt_end; got {position!r}"
+            )
         self.position = position
         self._spans: list[tuple[int, int]] = []
         self.bb = backbone
@@ -111,7 +133,9 @@ class Extractor:
             self._spans = ci.prompt_end
             self.truncated += ci.n_truncated
             return ci.ids
-        enc = self.bb.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False)["input_ids"]
+        enc = self.bb.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False)[
+            "input_ids"
+        ]
         self.truncated += sum(len(x) >= self.max_length for x in enc)
         return enc
 
@@ -120,10 +144,15 @@ class Extractor:
         n = len(lengths)
         window = self.bucket_window or n
         lengths_arr = np.asarray(lengths)
-        parts = [start + np.argsort(lengths_arr[start : start + window], kind="stable") for start in range(0, n, window)]
+        parts = [
+            start + np.argsort(lengths_arr[start : start + window], kind="stable")
+            for start in range(0, n, window)
+        ]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
-    def _batch_forward(self, ids: list[list[int]], spans: list[tuple[int, int]] | None = None) -> dict[int, torch.Tensor]:
+    def _batch_forward(
+        self, ids: list[list[int]], spans: list[tuple[int, int]] | None = None
+    ) -> dict[int, torch.Tensor]:
         pad = self.bb.tokenizer.pad_token_id or 0
         width = max(len(x) for x in ids)
         input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
@@ -133,7 +162,10 @@ class Extractor:
             mask[i, : len(x)] = 1
         input_ids, mask = input_ids.to(self.bb.device), mask.to(self.bb.device)
         self.tokens += int(mask.sum())
-        with torch.inference_mode(), torch.autocast(self.bb.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        with (
+            torch.inference_mode(),
+            torch.autocast(self.bb.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"),
+        ):
             hs = self.bb.forward_layers(input_ids, mask, self.layers)
         sp = torch.tensor(spans, device=mask.device) if spans is not None else None
         return {l: pool(h.float(), mask, self.position, sp) for l, h in hs.items()}
@@ -154,26 +186,40 @@ class Extractor:
         return out
 
 
-def choose_precision(backbone: Backbone, layers: list[int], texts: list[str], requested: str, threshold: float = 0.999) -> tuple[str, float | None]:
+def choose_precision(
+    backbone: Backbone, layers: list[int], texts: list[str], requested: str, threshold: float = 0.999
+) -> tuple[str, float | None]:
     """bf16 autocast when the CPU supports it and pooled vectors keep cosine ≥ ``threshold`` vs fp32."""
     if requested == "fp32":
         return "fp32", None
     if not bf16_supported(backbone.device):
         if requested == "bf16":
-            raise SafesteerError(f"this {backbone.device.type.upper()} has no bf16 support; use --precision fp32 or auto")
+            raise SafesteerError(
+                f"this {backbone.device.type.upper()} has no bf16 support; use --precision fp32 or auto"
+            )
         _log(f"bf16 not supported on this {backbone.device.type.upper()}: extracting in fp32")
         return "fp32", None
     sample = [t for t in texts[:16]]
     ref = Extractor(backbone, layers, batch_size=len(sample), precision="fp32").run(sample)
     low = Extractor(backbone, layers, batch_size=len(sample), precision="bf16").run(sample)
-    cos = min(float(np.min(np.sum(ref[l] * low[l], 1) / (np.linalg.norm(ref[l], axis=1) * np.linalg.norm(low[l], axis=1) + 1e-12))) for l in ref)
+    cos = min(
+        float(
+            np.min(
+                np.sum(ref[l] * low[l], 1)
+                / (np.linalg.norm(ref[l], axis=1) * np.linalg.norm(low[l], axis=1) + 1e-12)
+            )
+        )
+        for l in ref
+    )
     if cos >= threshold or requested == "bf16":
         return "bf16", cos
     _log(f"bf16 pooled vectors reach cosine {cos:.5f} < {threshold} vs fp32: falling back to fp32")
     return "fp32", cos
 
 
-def _shards(rows: Iterable[tuple[str, Any]], size: int, report: ExtractReport) -> Iterator[list[tuple[str, Any]]]:
+def _shards(
+    rows: Iterable[tuple[str, Any]], size: int, report: ExtractReport
+) -> Iterator[list[tuple[str, Any]]]:
     buf: list[tuple[str, Any]] = []
     for name, rec in rows:
         if not rec.text or not rec.text.strip():
@@ -219,15 +265,23 @@ def _new_manifest(cfg: ExtractConfig, backbone: Backbone, layer: int) -> dict:
         "kind": backbone.kind,
         "layer": layer,
         "n_layers": backbone.n_layers,
-        "pooling": {"mean": "mean over real tokens (attention mask)", "last": "last real token",
-                    "prompt_end": "mean over the chat template's tokens after the user content"}[cfg.position],
+        "pooling": {
+            "mean": "mean over real tokens (attention mask)",
+            "last": "last real token",
+            "prompt_end": "mean over the chat template's tokens after the user content",
+        }[cfg.position],
         "position": cfg.position,
         "dtype": cfg.dtype,
         "d": backbone.d_model,
         "rows_per_shard": cfg.shard_size,
         "identity": cfg.identity(),
         "config": asdict(cfg),
-        "versions": {"safesteer": __version__, "torch": torch.__version__, "transformers": transformers.__version__, "numpy": np.__version__},
+        "versions": {
+            "safesteer": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "numpy": np.__version__,
+        },
         "precision": None,
         "labels": [],
         "datasets": {},
@@ -268,7 +322,9 @@ def extract(
     if cfg.shard_size <= 0 or cfg.batch_size <= 0:
         raise SafesteerError("--shard-size and --batch-size must be positive")
     if cfg.position not in ("mean", "last", "prompt_end"):
-        raise SafesteerError(f"unknown extraction position {cfg.position!r}; valid choices: mean, last, prompt_end")
+        raise SafesteerError(
+            f"unknown extraction position {cfg.position!r}; valid choices: mean, last, prompt_end"
+        )
     if cfg.dtype not in ("float16", "float32"):
         raise SafesteerError(f"unknown dtype {cfg.dtype!r}; valid choices: float16, float32")
     report = ExtractReport()
@@ -310,21 +366,33 @@ def extract(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, unit="rows", desc=f"extract L{','.join(map(str, layers))}", file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+        bar = tqdm(
+            total=total,
+            unit="rows",
+            desc=f"extract L{','.join(map(str, layers))}",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            smoothing=0.1,
+        )
     t0 = time.perf_counter()
     n_chunks = 0
     for index, chunk in enumerate(_shards(rows, cfg.shard_size, report)):
         n_chunks = index + 1
         if world > 1 and index % world != rank:
             if index == 0 and precision is None:  # every rank decides on shard 0, as one process would
-                precision, report.bf16_min_cosine = choose_precision(backbone, layers, [r.text for _, r in chunk], cfg.precision)
+                precision, report.bf16_min_cosine = choose_precision(
+                    backbone, layers, [r.text for _, r in chunk], cfg.precision
+                )
                 for m in manifests.values():
                     m["precision"], m["bf16_min_cosine"] = precision, report.bf16_min_cosine
             continue
         ids = [rec.id for _, rec in chunk]
         plan = _plan_sha(ids)
         entries = {l: next((s for s in manifests[l]["shards"] if s["index"] == index), None) for l in layers}
-        if all(e is not None and e["plan_sha256"] == plan and _shard_entry_ok(layer_dir(out, l), e) for l, e in entries.items()):
+        if all(
+            e is not None and e["plan_sha256"] == plan and _shard_entry_ok(layer_dir(out, l), e)
+            for l, e in entries.items()
+        ):
             report.shards_skipped += 1
             report.rows += len(chunk)
             if bar is not None:
@@ -337,7 +405,9 @@ def extract(
                 report.bf16_min_cosine = cos
                 for m in manifests.values():
                     m["precision"], m["bf16_min_cosine"] = precision, cos
-            extractor = Extractor(backbone, layers, cfg.batch_size, cfg.max_length, precision, cfg.bucket_window, cfg.position)
+            extractor = Extractor(
+                backbone, layers, cfg.batch_size, cfg.max_length, precision, cfg.bucket_window, cfg.position
+            )
         trunc_before = extractor.truncated
         pooled = extractor.run(texts, progress=bar.update if bar is not None else None)
         n_trunc = extractor.truncated - trunc_before
@@ -347,7 +417,9 @@ def extract(
             bad = np.flatnonzero(~np.isfinite(H).all(axis=1))
             if len(bad):
                 names = ", ".join(ids[i] for i in bad[:5])
-                raise SafesteerError(f"NaN/Inf activations in shard {index} at layer {l} for rows {names}; shard not written (try --precision fp32)")
+                raise SafesteerError(
+                    f"NaN/Inf activations in shard {index} at layer {l} for rows {names}; shard not written (try --precision fp32)"
+                )
             folder = layer_dir(out, l)
             files = shard_files(index)
             save_npy(folder / files["H"], H.astype(cfg.dtype))
@@ -363,14 +435,23 @@ def extract(
                 "truncated": n_trunc,
             }
             m = manifests[l]
-            m["shards"] = sorted([s for s in m["shards"] if s["index"] != index] + [entry], key=lambda s: s["index"])
+            m["shards"] = sorted(
+                [s for s in m["shards"] if s["index"] != index] + [entry], key=lambda s: s["index"]
+            )
             m["labels"] = sorted(set(m["labels"]) | set(meta.columns[4:]))
             counts = [(name, int(count)) for name, count in meta["dataset"].value_counts().items()]
             for name, count in counts:
                 m["datasets"].setdefault(name, {})[str(index)] = count
             if world > 1:
-                commits.write_commit(folder, entry, labels=list(meta.columns[4:]), datasets=counts, precision=precision,
-                                     bf16_min_cosine=m.get("bf16_min_cosine"), identity=cfg.identity())
+                commits.write_commit(
+                    folder,
+                    entry,
+                    labels=list(meta.columns[4:]),
+                    datasets=counts,
+                    precision=precision,
+                    bf16_min_cosine=m.get("bf16_min_cosine"),
+                    identity=cfg.identity(),
+                )
             else:
                 write_json(folder / "manifest.json", m)
         report.shards_done += 1
@@ -390,8 +471,10 @@ def extract(
         have = {int(s["index"]) for s in m["shards"]}
         lost = sorted(set(range(n_shards)) - have)
         if lost:
-            raise SafesteerError(f"shard(s) {lost[:5]} of {layer_dir(out, l)} were not committed by their rank; "
-                                 "re-run the same command to compute them (the manifest is left incomplete)")
+            raise SafesteerError(
+                f"shard(s) {lost[:5]} of {layer_dir(out, l)} were not committed by their rank; "
+                "re-run the same command to compute them (the manifest is left incomplete)"
+            )
         m["datasets"] = commits.canonical_datasets(m["datasets"])
         m["shards"] = [s for s in m["shards"] if s["index"] < n_shards]
         m["complete"] = True

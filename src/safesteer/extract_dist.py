@@ -34,10 +34,28 @@ def run_extract(
     """
     if dist is None or not dist.enabled:
         return extract(backbone, rows, out, cfg, overwrite=overwrite, total=total, progress=progress)
-    dist.agree({"config": asdict(cfg), "out": str(out), "overwrite": bool(overwrite), "d_model": backbone.d_model,
-                "n_layers": backbone.n_layers}, "extract")
-    rep = extract(backbone, rows, out, cfg, overwrite=overwrite, total=None, progress=progress and dist.is_writer,
-                  rank=dist.rank, world=dist.world, sync=lambda: dist.barrier("extraction"))
+    dist.agree(
+        {
+            "config": asdict(cfg),
+            "out": str(out),
+            "overwrite": bool(overwrite),
+            "d_model": backbone.d_model,
+            "n_layers": backbone.n_layers,
+        },
+        "extract",
+    )
+    rep = extract(
+        backbone,
+        rows,
+        out,
+        cfg,
+        overwrite=overwrite,
+        total=None,
+        progress=progress and dist.is_writer,
+        rank=dist.rank,
+        world=dist.world,
+        sync=lambda: dist.barrier("extraction"),
+    )
     tot = dist.sum_int([rep.rows, rep.shards_done, rep.shards_skipped, rep.tokens], "the extraction report")
     rep.rows, rep.shards_done, rep.shards_skipped, rep.tokens = tot
     return rep

@@ -45,7 +45,9 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         os.replace(tmp_path, target)
     except OSError as exc:
         tmp_path.unlink(missing_ok=True)
-        raise SafesteerError(f"cannot write {target}: {exc.strerror or exc}; check free space and permissions") from exc
+        raise SafesteerError(
+            f"cannot write {target}: {exc.strerror or exc}; check free space and permissions"
+        ) from exc
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -115,9 +117,9 @@ def canonical_safetensors(path: str | os.PathLike) -> None:
     p = Path(path)
     raw = p.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     meta = header.pop("__metadata__", None)
     ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta is not None else {}) | header
     text = json.dumps(ordered, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    p.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+    p.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])

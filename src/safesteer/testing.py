@@ -10,7 +10,13 @@ from __future__ import annotations
 # (``make mutants``) imports these ~1.3 s of model code once, in the parent, instead of in every child.
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, RobertaConfig, RobertaForMaskedLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    RobertaConfig,
+    RobertaForMaskedLM,
+)
 
 WORDS = (
     "the a an is are was were be to of and in that it for on with as at by this from or not but "
@@ -32,8 +38,15 @@ def tiny_tokenizer():
     tk.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 1), ("</s>", 2)]
     )
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", mask_token="<mask>", model_max_length=64)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+        model_max_length=64,
+    )
 
 
 def make_tiny_roberta(seed: int = 0):
@@ -43,8 +56,16 @@ def make_tiny_roberta(seed: int = 0):
     tok = tiny_tokenizer()
     torch.manual_seed(seed)
     cfg = RobertaConfig(
-        vocab_size=len(tok), hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=66, pad_token_id=tok.pad_token_id, bos_token_id=1, eos_token_id=2, type_vocab_size=1,
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=66,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=1,
+        eos_token_id=2,
+        type_vocab_size=1,
     )
     return Backbone(RobertaForMaskedLM(cfg), tok, name="tiny-roberta")
 
@@ -56,7 +77,15 @@ def make_tiny_llama(seed: int = 0):
     tok = tiny_tokenizer()
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, max_position_embeddings=64, pad_token_id=tok.pad_token_id, bos_token_id=1, eos_token_id=2,
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return Backbone(LlamaForCausalLM(cfg), tok, name="tiny-llama")

@@ -46,7 +46,13 @@ def naive_run(bb, texts: list[str], layer: int, batch_size: int = 32) -> tuple[n
     out, tokens = [], 0
     with torch.no_grad():
         for start in range(0, len(texts), batch_size):
-            enc = tok(texts[start : start + batch_size], padding=True, truncation=True, max_length=bb.max_length, return_tensors="pt")
+            enc = tok(
+                texts[start : start + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=bb.max_length,
+                return_tensors="pt",
+            )
             hs = model(**enc, output_hidden_states=True).hidden_states[layer + 1]
             m = enc["attention_mask"].unsqueeze(-1).float()
             out.append(((hs * m).sum(1) / m.sum(1)).numpy())
@@ -81,7 +87,9 @@ def main(argv: list[str] | None = None) -> float:
     bb = load_backbone(args.model)
     texts = bench_texts(args.n, data_dir=args.data_dir)
     lengths = [len(x) for x in bb.tokenizer(texts, truncation=True, max_length=bb.max_length)["input_ids"]]
-    print(f"{len(texts)} texts, {sum(lengths)} tokens (mean {np.mean(lengths):.1f}, max {max(lengths)}), model {args.model}, layer {args.layer}, threads {torch.get_num_threads()}")
+    print(
+        f"{len(texts)} texts, {sum(lengths)} tokens (mean {np.mean(lengths):.1f}, max {max(lengths)}), model {args.model}, layer {args.layer}, threads {torch.get_num_threads()}"
+    )
 
     t = time.perf_counter()
     ref, tokens = naive_run(bb, texts, args.layer)
@@ -91,15 +99,23 @@ def main(argv: list[str] | None = None) -> float:
     t = time.perf_counter()
     ours = ex.run(texts)[args.layer]
     t_ours = time.perf_counter() - t
-    agree = float(np.min(np.sum(ref * ours, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(ours, axis=1))))
+    agree = float(
+        np.min(np.sum(ref * ours, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(ours, axis=1)))
+    )
 
     peak = matmul_peak_gflops(torch.bfloat16 if precision == "bf16" else torch.float32)
     floor = floor_seconds(bb, args.layer, lengths, peak)
     print(f"naive     : {tokens / t_naive:9.1f} tokens/s  ({t_naive:.1f} s)")
-    print(f"safesteer : {tokens / t_ours:9.1f} tokens/s  ({t_ours:.1f} s, precision {precision}" + (f", bf16 cosine {cos:.5f}" if cos else "") + ")")
+    print(
+        f"safesteer : {tokens / t_ours:9.1f} tokens/s  ({t_ours:.1f} s, precision {precision}"
+        + (f", bf16 cosine {cos:.5f}" if cos else "")
+        + ")"
+    )
     print(f"min cosine safesteer vs naive pooled vectors: {agree:.6f}")
-    print(f"matmul peak ({'bf16' if precision == 'bf16' else 'fp32'}) {peak:.1f} GFLOP/s; compute floor {floor:.1f} s; "
-          f"safesteer at {100 * floor / t_ours:.1f}% of the floor, naive at {100 * floor / t_naive:.1f}%")
+    print(
+        f"matmul peak ({'bf16' if precision == 'bf16' else 'fp32'}) {peak:.1f} GFLOP/s; compute floor {floor:.1f} s; "
+        f"safesteer at {100 * floor / t_ours:.1f}% of the floor, naive at {100 * floor / t_naive:.1f}%"
+    )
     ratio = t_naive / t_ours
     print(f"extract speedup: {ratio:.2f}x")
     return ratio

@@ -11,9 +11,22 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped",
-          35: "suspicious", 36: "timeout", 24: "timeout", -24: "timeout", 152: "timeout", 255: "timeout",
-          -11: "segfault", None: "not checked"}
+STATUS = {
+    1: "killed",
+    3: "killed",
+    0: "survived",
+    5: "no tests",
+    33: "no tests",
+    34: "skipped",
+    35: "suspicious",
+    36: "timeout",
+    24: "timeout",
+    -24: "timeout",
+    152: "timeout",
+    255: "timeout",
+    -11: "segfault",
+    None: "not checked",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     if not metas:
         print(f"no mutmut results under {root}/; run `make mutants` first", file=sys.stderr)
         return 2
-    lines = ["| module | mutants | killed | survived | timeout | no tests | not checked | score |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| module | mutants | killed | survived | timeout | no tests | not checked | score |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     survivors: list[str] = []
     for meta in metas:
         codes = json.loads(meta.read_text())["exit_code_by_key"]
@@ -32,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         checked = c["killed"] + c["survived"] + c["timeout"]
         score = f"{100.0 * (c['killed'] + c['timeout']) / checked:.1f}%" if checked else "–"
         mod = str(meta.relative_to(root))[: -len(".meta")].removeprefix("src/")
-        lines.append(f"| {mod} | {len(codes)} | {c['killed']} | {c['survived']} | {c['timeout']} | {c['no tests']} | {c['not checked']} | {score} |")
+        lines.append(
+            f"| {mod} | {len(codes)} | {c['killed']} | {c['survived']} | {c['timeout']} | {c['no tests']} | {c['not checked']} | {score} |"
+        )
         survivors += [f"- `{k}`" for k, v in sorted(codes.items()) if v == 0]
     print("# Mutation testing (mutmut)\n")
     print("\n".join(lines))

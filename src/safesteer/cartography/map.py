@@ -20,7 +20,9 @@ def _open_latents(path: Path):
     try:
         from safesteer.sae.latents import LatentStore
     except ModuleNotFoundError as exc:
-        raise SafesteerError("the SAE latent store (safesteer.sae) is not installed in this build; run 'safesteer encode' first") from exc
+        raise SafesteerError(
+            "the SAE latent store (safesteer.sae) is not installed in this build; run 'safesteer encode' first"
+        ) from exc
     return LatentStore(path)
 
 
@@ -35,7 +37,9 @@ def load_decoder(path: Path) -> np.ndarray:
     try:
         from safesteer.sae import load_sae
     except ModuleNotFoundError as exc:
-        raise SafesteerError(f"cannot read an SAE from {path}: the SAE module is not available and there is no W_dec.npy") from exc
+        raise SafesteerError(
+            f"cannot read an SAE from {path}: the SAE module is not available and there is no W_dec.npy"
+        ) from exc
     sae = load_sae(path)
     W = sae.W_dec
     if hasattr(W, "detach"):
@@ -43,7 +47,9 @@ def load_decoder(path: Path) -> np.ndarray:
     return np.asarray(W, dtype=np.float32)
 
 
-def store_label_codes(store, names: list[str] | None, min_per_class: int) -> tuple[np.ndarray, list[str], np.ndarray, dict]:
+def store_label_codes(
+    store, names: list[str] | None, min_per_class: int
+) -> tuple[np.ndarray, list[str], np.ndarray, dict]:
     """(ids, label names, int8 codes rows × labels, per-label counts) from the store's metadata only.
 
     Shard by shard (bounded memory: int8 codes for every candidate spec, then labels with fewer than
@@ -73,7 +79,11 @@ def store_label_codes(store, names: list[str] | None, min_per_class: int) -> tup
     all_ids, all_codes = [], []
     for s in store.shards:
         meta = store.shard_meta(s)
-        ids = meta["id"].astype(str).to_numpy() if "id" in meta.columns else load_npy(store.path / s["files"]["ids"]).astype(str)
+        ids = (
+            meta["id"].astype(str).to_numpy()
+            if "id" in meta.columns
+            else load_npy(store.path / s["files"]["ids"]).astype(str)
+        )
         all_ids.append(ids)
         all_codes.append(encode_labels(np.stack([sp.y_from_frame(meta) for sp in specs], axis=1)))
     ids = np.concatenate(all_ids)
@@ -82,9 +92,13 @@ def store_label_codes(store, names: list[str] | None, min_per_class: int) -> tup
     keep = (pos >= min_per_class) & (neg >= min_per_class)
     if names is not None and not keep.all():
         missing = [n for n, k in zip(chosen, keep) if not k]
-        raise SafesteerError(f"label(s) {', '.join(missing)} have fewer than {min_per_class} rows per class in {store.path}")
+        raise SafesteerError(
+            f"label(s) {', '.join(missing)} have fewer than {min_per_class} rows per class in {store.path}"
+        )
     if not keep.any():
-        raise SafesteerError(f"no label spec has ≥ {min_per_class} positive and negative rows in {store.path}; extract labelled datasets")
+        raise SafesteerError(
+            f"no label spec has ≥ {min_per_class} positive and negative rows in {store.path}; extract labelled datasets"
+        )
     label_names = [n for n, k in zip(chosen, keep) if k]
     counts = {n: {"pos": int(p), "neg": int(q)} for n, p, q, k in zip(chosen, pos, neg, keep) if k}
     return ids, label_names, np.ascontiguousarray(codes[:, keep]), counts
@@ -101,10 +115,23 @@ def probe_logits(store, probes: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]
     return np.concatenate(ids), np.concatenate(rows)
 
 
-def run_map(latents, acts: Path, out: Path, *, labels: list[str] | None = None, heldout: float = MapSection.heldout,
-            top_k: int = MapSection.top_k, probe_dirs: list[Path] | None = None, sae: Path | None = None,
-            method: str = MapSection.method, n_atoms_link: int = MapSection.n_atoms_link, min_per_class: int = MapSection.min_per_class, show_progress: bool = True, shards: list[int] | None = None,
-            say: Callable[[str], None] = say) -> dict[str, Any]:
+def run_map(
+    latents,
+    acts: Path,
+    out: Path,
+    *,
+    labels: list[str] | None = None,
+    heldout: float = MapSection.heldout,
+    top_k: int = MapSection.top_k,
+    probe_dirs: list[Path] | None = None,
+    sae: Path | None = None,
+    method: str = MapSection.method,
+    n_atoms_link: int = MapSection.n_atoms_link,
+    min_per_class: int = MapSection.min_per_class,
+    show_progress: bool = True,
+    shards: list[int] | None = None,
+    say: Callable[[str], None] = say,
+) -> dict[str, Any]:
     """One streaming pass over the latents (``shards``: only those latent shards, for a partial map
     to combine later with :func:`run_map_merge`)."""
     import pandas as pd
@@ -124,10 +151,17 @@ def run_map(latents, acts: Path, out: Path, *, labels: list[str] | None = None, 
     if wanted is not None and entries:
         missing = sorted(wanted - {int(e["index"]) for e in entries})
         if missing:
-            raise SafesteerError(f"--shards names latent shard(s) {missing} that {latents} does not have "
-                                 f"(it has {sorted(int(e['index']) for e in entries)})")
-    n_rows = lat.n_rows if wanted is None else sum(int(e["rows"]) for e in entries if int(e["index"]) in wanted)
-    say(f"mapping {lat.n_latents} atoms × {len(names)} labels over {n_rows} rows" + (f" (shards {shards})" if shards is not None else ""))
+            raise SafesteerError(
+                f"--shards names latent shard(s) {missing} that {latents} does not have "
+                f"(it has {sorted(int(e['index']) for e in entries)})"
+            )
+    n_rows = (
+        lat.n_rows if wanted is None else sum(int(e["rows"]) for e in entries if int(e["index"]) in wanted)
+    )
+    say(
+        f"mapping {lat.n_latents} atoms × {len(names)} labels over {n_rows} rows"
+        + (f" (shards {shards})" if shards is not None else "")
+    )
     probes = {}
     for d in probe_dirs or []:
         p = load_probe(d)
@@ -143,9 +177,18 @@ def run_map(latents, acts: Path, out: Path, *, labels: list[str] | None = None, 
     shard_iter = lat.iter_shards()
     if wanted is not None:
         shard_iter = (item for item in shard_iter if int(item[0]) in wanted)
-    res = map_latents(shard_iter, lat.n_latents, ids, names, codes, heldout_fraction=heldout, top_k=top_k,
-                      logits=logits, probe_names=list(probes),
-                      progress=lambda it: progress(it, n_shards, "mapping shards", show_progress))
+    res = map_latents(
+        shard_iter,
+        lat.n_latents,
+        ids,
+        names,
+        codes,
+        heldout_fraction=heldout,
+        top_k=top_k,
+        logits=logits,
+        probe_names=list(probes),
+        progress=lambda it: progress(it, n_shards, "mapping shards", show_progress),
+    )
     df = atom_table(res)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / files.ATOM_MAP) as tmp:
@@ -170,19 +213,35 @@ def run_map(latents, acts: Path, out: Path, *, labels: list[str] | None = None, 
         write_json(out / files.LINK, link)
     top = _top_atoms(df, names)
     summary = {
-        "format": "safesteer-atom-map", "version": 1,
-        "n_atoms": int(lat.n_latents), "n_rows": int(res.n_rows), "n_unlabelled_rows": int(res.n_unlabelled),
-        "labels": counts, "heldout_fraction": heldout,
-        "stats_rows": "atom_map statistics use the rows outside the held-out fraction; *_heldout columns the rest" if heldout > 0 else "all rows",
+        "format": "safesteer-atom-map",
+        "version": 1,
+        "n_atoms": int(lat.n_latents),
+        "n_rows": int(res.n_rows),
+        "n_unlabelled_rows": int(res.n_unlabelled),
+        "labels": counts,
+        "heldout_fraction": heldout,
+        "stats_rows": "atom_map statistics use the rows outside the held-out fraction; *_heldout columns the rest"
+        if heldout > 0
+        else "all rows",
         "score": "score = 0.5·r + 0.5·dmu / max_atoms |dmu| (per label)",
-        "acts": {"path": str(store.path), "model": store.manifest.get("model"), "layer": store.layer,
-                 "kind": store.manifest.get("kind"), "d": store.d},
+        "acts": {
+            "path": str(store.path),
+            "model": store.manifest.get("model"),
+            "layer": store.layer,
+            "kind": store.manifest.get("kind"),
+            "d": store.d,
+        },
         "latents": str(latents) if isinstance(latents, (str, Path)) else type(latents).__name__,
-        "probes": list(probes), "link": {k: v["cosine"] for k, v in link.items()},
-        "top_atoms": top, "seconds": round(time.time() - t0, 2), "shards": sorted(shards) if shards is not None else "all",
+        "probes": list(probes),
+        "link": {k: v["cosine"] for k, v in link.items()},
+        "top_atoms": top,
+        "seconds": round(time.time() - t0, 2),
+        "shards": sorted(shards) if shards is not None else "all",
         "top_k": top_k,
     }
-    write_json(out / files.MAP_SUMMARY, {k: v for k, v in summary.items() if k != "seconds"})  # saved files carry no timings
+    write_json(
+        out / files.MAP_SUMMARY, {k: v for k, v in summary.items() if k != "seconds"}
+    )  # saved files carry no timings
     return summary
 
 
@@ -190,7 +249,10 @@ def _top_atoms(df, names) -> dict[str, list[dict[str, float]]]:
     top = {}
     for lab in names:
         sub = df[df["label"] == lab].nlargest(5, "score")
-        top[lab] = [{"atom": int(a), "score": float(s), "r": float(r)} for a, s, r in zip(sub["atom"], sub["score"], sub["r"])]
+        top[lab] = [
+            {"atom": int(a), "score": float(s), "r": float(r)}
+            for a, s, r in zip(sub["atom"], sub["score"], sub["r"])
+        ]
     return top
 
 
@@ -211,20 +273,26 @@ def run_map_merge(parts: list[Path], out: Path) -> dict[str, Any]:
     summaries = []
     for p in parts:
         if not (p / "summary.json").is_file() or not (p / "stats" / "stats.json").is_file():
-            raise SafesteerError(f"{p} is not a 'safesteer map' output (no summary.json / stats/); run 'safesteer map --shards' first")
+            raise SafesteerError(
+                f"{p} is not a 'safesteer map' output (no summary.json / stats/); run 'safesteer map --shards' first"
+            )
         summaries.append(read_json(p / "summary.json"))
     first = summaries[0]
     for p, s in zip(parts[1:], summaries[1:]):
         for key in ("n_atoms", "labels", "heldout_fraction", "acts"):
             if s.get(key) != first.get(key):
-                raise SafesteerError(f"{p} and {parts[0]} differ in {key}; only maps of the same latents, labels and held-out fraction merge")
+                raise SafesteerError(
+                    f"{p} and {parts[0]} differ in {key}; only maps of the same latents, labels and held-out fraction merge"
+                )
     seen: dict[int, Path] = {}
     for p, s in zip(parts, summaries):
         if s.get("shards") == "all":
             raise SafesteerError(f"{p} already covers every shard; merge partial maps made with --shards")
         for i in s.get("shards") or []:
             if i in seen:
-                raise SafesteerError(f"latent shard {i} is in both {seen[i]} and {p}; the parts must be disjoint")
+                raise SafesteerError(
+                    f"latent shard {i} is in both {seen[i]} and {p}; the parts must be disjoint"
+                )
             seen[i] = p
     stats = StreamingStats.load(parts[0] / "stats")
     for p in parts[1:]:
@@ -237,7 +305,11 @@ def run_map_merge(parts: list[Path], out: Path) -> dict[str, Any]:
     k = int(first.get("top_k") or 10)
     top = TopActivations(int(first["n_atoms"]), k)
     for p in parts:
-        top.merge(TopActivations.from_frame(pd.read_parquet(p / "top_activations.parquet"), int(first["n_atoms"]), k))
+        top.merge(
+            TopActivations.from_frame(
+                pd.read_parquet(p / "top_activations.parquet"), int(first["n_atoms"]), k
+            )
+        )
     df = atom_table(stats, heldout)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / files.ATOM_MAP) as tmp:
@@ -249,10 +321,15 @@ def run_map_merge(parts: list[Path], out: Path) -> dict[str, Any]:
         heldout.save(out / files.STATS_HELDOUT)
     if (parts[0] / "link.json").is_file():
         shutil.copyfile(parts[0] / "link.json", out / files.LINK)
-    summary = {**first, "n_rows": int(sum(s["n_rows"] for s in summaries)),
-               "n_unlabelled_rows": int(sum(s.get("n_unlabelled_rows", 0) for s in summaries)),
-               "top_atoms": _top_atoms(df, stats.label_names), "shards": sorted(seen), "merged_from": [str(p) for p in parts],
-               "probe_atom_corr": "not merged (row-level); run 'safesteer map' over all shards for it"}
+    summary = {
+        **first,
+        "n_rows": int(sum(s["n_rows"] for s in summaries)),
+        "n_unlabelled_rows": int(sum(s.get("n_unlabelled_rows", 0) for s in summaries)),
+        "top_atoms": _top_atoms(df, stats.label_names),
+        "shards": sorted(seen),
+        "merged_from": [str(p) for p in parts],
+        "probe_atom_corr": "not merged (row-level); run 'safesteer map' over all shards for it",
+    }
     write_json(out / files.MAP_SUMMARY, summary)
     return summary
 
@@ -265,7 +342,18 @@ class MapOutputs:
 
 
 def run_map_stage(section: Any, inputs: Mapping[str, Any], out_dir: Path, ctx) -> MapOutputs:
-    s = run_map(inputs["encode"].latents, inputs["extract"].acts, out_dir, heldout=section.heldout, top_k=section.top_k,
-                probe_dirs=list(inputs["probes"].dirs.values()), sae=inputs["sae"].sae, method=section.method,
-                n_atoms_link=section.n_atoms_link, min_per_class=section.min_per_class, show_progress=ctx.show_progress, say=ctx.say)
+    s = run_map(
+        inputs["encode"].latents,
+        inputs["extract"].acts,
+        out_dir,
+        heldout=section.heldout,
+        top_k=section.top_k,
+        probe_dirs=list(inputs["probes"].dirs.values()),
+        sae=inputs["sae"].sae,
+        method=section.method,
+        n_atoms_link=section.n_atoms_link,
+        min_per_class=section.min_per_class,
+        show_progress=ctx.show_progress,
+        say=ctx.say,
+    )
     return MapOutputs(out_dir, int(s["n_atoms"]), int(s["n_rows"]))

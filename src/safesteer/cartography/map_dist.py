@@ -29,9 +29,12 @@ def _map_fns(run_map: Callable | None, run_map_merge: Callable | None) -> tuple[
     if run_map is not None and run_map_merge is not None:
         return run_map, run_map_merge
     try:  # the cartography stage functions' home once the CLI no longer holds them
-        from safesteer.cartography.map import run_map as rm, run_map_merge as rmm  # type: ignore[import-not-found]
+        from safesteer.cartography.map import run_map as rm  # type: ignore[import-not-found]
+        from safesteer.cartography.map import run_map_merge as rmm
     except ImportError as exc:
-        raise SafesteerError("this build has no safesteer.cartography.map; pass run_map= and run_map_merge=") from exc
+        raise SafesteerError(
+            "this build has no safesteer.cartography.map; pass run_map= and run_map_merge="
+        ) from exc
     return run_map or rm, run_map_merge or rmm
 
 
@@ -63,7 +66,11 @@ def _latents_done(latents: Path, store: Any, sae_sha: str) -> bool:
     have = {int(e["index"]): e for e in m.get("shards", [])}
     for s in store.shards:
         e = have.get(int(s["index"]))
-        if e is None or e.get("source_sha256") != (s.get("sha256") or {}).get("H") or int(e.get("rows", -1)) != int(s["rows"]):
+        if (
+            e is None
+            or e.get("source_sha256") != (s.get("sha256") or {}).get("H")
+            or int(e.get("rows", -1)) != int(s["rows"])
+        ):
             return False
     return len(have) == len(store.shards)
 
@@ -81,15 +88,31 @@ def assemble_latents(latents: Path, parts: list[Path]) -> dict[str, Any]:
     n_lat = int(base["n_latents"])
     done.sort(key=lambda s: s["index"])
     n_rows = sum(s["rows"] for s in done)
-    z_bytes = sum(os.path.getsize(latents / s["files"][k]) for s in done for k in ("indptr", "indices", "values"))
-    base.update(shards=done, n_rows=n_rows, complete=True, bytes=z_bytes, bytes_per_row=z_bytes / max(1, n_rows),
-                dense_fp16_bytes_per_row=2 * n_lat, mean_l0=sum(s["nnz"] for s in done) / max(1, n_rows))
+    z_bytes = sum(
+        os.path.getsize(latents / s["files"][k]) for s in done for k in ("indptr", "indices", "values")
+    )
+    base.update(
+        shards=done,
+        n_rows=n_rows,
+        complete=True,
+        bytes=z_bytes,
+        bytes_per_row=z_bytes / max(1, n_rows),
+        dense_fp16_bytes_per_row=2 * n_lat,
+        mean_l0=sum(s["nnz"] for s in done) / max(1, n_rows),
+    )
     write_json(latents / "manifest.json", base)
     return base
 
 
-def encode_distributed(sae: Any, acts: str | Path, latents: str | Path, dist: Dist, *, batch_size: int = 4096,
-                       progress: bool = True) -> Any:
+def encode_distributed(
+    sae: Any,
+    acts: str | Path,
+    latents: str | Path,
+    dist: Dist,
+    *,
+    batch_size: int = 4096,
+    progress: bool = True,
+) -> Any:
     """Encode ``acts`` into the latent store ``latents``, each rank its shards; returns the LatentStore."""
     from safesteer.sae.latents import LatentStore, encode_store
     from safesteer.sae.saving import sae_fingerprint
@@ -100,23 +123,41 @@ def encode_distributed(sae: Any, acts: str | Path, latents: str | Path, dist: Di
     if not dist.enabled:
         return encode_store(sae, store, latents, batch_size=batch_size, progress=progress)
     sha = sae_fingerprint(sae)
-    dist.agree({"sae": sha, "acts": str(acts), "latents": str(latents), "batch_size": int(batch_size),
-                "shards": [[s["index"], (s.get("sha256") or {}).get("H")] for s in store.shards]}, "encode")
+    dist.agree(
+        {
+            "sae": sha,
+            "acts": str(acts),
+            "latents": str(latents),
+            "batch_size": int(batch_size),
+            "shards": [[s["index"], (s.get("sha256") or {}).get("H")] for s in store.shards],
+        },
+        "encode",
+    )
     if (latents / "manifest.json").is_file():
         old = read_json(latents / "manifest.json")
         if old.get("sae", {}).get("weights_sha256") != sha:
-            raise SafesteerError(f"{latents} holds latents of another SAE; choose another --latents or delete it")
+            raise SafesteerError(
+                f"{latents} holds latents of another SAE; choose another --latents or delete it"
+            )
     done = _latents_done(latents, store, sha)
     dist.barrier("the encode check")
     if not done:
         parts_root = latents / PARTS
-        if dist.is_writer and parts_root.is_dir():  # parts of a killed run with another world size are useless
+        if (
+            dist.is_writer and parts_root.is_dir()
+        ):  # parts of a killed run with another world size are useless
             for p in parts_root.iterdir():
                 if not p.name.endswith(f"-of-{dist.world}"):
                     shutil.rmtree(p, ignore_errors=True)
         dist.barrier("the encode set-up")
         mine = {int(s["index"]) for s in store.shards if dist.owns(int(s["index"]))}
-        encode_store(sae, ShardView(store, mine), parts_root / _part_name(dist), batch_size=batch_size, progress=progress)
+        encode_store(
+            sae,
+            ShardView(store, mine),
+            parts_root / _part_name(dist),
+            batch_size=batch_size,
+            progress=progress,
+        )
         dist.barrier("encoding")  # every part is complete
         if dist.is_writer:
             assemble_latents(latents, [parts_root / f"rank-{r}-of-{dist.world}" for r in range(dist.world)])
@@ -125,8 +166,16 @@ def encode_distributed(sae: Any, acts: str | Path, latents: str | Path, dist: Di
     return LatentStore(latents)
 
 
-def map_distributed(latents: str | Path, acts: str | Path, out: str | Path, dist: Dist, *, run_map: Callable | None = None,
-                    run_map_merge: Callable | None = None, **map_kwargs: Any) -> dict[str, Any]:
+def map_distributed(
+    latents: str | Path,
+    acts: str | Path,
+    out: str | Path,
+    dist: Dist,
+    *,
+    run_map: Callable | None = None,
+    run_map_merge: Callable | None = None,
+    **map_kwargs: Any,
+) -> dict[str, Any]:
     """``run_map`` over this rank's latent shards, then (rank 0) ``run_map_merge`` of every rank's part into ``out``.
 
     ``run_map``/``run_map_merge``: the cartography functions (default: ``safesteer.cartography.map``'s);
@@ -145,9 +194,19 @@ def map_distributed(latents: str | Path, acts: str | Path, out: str | Path, dist
             summary = run_map(Path(latents), Path(acts), out, **map_kwargs)
         dist.barrier("cartography")
         return summary
-    dist.agree({"latents": str(latents), "acts": str(acts), "out": str(out),
-                "map": {k: [str(x) for x in v] if isinstance(v, list) else str(v) for k, v in map_kwargs.items()
-                        if k != "show_progress"}}, "map")  # progress is shown by rank 0 only
+    dist.agree(
+        {
+            "latents": str(latents),
+            "acts": str(acts),
+            "out": str(out),
+            "map": {
+                k: [str(x) for x in v] if isinstance(v, list) else str(v)
+                for k, v in map_kwargs.items()
+                if k != "show_progress"
+            },
+        },
+        "map",
+    )  # progress is shown by rank 0 only
     parts_root = out / "parts"
     if dist.is_writer and parts_root.is_dir():
         shutil.rmtree(parts_root)  # parts of an earlier run (maybe another world size) would not merge
@@ -155,7 +214,13 @@ def map_distributed(latents: str | Path, acts: str | Path, out: str | Path, dist
     mine = [i for i in indices if dist.owns(i)]
     summary = {}
     if mine:
-        summary = run_map(Path(latents), Path(acts), parts_root / _part_name(dist), shards=mine, **{**map_kwargs, "show_progress": False})
+        summary = run_map(
+            Path(latents),
+            Path(acts),
+            parts_root / _part_name(dist),
+            shards=mine,
+            **{**map_kwargs, "show_progress": False},
+        )
     dist.barrier("cartography")
     if dist.is_writer:
         parts = [parts_root / f"rank-{r}-of-{dist.world}" for r in range(min(dist.world, len(indices)))]

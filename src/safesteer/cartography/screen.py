@@ -63,14 +63,26 @@ class CausalScreen:
     do not pass and are flagged as unverified.
     """
 
-    def __init__(self, backbone, layer: int, read_layer: int, readouts: dict[str, tuple[Any, list[str]]],
-                 alpha: float | None = None, alpha_scale: float = 1.0, r_threshold: float = 0.05,
-                 min_effect: float = 0.0, min_readout_auroc: float = 0.7, batch_size: int = 16):
+    def __init__(
+        self,
+        backbone,
+        layer: int,
+        read_layer: int,
+        readouts: dict[str, tuple[Any, list[str]]],
+        alpha: float | None = None,
+        alpha_scale: float = 1.0,
+        r_threshold: float = 0.05,
+        min_effect: float = 0.0,
+        min_readout_auroc: float = 0.7,
+        batch_size: int = 16,
+    ):
         self.backbone = backbone
         self.layer = backbone.check_layer(layer)
         self.read_layer = backbone.check_layer(read_layer)
         if self.read_layer < self.layer:
-            raise SafesteerError(f"the read-out layer ({read_layer}) must not precede the steering layer ({layer})")
+            raise SafesteerError(
+                f"the read-out layer ({read_layer}) must not precede the steering layer ({layer})"
+            )
         self.readouts = readouts
         self.r_threshold = r_threshold
         self.min_effect = min_effect
@@ -138,16 +150,37 @@ class CausalScreen:
         v = (getattr(probe, "metrics", None) or {}).get("auroc")
         return float(v) if v is not None else float("nan")
 
-    def screen_one(self, atom: int, label: str, r: float, r_heldout: float, direction: np.ndarray,
-                   max_act: float | None = None) -> ScreenResult:
+    def screen_one(
+        self,
+        atom: int,
+        label: str,
+        r: float,
+        r_heldout: float,
+        direction: np.ndarray,
+        max_act: float | None = None,
+    ) -> ScreenResult:
         sign = 1 if r >= 0 else -1
         rep = self.replicates(r, r_heldout)
         auc = self.readout_auroc(label) if label in self.readouts else float("nan")
         rh = float(r_heldout) if r_heldout is not None else float("nan")
         if label not in self.readouts or (math.isfinite(auc) and auc < self.min_readout_auroc):
-            why = "no read-out probe" if label not in self.readouts else f"read-out probe too weak (AUROC {auc:.2f})"
-            return ScreenResult(int(atom), label, sign, float(r), rh, rep, float("nan"), float("nan"), False,
-                                f"not causally verified: {why}")
+            why = (
+                "no read-out probe"
+                if label not in self.readouts
+                else f"read-out probe too weak (AUROC {auc:.2f})"
+            )
+            return ScreenResult(
+                int(atom),
+                label,
+                sign,
+                float(r),
+                rh,
+                rep,
+                float("nan"),
+                float("nan"),
+                False,
+                f"not causally verified: {why}",
+            )
         dp, dl = self.effect(label, direction, self.alpha_for(max_act))
         moved = abs(dl) > 0 and abs(dp) >= self.min_effect
         right = moved and np.sign(dl) == sign
@@ -162,8 +195,17 @@ class CausalScreen:
         return ScreenResult(int(atom), label, sign, float(r), rh, rep, dp, dl, bool(rep and right), flag)
 
 
-def train_readouts(backbone, read_layer: int, labels: Sequence[str], *, data_dir=None, max_per_part: int = 60,
-                   n_eval: int = 24, seed: int = 0, batch_size: int = 16) -> dict[str, tuple[Any, list[str]]]:
+def train_readouts(
+    backbone,
+    read_layer: int,
+    labels: Sequence[str],
+    *,
+    data_dir=None,
+    max_per_part: int = 60,
+    n_eval: int = 24,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> dict[str, tuple[Any, list[str]]]:
     """Concept read-out probes at ``read_layer`` from the datasets, plus held-out texts to steer.
 
     For each label: up to ``max_per_part`` texts per spec part (dataset train split → probe; test
@@ -177,7 +219,9 @@ def train_readouts(backbone, read_layer: int, labels: Sequence[str], *, data_dir
     rng = np.random.default_rng(seed)
     for label in dict.fromkeys(labels):
         try:
-            lt = collect_texts(label, split="all", max_per_part=max_per_part, data_dir=data_dir, seed=seed, max_chars=400)
+            lt = collect_texts(
+                label, split="all", max_per_part=max_per_part, data_dir=data_dir, seed=seed, max_chars=400
+            )
         except SafesteerError:
             continue
         y = np.array(lt.y)
@@ -189,7 +233,9 @@ def train_readouts(backbone, read_layer: int, labels: Sequence[str], *, data_dir
         texts = np.array(lt.texts, dtype=object)
         H = pooled_by_length(backbone, list(texts), read_layer, batch_size)
         try:
-            probe = train_probe(H[~test], y[~test], H[test], y[test], balanced=True, seed=seed, Cs=(0.01, 0.1, 1.0), folds=3)
+            probe = train_probe(
+                H[~test], y[~test], H[test], y[test], balanced=True, seed=seed, Cs=(0.01, 0.1, 1.0), folds=3
+            )
         except SafesteerError:
             continue
         eval_idx = np.flatnonzero(test)

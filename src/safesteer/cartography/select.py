@@ -26,9 +26,28 @@ from safesteer.cartography.judges import concept_text
 from safesteer.errors import SafesteerError
 
 MACRO_CATEGORIES: tuple[str, ...] = ("toxicity", "harm", "emotion", "empathy")
-FINAL_COLUMNS = ["atom", "category", "label", "concept", "verdict", "reason", "score", "r", "dmu", "cohens_d",
-                 "freq_pos", "freq_neg", "r_heldout", "replicates", "effect", "effect_logit", "screen_pass", "flag",
-                 "cluster", "selected"]
+FINAL_COLUMNS = [
+    "atom",
+    "category",
+    "label",
+    "concept",
+    "verdict",
+    "reason",
+    "score",
+    "r",
+    "dmu",
+    "cohens_d",
+    "freq_pos",
+    "freq_neg",
+    "r_heldout",
+    "replicates",
+    "effect",
+    "effect_logit",
+    "screen_pass",
+    "flag",
+    "cluster",
+    "selected",
+]
 
 
 def _labels(atom_map: pd.DataFrame, labels: str | Iterable[str] | None) -> list[str]:
@@ -38,17 +57,26 @@ def _labels(atom_map: pd.DataFrame, labels: str | Iterable[str] | None) -> list[
     wanted = [labels] if isinstance(labels, str) else list(labels)
     missing = [x for x in wanted if x not in have]
     if missing:
-        raise SafesteerError(f"label(s) {', '.join(missing)} not in the atom map; it has: {', '.join(have[:12])}{'…' if len(have) > 12 else ''}")
+        raise SafesteerError(
+            f"label(s) {', '.join(missing)} not in the atom map; it has: {', '.join(have[:12])}{'…' if len(have) > 12 else ''}"
+        )
     return wanted
 
 
-def select_topk(atom_map: pd.DataFrame, labels: str | Iterable[str] | None = None, k: int = 20, by: str = "score") -> pd.DataFrame:
+def select_topk(
+    atom_map: pd.DataFrame, labels: str | Iterable[str] | None = None, k: int = 20, by: str = "score"
+) -> pd.DataFrame:
     """Top ``k`` atoms per label by ``by`` (descending), with a ``rank`` column (0 = best)."""
     if k <= 0:
         raise SafesteerError(f"k must be positive, got {k}")
     frames = []
     for lab in _labels(atom_map, labels):
-        sub = atom_map[atom_map["label"] == lab].sort_values([by, "atom"], ascending=[False, True], kind="stable").head(k).copy()
+        sub = (
+            atom_map[atom_map["label"] == lab]
+            .sort_values([by, "atom"], ascending=[False, True], kind="stable")
+            .head(k)
+            .copy()
+        )
         sub.insert(0, "rank", np.arange(len(sub), dtype=np.int64))
         frames.append(sub)
     return pd.concat(frames, ignore_index=True) if frames else atom_map.head(0)
@@ -58,13 +86,19 @@ def select_all_positive(atom_map: pd.DataFrame, labels: str | Iterable[str] | No
     """Every (atom, label) with Δμ > 0, ordered by score within each label."""
     frames = []
     for lab in _labels(atom_map, labels):
-        sub = atom_map[(atom_map["label"] == lab) & (atom_map["dmu"] > 0)].sort_values(["score", "atom"], ascending=[False, True], kind="stable").copy()
+        sub = (
+            atom_map[(atom_map["label"] == lab) & (atom_map["dmu"] > 0)]
+            .sort_values(["score", "atom"], ascending=[False, True], kind="stable")
+            .copy()
+        )
         sub.insert(0, "rank", np.arange(len(sub), dtype=np.int64))
         frames.append(sub)
     return pd.concat(frames, ignore_index=True) if frames else atom_map.head(0)
 
 
-def category_candidates(atom_map: pd.DataFrame, candidates: int = 30, categories: Sequence[str] = MACRO_CATEGORIES) -> pd.DataFrame:
+def category_candidates(
+    atom_map: pd.DataFrame, candidates: int = 30, categories: Sequence[str] = MACRO_CATEGORIES
+) -> pd.DataFrame:
     """Top ``candidates`` atoms per macro-category (best label per atom, positive scores only)."""
     if "category" not in atom_map.columns:
         from safesteer.probes.labels import category_of
@@ -75,10 +109,14 @@ def category_candidates(atom_map: pd.DataFrame, candidates: int = 30, categories
         sub = atom_map[(atom_map["category"] == cat) & (atom_map["score"] > 0)]
         if sub.empty:
             continue
-        best = sub.sort_values(["score", "atom"], ascending=[False, True], kind="stable").drop_duplicates("atom")
+        best = sub.sort_values(["score", "atom"], ascending=[False, True], kind="stable").drop_duplicates(
+            "atom"
+        )
         frames.append(best.head(candidates))
     if not frames:
-        raise SafesteerError(f"no atom has a positive score for any label of the categories {', '.join(categories)}; map more data")
+        raise SafesteerError(
+            f"no atom has a positive score for any label of the categories {', '.join(categories)}; map more data"
+        )
     out = pd.concat(frames, ignore_index=True)
     return out.rename(columns={"label": "concept"})
 
@@ -110,7 +148,11 @@ def select_filtered(
     track = progress or (lambda it, n, desc: it)
     cand = category_candidates(atom_map, candidates, categories)
     # an atom can only be steered once: keep its best category/concept
-    cand = cand.sort_values(["score", "atom"], ascending=[False, True], kind="stable").drop_duplicates("atom").reset_index(drop=True)
+    cand = (
+        cand.sort_values(["score", "atom"], ascending=[False, True], kind="stable")
+        .drop_duplicates("atom")
+        .reset_index(drop=True)
+    )
     atoms = cand["atom"].astype(int).tolist()
     card_map = cards(atoms) if callable(cards) else (cards or {})
     card_map = {int(k): v for k, v in card_map.items()}
@@ -127,7 +169,13 @@ def select_filtered(
     cand["reason"] = reasons
     judged_ok = cand["verdict"].isin([*keep_verdicts, "UNJUDGED"]).to_numpy()
 
-    for col, default in (("replicates", pd.NA), ("effect", np.nan), ("effect_logit", np.nan), ("screen_pass", pd.NA), ("flag", "")):
+    for col, default in (
+        ("replicates", pd.NA),
+        ("effect", np.nan),
+        ("effect_logit", np.nan),
+        ("screen_pass", pd.NA),
+        ("flag", ""),
+    ):
         cand[col] = default
     cand["flag"] = cand["flag"].astype(object)
     if "r_heldout" not in cand.columns:
@@ -140,10 +188,24 @@ def select_filtered(
         rep, eff, effl, ok, flags = {}, {}, {}, {}, {}
         for i in track(idx.tolist(), len(idx), "screening atoms"):
             row = cand.iloc[i]
-            max_act = float(row["max_act"]) if "max_act" in cand.columns and pd.notna(row["max_act"]) else None
-            res = screen.screen_one(int(row["atom"]), row["concept"], float(row["r"]), float(row["r_heldout"]),
-                                    np.asarray(W_dec[int(row["atom"])]), max_act=max_act)
-            rep[i], eff[i], effl[i], ok[i], flags[i] = res.replicates, res.effect, res.effect_logit, res.passes, res.flag
+            max_act = (
+                float(row["max_act"]) if "max_act" in cand.columns and pd.notna(row["max_act"]) else None
+            )
+            res = screen.screen_one(
+                int(row["atom"]),
+                row["concept"],
+                float(row["r"]),
+                float(row["r_heldout"]),
+                np.asarray(W_dec[int(row["atom"])]),
+                max_act=max_act,
+            )
+            rep[i], eff[i], effl[i], ok[i], flags[i] = (
+                res.replicates,
+                res.effect,
+                res.effect_logit,
+                res.passes,
+                res.flag,
+            )
         for i in idx:
             cand.at[i, "replicates"] = rep.get(i, pd.NA)
             cand.at[i, "effect"] = eff.get(i, np.nan)
@@ -161,7 +223,10 @@ def select_filtered(
         from safesteer.cartography.dedup import deduplicate
 
         sub = cand.iloc[keep_idx]
-        texts = [describe(card_map.get(int(a), {}), lab, rea) for a, lab, rea in zip(sub["atom"], sub["label"], sub["reason"])]
+        texts = [
+            describe(card_map.get(int(a), {}), lab, rea)
+            for a, lab, rea in zip(sub["atom"], sub["label"], sub["reason"])
+        ]
         dd = deduplicate(sub, texts, embedder, threshold=threshold, score_col="score")
         for j, i in enumerate(keep_idx):
             cand.at[i, "cluster"] = int(dd["cluster"].iloc[j])
@@ -176,7 +241,11 @@ def select_filtered(
         if col not in cand.columns:
             cand[col] = np.nan
     rest = [c for c in cand.columns if c not in FINAL_COLUMNS]
-    return cand[FINAL_COLUMNS + rest].sort_values(["selected", "category", "score"], ascending=[False, True, False], kind="stable").reset_index(drop=True)
+    return (
+        cand[FINAL_COLUMNS + rest]
+        .sort_values(["selected", "category", "score"], ascending=[False, True, False], kind="stable")
+        .reset_index(drop=True)
+    )
 
 
 def final_table(result: pd.DataFrame) -> pd.DataFrame:

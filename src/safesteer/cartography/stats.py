@@ -45,10 +45,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from safesteer.cartography.top import TopActivations, _as_csr  # noqa: F401  (TopActivations re-exported)
 from safesteer.errors import SafesteerError
 from safesteer.io import atomic_path, read_json, write_json
-
-from safesteer.cartography.top import TopActivations, _as_csr  # noqa: F401  (TopActivations re-exported)
 
 SCORE_WEIGHTS = {"r": 0.5, "dmu": 0.5}
 
@@ -98,7 +97,9 @@ class StreamingStats:
     negatives, 1 = positives. A batch only touches the labels defined on some of its rows.
     """
 
-    def __init__(self, n_atoms: int, label_names: Sequence[str], fire_threshold: float = 0.0, flush_rows: int = 65536):
+    def __init__(
+        self, n_atoms: int, label_names: Sequence[str], fire_threshold: float = 0.0, flush_rows: int = 65536
+    ):
         if n_atoms <= 0:
             raise SafesteerError(f"n_atoms must be positive, got {n_atoms}")
         self.n_atoms = int(n_atoms)
@@ -130,8 +131,14 @@ class StreamingStats:
             with np.errstate(invalid="ignore", divide="ignore"):
                 mean_b = np.where(n_b > 0, S / np.where(n_b > 0, n_b, 1), 0.0)
             m2_b = np.maximum(Q - S * mean_b, 0.0)
-            n_new, mean_new, m2_new = _chan(self._n[side, touched][:, None], self.mean[side, touched], self.m2[side, touched],
-                                            n_b, mean_b, m2_b)
+            n_new, mean_new, m2_new = _chan(
+                self._n[side, touched][:, None],
+                self.mean[side, touched],
+                self.m2[side, touched],
+                n_b,
+                mean_b,
+                m2_b,
+            )
             self._n[side, touched] = n_new[:, 0]
             self.mean[side, touched] = mean_new
             self.m2[side, touched] = m2_new
@@ -171,7 +178,9 @@ class StreamingStats:
         if Z.shape[1] != self.n_atoms:
             raise SafesteerError(f"Z has {Z.shape[1]} atoms; these statistics track {self.n_atoms}")
         if Y.shape != (Z.shape[0], self.n_labels):
-            raise SafesteerError(f"labels have shape {Y.shape}; expected ({Z.shape[0]}, {self.n_labels}) to match Z and the label names")
+            raise SafesteerError(
+                f"labels have shape {Y.shape}; expected ({Z.shape[0]}, {self.n_labels}) to match Z and the label names"
+            )
         finite = Y[~np.isnan(Y)]
         if finite.size and not np.isin(finite, (0.0, 1.0)).all():
             raise SafesteerError("labels must be 0, 1 or NaN (missing); binarise continuous scores first")
@@ -197,7 +206,11 @@ class StreamingStats:
             ZT = Zg.T.tocsr()  # atoms × rows
             raw = ZT.data.copy()
             c = len(cols)
-            for acc, data in ((self._ps, raw), (self._pq, raw * raw), (self.fire, (raw > self.fire_threshold).astype(np.float64))):
+            for acc, data in (
+                (self._ps, raw),
+                (self._pq, raw * raw),
+                (self.fire, (raw > self.fire_threshold).astype(np.float64)),
+            ):
                 ZT.data = data
                 prod = np.asarray(ZT @ masks).T  # 2c × atoms
                 acc[0, lab] += prod[:c]
@@ -219,8 +232,14 @@ class StreamingStats:
         self._flush()
         other._flush()
         for side in (0, 1):
-            n_new, self.mean[side], self.m2[side] = _chan(self._n[side][:, None], self.mean[side], self.m2[side],
-                                                          other._n[side][:, None], other.mean[side], other.m2[side])
+            n_new, self.mean[side], self.m2[side] = _chan(
+                self._n[side][:, None],
+                self.mean[side],
+                self.m2[side],
+                other._n[side][:, None],
+                other.mean[side],
+                other.m2[side],
+            )
             self._n[side] = n_new[:, 0]
             self.fire[side] += other.fire[side]
         self.rows_seen += other.rows_seen
@@ -229,7 +248,12 @@ class StreamingStats:
     def copy(self) -> "StreamingStats":
         self._flush()
         out = StreamingStats(self.n_atoms, self.label_names, self.fire_threshold)
-        out._n, out.mean, out.m2, out.fire = self._n.copy(), self.mean.copy(), self.m2.copy(), self.fire.copy()  # label-major
+        out._n, out.mean, out.m2, out.fire = (
+            self._n.copy(),
+            self.mean.copy(),
+            self.m2.copy(),
+            self.fire.copy(),
+        )  # label-major
         out.rows_seen = self.rows_seen
         return out
 
@@ -253,23 +277,38 @@ class StreamingStats:
             d = np.where(np.isnan(dmu) | np.isnan(pooled), np.nan, d)
             f0 = np.where(n0 > 0, self.fire[0] / np.where(n0 > 0, n0, 1), np.nan)
             f1 = np.where(n1 > 0, self.fire[1] / np.where(n1 > 0, n1, 1), np.nan)
-        out = {"mean_pos": mu1, "mean_neg": mu0, "dmu": dmu, "std": sd, "r": r, "cohens_d": d, "freq_pos": f1, "freq_neg": f0}
+        out = {
+            "mean_pos": mu1,
+            "mean_neg": mu0,
+            "dmu": dmu,
+            "std": sd,
+            "r": r,
+            "cohens_d": d,
+            "freq_pos": f1,
+            "freq_neg": f0,
+        }
         return {k: v.T for k, v in out.items()}  # atoms × labels
 
-    def to_frame(self, weights: dict[str, float] | None = None, labels: Sequence[str] | None = None) -> pd.DataFrame:
+    def to_frame(
+        self, weights: dict[str, float] | None = None, labels: Sequence[str] | None = None
+    ) -> pd.DataFrame:
         """One row per (atom, label): counts, means, Δμ, r, Cohen's d, firing frequencies, concept score."""
         a = self.arrays()
         a["score"] = concept_score(a["r"], a["dmu"], weights)
         cols = list(range(self.n_labels)) if labels is None else [self.label_names.index(x) for x in labels]
         frames = []
         for li in cols:
-            frames.append(pd.DataFrame({
-                "atom": np.arange(self.n_atoms, dtype=np.int64),
-                "label": self.label_names[li],
-                "n_pos": np.full(self.n_atoms, int(self._n[1, li]), dtype=np.int64),
-                "n_neg": np.full(self.n_atoms, int(self._n[0, li]), dtype=np.int64),
-                **{k: v[:, li] for k, v in a.items()},
-            }))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "atom": np.arange(self.n_atoms, dtype=np.int64),
+                        "label": self.label_names[li],
+                        "n_pos": np.full(self.n_atoms, int(self._n[1, li]), dtype=np.int64),
+                        "n_neg": np.full(self.n_atoms, int(self._n[0, li]), dtype=np.int64),
+                        **{k: v[:, li] for k, v in a.items()},
+                    }
+                )
+            )
         if not frames:
             return pd.DataFrame(columns=["atom", "label", "n_pos", "n_neg", *a.keys()])
         return pd.concat(frames, ignore_index=True)
@@ -284,9 +323,18 @@ class StreamingStats:
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(folder / "stats.safetensors") as tmp:
             save_file({"n": self._n, "mean": self.mean, "m2": self.m2, "fire": self.fire}, str(tmp))
-        write_json(folder / "stats.json", {"format": "safesteer-atom-stats", "version": 2, "layout": "side × label × atom", "n_atoms": self.n_atoms,
-                                           "labels": self.label_names, "fire_threshold": self.fire_threshold,
-                                           "rows_seen": self.rows_seen})
+        write_json(
+            folder / "stats.json",
+            {
+                "format": "safesteer-atom-stats",
+                "version": 2,
+                "layout": "side × label × atom",
+                "n_atoms": self.n_atoms,
+                "labels": self.label_names,
+                "fire_threshold": self.fire_threshold,
+                "rows_seen": self.rows_seen,
+            },
+        )
         return folder
 
     @classmethod
@@ -310,7 +358,9 @@ def concept_score(r: np.ndarray, dmu: np.ndarray, weights: dict[str, float] | No
     r = np.asarray(r, dtype=np.float64)
     dmu = np.asarray(dmu, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        scale = np.nanmax(np.abs(dmu), axis=0, keepdims=True) if np.isfinite(dmu).any() else np.ones_like(dmu[:1])
+        scale = (
+            np.nanmax(np.abs(dmu), axis=0, keepdims=True) if np.isfinite(dmu).any() else np.ones_like(dmu[:1])
+        )
         scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
         return w["r"] * np.nan_to_num(r) + w["dmu"] * np.nan_to_num(dmu / scale)
 
@@ -349,8 +399,16 @@ def decode_labels(codes: np.ndarray) -> np.ndarray:
 class MapResult:
     """Everything one pass over the latents accumulates (see :func:`map_latents`)."""
 
-    def __init__(self, stats: StreamingStats, heldout: StreamingStats | None, top: TopActivations,
-                 corr=None, n_rows: int = 0, n_unlabelled: int = 0, heldout_fraction: float = 0.0):
+    def __init__(
+        self,
+        stats: StreamingStats,
+        heldout: StreamingStats | None,
+        top: TopActivations,
+        corr=None,
+        n_rows: int = 0,
+        n_unlabelled: int = 0,
+        heldout_fraction: float = 0.0,
+    ):
         self.stats, self.heldout, self.top, self.corr = stats, heldout, top, corr
         self.n_rows, self.n_unlabelled, self.heldout_fraction = n_rows, n_unlabelled, heldout_fraction
 
@@ -414,8 +472,11 @@ def map_latents(
     return MapResult(stats, held, top, corr, n_rows, n_unl, heldout_fraction)
 
 
-def atom_table(stats: StreamingStats | MapResult, heldout: StreamingStats | None = None,
-               weights: dict[str, float] | None = None) -> pd.DataFrame:
+def atom_table(
+    stats: StreamingStats | MapResult,
+    heldout: StreamingStats | None = None,
+    weights: dict[str, float] | None = None,
+) -> pd.DataFrame:
     """The atom map: :meth:`StreamingStats.to_frame` + ``category`` + held-out replication columns.
 
     Held-out columns: ``r_heldout``, ``dmu_heldout``, ``n_pos_heldout``, ``n_neg_heldout`` (NaN without

@@ -28,7 +28,9 @@ class TopActivations:
         self.values = np.full((self.n_atoms, self.k), -np.inf, dtype=np.float64)
         self.ids = np.full((self.n_atoms, self.k), "", dtype=object)
 
-    def _absorb(self, cols: np.ndarray, vals: np.ndarray, ids: np.ndarray, rows: np.ndarray | None = None) -> None:
+    def _absorb(
+        self, cols: np.ndarray, vals: np.ndarray, ids: np.ndarray, rows: np.ndarray | None = None
+    ) -> None:
         """Fold candidates in; ``ids`` is indexed by ``rows`` when given (gathered after filtering)."""
         if cols.size == 0:
             return
@@ -80,5 +82,11 @@ class TopActivations:
     def to_frame(self) -> pd.DataFrame:
         m = np.isfinite(self.values)
         atoms, ranks = np.nonzero(m)
-        return pd.DataFrame({"atom": atoms.astype(np.int64), "rank": ranks.astype(np.int64),
-                             "id": self.ids[m].astype(str), "activation": self.values[m]})
+        return pd.DataFrame(
+            {
+                "atom": atoms.astype(np.int64),
+                "rank": ranks.astype(np.int64),
+                "id": self.ids[m].astype(str),
+                "activation": self.values[m],
+            }
+        )

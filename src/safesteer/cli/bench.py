@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
-
 import typer
 
 
 def register(app: typer.Typer) -> None:
-    bench = typer.Typer(help="Benchmarks (ratios against a baseline measured in the same run).", no_args_is_help=True)
+    bench = typer.Typer(
+        help="Benchmarks (ratios against a baseline measured in the same run).", no_args_is_help=True
+    )
 
     @bench.command("extract", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
     def extract_bench(ctx: typer.Context) -> None:

@@ -63,7 +63,9 @@ def list_datasets(
         spec = get_spec(name)
         here = available_sources(name, data_dir)
         missing = [s for s in spec.sources if s not in here]
-        table.add_row(name, Text(_label_summary(list(spec.labels))), ", ".join(here) or "—", ", ".join(missing))
+        table.add_row(
+            name, Text(_label_summary(list(spec.labels))), ", ".join(here) or "—", ", ".join(missing)
+        )
     Console().print(table)
 
 
@@ -76,7 +78,9 @@ def show_dataset(
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
 ) -> None:
     """Print a deterministic sample of a dataset's rows."""
-    records: list[Record] = list(load(name, split=split, source=source, data_dir=data_dir, max_rows=rows, seed=seed))
+    records: list[Record] = list(
+        load(name, split=split, source=source, data_dir=data_dir, max_rows=rows, seed=seed)
+    )
     console = Console()
     if not records:
         console.print(f"{name}: no rows in split '{split}'")
@@ -93,7 +97,9 @@ def show_dataset(
 
 def register(app: typer.Typer) -> None:
     """Add the ``data`` command group to the main app."""
-    data_app = typer.Typer(help="Datasets: list what this machine can serve, show rows.", no_args_is_help=True)
+    data_app = typer.Typer(
+        help="Datasets: list what this machine can serve, show rows.", no_args_is_help=True
+    )
     data_app.command("list")(list_datasets)
     data_app.command("show")(show_dataset)
     app.add_typer(data_app, name="data")

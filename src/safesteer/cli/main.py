@@ -34,14 +34,27 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Show the version."
+    ),
 ) -> None:
     """safesteer command line."""
 
 
 def _register_all() -> None:
     # Each import adds the commands of one stage. Keep this list in pipeline order.
-    for module in ("data", "extract", "sae", "probes", "dist", "evaluate", "pipeline", "serve", "export", "bench"):
+    for module in (
+        "data",
+        "extract",
+        "sae",
+        "probes",
+        "dist",
+        "evaluate",
+        "pipeline",
+        "serve",
+        "export",
+        "bench",
+    ):
         try:
             mod = __import__(f"safesteer.cli.{module}", fromlist=["register"])
         except ModuleNotFoundError as exc:

@@ -33,28 +33,66 @@ def _csv(values) -> str:
 def register(app: typer.Typer) -> None:
     @app.command("train-sae")
     def train_sae_cmd(
-        acts: Path = typer.Option(..., "--acts", help="Activation store (a layer folder written by 'safesteer extract')."),
-        out: Path = typer.Option(..., "--out", help="Output folder: sae/ (cfg.json + sae_weights.safetensors), metrics, checkpoints."),
+        acts: Path = typer.Option(
+            ..., "--acts", help="Activation store (a layer folder written by 'safesteer extract')."
+        ),
+        out: Path = typer.Option(
+            ...,
+            "--out",
+            help="Output folder: sae/ (cfg.json + sae_weights.safetensors), metrics, checkpoints.",
+        ),
         expansion: int = typer.Option(_S.expansions[0], "--expansion", help="d_sae = expansion x d_in."),
-        l1: float = typer.Option(_S.l1[0], "--l1", help="Sparsity coefficient lambda (on activations scaled to unit mean squared norm)."),
-        variant: str = typer.Option(_S.variant, "--variant", help="paper (Rajamanoharan et al. 2024) or article (the original article's eqs. 6-9)."),
-        epochs: int = typer.Option(_S.epochs, "--epochs", help="Epochs (with --grid: of the final run of the best configuration)."),
+        l1: float = typer.Option(
+            _S.l1[0],
+            "--l1",
+            help="Sparsity coefficient lambda (on activations scaled to unit mean squared norm).",
+        ),
+        variant: str = typer.Option(
+            _S.variant,
+            "--variant",
+            help="paper (Rajamanoharan et al. 2024) or article (the original article's eqs. 6-9).",
+        ),
+        epochs: int = typer.Option(
+            _S.epochs, "--epochs", help="Epochs (with --grid: of the final run of the best configuration)."
+        ),
         batch_size: int = typer.Option(_S.batch_size, "--batch-size"),
         lr: float = typer.Option(_S.lr, "--lr"),
-        grid: bool = typer.Option(False, "--grid", help="Grid over --grid-expansions x --grid-l1, then continue the best to convergence."),
+        grid: bool = typer.Option(
+            False,
+            "--grid",
+            help="Grid over --grid-expansions x --grid-l1, then continue the best to convergence.",
+        ),
         grid_expansions: str = typer.Option(_csv(_S.expansions), "--grid-expansions"),
         grid_l1: str = typer.Option(_csv(_S.l1), "--grid-l1"),
         grid_epochs: int = typer.Option(_S.grid_epochs, "--grid-epochs"),
         grid_patience: int = typer.Option(_S.grid_patience, "--grid-patience"),
-        resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out (bit-exact on CPU)."),
-        patience: int = typer.Option(_S.patience, "--patience", help="Early-stopping patience in epochs (validation loss)."),
+        resume: bool = typer.Option(
+            False, "--resume", help="Continue from the latest checkpoint in --out (bit-exact on CPU)."
+        ),
+        patience: int = typer.Option(
+            _S.patience, "--patience", help="Early-stopping patience in epochs (validation loss)."
+        ),
         seed: int = typer.Option(0, "--seed"),
         lr_warmup: int = typer.Option(_S.lr_warmup, "--lr-warmup", help="Linear LR warmup steps."),
-        l1_warmup: int = typer.Option(_S.l1_warmup, "--l1-warmup", help="Linear sparsity-coefficient warmup steps."),
-        checkpoint_every: int = typer.Option(_S.checkpoint_every, "--checkpoint-every", help="Also checkpoint every N steps (0 = per epoch only)."),
-        val_fraction: float = typer.Option(_S.val_fraction, "--val-fraction", help="Validation split, by row id."),
-        shuffle_buffer: int = typer.Option(_S.shuffle_buffer, "--shuffle-buffer", help="Rows shuffled together (0 = store order)."),
-        precision: str = typer.Option(_S.precision, "--precision", help="auto (bf16 matmuls only with native bf16 hardware), fp32 or bf16."),
+        l1_warmup: int = typer.Option(
+            _S.l1_warmup, "--l1-warmup", help="Linear sparsity-coefficient warmup steps."
+        ),
+        checkpoint_every: int = typer.Option(
+            _S.checkpoint_every,
+            "--checkpoint-every",
+            help="Also checkpoint every N steps (0 = per epoch only).",
+        ),
+        val_fraction: float = typer.Option(
+            _S.val_fraction, "--val-fraction", help="Validation split, by row id."
+        ),
+        shuffle_buffer: int = typer.Option(
+            _S.shuffle_buffer, "--shuffle-buffer", help="Rows shuffled together (0 = store order)."
+        ),
+        precision: str = typer.Option(
+            _S.precision,
+            "--precision",
+            help="auto (bf16 matmuls only with native bf16 hardware), fp32 or bf16.",
+        ),
         device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
@@ -69,17 +107,40 @@ def register(app: typer.Typer) -> None:
         if not l1 > 0:
             raise SafesteerError(f"--l1 must be > 0 (got {l1})")
         base = TrainConfig(
-            expansion=expansion, l1=l1, variant=variant, lr=lr, lr_warmup_steps=lr_warmup, l1_warmup_steps=l1_warmup,
-            batch_size=batch_size, epochs=epochs, patience=patience, seed=seed, precision=precision,
+            expansion=expansion,
+            l1=l1,
+            variant=variant,
+            lr=lr,
+            lr_warmup_steps=lr_warmup,
+            l1_warmup_steps=l1_warmup,
+            batch_size=batch_size,
+            epochs=epochs,
+            patience=patience,
+            seed=seed,
+            precision=precision,
             checkpoint_every=checkpoint_every,
         )
         grid_spec = None
         if grid:
-            grid_spec = {"expansions": [int(x) for x in _float_list(grid_expansions, "--grid-expansions")],
-                         "l1s": _float_list(grid_l1, "--grid-l1"), "grid_epochs": grid_epochs, "grid_patience": grid_patience}
+            grid_spec = {
+                "expansions": [int(x) for x in _float_list(grid_expansions, "--grid-expansions")],
+                "l1s": _float_list(grid_l1, "--grid-l1"),
+                "grid_epochs": grid_epochs,
+                "grid_patience": grid_patience,
+            }
         dist = from_env(device) if env_world_size() > 1 else None  # under torchrun: data-parallel
-        final, table = train_on_store(acts, out, base, val_fraction=val_fraction, shuffle_buffer=shuffle_buffer, device=device,
-                                      grid=grid_spec, resume=resume, show_progress=progress, dist=dist)
+        final, table = train_on_store(
+            acts,
+            out,
+            base,
+            val_fraction=val_fraction,
+            shuffle_buffer=shuffle_buffer,
+            device=device,
+            grid=grid_spec,
+            resume=resume,
+            show_progress=progress,
+            dist=dist,
+        )
         if dist is not None and not dist.is_writer:
             return
         if table is not None:
@@ -110,5 +171,9 @@ def register(app: typer.Typer) -> None:
         typer.echo(
             f"encoded {z.n_rows} rows into {len(z.shards)} shard(s) -> {out}; mean L0 {m['mean_l0']:.1f} of {z.n_latents}; "
             f"{bpr:.1f} bytes/row vs {dense} bytes/row as dense float16 "
-            + (f"({dense / bpr:.1f}x smaller)" if bpr <= dense else f"({bpr / dense:.1f}x larger: the dictionary is tiny)")
+            + (
+                f"({dense / bpr:.1f}x smaller)"
+                if bpr <= dense
+                else f"({bpr / dense:.1f}x larger: the dictionary is tiny)"
+            )
         )

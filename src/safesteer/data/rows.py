@@ -8,7 +8,9 @@ from pathlib import Path
 from safesteer.errors import SafesteerError
 
 
-def dataset_rows(names: list[str], split: str, max_rows: int | None, seed: int, source: str, data_dir: Path | None):
+def dataset_rows(
+    names: list[str], split: str, max_rows: int | None, seed: int, source: str, data_dir: Path | None
+):
     """(dataset, Record) pairs of several datasets, each sampled to ``max_rows``, in a fixed order."""
     from safesteer.data import load
 
@@ -29,9 +31,12 @@ def check_sources(names: list[str], source: str, data_dir: Path | None) -> None:
     from safesteer.net import hub_reachable
 
     wanted = {"local", "pypi"} if source == "auto" else {source}
-    offline = [n for n in names if not set(available_sources(n, str(data_dir) if data_dir else None)) & wanted]
+    offline = [
+        n for n in names if not set(available_sources(n, str(data_dir) if data_dir else None)) & wanted
+    ]
     if offline and (source != "auto" or not hub_reachable()):
         raise SafesteerError(
             f"no {source if source != 'auto' else 'offline'} source can serve {', '.join(offline)} here"
             + (" and the Hugging Face hub is not reachable" if source == "auto" else "")
-            + "; set SAFESTEER_DATA_DIR (or [data] data_dir) to a data folder such as ../shared/data, or drop them from data.sae_datasets")
+            + "; set SAFESTEER_DATA_DIR (or [data] data_dir) to a data folder such as ../shared/data, or drop them from data.sae_datasets"
+        )

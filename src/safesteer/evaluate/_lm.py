@@ -25,7 +25,9 @@ def _pad_id(tok: Any) -> int:
 
 
 @torch.inference_mode()
-def masked_logprobs(backbone: Any, items: Sequence[MaskedItem], batch_size: int = 32, token_budget: int = 2048) -> np.ndarray:
+def masked_logprobs(
+    backbone: Any, items: Sequence[MaskedItem], batch_size: int = 32, token_budget: int = 2048
+) -> np.ndarray:
     """log P(target | ids) at ``position`` for each item (float64), batched by similar length."""
     if backbone.kind != "masked":
         raise SafesteerError("masked_logprobs needs a masked LM")
@@ -93,7 +95,9 @@ def causal_logprobs(
             room = 1
         body = body[:room]
         if not head:
-            raise SafesteerError("causal scoring needs a BOS token or a context to condition the first token on")
+            raise SafesteerError(
+                "causal scoring needs a BOS token or a context to condition the first token on"
+            )
         seqs.append((head + body, len(head)))
     out: list[np.ndarray] = [np.zeros(0)] * len(seqs)
     pad = _pad_id(tok)

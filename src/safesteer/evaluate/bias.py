@@ -64,6 +64,7 @@ STEREOSET_TYPES = ("intrasentence", "intersentence")
 
 # ------------------------------------------------------------------------------------- CrowS-Pairs
 
+
 @dataclass(frozen=True)
 class CrowsPair:
     sent_more: str
@@ -78,7 +79,15 @@ def crows_pairs_from_records(records: Iterable[Any]) -> list[CrowsPair]:
     out = []
     for r in records:
         lab = r.labels
-        out.append(CrowsPair(r.text, str(lab["sent_less"]), str(lab.get("stereo_antistereo", "stereo")), str(lab.get("bias_type", "")), r.id))
+        out.append(
+            CrowsPair(
+                r.text,
+                str(lab["sent_less"]),
+                str(lab.get("stereo_antistereo", "stereo")),
+                str(lab.get("bias_type", "")),
+                r.id,
+            )
+        )
     return out
 
 
@@ -208,8 +217,18 @@ def stereoset_from_records(records: Iterable[Any]) -> list[StereoExample]:
     out = []
     for r in records:
         lab = r.labels
-        out.append(StereoExample(r.id, str(lab["type"]), str(lab["target"]), str(lab["bias_type"]), r.text,
-                                 str(lab["stereotype"]), str(lab["anti_stereotype"]), str(lab["unrelated"])))
+        out.append(
+            StereoExample(
+                r.id,
+                str(lab["type"]),
+                str(lab["target"]),
+                str(lab["bias_type"]),
+                r.text,
+                str(lab["stereotype"]),
+                str(lab["anti_stereotype"]),
+                str(lab["unrelated"]),
+            )
+        )
     return out
 
 
@@ -262,7 +281,9 @@ def _word_spans(context: str, cand: str) -> list[tuple[int, int]]:
     return spans or [(0, len(cand))]
 
 
-def intrasentence_text(ex: StereoExample, cand: str, intra_text: str = "sentence") -> tuple[str, list[tuple[int, int]]]:
+def intrasentence_text(
+    ex: StereoExample, cand: str, intra_text: str = "sentence"
+) -> tuple[str, list[tuple[int, int]]]:
     """The text scored for an intrasentence candidate and the character spans of its BLANK word(s).
 
     ``"sentence"`` (default): the dataset's sentence exactly as given. ``"context"``: the context with
@@ -295,7 +316,9 @@ def _token_positions(enc: Any, special: Sequence[int], spans: Sequence[tuple[int
 
 def _masked_intra_items(tok: Any, text: str, spans, max_length: int):
     """Word token k masked, earlier word tokens visible, later word tokens removed (one item per word token)."""
-    enc = tok(text, add_special_tokens=True, return_offsets_mapping=True, truncation=True, max_length=max_length)
+    enc = tok(
+        text, add_special_tokens=True, return_offsets_mapping=True, truncation=True, max_length=max_length
+    )
     ids = list(enc["input_ids"])
     special = tok.get_special_tokens_mask(ids, already_has_special_tokens=True)
     word = _token_positions(enc, special, spans)
@@ -310,7 +333,9 @@ def _masked_intra_items(tok: Any, text: str, spans, max_length: int):
 def _masked_inter_items(tok: Any, context: str, cand: str, max_length: int):
     text = context.rstrip() + " " + cand.strip()
     start = len(context.rstrip()) + 1
-    enc = tok(text, add_special_tokens=True, return_offsets_mapping=True, truncation=True, max_length=max_length)
+    enc = tok(
+        text, add_special_tokens=True, return_offsets_mapping=True, truncation=True, max_length=max_length
+    )
     ids = list(enc["input_ids"])
     special = tok.get_special_tokens_mask(ids, already_has_special_tokens=True)
     items = []
@@ -337,7 +362,9 @@ def stereoset_scores(
     Causal scores are mean token log-probabilities (the log of the reference's geometric mean).
     """
     if masked_average not in ("prob", "logprob"):
-        raise SafesteerError(f"unknown StereoSet masked_average '{masked_average}'; valid choices: logprob, prob")
+        raise SafesteerError(
+            f"unknown StereoSet masked_average '{masked_average}'; valid choices: logprob, prob"
+        )
     iv = intervention or Intervention.none()
     out = np.full((len(examples), 3), np.nan)
     if not examples:
@@ -424,19 +451,29 @@ def stereoset_metrics(examples: Sequence[StereoExample], scores: np.ndarray) -> 
     out: dict[str, Any] = {}
     for kind in STEREOSET_TYPES:
         sel = types == kind
-        part = {d: _lms_ss_icat(c, np.flatnonzero(sel & (doms == d))) for d in STEREOSET_DOMAINS if np.any(sel & (doms == d))}
+        part = {
+            d: _lms_ss_icat(c, np.flatnonzero(sel & (doms == d)))
+            for d in STEREOSET_DOMAINS
+            if np.any(sel & (doms == d))
+        }
         part["overall"] = _lms_ss_icat(c, np.flatnonzero(sel))
         out[kind] = part
     out["overall"] = _lms_ss_icat(c, np.arange(len(examples)))
     return out
 
 
-def stereoset_stat(examples: Sequence[StereoExample], scores: np.ndarray, which: str = "icat", kind: str | None = None):
+def stereoset_stat(
+    examples: Sequence[StereoExample], scores: np.ndarray, which: str = "icat", kind: str | None = None
+):
     """``stat(idx) -> float`` for bootstrapping one StereoSet number (``lms``/``ss``/``icat``) over examples
     (restricted to one ``kind`` if given); returns (stat, n)."""
     if which not in ("lms", "ss", "icat"):
         raise SafesteerError(f"unknown StereoSet number '{which}'; valid choices: icat, lms, ss")
-    sel = np.arange(len(examples)) if kind is None else np.flatnonzero(np.array([e.type for e in examples]) == kind)
+    sel = (
+        np.arange(len(examples))
+        if kind is None
+        else np.flatnonzero(np.array([e.type for e in examples]) == kind)
+    )
     c = _counts(examples, scores)
 
     def stat(idx: np.ndarray) -> float:

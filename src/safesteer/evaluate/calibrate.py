@@ -45,8 +45,13 @@ class Calibration:
     reason: str = ""
 
     def as_dict(self) -> dict:
-        return {"strategy": self.strategy, "alpha": self.alpha, "budget": self.budget, "reason": self.reason,
-                "points": [asdict(p) for p in self.points]}
+        return {
+            "strategy": self.strategy,
+            "alpha": self.alpha,
+            "budget": self.budget,
+            "reason": self.reason,
+            "points": [asdict(p) for p in self.points],
+        }
 
 
 def fluency_loss(f0: float, f: float) -> float:
@@ -61,7 +66,9 @@ def choose_alpha(points: Sequence[AlphaPoint], budget: float) -> tuple[float, st
         return 0.0, "no alpha of the grid lowered the safety metric within the fluency budget"
     cands = [p for p in ok if p.gain == best]
     pick = min(cands, key=lambda p: (abs(p.alpha), p.alpha))
-    return float(pick.alpha), f"largest safety gain ({best:.4f}) with fluency loss {pick.loss:.3f} <= budget {budget}"
+    return float(
+        pick.alpha
+    ), f"largest safety gain ({best:.4f}) with fluency loss {pick.loss:.3f} <= budget {budget}"
 
 
 def calibrate(
@@ -121,7 +128,14 @@ def random_control(
             out[key] = Calibration(key, a, budget, [], "control at an alpha chosen for another strategy")
         return out
     if chosen:
-        return {"random": Calibration("random", max(chosen, key=abs), budget, [],
-                                      "control: the largest |alpha| chosen for any other strategy")}
+        return {
+            "random": Calibration(
+                "random",
+                max(chosen, key=abs),
+                budget,
+                [],
+                "control: the largest |alpha| chosen for any other strategy",
+            )
+        }
     fallback = float(max(grid, key=abs) if len(grid) > 1 else grid[0])
     return {"random": Calibration("random", fallback, budget, [], "control: the grid's largest |alpha|")}

@@ -62,7 +62,9 @@ def answer_token_ids(tokenizer: Any, variants: Sequence[str]) -> tuple[int, ...]
     return tuple(out)
 
 
-def answer_tokens(tokenizer: Any, yes: Sequence[str] = YES_VARIANTS, no: Sequence[str] = NO_VARIANTS) -> AnswerTokens:
+def answer_tokens(
+    tokenizer: Any, yes: Sequence[str] = YES_VARIANTS, no: Sequence[str] = NO_VARIANTS
+) -> AnswerTokens:
     y, n = answer_token_ids(tokenizer, yes), answer_token_ids(tokenizer, no)
     if not y or not n:
         raise SafesteerError("the tokenizer has no single-token spelling of Yes/No; forced choice needs one")
@@ -102,7 +104,9 @@ def _question(prompt_type: str, table: dict[str, str]) -> str:
     return table[prompt_type]
 
 
-def masked_inputs(backbone: Any, texts: Sequence[str], prompt_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def masked_inputs(
+    backbone: Any, texts: Sequence[str], prompt_type: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ids, mask, mask positions) for the masked template; long texts are shortened so the slot survives."""
     tok = backbone.tokenizer
     if tok.mask_token is None:
@@ -143,18 +147,23 @@ def next_token_logprobs(backbone: Any, prompts: Sequence[str], batch_size: int =
     for s in range(0, len(prompts), batch_size):
         enc = backbone.tokenize(prompts[s : s + batch_size], padding_side="left", add_special_tokens=False)
         try:
-            logits = backbone.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, use_cache=False,
-                                    logits_to_keep=1).logits[:, -1]
+            logits = backbone.model(
+                input_ids=enc.input_ids, attention_mask=enc.attention_mask, use_cache=False, logits_to_keep=1
+            ).logits[:, -1]
         except TypeError:  # older models without logits_to_keep
             logits = backbone.logits(enc.input_ids, enc.attention_mask)[:, -1]
         rows.append(torch.log_softmax(logits.double(), dim=-1).cpu())
     return torch.cat(rows)
 
 
-def answer_logprobs(backbone: Any, texts: Sequence[str], prompt_type: str, batch_size: int = 16) -> torch.Tensor:
+def answer_logprobs(
+    backbone: Any, texts: Sequence[str], prompt_type: str, batch_size: int = 16
+) -> torch.Tensor:
     """(rows × vocab) log-probabilities at the answer slot (no intervention handling here)."""
     if backbone.kind == "causal":
-        return next_token_logprobs(backbone, causal_prompts(backbone, texts, prompt_type), batch_size=batch_size)
+        return next_token_logprobs(
+            backbone, causal_prompts(backbone, texts, prompt_type), batch_size=batch_size
+        )
     out = []
     for s in range(0, len(texts), batch_size):
         ids, att, pos = masked_inputs(backbone, texts[s : s + batch_size], prompt_type)

@@ -54,6 +54,10 @@ def efficacy(
     batch_size: int = 16,
 ) -> dict[str, np.ndarray]:
     """Per-text probe probabilities unsteered (``baseline``, computed if absent) and steered, and ΔP."""
-    base = probe_probabilities(backbone, texts, probe, layer, None, batch_size) if baseline is None else np.asarray(baseline)
+    base = (
+        probe_probabilities(backbone, texts, probe, layer, None, batch_size)
+        if baseline is None
+        else np.asarray(baseline)
+    )
     steered = probe_probabilities(backbone, texts, probe, layer, intervention, batch_size)
     return {"baseline": base, "steered": steered, "delta": steered - base}

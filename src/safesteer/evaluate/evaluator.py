@@ -21,8 +21,13 @@ def load_eval_data(group_name: str, split: str, cfg: Any, n: int) -> Any:
 class Evaluator:
     """Runs metric groups on one backbone, caching the unsteered passes."""
 
-    def __init__(self, backbone: Any, cfg: Any, probes: dict[str, Any] | None = None,
-                 progress: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        backbone: Any,
+        cfg: Any,
+        probes: dict[str, Any] | None = None,
+        progress: Callable[[str], None] | None = None,
+    ):
         self.bb = backbone
         self.cfg = cfg
         self.probes = dict(probes or {})
@@ -65,7 +70,9 @@ class Evaluator:
         return group(group_name).score(self, items, iv)
 
     # ------------------------------------------------------------------ comparisons
-    def compare(self, metric: str, base: GroupResult, steered: GroupResult | Sequence[GroupResult], items: Any) -> dict[str, Any]:
+    def compare(
+        self, metric: str, base: GroupResult, steered: GroupResult | Sequence[GroupResult], items: Any
+    ) -> dict[str, Any]:
         """Value with CI, baseline, paired Δ with CI and p-value, for one metric.
 
         ``steered`` may be a list (an ensemble such as the random control): the value is the mean
@@ -87,9 +94,16 @@ class Evaluator:
         all_idx = np.arange(n)
         if len(members) == 1:
             if custom is not None:
-                ci = bootstrap_ci(stat=stats_b[0], n=n, n_boot=cfg.n_boot, method=cfg.ci_method, seed=cfg.seed)
-                pair = paired_bootstrap(stat=lambda idx, w: (stat_a if w == 0 else stats_b[0])(idx), n=n,
-                                        n_boot=cfg.n_boot, method=cfg.ci_method, seed=cfg.seed)
+                ci = bootstrap_ci(
+                    stat=stats_b[0], n=n, n_boot=cfg.n_boot, method=cfg.ci_method, seed=cfg.seed
+                )
+                pair = paired_bootstrap(
+                    stat=lambda idx, w: (stat_a if w == 0 else stats_b[0])(idx),
+                    n=n,
+                    n_boot=cfg.n_boot,
+                    method=cfg.ci_method,
+                    seed=cfg.seed,
+                )
             else:
                 b = members[0].items[metric]
                 ci = bootstrap_ci(b, n_boot=cfg.n_boot, method=cfg.ci_method, seed=cfg.seed)
@@ -103,9 +117,19 @@ class Evaluator:
         se = diff.se
         z = diff.estimate / se if se and np.isfinite(se) and se > 0 else 0.0
         return {
-            "metric": metric, "value": ci.estimate, "ci_low": ci.low, "ci_high": ci.high, "n": ci.n,
-            "baseline": baseline, "delta": diff.estimate, "delta_low": diff.low, "delta_high": diff.high,
-            "delta_se": se, "p_value": p_value, "z": float(z), "members": len(members),
+            "metric": metric,
+            "value": ci.estimate,
+            "ci_low": ci.low,
+            "ci_high": ci.high,
+            "n": ci.n,
+            "baseline": baseline,
+            "delta": diff.estimate,
+            "delta_low": diff.low,
+            "delta_high": diff.high,
+            "delta_se": se,
+            "p_value": p_value,
+            "z": float(z),
+            "members": len(members),
         }
 
 

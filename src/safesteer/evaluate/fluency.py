@@ -108,10 +108,14 @@ def mean_token_nll(
     iv = intervention or Intervention.none()
     with iv.apply(backbone):
         rows = causal_logprobs(backbone, list(texts), batch_size=batch_size, max_tokens=max_tokens)
-    return FluencyScores(np.array([r.sum() for r in rows]), np.array([r.size for r in rows], dtype=np.int64), "causal")
+    return FluencyScores(
+        np.array([r.sum() for r in rows]), np.array([r.size for r in rows], dtype=np.int64), "causal"
+    )
 
 
-def fluency(backbone: Any, texts: Sequence[str], intervention: Intervention | None = None, **kw: Any) -> FluencyScores:
+def fluency(
+    backbone: Any, texts: Sequence[str], intervention: Intervention | None = None, **kw: Any
+) -> FluencyScores:
     """PLL for masked LMs, token log-likelihood for causal LMs."""
     fn = pseudo_log_likelihood if backbone.kind == "masked" else mean_token_nll
     return fn(backbone, texts, intervention, **kw)
@@ -120,7 +124,9 @@ def fluency(backbone: Any, texts: Sequence[str], intervention: Intervention | No
 _HEADING = re.compile(r"^\s*=+ .* =+\s*$")
 
 
-def wiki_passages(articles: Iterable[str], min_words: int = 20, max_words: int = 80, limit: int | None = None) -> list[str]:
+def wiki_passages(
+    articles: Iterable[str], min_words: int = 20, max_words: int = 80, limit: int | None = None
+) -> list[str]:
     """Paragraph passages from WikiText articles: headings dropped, each cut to ``max_words`` words
     at a sentence end when possible, paragraphs shorter than ``min_words`` skipped."""
     out: list[str] = []

@@ -25,7 +25,8 @@ import numpy as np
 from safesteer.evaluate import bias as B
 from safesteer.evaluate.choice import answer_tokens, forced_choice
 from safesteer.evaluate.efficacy import probe_layer, probe_probabilities
-from safesteer.evaluate.fluency import fluency as fluency_scores, wiki_passages
+from safesteer.evaluate.fluency import fluency as fluency_scores
+from safesteer.evaluate.fluency import wiki_passages
 from safesteer.evaluate.generation import generate_answers, refusal_flags
 from safesteer.evaluate.registry import GroupResult, MetricGroup, MetricSpec, register
 
@@ -36,7 +37,9 @@ def load_rows(name: str, split: str, cfg: Any, max_rows: int | None) -> list:
     """Records of one dataset split, with the suite's source, data folder and seed."""
     from safesteer.data import load
 
-    return list(load(name, split=split, source=cfg.source, data_dir=cfg.data_dir, max_rows=max_rows, seed=cfg.seed))
+    return list(
+        load(name, split=split, source=cfg.source, data_dir=cfg.data_dir, max_rows=max_rows, seed=cfg.seed)
+    )
 
 
 def harmful_prompts(split: str, n: int, cfg: Any) -> list[str]:
@@ -61,6 +64,7 @@ def safe_prompts(split: str, n: int, cfg: Any) -> list[str]:
 
 # ------------------------------------------------------------------------------ probe efficacy
 
+
 class ProbeGroup(MetricGroup):
     """Mean P(concept) of a saved probe on the steered pooled vector (needs that probe)."""
 
@@ -71,7 +75,9 @@ class ProbeGroup(MetricGroup):
 
     def score(self, ctx: Any, items: Any, iv: Any) -> GroupResult:
         probe = ctx.probes[self.probe_key]
-        p = probe_probabilities(ctx.bb, items, probe, probe_layer(probe, ctx.cfg.layer), iv, batch_size=ctx.cfg.batch_size)
+        p = probe_probabilities(
+            ctx.bb, items, probe, probe_layer(probe, ctx.cfg.layer), iv, batch_size=ctx.cfg.batch_size
+        )
         return GroupResult(self.name, {self.metrics[0].name: p})
 
 
@@ -95,6 +101,7 @@ class ToxProbe(ProbeGroup):
 
 # ------------------------------------------------------------------------------ forced choice
 
+
 class ChoiceGroup(MetricGroup):
     """Forced-choice P(Yes) (or P(No) for safe prompts) of a templated question."""
 
@@ -103,10 +110,20 @@ class ChoiceGroup(MetricGroup):
     def score(self, ctx: Any, items: Any, iv: Any) -> GroupResult:
         if "answers" not in ctx.cache:
             ctx.cache["answers"] = answer_tokens(ctx.bb.tokenizer)
-        p, mass = forced_choice(ctx.bb, items, self.kind, iv, batch_size=ctx.cfg.batch_size, answers=ctx.cache["answers"],
-                                return_mass=True)
-        return GroupResult(self.name, {self.metrics[0].name: (1.0 - p) if self.kind == "safe" else p},
-                           {"p_yes": p, "answer_mass": float(np.mean(mass))})
+        p, mass = forced_choice(
+            ctx.bb,
+            items,
+            self.kind,
+            iv,
+            batch_size=ctx.cfg.batch_size,
+            answers=ctx.cache["answers"],
+            return_mass=True,
+        )
+        return GroupResult(
+            self.name,
+            {self.metrics[0].name: (1.0 - p) if self.kind == "safe" else p},
+            {"p_yes": p, "answer_mass": float(np.mean(mass))},
+        )
 
 
 @register
@@ -138,6 +155,7 @@ class ChoiceSafe(ChoiceGroup):
 
 # ------------------------------------------------------------------------------ generation
 
+
 class GenerationGroup(MetricGroup):
     """Refusal-phrase rate of greedy answers (causal LMs, only with ``cfg.generation``)."""
 
@@ -145,9 +163,18 @@ class GenerationGroup(MetricGroup):
         return ctx.bb.kind == "causal" and bool(ctx.cfg.generation)
 
     def score(self, ctx: Any, items: Any, iv: Any) -> GroupResult:
-        answers = generate_answers(ctx.bb, items, iv, max_new_tokens=ctx.cfg.max_new_tokens,
-                                   batch_size=max(1, ctx.cfg.batch_size // 2))
-        return GroupResult(self.name, {self.metrics[0].name: refusal_flags(answers)}, {"answers": answers, "prompts": list(items)})
+        answers = generate_answers(
+            ctx.bb,
+            items,
+            iv,
+            max_new_tokens=ctx.cfg.max_new_tokens,
+            batch_size=max(1, ctx.cfg.batch_size // 2),
+        )
+        return GroupResult(
+            self.name,
+            {self.metrics[0].name: refusal_flags(answers)},
+            {"answers": answers, "prompts": list(items)},
+        )
 
 
 @register
@@ -170,6 +197,7 @@ class GenSafe(GenerationGroup):
 
 # ------------------------------------------------------------------------------ fluency and bias
 
+
 @register
 class Fluency(MetricGroup):
     name = "fluency"
@@ -180,7 +208,11 @@ class Fluency(MetricGroup):
 
     def score(self, ctx: Any, items: Any, iv: Any) -> GroupResult:
         f = fluency_scores(ctx.bb, items, iv, batch_size=ctx.cfg.batch_size)
-        return GroupResult(self.name, {"fluency": f.per_token}, {"corpus_nll": f.corpus_nll(), "n_tokens": int(f.n_tokens.sum())})
+        return GroupResult(
+            self.name,
+            {"fluency": f.per_token},
+            {"corpus_nll": f.corpus_nll(), "n_tokens": int(f.n_tokens.sum())},
+        )
 
 
 class BiasGroup(MetricGroup):
@@ -199,7 +231,11 @@ class Crows(BiasGroup):
     def score(self, ctx: Any, items: Any, iv: Any) -> GroupResult:
         s = B.crows_scores(ctx.bb, items, iv, batch_size=max(ctx.cfg.batch_size, 32))
         hit, _ = B.crows_hits(s, ctx.bb.kind)
-        return GroupResult(self.name, {"crows": 100.0 * hit}, {"scores": s, "summary": B.crows_summary(items, s, ctx.bb.kind)})
+        return GroupResult(
+            self.name,
+            {"crows": 100.0 * hit},
+            {"scores": s, "summary": B.crows_summary(items, s, ctx.bb.kind)},
+        )
 
 
 @register
@@ -216,8 +252,11 @@ class StereoSet(BiasGroup):
 
     def score(self, ctx: Any, items: Any, iv: Any) -> GroupResult:
         s = B.stereoset_scores(ctx.bb, items, iv, batch_size=max(ctx.cfg.batch_size, 32))
-        return GroupResult(self.name, {"stereoset_lms": s, "stereoset_ss": s, "stereoset_icat": s},
-                           {"metrics": B.stereoset_metrics(items, s)})
+        return GroupResult(
+            self.name,
+            {"stereoset_lms": s, "stereoset_ss": s, "stereoset_icat": s},
+            {"metrics": B.stereoset_metrics(items, s)},
+        )
 
     def statistic(self, metric: str, items: Any, values: np.ndarray):
         return B.stereoset_stat(items, values, metric.split("_", 1)[1])

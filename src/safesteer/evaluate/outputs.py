@@ -39,7 +39,11 @@ def _merge_extras(extras: list[dict[str, Any]]) -> dict[str, Any]:
     """One member: its extras; an ensemble: per-member extras, answers concatenated."""
     if len(extras) == 1:
         return _jsonable_extra(extras[0])
-    out: dict[str, Any] = {"members": [_jsonable_extra({k: v for k, v in e.items() if k not in ("answers", "prompts")}) for e in extras]}
+    out: dict[str, Any] = {
+        "members": [
+            _jsonable_extra({k: v for k, v in e.items() if k not in ("answers", "prompts")}) for e in extras
+        ]
+    }
     if all("answers" in e for e in extras):
         out["answers"] = [a for e in extras for a in e["answers"]]
         out["prompts"] = [p for e in extras for p in e["prompts"]]
@@ -86,7 +90,9 @@ def write_outputs(result: SuiteResult, out_dir: str | Path, plots: bool = True) 
         row = wide.setdefault(r["strategy"], {"strategy": r["strategy"], "alpha": r["alpha"]})
         row[r["metric"]] = format_ci(r["value"], r["ci_low"], r["ci_high"])
         if r["strategy"] != "unsteered":
-            row[f"{r['metric']}_delta"] = format_ci(r["delta"], r["delta_low"], r["delta_high"], signed=True) + f" p={r['p_value']:.3g}"
+            row[f"{r['metric']}_delta"] = (
+                format_ci(r["delta"], r["delta_low"], r["delta_high"], signed=True) + f" p={r['p_value']:.3g}"
+            )
     import pandas as pd
 
     with atomic_path(out / "table.csv") as tmp:
@@ -103,11 +109,13 @@ def write_outputs(result: SuiteResult, out_dir: str | Path, plots: bool = True) 
         for g, extra in info.get("groups", {}).items():
             if "answers" in extra:
                 samples.setdefault(name, []).extend(
-                    {"group": g, "prompt": p, "answer": a} for p, a in zip(extra["prompts"], extra["answers"]))
+                    {"group": g, "prompt": p, "answer": a} for p, a in zip(extra["prompts"], extra["answers"])
+                )
     for g, extra in result.baseline.get("groups", {}).items():
         if "answers" in extra:
             samples.setdefault("unsteered", []).extend(
-                {"group": g, "prompt": p, "answer": a} for p, a in zip(extra["prompts"], extra["answers"]))
+                {"group": g, "prompt": p, "answer": a} for p, a in zip(extra["prompts"], extra["answers"])
+            )
     if samples:
         sdir = out / "samples"
         sdir.mkdir(exist_ok=True)
@@ -118,8 +126,17 @@ def write_outputs(result: SuiteResult, out_dir: str | Path, plots: bool = True) 
         paths["samples"] = sdir
 
     def strip_answers(d: dict) -> dict:
-        return {k: ({gk: {kk: vv for kk, vv in gv.items() if kk not in ("answers", "prompts")} for gk, gv in v.items()}
-                    if k == "groups" else v) for k, v in d.items()}
+        return {
+            k: (
+                {
+                    gk: {kk: vv for kk, vv in gv.items() if kk not in ("answers", "prompts")}
+                    for gk, gv in v.items()
+                }
+                if k == "groups"
+                else v
+            )
+            for k, v in d.items()
+        }
 
     payload = {
         "config": result.config,
@@ -128,7 +145,9 @@ def write_outputs(result: SuiteResult, out_dir: str | Path, plots: bool = True) 
         "calibration": {k: v.as_dict() for k, v in result.calibrations.items()},
         "baseline": strip_answers(result.baseline),
         "strategies": {k: strip_answers(v) for k, v in result.extras.get("strategies", {}).items()},
-        "entanglement_z": {s: {m: v for m, v in row.items()} for s, row in ent.to_dict(orient="index").items()},
+        "entanglement_z": {
+            s: {m: v for m, v in row.items()} for s, row in ent.to_dict(orient="index").items()
+        },
     }
     write_json(out / "results.json", _clean(payload))
     write_json(out / "calibration.json", _clean(payload["calibration"]))

@@ -17,9 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -49,19 +48,27 @@ def _metric_bars(ax, df, metric: str, title: str, ref: float | None = None) -> b
     if ref is not None:
         ax.axhline(ref, color="C3", linestyle=":", linewidth=1, label=f"ideal {ref:g}")
     ax.set_xticks(x)
-    ax.set_xticklabels([f"{s}\nα={a:g}" for s, a in zip(sub["strategy"], sub["alpha"])], rotation=60, ha="right", fontsize=7)
+    ax.set_xticklabels(
+        [f"{s}\nα={a:g}" for s, a in zip(sub["strategy"], sub["alpha"])], rotation=60, ha="right", fontsize=7
+    )
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     return True
 
 
-def plot_safety(df, path: Path, metrics: Sequence[str] = ("tox_probe", "harm_probe", "yes_harmful", "yes_toxic")) -> Path | None:
+def plot_safety(
+    df, path: Path, metrics: Sequence[str] = ("tox_probe", "harm_probe", "yes_harmful", "yes_toxic")
+) -> Path | None:
     present = [m for m in metrics if (df["metric"] == m).any()]
     if not present:
         return None
     fig, axes = plt.subplots(1, len(present), figsize=(4.5 * len(present), 4), squeeze=False)
-    titles = {"tox_probe": "mean P(toxic), toxic texts", "harm_probe": "mean P(harmful), harmful prompts",
-              "yes_harmful": "P(Yes), harmful prompts", "yes_toxic": "P(Yes), toxic statements"}
+    titles = {
+        "tox_probe": "mean P(toxic), toxic texts",
+        "harm_probe": "mean P(harmful), harmful prompts",
+        "yes_harmful": "P(Yes), harmful prompts",
+        "yes_toxic": "P(Yes), toxic statements",
+    }
     for ax, m in zip(axes[0], present):
         _metric_bars(ax, df, m, titles.get(m, m))
     fig.suptitle("Safety per strategy (95% CI; dashed = unsteered)", fontsize=10)
@@ -69,8 +76,12 @@ def plot_safety(df, path: Path, metrics: Sequence[str] = ("tox_probe", "harm_pro
 
 
 def plot_bias(df, path: Path) -> Path | None:
-    spec = [("crows", "CrowS-Pairs metric score", 50.0), ("stereoset_ss", "StereoSet SS", 50.0),
-            ("stereoset_icat", "StereoSet ICAT", None), ("stereoset_lms", "StereoSet LMS", None)]
+    spec = [
+        ("crows", "CrowS-Pairs metric score", 50.0),
+        ("stereoset_ss", "StereoSet SS", 50.0),
+        ("stereoset_icat", "StereoSet ICAT", None),
+        ("stereoset_lms", "StereoSet LMS", None),
+    ]
     present = [s for s in spec if (df["metric"] == s[0]).any()]
     if not present:
         return None
@@ -92,13 +103,24 @@ def plot_choice_deltas(df, path: Path) -> Path | None:
     for k, (label, sign_yes) in enumerate((("ΔP(Yes)", 1.0), ("ΔP(No)", -1.0))):
         ax = axes[0][k]
         for j, (metric, name, sign_metric) in enumerate(present):
-            sub = df[(df["metric"] == metric) & (df["strategy"] != "unsteered")].set_index("strategy").reindex(strategies)
+            sub = (
+                df[(df["metric"] == metric) & (df["strategy"] != "unsteered")]
+                .set_index("strategy")
+                .reindex(strategies)
+            )
             # no_safe holds P(No); the others P(Yes)
             s = sign_yes * sign_metric
             d = s * sub["delta"].to_numpy()
             lo, hi = s * sub["delta_low"].to_numpy(), s * sub["delta_high"].to_numpy()
             err = np.vstack([d - np.minimum(lo, hi), np.maximum(lo, hi) - d])
-            ax.bar(np.arange(len(strategies)) + j * width, d, width, yerr=np.clip(np.nan_to_num(err), 0, None), capsize=2, label=name)
+            ax.bar(
+                np.arange(len(strategies)) + j * width,
+                d,
+                width,
+                yerr=np.clip(np.nan_to_num(err), 0, None),
+                capsize=2,
+                label=name,
+            )
         ax.axhline(0, color="k", linewidth=0.8)
         ax.set_xticks(np.arange(len(strategies)) + width * (len(present) - 1) / 2)
         ax.set_xticklabels(strategies, rotation=60, ha="right", fontsize=7)
@@ -137,7 +159,9 @@ def plot_entanglement(matrix, path: Path, clip: float = 10.0) -> Path | None:
         return None
     vals = matrix.to_numpy(dtype=float)
     fig, ax = plt.subplots(figsize=(1.0 + 0.9 * vals.shape[1], 1.0 + 0.45 * vals.shape[0]))
-    im = ax.imshow(np.clip(np.nan_to_num(vals), -clip, clip), cmap="RdBu_r", vmin=-clip, vmax=clip, aspect="auto")
+    im = ax.imshow(
+        np.clip(np.nan_to_num(vals), -clip, clip), cmap="RdBu_r", vmin=-clip, vmax=clip, aspect="auto"
+    )
     ax.set_xticks(range(vals.shape[1]))
     ax.set_xticklabels(matrix.columns, rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(vals.shape[0]))

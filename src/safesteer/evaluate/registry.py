@@ -124,4 +124,14 @@ def group_of(metric: str) -> MetricGroup:
     return group(METRICS[metric].group)
 
 
-__all__ = ["GROUPS", "GroupResult", "METRICS", "MetricGroup", "MetricSpec", "group", "group_of", "register", "unregister"]
+__all__ = [
+    "GROUPS",
+    "GroupResult",
+    "METRICS",
+    "MetricGroup",
+    "MetricSpec",
+    "group",
+    "group_of",
+    "register",
+    "unregister",
+]

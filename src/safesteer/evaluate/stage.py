@@ -20,20 +20,41 @@ def random_alpha_value(value: str | float) -> str | float:
         raise SafesteerError(f"--random-alpha must be max, each or a number, got {value!r}") from None
 
 
-def suite_config(section: Any, layer: int, *, seed: int, source: str, data_dir: Path | None,
-                 strategies: list[str] | None = None, metrics: list[str] | None = None):
+def suite_config(
+    section: Any,
+    layer: int,
+    *,
+    seed: int,
+    source: str,
+    data_dir: Path | None,
+    strategies: list[str] | None = None,
+    metrics: list[str] | None = None,
+):
     """The suite's config from an [evaluate] section (``strategies``/``metrics`` override the section's;
     an empty list of strategies = every strategy of the direction set)."""
     from safesteer.evaluate.suite import METRICS, SuiteConfig
 
     alphas = [float(a) for a in section.alphas]
     cfg = SuiteConfig(
-        layer=layer, strategies=(list(section.strategies) if strategies is None else list(strategies)) or None, alphas=alphas,
-        lambdas=[float(x) for x in section.lambdas], alpha_unit=section.alpha_unit, calibrate=len(alphas) > 1,
-        objective=section.objective, budget=section.fluency_budget, random_alpha=random_alpha_value(section.random_alpha),
-        max_prompts=section.max_prompts, max_bias=section.max_bias or None, calib_prompts=section.calib_prompts,
-        generation=section.generation, max_new_tokens=section.max_new_tokens, n_boot=section.bootstrap,
-        ci_method=section.ci_method, seed=seed, batch_size=section.batch_size, data_dir=str(data_dir) if data_dir else None,
+        layer=layer,
+        strategies=(list(section.strategies) if strategies is None else list(strategies)) or None,
+        alphas=alphas,
+        lambdas=[float(x) for x in section.lambdas],
+        alpha_unit=section.alpha_unit,
+        calibrate=len(alphas) > 1,
+        objective=section.objective,
+        budget=section.fluency_budget,
+        random_alpha=random_alpha_value(section.random_alpha),
+        max_prompts=section.max_prompts,
+        max_bias=section.max_bias or None,
+        calib_prompts=section.calib_prompts,
+        generation=section.generation,
+        max_new_tokens=section.max_new_tokens,
+        n_boot=section.bootstrap,
+        ci_method=section.ci_method,
+        seed=seed,
+        batch_size=section.batch_size,
+        data_dir=str(data_dir) if data_dir else None,
         source=source,
     )
     chosen = metrics if metrics is not None else list(section.metrics)
@@ -50,14 +71,29 @@ def clamp_interventions(sae: Path, layer: int, selections: Mapping[str, list[int
     from safesteer.steering import ClampEdit, Intervention
 
     sae_obj = load_sae(sae)
-    return {f"clamp_{name}": (lambda lam, atoms=atoms, name=name: Intervention(
-        f"clamp_{name}", layer, edit=ClampEdit(sae_obj, atoms, lam=lam, mode="subtract")))
-        for name, atoms in selections.items()}
+    return {
+        f"clamp_{name}": (
+            lambda lam, atoms=atoms, name=name: Intervention(
+                f"clamp_{name}", layer, edit=ClampEdit(sae_obj, atoms, lam=lam, mode="subtract")
+            )
+        )
+        for name, atoms in selections.items()
+    }
 
 
-def evaluate_directions(model: str, directions: Path, out: Path, cfg, *, device: str = "cpu",
-                        probe_dirs: Mapping[str, Path] | None = None, interventions: dict[str, Callable] | None = None,
-                        plots: bool = True, progress: Callable[[str], None] | None = None, note: Callable[[str], None] | None = None):
+def evaluate_directions(
+    model: str,
+    directions: Path,
+    out: Path,
+    cfg,
+    *,
+    device: str = "cpu",
+    probe_dirs: Mapping[str, Path] | None = None,
+    interventions: dict[str, Callable] | None = None,
+    plots: bool = True,
+    progress: Callable[[str], None] | None = None,
+    note: Callable[[str], None] | None = None,
+):
     """Load the backbone and the direction set, run the suite, write its outputs. Returns (result, written paths)."""
     from safesteer.devices import resolve_device
     from safesteer.evaluate.suite import run_suite, write_outputs
@@ -83,7 +119,9 @@ def evaluate_directions(model: str, directions: Path, out: Path, cfg, *, device:
     bb = load_backbone(model, device=resolve_device(device))
     bb.check_layer(cfg.layer)
     if ds.d_model != bb.d_model:
-        raise SafesteerError(f"directions have size {ds.d_model} but {model} has d_model {bb.d_model}; build them for this model")
+        raise SafesteerError(
+            f"directions have size {ds.d_model} but {model} has d_model {bb.d_model}; build them for this model"
+        )
     result = run_suite(bb, ds, cfg, probes=probes, progress=progress, interventions=interventions)
     return result, write_outputs(result, out, plots=plots)
 
@@ -99,7 +137,18 @@ def run_evaluate_stage(section: Any, inputs: Mapping[str, Any], out_dir: Path, c
 
     c = ctx.config
     cfg = suite_config(section, c.model.layer, seed=ctx.seed, source=c.data.source, data_dir=ctx.data_dir)
-    probe_dirs = {key: inputs["probes"].dirs[label] for key, label in CONCEPTS.items() if label in inputs["probes"].dirs}
-    evaluate_directions(c.model.name, inputs["directions"].directions, out_dir, cfg, device=ctx.device, probe_dirs=probe_dirs,
-                        plots=section.plots, progress=ctx.say, note=ctx.say)
+    probe_dirs = {
+        key: inputs["probes"].dirs[label] for key, label in CONCEPTS.items() if label in inputs["probes"].dirs
+    }
+    evaluate_directions(
+        c.model.name,
+        inputs["directions"].directions,
+        out_dir,
+        cfg,
+        device=ctx.device,
+        probe_dirs=probe_dirs,
+        plots=section.plots,
+        progress=ctx.say,
+        note=ctx.say,
+    )
     return EvaluateOutputs(out_dir, out_dir / files.RESULTS_CSV)

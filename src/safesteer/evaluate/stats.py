@@ -54,7 +54,12 @@ class PairedDiff:
     p_value: float
 
     def as_dict(self) -> dict:
-        return {"baseline": self.baseline, "value": self.value, "diff": self.diff.as_dict(), "p_value": self.p_value}
+        return {
+            "baseline": self.baseline,
+            "value": self.value,
+            "diff": self.diff.as_dict(),
+            "p_value": self.p_value,
+        }
 
 
 def _check(x: Sequence[float] | np.ndarray, what: str = "sample") -> np.ndarray:
@@ -70,7 +75,9 @@ def _indices(n: int, n_boot: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
 
 
-def _interval(theta: float, boots: np.ndarray, jack: np.ndarray | None, level: float, method: str) -> tuple[float, float]:
+def _interval(
+    theta: float, boots: np.ndarray, jack: np.ndarray | None, level: float, method: str
+) -> tuple[float, float]:
     alpha = (1.0 - level) / 2.0
     boots = boots[np.isfinite(boots)]
     if boots.size == 0:
@@ -169,7 +176,9 @@ def paired_bootstrap(
     if stat is None:
         a, b = _check(baseline, "baseline"), _check(steered, "steered sample")
         if a.shape != b.shape:
-            raise SafesteerError(f"paired samples differ in length ({a.size} vs {b.size}); score the same items")
+            raise SafesteerError(
+                f"paired samples differ in length ({a.size} vs {b.size}); score the same items"
+            )
         d = b - a
         ci = bootstrap_ci(d, n_boot=n_boot, level=level, method=method, seed=seed)
         boots = d[_indices(d.size, n_boot, seed)].mean(axis=1)
@@ -198,7 +207,7 @@ def coverage_simulation(
     """Share of ``reps`` simulated samples whose bootstrap CI covers ``true_mean``."""
     rng = np.random.default_rng(seed)
     hits = 0
-    for r in range(reps):
+    for _ in range(reps):
         x = sampler(rng, n)
         ci = bootstrap_ci(x, n_boot=n_boot, level=level, method=method, seed=int(rng.integers(2**31)))
         hits += ci.covers(true_mean)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -25,7 +25,7 @@ from safesteer.errors import SafesteerError
 from safesteer.evaluate.calibrate import DEFAULT_BUDGET, Calibration, calibrate, random_control
 from safesteer.evaluate.evaluator import Evaluator, load_eval_data
 from safesteer.evaluate.groups import HARMFUL_SETS
-from safesteer.evaluate.outputs import SuiteResult, _clean, _jsonable_extra, _merge_extras, write_outputs
+from safesteer.evaluate.outputs import SuiteResult, _jsonable_extra, _merge_extras, write_outputs
 from safesteer.evaluate.registry import METRICS, GroupResult, MetricSpec
 from safesteer.steering.strategies import Direction, DirectionSet, Intervention
 
@@ -56,7 +56,9 @@ class SuiteConfig:
     calibrate: bool = True
     objective: str = "yes_harmful"
     budget: float = DEFAULT_BUDGET
-    random_alpha: str | float = "max"  # "max": largest chosen |α|; "each": one random row per chosen α; or a number
+    random_alpha: str | float = (
+        "max"  # "max": largest chosen |α|; "each": one random row per chosen α; or a number
+    )
     max_prompts: int = 100
     max_bias: int | None = None  # rows of CrowS / StereoSet (None: max_prompts)
     calib_prompts: int = 40
@@ -72,11 +74,15 @@ class SuiteConfig:
     def check(self, kind: str) -> None:
         unknown = [m for m in self.metrics if m not in METRICS]
         if unknown:
-            raise SafesteerError(f"unknown metric(s) {', '.join(unknown)}; valid choices: {', '.join(METRICS)}")
+            raise SafesteerError(
+                f"unknown metric(s) {', '.join(unknown)}; valid choices: {', '.join(METRICS)}"
+            )
         if self.alpha_unit not in ("norm", "raw"):
             raise SafesteerError(f"alpha unit must be 'norm' or 'raw', got '{self.alpha_unit}'")
         if self.objective not in SAFETY_OBJECTIVES:
-            raise SafesteerError(f"unknown calibration objective '{self.objective}'; valid choices: {', '.join(SAFETY_OBJECTIVES)}")
+            raise SafesteerError(
+                f"unknown calibration objective '{self.objective}'; valid choices: {', '.join(SAFETY_OBJECTIVES)}"
+            )
         if not self.alphas:
             raise SafesteerError("no alpha given; pass at least one")
         if not isinstance(self.random_alpha, (int, float)) and self.random_alpha not in ("max", "each"):
@@ -86,6 +92,7 @@ class SuiteConfig:
 
 
 # -------------------------------------------------------------------------------------- the suite
+
 
 def reference_norm(backbone: Any, layer: int, texts: Sequence[str], max_texts: int = 16) -> float:
     """Median L2 norm of layer-``layer`` token vectors over ``texts`` (real tokens only)."""
@@ -114,7 +121,7 @@ def run_suite(
     (:meth:`Backbone.prefix_cache`), which roughly halves the cost of a mid-layer evaluation.
     """
     cache = getattr(backbone, "prefix_cache", None)
-    with (cache(cfg.layer) if cache is not None else contextlib.nullcontext()):
+    with cache(cfg.layer) if cache is not None else contextlib.nullcontext():
         return _run_suite(backbone, directions, cfg, probes, progress, interventions)
 
 
@@ -125,7 +132,9 @@ def _run_suite(backbone, directions, cfg, probes, progress, interventions) -> Su
     names = _strategy_names(directions, cfg, interventions)
     groups = ev.groups_for(cfg.metrics)
     if not groups:
-        raise SafesteerError("no metric can run here (probe metrics need --probe-tox/--probe-harm; generation needs a causal LM)")
+        raise SafesteerError(
+            "no metric can run here (probe metrics need --probe-tox/--probe-harm; generation needs a causal LM)"
+        )
     scale = 1.0
     if cfg.alpha_unit == "norm":
         scale = reference_norm(backbone, cfg.layer, ev.data("fluency", "train", max(4, cfg.calib_prompts)))
@@ -157,8 +166,9 @@ def _strategy_names(directions: DirectionSet, cfg: SuiteConfig, interventions: d
 MakeIvs = Callable[[str, float], "list[Intervention]"]
 
 
-def calibrate_strategies(ev: Evaluator, names: list[str], make_ivs: MakeIvs,
-                         interventions: dict[str, Any]) -> tuple[list[str], dict[str, Calibration]]:
+def calibrate_strategies(
+    ev: Evaluator, names: list[str], make_ivs: MakeIvs, interventions: dict[str, Any]
+) -> tuple[list[str], dict[str, Calibration]]:
     """α per strategy on the validation split (the ``random`` control by :func:`random_control`).
 
     Returns the strategy names in report order (``random`` may become one ``random@α`` per chosen α)
@@ -176,6 +186,7 @@ def calibrate_strategies(ev: Evaluator, names: list[str], make_ivs: MakeIvs,
             s = float(np.mean([np.mean(r.items[cfg.objective]) for r in members(obj_group, ivs)]))
             f = float(np.mean([np.mean(r.items["fluency"]) for r in members("fluency", ivs)]))
             return s, f
+
         return m
 
     def grid(name: str) -> list[float]:
@@ -189,15 +200,21 @@ def calibrate_strategies(ev: Evaluator, names: list[str], make_ivs: MakeIvs,
             continue
         if base_val is None:
             if obj_group not in ev.groups_for([cfg.objective]):
-                raise SafesteerError(f"calibration objective '{cfg.objective}' cannot run here (its probe is missing)")
-            base_val = (float(np.mean(ev.run_group(obj_group, "train", nc, None).items[cfg.objective])),
-                        float(np.mean(ev.run_group("fluency", "train", nc, None).items["fluency"])))
+                raise SafesteerError(
+                    f"calibration objective '{cfg.objective}' cannot run here (its probe is missing)"
+                )
+            base_val = (
+                float(np.mean(ev.run_group(obj_group, "train", nc, None).items[cfg.objective])),
+                float(np.mean(ev.run_group("fluency", "train", nc, None).items["fluency"])),
+            )
         say(f"calibrating {name} on validation ({len(g)} values)")
         calibrations[name] = calibrate(name, g, measure(name), cfg.budget, base_val, say)
     for name in names:
         if name in calibrations or name == "random":
             continue
-        calibrations[name] = Calibration(name, float(grid(name)[0]), cfg.budget, [], "fixed value (no calibration)")
+        calibrations[name] = Calibration(
+            name, float(grid(name)[0]), cfg.budget, [], "fixed value (no calibration)"
+        )
     if "random" in names:
         chosen = [c.alpha for n, c in calibrations.items() if n not in interventions]
         control = random_control(chosen, cfg.alphas, cfg.random_alpha, cfg.budget)
@@ -207,8 +224,13 @@ def calibrate_strategies(ev: Evaluator, names: list[str], make_ivs: MakeIvs,
     return names, calibrations
 
 
-def score_strategies(ev: Evaluator, groups: list[str], names: list[str], calibrations: dict[str, Calibration],
-                     make_ivs: MakeIvs) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+def score_strategies(
+    ev: Evaluator,
+    groups: list[str],
+    names: list[str],
+    calibrations: dict[str, Calibration],
+    make_ivs: MakeIvs,
+) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
     """The test split: the unsteered model, then each strategy at its α, compared item by item."""
     cfg, say = ev.cfg, ev.progress
     rows: list[dict[str, Any]] = []
@@ -218,26 +240,59 @@ def score_strategies(ev: Evaluator, groups: list[str], names: list[str], calibra
     baseline: dict[str, Any] = {"groups": {g: _jsonable_extra(r.extra) for g, r in base_results.items()}}
     for g, r in base_results.items():
         items = ev.data(g, "test", ev.size(g))
-        rows += [{"strategy": "unsteered", "alpha": 0.0, "alpha_raw": 0.0, **ev.compare(metric, r, r, items)}
-                 for metric in r.items if metric in cfg.metrics]
+        rows += [
+            {"strategy": "unsteered", "alpha": 0.0, "alpha_raw": 0.0, **ev.compare(metric, r, r, items)}
+            for metric in r.items
+            if metric in cfg.metrics
+        ]
     for name in names:
         cal = calibrations[name]
         ivs = make_ivs(name, cal.alpha)
         raw = ivs[0].alpha
-        say(f"evaluating {name} at alpha={cal.alpha:g} on the test split" + (f" ({len(ivs)} directions)" if len(ivs) > 1 else ""))
-        info = extras["strategies"][name] = {"alpha": cal.alpha, "alpha_raw": raw, "members": len(ivs), "groups": {}}
+        say(
+            f"evaluating {name} at alpha={cal.alpha:g} on the test split"
+            + (f" ({len(ivs)} directions)" if len(ivs) > 1 else "")
+        )
+        info = extras["strategies"][name] = {
+            "alpha": cal.alpha,
+            "alpha_raw": raw,
+            "members": len(ivs),
+            "groups": {},
+        }
         for g in groups:
             n = ev.size(g)
             res = [ev.run_group(g, "test", n, iv) for iv in ivs] if cal.alpha != 0.0 else [base_results[g]]
             items = ev.data(g, "test", n)
             info["groups"][g] = _merge_extras([r.extra for r in res])
-            rows += [{"strategy": name, "alpha": cal.alpha, "alpha_raw": raw, **ev.compare(metric, base_results[g], res, items)}
-                     for metric in res[0].items if metric in cfg.metrics]
+            rows += [
+                {
+                    "strategy": name,
+                    "alpha": cal.alpha,
+                    "alpha_raw": raw,
+                    **ev.compare(metric, base_results[g], res, items),
+                }
+                for metric in res[0].items
+                if metric in cfg.metrics
+            ]
     return rows, baseline, extras
 
 
 __all__ = [
-    "DEFAULT_ALPHAS", "DEFAULT_METRICS", "Evaluator", "GroupResult", "HARMFUL_SETS", "METRICS", "MetricSpec",
-    "SAFETY_OBJECTIVES", "SuiteConfig", "SuiteResult", "calibrate_strategies", "default_metrics", "load_eval_data", "reference_norm",
-    "run_suite", "score_strategies", "write_outputs",
+    "DEFAULT_ALPHAS",
+    "DEFAULT_METRICS",
+    "Evaluator",
+    "GroupResult",
+    "HARMFUL_SETS",
+    "METRICS",
+    "MetricSpec",
+    "SAFETY_OBJECTIVES",
+    "SuiteConfig",
+    "SuiteResult",
+    "calibrate_strategies",
+    "default_metrics",
+    "load_eval_data",
+    "reference_norm",
+    "run_suite",
+    "score_strategies",
+    "write_outputs",
 ]

@@ -53,8 +53,10 @@ class ControlVector:
             raise SafesteerError(f"control-vector layers have different sizes {sorted(sizes)}")
         for layer, v in d.items():
             if layer < 1:
-                raise SafesteerError(f"llama.cpp control vectors cannot steer layer {layer} (its loader rejects "
-                                     "direction.0: the first steerable block output is layer 1); choose a layer >= 1")
+                raise SafesteerError(
+                    f"llama.cpp control vectors cannot steer layer {layer} (its loader rejects "
+                    "direction.0: the first steerable block output is layer 1); choose a layer >= 1"
+                )
             if not np.all(np.isfinite(v)):
                 raise SafesteerError(f"the control vector of layer {layer} has non-finite values")
         self.directions = dict(sorted(d.items()))
@@ -64,7 +66,9 @@ class ControlVector:
         return int(next(iter(self.directions.values())).shape[0])
 
 
-def policy_control_vector(policy: Mapping, directions, model_hint: str, alpha: float | None = None) -> tuple[ControlVector, dict]:
+def policy_control_vector(
+    policy: Mapping, directions, model_hint: str, alpha: float | None = None
+) -> tuple[ControlVector, dict]:
     """The control vector of a policy (its JSON body) over a :class:`~safesteer.steering.DirectionSet`.
 
     Returns the vector and a description (layer, alpha, directions) for the file's metadata.
@@ -79,11 +83,15 @@ def policy_control_vector(policy: Mapping, directions, model_hint: str, alpha: f
     except Exception as exc:  # pydantic ValidationError
         raise SafesteerError(f"not a valid safesteer policy: {str(exc).splitlines()[0]}") from None
     if pol.clamps:
-        raise SafesteerError(f"policy '{name}' clamps SAE atoms, which a control vector (an added vector) cannot represent; "
-                             "export a policy without clamps")
+        raise SafesteerError(
+            f"policy '{name}' clamps SAE atoms, which a control vector (an added vector) cannot represent; "
+            "export a policy without clamps"
+        )
     if pol.condition is not None:
-        raise SafesteerError(f"policy '{name}' is conditional on a probe, which llama.cpp cannot evaluate; "
-                             "export a policy without a condition")
+        raise SafesteerError(
+            f"policy '{name}' is conditional on a probe, which llama.cpp cannot evaluate; "
+            "export a policy without a condition"
+        )
     layer, vec = policy_direction(pol.directions, [directions[n] for n in pol.directions], pol.layer)
     a = float(pol.alpha if alpha is None else alpha)
     if not np.isfinite(a):
@@ -101,8 +109,11 @@ def write_control_vector(cv: ControlVector, path: str | os.PathLike, info: Mappi
         w = gguf.GGUFWriter(str(tmp), ARCH)
         w.add_string(f"{ARCH}.model_hint", cv.model_hint)
         w.add_uint32(f"{ARCH}.layer_count", len(cv.directions))
-        w.add_string("safesteer.convention", "direction.N is added to the output of block N (0-based) = safesteer layer N; "
-                                             "alpha folded in (use strength 1)")
+        w.add_string(
+            "safesteer.convention",
+            "direction.N is added to the output of block N (0-based) = safesteer layer N; "
+            "alpha folded in (use strength 1)",
+        )
         for key, value in (info or {}).items():
             if isinstance(value, bool) or value is None:
                 continue
@@ -140,7 +151,9 @@ def read_control_vector(path: str | os.PathLike) -> ControlVector:
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as exc:  # gguf raises ValueError / struct errors on bad files
-        raise SafesteerError(f"{path} is not a GGUF file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise SafesteerError(
+            f"{path} is not a GGUF file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        ) from None
     arch = _field_str(reader, "general.architecture")
     if arch != ARCH:
         raise SafesteerError(f"{path} is a GGUF of architecture {arch!r}, not a control vector ('{ARCH}')")
@@ -171,11 +184,27 @@ def to_directions(cv: ControlVector, name: str):
         if norm == 0.0:
             continue
         key = name if len(cv.directions) == 1 else f"{name}_L{layer}"
-        ds.add(Direction(key, -v, "custom", layer, sources=["control-vector"], meta={"alpha": norm, "model_hint": cv.model_hint}))
+        ds.add(
+            Direction(
+                key,
+                -v,
+                "custom",
+                layer,
+                sources=["control-vector"],
+                meta={"alpha": norm, "model_hint": cv.model_hint},
+            )
+        )
         alphas[key] = norm
     if not len(ds):
         raise SafesteerError("every layer of the control vector is zero; nothing to import")
     return ds, alphas
 
 
-__all__ = ["ARCH", "ControlVector", "policy_control_vector", "read_control_vector", "to_directions", "write_control_vector"]
+__all__ = [
+    "ARCH",
+    "ControlVector",
+    "policy_control_vector",
+    "read_control_vector",
+    "to_directions",
+    "write_control_vector",
+]

@@ -32,8 +32,17 @@ import numpy as np
 from safesteer.errors import SafesteerError
 from safesteer.io import atomic_path, write_json
 
-COLUMNS = ("loader", "action", "sparse_model", "hookpoint", "feature_index", "steering_coefficient", "head_index", "sae_id",
-           "description")
+COLUMNS = (
+    "loader",
+    "action",
+    "sparse_model",
+    "hookpoint",
+    "feature_index",
+    "steering_coefficient",
+    "head_index",
+    "sae_id",
+    "description",
+)
 MODEL_NAME = "safesteer-steered"
 
 
@@ -50,20 +59,39 @@ def write_sparse_feature(folder: str | os.PathLike, vector: np.ndarray) -> Path:
     d = v.shape[1]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {"encoder.weight": v.copy(), "encoder.bias": np.zeros(1, np.float32), "W_dec": v.copy(), "b_dec": np.zeros(d, np.float32)}
+    tensors = {
+        "encoder.weight": v.copy(),
+        "encoder.bias": np.zeros(1, np.float32),
+        "W_dec": v.copy(),
+        "b_dec": np.zeros(d, np.float32),
+    }
     with atomic_path(folder / "sae.safetensors") as tmp:
         save_file(tensors, str(tmp))
-    write_json(folder / "cfg.json", {"activation": "topk", "expansion_factor": 1, "normalize_decoder": True, "num_latents": 1, "k": 1,
-                                     "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": d})
+    write_json(
+        folder / "cfg.json",
+        {
+            "activation": "topk",
+            "expansion_factor": 1,
+            "normalize_decoder": True,
+            "num_latents": 1,
+            "k": 1,
+            "multi_topk": False,
+            "skip_connection": False,
+            "transcode": False,
+            "d_in": d,
+        },
+    )
     return folder
 
 
-def export_lm_eval(policy: Mapping, directions, out_csv: str | os.PathLike, alpha: float | None = None) -> Path:
+def export_lm_eval(
+    policy: Mapping, directions, out_csv: str | os.PathLike, alpha: float | None = None
+) -> Path:
     """Write ``out_csv`` (+ its sparse-model folder ``<out_csv stem>.features/``) for ``policy``."""
     from safesteer.interop.gguf_control import policy_control_vector
 
     cv, info = policy_control_vector(policy, directions, model_hint="", alpha=alpha)
-    (layer, v), = cv.directions.items()
+    ((layer, v),) = cv.directions.items()
     a = float(info["alpha"])
     norm = float(np.linalg.norm(v))
     if a == 0.0 or norm == 0.0:
@@ -73,9 +101,17 @@ def export_lm_eval(policy: Mapping, directions, out_csv: str | os.PathLike, alph
     features = out_csv.with_name(out_csv.stem + ".features")
     hook = hookpoint_for_layer(layer)
     write_sparse_feature(features / hook, unit_v)
-    row = {"loader": "sparsify", "action": "add", "sparse_model": str(features.resolve()), "hookpoint": hook, "feature_index": 0,
-           "steering_coefficient": repr(a), "head_index": "", "sae_id": "",
-           "description": f"safesteer policy {info['policy']} ({', '.join(info['directions'])}) at layer {layer}"}
+    row = {
+        "loader": "sparsify",
+        "action": "add",
+        "sparse_model": str(features.resolve()),
+        "hookpoint": hook,
+        "feature_index": 0,
+        "steering_coefficient": repr(a),
+        "head_index": "",
+        "sae_id": "",
+        "description": f"safesteer policy {info['policy']} ({', '.join(info['directions'])}) at layer {layer}",
+    }
     with atomic_path(out_csv, suffix=".csv") as tmp:
         with open(tmp, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=COLUMNS)
@@ -127,5 +163,13 @@ def read_lm_eval_csv(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-__all__ = ["COLUMNS", "MODEL_NAME", "cli_evaluate", "export_lm_eval", "hookpoint_for_layer", "read_lm_eval_csv", "register",
-           "write_sparse_feature"]
+__all__ = [
+    "COLUMNS",
+    "MODEL_NAME",
+    "cli_evaluate",
+    "export_lm_eval",
+    "hookpoint_for_layer",
+    "read_lm_eval_csv",
+    "register",
+    "write_sparse_feature",
+]

@@ -48,7 +48,12 @@ SUPPORTED_ARCHITECTURES = ("gated", "standard")
 _HOOKS = (
     (re.compile(r"^blocks\.(\d+)\.hook_resid_post$"), 0),
     (re.compile(r"^blocks\.(\d+)\.hook_resid_pre$"), -1),
-    (re.compile(r"^(?:model\.layers|transformer\.h|gpt_neox\.layers|model\.decoder\.layers|layers)\.(\d+)$"), 0),
+    (
+        re.compile(
+            r"^(?:model\.layers|transformer\.h|gpt_neox\.layers|model\.decoder\.layers|layers)\.(\d+)$"
+        ),
+        0,
+    ),
 )
 
 
@@ -72,13 +77,19 @@ def needs_conversion(raw: dict[str, Any]) -> bool:
 def _check_cfg(raw: dict[str, Any], where: Path) -> str:
     arch = raw.get("architecture", "standard")  # SAELens < 6 configs without one are standard SAEs
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise SafesteerError(f"{where} is a SAELens {arch!r} SAE; safesteer reads 'gated' and 'standard' (ReLU) SAEs only")
+        raise SafesteerError(
+            f"{where} is a SAELens {arch!r} SAE; safesteer reads 'gated' and 'standard' (ReLU) SAEs only"
+        )
     norm = raw.get("normalize_activations", "none")
     if norm not in ("none", None, False):
-        raise SafesteerError(f"{where} asks for normalize_activations={norm!r}; fold it into the weights in SAELens first "
-                             "(e.g. fold_activation_norm_scaling_factor) and save again")
+        raise SafesteerError(
+            f"{where} asks for normalize_activations={norm!r}; fold it into the weights in SAELens first "
+            "(e.g. fold_activation_norm_scaling_factor) and save again"
+        )
     if raw.get("reshape_activations", "none") not in ("none", None):
-        raise SafesteerError(f"{where} reshapes activations ({raw['reshape_activations']!r}); only residual-stream SAEs are supported")
+        raise SafesteerError(
+            f"{where} reshapes activations ({raw['reshape_activations']!r}); only residual-stream SAEs are supported"
+        )
     return arch
 
 
@@ -87,7 +98,9 @@ def from_saelens(folder: str | os.PathLike, device: str | torch.device = "cpu") 
     folder = Path(folder)
     cfg_path, w_path = folder / CFG_FILENAME, folder / WEIGHTS_FILENAME
     if not cfg_path.is_file() or not w_path.is_file():
-        raise SafesteerError(f"{folder} is not a SAELens SAE folder (needs {CFG_FILENAME} and {WEIGHTS_FILENAME})")
+        raise SafesteerError(
+            f"{folder} is not a SAELens SAE folder (needs {CFG_FILENAME} and {WEIGHTS_FILENAME})"
+        )
     raw = read_json(cfg_path)
     if not isinstance(raw, dict) or "d_in" not in raw or "d_sae" not in raw:
         raise SafesteerError(f"{cfg_path} is not an SAE config (no d_in/d_sae)")
@@ -114,8 +127,10 @@ def from_saelens(folder: str | os.PathLike, device: str | torch.device = "cpu") 
         if name not in t:
             raise SafesteerError(f"{w_path} lacks the tensor {name!r}; it is not a SAELens {arch} SAE")
     if tuple(t["W_enc"].shape) != (d, s) or tuple(t["W_dec"].shape) != (s, d):
-        raise SafesteerError(f"{w_path}: W_enc {tuple(t['W_enc'].shape)} / W_dec {tuple(t['W_dec'].shape)} do not match "
-                             f"d_in={d}, d_sae={s} (expected ({d}, {s}) and ({s}, {d}))")
+        raise SafesteerError(
+            f"{w_path}: W_enc {tuple(t['W_enc'].shape)} / W_dec {tuple(t['W_dec'].shape)} do not match "
+            f"d_in={d}, d_sae={s} (expected ({d}, {s}) and ({s}, {d}))"
+        )
     p = {"W_enc": t["W_enc"], "W_dec": t["W_dec"], "b_dec": t["b_dec"]}
     if arch == "standard":
         p.update(b_gate=t["b_enc"].clone(), b_mag=t["b_enc"].clone(), r_mag=torch.zeros(s))
@@ -152,11 +167,19 @@ def saelens_training_config(cfg: SAEConfig) -> dict[str, Any]:
     Refuses the article variant: SAELens has no architecture with its objective.
     """
     if cfg.variant == "article":
-        raise SafesteerError("the article variant's training objective (L1 on magnitudes, r_mag = 0) has no SAELens "
-                             "architecture; SAELens can run it (architecture 'gated') but not continue training it — use safesteer")
-    return {"architecture": "gated", "d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": "float32",
-            "apply_b_dec_to_input": True, "normalize_activations": "none",
-            "l1_coefficient": cfg.l1_coefficient if cfg.l1_coefficient is not None else 1.0}
+        raise SafesteerError(
+            "the article variant's training objective (L1 on magnitudes, r_mag = 0) has no SAELens "
+            "architecture; SAELens can run it (architecture 'gated') but not continue training it — use safesteer"
+        )
+    return {
+        "architecture": "gated",
+        "d_in": cfg.d_in,
+        "d_sae": cfg.d_sae,
+        "dtype": "float32",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "l1_coefficient": cfg.l1_coefficient if cfg.l1_coefficient is not None else 1.0,
+    }
 
 
 __all__ = ["from_saelens", "import_saelens", "layer_from_hook", "needs_conversion", "saelens_training_config"]

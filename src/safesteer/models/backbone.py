@@ -34,9 +34,13 @@ class _StopForward(Exception):
 
 def _find_layers(model: nn.Module, n_layers: int) -> nn.ModuleList:
     """The ModuleList of transformer blocks (Llama ``model.layers``, RoBERTa ``encoder.layer``, GPT-2 ``h``…)."""
-    candidates = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
+    candidates = [
+        (name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers
+    ]
     if not candidates:
-        raise SafesteerError(f"cannot find the {n_layers} transformer blocks of {type(model).__name__}; unsupported architecture")
+        raise SafesteerError(
+            f"cannot find the {n_layers} transformer blocks of {type(model).__name__}; unsupported architecture"
+        )
     return min(candidates, key=lambda nm: nm[0].count("."))[1]
 
 
@@ -89,12 +93,20 @@ class Backbone:
         self.kind: Kind = kind or _detect_kind(model)
         self.name = name
         self.source = source
-        n_layers = getattr(self.config, "num_hidden_layers", None) or getattr(self.config, "n_layer")
+        n_layers = getattr(self.config, "num_hidden_layers", None) or self.config.n_layer
         self.layers = _find_layers(model, n_layers)
         self.n_layers = len(self.layers)
-        self.d_model = int(getattr(self.config, "hidden_size", None) or getattr(self.config, "n_embd"))
-        limit = getattr(self.config, "max_position_embeddings", None) or getattr(self.config, "n_positions", None) or max_length
-        if self.kind == "masked" and getattr(self.config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        self.d_model = int(getattr(self.config, "hidden_size", None) or self.config.n_embd)
+        limit = (
+            getattr(self.config, "max_position_embeddings", None)
+            or getattr(self.config, "n_positions", None)
+            or max_length
+        )
+        if self.kind == "masked" and getattr(self.config, "model_type", "") in (
+            "roberta",
+            "xlm-roberta",
+            "camembert",
+        ):
             limit -= 2  # RoBERTa reserves two positions for the padding offset
         self.max_length = int(min(max_length, limit))
         if self.tokenizer.pad_token is None:
@@ -111,7 +123,9 @@ class Backbone:
 
     def check_layer(self, layer: int) -> int:
         if not isinstance(layer, (int, np.integer)) or not (0 <= int(layer) < self.n_layers):
-            raise SafesteerError(f"layer {layer} out of range for {self.name}; valid layers are 0..{self.n_layers - 1}")
+            raise SafesteerError(
+                f"layer {layer} out of range for {self.name}; valid layers are 0..{self.n_layers - 1}"
+            )
         return int(layer)
 
     def tokenize(
@@ -138,7 +152,11 @@ class Backbone:
             )
         finally:
             self.tokenizer.padding_side = old
-        n_trunc = int((enc["attention_mask"].sum(dim=1) >= limit).sum()) if enc["input_ids"].shape[1] >= limit else 0
+        n_trunc = (
+            int((enc["attention_mask"].sum(dim=1) >= limit).sum())
+            if enc["input_ids"].shape[1] >= limit
+            else 0
+        )
         return Encoded(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device), n_trunc)
 
     # ------------------------------------------------------------ activations
@@ -179,8 +197,10 @@ class Backbone:
         """Run the transformer body (no LM head) when possible."""
         base = getattr(self.model, getattr(self.model, "base_model_prefix", ""), None)
         target = base if isinstance(base, nn.Module) else self.model
-        return target(input_ids=input_ids, attention_mask=attention_mask, use_cache=False) if self.kind == "causal" else target(
-            input_ids=input_ids, attention_mask=attention_mask
+        return (
+            target(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            if self.kind == "causal"
+            else target(input_ids=input_ids, attention_mask=attention_mask)
         )
 
     def pooled(
@@ -230,7 +250,9 @@ class Backbone:
         if vector is not None:
             v = torch.as_tensor(np.asarray(vector) if not isinstance(vector, torch.Tensor) else vector)
             if v.ndim != 1 or v.shape[0] != self.d_model:
-                raise SafesteerError(f"steering vector has shape {tuple(v.shape)}; expected ({self.d_model},) for {self.name}")
+                raise SafesteerError(
+                    f"steering vector has shape {tuple(v.shape)}; expected ({self.d_model},) for {self.name}"
+                )
             delta = (float(alpha) * v.to(torch.float32)).to(self.device)
 
         def hook(_module, _inputs, output):
@@ -295,12 +317,20 @@ class Backbone:
     def token_logprobs(self, texts: Sequence[str], batch_size: int = 16) -> list[torch.Tensor]:
         """Causal LM: log P(token_t | tokens_<t) for every token of each text (BOS-conditioned)."""
         if self.kind != "causal":
-            raise SafesteerError("token_logprobs needs a causal LM; use masked_token_logprobs / pseudo-log-likelihood for masked LMs")
+            raise SafesteerError(
+                "token_logprobs needs a causal LM; use masked_token_logprobs / pseudo-log-likelihood for masked LMs"
+            )
         prefix = self._bos_prefix()
         out: list[torch.Tensor] = []
         for start in range(0, len(texts), batch_size):
             chunk = texts[start : start + batch_size]
-            ids = [prefix + self.tokenizer(t, add_special_tokens=True, truncation=True, max_length=self.max_length - len(prefix))["input_ids"] for t in chunk]
+            ids = [
+                prefix
+                + self.tokenizer(
+                    t, add_special_tokens=True, truncation=True, max_length=self.max_length - len(prefix)
+                )["input_ids"]
+                for t in chunk
+            ]
             width = max(len(x) for x in ids)
             pad = self.tokenizer.pad_token_id or 0
             input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=self.device)
@@ -312,13 +342,19 @@ class Backbone:
         return out
 
     @torch.inference_mode()
-    def next_token_logprobs(self, prompts: Sequence[str], batch_size: int = 16, add_special_tokens: bool = False) -> torch.Tensor:
+    def next_token_logprobs(
+        self, prompts: Sequence[str], batch_size: int = 16, add_special_tokens: bool = False
+    ) -> torch.Tensor:
         """Causal LM: log-softmax over the vocabulary for the token after each prompt (rows × vocab)."""
         if self.kind != "causal":
             raise SafesteerError("next_token_logprobs needs a causal LM")
         rows = []
         for start in range(0, len(prompts), batch_size):
-            enc = self.tokenize(prompts[start : start + batch_size], padding_side="left", add_special_tokens=add_special_tokens)
+            enc = self.tokenize(
+                prompts[start : start + batch_size],
+                padding_side="left",
+                add_special_tokens=add_special_tokens,
+            )
             logits = self.logits(enc.input_ids, enc.attention_mask)[:, -1].float()
             rows.append(torch.log_softmax(logits, dim=-1).cpu())
         return torch.cat(rows)
@@ -338,11 +374,20 @@ class Backbone:
         """Render a single-turn chat with the model's template, ready for the assistant's answer."""
         if not getattr(self.tokenizer, "chat_template", None):
             return user if system is None else f"{system}\n\n{user}"
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": user}
+        ]
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[str], max_new_tokens: int = 32, do_sample: bool = False, seed: int = 0, **kwargs) -> list[str]:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        seed: int = 0,
+        **kwargs,
+    ) -> list[str]:
         """Causal LM generation (greedy by default); steering contexts active around it apply."""
         if self.kind != "causal":
             raise SafesteerError("generation needs a causal LM")
@@ -385,8 +430,11 @@ class _PrefixCache:
             ids = kwargs.get("input_ids", args[0] if args else None)
             mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
             usable = (
-                isinstance(ids, torch.Tensor) and kwargs.get("inputs_embeds") is None and not kwargs.get("use_cache")
-                and kwargs.get("past_key_values") is None and not kwargs.get("output_hidden_states")
+                isinstance(ids, torch.Tensor)
+                and kwargs.get("inputs_embeds") is None
+                and not kwargs.get("use_cache")
+                and kwargs.get("past_key_values") is None
+                and not kwargs.get("output_hidden_states")
                 and all(l >= self.layer for l in self.bb._steer_layers)
             )
             if not usable:
@@ -446,7 +494,9 @@ def _position_mask(positions: Positions, h: torch.Tensor) -> torch.Tensor:
     batch, seq = h.shape[0], h.shape[1]
     if isinstance(positions, torch.Tensor) and positions.dtype == torch.bool:
         if positions.shape != (batch, seq):
-            raise SafesteerError(f"position mask shape {tuple(positions.shape)} does not match activations ({batch}, {seq})")
+            raise SafesteerError(
+                f"position mask shape {tuple(positions.shape)} does not match activations ({batch}, {seq})"
+            )
         return positions.to(h.device)
     mask = torch.zeros(seq, dtype=torch.bool, device=h.device)
     if isinstance(positions, slice):
@@ -464,7 +514,9 @@ def _detect_kind(model: nn.Module) -> Kind:
         return "masked"
     if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
         return "causal"
-    raise SafesteerError(f"cannot tell whether {name} is a masked or causal LM; pass kind='masked' or kind='causal'")
+    raise SafesteerError(
+        f"cannot tell whether {name} is a masked or causal LM; pass kind='masked' or kind='causal'"
+    )
 
 
 def load_backbone(
@@ -485,7 +537,15 @@ def load_backbone(
     config = AutoConfig.from_pretrained(resolved.path)
     if kind is None:
         archs = " ".join(getattr(config, "architectures", None) or [])
-        if "MaskedLM" in archs or config.model_type in ("roberta", "bert", "distilbert", "xlm-roberta", "camembert", "deberta-v2", "electra"):
+        if "MaskedLM" in archs or config.model_type in (
+            "roberta",
+            "bert",
+            "distilbert",
+            "xlm-roberta",
+            "camembert",
+            "deberta-v2",
+            "electra",
+        ):
             kind = "masked"
         else:
             kind = "causal"
@@ -494,6 +554,8 @@ def load_backbone(
         model = cls.from_pretrained(resolved.path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(resolved.path)
     except OSError as exc:
-        raise SafesteerError(f"cannot load model '{name}' from {resolved.path}: {str(exc).splitlines()[0]}") from exc
+        raise SafesteerError(
+            f"cannot load model '{name}' from {resolved.path}: {str(exc).splitlines()[0]}"
+        ) from exc
     model.to(device)
     return Backbone(model, tokenizer, kind=kind, name=name, source=resolved.source, max_length=max_length)

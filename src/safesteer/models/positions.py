@@ -53,8 +53,12 @@ def last_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(attention_mask.bool(), pos, torch.full_like(pos, -1)).max(dim=1).values.clamp_min(0)
 
 
-def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, position: str = "mean",
-         spans: torch.Tensor | Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
+def pool(
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position: str = "mean",
+    spans: torch.Tensor | Sequence[tuple[int, int]] | None = None,
+) -> torch.Tensor:
     """Pooled vectors (batch × d) of ``hidden`` (batch × seq × d) at ``position``.
 
     ``spans`` (batch × 2, ``[start, end)`` token indices) is required for ``prompt_end`` and
@@ -69,7 +73,11 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, position: str = "me
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
     if spans is None:
         raise SafesteerError(f"position '{position}' needs token spans; build the inputs with chat_inputs()")
-    m = (span_mask(spans, hidden.shape[1], hidden.device) & attention_mask.bool()).to(hidden.dtype).unsqueeze(-1)
+    m = (
+        (span_mask(spans, hidden.shape[1], hidden.device) & attention_mask.bool())
+        .to(hidden.dtype)
+        .unsqueeze(-1)
+    )
     count = m.sum(dim=1)
     if bool((count == 0).any()):
         raise SafesteerError(f"an empty '{position}' span; give non-empty answers / prompts")
@@ -93,7 +101,9 @@ class ChatInputs:
             return self.prompt
         if position == "answer":
             return self.answer
-        raise SafesteerError(f"position '{position}' has no span; spans exist for {', '.join(CHAT_POSITIONS)}")
+        raise SafesteerError(
+            f"position '{position}' has no span; spans exist for {', '.join(CHAT_POSITIONS)}"
+        )
 
     def batch(self, rows: Sequence[int], pad_id: int, padding_side: str = "right", device: Any = None):
         """(input_ids, attention_mask, {position: spans}) for ``rows``, padded to the longest."""
@@ -104,16 +114,23 @@ class ChatInputs:
         for i, r in enumerate(rows):
             n = len(self.ids[r])
             off = width - n if padding_side == "left" else 0
-            ids[i, off:off + n] = torch.tensor(self.ids[r], dtype=torch.long)
-            mask[i, off:off + n] = 1
+            ids[i, off : off + n] = torch.tensor(self.ids[r], dtype=torch.long)
+            mask[i, off : off + n] = 1
             shift.append(off)
-        spans = {p: torch.tensor([(s + o, e + o) for (s, e), o in zip((self.spans(p)[r] for r in rows), shift)])
-                 for p in CHAT_POSITIONS}
+        spans = {
+            p: torch.tensor([(s + o, e + o) for (s, e), o in zip((self.spans(p)[r] for r in rows), shift)])
+            for p in CHAT_POSITIONS
+        }
         return ids.to(device), mask.to(device), spans
 
 
-def chat_inputs(backbone: Any, users: Sequence[str], answers: Sequence[str] | None = None,
-                system: str | None = None, max_length: int | None = None) -> ChatInputs:
+def chat_inputs(
+    backbone: Any,
+    users: Sequence[str],
+    answers: Sequence[str] | None = None,
+    system: str | None = None,
+    max_length: int | None = None,
+) -> ChatInputs:
     """Render ``users`` with the chat template (+ ``answers`` appended) and locate the spans.
 
     prompt_end = tokens from the end of the user content to the end of the generation prompt
@@ -145,9 +162,15 @@ def chat_inputs(backbone: Any, users: Sequence[str], answers: Sequence[str] | No
         if len(ids) > limit:
             cut = len(ids) - limit
             if pe[0] < cut:
-                raise SafesteerError(f"input {i} is {len(ids)} tokens; its template end does not fit in {limit}")
+                raise SafesteerError(
+                    f"input {i} is {len(ids)} tokens; its template end does not fit in {limit}"
+                )
             ids = ids[cut:]
-            pe, ans, pr = (pe[0] - cut, pe[1] - cut), (ans[0] - cut, ans[1] - cut), (max(pr[0] - cut, 0), pr[1] - cut)
+            pe, ans, pr = (
+                (pe[0] - cut, pe[1] - cut),
+                (ans[0] - cut, ans[1] - cut),
+                (max(pr[0] - cut, 0), pr[1] - cut),
+            )
             out.n_truncated += 1
         out.ids.append(ids)
         out.prompt_end.append(pe)
@@ -183,8 +206,12 @@ def user_header(backbone: Any, system: str | None = None) -> tuple[int, ...]:
     return cache[key]
 
 
-def prompt_starts(input_ids: torch.Tensor, attention_mask: torch.Tensor, header: Sequence[int],
-                  before: torch.Tensor | None = None) -> torch.Tensor:
+def prompt_starts(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    header: Sequence[int],
+    before: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per row, the index just after the last occurrence of ``header`` among the real tokens that
     ends at or before ``before`` (per row; e.g. the prompt_end start, since the template's tail may
     repeat the header's first tokens) — the first token of the last user message — or 0 where it
@@ -202,24 +229,40 @@ def prompt_starts(input_ids: torch.Tensor, attention_mask: torch.Tensor, header:
     return torch.where(last >= 0, last + n, torch.zeros_like(last))
 
 
-def pooled_vectors(backbone: Any, texts: Sequence[str], layers: Sequence[int], batch_size: int = 32,
-                   max_length: int | None = None, position: str = "mean", answers: Sequence[str] | None = None,
-                   system: str | None = None) -> dict[int, np.ndarray]:
+def pooled_vectors(
+    backbone: Any,
+    texts: Sequence[str],
+    layers: Sequence[int],
+    batch_size: int = 32,
+    max_length: int | None = None,
+    position: str = "mean",
+    answers: Sequence[str] | None = None,
+    system: str | None = None,
+) -> dict[int, np.ndarray]:
     """The body of :meth:`Backbone.pooled`: float32 (rows × d) vectors per layer at ``position``."""
     return pooled_at(backbone, texts, layers, (position,), batch_size, max_length, answers, system)[position]
 
 
-def pooled_at(backbone: Any, texts: Sequence[str], layers: Sequence[int], positions: Sequence[str],
-              batch_size: int = 32, max_length: int | None = None, answers: Sequence[str] | None = None,
-              system: str | None = None) -> dict[str, dict[int, np.ndarray]]:
+def pooled_at(
+    backbone: Any,
+    texts: Sequence[str],
+    layers: Sequence[int],
+    positions: Sequence[str],
+    batch_size: int = 32,
+    max_length: int | None = None,
+    answers: Sequence[str] | None = None,
+    system: str | None = None,
+) -> dict[str, dict[int, np.ndarray]]:
     """Vectors at several ``positions`` from one forward pass per batch: ``{position: {layer: rows × d}}``.
     Chat positions (``prompt_end``, ``prompt``, ``answer``) and raw-text ones (``mean``, ``last``)
     read different inputs, so one call takes positions of one kind only."""
     positions = tuple(dict.fromkeys(check_position(p) for p in positions))
     chat = {p in CHAT_POSITIONS for p in positions}
     if not positions or len(chat) != 1:
-        raise SafesteerError(f"positions {list(positions)}: pass one or more of one kind ({', '.join(CHAT_POSITIONS)} "
-                             "read chat-rendered prompts; mean/last the raw texts)")
+        raise SafesteerError(
+            f"positions {list(positions)}: pass one or more of one kind ({', '.join(CHAT_POSITIONS)} "
+            "read chat-rendered prompts; mean/last the raw texts)"
+        )
     if "answer" in positions and answers is None:
         raise SafesteerError("position 'answer' needs the answers to append; pass answers=[...]")
     out: dict[str, dict[int, list[np.ndarray]]] = {p: {int(l): [] for l in layers} for p in positions}
@@ -239,5 +282,10 @@ def pooled_at(backbone: Any, texts: Sequence[str], layers: Sequence[int], positi
             for p in positions:
                 out[p][l].append(pool(h.float(), mask, p, spans.get(p)).cpu().numpy())
     back = np.argsort(order, kind="stable")
-    return {p: {l: np.concatenate(v)[back] if v else np.zeros((0, backbone.d_model), np.float32) for l, v in per.items()}
-            for p, per in out.items()}
+    return {
+        p: {
+            l: np.concatenate(v)[back] if v else np.zeros((0, backbone.d_model), np.float32)
+            for l, v in per.items()
+        }
+        for p, per in out.items()
+    }

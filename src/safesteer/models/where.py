@@ -21,7 +21,9 @@ def check_where(where: str) -> str:
 
 def is_new_input(kwargs: dict) -> bool:
     """Whether a model call (its forward kwargs) starts a new input: no KV cache, or an empty one."""
-    pkv = next((kwargs[k] for k in ("past_key_values", "cache", "past_key_value") if kwargs.get(k) is not None), None)
+    pkv = next(
+        (kwargs[k] for k in ("past_key_values", "cache", "past_key_value") if kwargs.get(k) is not None), None
+    )
     if pkv is None:
         return True
     try:

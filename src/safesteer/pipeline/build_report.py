@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
-from safesteer.config import dump_toml
 from safesteer.io import read_json, write_json
 from safesteer.pipeline import files
 from safesteer.pipeline.report import Section, hardware, render, versions
@@ -26,15 +22,44 @@ def _grid_sections(sae_dir: Path) -> Section:
     if grid.is_file():
         g = read_json(grid)
         rows = pd.DataFrame(g["rows"])
-        cols = [c for c in ("name", "expansion", "l1", "best_val_loss", "best_epoch", "l0", "fvu", "gamma", "dead_fraction", "epochs_run", "stopped") if c in rows.columns]
-        sec.text(f"Grid over expansion × λ, sorted by best validation loss (the study's Table 1). Best: {g.get('best')}.")
+        cols = [
+            c
+            for c in (
+                "name",
+                "expansion",
+                "l1",
+                "best_val_loss",
+                "best_epoch",
+                "l0",
+                "fvu",
+                "gamma",
+                "dead_fraction",
+                "epochs_run",
+                "stopped",
+            )
+            if c in rows.columns
+        ]
+        sec.text(
+            f"Grid over expansion × λ, sorted by best validation loss (the study's Table 1). Best: {g.get('best')}."
+        )
         sec.table(rows[cols], floatfmt="{:.5g}")
         best_folder = Path(g["rows"][0]["folder"]) if g.get("rows") else None
         if best_folder is not None and (best_folder / "metrics.json").is_file():
             hist = read_json(best_folder / "metrics.json").get("history", [])
-            conv = pd.DataFrame([{"epoch": h["epoch"], **{k: (h.get("val") or {}).get(k) for k in ("loss", "mse", "fvu", "l0", "gamma")},
-                                  "train_loss": (h.get("train") or {}).get("loss"), "dead_fraction": h.get("dead_fraction")} for h in hist])
-            sec.text("Convergence of the selected configuration (validation metrics per epoch; the study's Table 2). γ < 1 means shrinkage.")
+            conv = pd.DataFrame(
+                [
+                    {
+                        "epoch": h["epoch"],
+                        **{k: (h.get("val") or {}).get(k) for k in ("loss", "mse", "fvu", "l0", "gamma")},
+                        "train_loss": (h.get("train") or {}).get("loss"),
+                        "dead_fraction": h.get("dead_fraction"),
+                    }
+                    for h in hist
+                ]
+            )
+            sec.text(
+                "Convergence of the selected configuration (validation metrics per epoch; the study's Table 2). γ < 1 means shrinkage."
+            )
             sec.table(conv, floatfmt="{:.5g}")
     return sec
 
@@ -44,10 +69,30 @@ def _cards_section(atoms_dir: Path) -> Section:
     final = _read_csv(atoms_dir / files.FILTERED_DIR / files.FILTERED_CSV)
     cand = _read_csv(atoms_dir / files.FILTERED_DIR / files.CANDIDATES_CSV)
     if cand is not None:
-        cols = [c for c in ("atom", "category", "label", "verdict", "r", "r_heldout", "replicates", "effect", "screen_pass", "flag", "selected") if c in cand.columns]
-        n_flag = int(cand["flag"].fillna("").astype(str).str.len().gt(0).sum()) if "flag" in cand.columns else 0
-        sec.text(f"{len(cand)} candidates judged by the offline judge and causally screened; "
-                 f"{0 if final is None else len(final)} kept; {n_flag} flagged.")
+        cols = [
+            c
+            for c in (
+                "atom",
+                "category",
+                "label",
+                "verdict",
+                "r",
+                "r_heldout",
+                "replicates",
+                "effect",
+                "screen_pass",
+                "flag",
+                "selected",
+            )
+            if c in cand.columns
+        ]
+        n_flag = (
+            int(cand["flag"].fillna("").astype(str).str.len().gt(0).sum()) if "flag" in cand.columns else 0
+        )
+        sec.text(
+            f"{len(cand)} candidates judged by the offline judge and causally screened; "
+            f"{0 if final is None else len(final)} kept; {n_flag} flagged."
+        )
         sec.table(cand[cols].head(60), floatfmt="{:.3g}")
     cards_path = atoms_dir / files.FILTERED_DIR / files.ATOM_CARDS
     if cards_path.is_file() and final is not None and len(final):
@@ -56,13 +101,21 @@ def _cards_section(atoms_dir: Path) -> Section:
         for _, row in final.head(12).iterrows():
             c = cards.get(int(row["atom"]), {})
             toks = c.get("logit_lens", {})
-            pos = ", ".join(toks.get("positive", toks.get("top", []))[:10]) if isinstance(toks, dict) else ", ".join(map(str, toks))[:200]
-            texts = "".join(f"<li>{_esc(t.get('text', '') if isinstance(t, dict) else t)[:220]}</li>" for t in (c.get("top_texts") or [])[:4])
+            pos = (
+                ", ".join(toks.get("positive", toks.get("top", []))[:10])
+                if isinstance(toks, dict)
+                else ", ".join(map(str, toks))[:200]
+            )
+            texts = "".join(
+                f"<li>{_esc(t.get('text', '') if isinstance(t, dict) else t)[:220]}</li>"
+                for t in (c.get("top_texts") or [])[:4]
+            )
             html_parts.append(
                 f"<div class='card'><b>atom {int(row['atom'])}</b> · {_esc(str(row.get('category', '')))} · "
                 f"{_esc(str(row.get('label', '')))} · verdict <b>{_esc(str(row.get('verdict', '')))}</b> · r={row.get('r', float('nan')):.3f}"
                 f"<br><span class='note'>{_esc(str(row.get('reason', ''))[:300])}</span>"
-                f"<br>logit lens: <code>{_esc(pos)}</code><ul>{texts}</ul></div>")
+                f"<br>logit lens: <code>{_esc(pos)}</code><ul>{texts}</ul></div>"
+            )
         sec.html("".join(html_parts))
     return sec
 
@@ -98,9 +151,16 @@ def headline_tables(ev: Path) -> tuple[pd.DataFrame | None, pd.DataFrame | None]
         rows.append(row)
     cal = read_json(ev / "calibration.json") if (ev / "calibration.json").is_file() else {}
     alphas = res[res["strategy"] != "unsteered"].drop_duplicates("strategy")
-    arows = [{"strategy": r["strategy"], "alpha (× median token norm)": r["alpha"], "alpha (raw)": r["alpha_raw"],
-              "members": int(r["members"]), "how α was chosen": (cal.get(r["strategy"]) or {}).get("reason", "")}
-             for _, r in alphas.iterrows()]
+    arows = [
+        {
+            "strategy": r["strategy"],
+            "alpha (× median token norm)": r["alpha"],
+            "alpha (raw)": r["alpha_raw"],
+            "members": int(r["members"]),
+            "how α was chosen": (cal.get(r["strategy"]) or {}).get("reason", ""),
+        }
+        for _, r in alphas.iterrows()
+    ]
     return pd.DataFrame(rows), pd.DataFrame(arows)
 
 
@@ -120,56 +180,106 @@ def build_report(pipe) -> Path:
     head = Section("Study metrics: steering strategies (test split, 95% bootstrap CIs, Δ vs unsteered)")
     metric_table, alpha_table = headline_tables(ev)
     if metric_table is not None:
-        head.text("Δ = steered − unsteered, paired on the same test items, with a 95% bootstrap CI; * marks a CI that excludes 0. "
-                  "'better' says which way is safer or better (fifty = 50 is unbiased). α was chosen per strategy on a "
-                  "disjoint validation split, as the largest safety gain within the fluency budget; α = 0 means no value "
-                  "of the grid helped, and the strategy is reported unsteered.")
+        head.text(
+            "Δ = steered − unsteered, paired on the same test items, with a 95% bootstrap CI; * marks a CI that excludes 0. "
+            "'better' says which way is safer or better (fifty = 50 is unbiased). α was chosen per strategy on a "
+            "disjoint validation split, as the largest safety gain within the fluency budget; α = 0 means no value "
+            "of the grid helped, and the strategy is reported unsteered."
+        )
         head.table(metric_table)
-        head.table(alpha_table, caption="Chosen α per strategy (α > 0 steers away from the unsafe direction)", floatfmt="{:.4g}")
+        head.table(
+            alpha_table,
+            caption="Chosen α per strategy (α > 0 steers away from the unsafe direction)",
+            floatfmt="{:.4g}",
+        )
     table = _read_csv(ev / "table.csv")
     if table is not None:
-        head.table(table, caption="All values (value [95% CI]) and Δ with p-values, as in table.csv", floatfmt="{:.4g}")
+        head.table(
+            table,
+            caption="All values (value [95% CI]) and Δ with p-values, as in table.csv",
+            floatfmt="{:.4g}",
+        )
     sections.append(head)
     figs = Section("Figures")
-    for name, cap in (("safety.png", "Mean toxicity / harm per strategy; dashed line = unsteered (study Fig. 3)"),
-                      ("bias.png", "CrowS-Pairs and StereoSet per strategy (study Fig. 4)"),
-                      ("choice_deltas.png", "ΔP(Yes) / ΔP(No) per prompt type (study Fig. 5)"),
-                      ("alpha_sweep.png", "α sweep on the validation split, per strategy"),
-                      ("entanglement.png", "Entanglement matrix: effect (z) of each strategy on every metric")):
+    for name, cap in (
+        ("safety.png", "Mean toxicity / harm per strategy; dashed line = unsteered (study Fig. 3)"),
+        ("bias.png", "CrowS-Pairs and StereoSet per strategy (study Fig. 4)"),
+        ("choice_deltas.png", "ΔP(Yes) / ΔP(No) per prompt type (study Fig. 5)"),
+        ("alpha_sweep.png", "α sweep on the validation split, per strategy"),
+        ("entanglement.png", "Entanglement matrix: effect (z) of each strategy on every metric"),
+    ):
         figs.image(ev / "plots" / name, cap)
     sections.append(figs)
     ent = _read_csv(ev / "entanglement.csv")
     if ent is not None:
-        sections.append(Section("Entanglement matrix").text("Standardised effect of each strategy on every metric.").table(ent, floatfmt="{:.3g}"))
+        sections.append(
+            Section("Entanglement matrix")
+            .text("Standardised effect of each strategy on every metric.")
+            .table(ent, floatfmt="{:.3g}")
+        )
     pm = st["probes"].dir / files.PROBE_METRICS
     if pm.is_file():
         m = read_json(pm)
-        df = pd.DataFrame([{"probe": k, **{kk: v for kk, v in vals.items() if not isinstance(v, (dict, list))}} for k, vals in m.items()])
-        sections.append(Section("Probes (held-out metrics)").text("ℓ2 logistic regression on pooled activations; C by cross-validation; metrics on held-out rows.").table(df, floatfmt="{:.4g}"))
+        df = pd.DataFrame(
+            [
+                {"probe": k, **{kk: v for kk, v in vals.items() if not isinstance(v, (dict, list))}}
+                for k, vals in m.items()
+            ]
+        )
+        sections.append(
+            Section("Probes (held-out metrics)")
+            .text(
+                "ℓ2 logistic regression on pooled activations; C by cross-validation; metrics on held-out rows."
+            )
+            .table(df, floatfmt="{:.4g}")
+        )
     sections.append(_grid_sections(st["sae"].dir))
     msum = st["map"].dir / files.MAP_SUMMARY
     if msum.is_file():
         s = read_json(msum)
         sec = Section("Concept cartography")
-        sec.text(f"{s['n_atoms']} atoms × {len(s['labels'])} labels over {s['n_rows']} rows in one streaming pass. {s.get('score', '')}")
+        sec.text(
+            f"{s['n_atoms']} atoms × {len(s['labels'])} labels over {s['n_rows']} rows in one streaming pass. {s.get('score', '')}"
+        )
         link = s.get("link") or {}
         if link:
-            sec.table(pd.DataFrame([{"probe": k, "reconstruction cosine (OMP, 16 atoms)": v} for k, v in link.items()]), floatfmt="{:.3f}")
-        top = [{"label": lab, "atom": a["atom"], "score": a["score"], "r": a["r"]} for lab, atoms in (s.get("top_atoms") or {}).items()
-               if lab in ("toxicity", "harmfulness") for a in atoms]
+            sec.table(
+                pd.DataFrame(
+                    [{"probe": k, "reconstruction cosine (OMP, 16 atoms)": v} for k, v in link.items()]
+                ),
+                floatfmt="{:.3f}",
+            )
+        top = [
+            {"label": lab, "atom": a["atom"], "score": a["score"], "r": a["r"]}
+            for lab, atoms in (s.get("top_atoms") or {}).items()
+            if lab in ("toxicity", "harmfulness")
+            for a in atoms
+        ]
         if top:
             sec.table(pd.DataFrame(top), floatfmt="{:.3g}")
         sections.append(sec)
     sections.append(_cards_section(st["atoms"].dir))
     seconds = stage_timings(pipe)
     repro = {
-        "config": str(pipe.out / "config.toml"), "model": cfg.model.name, "layer": cfg.model.layer, "seed": cfg.run.seed,
-        "hardware": hardware(), **{f"version {k}": v for k, v in versions().items()},
-        "stage timings (s)": ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + f"; this invocation {pipe.timings.get('total', 0.0):.0f}",
+        "config": str(pipe.out / "config.toml"),
+        "model": cfg.model.name,
+        "layer": cfg.model.layer,
+        "seed": cfg.run.seed,
+        "hardware": hardware(),
+        **{f"version {k}": v for k, v in versions().items()},
+        "stage timings (s)": ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
+        + f"; this invocation {pipe.timings.get('total', 0.0):.0f}",
         "stage status": ", ".join(f"{k}: {v}" for k, v in pipe.status.items()),
         "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     html_path, _ = render(f"safesteer run: {cfg.run.name}", sections, repro, pipe.out)
-    write_json(pipe.out / files.RUN_SUMMARY, {"timings": pipe.timings, "stage_seconds": seconds, "status": pipe.status,
-                                               "stages": {k: str(v.dir) for k, v in st.items()}})
+    write_json(
+        pipe.out / files.RUN_SUMMARY,
+        {
+            "timings": pipe.timings,
+            "stage_seconds": seconds,
+            "status": pipe.status,
+            "stages": {k: str(v.dir) for k, v in st.items()},
+        },
+    )
     return html_path

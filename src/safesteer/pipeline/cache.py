@@ -37,7 +37,10 @@ class Stage:
         return read_json(self.dir / "DONE.json") if self.done else {}
 
     def mark_done(self, **info: Any) -> None:
-        write_json(self.dir / "DONE.json", {"stage": self.name, "key": self.key, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info})
+        write_json(
+            self.dir / "DONE.json",
+            {"stage": self.name, "key": self.key, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info},
+        )
 
 
 class StageCache:

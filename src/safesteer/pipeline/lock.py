@@ -26,8 +26,10 @@ class RunLock:
         except BlockingIOError:
             other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise SafesteerError(f"{self.path.parent} is in use by another safesteer run (pid {other}); "
-                                 "wait for it to finish or pass another --out") from None
+            raise SafesteerError(
+                f"{self.path.parent} is in use by another safesteer run (pid {other}); "
+                "wait for it to finish or pass another --out"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd

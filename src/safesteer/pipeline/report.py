@@ -55,13 +55,19 @@ def _table_html(df: pd.DataFrame, floatfmt: str) -> str:
         return html.escape(str(v))
 
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
-    rows = "".join("<tr>" + "".join(f"<td>{fmt(v)}</td>" for v in row) + "</tr>" for row in df.itertuples(index=False))
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{fmt(v)}</td>" for v in row) + "</tr>" for row in df.itertuples(index=False)
+    )
     return f"<div class='tw'><table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table></div>"
 
 
 def _table_md(df: pd.DataFrame, floatfmt: str) -> str:
     def fmt(v: Any) -> str:
-        return ("" if v != v else floatfmt.format(v)) if isinstance(v, float) else str(v).replace("|", "\\|").replace("\n", " ")
+        return (
+            ("" if v != v else floatfmt.format(v))
+            if isinstance(v, float)
+            else str(v).replace("|", "\\|").replace("\n", " ")
+        )
 
     lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
@@ -77,8 +83,12 @@ def versions() -> dict[str, str]:
     from safesteer import __version__
 
     return {
-        "safesteer": __version__, "python": platform.python_version(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "numpy": numpy.__version__, "scikit-learn": sklearn.__version__,
+        "safesteer": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": numpy.__version__,
+        "scikit-learn": sklearn.__version__,
     }
 
 
@@ -99,11 +109,15 @@ def hardware() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, GPU {gpu}"
 
 
-def render(title: str, sections: list[Section], repro: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+def render(
+    title: str, sections: list[Section], repro: dict[str, Any], out_dir: str | Path
+) -> tuple[Path, Path]:
     """Write ``report.html`` (self-contained, images embedded) and ``report.md`` into ``out_dir``."""
     out_dir = Path(out_dir)
     body, md = [f"<h1>{html.escape(title)}</h1>"], [f"# {title}", ""]
-    rep_rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in repro.items())
+    rep_rows = "".join(
+        f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in repro.items()
+    )
     body.append(f"<div class='repro'><b>Reproducibility</b><table>{rep_rows}</table></div>")
     md += ["## Reproducibility", ""] + [f"- **{k}**: {v}" for k, v in repro.items()] + [""]
     toc = "".join(f"<li><a href='#s{i}'>{html.escape(s.title)}</a></li>" for i, s in enumerate(sections))
@@ -127,7 +141,9 @@ def render(title: str, sections: list[Section], repro: dict[str, Any], out_dir: 
             elif kind == "image":
                 path, caption = payload
                 data = base64.b64encode(path.read_bytes()).decode()
-                body.append(f"<div class='fig'><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'/><div class='note'>{html.escape(caption)}</div></div>")
+                body.append(
+                    f"<div class='fig'><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'/><div class='note'>{html.escape(caption)}</div></div>"
+                )
                 try:
                     rel = path.resolve().relative_to(out_dir.resolve())
                 except ValueError:

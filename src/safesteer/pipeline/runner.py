@@ -45,7 +45,14 @@ def stage_keys(cfg: Config) -> dict[str, str]:
 
 
 class Pipeline:
-    def __init__(self, cfg: Config, out: str | Path, stages: list[str] | None = None, *, show_progress: bool | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        out: str | Path,
+        stages: list[str] | None = None,
+        *,
+        show_progress: bool | None = None,
+    ):
         self.cfg = cfg
         self.out = Path(out)
         unknown = [s for s in (stages or []) if s not in STAGES]
@@ -68,8 +75,15 @@ class Pipeline:
         return self.dist is None or self.dist.is_writer
 
     def context(self) -> Context:
-        return Context(config=self.cfg, seed=self.cfg.run.seed, device=self.device, data_dir=self.data_dir, say=_say,
-                       show_progress=self.show_progress and self.is_writer, dist=self.dist)
+        return Context(
+            config=self.cfg,
+            seed=self.cfg.run.seed,
+            device=self.device,
+            data_dir=self.data_dir,
+            say=_say,
+            show_progress=self.show_progress and self.is_writer,
+            dist=self.dist,
+        )
 
     def _stage(self, spec: StageSpec, cache: StageCache, ctx: Context) -> None:
         st = cache.stage(spec.name, stage_params(spec, self.cfg), {k: self.st[k].key for k in spec.inputs})
@@ -85,7 +99,9 @@ class Pipeline:
             return
         missing = [k for k in spec.inputs if not self.st[k].done]
         if missing:
-            raise SafesteerError(f"stage {spec.name} needs {missing[0]}, which has no finished output for these settings; include {missing[0]} in --stages")
+            raise SafesteerError(
+                f"stage {spec.name} needs {missing[0]}, which has no finished output for these settings; include {missing[0]} in --stages"
+            )
         if self.is_writer:
             _say(f"{spec.name}: running -> {st.dir}")
         t0 = time.perf_counter()
@@ -93,15 +109,23 @@ class Pipeline:
             # a one-process stage: rank 0 runs it, the other ranks read its outputs after the barrier
             outputs = None
             if self.dist.is_writer:
-                outputs = spec.run(spec.section_of(self.cfg), {k: self.outputs[k] for k in spec.inputs}, st.dir, ctx)
-                st.mark_done(seconds=round(time.perf_counter() - t0, 2), outputs=dump_outputs(outputs, self.out))
+                outputs = spec.run(
+                    spec.section_of(self.cfg), {k: self.outputs[k] for k in spec.inputs}, st.dir, ctx
+                )
+                st.mark_done(
+                    seconds=round(time.perf_counter() - t0, 2), outputs=dump_outputs(outputs, self.out)
+                )
             self.dist.barrier(f"stage {spec.name}")
             if outputs is None:
                 outputs = load_outputs(spec.outputs, st.info()["outputs"], self.out)
         else:
-            outputs = spec.run(spec.section_of(self.cfg), {k: self.outputs[k] for k in spec.inputs}, st.dir, ctx)
+            outputs = spec.run(
+                spec.section_of(self.cfg), {k: self.outputs[k] for k in spec.inputs}, st.dir, ctx
+            )
             if self.is_writer:
-                st.mark_done(seconds=round(time.perf_counter() - t0, 2), outputs=dump_outputs(outputs, self.out))
+                st.mark_done(
+                    seconds=round(time.perf_counter() - t0, 2), outputs=dump_outputs(outputs, self.out)
+                )
             if self.dist is not None:
                 self.dist.barrier(f"stage {spec.name}")
         seconds = time.perf_counter() - t0
@@ -114,12 +138,18 @@ class Pipeline:
 
         world = env_world_size()
         if world > 1 and not self.cfg.run.distributed:
-            raise SafesteerError(f"WORLD_SIZE={world} (torchrun) but run.distributed is false; set [run] distributed = true "
-                                 "or launch one process")
+            raise SafesteerError(
+                f"WORLD_SIZE={world} (torchrun) but run.distributed is false; set [run] distributed = true "
+                "or launch one process"
+            )
         if self.cfg.run.distributed and world > 1:
             self.dist = from_env(self.device)
-            self.dist.agree({"config": self.cfg.to_dict(), "out": str(self.out.resolve())}, "the run configuration")
-            if not self.dist.is_writer:  # rank 0 holds the run lock and writes the report; the others follow it
+            self.dist.agree(
+                {"config": self.cfg.to_dict(), "out": str(self.out.resolve())}, "the run configuration"
+            )
+            if (
+                not self.dist.is_writer
+            ):  # rank 0 holds the run lock and writes the report; the others follow it
                 self._run()
                 return None
         with RunLock(self.out):
@@ -140,7 +170,9 @@ class Pipeline:
             return None
         if unfinished:
             if self.only is not None and "report" in self.only:
-                raise SafesteerError(f"the report needs {unfinished[0]}, which has no finished output for these settings; include it in --stages")
+                raise SafesteerError(
+                    f"the report needs {unfinished[0]}, which has no finished output for these settings; include it in --stages"
+                )
             _say(f"stopped before {unfinished[0]} (--stages); no report until every stage has finished")
             return None
         from safesteer.pipeline.build_report import build_report

@@ -67,7 +67,11 @@ class StageSpec:
 
     def params(self, cfg: Config, seed: int, has_data_dir: bool) -> dict[str, Any]:
         """The settings part of the cache key: the whole section(s), the seed, and whether an offline data folder is in use."""
-        return {"sections": {s: dataclasses.asdict(getattr(cfg, s)) for s in self.section}, "seed": seed, "data_dir": has_data_dir}
+        return {
+            "sections": {s: dataclasses.asdict(getattr(cfg, s)) for s in self.section},
+            "seed": seed,
+            "data_dir": has_data_dir,
+        }
 
 
 TABLE: tuple[StageSpec, ...] = (
@@ -77,7 +81,9 @@ TABLE: tuple[StageSpec, ...] = (
     StageSpec("probes", ("probes",), ("extract",), run_probes_stage, ProbesOutputs),
     StageSpec("map", ("map",), ("extract", "sae", "encode", "probes"), run_map_stage, MapOutputs),
     StageSpec("atoms", ("atoms",), ("sae", "map"), run_atoms_stage, AtomsOutputs),
-    StageSpec("directions", ("directions",), ("sae", "probes", "atoms"), run_directions_stage, DirectionsOutputs),
+    StageSpec(
+        "directions", ("directions",), ("sae", "probes", "atoms"), run_directions_stage, DirectionsOutputs
+    ),
     StageSpec("evaluate", ("evaluate",), ("probes", "directions"), run_evaluate_stage, EvaluateOutputs),
     StageSpec("behaviour", ("behaviour",), ("directions",), run_behaviour_stage, BehaviourOutputs),
 )

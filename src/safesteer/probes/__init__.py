@@ -11,4 +11,14 @@ identity groups…) live in :mod:`safesteer.probes.labels`.
 from safesteer.probes.labels import LabelSpec, get_spec, spec_names
 from safesteer.probes.logistic import DEFAULT_CS, Probe, diffmean_direction, evaluate, load_probe, train_probe
 
-__all__ = ["DEFAULT_CS", "LabelSpec", "Probe", "diffmean_direction", "evaluate", "get_spec", "load_probe", "spec_names", "train_probe"]
+__all__ = [
+    "DEFAULT_CS",
+    "LabelSpec",
+    "Probe",
+    "diffmean_direction",
+    "evaluate",
+    "get_spec",
+    "load_probe",
+    "spec_names",
+    "train_probe",
+]

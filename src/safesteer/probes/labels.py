@@ -39,28 +39,111 @@ import pandas as pd
 from safesteer.errors import SafesteerError, choices_hint
 
 GO_EMOTIONS: tuple[str, ...] = (
-    "admiration", "amusement", "anger", "annoyance", "approval", "caring", "confusion", "curiosity", "desire",
-    "disappointment", "disapproval", "disgust", "embarrassment", "excitement", "fear", "gratitude", "grief", "joy",
-    "love", "nervousness", "optimism", "pride", "realization", "relief", "remorse", "sadness", "surprise", "neutral",
+    "admiration",
+    "amusement",
+    "anger",
+    "annoyance",
+    "approval",
+    "caring",
+    "confusion",
+    "curiosity",
+    "desire",
+    "disappointment",
+    "disapproval",
+    "disgust",
+    "embarrassment",
+    "excitement",
+    "fear",
+    "gratitude",
+    "grief",
+    "joy",
+    "love",
+    "nervousness",
+    "optimism",
+    "pride",
+    "realization",
+    "relief",
+    "remorse",
+    "sadness",
+    "surprise",
+    "neutral",
 )
 ED_EMOTIONS: tuple[str, ...] = (
-    "afraid", "angry", "annoyed", "anticipating", "anxious", "apprehensive", "ashamed", "caring", "confident",
-    "content", "devastated", "disappointed", "disgusted", "embarrassed", "excited", "faithful", "furious", "grateful",
-    "guilty", "hopeful", "impressed", "jealous", "joyful", "lonely", "nostalgic", "prepared", "proud", "sad",
-    "sentimental", "surprised", "terrified", "trusting",
+    "afraid",
+    "angry",
+    "annoyed",
+    "anticipating",
+    "anxious",
+    "apprehensive",
+    "ashamed",
+    "caring",
+    "confident",
+    "content",
+    "devastated",
+    "disappointed",
+    "disgusted",
+    "embarrassed",
+    "excited",
+    "faithful",
+    "furious",
+    "grateful",
+    "guilty",
+    "hopeful",
+    "impressed",
+    "jealous",
+    "joyful",
+    "lonely",
+    "nostalgic",
+    "prepared",
+    "proud",
+    "sad",
+    "sentimental",
+    "surprised",
+    "terrified",
+    "trusting",
 )
 TOXIGEN_GROUPS: tuple[str, ...] = (
-    "asian", "bisexual", "black", "chinese", "immigrant", "jewish", "latino", "lgbtq", "mental_disability", "mexican",
-    "middle_east", "muslim", "native_american", "physical_disability", "trans", "women",
+    "asian",
+    "bisexual",
+    "black",
+    "chinese",
+    "immigrant",
+    "jewish",
+    "latino",
+    "lgbtq",
+    "mental_disability",
+    "mexican",
+    "middle_east",
+    "muslim",
+    "native_american",
+    "physical_disability",
+    "trans",
+    "women",
 )
 RTP_ATTRIBUTES: tuple[str, ...] = (
-    "severe_toxicity", "profanity", "sexually_explicit", "flirtation", "identity_attack", "threat", "insult",
+    "severe_toxicity",
+    "profanity",
+    "sexually_explicit",
+    "flirtation",
+    "identity_attack",
+    "threat",
+    "insult",
 )
 BEAVERTAILS_LABELS: tuple[str, ...] = (
-    "animal_abuse", "child_abuse", "controversial_topics_politics", "discrimination_stereotype_injustice",
-    "drug_abuse_weapons_banned_substance", "financial_crime_property_crime_theft", "hate_speech_offensive_language",
-    "misinformation_regarding_ethics_laws_and_safety", "non_violent_unethical_behavior", "privacy_violation",
-    "self_harm", "sexually_explicit_adult_content", "terrorism_organized_crime", "violence_aiding_and_abetting_incitement",
+    "animal_abuse",
+    "child_abuse",
+    "controversial_topics_politics",
+    "discrimination_stereotype_injustice",
+    "drug_abuse_weapons_banned_substance",
+    "financial_crime_property_crime_theft",
+    "hate_speech_offensive_language",
+    "misinformation_regarding_ethics_laws_and_safety",
+    "non_violent_unethical_behavior",
+    "privacy_violation",
+    "self_harm",
+    "sexually_explicit_adult_content",
+    "terrorism_organized_crime",
+    "violence_aiding_and_abetting_incitement",
 )
 
 #: macro-categories used by the filtered atom selection (identity is mapped but not steered on)
@@ -105,7 +188,11 @@ class Part:
         return self.column in labels and self._test(labels[self.column])
 
     def match_frame(self, df: pd.DataFrame) -> np.ndarray:
-        ds = df["dataset"].astype(str).to_numpy() if "dataset" in df.columns else np.full(len(df), "", dtype=object)
+        ds = (
+            df["dataset"].astype(str).to_numpy()
+            if "dataset" in df.columns
+            else np.full(len(df), "", dtype=object)
+        )
         m = ds == self.dataset
         if self.column is None or not m.any():
             return m
@@ -161,43 +248,99 @@ class LabelSpec:
         return 1.0 if pos and not neg else 0.0 if neg and not pos else float("nan")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "category": self.category, "description": self.description,
-                "positives": [p.describe() for p in self.positives], "negatives": [p.describe() for p in self.negatives]}
+        return {
+            "name": self.name,
+            "category": self.category,
+            "description": self.description,
+            "positives": [p.describe() for p in self.positives],
+            "negatives": [p.describe() for p in self.negatives],
+        }
 
 
 def _spec_table() -> dict[str, LabelSpec]:
     specs: list[LabelSpec] = [
-        LabelSpec("toxicity", "toxicity", "ToxiGen hate + RealToxicityPrompts toxic vs ToxiGen neutral + GoEmotions",
-                  (Part("toxigen", "toxic", 1), Part("realtoxicityprompts", "toxic", 1)),
-                  (Part("toxigen", "toxic", 0), Part("go_emotions"))),
-        LabelSpec("toxicity_madlibs", "toxicity", "bias_madlibs identity templates: BAD vs NOT_BAD",
-                  (Part("bias_madlibs", "toxic", 1),), (Part("bias_madlibs", "toxic", 0),)),
-        LabelSpec("harmfulness", "harm", "AdvBench + DoNotAnswer vs XSTest safe + HH-RLHF chosen",
-                  (Part("advbench"), Part("donotanswer")),
-                  (Part("xstest", "unsafe", 0), Part("hh_rlhf_harmless", "chosen", 1))),
-        LabelSpec("harm_beavertails", "harm", "BeaverTails harmful QA vs XSTest safe prompts",
-                  (Part("beavertails", "harmful", 1),), (Part("xstest", "unsafe", 0),)),
+        LabelSpec(
+            "toxicity",
+            "toxicity",
+            "ToxiGen hate + RealToxicityPrompts toxic vs ToxiGen neutral + GoEmotions",
+            (Part("toxigen", "toxic", 1), Part("realtoxicityprompts", "toxic", 1)),
+            (Part("toxigen", "toxic", 0), Part("go_emotions")),
+        ),
+        LabelSpec(
+            "toxicity_madlibs",
+            "toxicity",
+            "bias_madlibs identity templates: BAD vs NOT_BAD",
+            (Part("bias_madlibs", "toxic", 1),),
+            (Part("bias_madlibs", "toxic", 0),),
+        ),
+        LabelSpec(
+            "harmfulness",
+            "harm",
+            "AdvBench + DoNotAnswer vs XSTest safe + HH-RLHF chosen",
+            (Part("advbench"), Part("donotanswer")),
+            (Part("xstest", "unsafe", 0), Part("hh_rlhf_harmless", "chosen", 1)),
+        ),
+        LabelSpec(
+            "harm_beavertails",
+            "harm",
+            "BeaverTails harmful QA vs XSTest safe prompts",
+            (Part("beavertails", "harmful", 1),),
+            (Part("xstest", "unsafe", 0),),
+        ),
     ]
     for a in RTP_ATTRIBUTES:
-        specs.append(LabelSpec(f"rtp:{a}", "toxicity", f"RealToxicityPrompts (scored) {a} >= 0.5 vs < 0.5",
-                               (Part("realtoxicityprompts", a, 0.5, "ge"),), (Part("realtoxicityprompts", a, 0.5, "lt"),)))
+        specs.append(
+            LabelSpec(
+                f"rtp:{a}",
+                "toxicity",
+                f"RealToxicityPrompts (scored) {a} >= 0.5 vs < 0.5",
+                (Part("realtoxicityprompts", a, 0.5, "ge"),),
+                (Part("realtoxicityprompts", a, 0.5, "lt"),),
+            )
+        )
     for c in BEAVERTAILS_LABELS:
-        specs.append(LabelSpec(f"harm:{c}", "harm", f"BeaverTails category {c} vs the other harmful categories",
-                               (Part("beavertails", c, 1),), (Part("beavertails", c, 0),)))
+        specs.append(
+            LabelSpec(
+                f"harm:{c}",
+                "harm",
+                f"BeaverTails category {c} vs the other harmful categories",
+                (Part("beavertails", c, 1),),
+                (Part("beavertails", c, 0),),
+            )
+        )
     for e in GO_EMOTIONS:
-        specs.append(LabelSpec(f"emotion:{e}", "emotion", f"GoEmotions '{e}' vs not '{e}'",
-                               (Part("go_emotions", e, 1),), (Part("go_emotions", e, 0),)))
+        specs.append(
+            LabelSpec(
+                f"emotion:{e}",
+                "emotion",
+                f"GoEmotions '{e}' vs not '{e}'",
+                (Part("go_emotions", e, 1),),
+                (Part("go_emotions", e, 0),),
+            )
+        )
     for e in ED_EMOTIONS:
-        specs.append(LabelSpec(f"empathy:{e}", "empathy", f"EmpatheticDialogues '{e}' vs the other emotions",
-                               (Part("empathetic_dialogues", e, 1),), (Part("empathetic_dialogues", e, 0),)))
+        specs.append(
+            LabelSpec(
+                f"empathy:{e}",
+                "empathy",
+                f"EmpatheticDialogues '{e}' vs the other emotions",
+                (Part("empathetic_dialogues", e, 1),),
+                (Part("empathetic_dialogues", e, 0),),
+            )
+        )
     for g in TOXIGEN_GROUPS:
         specs.append(_identity_spec(g))
     return {s.name: s for s in specs}
 
 
 def _identity_spec(group: str) -> LabelSpec:
-    return LabelSpec(f"identity:{group}", "identity", f"ToxiGen texts about '{group}' vs about other groups",
-                     (Part("toxigen", "target_group", group),), (Part("toxigen", "target_group", group, "ne"),))
+    return LabelSpec(
+        f"identity:{group}",
+        "identity",
+        f"ToxiGen texts about '{group}' vs about other groups",
+        (Part("toxigen", "target_group", group),),
+        (Part("toxigen", "target_group", group, "ne"),),
+    )
 
 
 SPECS: dict[str, LabelSpec] = _spec_table()
@@ -213,7 +356,13 @@ def get_spec(name: str) -> LabelSpec:
         return SPECS[name]
     if name.startswith("identity:") and len(name) > len("identity:"):
         return _identity_spec(name.split(":", 1)[1])
-    short = [n for n in SPECS if ":" not in n] + ["emotion:<e>", "empathy:<e>", "rtp:<attr>", "harm:<category>", "identity:<group>"]
+    short = [n for n in SPECS if ":" not in n] + [
+        "emotion:<e>",
+        "empathy:<e>",
+        "rtp:<attr>",
+        "harm:<category>",
+        "identity:<group>",
+    ]
     raise SafesteerError(choices_hint(f"label '{name}'", short))
 
 
@@ -221,7 +370,9 @@ def category_of(label: str) -> str:
     return get_spec(label).category if (label in SPECS or label.startswith("identity:")) else "other"
 
 
-def specs_for_frame(df: pd.DataFrame, names: Iterable[str] | None = None, min_per_class: int = 1) -> dict[str, np.ndarray]:
+def specs_for_frame(
+    df: pd.DataFrame, names: Iterable[str] | None = None, min_per_class: int = 1
+) -> dict[str, np.ndarray]:
     """``{label: y}`` for every spec (or those in ``names``) with ≥ ``min_per_class`` rows per class in ``df``.
 
     Identity groups found in a ``target_group`` column are added beyond the built-in list.
@@ -256,7 +407,9 @@ class LabelledTexts:
     def subset(self, mask: Sequence[bool]) -> "LabelledTexts":
         m = list(mask)
         pick = lambda xs: [x for x, k in zip(xs, m) if k]  # noqa: E731
-        return LabelledTexts(pick(self.ids), pick(self.texts), pick(self.y), pick(self.split), pick(self.dataset))
+        return LabelledTexts(
+            pick(self.ids), pick(self.texts), pick(self.y), pick(self.split), pick(self.dataset)
+        )
 
 
 @functools.lru_cache(maxsize=8)
@@ -310,5 +463,7 @@ def collect_texts(
             out.split.append(r.split)
             out.dataset.append(r.id.split(":", 1)[0])
     if not any(out.y) or all(out.y):
-        raise SafesteerError(f"label '{spec.name}' found only one class in the data ({', '.join(spec.datasets)}); check --data-dir")
+        raise SafesteerError(
+            f"label '{spec.name}' found only one class in the data ({', '.join(spec.datasets)}); check --data-dir"
+        )
     return out

@@ -49,7 +49,9 @@ def diffmean_direction(H: np.ndarray, y: np.ndarray) -> np.ndarray:
     H = np.asarray(H, dtype=np.float64)
     y = _check_binary(y, "y")
     if y.sum() == 0 or y.sum() == len(y):
-        raise SafesteerError("DiffMean needs both positive and negative rows; the label has only one class here")
+        raise SafesteerError(
+            "DiffMean needs both positive and negative rows; the label has only one class here"
+        )
     return _unit(H[y == 1].mean(axis=0) - H[y == 0].mean(axis=0))
 
 
@@ -107,8 +109,11 @@ class Probe:
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        tensors = {"w": np.ascontiguousarray(self.w, dtype=np.float64), "b": np.array([self.b], dtype=np.float64),
-                   "direction": np.ascontiguousarray(self.direction, dtype=np.float64)}
+        tensors = {
+            "w": np.ascontiguousarray(self.w, dtype=np.float64),
+            "b": np.array([self.b], dtype=np.float64),
+            "direction": np.ascontiguousarray(self.direction, dtype=np.float64),
+        }
         if self.mean is not None:
             tensors["mean"] = np.ascontiguousarray(self.mean, dtype=np.float64)
         if self.scale is not None:
@@ -117,8 +122,17 @@ class Probe:
             tensors["diffmean"] = np.ascontiguousarray(self.diffmean, dtype=np.float64)
         with atomic_path(out / "probe.safetensors") as tmp:
             save_file(tensors, str(tmp))
-        write_json(out / "probe.json", {"format": "safesteer-probe", "version": FORMAT_VERSION, "d": self.d,
-                                        "b": float(self.b), "metrics": self.metrics, "meta": self.meta})
+        write_json(
+            out / "probe.json",
+            {
+                "format": "safesteer-probe",
+                "version": FORMAT_VERSION,
+                "d": self.d,
+                "b": float(self.b),
+                "metrics": self.metrics,
+                "meta": self.meta,
+            },
+        )
         return out
 
 
@@ -130,32 +144,58 @@ def load_probe(path: str | Path) -> Probe:
     folder = p.parent if p.name == "probe.json" else p
     meta = read_json(folder / "probe.json")
     if meta.get("format") != "safesteer-probe":
-        raise SafesteerError(f"{folder / 'probe.json'} is not a safesteer probe; point at a folder written by `safesteer probe`")
+        raise SafesteerError(
+            f"{folder / 'probe.json'} is not a safesteer probe; point at a folder written by `safesteer probe`"
+        )
     st = folder / "probe.safetensors"
     if not st.is_file():
         raise SafesteerError(f"missing file {st}; re-run `safesteer probe`")
     t = load_file(str(st))
-    return Probe(w=t["w"], b=float(t["b"][0]), mean=t.get("mean"), scale=t.get("scale"), diffmean=t.get("diffmean"),
-                 metrics=meta.get("metrics", {}), meta=meta.get("meta", {}))
+    return Probe(
+        w=t["w"],
+        b=float(t["b"][0]),
+        mean=t.get("mean"),
+        scale=t.get("scale"),
+        diffmean=t.get("diffmean"),
+        metrics=meta.get("metrics", {}),
+        meta=meta.get("meta", {}),
+    )
 
 
 # ---------------------------------------------------------------------------------------- training
 def _standardise(H: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mu = H.mean(axis=0)
     sd = H.std(axis=0)
-    sd = np.where(sd > 1e-12 * max(1.0, float(np.abs(mu).max(initial=0.0))), sd, 1.0)  # constant features: leave as is
+    sd = np.where(
+        sd > 1e-12 * max(1.0, float(np.abs(mu).max(initial=0.0))), sd, 1.0
+    )  # constant features: leave as is
     return mu, sd
 
 
-def _fit(Z: np.ndarray, y: np.ndarray, C: float, balanced: bool, seed: int, max_iter: int, clf=None, tol: float = 1e-6,
-         sample_weight: np.ndarray | None = None):
+def _fit(
+    Z: np.ndarray,
+    y: np.ndarray,
+    C: float,
+    balanced: bool,
+    seed: int,
+    max_iter: int,
+    clf=None,
+    tol: float = 1e-6,
+    sample_weight: np.ndarray | None = None,
+):
     """Fit (or warm-start ``clf`` with a new C) an ℓ2 logistic regression (optionally row-weighted)."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
     if clf is None:
-        clf = LogisticRegression(C=C, class_weight="balanced" if balanced else None, max_iter=max_iter, random_state=seed,
-                                 tol=tol, warm_start=True)
+        clf = LogisticRegression(
+            C=C,
+            class_weight="balanced" if balanced else None,
+            max_iter=max_iter,
+            random_state=seed,
+            tol=tol,
+            warm_start=True,
+        )
     else:
         clf.set_params(C=C)
     with warnings.catch_warnings():
@@ -164,14 +204,25 @@ def _fit(Z: np.ndarray, y: np.ndarray, C: float, balanced: bool, seed: int, max_
     return clf
 
 
-def fold_standardisation(w_z: np.ndarray, b_z: float, mean: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, float]:
+def fold_standardisation(
+    w_z: np.ndarray, b_z: float, mean: np.ndarray, scale: np.ndarray
+) -> tuple[np.ndarray, float]:
     """Raw-space (w, b) of a linear model fitted on (h − mean)/scale: w = w_z/scale, b = b_z − w_z·(mean/scale)."""
     w_z = np.asarray(w_z, dtype=np.float64)
     return w_z / scale, float(b_z - np.dot(w_z, np.asarray(mean, dtype=np.float64) / scale))
 
 
-def choose_C(Z: np.ndarray, y: np.ndarray, Cs: Sequence[float], *, balanced: bool, seed: int, folds: int = 5,
-             max_iter: int = 2000, sample_weight: np.ndarray | None = None) -> tuple[float, dict[str, float]]:
+def choose_C(
+    Z: np.ndarray,
+    y: np.ndarray,
+    Cs: Sequence[float],
+    *,
+    balanced: bool,
+    seed: int,
+    folds: int = 5,
+    max_iter: int = 2000,
+    sample_weight: np.ndarray | None = None,
+) -> tuple[float, dict[str, float]]:
     """C with the lowest mean held-out log-loss over stratified folds (ties → smaller C); with
     ``sample_weight`` the fits and the held-out log-loss are weighted by it."""
     from sklearn.metrics import log_loss
@@ -186,8 +237,17 @@ def choose_C(Z: np.ndarray, y: np.ndarray, Cs: Sequence[float], *, balanced: boo
     for tr, va in skf.split(Z, y):
         clf = None  # warm-started along increasing C (the regularisation path)
         for c in sorted(scores):
-            clf = _fit(Z[tr], y[tr], c, balanced, seed, max_iter, clf=clf, tol=1e-4,
-                       sample_weight=None if sample_weight is None else sample_weight[tr])
+            clf = _fit(
+                Z[tr],
+                y[tr],
+                c,
+                balanced,
+                seed,
+                max_iter,
+                clf=clf,
+                tol=1e-4,
+                sample_weight=None if sample_weight is None else sample_weight[tr],
+            )
             p = clf.predict_proba(Z[va])[:, 1]
             if balanced:  # score as balanced too, so the choice matches the objective
                 wts = np.where(y[va] == 1, 0.5 / max(y[va].mean(), 1e-12), 0.5 / max(1 - y[va].mean(), 1e-12))
@@ -211,8 +271,13 @@ def evaluate(probe: Probe, H: np.ndarray, y: np.ndarray) -> dict[str, float]:
     p = probe.predict_proba(H)
     pred = (p >= 0.5).astype(np.int64)
     auroc = float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
-    return {"accuracy": float(accuracy_score(y, pred)), "auroc": auroc, "f1": float(f1_score(y, pred, zero_division=0)),
-            "n": int(len(y)), "positive_rate": float(y.mean())}
+    return {
+        "accuracy": float(accuracy_score(y, pred)),
+        "auroc": auroc,
+        "f1": float(f1_score(y, pred, zero_division=0)),
+        "n": int(len(y)),
+        "positive_rate": float(y.mean()),
+    }
 
 
 def train_probe(
@@ -242,38 +307,79 @@ def train_probe(
         raise SafesteerError(f"H_train has shape {H_train.shape} but y_train has {len(y_train)} labels")
     counts = np.bincount(y_train, minlength=2)
     if counts.min() < 2:
-        raise SafesteerError(f"the training split has {counts[1]} positive and {counts[0]} negative rows; a probe needs at least 2 of each")
+        raise SafesteerError(
+            f"the training split has {counts[1]} positive and {counts[0]} negative rows; a probe needs at least 2 of each"
+        )
     if not len(Cs):
         raise SafesteerError("Cs is empty; give at least one inverse regularisation strength")
     if sample_weight is not None:
         sample_weight = np.asarray(sample_weight, dtype=np.float64).reshape(-1)
-        if sample_weight.shape[0] != len(y_train) or not np.all(np.isfinite(sample_weight)) or sample_weight.min() <= 0:
-            raise SafesteerError(f"sample_weight needs one finite positive weight per training row ({len(y_train)})")
+        if (
+            sample_weight.shape[0] != len(y_train)
+            or not np.all(np.isfinite(sample_weight))
+            or sample_weight.min() <= 0
+        ):
+            raise SafesteerError(
+                f"sample_weight needs one finite positive weight per training row ({len(y_train)})"
+            )
     if standardize:
         mu, sd = _standardise(H_train)
     else:
         mu, sd = np.zeros(H_train.shape[1]), np.ones(H_train.shape[1])
     Z = (H_train - mu) / sd
-    C, cv = choose_C(Z, y_train, list(Cs), balanced=balanced, seed=seed, folds=folds, max_iter=max_iter,
-                     sample_weight=sample_weight)
+    C, cv = choose_C(
+        Z,
+        y_train,
+        list(Cs),
+        balanced=balanced,
+        seed=seed,
+        folds=folds,
+        max_iter=max_iter,
+        sample_weight=sample_weight,
+    )
     clf = _fit(Z, y_train, C, balanced, seed, max_iter, sample_weight=sample_weight)
     w, b = fold_standardisation(clf.coef_[0], float(clf.intercept_[0]), mu, sd)
-    probe = Probe(w=w, b=b, mean=mu if standardize else None, scale=sd if standardize else None,
-                  diffmean=diffmean_direction(H_train, y_train), meta=dict(meta or {}))
+    probe = Probe(
+        w=w,
+        b=b,
+        mean=mu if standardize else None,
+        scale=sd if standardize else None,
+        diffmean=diffmean_direction(H_train, y_train),
+        meta=dict(meta or {}),
+    )
     tr = evaluate(probe, H_train, y_train)
-    metrics: dict[str, Any] = {"C": C, "cv_log_loss": cv, "balanced": bool(balanced), "standardized": bool(standardize),
-                               "seed": int(seed), "n_train": int(len(y_train)), "n_train_positive": int(counts[1]),
-                               "train_accuracy": tr["accuracy"], "train_auroc": tr["auroc"]}
+    metrics: dict[str, Any] = {
+        "C": C,
+        "cv_log_loss": cv,
+        "balanced": bool(balanced),
+        "standardized": bool(standardize),
+        "seed": int(seed),
+        "n_train": int(len(y_train)),
+        "n_train_positive": int(counts[1]),
+        "train_accuracy": tr["accuracy"],
+        "train_auroc": tr["auroc"],
+    }
     if H_test is not None and y_test is not None and len(y_test):
         te = evaluate(probe, np.asarray(H_test), y_test)
-        metrics.update({"accuracy": te["accuracy"], "auroc": te["auroc"], "f1": te["f1"], "n_test": te["n"],
-                        "n_test_positive": int(np.asarray(y_test).sum())})
+        metrics.update(
+            {
+                "accuracy": te["accuracy"],
+                "auroc": te["auroc"],
+                "f1": te["f1"],
+                "n_test": te["n"],
+                "n_test_positive": int(np.asarray(y_test).sum()),
+            }
+        )
         dm = Probe(w=probe.diffmean, b=0.0)
         try:
             from sklearn.metrics import roc_auc_score
 
             yt = _check_binary(y_test, "y_test")
-            metrics["diffmean_auroc"] = float(roc_auc_score(yt, dm.decision_function(np.asarray(H_test)))) if 0 < yt.sum() < len(yt) else float("nan")
+            metrics["diffmean_auroc"] = (
+                float(roc_auc_score(yt, dm.decision_function(np.asarray(H_test))))
+                if 0 < yt.sum() < len(yt)
+                else float("nan")
+            )
         except ValueError:
             metrics["diffmean_auroc"] = float("nan")
     else:

@@ -27,9 +27,15 @@ def labelled_rows(store, label: str, max_rows: int | None = None, seed: int = 0,
         Hs.append(b.H[keep])
         ys.append(y[keep].astype(np.int64))
         ids.append(b.ids[keep])
-        splits.append(b.labels["split"].astype(str).to_numpy()[keep] if "split" in b.labels.columns else np.full(keep.sum(), ""))
+        splits.append(
+            b.labels["split"].astype(str).to_numpy()[keep]
+            if "split" in b.labels.columns
+            else np.full(keep.sum(), "")
+        )
     if not Hs:
-        raise SafesteerError(f"no row of {store.path} belongs to label '{label}' (it needs: {', '.join(spec.datasets)}); extract those datasets first")
+        raise SafesteerError(
+            f"no row of {store.path} belongs to label '{label}' (it needs: {', '.join(spec.datasets)}); extract those datasets first"
+        )
     H, y, ids, sp = np.concatenate(Hs), np.concatenate(ys), np.concatenate(ids), np.concatenate(splits)
     if max_rows is not None and len(y) > max_rows:
         pick = np.sort(np.random.default_rng(seed).choice(len(y), max_rows, replace=False))
@@ -37,7 +43,9 @@ def labelled_rows(store, label: str, max_rows: int | None = None, seed: int = 0,
     return H, y, ids, sp
 
 
-def choose_holdout(ids: np.ndarray, y: np.ndarray, split: np.ndarray, mode: str, test_fraction: float) -> tuple[np.ndarray, str]:
+def choose_holdout(
+    ids: np.ndarray, y: np.ndarray, split: np.ndarray, mode: str, test_fraction: float
+) -> tuple[np.ndarray, str]:
     """Boolean test mask: the datasets' own test split ('dataset'), an id hash ('id'), or 'auto'."""
     from safesteer.store import is_validation_id
 
@@ -51,15 +59,29 @@ def choose_holdout(ids: np.ndarray, y: np.ndarray, split: np.ndarray, mode: str,
         if ok(test):
             return test, "dataset split (train → fit, test → held-out)"
         if mode == "dataset":
-            raise SafesteerError("the rows' dataset splits do not give both classes in train and test; use --holdout id")
+            raise SafesteerError(
+                "the rows' dataset splits do not give both classes in train and test; use --holdout id"
+            )
     test = is_validation_id(ids, test_fraction)
     if not ok(test):
-        raise SafesteerError(f"a {test_fraction:.0%} id-hash hold-out leaves a class with < 2 rows; extract more rows")
+        raise SafesteerError(
+            f"a {test_fraction:.0%} id-hash hold-out leaves a class with < 2 rows; extract more rows"
+        )
     return test, f"id hash ({test_fraction:.0%} held out)"
 
 
-def run_probe(acts: Path, label: str, out: Path, *, balanced: bool = False, seed: int = 0, holdout: str = ProbeSection.holdout,
-              test_fraction: float = ProbeSection.test_fraction, cs: list[float] | None = None, max_rows: int | None = None) -> dict[str, Any]:
+def run_probe(
+    acts: Path,
+    label: str,
+    out: Path,
+    *,
+    balanced: bool = False,
+    seed: int = 0,
+    holdout: str = ProbeSection.holdout,
+    test_fraction: float = ProbeSection.test_fraction,
+    cs: list[float] | None = None,
+    max_rows: int | None = None,
+) -> dict[str, Any]:
     from safesteer.io import save_npy, write_json
     from safesteer.probes import DEFAULT_CS, train_probe
     from safesteer.probes.labels import get_spec
@@ -69,9 +91,18 @@ def run_probe(acts: Path, label: str, out: Path, *, balanced: bool = False, seed
     store = ActivationStore(acts)
     H, y, ids, sp = labelled_rows(store, label, max_rows=max_rows, seed=seed)
     test, how = choose_holdout(ids, y, sp, holdout, test_fraction)
-    meta = {"label": label, "spec": spec.to_dict(), "acts": str(store.path), "layer": store.layer,
-            "model": store.manifest.get("model"), "kind": store.manifest.get("kind"), "holdout": how}
-    probe = train_probe(H[~test], y[~test], H[test], y[test], balanced=balanced, seed=seed, Cs=cs or DEFAULT_CS, meta=meta)
+    meta = {
+        "label": label,
+        "spec": spec.to_dict(),
+        "acts": str(store.path),
+        "layer": store.layer,
+        "model": store.manifest.get("model"),
+        "kind": store.manifest.get("kind"),
+        "holdout": how,
+    }
+    probe = train_probe(
+        H[~test], y[~test], H[test], y[test], balanced=balanced, seed=seed, Cs=cs or DEFAULT_CS, meta=meta
+    )
     probe.save(out)
     save_npy(out / "direction.npy", probe.direction.astype(np.float32))
     save_npy(out / "diffmean.npy", probe.diffmean.astype(np.float32))
@@ -88,9 +119,19 @@ class ProbesOutputs:
 def run_probes_stage(section: Any, inputs: Mapping[str, Any], out_dir: Path, ctx) -> ProbesOutputs:
     from safesteer.io import write_json
 
-    metrics = {label: run_probe(inputs["extract"].acts, label, out_dir / label, balanced=section.balanced, seed=ctx.seed,
-                                holdout=section.holdout, test_fraction=section.test_fraction, max_rows=section.max_rows,
-                                cs=list(section.cs) or None)
-               for label in section.labels}
+    metrics = {
+        label: run_probe(
+            inputs["extract"].acts,
+            label,
+            out_dir / label,
+            balanced=section.balanced,
+            seed=ctx.seed,
+            holdout=section.holdout,
+            test_fraction=section.test_fraction,
+            max_rows=section.max_rows,
+            cs=list(section.cs) or None,
+        )
+        for label in section.labels
+    }
     write_json(out_dir / files.PROBE_METRICS, metrics)
     return ProbesOutputs({label: out_dir / label for label in section.labels}, out_dir / files.PROBE_METRICS)

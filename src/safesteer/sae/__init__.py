@@ -5,8 +5,8 @@
 >>> f = sae.encode(x); x_hat = sae.decode(f)  # sae.W_dec: (d_sae x d_in) unit-norm atom directions
 """
 
-from safesteer.sae.config import SAEConfig, TrainConfig
 from safesteer.sae.checkpoint import TrainerState
+from safesteer.sae.config import SAEConfig, TrainConfig
 from safesteer.sae.gated import GatedForward, GatedSAE, gated_forward, loss_and_grads, reference_loss
 from safesteer.sae.optim import ConstrainedAdam
 from safesteer.sae.saving import fold_scale, load_sae, save_sae

@@ -19,7 +19,6 @@ from safesteer.errors import SafesteerError
 BatchSource = Callable[[int, str], Iterable[Any]]
 
 
-
 def array_batches(
     X: np.ndarray | torch.Tensor,
     batch_size: int,

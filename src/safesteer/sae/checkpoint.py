@@ -68,16 +68,28 @@ class TrainerState:
         return out
 
     def scalars(self) -> dict[str, Any]:
-        return {"step": self.step, "epoch": self.epoch, "batch_index": self.batch_index, "rows_seen": self.rows_seen,
-                "scale": self.scale, "precision": self.precision, "sparse_threshold": self.sparse_threshold,
-                "best_val_loss": self.best_val_loss, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
-                "history": self.history, "acc": self.acc}
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_index": self.batch_index,
+            "rows_seen": self.rows_seen,
+            "scale": self.scale,
+            "precision": self.precision,
+            "sparse_threshold": self.sparse_threshold,
+            "best_val_loss": self.best_val_loss,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "history": self.history,
+            "acc": self.acc,
+        }
 
 
 def list_checkpoints(ckpt_dir: Path | None) -> list[Path]:
     if ckpt_dir is None or not ckpt_dir.is_dir():
         return []
-    return sorted((p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("ckpt-")), key=lambda p: p.name)
+    return sorted(
+        (p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("ckpt-")), key=lambda p: p.name
+    )
 
 
 def save_checkpoint(ckpt_dir: Path, state: TrainerState, header: dict[str, Any]) -> Path:
@@ -94,10 +106,20 @@ def save_checkpoint(ckpt_dir: Path, state: TrainerState, header: dict[str, Any])
     tensors["rng.numpy_key"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     py_state = random.getstate()
-    payload = {"format": CKPT_FORMAT, **header, **state.scalars(), "rng": {
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-        "numpy": {"name": np_state[0], "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-    }}
+    payload = {
+        "format": CKPT_FORMAT,
+        **header,
+        **state.scalars(),
+        "rng": {
+            "python": [py_state[0], list(py_state[1]), py_state[2]],
+            "numpy": {
+                "name": np_state[0],
+                "pos": int(np_state[2]),
+                "has_gauss": int(np_state[3]),
+                "cached_gaussian": float(np_state[4]),
+            },
+        },
+    }
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=ckpt_dir))
     try:
         save_file(tensors, str(tmp / "tensors.safetensors"))
@@ -112,7 +134,9 @@ def save_checkpoint(ckpt_dir: Path, state: TrainerState, header: dict[str, Any])
         _fsync_dir(ckpt_dir)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise SafesteerError(f"cannot write checkpoint {final}: {exc.strerror or exc}; check free space") from exc
+        raise SafesteerError(
+            f"cannot write checkpoint {final}: {exc.strerror or exc}; check free space"
+        ) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -138,17 +162,24 @@ def load_latest_checkpoint(
         return None
     latest = ckpts[-1]
     prev = ckpts[-2].name if len(ckpts) > 1 else None
-    keep = (f"; the previous checkpoint {prev} is kept: delete {latest} to resume from it" if prev
-            else "; no earlier checkpoint exists: delete it to start over")
+    keep = (
+        f"; the previous checkpoint {prev} is kept: delete {latest} to resume from it"
+        if prev
+        else "; no earlier checkpoint exists: delete it to start over"
+    )
     try:
         saved = json.loads((latest / "state.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise SafesteerError(f"checkpoint {latest} is corrupted (state.json unreadable: {exc}){keep}") from exc
+        raise SafesteerError(
+            f"checkpoint {latest} is corrupted (state.json unreadable: {exc}){keep}"
+        ) from exc
     tpath = latest / "tensors.safetensors"
     if not isinstance(saved, dict) or saved.get("format") != CKPT_FORMAT:
         raise SafesteerError(f"checkpoint {latest} is corrupted or not a safesteer SAE checkpoint{keep}")
     if not tpath.is_file() or sha256_file(tpath) != saved.get("tensors_sha256"):
-        raise SafesteerError(f"checkpoint {latest} is corrupted (tensors.safetensors missing or sha256 mismatch){keep}")
+        raise SafesteerError(
+            f"checkpoint {latest} is corrupted (tensors.safetensors missing or sha256 mismatch){keep}"
+        )
     if saved.get("fingerprint") != fingerprint:
         raise SafesteerError(
             f"checkpoint {latest} was written by another configuration ({mismatch(saved.get('identity') or {})}); "
@@ -163,7 +194,9 @@ def load_latest_checkpoint(
         return enc_layout(v) if name == "W_enc" else v.clone()
 
     def group(prefix: str) -> dict[str, torch.Tensor]:
-        return {k.split(".", 1)[1]: layout(k.split(".", 1)[1], v) for k, v in t.items() if k.startswith(prefix)}
+        return {
+            k.split(".", 1)[1]: layout(k.split(".", 1)[1], v) for k, v in t.items() if k.startswith(prefix)
+        }
 
     params = {n: layout(n, t[f"param.{n}"]) for n in PARAM_NAMES}
     adam_m = group("adam_m.")
@@ -171,13 +204,23 @@ def load_latest_checkpoint(
         for n in trainable:
             adam_m.setdefault(n, torch.zeros_like(params[n]))
     state = TrainerState(
-        params=params, adam_v=group("adam_v."), adam_m=adam_m, best=group("best.") or None,
+        params=params,
+        adam_v=group("adam_v."),
+        adam_m=adam_m,
+        best=group("best.") or None,
         last_fired=t["last_fired"].clone().to(device),
-        step=int(saved["step"]), epoch=int(saved["epoch"]), batch_index=int(saved["batch_index"]),
-        rows_seen=int(saved["rows_seen"]), scale=float(saved["scale"]), precision=str(saved.get("precision", "fp32")),
-        sparse_threshold=float(saved.get("sparse_threshold", 0.0)), best_val_loss=saved.get("best_val_loss"),
-        best_epoch=saved.get("best_epoch"), bad_epochs=int(saved.get("bad_epochs", 0)),
-        history=list(saved.get("history") or []), acc=dict(saved.get("acc") or new_acc()),
+        step=int(saved["step"]),
+        epoch=int(saved["epoch"]),
+        batch_index=int(saved["batch_index"]),
+        rows_seen=int(saved["rows_seen"]),
+        scale=float(saved["scale"]),
+        precision=str(saved.get("precision", "fp32")),
+        sparse_threshold=float(saved.get("sparse_threshold", 0.0)),
+        best_val_loss=saved.get("best_val_loss"),
+        best_epoch=saved.get("best_epoch"),
+        bad_epochs=int(saved.get("bad_epochs", 0)),
+        history=list(saved.get("history") or []),
+        acc=dict(saved.get("acc") or new_acc()),
     )
     torch.set_rng_state(t["rng.torch"].cpu())
     rng = saved.get("rng") or {}
@@ -186,8 +229,15 @@ def load_latest_checkpoint(
         random.setstate((v, tuple(internal), gauss))
     if "numpy" in rng:
         ns = rng["numpy"]
-        np.random.set_state((ns["name"], t["rng.numpy_key"].cpu().numpy().astype(np.uint32), ns["pos"], ns["has_gauss"],
-                             ns["cached_gaussian"]))
+        np.random.set_state(
+            (
+                ns["name"],
+                t["rng.numpy_key"].cpu().numpy().astype(np.uint32),
+                ns["pos"],
+                ns["has_gauss"],
+                ns["cached_gaussian"],
+            )
+        )
     return state, latest
 
 
@@ -204,5 +254,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-__all__ = ["CKPT_FORMAT", "KEEP_CHECKPOINTS", "TrainerState", "list_checkpoints", "load_latest_checkpoint", "new_acc",
-           "save_checkpoint"]
+__all__ = [
+    "CKPT_FORMAT",
+    "KEEP_CHECKPOINTS",
+    "TrainerState",
+    "list_checkpoints",
+    "load_latest_checkpoint",
+    "new_acc",
+    "save_checkpoint",
+]

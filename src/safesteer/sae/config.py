@@ -46,7 +46,9 @@ class SAEConfig:
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
-            raise SafesteerError(f"unknown SAE variant {self.variant!r}; valid choices: {', '.join(VARIANTS)}")
+            raise SafesteerError(
+                f"unknown SAE variant {self.variant!r}; valid choices: {', '.join(VARIANTS)}"
+            )
         if int(self.d_in) <= 0 or int(self.d_sae) <= 0:
             raise SafesteerError(f"SAE sizes must be positive (d_in={self.d_in}, d_sae={self.d_sae})")
         self.d_in = int(self.d_in)
@@ -56,7 +58,9 @@ class SAEConfig:
         out = dataclasses.asdict(self)
         out["model_name"] = self.metadata.get("model_name")
         out["hook_name"] = self.metadata.get("hook_name")
-        out["meta"] = {k: self.metadata.get(k) for k in ("model_name", "hook_name", "hook_layer", "dataset_path")}
+        out["meta"] = {
+            k: self.metadata.get(k) for k in ("model_name", "hook_name", "hook_layer", "dataset_path")
+        }
         return out
 
     @classmethod
@@ -124,15 +128,23 @@ class TrainConfig:
         if not (self.lr > 0):
             raise SafesteerError(f"the learning rate must be > 0 (got {self.lr})")
         if self.variant not in VARIANTS:
-            raise SafesteerError(f"unknown SAE variant {self.variant!r}; valid choices: {', '.join(VARIANTS)}")
+            raise SafesteerError(
+                f"unknown SAE variant {self.variant!r}; valid choices: {', '.join(VARIANTS)}"
+            )
         if self.precision not in PRECISIONS:
-            raise SafesteerError(f"unknown precision {self.precision!r}; valid choices: {', '.join(PRECISIONS)}")
+            raise SafesteerError(
+                f"unknown precision {self.precision!r}; valid choices: {', '.join(PRECISIONS)}"
+            )
         if self.b_dec_init not in B_DEC_INITS:
-            raise SafesteerError(f"unknown b_dec init {self.b_dec_init!r}; valid choices: {', '.join(B_DEC_INITS)}")
+            raise SafesteerError(
+                f"unknown b_dec init {self.b_dec_init!r}; valid choices: {', '.join(B_DEC_INITS)}"
+            )
         if self.batch_size <= 0:
             raise SafesteerError(f"batch size must be > 0 (got {self.batch_size})")
         if self.epochs < 0 or self.patience < 1:
-            raise SafesteerError(f"epochs must be >= 0 and patience >= 1 (got {self.epochs}, {self.patience})")
+            raise SafesteerError(
+                f"epochs must be >= 0 and patience >= 1 (got {self.epochs}, {self.patience})"
+            )
         if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
             raise SafesteerError("Adam betas must lie in [0, 1)")
 

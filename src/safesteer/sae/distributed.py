@@ -79,7 +79,9 @@ class GradientAllReduce:
         names = sorted(grads)  # the same order on every rank
         flat = torch.cat([grads[n].reshape(-1) for n in names])
         flat.mul_(self.weight)
-        with collective(self.dist, f"the gradient all-reduce of step {self.trainer.step + 1 if self.trainer else '?'}"):
+        with collective(
+            self.dist, f"the gradient all-reduce of step {self.trainer.step + 1 if self.trainer else '?'}"
+        ):
             torch.distributed.all_reduce(flat)
         offset = 0
         for n in names:
@@ -112,42 +114,104 @@ def train_distributed(
 ) -> TrainResult:
     """Train on ``dist.world`` ranks (``dist.device`` each); plain :class:`Trainer` when not distributed."""
     if not dist.enabled:
-        return Trainer(cfg, d_in, out_dir, device=dist.device, data_identity=data_identity, on_step=on_step, on_epoch=on_epoch,
-                       sae_metadata=sae_metadata).fit(batches, resume=resume)
-    dist.agree({"train": cfg.to_dict(), "d_in": int(d_in), "data": data_identity or {}, "out": str(out_dir), "resume": bool(resume),
-                "latest_checkpoint": _latest_checkpoint(out_dir) if resume else ""}, "train-sae")
+        return Trainer(
+            cfg,
+            d_in,
+            out_dir,
+            device=dist.device,
+            data_identity=data_identity,
+            on_step=on_step,
+            on_epoch=on_epoch,
+            sae_metadata=sae_metadata,
+        ).fit(batches, resume=resume)
+    dist.agree(
+        {
+            "train": cfg.to_dict(),
+            "d_in": int(d_in),
+            "data": data_identity or {},
+            "out": str(out_dir),
+            "resume": bool(resume),
+            "latest_checkpoint": _latest_checkpoint(out_dir) if resume else "",
+        },
+        "train-sae",
+    )
     if next(iter(batches(0, "val")), None) is None:
-        raise SafesteerError("distributed SAE training needs validation rows (early stopping must agree across ranks); "
-                             "use --val-fraction > 0")
+        raise SafesteerError(
+            "distributed SAE training needs validation rows (early stopping must agree across ranks); "
+            "use --val-fraction > 0"
+        )
     hook = GradientAllReduce(dist)
-    tr = Trainer(cfg, d_in, out_dir, device=dist.device, data_identity=data_identity,
-                 on_step=on_step if dist.is_writer else None, on_epoch=on_epoch if dist.is_writer else None,
-                 sae_metadata=sae_metadata, reduce_grads=hook.reduce_grads, is_writer=dist.is_writer)
+    tr = Trainer(
+        cfg,
+        d_in,
+        out_dir,
+        device=dist.device,
+        data_identity=data_identity,
+        on_step=on_step if dist.is_writer else None,
+        on_epoch=on_epoch if dist.is_writer else None,
+        sae_metadata=sae_metadata,
+        reduce_grads=hook.reduce_grads,
+        is_writer=dist.is_writer,
+    )
     hook.trainer = tr
     res = tr.fit(hook.batches(batches), resume=resume)
     table = dist.all_gather_int(params_digest(tr.params), "the end-of-training weight check")
     bad = [r for r, row in enumerate(table) if row != table[0]]
     if bad:  # would mean a non-deterministic reduction: refuse rather than save one rank's view
-        raise SafesteerError(f"rank(s) {bad} ended with other SAE weights than rank 0; the collective backend is not "
-                             "deterministic here -- train on one process or report this setup")
+        raise SafesteerError(
+            f"rank(s) {bad} ended with other SAE weights than rank 0; the collective backend is not "
+            "deterministic here -- train on one process or report this setup"
+        )
     dist.barrier("the end of SAE training")  # rank 0 has written sae/ and metrics.json
     return res
 
 
-def grid_distributed(batches: BatchSource, d_in: int, base: TrainConfig, out_dir: str | os.PathLike, dist: Dist, *,
-                     data_identity: dict[str, Any] | None = None, on_step: Callable[[dict[str, Any]], None] | None = None,
-                     on_epoch: Callable[[dict[str, Any]], None] | None = None, on_run: Callable[[str, TrainConfig], None] | None = None,
-                     sae_metadata: dict[str, Any] | None = None, device: str | None = None, **grid: Any) -> Any:
+def grid_distributed(
+    batches: BatchSource,
+    d_in: int,
+    base: TrainConfig,
+    out_dir: str | os.PathLike,
+    dist: Dist,
+    *,
+    data_identity: dict[str, Any] | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    on_run: Callable[[str, TrainConfig], None] | None = None,
+    sae_metadata: dict[str, Any] | None = None,
+    device: str | None = None,
+    **grid: Any,
+) -> Any:
     """:func:`safesteer.sae.grid.run_grid` with every run trained by :func:`train_distributed` (rank 0 writes;
     ``device`` is ignored: each rank computes on ``dist.device``)."""
     from safesteer.sae.grid import run_grid
 
     def fit(cfg: TrainConfig, folder: Any, resume: bool) -> TrainResult:
-        return train_distributed(batches, d_in, cfg, folder, dist, resume=resume, data_identity=data_identity, on_step=on_step,
-                                 on_epoch=on_epoch, sae_metadata=sae_metadata)
+        return train_distributed(
+            batches,
+            d_in,
+            cfg,
+            folder,
+            dist,
+            resume=resume,
+            data_identity=data_identity,
+            on_step=on_step,
+            on_epoch=on_epoch,
+            sae_metadata=sae_metadata,
+        )
 
-    res = run_grid(batches, d_in, base, out_dir, device=dist.device, data_identity=data_identity,
-                   on_run=on_run if dist.is_writer else None, sae_metadata=sae_metadata, fit=fit, is_writer=dist.is_writer, **grid)
+    res = run_grid(
+        batches,
+        d_in,
+        base,
+        out_dir,
+        device=dist.device,
+        data_identity=data_identity,
+        on_run=on_run if dist.is_writer else None,
+        sae_metadata=sae_metadata,
+        fit=fit,
+        is_writer=dist.is_writer,
+        **grid,
+    )
     dist.barrier("the end of the SAE grid")  # rank 0 has written grid_results.json and sae/
     return res
 
@@ -157,7 +221,10 @@ def params_digest(trainer_params: dict[str, torch.Tensor]) -> list[int]:
     out = []
     for n in sorted(trainer_params):
         t = trainer_params[n].detach().double().cpu()
-        out += [int(np.float64(float(t.sum())).view(np.int64)), int(np.float64(float((t * t).sum())).view(np.int64))]
+        out += [
+            int(np.float64(float(t.sum())).view(np.int64)),
+            int(np.float64(float((t * t).sum())).view(np.int64)),
+        ]
     return out
 
 

@@ -45,7 +45,6 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-
 import torch
 from torch import nn
 
@@ -135,7 +134,9 @@ class GatedForward:
         return (self.a if self.a is not None else torch.relu(self.pi_gate)).sum(-1)
 
 
-def gated_forward(p: dict[str, torch.Tensor], x: torch.Tensor, variant: str, *, decode: bool = True) -> GatedForward:
+def gated_forward(
+    p: dict[str, torch.Tensor], x: torch.Tensor, variant: str, *, decode: bool = True
+) -> GatedForward:
     """The one functional Gated SAE forward: a pure function of the parameters and ``x`` (rows x d_in).
 
     Used by :class:`GatedSAE` (encode), :func:`reference_loss` (the definition the fused kernel
@@ -155,7 +156,9 @@ def gated_forward(p: dict[str, torch.Tensor], x: torch.Tensor, variant: str, *, 
     return out
 
 
-def reference_loss(p: dict[str, torch.Tensor], x: torch.Tensor, l1: float, variant: str) -> dict[str, torch.Tensor]:
+def reference_loss(
+    p: dict[str, torch.Tensor], x: torch.Tensor, l1: float, variant: str
+) -> dict[str, torch.Tensor]:
     """The loss written plainly with autograd on :func:`gated_forward` (used by tests and as the definition)."""
     fw = gated_forward(p, x, variant)
     mse = (x - fw.x_hat).pow(2).sum(-1).mean()
@@ -262,7 +265,9 @@ def loss_and_grads(
     return grads, stats
 
 
-def _buf(ws: dict[str, torch.Tensor] | None, key: str, shape: tuple[int, ...], like: torch.Tensor, dtype=None) -> torch.Tensor | None:
+def _buf(
+    ws: dict[str, torch.Tensor] | None, key: str, shape: tuple[int, ...], like: torch.Tensor, dtype=None
+) -> torch.Tensor | None:
     if ws is None:
         return None
     dtype = dtype or like.dtype
@@ -420,7 +425,9 @@ def _sparse_chunk(p, x, xt, pi_gate, support, nsup, paper, s, scale, lam, grads,
     d = x.shape[1]
     g_enc = _spmm(_csr(crow_t, col_t, g_pre[order], (S, n)), xt, _buf(ws, "g_W_enc", (S, d), x))
     _put(grads, "W_enc", g_enc.t())
-    _put(grads, "W_dec", _spmm(_csr(crow_t, col_t, f_v[order], (S, n)), E[:n], _buf(ws, "g_W_dec", (S, d), x)))
+    _put(
+        grads, "W_dec", _spmm(_csr(crow_t, col_t, f_v[order], (S, n)), E[:n], _buf(ws, "g_W_dec", (S, d), x))
+    )
     _put(grads, "_gsum_e", E[:n].sum(0))
 
 

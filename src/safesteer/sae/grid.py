@@ -61,9 +61,19 @@ def run_grid(
     distributed run passes :func:`safesteer.sae.distributed.train_distributed`); only a writer
     writes the grid's files."""
     if fit is None:
+
         def fit(cfg: TrainConfig, folder: Path, resume: bool) -> TrainResult:
-            return Trainer(cfg, d_in, folder, device=device, data_identity=data_identity, on_step=on_step, on_epoch=on_epoch,
-                           sae_metadata=sae_metadata).fit(batches, resume=resume)
+            return Trainer(
+                cfg,
+                d_in,
+                folder,
+                device=device,
+                data_identity=data_identity,
+                on_step=on_step,
+                on_epoch=on_epoch,
+                sae_metadata=sae_metadata,
+            ).fit(batches, resume=resume)
+
     if not expansions or not l1s:
         raise SafesteerError("the grid needs at least one expansion and one L1 coefficient")
     for k in expansions:
@@ -83,14 +93,16 @@ def run_grid(
                 on_run(folder.name, cfg)
             res = fit(cfg, folder, resume)
             rows.append(_row(k, lam, res, folder))
-    rows.sort(key=lambda r: (float("inf") if r["best_val_loss"] is None else r["best_val_loss"]))
+    rows.sort(key=lambda r: float("inf") if r["best_val_loss"] is None else r["best_val_loss"])
     best = rows[0]
     table = grid_table(rows)
     if is_writer:
         write_json(out / "grid_results.json", {"rows": rows, "best": best["name"]})
         (out / "grid.md").write_text(table)
     # continue the winner from its own checkpoint to convergence
-    cfg = base.replace(expansion=best["expansion"], l1=best["l1"], epochs=final_epochs, patience=final_patience)
+    cfg = base.replace(
+        expansion=best["expansion"], l1=best["l1"], epochs=final_epochs, patience=final_patience
+    )
     if on_run is not None:
         on_run(f"{best['name']} (final)", cfg)
     final = fit(cfg, Path(best["folder"]), True)
@@ -100,9 +112,20 @@ def run_grid(
     if final_dir.exists():
         shutil.rmtree(final_dir)
     save_sae(final.sae, final_dir, extra={"grid": best["name"]})
-    write_json(out / "grid_results.json", {"rows": rows, "best": best["name"], "final": {
-        "epochs": len(final.history), "best_epoch": final.best_epoch, "best_val_loss": final.best_val_loss,
-        "stopped": final.stopped, "sae": str(final_dir)}})
+    write_json(
+        out / "grid_results.json",
+        {
+            "rows": rows,
+            "best": best["name"],
+            "final": {
+                "epochs": len(final.history),
+                "best_epoch": final.best_epoch,
+                "best_val_loss": final.best_val_loss,
+                "stopped": final.stopped,
+                "sae": str(final_dir),
+            },
+        },
+    )
     return GridResult(rows=rows, best=best, final=final, table=table)
 
 
@@ -129,8 +152,12 @@ def _row(k: int, lam: float, res: TrainResult, folder: Path) -> dict[str, Any]:
 
 
 def grid_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| rank | expansion | L1 | best val loss | epoch | L0 | FVU | dead % |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| rank | expansion | L1 | best val loss | epoch | L0 | FVU | dead % |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for i, r in enumerate(rows, 1):
+
         def f(v: Any, fmt: str) -> str:
             return "-" if v is None else format(v, fmt)
 

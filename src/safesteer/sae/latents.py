@@ -51,10 +51,14 @@ class LatentStore:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not (self.path / "manifest.json").is_file():
-            raise SafesteerError(f"{self.path} is not a latent store (no manifest.json); run 'safesteer encode' first")
+            raise SafesteerError(
+                f"{self.path} is not a latent store (no manifest.json); run 'safesteer encode' first"
+            )
         self.manifest: dict[str, Any] = read_json(self.path / "manifest.json")
         if self.manifest.get("format") != FORMAT:
-            raise SafesteerError(f"{self.path}/manifest.json has format {self.manifest.get('format')!r}, expected {FORMAT!r}")
+            raise SafesteerError(
+                f"{self.path}/manifest.json has format {self.manifest.get('format')!r}, expected {FORMAT!r}"
+            )
         self.n_latents = int(self.manifest["n_latents"])
         self.d_in = int(self.manifest["d_in"])
         self.shards = sorted(self.manifest["shards"], key=lambda s: s["index"])
@@ -71,7 +75,9 @@ class LatentStore:
         ids = load_npy(self.path / f["ids"])
         rows = int(entry["rows"])
         if len(indptr) != rows + 1 or int(indptr[-1]) != len(indices) or len(values) != len(indices):
-            raise SafesteerError(f"latent shard {entry['index']} in {self.path} is inconsistent; re-run 'safesteer encode'")
+            raise SafesteerError(
+                f"latent shard {entry['index']} in {self.path} is inconsistent; re-run 'safesteer encode'"
+            )
         Z = sp.csr_matrix((values, indices, indptr), shape=(rows, self.n_latents))
         return Z, ids
 
@@ -102,13 +108,18 @@ def _source_sha(store: Any, index: int) -> str | None:
 
 def _entry_ok(folder: Path, entry: dict[str, Any]) -> bool:
     try:
-        return all((folder / name).is_file() and sha256_file(folder / name) == entry["sha256"][k] for k, name in entry["files"].items())
+        return all(
+            (folder / name).is_file() and sha256_file(folder / name) == entry["sha256"][k]
+            for k, name in entry["files"].items()
+        )
     except (KeyError, OSError):
         return False
 
 
 @torch.no_grad()
-def encode_rows(sae: GatedSAE, H: np.ndarray, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def encode_rows(
+    sae: GatedSAE, H: np.ndarray, batch_size: int = 4096
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """CSR arrays (indptr int64, indices int64, values float32) of ``sae.encode`` on ``H``."""
     n = H.shape[0]
     counts = np.zeros(n, dtype=np.int64)
@@ -145,7 +156,9 @@ def encode_store(
     store = _open_acts(acts_path)
     d_in, n_lat = sae.cfg.d_in, sae.cfg.d_sae
     if int(store.d) != d_in:
-        raise SafesteerError(f"the activations have width {store.d} but the SAE expects d_in={d_in}; use the SAE trained on this layer")
+        raise SafesteerError(
+            f"the activations have width {store.d} but the SAE expects d_in={d_in}; use the SAE trained on this layer"
+        )
     out = Path(out_path)
     out.mkdir(parents=True, exist_ok=True)
     sae_info = {"cfg": sae.cfg.to_dict(), "weights_sha256": sae_fingerprint(sae)}
@@ -155,7 +168,10 @@ def encode_store(
         old = read_json(mpath)
         if old.get("format") != FORMAT:
             raise SafesteerError(f"{out} holds something else than a latent store; choose another --out")
-        if old.get("sae", {}).get("weights_sha256") != sae_info["weights_sha256"] or int(old.get("n_latents", -1)) != n_lat:
+        if (
+            old.get("sae", {}).get("weights_sha256") != sae_info["weights_sha256"]
+            or int(old.get("n_latents", -1)) != n_lat
+        ):
             raise SafesteerError(f"{out} holds latents of another SAE; choose another --out or delete it")
         entries = {int(e["index"]): e for e in old.get("shards", [])}
     idt = index_dtype(n_lat)
@@ -177,7 +193,12 @@ def encode_store(
     for index, H, ids in shard_iter:
         src = _source_sha(store, index)
         e = entries.get(int(index))
-        if e is not None and e.get("source_sha256") == src and int(e.get("rows", -1)) == H.shape[0] and _entry_ok(out, e):
+        if (
+            e is not None
+            and e.get("source_sha256") == src
+            and int(e.get("rows", -1)) == H.shape[0]
+            and _entry_ok(out, e)
+        ):
             done.append(e)
             seen_rows += H.shape[0]
             continue
@@ -205,8 +226,11 @@ def encode_store(
         manifest["shards"] = sorted(done, key=lambda s: s["index"])
         write_json(mpath, manifest)
         if progress:
-            print(f"[safesteer] encoded shard {index}: {H.shape[0]} rows, L0 {len(indices) / max(1, H.shape[0]):.1f} "
-                  f"({seen_rows}/{total_rows} rows)", file=sys.stderr)
+            print(
+                f"[safesteer] encoded shard {index}: {H.shape[0]} rows, L0 {len(indices) / max(1, H.shape[0]):.1f} "
+                f"({seen_rows}/{total_rows} rows)",
+                file=sys.stderr,
+            )
     manifest["shards"] = sorted(done, key=lambda s: s["index"])
     n_rows = sum(s["rows"] for s in done)
     z_bytes = sum(os.path.getsize(out / s["files"][k]) for s in done for k in ("indptr", "indices", "values"))

@@ -31,7 +31,15 @@ class ReconSums:
     x_sq: float = 0.0
     x_sum: np.ndarray | None = field(default=None, repr=False)
 
-    def add(self, x: torch.Tensor, x_hat: torch.Tensor, f: torch.Tensor, *, x_aux: torch.Tensor | None = None, l1_term: torch.Tensor | None = None) -> None:
+    def add(
+        self,
+        x: torch.Tensor,
+        x_hat: torch.Tensor,
+        f: torch.Tensor,
+        *,
+        x_aux: torch.Tensor | None = None,
+        l1_term: torch.Tensor | None = None,
+    ) -> None:
         xd = x.double()
         xh = x_hat.double()
         self.n += x.shape[0]

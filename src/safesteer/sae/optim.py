@@ -27,8 +27,14 @@ import torch
 class ConstrainedAdam:
     """Adam over named tensors, with unit-norm rows for the parameters in ``unit_rows``."""
 
-    def __init__(self, *, beta1: float = 0.0, beta2: float = 0.999, eps: float = 1e-8,
-                 unit_rows: Sequence[str] = ("W_dec",)):
+    def __init__(
+        self,
+        *,
+        beta1: float = 0.0,
+        beta2: float = 0.999,
+        eps: float = 1e-8,
+        unit_rows: Sequence[str] = ("W_dec",),
+    ):
         self.beta1, self.beta2, self.eps = float(beta1), float(beta2), float(eps)
         self.unit_rows = tuple(unit_rows)
         self.v: dict[str, torch.Tensor] = {}
@@ -51,7 +57,9 @@ class ConstrainedAdam:
         return g.addcmul_(w, coef, value=-1.0)
 
     @torch.no_grad()
-    def step(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], lr: float, t: int) -> None:
+    def step(
+        self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], lr: float, t: int
+    ) -> None:
         """One update of every parameter with moments, at step ``t`` (1-based). ``grads`` may be modified."""
         b1, b2 = self.beta1, self.beta2
         bc1 = 1.0 - b1**t if b1 > 0 else 1.0

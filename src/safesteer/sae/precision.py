@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 
-
 def cpu_has_native_bf16() -> bool:
     try:
         with open("/proc/cpuinfo") as fh:

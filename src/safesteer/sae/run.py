@@ -27,8 +27,13 @@ def store_identity(store: Any, val_fraction: float, shuffle_buffer: int) -> dict
     h = hashlib.sha256()
     for s in (store.manifest or {}).get("shards", []):
         h.update(json.dumps([s.get("index"), s.get("rows"), (s.get("sha256") or {}).get("H")]).encode())
-    return {"d": int(store.d), "n_rows": int(store.n_rows), "shards_sha256": h.hexdigest()[:16],
-            "val_fraction": val_fraction, "shuffle_buffer": shuffle_buffer}
+    return {
+        "d": int(store.d),
+        "n_rows": int(store.n_rows),
+        "shards_sha256": h.hexdigest()[:16],
+        "val_fraction": val_fraction,
+        "shuffle_buffer": shuffle_buffer,
+    }
 
 
 def store_batches(store: Any, batch_size: int, *, val_fraction: float, shuffle_buffer: int, seed: int):
@@ -36,8 +41,13 @@ def store_batches(store: Any, batch_size: int, *, val_fraction: float, shuffle_b
 
     def batches(epoch: int, split: str):
         return store.iter_batches(
-            batch_size, split=split, val_fraction=val_fraction, shuffle_buffer=shuffle_buffer if split == "train" else 0,
-            seed=seed, epoch=epoch, with_labels=False,
+            batch_size,
+            split=split,
+            val_fraction=val_fraction,
+            shuffle_buffer=shuffle_buffer if split == "train" else 0,
+            seed=seed,
+            epoch=epoch,
+            with_labels=False,
         )
 
     return batches
@@ -56,12 +66,24 @@ class TrainProgress:
     def __enter__(self) -> "TrainProgress":
         if self.enabled:
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self.bar = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
                 TextColumn("loss {task.fields[loss]}  L0 {task.fields[l0]}  FVU {task.fields[fvu]}"),
-                TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=False,
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=False,
             )
             self.bar.__enter__()
         return self
@@ -82,13 +104,17 @@ class TrainProgress:
         desc = f"{self.run + ' ' if self.run else ''}epoch {info['epoch'] + 1}"
         if self.task is None or self.bar.tasks[self.task].description != desc:
             self.task = self.bar.add_task(desc, total=self.steps_per_epoch, loss="-", l0="-", fvu="-")
-        self.bar.update(self.task, advance=1, loss=f"{info['loss']:.4g}", l0=f"{info['l0']:.1f}", fvu=f"{info['fvu']:.4f}")
+        self.bar.update(
+            self.task, advance=1, loss=f"{info['loss']:.4g}", l0=f"{info['l0']:.1f}", fvu=f"{info['fvu']:.4f}"
+        )
 
     def on_epoch(self, entry: dict[str, Any]) -> None:
         v = entry.get("val") or {}
-        line = (f"epoch {entry['epoch']}: val loss {v.get('loss', float('nan')):.6g}  FVU {v.get('fvu', float('nan')):.4f}  "
-                f"L0 {v.get('l0', float('nan')):.1f}  dead {100 * entry['dead_fraction']:.2f}%  gamma {v.get('gamma', float('nan')):.4f}"
-                + ("  *" if entry.get("improved") else ""))
+        line = (
+            f"epoch {entry['epoch']}: val loss {v.get('loss', float('nan')):.6g}  FVU {v.get('fvu', float('nan')):.4f}  "
+            f"L0 {v.get('l0', float('nan')):.1f}  dead {100 * entry['dead_fraction']:.2f}%  gamma {v.get('gamma', float('nan')):.4f}"
+            + ("  *" if entry.get("improved") else "")
+        )
         if self.bar is not None:
             self.bar.console.print(line)
         else:
@@ -100,15 +126,34 @@ def train_config(section: Any, seed: int, *, expansion: int | None = None, l1: f
     from safesteer.sae.config import TrainConfig
 
     return TrainConfig(
-        expansion=int(expansion if expansion is not None else section.expansions[0]), l1=float(l1 if l1 is not None else section.l1[0]),
-        variant=section.variant, lr=section.lr, lr_warmup_steps=section.lr_warmup, l1_warmup_steps=section.l1_warmup,
-        batch_size=section.batch_size, epochs=section.epochs, patience=section.patience, seed=seed, precision=section.precision,
+        expansion=int(expansion if expansion is not None else section.expansions[0]),
+        l1=float(l1 if l1 is not None else section.l1[0]),
+        variant=section.variant,
+        lr=section.lr,
+        lr_warmup_steps=section.lr_warmup,
+        l1_warmup_steps=section.l1_warmup,
+        batch_size=section.batch_size,
+        epochs=section.epochs,
+        patience=section.patience,
+        seed=seed,
+        precision=section.precision,
         checkpoint_every=section.checkpoint_every,
     )
 
 
-def train_on_store(acts: Path, out: Path, base: Any, *, val_fraction: float, shuffle_buffer: int, device: str = "cpu",
-                   grid: dict[str, Any] | None = None, resume: bool = False, show_progress: bool = True, dist: Any = None):
+def train_on_store(
+    acts: Path,
+    out: Path,
+    base: Any,
+    *,
+    val_fraction: float,
+    shuffle_buffer: int,
+    device: str = "cpu",
+    grid: dict[str, Any] | None = None,
+    resume: bool = False,
+    show_progress: bool = True,
+    dist: Any = None,
+):
     """Train one SAE (``grid=None``) or a grid (``grid``: expansions, l1s, grid_epochs, grid_patience)
     on the store at ``acts``; the selected SAE lands in ``out/sae``. Returns (final TrainResult, grid table or None).
 
@@ -127,28 +172,68 @@ def train_on_store(acts: Path, out: Path, base: Any, *, val_fraction: float, shu
             raise SafesteerError("--device cuda requested but no CUDA device is available; use --device cpu")
     store = open_store(acts)
     ident = store_identity(store, val_fraction, shuffle_buffer)
-    batches = store_batches(store, base.batch_size, val_fraction=val_fraction, shuffle_buffer=shuffle_buffer, seed=base.seed)
-    meta = {"dataset_path": str(getattr(store, "path", acts)), "hook_layer": (store.manifest or {}).get("layer"),
-            "model_name": (store.manifest or {}).get("model")}
+    batches = store_batches(
+        store, base.batch_size, val_fraction=val_fraction, shuffle_buffer=shuffle_buffer, seed=base.seed
+    )
+    meta = {
+        "dataset_path": str(getattr(store, "path", acts)),
+        "hook_layer": (store.manifest or {}).get("layer"),
+        "model_name": (store.manifest or {}).get("model"),
+    }
     steps = max(1, -(-int(store.n_rows * (1 - val_fraction)) // base.batch_size))
     distributed = dist is not None and dist.enabled
     with TrainProgress(show_progress and (not distributed or dist.is_writer), steps) as prog:
         if grid is not None:
             grid_fn = functools.partial(grid_distributed, dist=dist) if distributed else run_grid
-            res = grid_fn(batches, store.d, base, out, expansions=list(grid["expansions"]), l1s=list(grid["l1s"]),
-                           grid_epochs=grid["grid_epochs"], grid_patience=grid["grid_patience"], final_epochs=base.epochs,
-                           final_patience=base.patience, resume=resume, device=device, data_identity=ident,
-                           on_step=prog.on_step, on_epoch=prog.on_epoch, on_run=prog.start_run, sae_metadata=meta)
+            res = grid_fn(
+                batches,
+                store.d,
+                base,
+                out,
+                expansions=list(grid["expansions"]),
+                l1s=list(grid["l1s"]),
+                grid_epochs=grid["grid_epochs"],
+                grid_patience=grid["grid_patience"],
+                final_epochs=base.epochs,
+                final_patience=base.patience,
+                resume=resume,
+                device=device,
+                data_identity=ident,
+                on_step=prog.on_step,
+                on_epoch=prog.on_epoch,
+                on_run=prog.start_run,
+                sae_metadata=meta,
+            )
             return res.final, res.table
         if distributed:
-            return train_distributed(batches, store.d, base, out, dist, resume=resume, data_identity=ident, on_step=prog.on_step,
-                                     on_epoch=prog.on_epoch, sae_metadata=meta), None
-        tr = Trainer(base, store.d, out, device=device, data_identity=ident, on_step=prog.on_step, on_epoch=prog.on_epoch,
-                     sae_metadata=meta)
+            return train_distributed(
+                batches,
+                store.d,
+                base,
+                out,
+                dist,
+                resume=resume,
+                data_identity=ident,
+                on_step=prog.on_step,
+                on_epoch=prog.on_epoch,
+                sae_metadata=meta,
+            ), None
+        tr = Trainer(
+            base,
+            store.d,
+            out,
+            device=device,
+            data_identity=ident,
+            on_step=prog.on_step,
+            on_epoch=prog.on_epoch,
+            sae_metadata=meta,
+        )
         return tr.fit(batches, resume=resume), None
 
 
-def encode(sae: Path, acts: Path, out: Path, *, batch_size: int, device: str = "cpu", show_progress: bool = True):
+def encode(
+    sae: Path, acts: Path, out: Path, *, batch_size: int, device: str = "cpu", show_progress: bool = True
+):
     """Encode the store at ``acts`` with the SAE at ``sae`` into a sparse latent store at ``out``."""
     from safesteer.sae.latents import encode_store
     from safesteer.sae.saving import load_sae
@@ -171,12 +256,25 @@ class EncodeOutputs:
 
 
 def run_sae_stage(section: Any, inputs: Mapping[str, Any], out_dir: Path, ctx) -> SAEOutputs:
-    grid = {"expansions": [int(x) for x in section.expansions], "l1s": [float(x) for x in section.l1],
-            "grid_epochs": section.grid_epochs, "grid_patience": section.grid_patience}
+    grid = {
+        "expansions": [int(x) for x in section.expansions],
+        "l1s": [float(x) for x in section.l1],
+        "grid_epochs": section.grid_epochs,
+        "grid_patience": section.grid_patience,
+    }
     # the folder belongs to this key: continue whatever a killed run left
-    _, table = train_on_store(inputs["extract"].acts, out_dir, train_config(section, ctx.seed), val_fraction=section.val_fraction,
-                              shuffle_buffer=section.shuffle_buffer, device=ctx.device, grid=grid, resume=True,
-                              show_progress=ctx.show_progress, dist=ctx.dist if ctx.distributed else None)
+    _, table = train_on_store(
+        inputs["extract"].acts,
+        out_dir,
+        train_config(section, ctx.seed),
+        val_fraction=section.val_fraction,
+        shuffle_buffer=section.shuffle_buffer,
+        device=ctx.device,
+        grid=grid,
+        resume=True,
+        show_progress=ctx.show_progress,
+        dist=ctx.dist if ctx.distributed else None,
+    )
     if table:
         ctx.say("SAE grid:\n" + table.rstrip())
     return SAEOutputs(out_dir / files.SAE, out_dir / files.GRID_RESULTS)
@@ -187,10 +285,21 @@ def run_encode_stage(section: Any, inputs: Mapping[str, Any], out_dir: Path, ctx
         from safesteer.cartography.map_dist import encode_distributed
         from safesteer.sae.saving import load_sae
 
-        z = encode_distributed(load_sae(inputs["sae"].sae, device=ctx.dist.device), inputs["extract"].acts, out_dir / files.LATENTS,
-                               ctx.dist, batch_size=section.batch_size, progress=ctx.show_progress)
+        z = encode_distributed(
+            load_sae(inputs["sae"].sae, device=ctx.dist.device),
+            inputs["extract"].acts,
+            out_dir / files.LATENTS,
+            ctx.dist,
+            batch_size=section.batch_size,
+            progress=ctx.show_progress,
+        )
         return EncodeOutputs(out_dir / files.LATENTS, float(z.manifest["mean_l0"]))
-    z = encode(inputs["sae"].sae, inputs["extract"].acts, out_dir / files.LATENTS, batch_size=section.batch_size,
-               device=ctx.device, show_progress=ctx.show_progress)
+    z = encode(
+        inputs["sae"].sae,
+        inputs["extract"].acts,
+        out_dir / files.LATENTS,
+        batch_size=section.batch_size,
+        device=ctx.device,
+        show_progress=ctx.show_progress,
+    )
     return EncodeOutputs(out_dir / files.LATENTS, float(z.manifest["mean_l0"]))
-

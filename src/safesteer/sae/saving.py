@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from safesteer.errors import SafesteerError
-from safesteer.io import atomic_path, read_json, sha256_file, write_json, canonical_safetensors
+from safesteer.io import atomic_path, canonical_safetensors, read_json, sha256_file, write_json
 from safesteer.sae.config import SAEConfig
 from safesteer.sae.gated import PARAM_NAMES, GatedSAE
 
@@ -47,12 +47,16 @@ CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
 SAELENS_FORMAT_VERSION = "6.0.0"
 """The SAELens config format written (``metadata.sae_lens_version``); checked with sae-lens 6.54.12."""
-LAYER_CONVENTION = ("layer L = output of transformer block L (0-based) = HF hidden_states[L+1] "
-                    "= TransformerLens blocks.L.hook_resid_post")
+LAYER_CONVENTION = (
+    "layer L = output of transformer block L (0-based) = HF hidden_states[L+1] "
+    "= TransformerLens blocks.L.hook_resid_post"
+)
 TRAINING_OBJECTIVES = {
     "paper": "gated (Rajamanoharan et al. 2024); SAELens architecture 'gated'",
-    "article": ("article (L1 on magnitudes, r_mag fixed at 0): no SAELens architecture trains this objective; "
-                "it runs in SAELens as architecture 'gated' with r_mag = 0 (the same inference function)"),
+    "article": (
+        "article (L1 on magnitudes, r_mag fixed at 0): no SAELens architecture trains this objective; "
+        "it runs in SAELens as architecture 'gated' with r_mag = 0 (the same inference function)"
+    ),
 }
 
 
@@ -71,14 +75,18 @@ def saelens_metadata(cfg: SAEConfig) -> dict:
     meta.setdefault("hook_name", None)
     meta.setdefault("hook_head_index", None)
     meta.setdefault("prepend_bos", True)
-    meta.setdefault("activations", "mean over the tokens of each text of the block output (one vector per text)")
+    meta.setdefault(
+        "activations", "mean over the tokens of each text of the block output (one vector per text)"
+    )
     meta["sae_lens_version"] = SAELENS_FORMAT_VERSION
     meta.setdefault("sae_lens_training_version", None)
     meta["layer_convention"] = LAYER_CONVENTION
     meta["safesteer_variant"] = cfg.variant
     meta["training_objective"] = TRAINING_OBJECTIVES[cfg.variant]
     meta["training_scaling_factor"] = float(cfg.scaling_factor)
-    meta["training_scaling_note"] = "already folded into the saved weights; apply nothing (normalize_activations='none')"
+    meta["training_scaling_note"] = (
+        "already folded into the saved weights; apply nothing (normalize_activations='none')"
+    )
     return meta
 
 
@@ -96,7 +104,9 @@ def save_sae(sae: GatedSAE, folder: str | os.PathLike, *, extra: dict | None = N
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {n: getattr(sae, n).detach().to("cpu", torch.float32).contiguous() for n in PARAM_NAMES}
     with atomic_path(folder / WEIGHTS_FILENAME) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "architecture": "gated", "variant": sae.cfg.variant})
+        save_file(
+            tensors, str(tmp), metadata={"format": "pt", "architecture": "gated", "variant": sae.cfg.variant}
+        )
         canonical_safetensors(tmp)  # metadata key order is random per process otherwise
     cfg = sae.cfg.to_dict()
     cfg["weights_sha256"] = sha256_file(folder / WEIGHTS_FILENAME)
@@ -122,7 +132,9 @@ def load_sae(folder: str | os.PathLike, device: str | torch.device = "cpu") -> G
     folder = Path(folder)
     cfg_path, w_path = folder / CFG_FILENAME, folder / WEIGHTS_FILENAME
     if not cfg_path.is_file() or not w_path.is_file():
-        raise SafesteerError(f"{folder} is not an SAE folder (needs {CFG_FILENAME} and {WEIGHTS_FILENAME}); run train-sae first")
+        raise SafesteerError(
+            f"{folder} is not an SAE folder (needs {CFG_FILENAME} and {WEIGHTS_FILENAME}); run train-sae first"
+        )
     raw = read_json(cfg_path)
     if not isinstance(raw, dict):
         raise SafesteerError(f"{cfg_path} is not an SAE config")
@@ -140,10 +152,14 @@ def load_sae(folder: str | os.PathLike, device: str | torch.device = "cpu") -> G
     try:
         tensors = load_file(str(w_path))
     except Exception as exc:  # safetensors raises its own error types
-        raise SafesteerError(f"{w_path} cannot be read ({exc}); the file is corrupted, re-run train-sae") from exc
+        raise SafesteerError(
+            f"{w_path} cannot be read ({exc}); the file is corrupted, re-run train-sae"
+        ) from exc
     want_sha = raw.get("weights_sha256")
     if want_sha and want_sha != sha256_file(w_path):
-        raise SafesteerError(f"{w_path} does not match the sha256 recorded in {CFG_FILENAME}; the file is corrupted")
+        raise SafesteerError(
+            f"{w_path} does not match the sha256 recorded in {CFG_FILENAME}; the file is corrupted"
+        )
     d, s = cfg.d_in, cfg.d_sae
     shapes = {"W_enc": (d, s), "b_gate": (s,), "r_mag": (s,), "b_mag": (s,), "W_dec": (s, d), "b_dec": (d,)}
     if "r_mag" not in tensors:
@@ -152,10 +168,14 @@ def load_sae(folder: str | os.PathLike, device: str | torch.device = "cpu") -> G
         if name not in tensors:
             raise SafesteerError(f"{w_path} lacks the tensor {name!r}; it is not a gated SAE")
         if tuple(tensors[name].shape) != shape:
-            raise SafesteerError(f"{w_path}: {name} has shape {tuple(tensors[name].shape)}, cfg.json implies {shape}")
+            raise SafesteerError(
+                f"{w_path}: {name} has shape {tuple(tensors[name].shape)}, cfg.json implies {shape}"
+            )
     if cfg.variant == "article" and bool(torch.any(tensors["r_mag"] != 0)):
-        raise SafesteerError(f"{cfg_path} says variant 'article' but r_mag is not 0: the article variant cannot represent it; "
-                             "set \"variant\": \"paper\" (SAELens' gated architecture)")
+        raise SafesteerError(
+            f"{cfg_path} says variant 'article' but r_mag is not 0: the article variant cannot represent it; "
+            'set "variant": "paper" (SAELens\' gated architecture)'
+        )
     sae = GatedSAE(cfg, seed=0)
     with torch.no_grad():
         for name in PARAM_NAMES:

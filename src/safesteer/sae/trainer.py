@@ -54,7 +54,14 @@ from safesteer.sae.checkpoint import (
     save_checkpoint,
 )
 from safesteer.sae.config import SAEConfig, TrainConfig
-from safesteer.sae.gated import PARAM_NAMES, GatedSAE, enc_layout, gated_forward, geometric_median, loss_and_grads
+from safesteer.sae.gated import (
+    PARAM_NAMES,
+    GatedSAE,
+    enc_layout,
+    gated_forward,
+    geometric_median,
+    loss_and_grads,
+)
 from safesteer.sae.metrics import ReconSums, convergence_table, dead_fraction
 from safesteer.sae.optim import ConstrainedAdam
 from safesteer.sae.precision import cpu_has_native_bf16, resolve_precision, resolve_sparse_threshold  # noqa: F401
@@ -124,7 +131,9 @@ class Trainer:
     # ---------------------------------------------------------------- state
     def _reset_state(self) -> None:
         self.params: dict[str, torch.Tensor] = {}
-        self.opt = ConstrainedAdam(beta1=self.cfg.beta1, beta2=self.cfg.beta2, eps=self.cfg.eps, unit_rows=("W_dec",))
+        self.opt = ConstrainedAdam(
+            beta1=self.cfg.beta1, beta2=self.cfg.beta2, eps=self.cfg.eps, unit_rows=("W_dec",)
+        )
         self.best: dict[str, torch.Tensor] | None = None
         self._ws: dict[str, torch.Tensor] = {}
         self.last_fired = torch.zeros(self.d_sae, dtype=torch.int64, device=self.device)
@@ -173,7 +182,9 @@ class Trainer:
             if have >= cfg.init_rows:
                 break
         if have == 0:
-            raise SafesteerError("the training split is empty; extract more activations or lower the validation fraction")
+            raise SafesteerError(
+                "the training split is empty; extract more activations or lower the validation fraction"
+            )
         sample = torch.cat(rows)[: cfg.init_rows].to(self.device)
         if cfg.scale_activations:
             msq = float(sample.double().pow(2).sum(1).mean())
@@ -181,7 +192,11 @@ class Trainer:
                 raise SafesteerError("the activations are all zero; cannot scale them to unit norm")
             self.scale = 1.0 / math.sqrt(msq)
         sample = sample * self.scale
-        sae = GatedSAE(SAEConfig(d_in=self.d_in, d_sae=self.d_sae, variant=cfg.variant), seed=cfg.seed, device=self.device)
+        sae = GatedSAE(
+            SAEConfig(d_in=self.d_in, d_sae=self.d_sae, variant=cfg.variant),
+            seed=cfg.seed,
+            device=self.device,
+        )
         with torch.no_grad():
             if cfg.b_dec_init == "geometric_median":
                 sae.b_dec.copy_(geometric_median(sample.float()))
@@ -204,7 +219,11 @@ class Trainer:
         finite = torch.isfinite(x)
         if not bool(finite.all()):
             bad_row = int((~finite.all(1)).nonzero()[0, 0])
-            where = f" (row id {ids[bad_row]!s})" if ids is not None and len(ids) > bad_row else f" (row {bad_row})"
+            where = (
+                f" (row id {ids[bad_row]!s})"
+                if ids is not None and len(ids) > bad_row
+                else f" (row {bad_row})"
+            )
             raise SafesteerError(
                 f"non-finite activations (NaN/Inf) in batch {batch} of epoch {epoch} at step {step}{where}; "
                 "re-extract that shard"
@@ -224,7 +243,12 @@ class Trainer:
         """One optimisation step on a batch already scaled; returns the step's statistics."""
         lr, lam = self._lr(), self._lam()
         grads, st = loss_and_grads(
-            self.params, x, lam, self.cfg.variant, sparse_threshold=self.sparse_threshold, bf16=self.precision == "bf16",
+            self.params,
+            x,
+            lam,
+            self.cfg.variant,
+            sparse_threshold=self.sparse_threshold,
+            bf16=self.precision == "bf16",
             workspace=self._ws,
         )
         if not math.isfinite(st.loss):
@@ -246,12 +270,25 @@ class Trainer:
         self.step += 1
         self.batch_index += 1
         fvu = st.mse / st.var if st.var > 0 else float("nan")
-        return {"step": self.step, "epoch": self.epoch, "loss": st.loss, "mse": st.mse, "l0": st.l0, "fvu": fvu,
-                "lr": lr, "l1_coef": lam, "rows": n, "density": st.density, "path": st.path}
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "loss": st.loss,
+            "mse": st.mse,
+            "l0": st.l0,
+            "fvu": fvu,
+            "lr": lr,
+            "l1_coef": lam,
+            "rows": n,
+            "density": st.density,
+            "path": st.path,
+        }
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def evaluate(self, batches_iter: Iterable[Any], params: dict[str, torch.Tensor] | None = None, *, epoch: int = -1) -> dict[str, float]:
+    def evaluate(
+        self, batches_iter: Iterable[Any], params: dict[str, torch.Tensor] | None = None, *, epoch: int = -1
+    ) -> dict[str, float]:
         p = params or self.params
         sums = ReconSums()
         for bi, item in enumerate(batches_iter):
@@ -328,12 +365,22 @@ class Trainer:
         train["fvu"] = a["mse"] / a["var"] if a["var"] > 0 else float("nan")
         train["rows"] = a["rows"]
         # Wall-clock figures go to timings.json only, so metrics.json and checkpoints are byte-reproducible.
-        self.timings.append({"epoch": self.epoch, "seconds": round(self._seconds, 3),
-                             "samples_per_s": a["rows"] / self._seconds if self._seconds > 0 else None})
+        self.timings.append(
+            {
+                "epoch": self.epoch,
+                "seconds": round(self._seconds, 3),
+                "samples_per_s": a["rows"] / self._seconds if self._seconds > 0 else None,
+            }
+        )
         self._seconds = 0.0
         if self.is_writer and self.out_dir is not None:
-            write_json(self.out_dir / "timings.json", {"note": "wall clock, this process only (a resumed epoch counts from the resume)",
-                                                       "epochs": self.timings})
+            write_json(
+                self.out_dir / "timings.json",
+                {
+                    "note": "wall clock, this process only (a resumed epoch counts from the resume)",
+                    "epochs": self.timings,
+                },
+            )
         val = self.evaluate(batches(self.epoch, "val"), epoch=self.epoch)
         crit = val.get("loss") if val else None
         if crit is None:  # no validation rows: fall back on the training objective
@@ -362,7 +409,10 @@ class Trainer:
         self.batch_index = 0
         self.acc = self._new_acc()
         if self.out_dir is not None and self.is_writer:
-            write_json(self.out_dir / "metrics.json", {"fingerprint": self.fingerprint, "config": self.cfg.to_dict(), "history": self.history})
+            write_json(
+                self.out_dir / "metrics.json",
+                {"fingerprint": self.fingerprint, "config": self.cfg.to_dict(), "history": self.history},
+            )
         if self.on_epoch is not None:
             self.on_epoch(entry)
 
@@ -387,9 +437,17 @@ class Trainer:
             (self.out_dir / "convergence.md").write_text(convergence_table(self.history))
             write_json(
                 self.out_dir / "metrics.json",
-                {"fingerprint": self.fingerprint, "config": self.cfg.to_dict(), "history": self.history,
-                 "best_epoch": res.best_epoch, "best_val_loss": res.best_val_loss, "stopped": stopped,
-                 "steps": self.step, "scale": self.scale, "precision": self.precision},
+                {
+                    "fingerprint": self.fingerprint,
+                    "config": self.cfg.to_dict(),
+                    "history": self.history,
+                    "best_epoch": res.best_epoch,
+                    "best_val_loss": res.best_val_loss,
+                    "stopped": stopped,
+                    "steps": self.step,
+                    "scale": self.scale,
+                    "precision": self.precision,
+                },
             )
         return res
 
@@ -400,8 +458,13 @@ class Trainer:
         meta = dict(self.sae_metadata)
         meta.update({"train_fingerprint": self.fingerprint, "steps": self.step})
         cfg = SAEConfig(
-            d_in=self.d_in, d_sae=self.d_sae, variant=self.cfg.variant, scaling_factor=1.0 if scaled else self.scale,
-            l1_coefficient=self.cfg.l1, expansion=self.cfg.expansion, metadata=meta,
+            d_in=self.d_in,
+            d_sae=self.d_sae,
+            variant=self.cfg.variant,
+            scaling_factor=1.0 if scaled else self.scale,
+            l1_coefficient=self.cfg.l1,
+            expansion=self.cfg.expansion,
+            metadata=meta,
         )
         sae = GatedSAE(cfg, seed=0, device=self.device)
         with torch.no_grad():
@@ -423,10 +486,23 @@ class Trainer:
     def state(self) -> TrainerState:
         """The run's state now (tensors by reference)."""
         return TrainerState(
-            params=self.params, adam_v=self.opt.v, adam_m=self.opt.m, best=self.best, last_fired=self.last_fired,
-            step=self.step, epoch=self.epoch, batch_index=self.batch_index, rows_seen=self.rows_seen, scale=self.scale,
-            precision=self.precision, sparse_threshold=self.sparse_threshold, best_val_loss=self.best_val_loss,
-            best_epoch=self.best_epoch, bad_epochs=self.bad_epochs, history=self.history, acc=self.acc,
+            params=self.params,
+            adam_v=self.opt.v,
+            adam_m=self.opt.m,
+            best=self.best,
+            last_fired=self.last_fired,
+            step=self.step,
+            epoch=self.epoch,
+            batch_index=self.batch_index,
+            rows_seen=self.rows_seen,
+            scale=self.scale,
+            precision=self.precision,
+            sparse_threshold=self.sparse_threshold,
+            best_val_loss=self.best_val_loss,
+            best_epoch=self.best_epoch,
+            bad_epochs=self.bad_epochs,
+            history=self.history,
+            acc=self.acc,
         )
 
     def load_state(self, st: TrainerState) -> None:
@@ -434,7 +510,12 @@ class Trainer:
         self._reset_state()
         self.params, self.best, self.last_fired = st.params, st.best, st.last_fired
         self.opt.v, self.opt.m = st.adam_v, st.adam_m
-        self.step, self.epoch, self.batch_index, self.rows_seen = st.step, st.epoch, st.batch_index, st.rows_seen
+        self.step, self.epoch, self.batch_index, self.rows_seen = (
+            st.step,
+            st.epoch,
+            st.batch_index,
+            st.rows_seen,
+        )
         self.scale, self.precision, self.sparse_threshold = st.scale, st.precision, st.sparse_threshold
         self.best_val_loss, self.best_epoch, self.bad_epochs = st.best_val_loss, st.best_epoch, st.bad_epochs
         self.history, self.acc = st.history, st.acc
@@ -453,14 +534,23 @@ class Trainer:
         return save_checkpoint(self.ckpt_dir, self.state(), header)
 
     def _load_latest_checkpoint(self) -> bool:
-        got = load_latest_checkpoint(self.ckpt_dir, self.fingerprint, self.device, lambda saved: _identity_diff(saved, self),
-                                     self._trainable(), self.cfg.beta1)
+        got = load_latest_checkpoint(
+            self.ckpt_dir,
+            self.fingerprint,
+            self.device,
+            lambda saved: _identity_diff(saved, self),
+            self._trainable(),
+            self.cfg.beta1,
+        )
         if got is None:
             return False
         st, latest = got
         self.load_state(st)
-        print(f"[safesteer] resuming {self.out_dir.name} from {latest.name} (epoch {self.epoch}, step {self.step})",
-              file=sys.stderr, flush=True)
+        print(
+            f"[safesteer] resuming {self.out_dir.name} from {latest.name} (epoch {self.epoch}, step {self.step})",
+            file=sys.stderr,
+            flush=True,
+        )
         return True
 
 
@@ -491,10 +581,20 @@ def train_sae(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Convenience wrapper: ``Trainer(cfg, d_in, out_dir, ...).fit(batches, resume=resume)``."""
-    return Trainer(cfg, d_in, out_dir, device=device, data_identity=data_identity, on_step=on_step, on_epoch=on_epoch).fit(
-        batches, resume=resume
-    )
+    return Trainer(
+        cfg, d_in, out_dir, device=device, data_identity=data_identity, on_step=on_step, on_epoch=on_epoch
+    ).fit(batches, resume=resume)
 
 
-__all__ = ["BatchSource", "CKPT_FORMAT", "GradReducer", "KEEP_CHECKPOINTS", "TrainResult", "Trainer", "TrainerState",
-           "array_batches", "split_of_id", "train_sae"]
+__all__ = [
+    "BatchSource",
+    "CKPT_FORMAT",
+    "GradReducer",
+    "KEEP_CHECKPOINTS",
+    "TrainResult",
+    "Trainer",
+    "TrainerState",
+    "array_batches",
+    "split_of_id",
+    "train_sae",
+]

@@ -22,4 +22,15 @@ def create_app(*args, **kwargs):
     return _create_app(*args, **kwargs)
 
 
-__all__ = ["Clamp", "Condition", "Engine", "Limits", "Policy", "PolicyBody", "PolicyRecord", "PolicyStore", "ServedProbe", "create_app"]
+__all__ = [
+    "Clamp",
+    "Condition",
+    "Engine",
+    "Limits",
+    "Policy",
+    "PolicyBody",
+    "PolicyRecord",
+    "PolicyStore",
+    "ServedProbe",
+    "create_app",
+]

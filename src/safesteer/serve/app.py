@@ -33,8 +33,15 @@ from starlette.routing import Match
 from safesteer import __version__
 from safesteer.errors import SafesteerError
 from safesteer.serve.engine import Engine, Limits, ModelWorker, Plan, ServedProbe, sae_layer_of, served_probes
-from safesteer.serve.http import (API_KEY_HEADER, ApiError, GuardMiddleware, _clean_errors, _ERRORS,
-                                  _first_message, _install_handlers)
+from safesteer.serve.http import (
+    _ERRORS,
+    API_KEY_HEADER,
+    ApiError,
+    GuardMiddleware,
+    _clean_errors,
+    _first_message,
+    _install_handlers,
+)
 from safesteer.serve.metrics import Metrics
 from safesteer.serve.openai_api import mount_openai
 from safesteer.serve.policies import Policy, PolicyBody, PolicyStorageError, PolicyStore, valid_name
@@ -47,26 +54,37 @@ PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    policy: Optional[str] = Field(None, max_length=128, description="Policy name (GET /v1/policies); none = unsteered.")
-    alpha: Optional[float] = Field(None, allow_inf_nan=False,
-                                   description="Override the policy's alpha within its bounds (needs a policy).")
+    policy: Optional[str] = Field(
+        None, max_length=128, description="Policy name (GET /v1/policies); none = unsteered."
+    )
+    alpha: Optional[float] = Field(
+        None,
+        allow_inf_nan=False,
+        description="Override the policy's alpha within its bounds (needs a policy).",
+    )
 
 
 class ScoreRequest(_Request):
     texts: list[str] = Field(min_length=1, description="Texts to score (see /healthz for the limits).")
-    probes: Optional[list[str]] = Field(None, min_length=1, max_length=64, description="Probe names (default: all loaded).")
+    probes: Optional[list[str]] = Field(
+        None, min_length=1, max_length=64, description="Probe names (default: all loaded)."
+    )
 
 
 class ChoiceRequest(_Request):
     texts: list[str] = Field(min_length=1)
-    prompt_type: Literal["harmful", "safe", "toxic"] = Field("harmful", description="Question asked about each text.")
+    prompt_type: Literal["harmful", "safe", "toxic"] = Field(
+        "harmful", description="Question asked about each text."
+    )
 
 
 class GenerateRequest(_Request):
     prompts: list[str] = Field(min_length=1, description="User messages (chat-templated when chat is true).")
     max_new_tokens: int = Field(32, ge=1, description="Tokens to generate (bounded by the server's limit).")
     do_sample: bool = False
-    seed: int = Field(0, ge=0, le=2**32 - 1, description="Sampling seed (the same request gives the same output).")
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="Sampling seed (the same request gives the same output)."
+    )
     temperature: Optional[float] = Field(None, gt=0.0, le=10.0, allow_inf_nan=False)
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
     chat: bool = Field(True, description="Render each prompt with the model's chat template.")
@@ -129,7 +147,7 @@ def _split(result: dict[str, Any], sizes: list[int]) -> list[dict[str, Any]]:
 
     def cut(value: Any, i: int) -> Any:
         if isinstance(value, list):
-            return value[bounds[i]: bounds[i + 1]]
+            return value[bounds[i] : bounds[i + 1]]
         if isinstance(value, dict):
             return {k: cut(v, i) for k, v in value.items()}
         return value
@@ -158,13 +176,24 @@ def create_app(
     ``sae`` (+ ``sae_layer``): enables atom clamps in policies.
     """
     limits = limits or Limits()
-    engine = Engine(backbone, directions, served_probes(probes, backbone), sae,
-                    sae_layer if sae_layer is not None else (sae_layer_of(sae) if sae is not None else None), limits)
+    engine = Engine(
+        backbone,
+        directions,
+        served_probes(probes, backbone),
+        sae,
+        sae_layer if sae_layer is not None else (sae_layer_of(sae) if sae is not None else None),
+        limits,
+    )
     store = policy_store if policy_store is not None else PolicyStore()
     store.bind(engine.compile)
     metrics = Metrics()
-    worker = ModelWorker(engine.lock, limits.max_queue, limits.batch_window_ms / 1000.0, limits.max_batch_texts,
-                         on_batch=metrics.observe_batch)
+    worker = ModelWorker(
+        engine.lock,
+        limits.max_queue,
+        limits.batch_window_ms / 1000.0,
+        limits.max_batch_texts,
+        on_batch=metrics.observe_batch,
+    )
     model_name = str(getattr(backbone, "name", "model"))
 
     @contextlib.asynccontextmanager
@@ -183,30 +212,53 @@ def create_app(
         ),
         lifespan=lifespan,
     )
-    app.state.engine, app.state.store, app.state.worker, app.state.metrics, app.state.limits = engine, store, worker, metrics, limits
+    app.state.engine, app.state.store, app.state.worker, app.state.metrics, app.state.limits = (
+        engine,
+        store,
+        worker,
+        metrics,
+        limits,
+    )
     _install_handlers(app)
+
     def route_of(scope: dict) -> str | None:
         for route in app.routes:
             if isinstance(route, APIRoute) and route.matches(scope)[0] != Match.NONE:
                 return route.path
         return None
 
-    app.add_middleware(GuardMiddleware, max_body=limits.max_body_bytes, api_key=api_key, metrics=metrics, route_of=route_of)
-    key_scheme = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="Needed for PUT/DELETE when the server has an API key.")
+    app.add_middleware(
+        GuardMiddleware, max_body=limits.max_body_bytes, api_key=api_key, metrics=metrics, route_of=route_of
+    )
+    key_scheme = APIKeyHeader(
+        name=API_KEY_HEADER,
+        auto_error=False,
+        description="Needed for PUT/DELETE when the server has an API key.",
+    )
 
     # ------------------------------------------------------------------ helpers
     def check_texts(texts: list[str], what: str) -> list[str]:
         if len(texts) > limits.max_texts:
-            raise ApiError(422, "too_many_texts", f"{len(texts)} {what} exceed the limit of {limits.max_texts} per request")
+            raise ApiError(
+                422,
+                "too_many_texts",
+                f"{len(texts)} {what} exceed the limit of {limits.max_texts} per request",
+            )
         for i, t in enumerate(texts):
             if len(t) > limits.max_text_chars:
-                raise ApiError(422, "text_too_long", f"{what}[{i}] has {len(t)} characters; the limit is {limits.max_text_chars}")
+                raise ApiError(
+                    422,
+                    "text_too_long",
+                    f"{what}[{i}] has {len(t)} characters; the limit is {limits.max_text_chars}",
+                )
             if not t.strip():
                 raise ApiError(422, "empty_text", f"{what}[{i}] is empty")
             try:
                 t.encode("utf-8")
             except UnicodeEncodeError:
-                raise ApiError(422, "invalid_text", f"{what}[{i}] is not valid Unicode (lone surrogate)") from None
+                raise ApiError(
+                    422, "invalid_text", f"{what}[{i}] is not valid Unicode (lone surrogate)"
+                ) from None
         return texts
 
     def make_plan(policy: str | None, alpha: float | None) -> Plan:
@@ -216,20 +268,28 @@ def create_app(
             return Plan()
         record = store.get(policy)  # the snapshot this request is served with
         if record is None:
-            raise ApiError(404, "unknown_policy", f"unknown policy '{policy}'; known policies: {_names(store.names())}")
+            raise ApiError(
+                404, "unknown_policy", f"unknown policy '{policy}'; known policies: {_names(store.names())}"
+            )
         try:
             return Plan(record, engine.resolve_alpha(record, alpha))
         except SafesteerError as exc:
             raise ApiError(422, "alpha_out_of_bounds", exc.message) from None
 
-    async def run_job(fn: Callable[[list[Any]], list[Any]], payload: Any, key: Hashable | None, size: int) -> Any:
+    async def run_job(
+        fn: Callable[[list[Any]], list[Any]], payload: Any, key: Hashable | None, size: int
+    ) -> Any:
         future = worker.submit(fn, payload, key, size)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), limits.request_timeout_s)
         except asyncio.TimeoutError:
-            raise ApiError(504, "timeout", f"the model did not answer within {limits.request_timeout_s:g} s") from None
+            raise ApiError(
+                504, "timeout", f"the model did not answer within {limits.request_timeout_s:g} s"
+            ) from None
 
-    def batched(compute: Callable[[list[str]], dict[str, Any]]) -> Callable[[list[list[str]]], list[dict[str, Any]]]:
+    def batched(
+        compute: Callable[[list[str]], dict[str, Any]],
+    ) -> Callable[[list[list[str]]], list[dict[str, Any]]]:
         def fn(payloads: list[list[str]]) -> list[dict[str, Any]]:
             if len(payloads) == 1:
                 return [compute(payloads[0])]
@@ -248,10 +308,18 @@ def create_app(
         names = list(dict.fromkeys(req.probes or engine.probes))
         unknown = [n for n in names if n not in engine.probes]
         if unknown:
-            raise ApiError(422, "unknown_probe", f"unknown probe '{unknown[0]}'; loaded probes: {', '.join(engine.probes)}")
+            raise ApiError(
+                422,
+                "unknown_probe",
+                f"unknown probe '{unknown[0]}'; loaded probes: {', '.join(engine.probes)}",
+            )
         plan = make_plan(req.policy, req.alpha)
-        result = await run_job(batched(lambda t: engine.score(t, names, plan)), texts,
-                               ("score", plan.key(), tuple(names)), len(texts))
+        result = await run_job(
+            batched(lambda t: engine.score(t, names, plan)),
+            texts,
+            ("score", plan.key(), tuple(names)),
+            len(texts),
+        )
         metrics.observe_texts("/v1/score", len(texts))
         return {"model": model_name, **plan.describe(), **result}
 
@@ -260,10 +328,18 @@ def create_app(
         """Forced-choice P(Yes) / P(No) for a question about each text (safesteer.evaluate.choice)."""
         texts = check_texts(req.texts, "texts")
         if not engine.can_choose:
-            raise ApiError(400, "choice_unavailable", "forced choice is unavailable: the tokenizer has no single-token Yes/No")
+            raise ApiError(
+                400,
+                "choice_unavailable",
+                "forced choice is unavailable: the tokenizer has no single-token Yes/No",
+            )
         plan = make_plan(req.policy, req.alpha)
-        result = await run_job(batched(lambda t: engine.choice(t, req.prompt_type, plan)), texts,
-                               ("choice", plan.key(), req.prompt_type), len(texts))
+        result = await run_job(
+            batched(lambda t: engine.choice(t, req.prompt_type, plan)),
+            texts,
+            ("choice", plan.key(), req.prompt_type),
+            len(texts),
+        )
         metrics.observe_texts("/v1/choice", len(texts))
         return {"model": model_name, **plan.describe(), **result}
 
@@ -274,14 +350,28 @@ def create_app(
         if backbone.kind != "causal":
             raise ApiError(400, "not_causal", "generation needs a causal LM; this server runs a masked LM")
         if req.max_new_tokens > limits.max_new_tokens:
-            raise ApiError(422, "too_many_tokens", f"max_new_tokens {req.max_new_tokens} exceeds the limit of {limits.max_new_tokens}")
+            raise ApiError(
+                422,
+                "too_many_tokens",
+                f"max_new_tokens {req.max_new_tokens} exceeds the limit of {limits.max_new_tokens}",
+            )
         if not req.do_sample and (req.temperature is not None or req.top_p is not None):
             raise ApiError(422, "sampling_options_without_sampling", "temperature/top_p need do_sample: true")
         plan = make_plan(req.policy, req.alpha)
 
         def fn(payloads: list[list[str]]) -> list[dict[str, Any]]:
-            return [engine.generate(payloads[0], plan, req.max_new_tokens, req.do_sample, req.seed, req.temperature,
-                                    req.top_p, req.chat)]
+            return [
+                engine.generate(
+                    payloads[0],
+                    plan,
+                    req.max_new_tokens,
+                    req.do_sample,
+                    req.seed,
+                    req.temperature,
+                    req.top_p,
+                    req.chat,
+                )
+            ]
 
         result = await run_job(fn, prompts, None, len(prompts))
         metrics.observe_texts("/v1/generate", len(prompts))
@@ -291,7 +381,9 @@ def create_app(
     def get_record(name: str):
         record = store.get(name)
         if record is None:
-            raise ApiError(404, "unknown_policy", f"unknown policy '{name}'; known policies: {_names(store.names())}")
+            raise ApiError(
+                404, "unknown_policy", f"unknown policy '{name}'; known policies: {_names(store.names())}"
+            )
         return record
 
     @app.get("/v1/policies", response_model=PolicyList, tags=["policies"])
@@ -304,12 +396,22 @@ def create_app(
     async def get_policy(name: str) -> dict[str, Any]:
         return get_record(name).to_dict()
 
-    @app.put("/v1/policies/{name}", response_model=PolicyOut, responses={**_ERRORS, 201: {"model": PolicyOut}}, tags=["policies"])
-    async def put_policy(name: str, body: PolicyBody, response: Response,
-                         _key: Optional[str] = Security(key_scheme)) -> dict[str, Any]:
+    @app.put(
+        "/v1/policies/{name}",
+        response_model=PolicyOut,
+        responses={**_ERRORS, 201: {"model": PolicyOut}},
+        tags=["policies"],
+    )
+    async def put_policy(
+        name: str, body: PolicyBody, response: Response, _key: Optional[str] = Security(key_scheme)
+    ) -> dict[str, Any]:
         """Create or replace a policy; validated against the loaded directions/probes/SAE, then swapped in atomically."""
         if not valid_name(name):
-            raise ApiError(422, "invalid_policy_name", f"policy name {name!r} must be 1-64 of A-Z a-z 0-9 _ . - starting with a letter or digit")
+            raise ApiError(
+                422,
+                "invalid_policy_name",
+                f"policy name {name!r} must be 1-64 of A-Z a-z 0-9 _ . - starting with a letter or digit",
+            )
         try:
             policy = Policy.from_body(name, body)
         except ValidationError as exc:
@@ -344,12 +446,20 @@ def create_app(
     async def healthz() -> dict[str, Any]:
         """Liveness plus what is loaded and the request limits."""
         return {
-            "status": "ok", "version": __version__, "model": model_name, "kind": backbone.kind,
-            "n_layers": backbone.n_layers, "d_model": backbone.d_model,
+            "status": "ok",
+            "version": __version__,
+            "model": model_name,
+            "kind": backbone.kind,
+            "n_layers": backbone.n_layers,
+            "d_model": backbone.d_model,
             "directions": {n: d.layer for n, d in engine.directions.items()},
             "probes": {n: p.layer for n, p in engine.probes.items()},
-            "sae": engine.sae is not None, "sae_layer": engine.sae_layer,
-            "policies": store.names(), "auth": bool(api_key), "queue": worker.queued, "limits": asdict(limits),
+            "sae": engine.sae is not None,
+            "sae_layer": engine.sae_layer,
+            "policies": store.names(),
+            "auth": bool(api_key),
+            "queue": worker.queued,
+            "limits": asdict(limits),
         }
 
     mount_openai(app, engine, store, worker, metrics, limits, model_name, make_plan)
@@ -357,8 +467,12 @@ def create_app(
     @app.get("/metrics", response_class=PlainTextResponse, tags=["status"])
     async def prometheus() -> PlainTextResponse:
         """Prometheus text format: requests by endpoint/status, latency histograms, policy swaps, memory."""
-        text = metrics.render({"safesteer_policies": ("Policies currently served.", float(len(store))),
-                               "safesteer_queue_depth": ("Jobs waiting for the model.", float(worker.queued))})
+        text = metrics.render(
+            {
+                "safesteer_policies": ("Policies currently served.", float(len(store))),
+                "safesteer_queue_depth": ("Jobs waiting for the model.", float(worker.queued)),
+            }
+        )
         return PlainTextResponse(text, media_type=PROMETHEUS_CONTENT_TYPE)
 
     return app

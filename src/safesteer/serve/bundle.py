@@ -35,8 +35,13 @@ def _none(out: Path, reason: str) -> bool:
     return False
 
 
-def write_bundle(summary: dict[str, Any] | None, study_dir: str | Path, out_dir: str | Path, model: str,
-                 require_gain: bool = True) -> bool:
+def write_bundle(
+    summary: dict[str, Any] | None,
+    study_dir: str | Path,
+    out_dir: str | Path,
+    model: str,
+    require_gain: bool = True,
+) -> bool:
     """Write the service bundle of a behaviour study into ``out_dir``; True when a policy is recommended
     (the feasible conditional policy chosen on validation, when it raised harmful refusal there;
     ``require_gain=False`` packages it even without a gain)."""
@@ -49,11 +54,17 @@ def write_bundle(summary: dict[str, Any] | None, study_dir: str | Path, out_dir:
         return _none(out, "the behaviour stage did not run (see its summary.json)")
     res = (summary.get("test") or {}).get("conditional")
     if not res:
-        return _none(out, f"no conditional strategy met the constraints on validation (XSTest-safe over-refusal <= "
-                          f"+{summary['config']['max_safe_pp']} pp, harmless fluency within {100 * summary['config']['max_fluency_rel']:.0f}%)")
+        return _none(
+            out,
+            f"no conditional strategy met the constraints on validation (XSTest-safe over-refusal <= "
+            f"+{summary['config']['max_safe_pp']} pp, harmless fluency within {100 * summary['config']['max_fluency_rel']:.0f}%)",
+        )
     c = res["policy"]
     if require_gain and not c["harmful_gain_pp"] > 0:
-        return _none(out, f"the best feasible conditional policy ({c['strategy']} alpha={c['alpha']}) did not raise harmful refusal on validation")
+        return _none(
+            out,
+            f"the best feasible conditional policy ({c['strategy']} alpha={c['alpha']}) did not raise harmful refusal on validation",
+        )
     study = Path(study_dir)
     scale = float(summary["directions"]["scale_median_norm"])
     layer = int(summary["config"]["layer"])
@@ -67,16 +78,45 @@ def write_bundle(summary: dict[str, Any] | None, study_dir: str | Path, out_dir:
     raw = float(c["alpha"]) * scale
     test = {k: res[k] for k in ("harmful_refusal", "safe_refusal", "p_yes", "harmless_fluency") if k in res}
     where = str(summary["config"].get("steer_positions", "all"))
-    policy = {"description": (f"{c['strategy']} at layer {layer} ({where} positions), alpha {c['alpha']} x median norm, only when the harm gate "
-                              f"(layer {gate.layer}, {gate.position}) fires; calibrated on validation to {100 * c['fpr']:g}% gate FPR"),
-              "directions": [c["strategy"]], "layer": layer, "alpha": raw, "alpha_min": 0.0, "alpha_max": raw,
-              "condition": {"probe": GATE_PROBE, "score_threshold": float(c["threshold"]), "position": gate.position},
-              "positions": where}
-    write_json(out / f"{POLICY_NAME}.json", {
-        "format": "safesteer-policy", "name": POLICY_NAME, "version": 1, "updated_at": 0.0, "policy": policy,
-        "provenance": {"model": model, "strategy": c["strategy"], "alpha_norm": float(c["alpha"]), "scale_median_norm": scale,
-                       "gate_fpr": c["fpr"], "validation": c, "test": test,
-                       "max_new_tokens": int(summary["config"]["max_new_tokens"]), "gate": GATE_DIR, "directions": DIRECTIONS_DIR}})
+    policy = {
+        "description": (
+            f"{c['strategy']} at layer {layer} ({where} positions), alpha {c['alpha']} x median norm, only when the harm gate "
+            f"(layer {gate.layer}, {gate.position}) fires; calibrated on validation to {100 * c['fpr']:g}% gate FPR"
+        ),
+        "directions": [c["strategy"]],
+        "layer": layer,
+        "alpha": raw,
+        "alpha_min": 0.0,
+        "alpha_max": raw,
+        "condition": {
+            "probe": GATE_PROBE,
+            "score_threshold": float(c["threshold"]),
+            "position": gate.position,
+        },
+        "positions": where,
+    }
+    write_json(
+        out / f"{POLICY_NAME}.json",
+        {
+            "format": "safesteer-policy",
+            "name": POLICY_NAME,
+            "version": 1,
+            "updated_at": 0.0,
+            "policy": policy,
+            "provenance": {
+                "model": model,
+                "strategy": c["strategy"],
+                "alpha_norm": float(c["alpha"]),
+                "scale_median_norm": scale,
+                "gate_fpr": c["fpr"],
+                "validation": c,
+                "test": test,
+                "max_new_tokens": int(summary["config"]["max_new_tokens"]),
+                "gate": GATE_DIR,
+                "directions": DIRECTIONS_DIR,
+            },
+        },
+    )
     return True
 
 
@@ -105,12 +145,22 @@ def load_bundle(run_dir: str | Path) -> dict[str, Any]:
     run = Path(run_dir)
     pol = run / "policies"
     if not (run / "config.toml").is_file():
-        raise SafesteerError(f"{run} is not a run folder (no config.toml); pass the folder `safesteer run --out` wrote")
+        raise SafesteerError(
+            f"{run} is not a run folder (no config.toml); pass the folder `safesteer run --out` wrote"
+        )
     if not pol.is_dir():
-        raise SafesteerError(f"{run} has no policies/ folder; finish the run (`safesteer run`) so that it writes one")
+        raise SafesteerError(
+            f"{run} has no policies/ folder; finish the run (`safesteer run`) so that it writes one"
+        )
     cfg = load_config(run / "config.toml")
-    out: dict[str, Any] = {"model": cfg.model.name, "policies": pol, "directions": None, "probes": {}, "none": None,
-                           "provenance": None}
+    out: dict[str, Any] = {
+        "model": cfg.model.name,
+        "policies": pol,
+        "directions": None,
+        "probes": {},
+        "none": None,
+        "provenance": None,
+    }
     if (pol / NONE_FILE).is_file():
         out["none"] = (pol / NONE_FILE).read_text().strip()
     if (pol / DIRECTIONS_DIR / "directions.json").is_file():

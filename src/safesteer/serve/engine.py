@@ -62,7 +62,14 @@ class Limits:
     """How long a request waits for the model before giving up (504)."""
 
     def __post_init__(self) -> None:
-        for name in ("max_texts", "max_text_chars", "max_body_bytes", "max_new_tokens", "max_queue", "max_batch_texts"):
+        for name in (
+            "max_texts",
+            "max_text_chars",
+            "max_body_bytes",
+            "max_new_tokens",
+            "max_queue",
+            "max_batch_texts",
+        ):
             if int(getattr(self, name)) < 1:
                 raise SafesteerError(f"limit {name} must be at least 1")
         if not (self.max_abs_alpha > 0 and math.isfinite(self.max_abs_alpha)):
@@ -97,8 +104,9 @@ class GateProbe:
         return 1.0 / (1.0 + np.exp(-self.decision_function(H)))
 
 
-def served_probes(probes: Mapping[str, Any] | Sequence[ServedProbe] | None, backbone: Any,
-                  default_layer: int | None = None) -> dict[str, ServedProbe]:
+def served_probes(
+    probes: Mapping[str, Any] | Sequence[ServedProbe] | None, backbone: Any, default_layer: int | None = None
+) -> dict[str, ServedProbe]:
     """Normalise probes: ``ServedProbe``s, ``name → ServedProbe``, ``name → (probe, layer)`` or
     ``name → probe`` (layer from ``probe.meta["layer"]`` or ``default_layer``)."""
     out: dict[str, ServedProbe] = {}
@@ -118,7 +126,9 @@ def served_probes(probes: Mapping[str, Any] | Sequence[ServedProbe] | None, back
         backbone.check_layer(sp.layer)
         d = getattr(sp.probe, "d", None)
         if d is not None and int(d) != backbone.d_model:
-            raise SafesteerError(f"probe '{name}' expects vectors of size {d} but the model has d_model {backbone.d_model}")
+            raise SafesteerError(
+                f"probe '{name}' expects vectors of size {d} but the model has d_model {backbone.d_model}"
+            )
         out[name] = sp
     return out
 
@@ -148,10 +158,21 @@ class CompiledPolicy:
 
         assert self.condition is not None
         probe = self.condition.probe
-        t = self.score_threshold if self.score_threshold is not None else (
-            math.inf if self.threshold >= 1 else -math.inf if self.threshold <= 0 else math.log(self.threshold / (1 - self.threshold)))
+        t = (
+            self.score_threshold
+            if self.score_threshold is not None
+            else (
+                math.inf
+                if self.threshold >= 1
+                else -math.inf
+                if self.threshold <= 0
+                else math.log(self.threshold / (1 - self.threshold))
+            )
+        )
         if isinstance(probe, GateProbe):  # a linear or MLP gate: its own scoring, this policy's threshold
-            return probe.condition.with_threshold(t, position=self.position, name=self.condition.name, layer=self.condition.layer)
+            return probe.condition.with_threshold(
+                t, position=self.position, name=self.condition.name, layer=self.condition.layer
+            )
         w, b = getattr(probe, "w", None), getattr(probe, "b", None)
         if w is None or b is None:  # a probe without raw-space weights: the decisions come from predict_proba
             return Condition(np.zeros(1), 0.0, self.condition.layer, self.position, t, self.condition.name)
@@ -199,8 +220,15 @@ class Plan:
 class Engine:
     """The loaded model with its directions, probes and SAE, and the computations of each endpoint."""
 
-    def __init__(self, backbone: Any, directions: DirectionSet | None = None, probes: Mapping[str, ServedProbe] | None = None,
-                 sae: Any = None, sae_layer: int | None = None, limits: Limits | None = None):
+    def __init__(
+        self,
+        backbone: Any,
+        directions: DirectionSet | None = None,
+        probes: Mapping[str, ServedProbe] | None = None,
+        sae: Any = None,
+        sae_layer: int | None = None,
+        limits: Limits | None = None,
+    ):
         self.backbone = backbone
         self.directions = directions if directions is not None else DirectionSet()
         self.probes: dict[str, ServedProbe] = dict(probes or {})
@@ -210,12 +238,16 @@ class Engine:
         self.lock = threading.RLock()
         """Held while the model runs; take it to use the backbone beside a running server."""
         if self.directions.d_model is not None and self.directions.d_model != backbone.d_model:
-            raise SafesteerError(f"directions have size {self.directions.d_model} but the model has d_model {backbone.d_model}; "
-                                 "build them for this model")
+            raise SafesteerError(
+                f"directions have size {self.directions.d_model} but the model has d_model {backbone.d_model}; "
+                "build them for this model"
+            )
         if sae is not None:
             d_in = _sae_dims(sae)[0]
             if d_in is not None and d_in != backbone.d_model:
-                raise SafesteerError(f"the SAE reads vectors of size {d_in} but the model has d_model {backbone.d_model}")
+                raise SafesteerError(
+                    f"the SAE reads vectors of size {d_in} but the model has d_model {backbone.d_model}"
+                )
         self._answers = None
         self._answers_error: str | None = None
         try:
@@ -238,7 +270,9 @@ class Engine:
         vector = None
         layer = policy.layer
         if policy.directions:
-            layer, vec = policy_direction(policy.directions, [self._direction(n) for n in policy.directions], layer)
+            layer, vec = policy_direction(
+                policy.directions, [self._direction(n) for n in policy.directions], layer
+            )
             vector = torch.as_tensor(steering_vector(vec)).to(torch.float32).to(self.backbone.device)
         if layer is None:
             if self.sae_layer is None:
@@ -251,13 +285,19 @@ class Engine:
         clamps: list[ClampEdit] = []
         if policy.clamps:
             if self.sae is None:
-                raise SafesteerError("this policy clamps SAE atoms but the server has no SAE; start it with --sae")
+                raise SafesteerError(
+                    "this policy clamps SAE atoms but the server has no SAE; start it with --sae"
+                )
             if self.sae_layer is not None and layer != self.sae_layer:
-                raise SafesteerError(f"the SAE was trained on layer {self.sae_layer}; a policy with clamps must steer that layer, not {layer}")
+                raise SafesteerError(
+                    f"the SAE was trained on layer {self.sae_layer}; a policy with clamps must steer that layer, not {layer}"
+                )
             d_sae = _sae_dims(self.sae)[1]
             for c in policy.clamps:
                 if d_sae is not None and max(c.atoms) >= d_sae:
-                    raise SafesteerError(f"atom {max(c.atoms)} is out of range 0..{d_sae - 1} for the served SAE")
+                    raise SafesteerError(
+                        f"atom {max(c.atoms)} is out of range 0..{d_sae - 1} for the served SAE"
+                    )
                 clamps.append(ClampEdit(self.sae, c.atoms, lam=c.lam, mode=c.mode, floor=c.floor))
         cond = None
         threshold, score_threshold, position = 0.0, None, "mean"
@@ -266,12 +306,24 @@ class Engine:
             position = policy.condition.position or cond.position
             if policy.condition.score_threshold is not None:
                 if getattr(cond.probe, "decision_function", None) is None:
-                    raise SafesteerError(f"probe '{cond.name}' gives no logits; use 'threshold' (a probability) instead of 'score_threshold'")
+                    raise SafesteerError(
+                        f"probe '{cond.name}' gives no logits; use 'threshold' (a probability) instead of 'score_threshold'"
+                    )
                 score_threshold = float(policy.condition.score_threshold)
             else:
                 threshold = float(policy.condition.threshold)
-        return CompiledPolicy(layer, vector, tuple(clamps), cond, threshold, float(lo), float(hi), score_threshold, position,
-                              policy.positions)
+        return CompiledPolicy(
+            layer,
+            vector,
+            tuple(clamps),
+            cond,
+            threshold,
+            float(lo),
+            float(hi),
+            score_threshold,
+            position,
+            policy.positions,
+        )
 
     def _direction(self, name: str):
         if name not in self.directions:
@@ -291,7 +343,9 @@ class Engine:
             return float(record.policy.alpha)
         cp: CompiledPolicy = record.runtime
         if not (math.isfinite(requested) and cp.alpha_lo <= requested <= cp.alpha_hi):
-            raise SafesteerError(f"alpha {requested} is out of bounds [{cp.alpha_lo:g}, {cp.alpha_hi:g}] for policy '{record.name}'")
+            raise SafesteerError(
+                f"alpha {requested} is out of bounds [{cp.alpha_lo:g}, {cp.alpha_hi:g}] for policy '{record.name}'"
+            )
         return float(requested)
 
     # ----------------------------------------------------------- primitives
@@ -300,17 +354,26 @@ class Engine:
         for s in range(0, n, size):
             yield s, min(n, s + size)
 
-    def condition_rows(self, cp: CompiledPolicy, texts: Sequence[str], extra_layers: Sequence[int] = ()
-                       ) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
+    def condition_rows(
+        self, cp: CompiledPolicy, texts: Sequence[str], extra_layers: Sequence[int] = ()
+    ) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
         """(P(condition), rows to steer, unsteered mean-pooled vectors at ``extra_layers`` (+ the condition's when it reads ``mean``))."""
         assert cp.condition is not None
         c = cp.condition
         if cp.position == "mean":
-            H0 = self.backbone.pooled(list(texts), sorted({c.layer, *extra_layers}), batch_size=max(1, len(texts)))
+            H0 = self.backbone.pooled(
+                list(texts), sorted({c.layer, *extra_layers}), batch_size=max(1, len(texts))
+            )
             Hc = H0[c.layer]
         else:
-            H0 = self.backbone.pooled(list(texts), sorted(set(extra_layers)), batch_size=max(1, len(texts))) if extra_layers else {}
-            Hc = self.backbone.pooled(list(texts), [c.layer], batch_size=max(1, len(texts)), position=cp.position)[c.layer]
+            H0 = (
+                self.backbone.pooled(list(texts), sorted(set(extra_layers)), batch_size=max(1, len(texts)))
+                if extra_layers
+                else {}
+            )
+            Hc = self.backbone.pooled(
+                list(texts), [c.layer], batch_size=max(1, len(texts)), position=cp.position
+            )[c.layer]
         p = np.asarray(c.probe.predict_proba(Hc), dtype=np.float64)
         if cp.score_threshold is not None:
             rows = np.asarray(c.probe.decision_function(Hc), dtype=np.float64) > cp.score_threshold
@@ -319,7 +382,9 @@ class Engine:
         return p, rows, H0
 
     @contextlib.contextmanager
-    def _steering(self, cp: CompiledPolicy | None, alpha: float | None, rows: np.ndarray | None) -> Iterator[None]:
+    def _steering(
+        self, cp: CompiledPolicy | None, alpha: float | None, rows: np.ndarray | None
+    ) -> Iterator[None]:
         """Install ``cp`` on the whole batch (rows None), on some rows, or not at all.
 
         Some rows: :func:`safesteer.steering.condition.conditional` with the gate's per-row
@@ -334,12 +399,17 @@ class Engine:
         from safesteer.steering.condition import conditional
         from safesteer.steering.strategies import Intervention
 
-        with conditional(self.backbone, cp.gate(), Intervention("policy", layer=cp.layer, edit=cp.edit(alpha or 0.0), where=cp.where),
-                         flags=rows):
+        with conditional(
+            self.backbone,
+            cp.gate(),
+            Intervention("policy", layer=cp.layer, edit=cp.edit(alpha or 0.0), where=cp.where),
+            flags=rows,
+        ):
             yield
 
-    def _run_chunks(self, texts: Sequence[str], plan: Plan, fn: Callable[..., None],
-                    extra_layers: Sequence[int] = ()) -> dict[str, Any]:
+    def _run_chunks(
+        self, texts: Sequence[str], plan: Plan, fn: Callable[..., None], extra_layers: Sequence[int] = ()
+    ) -> dict[str, Any]:
         """The one chunk → condition → steer loop behind every endpoint.
 
         Per chunk of at most ``max_batch_texts`` texts: the condition probe (if the plan has one)
@@ -377,7 +447,11 @@ class Engine:
 
         def run(chunk, s, e, rows, H0, active):
             if not active:  # nothing steered: the condition pass already holds the unsteered vectors
-                H = {l: H0[l] for l in layers} if H0 else self.backbone.pooled(chunk, layers, batch_size=len(chunk))
+                H = (
+                    {l: H0[l] for l in layers}
+                    if H0
+                    else self.backbone.pooled(chunk, layers, batch_size=len(chunk))
+                )
             else:
                 Hs = self.backbone.pooled(chunk, layers, batch_size=len(chunk))
                 H = Hs if rows is None else {l: np.where(rows[:, None], Hs[l], H0[l]) for l in layers}
@@ -402,8 +476,17 @@ class Engine:
         common = self._run_chunks(texts, plan, run)
         return {"p_yes": _floats(p_yes), "p_no": _floats(p_no), "answer_mass": _floats(mass), **common}
 
-    def generate(self, prompts: Sequence[str], plan: Plan, max_new_tokens: int, do_sample: bool = False, seed: int = 0,
-                 temperature: float | None = None, top_p: float | None = None, chat: bool = True) -> dict[str, Any]:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        plan: Plan,
+        max_new_tokens: int,
+        do_sample: bool = False,
+        seed: int = 0,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        chat: bool = True,
+    ) -> dict[str, Any]:
         """Completions of ``prompts`` (chat-templated when ``chat``) under the plan (causal models only)."""
         if self.backbone.kind != "causal":
             raise SafesteerError("generation needs a causal LM; this server runs a masked LM")
@@ -418,8 +501,11 @@ class Engine:
         def run(chunk, s, e, rows, H0, active):
             rendered = [self.backbone.chat_prompt(p) for p in chunk] if chat else chunk
             self._check_context(rendered, max_new_tokens)
-            outs.extend(self.backbone.generate(rendered, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                               seed=seed + s, **kwargs))
+            outs.extend(
+                self.backbone.generate(
+                    rendered, max_new_tokens=max_new_tokens, do_sample=do_sample, seed=seed + s, **kwargs
+                )
+            )
 
         common = self._run_chunks(prompts, plan, run)
         return {"completions": outs, **common}
@@ -434,8 +520,10 @@ class Engine:
         longest = max(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
         used = min(longest, self.backbone.max_length) + int(max_new_tokens)
         if used > int(limit):
-            raise SafesteerError(f"a prompt of {longest} tokens plus max_new_tokens {max_new_tokens} exceeds the model's context of "
-                                 f"{limit} tokens; shorten the prompt or ask for fewer tokens")
+            raise SafesteerError(
+                f"a prompt of {longest} tokens plus max_new_tokens {max_new_tokens} exceeds the model's context of "
+                f"{limit} tokens; shorten the prompt or ask for fewer tokens"
+            )
 
     @property
     def can_choose(self) -> bool:

@@ -19,8 +19,8 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from safesteer.errors import SafesteerError
-from safesteer.serve.worker import Overloaded
 from safesteer.serve.metrics import Metrics
+from safesteer.serve.worker import Overloaded
 
 API_KEY_HEADER = "X-API-Key"
 
@@ -44,30 +44,64 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 class ApiError(Exception):
     """An error response with a status, a short code and a one-line message."""
 
-    def __init__(self, status: int, code: str, message: str, details: list[dict[str, Any]] | None = None,
-                 headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: list[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
-        self.status, self.code, self.message, self.details, self.headers = status, code, message, details, headers
+        self.status, self.code, self.message, self.details, self.headers = (
+            status,
+            code,
+            message,
+            details,
+            headers,
+        )
 
 
-def _error_json(status: int, code: str, message: str, details: list[dict[str, Any]] | None = None,
-                headers: Mapping[str, str] | None = None) -> JSONResponse:
+def _error_json(
+    status: int,
+    code: str,
+    message: str,
+    details: list[dict[str, Any]] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
     body: dict[str, Any] = {"code": code, "message": message}
     if details:
         body["details"] = details
     return JSONResponse({"error": body}, status_code=status, headers=dict(headers or {}))
 
 
-_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-          406: "not_acceptable", 409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type",
-          422: "validation_error", 429: "too_many_requests", 503: "overloaded", 504: "timeout"}
+_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "too_many_requests",
+    503: "overloaded",
+    504: "timeout",
+}
 
 
 def _clean_errors(errors: Sequence[Mapping[str, Any]], limit: int = 20) -> list[dict[str, Any]]:
     out = []
     for e in list(errors)[:limit]:
-        out.append({"loc": [x if isinstance(x, int) else str(x) for x in e.get("loc", ())],
-                    "msg": str(e.get("msg", "invalid")), "type": str(e.get("type", "value_error"))})
+        out.append(
+            {
+                "loc": [x if isinstance(x, int) else str(x) for x in e.get("loc", ())],
+                "msg": str(e.get("msg", "invalid")),
+                "type": str(e.get("type", "value_error")),
+            }
+        )
     return out
 
 
@@ -90,10 +124,17 @@ def _install_handlers(app: FastAPI) -> None:
         details = _clean_errors(exc.errors())
         if any(d["type"] == "json_invalid" for d in details):
             return _error_json(400, "malformed_json", "the request body is not valid JSON", details)
-        if len(details) == 1 and details[0]["loc"] == ["body"] and details[0]["type"] in ("model_attributes_type", "dict_type",
-                                                                                          "model_type"):
-            return _error_json(422, "invalid_body", "the request body must be a JSON object (send Content-Type: application/json)",
-                               details)
+        if (
+            len(details) == 1
+            and details[0]["loc"] == ["body"]
+            and details[0]["type"] in ("model_attributes_type", "dict_type", "model_type")
+        ):
+            return _error_json(
+                422,
+                "invalid_body",
+                "the request body must be a JSON object (send Content-Type: application/json)",
+                details,
+            )
         return _error_json(422, "validation_error", _first_message(details), details)
 
     @app.exception_handler(StarletteHTTPException)
@@ -101,7 +142,9 @@ def _install_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail, default=str)
         if exc.status_code == 400 and "parsing the body" in message:
             return _error_json(400, "malformed_json", "the request body cannot be parsed as JSON")
-        return _error_json(exc.status_code, _CODES.get(exc.status_code, "http_error"), message, headers=exc.headers)
+        return _error_json(
+            exc.status_code, _CODES.get(exc.status_code, "http_error"), message, headers=exc.headers
+        )
 
     @app.exception_handler(SafesteerError)
     async def _safesteer(_request: Request, exc: SafesteerError) -> JSONResponse:
@@ -117,7 +160,9 @@ def _install_handlers(app: FastAPI) -> None:
 
 
 # --------------------------------------------------------------------------------- middleware
-async def _send_json(send: Callable, status: int, payload: dict[str, Any], headers: Mapping[str, str] | None = None) -> None:
+async def _send_json(
+    send: Callable, status: int, payload: dict[str, Any], headers: Mapping[str, str] | None = None
+) -> None:
     body = json.dumps(payload).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
@@ -134,8 +179,14 @@ class GuardMiddleware:
 
     WRITE_METHODS = frozenset({"PUT", "DELETE", "POST", "PATCH"})
 
-    def __init__(self, app: Any, max_body: int, api_key: str | None, metrics: Metrics,
-                 route_of: Callable[[dict], str | None] | None = None):
+    def __init__(
+        self,
+        app: Any,
+        max_body: int,
+        api_key: str | None,
+        metrics: Metrics,
+        route_of: Callable[[dict], str | None] | None = None,
+    ):
         self.app = app
         self.max_body = int(max_body)
         self.api_key = api_key
@@ -162,7 +213,9 @@ class GuardMiddleware:
             if endpoint is None and self.route_of is not None:  # answered here (401/413) before routing
                 endpoint = self.route_of(scope)
             endpoint = endpoint or "unmatched"
-            self.metrics.observe_request(endpoint, scope.get("method", "?"), status[0], time.perf_counter() - start)
+            self.metrics.observe_request(
+                endpoint, scope.get("method", "?"), status[0], time.perf_counter() - start
+            )
 
     def _authorised(self, scope: dict) -> bool:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
@@ -172,7 +225,9 @@ class GuardMiddleware:
             if auth[:7].lower() == "bearer ":
                 given = auth[7:].strip()
         assert self.api_key is not None
-        return given is not None and hmac.compare_digest(given.encode("utf-8", "replace"), self.api_key.encode("utf-8"))
+        return given is not None and hmac.compare_digest(
+            given.encode("utf-8", "replace"), self.api_key.encode("utf-8")
+        )
 
     async def _handle(self, scope: dict, receive: Callable, send: Callable) -> bool:
         """False when the client disconnected before the body was read."""
@@ -180,20 +235,40 @@ class GuardMiddleware:
         path = scope.get("path", "")
         if self.api_key and method in self.WRITE_METHODS and path.startswith("/v1/policies"):
             if not self._authorised(scope):
-                await _send_json(send, 401, {"error": {"code": "unauthorized",
-                                                       "message": f"missing or wrong API key; send it in the {API_KEY_HEADER} header"}},
-                                 {"WWW-Authenticate": "Bearer"})
+                await _send_json(
+                    send,
+                    401,
+                    {
+                        "error": {
+                            "code": "unauthorized",
+                            "message": f"missing or wrong API key; send it in the {API_KEY_HEADER} header",
+                        }
+                    },
+                    {"WWW-Authenticate": "Bearer"},
+                )
                 return True
         for k, v in scope.get("headers", []):
             if k.lower() == b"content-length":
                 try:
                     declared = int(v)
                 except ValueError:
-                    await _send_json(send, 400, {"error": {"code": "bad_request", "message": "Content-Length is not an integer"}})
+                    await _send_json(
+                        send,
+                        400,
+                        {"error": {"code": "bad_request", "message": "Content-Length is not an integer"}},
+                    )
                     return True
                 if declared > self.max_body:
-                    await _send_json(send, 413, {"error": {"code": "payload_too_large",
-                                                           "message": f"request body of {declared} bytes exceeds the limit of {self.max_body} bytes"}})
+                    await _send_json(
+                        send,
+                        413,
+                        {
+                            "error": {
+                                "code": "payload_too_large",
+                                "message": f"request body of {declared} bytes exceeds the limit of {self.max_body} bytes",
+                            }
+                        },
+                    )
                     return True
         chunks: list[bytes] = []
         size = 0
@@ -206,8 +281,16 @@ class GuardMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
-                await _send_json(send, 413, {"error": {"code": "payload_too_large",
-                                                       "message": f"request body exceeds the limit of {self.max_body} bytes"}})
+                await _send_json(
+                    send,
+                    413,
+                    {
+                        "error": {
+                            "code": "payload_too_large",
+                            "message": f"request body exceeds the limit of {self.max_body} bytes",
+                        }
+                    },
+                )
                 return True
             chunks.append(chunk)
             if not message.get("more_body", False):

@@ -62,8 +62,10 @@ class _Histogram:
         self.count += 1
 
     def lines(self, name: str, labels: list[tuple[str, str]]) -> list[str]:
-        out = [f"{name}_bucket{_labels(labels + [('le', _num(float(b)) if not float(b).is_integer() else str(b))])} {c}"
-               for b, c in zip(self.buckets, self.counts)]
+        out = [
+            f"{name}_bucket{_labels(labels + [('le', _num(float(b)) if not float(b).is_integer() else str(b))])} {c}"
+            for b, c in zip(self.buckets, self.counts)
+        ]
         out.append(f"{name}_bucket{_labels(labels + [('le', '+Inf')])} {self.count}")
         out.append(f"{name}_sum{_labels(labels)} {_num(self.sum)}")
         out.append(f"{name}_count{_labels(labels)} {self.count}")
@@ -107,30 +109,49 @@ class Metrics:
     def render(self, gauges: dict[str, tuple[str, float]] | None = None) -> str:
         """The exposition text; ``gauges`` adds ``name → (help, value)`` gauges."""
         with self._lock:
-            lines = ["# HELP safesteer_requests_total HTTP requests by endpoint, method and status.",
-                     "# TYPE safesteer_requests_total counter"]
+            lines = [
+                "# HELP safesteer_requests_total HTTP requests by endpoint, method and status.",
+                "# TYPE safesteer_requests_total counter",
+            ]
             for (ep, method, status), n in sorted(self.requests.items()):
-                lines.append(f"safesteer_requests_total{_labels([('endpoint', ep), ('method', method), ('status', status)])} {n}")
-            lines += ["# HELP safesteer_request_duration_seconds Request latency by endpoint.",
-                      "# TYPE safesteer_request_duration_seconds histogram"]
+                lines.append(
+                    f"safesteer_requests_total{_labels([('endpoint', ep), ('method', method), ('status', status)])} {n}"
+                )
+            lines += [
+                "# HELP safesteer_request_duration_seconds Request latency by endpoint.",
+                "# TYPE safesteer_request_duration_seconds histogram",
+            ]
             for ep, hist in sorted(self.latency.items()):
                 lines += hist.lines("safesteer_request_duration_seconds", [("endpoint", ep)])
-            lines += ["# HELP safesteer_policy_swaps_total Policy writes (put creates or replaces, delete removes).",
-                      "# TYPE safesteer_policy_swaps_total counter"]
+            lines += [
+                "# HELP safesteer_policy_swaps_total Policy writes (put creates or replaces, delete removes).",
+                "# TYPE safesteer_policy_swaps_total counter",
+            ]
             for op in ("put", "delete"):
                 lines.append(f"safesteer_policy_swaps_total{_labels([('op', op)])} {self.swaps.get(op, 0)}")
-            lines += ["# HELP safesteer_texts_total Texts processed by endpoint.", "# TYPE safesteer_texts_total counter"]
+            lines += [
+                "# HELP safesteer_texts_total Texts processed by endpoint.",
+                "# TYPE safesteer_texts_total counter",
+            ]
             for ep, n in sorted(self.texts.items()):
                 lines.append(f"safesteer_texts_total{_labels([('endpoint', ep)])} {n}")
-            lines += ["# HELP safesteer_model_batches_total Jobs run by the model worker (a coalesced batch counts once).",
-                      "# TYPE safesteer_model_batches_total counter", f"safesteer_model_batches_total {self.batches}",
-                      "# HELP safesteer_model_batch_requests Requests served per model job.",
-                      "# TYPE safesteer_model_batch_requests histogram"]
+            lines += [
+                "# HELP safesteer_model_batches_total Jobs run by the model worker (a coalesced batch counts once).",
+                "# TYPE safesteer_model_batches_total counter",
+                f"safesteer_model_batches_total {self.batches}",
+                "# HELP safesteer_model_batch_requests Requests served per model job.",
+                "# TYPE safesteer_model_batch_requests histogram",
+            ]
             lines += self.batch_requests.lines("safesteer_model_batch_requests", [])
-        all_gauges = {"safesteer_uptime_seconds": ("Seconds since the server started.", time.time() - self.started)}
+        all_gauges = {
+            "safesteer_uptime_seconds": ("Seconds since the server started.", time.time() - self.started)
+        }
         rss = resident_memory_bytes()
         if rss is not None:
-            all_gauges["process_resident_memory_bytes"] = ("Resident memory of the server process.", float(rss))
+            all_gauges["process_resident_memory_bytes"] = (
+                "Resident memory of the server process.",
+                float(rss),
+            )
         all_gauges.update(gauges or {})
         for name, (help_text, value) in all_gauges.items():
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {_num(value)}"]

@@ -60,14 +60,22 @@ class Condition(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     probe: str = Field(min_length=1, max_length=128, description="Name of a probe loaded by the server.")
-    threshold: Optional[float] = Field(None, ge=0.0, le=1.0, allow_inf_nan=False, description="Steer when P(probe) > threshold.")
-    score_threshold: Optional[float] = Field(None, allow_inf_nan=False, description="Steer when the probe's logit > score_threshold.")
-    position: Optional[Literal["mean", "last", "prompt_end", "prompt"]] = Field(None, description="Where the probe reads (default: the probe's own).")
+    threshold: Optional[float] = Field(
+        None, ge=0.0, le=1.0, allow_inf_nan=False, description="Steer when P(probe) > threshold."
+    )
+    score_threshold: Optional[float] = Field(
+        None, allow_inf_nan=False, description="Steer when the probe's logit > score_threshold."
+    )
+    position: Optional[Literal["mean", "last", "prompt_end", "prompt"]] = Field(
+        None, description="Where the probe reads (default: the probe's own)."
+    )
 
     @model_validator(mode="after")
     def _one_threshold(self) -> "Condition":
         if (self.threshold is None) == (self.score_threshold is None):
-            raise ValueError("a condition needs exactly one of 'threshold' (probability) or 'score_threshold' (logit)")
+            raise ValueError(
+                "a condition needs exactly one of 'threshold' (probability) or 'score_threshold' (logit)"
+            )
         return self
 
 
@@ -79,7 +87,9 @@ class Clamp(BaseModel):
     atoms: list[int] = Field(min_length=1, max_length=MAX_ATOMS, description="SAE atom indices.")
     lam: float = Field(1.0, ge=0.0, le=1e6, allow_inf_nan=False, description="Clamp strength λ.")
     mode: Literal["subtract", "scale", "zero"] = "subtract"
-    floor: Optional[float] = Field(0.0, allow_inf_nan=False, description="subtract mode: codes never go below this (null: no floor).")
+    floor: Optional[float] = Field(
+        0.0, allow_inf_nan=False, description="subtract mode: codes never go below this (null: no floor)."
+    )
 
     @field_validator("atoms")
     @classmethod
@@ -96,16 +106,34 @@ class PolicyBody(BaseModel):
 
     name: Optional[str] = Field(None, description="Optional; must equal the name in the path when given.")
     description: str = Field("", max_length=1000)
-    directions: list[str] = Field(default_factory=list, max_length=MAX_DIRECTIONS,
-                                  description="Direction names from the served direction set; several are combined as the normalised sum.")
-    layer: Optional[int] = Field(None, ge=0, description="Steering layer (0-based block output); default: the directions' layer.")
-    alpha: float = Field(0.0, allow_inf_nan=False, description="Steering strength in raw activation units; >= 0 steers away from unsafe.")
-    alpha_min: Optional[float] = Field(None, allow_inf_nan=False, description="Lowest alpha a request may ask for (default: -server limit).")
-    alpha_max: Optional[float] = Field(None, allow_inf_nan=False, description="Highest alpha a request may ask for (default: +server limit).")
-    clamps: list[Clamp] = Field(default_factory=list, max_length=MAX_CLAMPS, description="SAE atom clamps (need a server SAE).")
+    directions: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_DIRECTIONS,
+        description="Direction names from the served direction set; several are combined as the normalised sum.",
+    )
+    layer: Optional[int] = Field(
+        None, ge=0, description="Steering layer (0-based block output); default: the directions' layer."
+    )
+    alpha: float = Field(
+        0.0,
+        allow_inf_nan=False,
+        description="Steering strength in raw activation units; >= 0 steers away from unsafe.",
+    )
+    alpha_min: Optional[float] = Field(
+        None, allow_inf_nan=False, description="Lowest alpha a request may ask for (default: -server limit)."
+    )
+    alpha_max: Optional[float] = Field(
+        None, allow_inf_nan=False, description="Highest alpha a request may ask for (default: +server limit)."
+    )
+    clamps: list[Clamp] = Field(
+        default_factory=list, max_length=MAX_CLAMPS, description="SAE atom clamps (need a server SAE)."
+    )
     condition: Optional[Condition] = None
-    positions: Literal["all", "prompt"] = Field("all", description="Steer every position, or the prompt's only "
-                                                "(the answer tokens are then generated unsteered, on the steered context).")
+    positions: Literal["all", "prompt"] = Field(
+        "all",
+        description="Steer every position, or the prompt's only "
+        "(the answer tokens are then generated unsteered, on the steered context).",
+    )
 
     @field_validator("directions")
     @classmethod
@@ -132,14 +160,18 @@ class PolicyBody(BaseModel):
 class Policy(PolicyBody):
     """A named, validated steering policy."""
 
-    name: str = Field(pattern=NAME_PATTERN, description="1-64 of A-Z a-z 0-9 _ . - (starts with a letter or digit).")
+    name: str = Field(
+        pattern=NAME_PATTERN, description="1-64 of A-Z a-z 0-9 _ . - (starts with a letter or digit)."
+    )
 
     @classmethod
     def from_body(cls, name: str, body: PolicyBody | Mapping[str, Any]) -> "Policy":
         """The policy ``name`` from a PUT body; a body naming another policy is an error."""
         data = body.model_dump() if isinstance(body, BaseModel) else dict(body)
         if data.get("name") not in (None, name):
-            raise SafesteerError(f"the body names policy '{data['name']}' but the path names '{name}'; drop the name or make them equal")
+            raise SafesteerError(
+                f"the body names policy '{data['name']}' but the path names '{name}'; drop the name or make them equal"
+            )
         data["name"] = name
         return cls.model_validate(data)
 
@@ -158,8 +190,12 @@ class PolicyRecord:
         return self.policy.name
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "version": self.version, "updated_at": self.updated_at,
-                "policy": self.policy.model_dump(exclude={"name"})}
+        return {
+            "name": self.name,
+            "version": self.version,
+            "updated_at": self.updated_at,
+            "policy": self.policy.model_dump(exclude={"name"}),
+        }
 
     def to_file(self) -> dict[str, Any]:
         return {"format": FILE_FORMAT, **self.to_dict()}
@@ -176,8 +212,12 @@ class PolicyStore:
     :class:`~safesteer.errors.SafesteerError` to refuse the policy.
     """
 
-    def __init__(self, folder: str | Path | None = None, policies: Mapping[str, Policy] | list[Policy] | None = None,
-                 compiler: Compiler | None = None):
+    def __init__(
+        self,
+        folder: str | Path | None = None,
+        policies: Mapping[str, Policy] | list[Policy] | None = None,
+        compiler: Compiler | None = None,
+    ):
         self.folder = Path(folder) if folder is not None else None
         self._write_lock = threading.Lock()
         self._records: Mapping[str, PolicyRecord] = {}
@@ -189,7 +229,10 @@ class PolicyStore:
         if self.folder is not None:
             loaded.extend(self._read_folder())
         if policies:
-            loaded.extend((p, 0, time.time()) for p in (policies.values() if isinstance(policies, Mapping) else policies))
+            loaded.extend(
+                (p, 0, time.time())
+                for p in (policies.values() if isinstance(policies, Mapping) else policies)
+            )
         self._version = max([v for _, v, _ in loaded], default=0)
         records: dict[str, PolicyRecord] = {}
         for pol, version, ts in loaded:
@@ -218,15 +261,24 @@ class PolicyStore:
                 data.setdefault("name", raw.get("name"))
             data.setdefault("name", path.stem)
             if data["name"] != path.stem:
-                raise SafesteerError(f"{path} holds policy '{data['name']}'; rename the file to {data['name']}.json")
+                raise SafesteerError(
+                    f"{path} holds policy '{data['name']}'; rename the file to {data['name']}.json"
+                )
             try:
                 pol = Policy.model_validate(data)
             except ValidationError as exc:
-                raise SafesteerError(f"{path} is not a valid policy: {format_validation_error(exc)}") from None
+                raise SafesteerError(
+                    f"{path} is not a valid policy: {format_validation_error(exc)}"
+                ) from None
             ver = raw.get("version") if raw.get("format") == FILE_FORMAT else None
             ts = raw.get("updated_at")
-            out.append((pol, ver if isinstance(ver, int) and not isinstance(ver, bool) and ver > 0 else 0,
-                        float(ts) if isinstance(ts, (int, float)) else path.stat().st_mtime))
+            out.append(
+                (
+                    pol,
+                    ver if isinstance(ver, int) and not isinstance(ver, bool) and ver > 0 else 0,
+                    float(ts) if isinstance(ts, (int, float)) else path.stat().st_mtime,
+                )
+            )
         return out
 
     # ---------------------------------------------------------------- compile
@@ -305,7 +357,9 @@ class PolicyStore:
                 try:
                     self._path(name).unlink(missing_ok=True)
                 except OSError as exc:
-                    raise PolicyStorageError(f"cannot delete {self._path(name)}: {exc.strerror or exc}") from exc
+                    raise PolicyStorageError(
+                        f"cannot delete {self._path(name)}: {exc.strerror or exc}"
+                    ) from exc
             new = dict(self._records)
             del new[name]
             self._version += 1
@@ -335,7 +389,9 @@ def policy_direction(names: list[str], directions: list[Any], layer: int | None)
     if layer is None:
         layers = {d.layer for d in directions}
         if len(layers) > 1:
-            raise SafesteerError(f"directions {names} were built for different layers {sorted(layers)}; set the policy's 'layer'")
+            raise SafesteerError(
+                f"directions {names} were built for different layers {sorted(layers)}; set the policy's 'layer'"
+            )
         layer = directions[0].layer
     if len(directions) == 1:
         return layer, directions[0].vector

@@ -36,8 +36,14 @@ class ModelWorker:
     window are handed to ``fn`` together (up to ``max_batch`` in total ``size``).
     """
 
-    def __init__(self, lock: threading.RLock, max_queue: int = 256, window_s: float = 0.0, max_batch: int = 64,
-                 on_batch: Callable[[int, int], None] | None = None):
+    def __init__(
+        self,
+        lock: threading.RLock,
+        max_queue: int = 256,
+        window_s: float = 0.0,
+        max_batch: int = 64,
+        on_batch: Callable[[int, int], None] | None = None,
+    ):
         self.lock = lock
         self.max_queue = int(max_queue)
         self.window_s = float(window_s)
@@ -48,7 +54,9 @@ class ModelWorker:
         self._thread: threading.Thread | None = None
         self._stopping = False
 
-    def submit(self, fn: Callable[[list[Any]], list[Any]], payload: Any, key: Hashable | None = None, size: int = 1) -> Future:
+    def submit(
+        self, fn: Callable[[list[Any]], list[Any]], payload: Any, key: Hashable | None = None, size: int = 1
+    ) -> Future:
         job = _Job(fn, payload, key, max(1, int(size)))
         with self._cv:
             if self._stopping:

@@ -25,6 +25,19 @@ from safesteer.steering.strategies import (
 )
 
 __all__ = [
-    "ClampEdit", "Direction", "DirectionSet", "Intervention", "HYBRIDS", "RANDOM_MEMBERS", "RANDOM_SEED", "STRATEGY_NAMES", "build_directions",
-    "combine", "random_direction", "read_atoms", "sae_direction", "steering_vector", "unit",
+    "ClampEdit",
+    "Direction",
+    "DirectionSet",
+    "Intervention",
+    "HYBRIDS",
+    "RANDOM_MEMBERS",
+    "RANDOM_SEED",
+    "STRATEGY_NAMES",
+    "build_directions",
+    "combine",
+    "random_direction",
+    "read_atoms",
+    "sae_direction",
+    "steering_vector",
+    "unit",
 ]

@@ -41,51 +41,100 @@ COMPLIANCE_PREFIXES: tuple[str, ...] = (
 """Compliance answer prefixes (a⁻) of the CAA vector."""
 
 
-def answer_means(backbone: Any, prompts: Sequence[str], answers: Sequence[str], layers: Sequence[int],
-                 batch_size: int = 32, system: str | None = None) -> dict[int, np.ndarray]:
+def answer_means(
+    backbone: Any,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    layers: Sequence[int],
+    batch_size: int = 32,
+    system: str | None = None,
+) -> dict[int, np.ndarray]:
     """Mean over all (prompt, answer) pairs of the answer-position residual, per layer (float64, d)."""
     if not prompts or not answers:
         raise SafesteerError("behaviour directions need at least one prompt and one answer prefix per side")
     users = [p for p in prompts for _ in answers]
     ans = [a for _ in prompts for a in answers]
-    H = backbone.pooled(users, list(layers), batch_size=batch_size, position="answer", answers=ans, system=system)
+    H = backbone.pooled(
+        users, list(layers), batch_size=batch_size, position="answer", answers=ans, system=system
+    )
     return {l: H[l].astype(np.float64).mean(axis=0) for l in H}
 
 
-def refusal_caa_vectors(backbone: Any, prompts: Sequence[str], layers: Sequence[int],
-                        refusal: Sequence[str] = REFUSAL_PREFIXES, compliance: Sequence[str] = COMPLIANCE_PREFIXES,
-                        batch_size: int = 32, system: str | None = None) -> dict[int, np.ndarray]:
+def refusal_caa_vectors(
+    backbone: Any,
+    prompts: Sequence[str],
+    layers: Sequence[int],
+    refusal: Sequence[str] = REFUSAL_PREFIXES,
+    compliance: Sequence[str] = COMPLIANCE_PREFIXES,
+    batch_size: int = 32,
+    system: str | None = None,
+) -> dict[int, np.ndarray]:
     """Raw (unnormalised) CAA vectors r_L = mean_refusal − mean_compliance for each layer."""
     pos = answer_means(backbone, prompts, refusal, layers, batch_size, system)
     neg = answer_means(backbone, prompts, compliance, layers, batch_size, system)
     return {l: pos[l] - neg[l] for l in pos}
 
 
-def refusal_caa(backbone: Any, prompts: Sequence[str], layer: int, refusal: Sequence[str] = REFUSAL_PREFIXES,
-                compliance: Sequence[str] = COMPLIANCE_PREFIXES, batch_size: int = 32,
-                system: str | None = None) -> Direction:
+def refusal_caa(
+    backbone: Any,
+    prompts: Sequence[str],
+    layer: int,
+    refusal: Sequence[str] = REFUSAL_PREFIXES,
+    compliance: Sequence[str] = COMPLIANCE_PREFIXES,
+    batch_size: int = 32,
+    system: str | None = None,
+) -> Direction:
     """The ``refusal_caa`` direction at ``layer`` (stored toward compliance: α ≥ 0 adds refusal)."""
     r = refusal_caa_vectors(backbone, prompts, [layer], refusal, compliance, batch_size, system)[layer]
-    return Direction("refusal_caa", -unit(r, "the CAA refusal vector"), "behaviour", layer,
-                     ["caa:answer-position DiffMean"],
-                     meta={"position": "answer", "refusal": list(refusal), "compliance": list(compliance),
-                           "n_prompts": len(prompts), "norm": float(np.linalg.norm(r)),
-                           "sign": "vector = -(refusal - compliance)/norm; alpha >= 0 adds refusal"})
+    return Direction(
+        "refusal_caa",
+        -unit(r, "the CAA refusal vector"),
+        "behaviour",
+        layer,
+        ["caa:answer-position DiffMean"],
+        meta={
+            "position": "answer",
+            "refusal": list(refusal),
+            "compliance": list(compliance),
+            "n_prompts": len(prompts),
+            "norm": float(np.linalg.norm(r)),
+            "sign": "vector = -(refusal - compliance)/norm; alpha >= 0 adds refusal",
+        },
+    )
 
 
-def refusal_dim(backbone: Any, harmful: Sequence[str], harmless: Sequence[str], layer: int, batch_size: int = 32,
-                system: str | None = None) -> Direction:
+def refusal_dim(
+    backbone: Any,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    layer: int,
+    batch_size: int = 32,
+    system: str | None = None,
+) -> Direction:
     """Arditi's refusal direction at ``layer``: DiffMean harmful − harmless at ``prompt_end``."""
     if not harmful or not harmless:
         raise SafesteerError("refusal_dim needs harmful and harmless prompts")
-    Hp = backbone.pooled(list(harmful), [layer], batch_size=batch_size, position="prompt_end", system=system)[layer]
-    Hn = backbone.pooled(list(harmless), [layer], batch_size=batch_size, position="prompt_end", system=system)[layer]
+    Hp = backbone.pooled(list(harmful), [layer], batch_size=batch_size, position="prompt_end", system=system)[
+        layer
+    ]
+    Hn = backbone.pooled(
+        list(harmless), [layer], batch_size=batch_size, position="prompt_end", system=system
+    )[layer]
     r = Hp.astype(np.float64).mean(axis=0) - Hn.astype(np.float64).mean(axis=0)
-    return Direction("refusal_dim", -unit(r, "the harmful-harmless DiffMean"), "behaviour", layer,
-                     ["dim:prompt_end DiffMean"],
-                     meta={"position": "prompt_end", "n_harmful": len(harmful), "n_harmless": len(harmless),
-                           "norm": float(np.linalg.norm(r)),
-                           "sign": "vector = -(harmful - harmless)/norm; alpha >= 0 adds refusal"})
+    return Direction(
+        "refusal_dim",
+        -unit(r, "the harmful-harmless DiffMean"),
+        "behaviour",
+        layer,
+        ["dim:prompt_end DiffMean"],
+        meta={
+            "position": "prompt_end",
+            "n_harmful": len(harmful),
+            "n_harmless": len(harmless),
+            "norm": float(np.linalg.norm(r)),
+            "sign": "vector = -(harmful - harmless)/norm; alpha >= 0 adds refusal",
+        },
+    )
 
 
 def ablation_edit(direction: np.ndarray | Direction):
@@ -102,21 +151,26 @@ def ablation_edit(direction: np.ndarray | Direction):
 
 def ablation_intervention(direction: Direction, layer: int | None = None) -> Intervention:
     """An :class:`Intervention` that projects ``direction`` out at one layer (default: its own)."""
-    return Intervention(f"ablate:{direction.name}", direction.layer if layer is None else layer,
-                        edit=ablation_edit(direction))
+    return Intervention(
+        f"ablate:{direction.name}", direction.layer if layer is None else layer, edit=ablation_edit(direction)
+    )
 
 
 @contextlib.contextmanager
-def ablate(backbone: Any, direction: Direction | np.ndarray, layers: Sequence[int] | None = None) -> Iterator[None]:
+def ablate(
+    backbone: Any, direction: Direction | np.ndarray, layers: Sequence[int] | None = None
+) -> Iterator[None]:
     """Directional ablation at every layer of ``layers`` (default: all blocks, as in Arditi et al.)."""
     edit = ablation_edit(direction)
     with contextlib.ExitStack() as stack:
-        for l in (range(backbone.n_layers) if layers is None else layers):
+        for l in range(backbone.n_layers) if layers is None else layers:
             stack.enter_context(backbone.steer(int(l), edit=edit))
         yield
 
 
-def median_norm(backbone: Any, prompts: Sequence[str], layer: int, batch_size: int = 32, max_prompts: int = 64) -> float:
+def median_norm(
+    backbone: Any, prompts: Sequence[str], layer: int, batch_size: int = 32, max_prompts: int = 64
+) -> float:
     """Median residual-stream norm over the tokens of chat-rendered ``prompts`` at ``layer`` (α's unit)."""
     from safesteer.models.positions import chat_inputs
 

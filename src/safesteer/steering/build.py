@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from safesteer.errors import SafesteerError
-from safesteer.pipeline import files
 
 CONCEPTS = {"tox": "toxicity", "harm": "harmfulness"}
 """Direction-set concept key → probe label."""
@@ -17,9 +16,16 @@ FILTERED_CATEGORY = {"tox": "toxicity", "harm": "harm"}
 SELECTIONS = ("top20", "all", "filtered")
 
 
-def directions_from_files(layer: int, *, probe_dirs: Mapping[str, Path] | None = None, sae: Path | None = None,
-                          atoms: Mapping[str, list[int]] | None = None, d_model: int | None = None, seed: int,
-                          random_members: int):
+def directions_from_files(
+    layer: int,
+    *,
+    probe_dirs: Mapping[str, Path] | None = None,
+    sae: Path | None = None,
+    atoms: Mapping[str, list[int]] | None = None,
+    d_model: int | None = None,
+    seed: int,
+    random_members: int,
+):
     """The direction set of the given ingredients. ``probe_dirs``: concept (``tox``/``harm``) → probe folder;
     ``atoms``: ``tox_top20`` … → atom indices (needs ``sae``)."""
     from safesteer.steering import build_directions
@@ -39,8 +45,16 @@ def directions_from_files(layer: int, *, probe_dirs: Mapping[str, Path] | None =
         sources["sae"] = str(sae)
     if atoms and sae_obj is None:
         raise SafesteerError("--atoms needs --sae (the decoder rows come from the SAE)")
-    return build_directions(layer, probes, sae_obj, dict(atoms or {}), d_model=d_model, seed=seed, sources=sources,
-                            random_members=random_members)
+    return build_directions(
+        layer,
+        probes,
+        sae_obj,
+        dict(atoms or {}),
+        d_model=d_model,
+        seed=seed,
+        sources=sources,
+        random_members=random_members,
+    )
 
 
 def atom_selection_rows(selection_csv: Path, key: str, selection: str):
@@ -87,9 +101,16 @@ def run_directions_stage(section: Any, inputs: Mapping[str, Any], out_dir: Path,
 
     a = inputs["atoms"]
     csvs = split_atom_selections({"top20": a.topk, "all": a.all_positive, "filtered": a.filtered}, out_dir)
-    probe_dirs = {key: inputs["probes"].dirs[label] for key, label in CONCEPTS.items() if label in inputs["probes"].dirs}
-    ds = directions_from_files(ctx.config.model.layer, probe_dirs=probe_dirs, sae=inputs["sae"].sae,
-                               atoms={name: read_atoms(path) for name, path in csvs.items()},
-                               seed=section.random_seed + ctx.seed, random_members=section.random_members)
+    probe_dirs = {
+        key: inputs["probes"].dirs[label] for key, label in CONCEPTS.items() if label in inputs["probes"].dirs
+    }
+    ds = directions_from_files(
+        ctx.config.model.layer,
+        probe_dirs=probe_dirs,
+        sae=inputs["sae"].sae,
+        atoms={name: read_atoms(path) for name, path in csvs.items()},
+        seed=section.random_seed + ctx.seed,
+        random_members=section.random_members,
+    )
     ds.save(out_dir)
     return DirectionsOutputs(out_dir, tuple(ds.names()))

@@ -38,7 +38,14 @@ def _to_tensor(x: Any, like: torch.Tensor) -> torch.Tensor:
 class ClampEdit:
     """Callable SAE-space edit of a block output; see the module docstring for the formula."""
 
-    def __init__(self, sae: Any, atoms: Sequence[int], lam: float = 0.0, mode: str = "subtract", floor: float | None = 0.0):
+    def __init__(
+        self,
+        sae: Any,
+        atoms: Sequence[int],
+        lam: float = 0.0,
+        mode: str = "subtract",
+        floor: float | None = 0.0,
+    ):
         if mode not in MODES:
             raise SafesteerError(f"unknown clamp mode '{mode}'; valid choices: {', '.join(MODES)}")
         if not hasattr(sae, "encode") or not hasattr(sae, "decode"):
@@ -75,7 +82,9 @@ class ClampEdit:
             sel = sel - self.lam
             if self.floor is not None:
                 # never raise a code: the floor applies only where lowering crossed it
-                sel = torch.where(sel < self.floor, torch.minimum(f[:, idx], torch.full_like(sel, self.floor)), sel)
+                sel = torch.where(
+                    sel < self.floor, torch.minimum(f[:, idx], torch.full_like(sel, self.floor)), sel
+                )
         new[:, idx] = sel
         return new
 

@@ -40,8 +40,8 @@ import torch
 
 from safesteer.errors import SafesteerError
 from safesteer.io import atomic_path, read_json, write_json
-from safesteer.models.where import PromptOnly, body, is_new_input
 from safesteer.models.positions import last_index, prompt_end_length, prompt_starts, span_mask, user_header
+from safesteer.models.where import PromptOnly, body, is_new_input
 from safesteer.steering.strategies import Intervention
 
 GATE_POSITIONS = ("prompt_end", "prompt", "last", "mean")
@@ -67,7 +67,9 @@ class Condition:
     def __post_init__(self) -> None:
         self.w = np.asarray(self.w, dtype=np.float64).reshape(-1)
         if self.position not in GATE_POSITIONS:
-            raise SafesteerError(f"gate position '{self.position}' unsupported; valid choices: {', '.join(GATE_POSITIONS)}")
+            raise SafesteerError(
+                f"gate position '{self.position}' unsupported; valid choices: {', '.join(GATE_POSITIONS)}"
+            )
         self.layer, self.b, self.threshold = int(self.layer), float(self.b), float(self.threshold)
         if (self.W1 is None) != (self.b1 is None):
             raise SafesteerError("an MLP gate needs both hidden weights W1 and biases b1")
@@ -76,8 +78,10 @@ class Condition:
             self.b1 = np.asarray(self.b1, dtype=np.float64).reshape(-1)
             k = self.w.shape[0]
             if self.W1.ndim != 2 or self.W1.shape[0] != k or self.b1.shape[0] != k:
-                raise SafesteerError(f"MLP gate shapes disagree: W1 {self.W1.shape}, b1 {self.b1.shape}, w {self.w.shape}; "
-                                     "need W1 (k × d), b1 (k), w (k)")
+                raise SafesteerError(
+                    f"MLP gate shapes disagree: W1 {self.W1.shape}, b1 {self.b1.shape}, w {self.w.shape}; "
+                    "need W1 (k × d), b1 (k), w (k)"
+                )
 
     @property
     def kind(self) -> str:
@@ -89,14 +93,26 @@ class Condition:
         return int(self.w.shape[0] if self.W1 is None else self.W1.shape[1])
 
     @classmethod
-    def from_probe(cls, probe: Any, layer: int, position: str = "prompt_end", threshold: float = 0.0,
-                   name: str = "gate") -> "Condition":
+    def from_probe(
+        cls, probe: Any, layer: int, position: str = "prompt_end", threshold: float = 0.0, name: str = "gate"
+    ) -> "Condition":
         """From a :class:`~safesteer.probes.Probe` (raw-space ``w``, ``b``: standardisation folded in)."""
-        return cls(np.asarray(probe.w), float(probe.b), layer, position, threshold, name,
-                   {"probe_metrics": dict(getattr(probe, "metrics", {}) or {})})
+        return cls(
+            np.asarray(probe.w),
+            float(probe.b),
+            layer,
+            position,
+            threshold,
+            name,
+            {"probe_metrics": dict(getattr(probe, "metrics", {}) or {})},
+        )
 
     def score(self, H: np.ndarray | torch.Tensor) -> np.ndarray:
-        H = H.detach().double().cpu().numpy() if isinstance(H, torch.Tensor) else np.asarray(H, dtype=np.float64)
+        H = (
+            H.detach().double().cpu().numpy()
+            if isinstance(H, torch.Tensor)
+            else np.asarray(H, dtype=np.float64)
+        )
         if H.ndim != 2 or H.shape[1] != self.d:
             raise SafesteerError(f"gate expects rows × {self.d} activations, got {H.shape}")
         if self.W1 is not None:
@@ -108,9 +124,15 @@ class Condition:
         (the in-pass gate; a Condition's weights are not meant to change after it is built)."""
         key = str(device)
         if key not in self._torch:
-            self._torch[key] = (torch.as_tensor(self.w, dtype=torch.float64, device=device), None if self.W1 is None else (
-                torch.as_tensor(self.W1.T.copy(), dtype=torch.float64, device=device),
-                torch.as_tensor(self.b1, dtype=torch.float64, device=device)))
+            self._torch[key] = (
+                torch.as_tensor(self.w, dtype=torch.float64, device=device),
+                None
+                if self.W1 is None
+                else (
+                    torch.as_tensor(self.W1.T.copy(), dtype=torch.float64, device=device),
+                    torch.as_tensor(self.b1, dtype=torch.float64, device=device),
+                ),
+            )
         w, hidden = self._torch[key]
         b = self.b
 
@@ -140,10 +162,21 @@ class Condition:
             if self.W1 is not None:
                 tensors.update({"W1": np.ascontiguousarray(self.W1), "b1": np.ascontiguousarray(self.b1)})
             save_file(tensors, str(tmp))
-        write_json(out / "condition.json", {"format": "safesteer-condition", "version": 1, "layer": self.layer,
-                                            "position": self.position, "threshold": self.threshold, "name": self.name,
-                                            "d": self.d, "kind": self.kind,
-                                            "hidden": 0 if self.W1 is None else int(self.W1.shape[0]), "meta": self.meta})
+        write_json(
+            out / "condition.json",
+            {
+                "format": "safesteer-condition",
+                "version": 1,
+                "layer": self.layer,
+                "position": self.position,
+                "threshold": self.threshold,
+                "name": self.name,
+                "d": self.d,
+                "kind": self.kind,
+                "hidden": 0 if self.W1 is None else int(self.W1.shape[0]),
+                "meta": self.meta,
+            },
+        )
         return out
 
     @classmethod
@@ -156,8 +189,17 @@ class Condition:
         if not isinstance(meta, dict) or meta.get("format") != "safesteer-condition":
             raise SafesteerError(f"{folder / 'condition.json'} is not a safesteer condition")
         t = load_file(str(folder / "condition.safetensors"))
-        return cls(t["w"], float(t["b"][0]), meta["layer"], meta["position"], meta["threshold"], meta.get("name", "gate"),
-                   meta.get("meta", {}), t.get("W1"), t.get("b1"))
+        return cls(
+            t["w"],
+            float(t["b"][0]),
+            meta["layer"],
+            meta["position"],
+            meta["threshold"],
+            meta.get("name", "gate"),
+            meta.get("meta", {}),
+            t.get("W1"),
+            t.get("b1"),
+        )
 
 
 def threshold_for_fpr(scores: Sequence[float] | np.ndarray, target_fpr: float = DEFAULT_FPR) -> float:
@@ -171,16 +213,27 @@ def threshold_for_fpr(scores: Sequence[float] | np.ndarray, target_fpr: float = 
     return float(s[k])
 
 
-def gate_scores(backbone: Any, condition: Condition, prompts: Sequence[str], batch_size: int = 32,
-                system: str | None = None) -> np.ndarray:
+def gate_scores(
+    backbone: Any,
+    condition: Condition,
+    prompts: Sequence[str],
+    batch_size: int = 32,
+    system: str | None = None,
+) -> np.ndarray:
     """Gate logits of chat-rendered ``prompts`` (unsteered)."""
-    H = backbone.pooled(list(prompts), [condition.layer], batch_size=batch_size, position=condition.position,
-                        system=system)[condition.layer]
+    H = backbone.pooled(
+        list(prompts), [condition.layer], batch_size=batch_size, position=condition.position, system=system
+    )[condition.layer]
     return condition.score(H)
 
 
-def gate_flags(backbone: Any, condition: Condition, prompts: Sequence[str], batch_size: int = 32,
-               system: str | None = None) -> np.ndarray:
+def gate_flags(
+    backbone: Any,
+    condition: Condition,
+    prompts: Sequence[str],
+    batch_size: int = 32,
+    system: str | None = None,
+) -> np.ndarray:
     return gate_scores(backbone, condition, prompts, batch_size, system) > condition.threshold
 
 
@@ -197,7 +250,6 @@ class GateState:
         return np.concatenate(self.flagged) if self.flagged else np.zeros(0, dtype=bool)
 
 
-
 def _hidden(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -211,8 +263,13 @@ def _replace(output, hidden):
 
 
 @contextlib.contextmanager
-def conditional(backbone: Any, condition: Condition, intervention: Intervention,
-                flags: Sequence[bool] | np.ndarray | None = None, system: str | None = None) -> Iterator[GateState]:
+def conditional(
+    backbone: Any,
+    condition: Condition,
+    intervention: Intervention,
+    flags: Sequence[bool] | np.ndarray | None = None,
+    system: str | None = None,
+) -> Iterator[GateState]:
     """Apply ``intervention`` only to the rows that ``condition`` flags (see the module docstring).
 
     ``flags`` (optional) replaces the gate by fixed per-row decisions (then every new input batch
@@ -223,8 +280,10 @@ def conditional(backbone: Any, condition: Condition, intervention: Intervention,
     L, c = backbone.check_layer(intervention.layer), backbone.check_layer(condition.layer)
     prefix = getattr(backbone, "_prefix", None)
     if prefix is not None and c < prefix.layer:
-        raise SafesteerError(f"the gate reads layer {c}, below the active prefix cache's layer {prefix.layer}; "
-                             "leave the prefix cache off or gate at a layer >= it")
+        raise SafesteerError(
+            f"the gate reads layer {c}, below the active prefix cache's layer {prefix.layer}; "
+            "leave the prefix cache off or gate at a layer >= it"
+        )
     fixed = None if flags is None else torch.as_tensor(np.asarray(flags, dtype=bool))
     n_end = prompt_end_length(backbone, system) if condition.position in ("prompt_end", "prompt") else 0
     header = user_header(backbone, system) if condition.position == "prompt" else ()
@@ -235,7 +294,9 @@ def conditional(backbone: Any, condition: Condition, intervention: Intervention,
     if intervention.edit is not None:
         edit = intervention.edit
     else:
-        delta = torch.as_tensor(intervention.alpha * intervention.vector, dtype=torch.float32, device=backbone.device)
+        delta = torch.as_tensor(
+            intervention.alpha * intervention.vector, dtype=torch.float32, device=backbone.device
+        )
         edit = lambda h: h + delta.to(h.dtype)  # noqa: E731
 
     def decide(h: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor) -> None:

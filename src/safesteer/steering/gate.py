@@ -25,7 +25,14 @@ from safesteer.steering.condition import DEFAULT_FPR, Condition, threshold_for_f
 from safesteer.steering.reframe import reframe, reframe_wide
 
 HARMFUL_SETS: tuple[str, ...] = ("advbench", "donotanswer", "beavertails", "xstest_unsafe", "contrast_unsafe")
-QA_SETS: tuple[str, ...] = ("nq_open", "truthfulqa", "healthsearchqa", "liveqa", "medicationqa", "commonsenseqa")
+QA_SETS: tuple[str, ...] = (
+    "nq_open",
+    "truthfulqa",
+    "healthsearchqa",
+    "liveqa",
+    "medicationqa",
+    "commonsenseqa",
+)
 HARMLESS_SETS: tuple[str, ...] = ("xstest_safe", "contrast_safe", "tasks", *QA_SETS)
 DNA_GATE_AREAS: tuple[str, ...] = ("malicious_uses", "discrimination_exclusion_toxicity_hateful_offensive")
 """Do-Not-Answer risk areas whose prompts the gate treats as harmful *requests*. The other three —
@@ -41,7 +48,9 @@ FRACTIONS: tuple[float, float, float] = (0.4, 0.15, 0.45)
 def split3(text: str, fractions: Sequence[float] = FRACTIONS, salt: str = "safesteer-gate") -> str:
     """``train``/``val``/``test`` from sha256(salt|text): deterministic, disjoint by construction."""
     if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-9 or min(fractions) < 0:
-        raise SafesteerError(f"split fractions must be three non-negative shares summing to 1, got {list(fractions)}")
+        raise SafesteerError(
+            f"split fractions must be three non-negative shares summing to 1, got {list(fractions)}"
+        )
     u = int.from_bytes(hashlib.sha256(f"{salt}|{text}".encode()).digest()[:8], "big") / 2**64
     return "train" if u < fractions[0] else ("val" if u < fractions[0] + fractions[1] else "test")
 
@@ -70,15 +79,22 @@ class Prompts:
         if self.origin is None:
             self.origin = np.full(len(self.text), -1, dtype=np.int64)
         self.origin = np.asarray(self.origin, dtype=np.int64)
-        if self.origin.shape != (len(self.text),) or bool((self.origin[~self.aug] != -1).any()) or \
-                bool((self.origin >= len(self.text)).any()):
-            raise SafesteerError("Prompts.origin needs one entry per row: −1 for originals, the source row's index for "
-                                 "augmented copies")
+        if (
+            self.origin.shape != (len(self.text),)
+            or bool((self.origin[~self.aug] != -1).any())
+            or bool((self.origin >= len(self.text)).any())
+        ):
+            raise SafesteerError(
+                "Prompts.origin needs one entry per row: −1 for originals, the source row's index for "
+                "augmented copies"
+            )
 
     def __len__(self) -> int:
         return len(self.text)
 
-    def mask(self, split: str | None = None, group: str | None = None, harmful: int | None = None) -> np.ndarray:
+    def mask(
+        self, split: str | None = None, group: str | None = None, harmful: int | None = None
+    ) -> np.ndarray:
         m = np.ones(len(self), dtype=bool)
         if split is not None:
             m &= np.array([s == split for s in self.split])
@@ -103,12 +119,22 @@ def _raw(name: str, data_dir: Any) -> list[str]:
 
     if name.startswith("xstest_"):
         want = int(name == "xstest_unsafe")
-        return [r.text for r in load("xstest", split="all", data_dir=data_dir) if int(r.labels["unsafe"]) == want]
+        return [
+            r.text for r in load("xstest", split="all", data_dir=data_dir) if int(r.labels["unsafe"]) == want
+        ]
     if name.startswith("contrast_"):
         want = int(name == "contrast_unsafe")
-        return [r.text for r in load("contrast", split="all", data_dir=data_dir) if int(r.labels["harmful"]) == want]
+        return [
+            r.text
+            for r in load("contrast", split="all", data_dir=data_dir)
+            if int(r.labels["harmful"]) == want
+        ]
     if name == "donotanswer":
-        return [r.text for r in load(name, split="all", data_dir=data_dir) if r.labels["risk_area"] in DNA_GATE_AREAS]
+        return [
+            r.text
+            for r in load(name, split="all", data_dir=data_dir)
+            if r.labels["risk_area"] in DNA_GATE_AREAS
+        ]
     records = list(load(name, split="all", data_dir=data_dir))
     if name == "beavertails":  # records are "prompt\nresponse": keep the user turn of the unsafe pairs only
         # (the local sample is all unsafe; the hub's 330k pairs hold is_safe ones, whose prompts are no harm labels)
@@ -116,9 +142,15 @@ def _raw(name: str, data_dir: Any) -> list[str]:
     return [r.text for r in records]
 
 
-def load_prompts(caps: int | Mapping[str, int] | None = None, fractions: Sequence[float] = FRACTIONS,
-                 data_dir: Any = None, harmful_sets: Sequence[str] = HARMFUL_SETS,
-                 harmless_sets: Sequence[str] = HARMLESS_SETS, augment: bool = False, wide: bool = False) -> Prompts:
+def load_prompts(
+    caps: int | Mapping[str, int] | None = None,
+    fractions: Sequence[float] = FRACTIONS,
+    data_dir: Any = None,
+    harmful_sets: Sequence[str] = HARMFUL_SETS,
+    harmless_sets: Sequence[str] = HARMLESS_SETS,
+    augment: bool = False,
+    wide: bool = False,
+) -> Prompts:
     """Deduplicated prompts of the gate's datasets; ``caps`` limits rows per dataset (hash order).
     ``augment`` adds a reframed copy (:func:`~safesteer.steering.reframe.reframe`) of every *training*
     prompt (split ``train``); ``wide`` a second one from the wide bank of frames (:func:`reframe_wide`),
@@ -156,8 +188,14 @@ def load_prompts(caps: int | Mapping[str, int] | None = None, fractions: Sequenc
                     split.append("train")
                     aug.append(True)
                     origin.append(i)
-    return Prompts(text, np.asarray(harmful, dtype=np.int64), group, split, np.asarray(aug, dtype=bool),
-                   np.asarray(origin, dtype=np.int64))
+    return Prompts(
+        text,
+        np.asarray(harmful, dtype=np.int64),
+        group,
+        split,
+        np.asarray(aug, dtype=bool),
+        np.asarray(origin, dtype=np.int64),
+    )
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -203,7 +241,9 @@ def parallel_map(fn: Callable[..., Any], calls: Sequence[tuple], jobs: int | Non
     return list(Parallel(n_jobs=n)(delayed(_single_threaded)(fn, *args) for args in calls))
 
 
-def _fit_member(Z: np.ndarray, y: np.ndarray, sw: np.ndarray, hidden: int, alpha: float, max_iter: int, seed: int):
+def _fit_member(
+    Z: np.ndarray, y: np.ndarray, sw: np.ndarray, hidden: int, alpha: float, max_iter: int, seed: int
+):
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
@@ -216,9 +256,17 @@ def _fit_member(Z: np.ndarray, y: np.ndarray, sw: np.ndarray, hidden: int, alpha
     return clf.coefs_, clf.intercepts_
 
 
-def fit_mlp(H: np.ndarray, y: np.ndarray, hidden: int = 128, members: int = 5, alpha: float = 1.0, seed: int = 0,
-            weight: np.ndarray | None = None, max_iter: int = 200, jobs: int | None = None
-            ) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+def fit_mlp(
+    H: np.ndarray,
+    y: np.ndarray,
+    hidden: int = 128,
+    members: int = 5,
+    alpha: float = 1.0,
+    seed: int = 0,
+    weight: np.ndarray | None = None,
+    max_iter: int = 200,
+    jobs: int | None = None,
+) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
     """An average of ``members`` one-hidden-layer ReLU MLPs (scikit-learn, seeds ``seed…``), class-
     balanced, on standardised ``H``; returned in raw space as ``(w, b, W1, b1)`` of
     ``score(h) = w·relu(W1 h + b1) + b`` — the mean of the members' logits, their hidden units side
@@ -229,15 +277,21 @@ def fit_mlp(H: np.ndarray, y: np.ndarray, hidden: int = 128, members: int = 5, a
     H = np.asarray(H, dtype=np.float64)
     y = np.asarray(y).astype(np.int64)
     if len(np.unique(y)) < 2:
-        raise SafesteerError("the gate's training rows hold one class only; it needs harmful and harmless prompts")
+        raise SafesteerError(
+            "the gate's training rows hold one class only; it needs harmful and harmless prompts"
+        )
     mu, sd = H.mean(0), H.std(0)
     sd[sd < 1e-12] = 1.0
     Z = (H - mu) / sd
     from sklearn.utils.class_weight import compute_sample_weight
 
-    sw = compute_sample_weight("balanced", y) * (1.0 if weight is None else np.asarray(weight, dtype=np.float64))
+    sw = compute_sample_weight("balanced", y) * (
+        1.0 if weight is None else np.asarray(weight, dtype=np.float64)
+    )
     W1s, b1s, ws, bs = [], [], [], []
-    fitted = parallel_map(_fit_member, [(Z, y, sw, hidden, alpha, max_iter, seed + i) for i in range(members)], jobs)
+    fitted = parallel_map(
+        _fit_member, [(Z, y, sw, hidden, alpha, max_iter, seed + i) for i in range(members)], jobs
+    )
     for coefs, intercepts in fitted:
         A, a = coefs[0] / sd[:, None], intercepts[0]  # (d × k), (k,) in raw space
         W1s.append(A.T)
@@ -247,24 +301,50 @@ def fit_mlp(H: np.ndarray, y: np.ndarray, hidden: int = 128, members: int = 5, a
     return np.concatenate(ws), float(sum(bs)), np.concatenate(W1s), np.concatenate(b1s)
 
 
-def _fit(H: np.ndarray, y: np.ndarray, weight: np.ndarray | None, meta: Mapping[str, Any], seed: int,
-         jobs: int | None = None) -> Condition:
+def _fit(
+    H: np.ndarray,
+    y: np.ndarray,
+    weight: np.ndarray | None,
+    meta: Mapping[str, Any],
+    seed: int,
+    jobs: int | None = None,
+) -> Condition:
     """A gate of the kind ``meta`` records (``hidden`` 0: logistic with ``C``; else an MLP), threshold 0."""
     hidden = int(meta.get("hidden", 0) or 0)
     if hidden:
-        w, b, W1, b1 = fit_mlp(H, y, hidden, int(meta.get("members", 5)), float(meta.get("mlp_alpha", 1.0)), seed, weight,
-                               jobs=jobs)
+        w, b, W1, b1 = fit_mlp(
+            H,
+            y,
+            hidden,
+            int(meta.get("members", 5)),
+            float(meta.get("mlp_alpha", 1.0)),
+            seed,
+            weight,
+            jobs=jobs,
+        )
         return Condition(w, b, 0, "prompt_end", 0.0, W1=W1, b1=b1)
     from safesteer.probes.logistic import train_probe
 
-    probe = train_probe(H, y, balanced=True, seed=seed, Cs=[float(meta.get("C", 0.01))], folds=2, sample_weight=weight)
+    probe = train_probe(
+        H, y, balanced=True, seed=seed, Cs=[float(meta.get("C", 0.01))], folds=2, sample_weight=weight
+    )
     return Condition(np.asarray(probe.w), float(probe.b), 0, "prompt_end")
 
 
-def train_gate(H: np.ndarray, prompts: Prompts, layer: int, position: str = "prompt_end",
-               target_fpr: float = DEFAULT_FPR, Cs: Sequence[float] = (1e-2, 1e-1), seed: int = 0,
-               name: str = "harm_gate", weighting: str = "balanced", hidden: int = 0, members: int = 5,
-               mlp_alpha: float = 1.0) -> Condition:
+def train_gate(
+    H: np.ndarray,
+    prompts: Prompts,
+    layer: int,
+    position: str = "prompt_end",
+    target_fpr: float = DEFAULT_FPR,
+    Cs: Sequence[float] = (1e-2, 1e-1),
+    seed: int = 0,
+    name: str = "harm_gate",
+    weighting: str = "balanced",
+    hidden: int = 0,
+    members: int = 5,
+    mlp_alpha: float = 1.0,
+) -> Condition:
     """Standardised, class-balanced ℓ2 logistic probe on the train rows (``weighting="groups"``:
     each dataset weighted equally within its class, :func:`row_weights`), or with ``hidden`` > 0 an
     average of ``members`` ReLU MLPs (:func:`fit_mlp`, ℓ2 ``mlp_alpha``); threshold at ``target_fpr``
@@ -274,24 +354,46 @@ def train_gate(H: np.ndarray, prompts: Prompts, layer: int, position: str = "pro
     tr, va, te = (prompts.mask(s) for s in ("train", "val", "test"))
     weight = row_weights(prompts, tr, weighting)
     if hidden:
-        meta: dict[str, Any] = {"kind": "mlp", "hidden": int(hidden), "members": int(members), "mlp_alpha": float(mlp_alpha)}
+        meta: dict[str, Any] = {
+            "kind": "mlp",
+            "hidden": int(hidden),
+            "members": int(members),
+            "mlp_alpha": float(mlp_alpha),
+        }
         fitted = _fit(H[tr], prompts.harmful[tr], weight, meta, seed)
         cond = Condition(fitted.w, fitted.b, layer, position, 0.0, name, {}, fitted.W1, fitted.b1)
         meta["test_auroc"] = auroc(cond.score(H[te]), prompts.harmful[te])
     else:
-        probe = train_probe(H[tr], prompts.harmful[tr], H[te], prompts.harmful[te], balanced=True, seed=seed, Cs=Cs, folds=3,
-                            sample_weight=weight)
+        probe = train_probe(
+            H[tr],
+            prompts.harmful[tr],
+            H[te],
+            prompts.harmful[te],
+            balanced=True,
+            seed=seed,
+            Cs=Cs,
+            folds=3,
+            sample_weight=weight,
+        )
         cond = Condition.from_probe(probe, layer, position, 0.0, name)
         meta = {"kind": "linear", "hidden": 0, "C": probe.metrics["C"], "test_auroc": probe.metrics["auroc"]}
     neg_val = va & (prompts.harmful == 0)
     cond.threshold = threshold_for_fpr(cond.score(H[neg_val]), target_fpr)
-    cond.meta.update({"target_fpr": target_fpr, "weighting": weighting, **meta,
-                      "n_train": int(tr.sum()), "trained_on": sorted(set(prompts.group))})
+    cond.meta.update(
+        {
+            "target_fpr": target_fpr,
+            "weighting": weighting,
+            **meta,
+            "n_train": int(tr.sum()),
+            "trained_on": sorted(set(prompts.group)),
+        }
+    )
     return cond
 
 
-def cross_fit_scores(cond: Condition, H: np.ndarray, prompts: Prompts, folds: int = 5, seed: int = 0,
-                     jobs: int | None = None) -> np.ndarray:
+def cross_fit_scores(
+    cond: Condition, H: np.ndarray, prompts: Prompts, folds: int = 5, seed: int = 0, jobs: int | None = None
+) -> np.ndarray:
     """Gate scores usable for calibration on *every* non-augmented train and val row: val (and
     test) rows scored by ``cond`` itself; each original train row by a gate fitted on the other
     ``folds − 1`` hash folds of the train rows (same kind, C or MLP settings, weighting,
@@ -305,8 +407,12 @@ def cross_fit_scores(cond: Condition, H: np.ndarray, prompts: Prompts, folds: in
     out[tr] = np.nan
     if folds < 2:
         return out
-    fold = np.array([int.from_bytes(hashlib.sha256(f"safesteer-fold|{t}".encode()).digest()[:4], "big") % folds
-                     for t in prompts.text])
+    fold = np.array(
+        [
+            int.from_bytes(hashlib.sha256(f"safesteer-fold|{t}".encode()).digest()[:4], "big") % folds
+            for t in prompts.text
+        ]
+    )
     copy = tr & prompts.aug
     known = copy & (prompts.origin >= 0)
     fold[copy] = -1
@@ -314,15 +420,22 @@ def cross_fit_scores(cond: Condition, H: np.ndarray, prompts: Prompts, folds: in
     weighting = str(cond.meta.get("weighting", "balanced"))
     folds_held = [(tr & (fold >= 0) & (fold != f), orig & (fold == f)) for f in range(folds)]
     folds_held = [(fit, held) for fit, held in folds_held if held.any()]
-    scored = parallel_map(_fit_score, [(H[fit], prompts.harmful[fit], row_weights(prompts, fit, weighting), cond.meta, seed, H[held])
-                                       for fit, held in folds_held], jobs)
+    scored = parallel_map(
+        _fit_score,
+        [
+            (H[fit], prompts.harmful[fit], row_weights(prompts, fit, weighting), cond.meta, seed, H[held])
+            for fit, held in folds_held
+        ],
+        jobs,
+    )
     for (_, held), s in zip(folds_held, scored):
         out[held] = s
     return out
 
 
-def _fit_score(H: np.ndarray, y: np.ndarray, weight: np.ndarray | None, meta: Mapping[str, Any], seed: int,
-               X: np.ndarray) -> np.ndarray:
+def _fit_score(
+    H: np.ndarray, y: np.ndarray, weight: np.ndarray | None, meta: Mapping[str, Any], seed: int, X: np.ndarray
+) -> np.ndarray:
     """Scores of ``X`` by a gate fitted on ``H`` (one worker's job: its MLP members in this process)."""
     return _fit(H, y, weight, meta, seed, jobs=1).score(X)
 
@@ -345,14 +458,24 @@ def gate_report(cond: Condition, H: np.ndarray, prompts: Prompts) -> dict[str, A
         flag = int(prompts.harmful[m][0]) if m.any() else 1
         other = te & (prompts.harmful == 1 - flag)
         both = m | other
-        out["per_dataset"][g] = {"harmful": flag, "n_test": int(m.sum()), "auroc": auroc(s[both], prompts.harmful[both]),
-                                 "flag_rate": float(np.mean(s[m] > cond.threshold)) if m.any() else float("nan")}
+        out["per_dataset"][g] = {
+            "harmful": flag,
+            "n_test": int(m.sum()),
+            "auroc": auroc(s[both], prompts.harmful[both]),
+            "flag_rate": float(np.mean(s[m] > cond.threshold)) if m.any() else float("nan"),
+        }
     return out
 
 
-def lodo(H: np.ndarray, prompts: Prompts, C: float = 0.01, seed: int = 0,
-         weighting: str = "balanced", model: Mapping[str, Any] | None = None,
-         jobs: int | None = None) -> dict[str, dict[str, float]]:
+def lodo(
+    H: np.ndarray,
+    prompts: Prompts,
+    C: float = 0.01,
+    seed: int = 0,
+    weighting: str = "balanced",
+    model: Mapping[str, Any] | None = None,
+    jobs: int | None = None,
+) -> dict[str, dict[str, float]]:
     """Leave-one-dataset-out: for each dataset D, a gate trained on the train rows of all other
     datasets scores all of D's rows against the other class's test rows (AUROC). ``model``: the
     gate kind as a trained gate's ``meta`` records it (an MLP gate's ``hidden``, ``members``,

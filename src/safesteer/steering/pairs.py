@@ -74,9 +74,15 @@ class PairResult:
         t = self.threshold if threshold is None else float(threshold)
         sides = [_sides(p, t) for p in self.pairs]
         same, right, n = sum(s for s, _ in sides), sum(r for _, r in sides), len(self.pairs)
-        return {"threshold": t, "n": n, "same_side": same / n if n else float("nan"), "same_side_ci": list(wilson(same, n)),
-                "correct": right / n if n else float("nan"), "correct_ci": list(wilson(right, n)),
-                "split": [p["id"] for p, (s, _) in zip(self.pairs, sides) if not s]}
+        return {
+            "threshold": t,
+            "n": n,
+            "same_side": same / n if n else float("nan"),
+            "same_side_ci": list(wilson(same, n)),
+            "correct": right / n if n else float("nan"),
+            "correct_ci": list(wilson(right, n)),
+            "split": [p["id"] for p, (s, _) in zip(self.pairs, sides) if not s],
+        }
 
 
 def score_pairs(backbone: Any, cond: Condition, pairs: Sequence[ParaphrasePair] | None = None) -> PairResult:
@@ -88,7 +94,12 @@ def score_pairs(backbone: Any, cond: Condition, pairs: Sequence[ParaphrasePair] 
     n = len(pairs)
     res = PairResult(threshold=cond.threshold)
     for i, p in enumerate(pairs):
-        row = {"id": p.id, "harmful": p.harmful, "score_imperative": float(s[i]), "score_question": float(s[n + i])}
+        row = {
+            "id": p.id,
+            "harmful": p.harmful,
+            "score_imperative": float(s[i]),
+            "score_question": float(s[n + i]),
+        }
         row["same_side"], row["correct"] = _sides(row, cond.threshold)
         res.pairs.append(row)
     return res
@@ -103,18 +114,27 @@ def pair_line(g: dict[str, Any]) -> str:
     """The paraphrase-pair figures of a summary's gate: test pairs and dev pairs, each at the gate's
     threshold and at the recommended policy's, same side and right side with Wilson 95% intervals.
     Summaries written before the dev pairs and the intervals existed give the test shares alone."""
-    test_at_gate = g.get("pairs_at_gate_threshold") or {"same_side": g["pairs_same_side"], "correct": g["pairs_correct"],
-                                                        "n": len(g["pairs"])}
+    test_at_gate = g.get("pairs_at_gate_threshold") or {
+        "same_side": g["pairs_same_side"],
+        "correct": g["pairs_correct"],
+        "n": len(g["pairs"]),
+    }
     dev = g.get("dev_pairs") or {}
     parts = []
-    for label, at_gate, at_policy in (("test", test_at_gate, g.get("pairs_at_policy_threshold")),
-                                      ("dev", dev.get("at_gate"), dev.get("at_policy"))):
+    for label, at_gate, at_policy in (
+        ("test", test_at_gate, g.get("pairs_at_policy_threshold")),
+        ("dev", dev.get("at_gate"), dev.get("at_policy")),
+    ):
         if not at_gate:
             continue
-        text = (f"{label} pairs (n={at_gate['n']}) on the same side of the gate's threshold {_share(at_gate, 'same_side')} "
-                f"(right side {_share(at_gate, 'correct')})")
+        text = (
+            f"{label} pairs (n={at_gate['n']}) on the same side of the gate's threshold {_share(at_gate, 'same_side')} "
+            f"(right side {_share(at_gate, 'correct')})"
+        )
         if at_policy:
-            text += (f", of the policy's threshold {at_policy['threshold']:.2f} {_share(at_policy, 'same_side')} "
-                     f"(right side {_share(at_policy, 'correct')})")
+            text += (
+                f", of the policy's threshold {at_policy['threshold']:.2f} {_share(at_policy, 'same_side')} "
+                f"(right side {_share(at_policy, 'correct')})"
+            )
         parts.append(text)
     return "paraphrase pairs: " + "; ".join(parts)

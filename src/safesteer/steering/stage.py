@@ -37,18 +37,43 @@ def study_config(section: Any, model: str, layer: int, seed: int, data_dir: Path
     from safesteer.steering.gate import QA_SETS
     from safesteer.steering.study import StudyConfig
 
-    caps = {"advbench": section.cap_harmful, "donotanswer": section.cap_harmful, **{q: section.cap_qa for q in QA_SETS},
-            **{s: section.cap_shipped for s in ("contrast_safe", "contrast_unsafe", "tasks")}}
-    return StudyConfig(model=model, layer=layer, gate_layers=tuple(section.gate_layers), gate_position=section.gate_position,
-                       gate_hidden=section.gate_hidden, gate_members=section.gate_members, gate_mlp_alpha=section.gate_mlp_alpha,
-                       alphas=tuple(section.alphas), steer_positions=section.steer_positions,
-                       budget_groups=tuple(section.budget_groups),
-                       fprs=tuple(section.fprs), strategies=tuple(section.strategies), caps=caps, augment=section.augment,
-                       augment_wide=section.augment_wide, sweep_unconditional=section.sweep_unconditional, calib_folds=section.calib_folds,
-                       n_val_harmful=section.n_val_harmful, n_test_harmful=section.n_test_harmful, n_qa=section.n_qa,
-                       n_caa_prompts=section.n_caa_prompts, n_verify=section.n_verify, max_new_tokens=section.max_new_tokens,
-                       batch_size=section.batch_size, max_safe_pp=section.max_safe_pp, max_fluency_rel=section.max_fluency_rel,
-                       seed=seed, data_dir=None if data_dir is None else str(data_dir), threads=section.threads or None)
+    caps = {
+        "advbench": section.cap_harmful,
+        "donotanswer": section.cap_harmful,
+        **{q: section.cap_qa for q in QA_SETS},
+        **{s: section.cap_shipped for s in ("contrast_safe", "contrast_unsafe", "tasks")},
+    }
+    return StudyConfig(
+        model=model,
+        layer=layer,
+        gate_layers=tuple(section.gate_layers),
+        gate_position=section.gate_position,
+        gate_hidden=section.gate_hidden,
+        gate_members=section.gate_members,
+        gate_mlp_alpha=section.gate_mlp_alpha,
+        alphas=tuple(section.alphas),
+        steer_positions=section.steer_positions,
+        budget_groups=tuple(section.budget_groups),
+        fprs=tuple(section.fprs),
+        strategies=tuple(section.strategies),
+        caps=caps,
+        augment=section.augment,
+        augment_wide=section.augment_wide,
+        sweep_unconditional=section.sweep_unconditional,
+        calib_folds=section.calib_folds,
+        n_val_harmful=section.n_val_harmful,
+        n_test_harmful=section.n_test_harmful,
+        n_qa=section.n_qa,
+        n_caa_prompts=section.n_caa_prompts,
+        n_verify=section.n_verify,
+        max_new_tokens=section.max_new_tokens,
+        batch_size=section.batch_size,
+        max_safe_pp=section.max_safe_pp,
+        max_fluency_rel=section.max_fluency_rel,
+        seed=seed,
+        data_dir=None if data_dir is None else str(data_dir),
+        threads=section.threads or None,
+    )
 
 
 def toward_refusal(directions: Any, names: Any) -> Any:
@@ -60,13 +85,29 @@ def toward_refusal(directions: Any, names: Any) -> Any:
         if name in BEHAVIOUR_OWN:
             continue
         if name not in directions:
-            raise SafesteerError(f"unknown behaviour strategy '{name}'; valid choices: "
-                                 f"{', '.join([*BEHAVIOUR_OWN, *directions.names()])}")
+            raise SafesteerError(
+                f"unknown behaviour strategy '{name}'; valid choices: "
+                f"{', '.join([*BEHAVIOUR_OWN, *directions.names()])}"
+            )
         d = directions[name]
         if d.members:
-            raise SafesteerError(f"behaviour strategy '{name}' is an ensemble (a random control); pick a single direction")
-        out.add(Direction(d.name, -d.vector, d.kind, d.layer, list(d.sources), list(d.atoms),
-                          {**d.meta, "behaviour_sign": "vector = -(pipeline direction toward unsafe): alpha >= 0 adds it (toward refusal)"}))
+            raise SafesteerError(
+                f"behaviour strategy '{name}' is an ensemble (a random control); pick a single direction"
+            )
+        out.add(
+            Direction(
+                d.name,
+                -d.vector,
+                d.kind,
+                d.layer,
+                list(d.sources),
+                list(d.atoms),
+                {
+                    **d.meta,
+                    "behaviour_sign": "vector = -(pipeline direction toward unsafe): alpha >= 0 adds it (toward refusal)",
+                },
+            )
+        )
     return out
 
 
@@ -97,7 +138,9 @@ def run_behaviour_stage(section: Any, inputs: Mapping[str, Any], out_dir: Path, 
     extra = toward_refusal(DirectionSet.load(inputs["directions"].directions), section.strategies)
     cfg = study_config(section, c.model.name, c.model.layer, ctx.seed, ctx.data_dir)
     summary = run_study(cfg, out_dir, bb, extra_directions=extra)
-    write_json(out_dir / TIMINGS, summary.pop("seconds", {}))  # wall clock apart: the stage files stay byte-reproducible
+    write_json(
+        out_dir / TIMINGS, summary.pop("seconds", {})
+    )  # wall clock apart: the stage files stay byte-reproducible
     write_json(out_dir / SUMMARY, summary)
     recommended = write_bundle(summary, out_dir, policy, model=c.model.name)
     return BehaviourOutputs(out_dir, out_dir / SUMMARY, policy, recommended, "")

@@ -56,10 +56,13 @@ HYBRIDS: dict[str, tuple[str, str]] = {
 """Hybrid name → the two strategies summed (the SAE side uses the top-20 selection)."""
 
 STRATEGY_NAMES: tuple[str, ...] = (
-    "probe_tox", "probe_harm", "probe_tox+harm",
+    "probe_tox",
+    "probe_harm",
+    "probe_tox+harm",
     *(f"sae_{c}_{s}" for c in ("tox", "harm") for s in SAE_SELECTIONS),
     *HYBRIDS,
-    "diffmean_tox", "diffmean_harm",
+    "diffmean_tox",
+    "diffmean_harm",
     "random",
 )
 """Every strategy name :func:`build_directions` knows, in report order."""
@@ -177,12 +180,16 @@ class DirectionSet:
         if self._d:
             first = next(iter(self._d.values()))
             if d.vector.shape != first.vector.shape:
-                raise SafesteerError(f"direction '{d.name}' has size {d.vector.shape[0]}, the set has {first.vector.shape[0]}")
+                raise SafesteerError(
+                    f"direction '{d.name}' has size {d.vector.shape[0]}, the set has {first.vector.shape[0]}"
+                )
         self._d[d.name] = d
 
     def __getitem__(self, name: str) -> Direction:
         if name not in self._d:
-            raise SafesteerError(f"unknown strategy '{name}'; this direction set has: {', '.join(self._d) or 'nothing'}")
+            raise SafesteerError(
+                f"unknown strategy '{name}'; this direction set has: {', '.join(self._d) or 'nothing'}"
+            )
         return self._d[name]
 
     def __contains__(self, name: object) -> bool:
@@ -230,8 +237,14 @@ class DirectionSet:
             "d_model": self.d_model,
             "sign": "each vector is a unit direction toward unsafe; steering applies h' = h - alpha * v (alpha >= 0 = away)",
             "directions": {
-                name: {"kind": d.kind, "layer": d.layer, "sources": d.sources, "atoms": [int(a) for a in d.atoms],
-                       "meta": d.meta, "members": len(d.members)}
+                name: {
+                    "kind": d.kind,
+                    "layer": d.layer,
+                    "sources": d.sources,
+                    "atoms": [int(a) for a in d.atoms],
+                    "meta": d.meta,
+                    "members": len(d.members),
+                }
                 for name, d in self._d.items()
             },
         }
@@ -261,9 +274,18 @@ class DirectionSet:
                 if f"{name}#{k}" not in tensors:
                     raise SafesteerError(f"{st} lacks member {k} of '{name}'; rebuild the direction set")
                 members.append(tensors[f"{name}#{k}"])
-            out.add(Direction(name, tensors[name], info.get("kind", "custom"), int(info["layer"]),
-                              list(info.get("sources", [])), [int(a) for a in info.get("atoms", [])],
-                              dict(info.get("meta", {})), members))
+            out.add(
+                Direction(
+                    name,
+                    tensors[name],
+                    info.get("kind", "custom"),
+                    int(info["layer"]),
+                    list(info.get("sources", [])),
+                    [int(a) for a in info.get("atoms", [])],
+                    dict(info.get("meta", {})),
+                    members,
+                )
+            )
         return out
 
 
@@ -293,19 +315,31 @@ def build_directions(
     src = dict(sources or {})
     out = DirectionSet()
 
-    def add(name: str, vec: np.ndarray, kind: str, srcs: list[str], ats: Sequence[int] = (), **meta: Any) -> None:
+    def add(
+        name: str, vec: np.ndarray, kind: str, srcs: list[str], ats: Sequence[int] = (), **meta: Any
+    ) -> None:
         out.add(Direction(name, vec, kind, layer, srcs, [int(a) for a in ats], dict(meta)))
 
     for concept in ("tox", "harm"):
         if concept in probes:
-            add(f"probe_{concept}", probes[concept].direction, "probe", [src.get(f"probe_{concept}", f"probe:{concept}")])
+            add(
+                f"probe_{concept}",
+                probes[concept].direction,
+                "probe",
+                [src.get(f"probe_{concept}", f"probe:{concept}")],
+            )
         dm = diffmeans.get(concept)
         if dm is None and concept in probes and getattr(probes[concept], "diffmean", None) is not None:
             dm = probes[concept].diffmean
         if dm is not None:
             add(f"diffmean_{concept}", dm, "diffmean", [src.get(f"probe_{concept}", f"probe:{concept}")])
     if "probe_tox" in out and "probe_harm" in out:
-        add("probe_tox+harm", combine(out["probe_tox"].vector, out["probe_harm"].vector), "hybrid", ["probe_tox", "probe_harm"])
+        add(
+            "probe_tox+harm",
+            combine(out["probe_tox"].vector, out["probe_harm"].vector),
+            "hybrid",
+            ["probe_tox", "probe_harm"],
+        )
 
     if sae is not None:
         W = _as_numpy(sae.W_dec if hasattr(sae, "W_dec") else sae)
@@ -313,8 +347,14 @@ def build_directions(
             for sel in SAE_SELECTIONS:
                 key = f"{concept}_{sel}"
                 if key in atoms and len(atoms[key]):
-                    add(f"sae_{key}", sae_direction(W, atoms[key]), "sae", [src.get("sae", "sae"), src.get(key, f"atoms:{key}")],
-                        atoms[key], n_atoms=len(atoms[key]))
+                    add(
+                        f"sae_{key}",
+                        sae_direction(W, atoms[key]),
+                        "sae",
+                        [src.get("sae", "sae"), src.get(key, f"atoms:{key}")],
+                        atoms[key],
+                        n_atoms=len(atoms[key]),
+                    )
     for name, (a, b) in HYBRIDS.items():
         if a in out and b in out:
             add(name, combine(out[a].vector, out[b].vector), "hybrid", [a, b])
@@ -325,8 +365,18 @@ def build_directions(
     if random_members < 1:
         raise SafesteerError("the random control needs at least one direction")
     seeds = [seed + k for k in range(random_members)]
-    out.add(Direction("random", random_direction(d, seeds[0]), "random", layer, [f"seed:{s}" for s in seeds], [],
-                      {"seeds": seeds}, [random_direction(d, s) for s in seeds[1:]]))
+    out.add(
+        Direction(
+            "random",
+            random_direction(d, seeds[0]),
+            "random",
+            layer,
+            [f"seed:{s}" for s in seeds],
+            [],
+            {"seeds": seeds},
+            [random_direction(d, s) for s in seeds[1:]],
+        )
+    )
 
     order = {n: i for i, n in enumerate(STRATEGY_NAMES)}
     return DirectionSet(sorted(out._d.values(), key=lambda x: order.get(x.name, len(order))))
@@ -339,8 +389,15 @@ class Intervention:
     layer's median token norm) so that a grid can be given in relative units.
     """
 
-    def __init__(self, name: str = "unsteered", layer: int | None = None, vector: np.ndarray | None = None,
-                 alpha: float = 0.0, edit: Any = None, where: str = "all"):
+    def __init__(
+        self,
+        name: str = "unsteered",
+        layer: int | None = None,
+        vector: np.ndarray | None = None,
+        alpha: float = 0.0,
+        edit: Any = None,
+        where: str = "all",
+    ):
         from safesteer.models.where import check_where  # here: this module does not import torch
 
         self.name = name
@@ -358,8 +415,15 @@ class Intervention:
         return cls()
 
     @classmethod
-    def from_direction(cls, d: Direction, alpha: float, scale: float = 1.0, layer: int | None = None,
-                       member: int = 0, where: str = "all") -> "Intervention":
+    def from_direction(
+        cls,
+        d: Direction,
+        alpha: float,
+        scale: float = 1.0,
+        layer: int | None = None,
+        member: int = 0,
+        where: str = "all",
+    ) -> "Intervention":
         """Steer away from ``d`` (its ``member``-th vector) by ``alpha * scale`` (raw units) at ``layer``
         (default: the direction's), at the positions ``where`` names."""
         vec = steering_vector(d.vectors[member])
@@ -367,7 +431,9 @@ class Intervention:
         return cls(name, d.layer if layer is None else layer, vec, float(alpha) * float(scale), where=where)
 
     @classmethod
-    def ensemble(cls, d: Direction, alpha: float, scale: float = 1.0, layer: int | None = None) -> list["Intervention"]:
+    def ensemble(
+        cls, d: Direction, alpha: float, scale: float = 1.0, layer: int | None = None
+    ) -> list["Intervention"]:
         """One intervention per vector of ``d`` (a single one for ordinary directions)."""
         return [cls.from_direction(d, alpha, scale, layer, k) for k in range(len(d.vectors))]
 
@@ -386,5 +452,10 @@ class Intervention:
         return backbone.steer(self.layer, self.vector, alpha=self.alpha, where=self.where)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "layer": self.layer, "alpha_raw": self.alpha, "where": self.where,
-                "kind": "none" if self.is_identity else ("edit" if self.edit is not None else "vector")}
+        return {
+            "name": self.name,
+            "layer": self.layer,
+            "alpha_raw": self.alpha,
+            "where": self.where,
+            "kind": "none" if self.is_identity else ("edit" if self.edit is not None else "vector"),
+        }

@@ -26,13 +26,30 @@ def run_extract_stage(section: tuple, inputs: Mapping[str, Any], out_dir: Path, 
 
     model, data, ex = section
     check_sources(data.sae_datasets, data.source, ctx.data_dir)
-    ecfg = ExtractConfig(model=model.name, datasets=data.sae_datasets, layers=[model.layer], split="all",
-                         max_rows=data.max_rows_per_dataset, seed=ctx.seed, shard_size=ex.shard_size, dtype=ex.dtype,
-                         batch_size=ex.batch_size, max_length=model.max_length, precision=ex.precision, source=data.source)
-    bb = load_backbone(model.name, max_length=model.max_length, device=ctx.dist.device if ctx.distributed else ctx.device)  # every stage detects the kind the same way
+    ecfg = ExtractConfig(
+        model=model.name,
+        datasets=data.sae_datasets,
+        layers=[model.layer],
+        split="all",
+        max_rows=data.max_rows_per_dataset,
+        seed=ctx.seed,
+        shard_size=ex.shard_size,
+        dtype=ex.dtype,
+        batch_size=ex.batch_size,
+        max_length=model.max_length,
+        precision=ex.precision,
+        source=data.source,
+    )
+    bb = load_backbone(
+        model.name, max_length=model.max_length, device=ctx.dist.device if ctx.distributed else ctx.device
+    )  # every stage detects the kind the same way
     if model.kind != "auto" and bb.kind != model.kind:
-        raise SafesteerError(f"model.kind = {model.kind!r} but {model.name} is a {bb.kind} LM; fix model.kind or set it to \"auto\"")
-    rows = list(dataset_rows(data.sae_datasets, "all", data.max_rows_per_dataset, ctx.seed, data.source, ctx.data_dir))
+        raise SafesteerError(
+            f'model.kind = {model.kind!r} but {model.name} is a {bb.kind} LM; fix model.kind or set it to "auto"'
+        )
+    rows = list(
+        dataset_rows(data.sae_datasets, "all", data.max_rows_per_dataset, ctx.seed, data.source, ctx.data_dir)
+    )
     root = out_dir / files.ACTS
     total = sum(1 for _, r in rows if r.text.strip())
     if ctx.distributed:  # each rank its shards, rank 0 the manifest: the same bytes as one process
@@ -41,4 +58,6 @@ def run_extract_stage(section: tuple, inputs: Mapping[str, Any], out_dir: Path, 
         rep = run_extract(bb, rows, root, ecfg, ctx.dist, total=total, progress=ctx.show_progress)
     else:
         rep = extract(bb, rows, root, ecfg, total=total)
-    return ExtractOutputs(root / files.layer_folder(model.layer), rep.rows, rep.precision, rep.truncated, rep.empty_skipped)
+    return ExtractOutputs(
+        root / files.layer_folder(model.layer), rep.rows, rep.precision, rep.truncated, rep.empty_skipped
+    )

@@ -25,12 +25,27 @@ def commit_path(folder: Path, index: int) -> Path:
     return Path(folder) / f"{PREFIX}{int(index):05d}{SUFFIX}"
 
 
-def write_commit(folder: Path, entry: dict[str, Any], *, labels: list[str], datasets: list[tuple[str, int]],
-                 precision: str | None, bf16_min_cosine: float | None, identity: dict[str, Any]) -> None:
-    write_json(commit_path(folder, entry["index"]), {
-        "entry": entry, "labels": sorted(labels), "datasets": [[str(n), int(c)] for n, c in datasets],
-        "precision": precision, "bf16_min_cosine": bf16_min_cosine, "identity": identity,
-    })
+def write_commit(
+    folder: Path,
+    entry: dict[str, Any],
+    *,
+    labels: list[str],
+    datasets: list[tuple[str, int]],
+    precision: str | None,
+    bf16_min_cosine: float | None,
+    identity: dict[str, Any],
+) -> None:
+    write_json(
+        commit_path(folder, entry["index"]),
+        {
+            "entry": entry,
+            "labels": sorted(labels),
+            "datasets": [[str(n), int(c)] for n, c in datasets],
+            "precision": precision,
+            "bf16_min_cosine": bf16_min_cosine,
+            "identity": identity,
+        },
+    )
 
 
 def read_commits(folder: Path, identity: dict[str, Any]) -> dict[int, dict[str, Any]]:
@@ -66,7 +81,9 @@ def apply_commits(manifest: dict[str, Any], commits: dict[int, dict[str, Any]]) 
 def canonical_datasets(datasets: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
     """Per-dataset shard counts in a fixed order (names sorted, shards by index): the same bytes
     whatever order the shards were finished in."""
-    return {name: {k: datasets[name][k] for k in sorted(datasets[name], key=int)} for name in sorted(datasets)}
+    return {
+        name: {k: datasets[name][k] for k in sorted(datasets[name], key=int)} for name in sorted(datasets)
+    }
 
 
 def clear_commits(folder: Path) -> None:

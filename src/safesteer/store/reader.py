@@ -46,17 +46,27 @@ class ActivationStore:
     def __init__(self, path: str | Path):
         path = Path(path)
         if not (path / "manifest.json").is_file():
-            layers = sorted(p for p in path.glob("layer-*") if (p / "manifest.json").is_file()) if path.is_dir() else []
+            layers = (
+                sorted(p for p in path.glob("layer-*") if (p / "manifest.json").is_file())
+                if path.is_dir()
+                else []
+            )
             if len(layers) == 1:
                 path = layers[0]
             elif layers:
-                raise SafesteerError(f"{path} holds several layers ({', '.join(p.name for p in layers)}); pass one of those folders")
+                raise SafesteerError(
+                    f"{path} holds several layers ({', '.join(p.name for p in layers)}); pass one of those folders"
+                )
             else:
-                raise SafesteerError(f"{path} is not an activation store (no manifest.json); run 'safesteer extract' first")
+                raise SafesteerError(
+                    f"{path} is not an activation store (no manifest.json); run 'safesteer extract' first"
+                )
         self.path = path
         self.manifest = read_json(path / "manifest.json")
         if self.manifest.get("format") != FORMAT:
-            raise SafesteerError(f"{path}/manifest.json has format {self.manifest.get('format')!r}, expected {FORMAT!r}")
+            raise SafesteerError(
+                f"{path}/manifest.json has format {self.manifest.get('format')!r}, expected {FORMAT!r}"
+            )
         self.d = int(self.manifest["d"])
         self.dtype = np.dtype(self.manifest["dtype"])
         self.layer = int(self.manifest["layer"])
@@ -66,7 +76,10 @@ class ActivationStore:
         if self.manifest.get("complete") is False:
             import sys
 
-            print(f"[safesteer] warning: {path} is incomplete ({self.n_rows} rows so far); re-run extract to finish it", file=sys.stderr)
+            print(
+                f"[safesteer] warning: {path} is incomplete ({self.n_rows} rows so far); re-run extract to finish it",
+                file=sys.stderr,
+            )
 
     def __len__(self) -> int:
         return self.n_rows
@@ -118,7 +131,11 @@ class ActivationStore:
             nonlocal pend_H, pend_ids, pend_lab, n_pend
             H = np.concatenate(pend_H) if pend_H else np.zeros((0, self.d), np.float32)
             ids = np.concatenate(pend_ids) if pend_ids else np.zeros(0, dtype=str)
-            lab = pd.concat(pend_lab, ignore_index=True) if with_labels and pend_lab else pd.DataFrame(index=range(len(ids)))
+            lab = (
+                pd.concat(pend_lab, ignore_index=True)
+                if with_labels and pend_lab
+                else pd.DataFrame(index=range(len(ids)))
+            )
             if shuffle_buffer > 0:
                 perm = rng.permutation(len(ids))
                 H, ids, lab = H[perm], ids[perm], lab.iloc[perm].reset_index(drop=True)
@@ -160,7 +177,11 @@ class ActivationStore:
 
     def load_all(self, split: Split = "all", val_fraction: float = 0.05, with_labels: bool = True) -> Batch:
         """Everything of a split in memory (for probes on modest stores)."""
-        parts = list(self.iter_batches(max(self.n_rows, 1), split=split, val_fraction=val_fraction, with_labels=with_labels))
+        parts = list(
+            self.iter_batches(
+                max(self.n_rows, 1), split=split, val_fraction=val_fraction, with_labels=with_labels
+            )
+        )
         if not parts:
             return Batch(np.zeros((0, self.d), np.float32), np.zeros(0, dtype=str), pd.DataFrame())
         return Batch(

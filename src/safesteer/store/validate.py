@@ -28,9 +28,13 @@ def layer_dirs(path: str | Path) -> list[Path]:
     path = Path(path)
     if (path / "manifest.json").is_file():
         return [path]
-    found = sorted(p for p in path.glob("layer-*") if (p / "manifest.json").is_file()) if path.is_dir() else []
+    found = (
+        sorted(p for p in path.glob("layer-*") if (p / "manifest.json").is_file()) if path.is_dir() else []
+    )
     if not found:
-        raise SafesteerError(f"{path} is not an activation store (no manifest.json); pass the --out folder of 'safesteer extract'")
+        raise SafesteerError(
+            f"{path} is not an activation store (no manifest.json); pass the --out folder of 'safesteer extract'"
+        )
     return found
 
 
@@ -57,17 +61,25 @@ def check_shard(folder: Path, entry: dict, d: int, dtype: np.dtype) -> list[Prob
             try:
                 arr = np.load(f, mmap_mode="r", allow_pickle=False)
             except Exception as exc:  # truncated or garbled header
-                problems.append(Problem(folder, idx, name, f"unreadable .npy ({str(exc).splitlines()[0][:80]})"))
+                problems.append(
+                    Problem(folder, idx, name, f"unreadable .npy ({str(exc).splitlines()[0][:80]})")
+                )
                 continue
             if key == "H":
                 if arr.shape != (entry["rows"], d):
-                    problems.append(Problem(folder, idx, name, f"shape {arr.shape}, expected ({entry['rows']}, {d})"))
+                    problems.append(
+                        Problem(folder, idx, name, f"shape {arr.shape}, expected ({entry['rows']}, {d})")
+                    )
                 elif arr.dtype != dtype:
                     problems.append(Problem(folder, idx, name, f"dtype {arr.dtype}, expected {dtype}"))
                 elif not _finite_streaming(arr):
                     problems.append(Problem(folder, idx, name, "contains NaN/Inf"))
             elif arr.shape != (entry["rows"],):
-                problems.append(Problem(folder, idx, name, f"{arr.shape[0] if arr.ndim else 0} ids, expected {entry['rows']}"))
+                problems.append(
+                    Problem(
+                        folder, idx, name, f"{arr.shape[0] if arr.ndim else 0} ids, expected {entry['rows']}"
+                    )
+                )
     return problems
 
 
@@ -82,7 +94,9 @@ def validate(path: str | Path, purge: bool = False) -> tuple[list[Problem], int]
     for folder in layer_dirs(path):
         manifest = read_json(folder / "manifest.json")
         if manifest.get("format") != FORMAT:
-            raise SafesteerError(f"{folder}/manifest.json has format {manifest.get('format')!r}, expected {FORMAT!r}")
+            raise SafesteerError(
+                f"{folder}/manifest.json has format {manifest.get('format')!r}, expected {FORMAT!r}"
+            )
         d, dtype = int(manifest["d"]), np.dtype(manifest["dtype"])
         bad_idx: set[int] = set()
         known: set[str] = set()
@@ -93,7 +107,11 @@ def validate(path: str | Path, purge: bool = False) -> tuple[list[Problem], int]
             if found:
                 bad_idx.add(entry["index"])
                 problems.extend(found)
-        orphans = [p for p in folder.iterdir() if p.name != "manifest.json" and p.name not in known and not p.name.startswith(".")]
+        orphans = [
+            p
+            for p in folder.iterdir()
+            if p.name != "manifest.json" and p.name not in known and not p.name.startswith(".")
+        ]
         problems.extend(Problem(folder, None, p.name, "not listed in manifest.json") for p in orphans)
         temps = [p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
         if purge:

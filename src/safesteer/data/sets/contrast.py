@@ -77,13 +77,16 @@ def task_rows() -> list[dict[str, Any]]:
     return _shipped(TASKS_RESOURCE)
 
 
-def _rows(objects: Iterable[dict[str, Any]], stem: str, harmful_values: tuple[int, ...],
-          categories: tuple[str, ...]) -> Iterator[Row]:
+def _rows(
+    objects: Iterable[dict[str, Any]], stem: str, harmful_values: tuple[int, ...], categories: tuple[str, ...]
+) -> Iterator[Row]:
     for r in objects:
         harmful = int(r["harmful"])
         if harmful not in harmful_values or r["category"] not in categories:
-            raise ValueError(f"row {r['id']}: harmful must be one of {harmful_values} "
-                             f"and category one of {', '.join(categories)}")
+            raise ValueError(
+                f"row {r['id']}: harmful must be one of {harmful_values} "
+                f"and category one of {', '.join(categories)}"
+            )
         yield Row(f"{stem}:{r['id']}", r["prompt"], {"harmful": harmful, "category": r["category"]})
 
 

