@@ -142,7 +142,7 @@ def main(mode: str, root: Path) -> None:
     faulthandler.dump_traceback_later(float(os.environ.get("DIST_WORKER_DUMP_S", "200")), exit=True)
 
     from safesteer.distributed import from_env
-    from safesteer.extract_dist import run_extract
+    from safesteer.extract.distributed import run_extract
     from safesteer.testing import make_tiny_llama
 
     torch.set_num_threads(1)

@@ -185,8 +185,8 @@ def behaviour_run(tmp_path_factory, shared_data):
     import numpy as np
 
     from safesteer.config import Config
-    from safesteer.pipeline.stages import Context
-    from safesteer.steering.stage import run_behaviour_stage
+    from safesteer.pipeline.stages.behaviour import run_behaviour_stage
+    from safesteer.pipeline.table import Context
     from safesteer.steering.strategies import Direction, DirectionSet
 
     root = tmp_path_factory.mktemp("behaviour")

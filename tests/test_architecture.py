@@ -19,7 +19,7 @@ OVER_LIMIT_ELSEWHERE: set[
     "models/backbone.py",
     "serve/engine.py",
     "sae/trainer.py",
-    "steering/study.py",
+    "behaviour/study.py",
 }
 
 

@@ -13,11 +13,11 @@ import pytest
 from conftest import DATA, needs_data  # SAFESTEER_DATA_DIR, else ../shared/data; a failure under CI=true
 
 import safesteer.data.sets.contrast as mod
+from safesteer.behaviour.pairs import paraphrase_pairs
 from safesteer.cli.main import main
 from safesteer.data import available_sources, get_spec, load
 from safesteer.data.records import hash_split
 from safesteer.errors import SafesteerError
-from safesteer.steering.pairs import paraphrase_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_JACCARD = 0.6

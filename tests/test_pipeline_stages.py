@@ -11,7 +11,7 @@ import pytest
 
 from safesteer.config import Config
 from safesteer.pipeline.runner import STAGES, stage_keys
-from safesteer.pipeline.stages import BY_NAME, TABLE, downstream, dump_outputs, load_outputs
+from safesteer.pipeline.table import BY_NAME, TABLE, downstream, dump_outputs, load_outputs
 
 # strings that must stay valid choices when a knob is changed
 OTHER = {

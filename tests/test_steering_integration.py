@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from safesteer.behaviour.directions import median_norm, refusal_caa
 from safesteer.evaluate.refusal import PhraseJudge, generate
 from safesteer.models.positions import chat_inputs, prompt_end_length
 from safesteer.probes.logistic import train_probe
-from safesteer.steering.behaviour import median_norm, refusal_caa
 from safesteer.steering.condition import Condition, conditional, gate_flags
 from safesteer.steering.strategies import Intervention
 

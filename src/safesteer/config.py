@@ -162,7 +162,7 @@ class EvaluateSection:
 
 @dataclass
 class BehaviourSection:
-    """The behaviour study (:class:`safesteer.steering.study.StudyConfig`) as a pipeline stage."""
+    """The behaviour study (:class:`safesteer.behaviour.study.StudyConfig`) as a pipeline stage."""
 
     enabled: bool = True  # causal LMs only; a masked LM's run records that the stage was skipped
     strategies: list[str] = field(

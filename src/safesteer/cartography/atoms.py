@@ -8,15 +8,14 @@ the judge, the screen and the embedder have their own builders.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import numpy as np
 
+from safesteer import layout
 from safesteer.config import AtomSection
 from safesteer.errors import SafesteerError
-from safesteer.pipeline import files
 from safesteer.progress import progress, say
 
 SMOLLM2_ALIASES = ("smollm2-135m", "smollm2", "smollm2-135m-instruct")
@@ -37,10 +36,10 @@ def read_map(map_dir: Path):
     from safesteer.io import read_json
 
     map_dir = Path(map_dir)
-    if not (map_dir / files.ATOM_MAP).is_file():
-        raise SafesteerError(f"{map_dir} has no {files.ATOM_MAP}; run 'safesteer map' first")
-    summary = read_json(map_dir / files.MAP_SUMMARY) if (map_dir / files.MAP_SUMMARY).is_file() else {}
-    return pd.read_parquet(map_dir / files.ATOM_MAP), summary
+    if not (map_dir / layout.ATOM_MAP).is_file():
+        raise SafesteerError(f"{map_dir} has no {layout.ATOM_MAP}; run 'safesteer map' first")
+    summary = read_json(map_dir / layout.MAP_SUMMARY) if (map_dir / layout.MAP_SUMMARY).is_file() else {}
+    return pd.read_parquet(map_dir / layout.ATOM_MAP), summary
 
 
 def select_topk_mode(df, out: Path, labels: list[str] | None, k: int) -> dict[str, Any]:
@@ -48,9 +47,9 @@ def select_topk_mode(df, out: Path, labels: list[str] | None, k: int) -> dict[st
     from safesteer.io import write_json
 
     sel = S.select_topk(df, labels, k=k)
-    _write_csv(sel, out / files.TOPK_CSV)
+    _write_csv(sel, out / layout.TOPK_CSV)
     report = {"mode": "topk", "k": k, "labels": sel["label"].nunique(), "rows": len(sel)}
-    write_json(out / files.SELECTION, report)
+    write_json(out / layout.SELECTION, report)
     return report
 
 
@@ -59,14 +58,14 @@ def select_all_positive_mode(df, out: Path, labels: list[str] | None) -> dict[st
     from safesteer.io import write_json
 
     sel = S.select_all_positive(df, labels)
-    _write_csv(sel, out / files.ALL_POSITIVE_CSV)
+    _write_csv(sel, out / layout.ALL_POSITIVE_CSV)
     report = {
         "mode": "all-positive",
         "labels": sel["label"].nunique(),
         "rows": len(sel),
         "per_label": sel.groupby("label").size().astype(int).to_dict(),
     }
-    write_json(out / files.SELECTION, report)
+    write_json(out / layout.SELECTION, report)
     return report
 
 
@@ -210,7 +209,7 @@ def select_filtered_mode(
         judge_backbone=judge_backbone,
         device=device,
     )
-    top_path = map_dir / files.TOP_ACTIVATIONS
+    top_path = map_dir / layout.TOP_ACTIVATIONS
     top_acts = pd.read_parquet(top_path) if top_path.is_file() else None
     df = _with_max_activation(df, top_acts)
     if W_dec is not None and int(df["atom"].max()) >= W_dec.shape[0]:
@@ -270,11 +269,11 @@ def select_filtered_mode(
             progress=lambda it, n, desc: progress(it, n, desc, show_progress),
         )
     final = S.final_table(result)
-    _write_csv(final, out / files.FILTERED_CSV)
-    _write_csv(result, out / files.CANDIDATES_CSV)
+    _write_csv(final, out / layout.FILTERED_CSV)
+    _write_csv(result, out / layout.CANDIDATES_CSV)
     flagged = result[result["flag"].astype(str).str.startswith("would make the model less safe")]
-    _write_csv(flagged[S.FINAL_COLUMNS], out / files.FLAGGED_CSV)
-    write_json(out / files.ATOM_CARDS, [all_cards[a] for a in sorted(all_cards)])
+    _write_csv(flagged[S.FINAL_COLUMNS], out / layout.FLAGGED_CSV)
+    write_json(out / layout.ATOM_CARDS, [all_cards[a] for a in sorted(all_cards)])
     report = {
         "mode": "filtered",
         "candidates": int(len(result)),
@@ -295,7 +294,7 @@ def select_filtered_mode(
         "threshold": threshold,
         "per_category": final.groupby("category").size().astype(int).to_dict() if len(final) else {},
     }
-    write_json(out / files.SELECTION, report)
+    write_json(out / layout.SELECTION, report)
     return report
 
 
@@ -376,46 +375,3 @@ def run_atoms(
 
 
 # ---------------------------------------------------------------------------------------- stage
-@dataclass(frozen=True)
-class AtomsOutputs:
-    topk: Path
-    all_positive: Path
-    filtered: Path
-    selected: int
-
-
-def run_atoms_stage(section: Any, inputs: Mapping[str, Any], out_dir: Path, ctx) -> AtomsOutputs:
-    model = ctx.config.model
-    map_dir, sae = inputs["map"].map_dir, inputs["sae"].sae
-    run_atoms(map_dir, out_dir / files.TOPK_DIR, mode="topk", k=section.k, say=ctx.say)
-    run_atoms(map_dir, out_dir / files.ALL_POSITIVE_DIR, mode="all-positive", say=ctx.say)
-    rep = run_atoms(
-        map_dir,
-        out_dir / files.FILTERED_DIR,
-        mode="filtered",
-        sae=sae,
-        candidates=section.candidates,
-        judge=section.judge,
-        screen=section.screen,
-        model=model.name,
-        judge_model=section.judge_model,
-        layer=model.layer,
-        alpha_scale=section.alpha_scale,
-        r_threshold=section.r_threshold,
-        data_dir=ctx.data_dir,
-        dedup=section.dedup,
-        threshold=section.threshold,
-        screen_texts=section.screen_texts,
-        readout_rows=section.readout_rows,
-        seed=ctx.seed,
-        show_progress=ctx.show_progress,
-        categories=list(section.categories),
-        device=ctx.device,
-        say=ctx.say,
-    )
-    return AtomsOutputs(
-        out_dir / files.TOPK_DIR / files.TOPK_CSV,
-        out_dir / files.ALL_POSITIVE_DIR / files.ALL_POSITIVE_CSV,
-        out_dir / files.FILTERED_DIR / files.FILTERED_CSV,
-        int(rep["selected"]),
-    )

@@ -38,6 +38,13 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from safesteer.cartography.screen import (  # noqa: F401  (old import path)
+    UNSAFE_FLAG,
+    CausalScreen,
+    ScreenResult,
+    pooled_by_length,
+    train_readouts,
+)
 from safesteer.errors import SafesteerError
 
 VERDICTS: tuple[str, str, str] = ("GENUINE", "CONTEXT", "NOISE")

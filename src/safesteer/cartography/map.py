@@ -4,15 +4,14 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import numpy as np
 
+from safesteer import layout
 from safesteer.config import MapSection
 from safesteer.errors import SafesteerError
-from safesteer.pipeline import files
 from safesteer.progress import progress, say
 
 
@@ -191,16 +190,16 @@ def run_map(
     )
     df = atom_table(res)
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / files.ATOM_MAP) as tmp:
+    with atomic_path(out / layout.ATOM_MAP) as tmp:
         df.to_parquet(tmp, index=False)
-    with atomic_path(out / files.TOP_ACTIVATIONS) as tmp:
+    with atomic_path(out / layout.TOP_ACTIVATIONS) as tmp:
         res.top.to_frame().to_parquet(tmp, index=False)
-    res.stats.save(out / files.STATS)
+    res.stats.save(out / layout.STATS)
     if res.heldout is not None:
-        res.heldout.save(out / files.STATS_HELDOUT)
+        res.heldout.save(out / layout.STATS_HELDOUT)
     link: dict[str, Any] = {}
     if res.corr is not None:
-        with atomic_path(out / files.PROBE_ATOM_CORR) as tmp:
+        with atomic_path(out / layout.PROBE_ATOM_CORR) as tmp:
             res.corr.to_frame(top=500).to_parquet(tmp, index=False)
     if probes and sae is not None:
         W = load_decoder(sae)
@@ -210,7 +209,7 @@ def run_map(
             dm = decompose(p.diffmean, W, method=method, k=n_atoms_link) if p.diffmean is not None else None
             if dm is not None:
                 link[name + ":diffmean"] = dm.to_dict()
-        write_json(out / files.LINK, link)
+        write_json(out / layout.LINK, link)
     top = _top_atoms(df, names)
     summary = {
         "format": "safesteer-atom-map",
@@ -240,7 +239,7 @@ def run_map(
         "top_k": top_k,
     }
     write_json(
-        out / files.MAP_SUMMARY, {k: v for k, v in summary.items() if k != "seconds"}
+        out / layout.MAP_SUMMARY, {k: v for k, v in summary.items() if k != "seconds"}
     )  # saved files carry no timings
     return summary
 
@@ -312,15 +311,15 @@ def run_map_merge(parts: list[Path], out: Path) -> dict[str, Any]:
         )
     df = atom_table(stats, heldout)
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / files.ATOM_MAP) as tmp:
+    with atomic_path(out / layout.ATOM_MAP) as tmp:
         df.to_parquet(tmp, index=False)
-    with atomic_path(out / files.TOP_ACTIVATIONS) as tmp:
+    with atomic_path(out / layout.TOP_ACTIVATIONS) as tmp:
         top.to_frame().to_parquet(tmp, index=False)
-    stats.save(out / files.STATS)
+    stats.save(out / layout.STATS)
     if heldout is not None:
-        heldout.save(out / files.STATS_HELDOUT)
+        heldout.save(out / layout.STATS_HELDOUT)
     if (parts[0] / "link.json").is_file():
-        shutil.copyfile(parts[0] / "link.json", out / files.LINK)
+        shutil.copyfile(parts[0] / "link.json", out / layout.LINK)
     summary = {
         **first,
         "n_rows": int(sum(s["n_rows"] for s in summaries)),
@@ -330,30 +329,5 @@ def run_map_merge(parts: list[Path], out: Path) -> dict[str, Any]:
         "merged_from": [str(p) for p in parts],
         "probe_atom_corr": "not merged (row-level); run 'safesteer map' over all shards for it",
     }
-    write_json(out / files.MAP_SUMMARY, summary)
+    write_json(out / layout.MAP_SUMMARY, summary)
     return summary
-
-
-@dataclass(frozen=True)
-class MapOutputs:
-    map_dir: Path  # atom_map.parquet, top_activations.parquet, summary.json, stats/, link.json
-    n_atoms: int
-    n_rows: int
-
-
-def run_map_stage(section: Any, inputs: Mapping[str, Any], out_dir: Path, ctx) -> MapOutputs:
-    s = run_map(
-        inputs["encode"].latents,
-        inputs["extract"].acts,
-        out_dir,
-        heldout=section.heldout,
-        top_k=section.top_k,
-        probe_dirs=list(inputs["probes"].dirs.values()),
-        sae=inputs["sae"].sae,
-        method=section.method,
-        n_atoms_link=section.n_atoms_link,
-        min_per_class=section.min_per_class,
-        show_progress=ctx.show_progress,
-        say=ctx.say,
-    )
-    return MapOutputs(out_dir, int(s["n_atoms"]), int(s["n_rows"]))

@@ -173,7 +173,7 @@ def register(app: typer.Typer) -> None:
 
         from rich.console import Console
 
-        from safesteer.evaluate.stage import clamp_interventions, evaluate_directions, suite_config
+        from safesteer.evaluate.directions import clamp_interventions, evaluate_directions, suite_config
 
         console = Console(stderr=True)
         section = replace(

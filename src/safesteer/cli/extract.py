@@ -66,7 +66,7 @@ def register(app: typer.Typer) -> None:
         from safesteer.devices import resolve_device
         from safesteer.distributed import from_env
         from safesteer.extract import ExtractConfig
-        from safesteer.extract_dist import run_extract
+        from safesteer.extract.distributed import run_extract
         from safesteer.models import load_backbone
 
         names = [n.strip() for n in dataset.split(",") if n.strip()]

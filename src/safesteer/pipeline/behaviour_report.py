@@ -12,9 +12,9 @@ from typing import Any
 
 import pandas as pd
 
+from safesteer.behaviour.pairs import pair_line
 from safesteer.io import read_json
 from safesteer.pipeline.report import Section
-from safesteer.steering.pairs import pair_line
 
 
 def pct(m: dict[str, Any]) -> str:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from safesteer import layout
 from safesteer.io import read_json, write_json
-from safesteer.pipeline import files
 from safesteer.pipeline.report import Section, hardware, render, versions
 
 
@@ -18,7 +18,7 @@ def _read_csv(path: Path) -> pd.DataFrame | None:
 
 def _grid_sections(sae_dir: Path) -> Section:
     sec = Section("Gated SAE: grid search and convergence")
-    grid = sae_dir / files.GRID_RESULTS
+    grid = sae_dir / layout.GRID_RESULTS
     if grid.is_file():
         g = read_json(grid)
         rows = pd.DataFrame(g["rows"])
@@ -66,8 +66,8 @@ def _grid_sections(sae_dir: Path) -> Section:
 
 def _cards_section(atoms_dir: Path) -> Section:
     sec = Section("Selected atoms and their cards")
-    final = _read_csv(atoms_dir / files.FILTERED_DIR / files.FILTERED_CSV)
-    cand = _read_csv(atoms_dir / files.FILTERED_DIR / files.CANDIDATES_CSV)
+    final = _read_csv(atoms_dir / layout.FILTERED_DIR / layout.FILTERED_CSV)
+    cand = _read_csv(atoms_dir / layout.FILTERED_DIR / layout.CANDIDATES_CSV)
     if cand is not None:
         cols = [
             c
@@ -94,7 +94,7 @@ def _cards_section(atoms_dir: Path) -> Section:
             f"{0 if final is None else len(final)} kept; {n_flag} flagged."
         )
         sec.table(cand[cols].head(60), floatfmt="{:.3g}")
-    cards_path = atoms_dir / files.FILTERED_DIR / files.ATOM_CARDS
+    cards_path = atoms_dir / layout.FILTERED_DIR / layout.ATOM_CARDS
     if cards_path.is_file() and final is not None and len(final):
         cards = {c["atom"]: c for c in read_json(cards_path)}
         html_parts = []
@@ -128,7 +128,7 @@ def _esc(s: str) -> str:
 
 def headline_tables(ev: Path) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
     """(metric × strategy table of unsteered value and Δ [95% CI], per-strategy α table) from the evaluate outputs."""
-    res = _read_csv(ev / files.RESULTS_CSV)
+    res = _read_csv(ev / layout.RESULTS_CSV)
     if res is None or not len(res):
         return None, None
     from safesteer.evaluate.stats import format_ci
@@ -217,7 +217,7 @@ def build_report(pipe) -> Path:
             .text("Standardised effect of each strategy on every metric.")
             .table(ent, floatfmt="{:.3g}")
         )
-    pm = st["probes"].dir / files.PROBE_METRICS
+    pm = st["probes"].dir / layout.PROBE_METRICS
     if pm.is_file():
         m = read_json(pm)
         df = pd.DataFrame(
@@ -234,7 +234,7 @@ def build_report(pipe) -> Path:
             .table(df, floatfmt="{:.4g}")
         )
     sections.append(_grid_sections(st["sae"].dir))
-    msum = st["map"].dir / files.MAP_SUMMARY
+    msum = st["map"].dir / layout.MAP_SUMMARY
     if msum.is_file():
         s = read_json(msum)
         sec = Section("Concept cartography")
@@ -274,7 +274,7 @@ def build_report(pipe) -> Path:
     }
     html_path, _ = render(f"safesteer run: {cfg.run.name}", sections, repro, pipe.out)
     write_json(
-        pipe.out / files.RUN_SUMMARY,
+        pipe.out / layout.RUN_SUMMARY,
         {
             "timings": pipe.timings,
             "stage_seconds": seconds,

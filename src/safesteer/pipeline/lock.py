@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from safesteer.errors import SafesteerError
-from safesteer.pipeline.files import LOCK
+from safesteer.layout import LOCK
 
 
 class RunLock:

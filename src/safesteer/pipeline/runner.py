@@ -1,4 +1,4 @@
-"""`safesteer run`: walks the stage table (:mod:`safesteer.pipeline.stages`), each stage cached
+"""`safesteer run`: walks the stage table (:mod:`safesteer.pipeline.table`), each stage cached
 under a key of its config section(s), the run seed and its inputs' keys, then writes the report.
 
 A re-run skips finished stages; a changed setting re-runs only the stages that depend on it; a
@@ -13,14 +13,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from safesteer import layout
 from safesteer.config import Config, dump_toml
 from safesteer.devices import resolve_device
 from safesteer.errors import SafesteerError
 from safesteer.io import atomic_path
-from safesteer.pipeline import files
 from safesteer.pipeline.cache import Stage, StageCache, stage_key
 from safesteer.pipeline.lock import RunLock
-from safesteer.pipeline.stages import TABLE, Context, StageSpec, dump_outputs, load_outputs
+from safesteer.pipeline.table import TABLE, Context, StageSpec, dump_outputs, load_outputs
 
 STAGES = tuple(s.name for s in TABLE) + ("report",)
 
@@ -158,7 +158,7 @@ class Pipeline:
     def _run(self) -> Path | None:
         cache = StageCache(self.out)
         if self.is_writer:
-            with atomic_path(self.out / files.CONFIG) as tmp:
+            with atomic_path(self.out / layout.CONFIG) as tmp:
                 tmp.write_text(dump_toml(self.cfg))
         t_start = time.perf_counter()
         ctx = self.context()

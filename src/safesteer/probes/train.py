@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
 from safesteer.config import ProbeSection
 from safesteer.errors import SafesteerError
-from safesteer.pipeline import files
 
 
 def labelled_rows(store, label: str, max_rows: int | None = None, seed: int = 0, batch_size: int = 8192):
@@ -108,30 +106,3 @@ def run_probe(
     save_npy(out / "diffmean.npy", probe.diffmean.astype(np.float32))
     write_json(out / "metrics.json", {"label": label, **probe.metrics, "holdout": how})
     return probe.metrics
-
-
-@dataclass(frozen=True)
-class ProbesOutputs:
-    dirs: dict[str, Path]  # label -> probe folder (probe.json, direction.npy, diffmean.npy, metrics.json)
-    metrics: Path
-
-
-def run_probes_stage(section: Any, inputs: Mapping[str, Any], out_dir: Path, ctx) -> ProbesOutputs:
-    from safesteer.io import write_json
-
-    metrics = {
-        label: run_probe(
-            inputs["extract"].acts,
-            label,
-            out_dir / label,
-            balanced=section.balanced,
-            seed=ctx.seed,
-            holdout=section.holdout,
-            test_fraction=section.test_fraction,
-            max_rows=section.max_rows,
-            cs=list(section.cs) or None,
-        )
-        for label in section.labels
-    }
-    write_json(out_dir / files.PROBE_METRICS, metrics)
-    return ProbesOutputs({label: out_dir / label for label in section.labels}, out_dir / files.PROBE_METRICS)

@@ -3,9 +3,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 from safesteer.errors import SafesteerError
 
@@ -88,29 +87,3 @@ def split_atom_selections(selection_csvs: Mapping[str, Path], out_dir: Path) -> 
                 keep.to_csv(tmp, index=False)
             out[f"{key}_{sel}"] = path
     return out
-
-
-@dataclass(frozen=True)
-class DirectionsOutputs:
-    directions: Path  # directions.safetensors + directions.json
-    names: tuple[str, ...]
-
-
-def run_directions_stage(section: Any, inputs: Mapping[str, Any], out_dir: Path, ctx) -> DirectionsOutputs:
-    from safesteer.steering import read_atoms
-
-    a = inputs["atoms"]
-    csvs = split_atom_selections({"top20": a.topk, "all": a.all_positive, "filtered": a.filtered}, out_dir)
-    probe_dirs = {
-        key: inputs["probes"].dirs[label] for key, label in CONCEPTS.items() if label in inputs["probes"].dirs
-    }
-    ds = directions_from_files(
-        ctx.config.model.layer,
-        probe_dirs=probe_dirs,
-        sae=inputs["sae"].sae,
-        atoms={name: read_atoms(path) for name, path in csvs.items()},
-        seed=section.random_seed + ctx.seed,
-        random_members=section.random_members,
-    )
-    ds.save(out_dir)
-    return DirectionsOutputs(out_dir, tuple(ds.names()))

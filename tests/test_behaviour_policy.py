@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from safesteer.steering.policy import candidates, compose, paired, pareto, relative_change, select, ungated
+from safesteer.behaviour.policy import candidates, compose, paired, pareto, relative_change, select, ungated
 
 
 def test_compose_takes_steered_where_flagged():

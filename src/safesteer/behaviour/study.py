@@ -1,11 +1,11 @@
 """The behaviour-steering study on a causal LM: harm gate, refusal directions, calibrated
-conditional policy, judged by generated answers (``python -m safesteer.steering.study``).
+conditional policy, judged by generated answers (``python -m safesteer.behaviour.study``).
 
 Steps (each a library call the pipeline can reuse): prompts with hash splits
-(:func:`~safesteer.steering.gate.load_prompts`) → prompt_end features of every prompt at the gate
+(:func:`~safesteer.behaviour.gate.load_prompts`) → prompt_end features of every prompt at the gate
 layers and the steering layer in one pass → gate per layer (held-out, leave-one-dataset-out,
 paraphrase pairs) → ``refusal_caa`` and ``refusal_dim`` at the steering layer → validation
-answers unsteered and per (strategy, α) → policy choice (:mod:`safesteer.steering.policy`) →
+answers unsteered and per (strategy, α) → policy choice (:mod:`safesteer.behaviour.policy`) →
 test answers, forced-choice P(Yes) and harmless fluency with paired 95% CIs; the recommended
 conditional policy is also run for real through :func:`~safesteer.steering.condition.conditional`
 on a test subset and compared with the recombined answers.
@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from safesteer.behaviour.pairs import pair_line
 from safesteer.errors import SafesteerError
 from safesteer.io import atomic_path, write_json
-from safesteer.steering.pairs import pair_line
 
 
 @dataclass
@@ -35,7 +35,7 @@ class StudyConfig:
     gate_position: str = "prompt"
     """Where the gate reads (``prompt``: the user message + template tail; ``prompt_end``: the tail only)."""
     gate_hidden: int = 128
-    """ReLU units per MLP member of the gate (:func:`~safesteer.steering.gate.fit_mlp`); 0: a linear probe."""
+    """ReLU units per MLP member of the gate (:func:`~safesteer.behaviour.gate.fit_mlp`); 0: a linear probe."""
     gate_members: int = 3
     gate_mlp_alpha: float = 1.0
     steer_positions: str = "prompt"
@@ -71,7 +71,7 @@ class StudyConfig:
     Alone it leaves the gate's phrasing robustness as it is (dev pairs, four seeds); with a gate that
     reads layers 9, 12 and 15 side by side it raised it (README, "Behaviour steering")."""
     calib_folds: int = 5
-    """Hash folds for cross-fitted gate scores of the train rows (:func:`~safesteer.steering.gate.cross_fit_scores`),
+    """Hash folds for cross-fitted gate scores of the train rows (:func:`~safesteer.behaviour.gate.cross_fit_scores`),
     which join the val rows for the threshold and the over-refusal budget; 0 = val rows only."""
     sweep_unconditional: bool = False
     """Steer every validation prompt per (strategy, α), so that unconditional policies are chosen on
@@ -125,14 +125,14 @@ def run_study(
     import pandas as pd
     import torch
 
+    from safesteer.behaviour import policy as pol
+    from safesteer.behaviour.directions import median_norm, refusal_caa
+    from safesteer.behaviour.gate import cross_fit_scores, gate_report, load_prompts, lodo, train_gate
+    from safesteer.behaviour.pairs import paraphrase_pairs, score_pairs
     from safesteer.evaluate.choice import forced_choice
     from safesteer.evaluate.refusal import PhraseJudge, agreement, answer_nll, coherence, generate
     from safesteer.models import load_backbone
-    from safesteer.steering import policy as pol
-    from safesteer.steering.behaviour import median_norm, refusal_caa
     from safesteer.steering.condition import conditional, threshold_for_fpr
-    from safesteer.steering.gate import cross_fit_scores, gate_report, load_prompts, lodo, train_gate
-    from safesteer.steering.pairs import paraphrase_pairs, score_pairs
     from safesteer.steering.strategies import Direction, DirectionSet, Intervention, unit
 
     out = Path(out_dir)
@@ -542,7 +542,7 @@ def _nll_fixed_flags(
 
 
 def pol_auc(scores: np.ndarray, y: np.ndarray) -> float:
-    from safesteer.steering.gate import auroc
+    from safesteer.behaviour.gate import auroc
 
     return auroc(scores, y)
 
@@ -588,7 +588,7 @@ def headline(summary: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m safesteer.steering.study", description=__doc__.splitlines()[0]
+        prog="python -m safesteer.behaviour.study", description=__doc__.splitlines()[0]
     )
     ap.add_argument("--out", default="runs/behaviour")
     ap.add_argument("--model", default=StudyConfig.model)

@@ -9,7 +9,7 @@ import pytest
 from safesteer.config import Config
 from safesteer.errors import SafesteerError
 from safesteer.pipeline.runner import stage_keys
-from safesteer.steering.stage import toward_refusal
+from safesteer.pipeline.stages.behaviour import toward_refusal
 from safesteer.steering.strategies import Direction, DirectionSet
 
 pytestmark = pytest.mark.integration
@@ -67,8 +67,8 @@ def test_sweeping_every_prompt_adds_unconditional_candidates_and_keeps_the_condi
 ):
     from types import SimpleNamespace
 
-    from safesteer.pipeline.stages import Context
-    from safesteer.steering.stage import run_behaviour_stage
+    from safesteer.pipeline.stages.behaviour import run_behaviour_stage
+    from safesteer.pipeline.table import Context
 
     out, _, _, cfg = behaviour_run
     cfg.behaviour.sweep_unconditional = True
@@ -113,7 +113,7 @@ def test_pairs_are_also_judged_at_the_recommended_policys_threshold_and_on_the_d
             and at["correct"] == pytest.approx(np.mean(right))
         )
     # the dev pairs (other requests and frames) are scored by the same gate, at both thresholds
-    from safesteer.steering.pairs import paraphrase_pairs
+    from safesteer.behaviour.pairs import paraphrase_pairs
 
     dev = g["dev_pairs"]
     assert [p["id"] for p in dev["pairs"]] == [p.id for p in paraphrase_pairs("dev")]

@@ -23,15 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from safesteer.cartography.atoms import AtomsOutputs, run_atoms_stage
-from safesteer.cartography.map import MapOutputs, run_map_stage
 from safesteer.config import Config
-from safesteer.evaluate.stage import EvaluateOutputs, run_evaluate_stage
-from safesteer.probes.train import ProbesOutputs, run_probes_stage
-from safesteer.sae.run import EncodeOutputs, SAEOutputs, run_encode_stage, run_sae_stage
-from safesteer.steering.build import DirectionsOutputs, run_directions_stage
-from safesteer.steering.stage import BehaviourOutputs, run_behaviour_stage
-from safesteer.store.build import ExtractOutputs, run_extract_stage
+from safesteer.pipeline.stages.atoms import AtomsOutputs, run_atoms_stage
+from safesteer.pipeline.stages.behaviour import BehaviourOutputs, run_behaviour_stage
+from safesteer.pipeline.stages.directions import DirectionsOutputs, run_directions_stage
+from safesteer.pipeline.stages.evaluate import EvaluateOutputs, run_evaluate_stage
+from safesteer.pipeline.stages.extract import ExtractOutputs, run_extract_stage
+from safesteer.pipeline.stages.map import MapOutputs, run_map_stage
+from safesteer.pipeline.stages.probes import ProbesOutputs, run_probes_stage
+from safesteer.pipeline.stages.sae import EncodeOutputs, SAEOutputs, run_encode_stage, run_sae_stage
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from safesteer.steering.reframe import (
+from safesteer.behaviour.reframe import (
     _WIDE_IMP,
     _WIDE_Q,
     _gerund,
@@ -133,7 +133,7 @@ def test_reframe_wide_swaps_the_mood_into_the_banks_frames():
 
 
 def test_load_prompts_wide_adds_a_second_copy_per_training_prompt(shared_data):
-    from safesteer.steering.gate import load_prompts
+    from safesteer.behaviour.gate import load_prompts
 
     caps = {
         n: 30

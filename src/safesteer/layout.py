@@ -1,6 +1,6 @@
 """Names of the files and folders each pipeline stage writes inside its stage folder (one place).
 
-Every stage module imports its names from here, so the runner, the report and the tests agree.
+On the ground floor: every stage module, the runner, the report and the tests import their names from here.
 """
 
 from __future__ import annotations
@@ -46,3 +46,14 @@ ATOM_CARDS = "atom_cards.json"
 DIRECTIONS_JSON = "directions.json"
 # evaluate
 RESULTS_CSV = "results.csv"
+# behaviour (the study's own files: safesteer.behaviour)
+SUMMARY = "summary.json"  # every figure of the study (wall-clock seconds apart)
+TIMINGS = "timings.json"  # the study's wall-clock seconds per step
+POLICY_DIR = "policy"  # the service bundle: recommended.json (or NONE.txt), gate/, directions/
+PARETO_CSV = "pareto.csv"  # every validation candidate policy
+ANSWERS_CSV = "answers.csv"  # every test answer, per set and policy, with its refusal verdict
+GATE_SCORES_CSV = "gate_scores.csv"  # every prompt's gate score (the report's ROC)
+FEATURES_DIR = "features"  # pooled activations of every prompt, per position and layer, + prompts.csv
+GATE_DIR = "gate"
+DIRECTIONS_DIR = "directions"
+STEPS_DIR = "steps"  # each study step's cached output (resume)

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
+from safesteer.behaviour.pairs import PAIR_SETS, PairResult, pair_line, paraphrase_pairs, wilson
 from safesteer.errors import SafesteerError
-from safesteer.steering.pairs import PAIR_SETS, PairResult, pair_line, paraphrase_pairs, wilson
 
 
 @pytest.mark.parametrize("which", sorted(PAIR_SETS))

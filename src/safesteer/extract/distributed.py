@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from safesteer.distributed import Dist
-from safesteer.extract import ExtractConfig, ExtractReport, extract
+from safesteer.extract.core import ExtractConfig, ExtractReport, extract
 from safesteer.models.backbone import Backbone
 
 

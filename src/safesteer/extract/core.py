@@ -312,7 +312,7 @@ def extract(
 ) -> ExtractReport:
     """Extract pooled activations of ``rows`` ((dataset name, Record) pairs) into ``out``.
 
-    ``rank``/``world``/``sync`` (see :mod:`safesteer.extract_dist`): with ``world`` > 1 this rank
+    ``rank``/``world``/``sync`` (see :mod:`safesteer.extract.distributed`): with ``world`` > 1 this rank
     computes only the shards ``k`` with ``k % world == rank``, commits each with a record
     (:mod:`safesteer.store.commits`) instead of rewriting the manifest, and after ``sync()`` (a
     barrier) rank 0 folds every rank's records into the manifest. The bytes are those of ``world=1``.

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from safesteer.errors import SafesteerError
-from safesteer.pipeline import files
 
 
 def random_alpha_value(value: str | float) -> str | float:
@@ -124,31 +122,3 @@ def evaluate_directions(
         )
     result = run_suite(bb, ds, cfg, probes=probes, progress=progress, interventions=interventions)
     return result, write_outputs(result, out, plots=plots)
-
-
-@dataclass(frozen=True)
-class EvaluateOutputs:
-    folder: Path  # results.csv/json, table.csv, calibration.json, plots/
-    results: Path
-
-
-def run_evaluate_stage(section: Any, inputs: Mapping[str, Any], out_dir: Path, ctx) -> EvaluateOutputs:
-    from safesteer.steering.build import CONCEPTS
-
-    c = ctx.config
-    cfg = suite_config(section, c.model.layer, seed=ctx.seed, source=c.data.source, data_dir=ctx.data_dir)
-    probe_dirs = {
-        key: inputs["probes"].dirs[label] for key, label in CONCEPTS.items() if label in inputs["probes"].dirs
-    }
-    evaluate_directions(
-        c.model.name,
-        inputs["directions"].directions,
-        out_dir,
-        cfg,
-        device=ctx.device,
-        probe_dirs=probe_dirs,
-        plots=section.plots,
-        progress=ctx.say,
-        note=ctx.say,
-    )
-    return EvaluateOutputs(out_dir, out_dir / files.RESULTS_CSV)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from safesteer.behaviour.gate import FRACTIONS, Prompts, gate_report, lodo, row_weights, split3, train_gate
 from safesteer.errors import SafesteerError
-from safesteer.steering.gate import FRACTIONS, Prompts, gate_report, lodo, row_weights, split3, train_gate
 
 
 def test_split3_is_deterministic_disjoint_and_proportional():
@@ -73,8 +73,8 @@ def test_lodo_catches_a_style_detector():
 
 
 def test_augmented_copies_stay_in_train_and_out_of_lodo_evaluation():
-    from safesteer.steering.gate import Prompts
-    from safesteer.steering.reframe import reframe
+    from safesteer.behaviour.gate import Prompts
+    from safesteer.behaviour.reframe import reframe
 
     texts = [f"Write essay number {i}." for i in range(60)] + [f"what is fact number {i}" for i in range(60)]
     y = np.r_[np.ones(60), np.zeros(60)].astype(int)
@@ -133,8 +133,8 @@ def test_train_gate_and_lodo_record_and_apply_the_weighting():
 def test_cross_fit_scores_score_each_train_row_with_a_gate_that_did_not_see_it():
     import hashlib
 
+    from safesteer.behaviour.gate import cross_fit_scores
     from safesteer.probes.logistic import train_probe
-    from safesteer.steering.gate import cross_fit_scores
 
     H, P = _planted(n=40)
     P.aug[np.flatnonzero(P.mask("train"))[:5]] = True  # (marked augmented — always train rows: never scored)
@@ -161,8 +161,8 @@ def test_cross_fit_scores_score_each_train_row_with_a_gate_that_did_not_see_it()
 def test_cross_fit_keeps_an_augmented_copy_in_its_originals_fold():
     import hashlib
 
+    from safesteer.behaviour.gate import cross_fit_scores
     from safesteer.probes.logistic import train_probe
-    from safesteer.steering.gate import cross_fit_scores
 
     H0, P0 = _planted(n=40)
     tr = np.flatnonzero(P0.mask("train"))
@@ -222,7 +222,7 @@ def _xor(n=300, d=4, seed=0):
 def test_mlp_gate_equals_the_mean_logit_of_its_sklearn_members_and_learns_what_a_linear_one_cannot():
     from sklearn.neural_network import MLPClassifier
 
-    from safesteer.steering.gate import fit_mlp
+    from safesteer.behaviour.gate import fit_mlp
 
     H, P = _xor()
     tr = P.mask("train")
@@ -256,7 +256,7 @@ def test_mlp_gate_equals_the_mean_logit_of_its_sklearn_members_and_learns_what_a
 def test_cross_fit_and_lodo_use_the_gates_own_kind():
     import hashlib
 
-    from safesteer.steering.gate import _fit, cross_fit_scores
+    from safesteer.behaviour.gate import _fit, cross_fit_scores
 
     H, P = _xor(n=200)
     cond = train_gate(H, P, layer=1, hidden=8, members=2, mlp_alpha=1e-3)
@@ -282,7 +282,7 @@ def test_cross_fit_and_lodo_use_the_gates_own_kind():
 def test_gate_fits_give_the_same_bits_in_one_process_or_several():
     """Members, cross-fitting folds and LODO datasets train in worker processes, single-threaded:
     the results must not depend on how many (or on the machine's core count)."""
-    from safesteer.steering.gate import cross_fit_scores, fit_mlp, parallel_map
+    from safesteer.behaviour.gate import cross_fit_scores, fit_mlp, parallel_map
 
     H, P = _xor(n=150)
     tr = P.mask("train")
@@ -300,8 +300,8 @@ def test_gate_fits_give_the_same_bits_in_one_process_or_several():
 def test_beavertails_gate_prompts_come_from_unsafe_pairs_only(monkeypatch):
     """The hub's BeaverTails holds safe QA pairs too: their prompts must not become harmful gate rows."""
     import safesteer.data as data
+    from safesteer.behaviour.gate import _raw
     from safesteer.data.records import Record
-    from safesteer.steering.gate import _raw
 
     rows = [
         Record("a", "How do I pick a lock?\nHere is how...", "train", {"harmful": 1}, "hub"),

@@ -1,6 +1,6 @@
 """The harm gate: diverse harmful vs diverse harmless *requests*, a standardised logistic probe or
 an average of small MLPs (:func:`fit_mlp`) at ``prompt`` / ``prompt_end`` of a middle layer,
-judged held-out, leave-one-dataset-out and on paraphrase pairs (:mod:`safesteer.steering.pairs`).
+judged held-out, leave-one-dataset-out and on paraphrase pairs (:mod:`safesteer.behaviour.pairs`).
 
 Data (:func:`load_prompts`): harmful = AdvBench, Do-Not-Answer (the risk areas of requests to
 refuse, :data:`DNA_GATE_AREAS`), BeaverTails prompts (the user turn only), XSTest unsafe and the
@@ -20,9 +20,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from safesteer.behaviour.reframe import reframe, reframe_wide
 from safesteer.errors import SafesteerError
 from safesteer.steering.condition import DEFAULT_FPR, Condition, threshold_for_fpr
-from safesteer.steering.reframe import reframe, reframe_wide
 
 HARMFUL_SETS: tuple[str, ...] = ("advbench", "donotanswer", "beavertails", "xstest_unsafe", "contrast_unsafe")
 QA_SETS: tuple[str, ...] = (
@@ -152,7 +152,7 @@ def load_prompts(
     wide: bool = False,
 ) -> Prompts:
     """Deduplicated prompts of the gate's datasets; ``caps`` limits rows per dataset (hash order).
-    ``augment`` adds a reframed copy (:func:`~safesteer.steering.reframe.reframe`) of every *training*
+    ``augment`` adds a reframed copy (:func:`~safesteer.behaviour.reframe.reframe`) of every *training*
     prompt (split ``train``); ``wide`` a second one from the wide bank of frames (:func:`reframe_wide`),
     unless it is the same text."""
     text: list[str] = []

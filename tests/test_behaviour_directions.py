@@ -7,8 +7,7 @@ import pytest
 import torch
 from conftest import foreign_hooks
 
-from safesteer.errors import SafesteerError
-from safesteer.steering.behaviour import (
+from safesteer.behaviour.directions import (
     ablate,
     ablation_edit,
     ablation_intervention,
@@ -17,6 +16,7 @@ from safesteer.steering.behaviour import (
     refusal_caa,
     refusal_dim,
 )
+from safesteer.errors import SafesteerError
 from safesteer.steering.strategies import DirectionSet, Intervention
 
 PROMPTS = ["how do i make a bomb ?", "tell me how to steal a car", "what is a good book ?"]

@@ -1,4 +1,4 @@
-"""The ``behaviour`` pipeline stage: the behaviour study (:mod:`safesteer.steering.study`) on the run's
+"""The ``behaviour`` pipeline stage: the behaviour study (:mod:`safesteer.behaviour.study`) on the run's
 model, with the directions stage's probe / SAE / hybrid strategies judged beside ``refusal_caa`` and
 ``refusal_dim`` by the same generation metrics, and the calibrated conditional policy packaged for
 the service (:mod:`safesteer.serve.bundle`).
@@ -16,11 +16,9 @@ from typing import Any, Mapping
 
 from safesteer.errors import SafesteerError
 from safesteer.io import write_json
+from safesteer.layout import POLICY_DIR, SUMMARY, TIMINGS
 
 BEHAVIOUR_OWN = ("refusal_caa", "refusal_dim")
-SUMMARY = "summary.json"
-TIMINGS = "timings.json"
-POLICY_DIR = "policy"
 
 
 @dataclass(frozen=True)
@@ -33,9 +31,9 @@ class BehaviourOutputs:
 
 
 def study_config(section: Any, model: str, layer: int, seed: int, data_dir: Path | None):
-    """The :class:`~safesteer.steering.study.StudyConfig` of a ``[behaviour]`` section."""
-    from safesteer.steering.gate import QA_SETS
-    from safesteer.steering.study import StudyConfig
+    """The :class:`~safesteer.behaviour.study.StudyConfig` of a ``[behaviour]`` section."""
+    from safesteer.behaviour.gate import QA_SETS
+    from safesteer.behaviour.study import StudyConfig
 
     caps = {
         "advbench": section.cap_harmful,
@@ -132,8 +130,8 @@ def run_behaviour_stage(section: Any, inputs: Mapping[str, Any], out_dir: Path, 
         write_json(out_dir / SUMMARY, {"skipped": skipped})
         write_bundle(None, out_dir, policy, model=c.model.name)
         return BehaviourOutputs(out_dir, out_dir / SUMMARY, policy, False, skipped)
+    from safesteer.behaviour.study import run_study
     from safesteer.steering.strategies import DirectionSet
-    from safesteer.steering.study import run_study
 
     extra = toward_refusal(DirectionSet.load(inputs["directions"].directions), section.strategies)
     cfg = study_config(section, c.model.name, c.model.layer, ctx.seed, ctx.data_dir)
