@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from safesteer.behaviour.gate import FRACTIONS, Prompts, gate_report, lodo, row_weights, split3, train_gate
+from safesteer.behaviour.gate import gate_report, lodo, row_weights, train_gate
+from safesteer.behaviour.prompts import FRACTIONS, Prompts, split3
 from safesteer.errors import SafesteerError
 
 
@@ -73,7 +74,7 @@ def test_lodo_catches_a_style_detector():
 
 
 def test_augmented_copies_stay_in_train_and_out_of_lodo_evaluation():
-    from safesteer.behaviour.gate import Prompts
+    from safesteer.behaviour.prompts import Prompts
     from safesteer.behaviour.reframe import reframe
 
     texts = [f"Write essay number {i}." for i in range(60)] + [f"what is fact number {i}" for i in range(60)]
@@ -282,7 +283,8 @@ def test_cross_fit_and_lodo_use_the_gates_own_kind():
 def test_gate_fits_give_the_same_bits_in_one_process_or_several():
     """Members, cross-fitting folds and LODO datasets train in worker processes, single-threaded:
     the results must not depend on how many (or on the machine's core count)."""
-    from safesteer.behaviour.gate import cross_fit_scores, fit_mlp, parallel_map
+    from safesteer.behaviour.gate import cross_fit_scores, fit_mlp
+    from safesteer.workers import parallel_map
 
     H, P = _xor(n=150)
     tr = P.mask("train")
@@ -300,7 +302,7 @@ def test_gate_fits_give_the_same_bits_in_one_process_or_several():
 def test_beavertails_gate_prompts_come_from_unsafe_pairs_only(monkeypatch):
     """The hub's BeaverTails holds safe QA pairs too: their prompts must not become harmful gate rows."""
     import safesteer.data as data
-    from safesteer.behaviour.gate import _raw
+    from safesteer.behaviour.prompts import _raw
     from safesteer.data.records import Record
 
     rows = [

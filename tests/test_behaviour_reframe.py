@@ -133,7 +133,7 @@ def test_reframe_wide_swaps_the_mood_into_the_banks_frames():
 
 
 def test_load_prompts_wide_adds_a_second_copy_per_training_prompt(shared_data):
-    from safesteer.behaviour.gate import load_prompts
+    from safesteer.behaviour.prompts import load_prompts
 
     caps = {
         n: 30

@@ -127,8 +127,9 @@ def run_study(
 
     from safesteer.behaviour import policy as pol
     from safesteer.behaviour.directions import median_norm, refusal_caa
-    from safesteer.behaviour.gate import cross_fit_scores, gate_report, load_prompts, lodo, train_gate
+    from safesteer.behaviour.gate import cross_fit_scores, gate_report, lodo, train_gate
     from safesteer.behaviour.pairs import paraphrase_pairs, score_pairs
+    from safesteer.behaviour.prompts import load_prompts
     from safesteer.evaluate.choice import forced_choice
     from safesteer.evaluate.refusal import PhraseJudge, agreement, answer_nll, coherence, generate
     from safesteer.models import load_backbone

@@ -32,7 +32,7 @@ class BehaviourOutputs:
 
 def study_config(section: Any, model: str, layer: int, seed: int, data_dir: Path | None):
     """The :class:`~safesteer.behaviour.study.StudyConfig` of a ``[behaviour]`` section."""
-    from safesteer.behaviour.gate import QA_SETS
+    from safesteer.behaviour.prompts import QA_SETS
     from safesteer.behaviour.study import StudyConfig
 
     caps = {
