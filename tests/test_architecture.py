@@ -19,7 +19,6 @@ OVER_LIMIT_ELSEWHERE: set[
     "models/backbone.py",
     "serve/engine.py",
     "sae/trainer.py",
-    "behaviour/study.py",
 }
 
 

@@ -11,10 +11,15 @@ import pytest
 import torch
 
 from safesteer.errors import SafesteerError
-from safesteer.evaluate.refusal import (
+from safesteer.evaluate.judges import (
+    JUDGES,
     ClassifierJudge,
     OpenAIJudge,
     PhraseJudge,
+    build_judge,
+    register_judge,
+)
+from safesteer.evaluate.refusal import (
     _Decided,
     agreement,
     answer_nll,
@@ -158,3 +163,39 @@ def test_answer_nll_under_prompt_only_steering_equals_generating_the_answer(tiny
             len(ids) - n > 1
         ):  # … and the answer's own positions are not (a one-token answer only sees the prompt)
             assert abs(got[i] - every[i]) > 1e-3
+
+
+def test_judges_are_chosen_by_name_and_a_new_one_is_one_class_and_one_registration():
+    assert {"phrases", "classifier", "openai"} <= set(JUDGES)
+    assert isinstance(build_judge("phrases"), PhraseJudge)
+    with pytest.raises(SafesteerError, match="unknown judge 'nope'; valid choices: .*phrases"):
+        build_judge("nope")
+    with pytest.raises(SafesteerError, match="judge_url"):
+        build_judge("openai", model="m")
+    with pytest.raises(SafesteerError, match="judge_model"):
+        build_judge("classifier")
+    assert isinstance(build_judge("openai", url="http://127.0.0.1:1/v1", model="m"), OpenAIJudge)
+
+    @register_judge
+    class LengthJudge:  # a toy judge: an answer shorter than `words` words is a refusal
+        name = "toy-length"
+
+        def __init__(self, words: int):
+            self.words = words
+
+        @classmethod
+        def from_options(cls, options):
+            return cls(int(options.get("words", 3)))
+
+        def __call__(self, prompts, answers):
+            return np.array([float(len(a.split()) < self.words) for a in answers])
+
+    try:
+        j = build_judge("toy-length", words="2")
+        assert j(["p", "p"], ["no", "sure thing"]).tolist() == [1.0, 0.0]
+        with pytest.raises(ValueError, match="already registered"):
+            register_judge(
+                type("Other", (), {"name": "toy-length", "from_options": classmethod(lambda c, o: c())})
+            )
+    finally:
+        JUDGES.pop("toy-length")

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from safesteer.behaviour.directions import median_norm, refusal_caa
-from safesteer.evaluate.refusal import PhraseJudge, generate
+from safesteer.evaluate.judges import PhraseJudge
+from safesteer.evaluate.refusal import generate
 from safesteer.models.positions import chat_inputs, prompt_end_length
 from safesteer.probes.logistic import train_probe
 from safesteer.steering.condition import Condition, conditional, gate_flags

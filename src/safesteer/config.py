@@ -210,6 +210,9 @@ class BehaviourSection:
     max_safe_pp: float = 3.0  # XSTest-safe over-refusal budget (pp)
     max_fluency_rel: float = 0.02  # harmless NLL budget (relative)
     threads: int = 1  # torch CPU threads for the stage (0 = leave as set; 1 is several times faster on a busy shared CPU)
+    judge: str = "phrases"  # the refusal judge: phrases | classifier | openai (safesteer.evaluate.judges)
+    judge_model: str = ""  # classifier: a local text-classification model; openai: the endpoint's model
+    judge_url: str = ""  # openai: the endpoint, e.g. http://127.0.0.1:8000/v1
 
 
 @dataclass

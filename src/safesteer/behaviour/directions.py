@@ -114,13 +114,18 @@ def refusal_dim(
     """Arditi's refusal direction at ``layer``: DiffMean harmful − harmless at ``prompt_end``."""
     if not harmful or not harmless:
         raise SafesteerError("refusal_dim needs harmful and harmless prompts")
-    Hp = backbone.pooled(list(harmful), [layer], batch_size=batch_size, position="prompt_end", system=system)[
-        layer
-    ]
-    Hn = backbone.pooled(
-        list(harmless), [layer], batch_size=batch_size, position="prompt_end", system=system
-    )[layer]
-    r = Hp.astype(np.float64).mean(axis=0) - Hn.astype(np.float64).mean(axis=0)
+    Hp, Hn = (
+        backbone.pooled(list(x), [layer], batch_size=batch_size, position="prompt_end", system=system)[layer]
+        for x in (harmful, harmless)
+    )
+    return refusal_dim_from_features(Hp, Hn, layer)
+
+
+def refusal_dim_from_features(harmful: np.ndarray, harmless: np.ndarray, layer: int) -> Direction:
+    """:func:`refusal_dim` from residuals already pooled at ``prompt_end`` (rows × d, each class)."""
+    if not len(harmful) or not len(harmless):
+        raise SafesteerError("refusal_dim needs harmful and harmless prompts")
+    r = harmful.astype(np.float64).mean(axis=0) - harmless.astype(np.float64).mean(axis=0)
     return Direction(
         "refusal_dim",
         -unit(r, "the harmful-harmless DiffMean"),

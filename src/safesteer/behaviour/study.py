@@ -1,14 +1,12 @@
 """The behaviour-steering study on a causal LM: harm gate, refusal directions, calibrated
 conditional policy, judged by generated answers (``python -m safesteer.behaviour.study``).
 
-Steps (each a library call the pipeline can reuse): prompts with hash splits
-(:func:`~safesteer.behaviour.gate.load_prompts`) → prompt_end features of every prompt at the gate
-layers and the steering layer in one pass → gate per layer (held-out, leave-one-dataset-out,
-paraphrase pairs) → ``refusal_caa`` and ``refusal_dim`` at the steering layer → validation
-answers unsteered and per (strategy, α) → policy choice (:mod:`safesteer.behaviour.policy`) →
-test answers, forced-choice P(Yes) and harmless fluency with paired 95% CIs; the recommended
-conditional policy is also run for real through :func:`~safesteer.steering.condition.conditional`
-on a test subset and compared with the recombined answers.
+:func:`run_study` is the named steps of :mod:`safesteer.behaviour.steps` in order —
+``features`` → ``fit_gate`` → ``directions`` → ``sweep`` → ``choose`` → ``test`` → ``verify`` —
+each kept under ``steps/`` with a key of its inputs, so a killed study resumes at the step it was
+in and writes the same files. The study's own checks (the real in-pass conditional run gives the
+recombined answers; the in-pass fluency check agrees with the recombined NLLs) must hold, else it
+stops with an error naming the check.
 """
 
 from __future__ import annotations
@@ -20,11 +18,31 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import pandas as pd
+import torch
 
+from safesteer import layout
+from safesteer.behaviour import policy as pol
+from safesteer.behaviour.checkpoint import StepStore, step_key
+from safesteer.behaviour.context import Run
+from safesteer.behaviour.heldout import self_checks, test, verify
 from safesteer.behaviour.pairs import pair_line
+from safesteer.behaviour.steps import (
+    Choice,
+    Directions,
+    Features,
+    GateFit,
+    Sweep,
+    choose,
+    directions,
+    features,
+    fit_gate,
+    sweep,
+)
 from safesteer.errors import SafesteerError
+from safesteer.evaluate.judges import build_judge
 from safesteer.io import atomic_path, write_json
+from safesteer.models import load_backbone
 
 
 @dataclass
@@ -90,28 +108,28 @@ class StudyConfig:
     data_dir: str | None = None
     threads: int | None = None
     """torch CPU threads (None: leave as set). On a busy shared CPU one thread is ~10× faster than two."""
+    judge: str = "phrases"
+    """The refusal judge, by name (:mod:`safesteer.evaluate.judges`: phrases, classifier, openai)."""
+    judge_model: str = ""
+    """The judge's model: a local text-classification model (classifier) or the endpoint's model (openai)."""
+    judge_url: str = ""
+    """The judge's OpenAI-compatible endpoint (openai), e.g. ``http://127.0.0.1:8000/v1``."""
 
 
 def _say(msg: str) -> None:
     print(f"[study] {msg}", file=sys.stderr, flush=True)
 
 
-def _per_group(prompts, split: str, harmful: int, n: int) -> list[int]:
-    """Up to ``n`` row indices of ``split`` / class, spread evenly over the datasets (hash order)."""
-    groups = [
-        g
-        for g in dict.fromkeys(prompts.group)
-        if (prompts.mask(group=g) & (prompts.harmful == harmful)).any()
+def _fingerprint(directions: Any) -> list[Any]:
+    """What the extra directions contribute to the steps' keys (names, layers, vectors' bytes)."""
+    if directions is None:
+        return []
+    import hashlib
+
+    return [
+        [n, directions[n].layer, hashlib.sha256(directions[n].vector.tobytes()).hexdigest()[:16]]
+        for n in directions.names()
     ]
-    pools = {g: list(np.flatnonzero(prompts.mask(split, g, harmful))) for g in groups}
-    out: list[int] = []
-    k = 0
-    while len(out) < n and any(k < len(p) for p in pools.values()):
-        for g in groups:
-            if k < len(pools[g]) and len(out) < n:
-                out.append(int(pools[g][k]))
-        k += 1
-    return out
 
 
 def run_study(
@@ -121,431 +139,113 @@ def run_study(
 
     ``extra_directions`` (a :class:`~safesteer.steering.DirectionSet`, e.g. the pipeline's probe /
     SAE / hybrid directions, oriented so that α ≥ 0 adds refusal) supplies every strategy of
-    ``cfg.strategies`` other than ``refusal_caa`` / ``refusal_dim``; they are judged by the same sweep."""
-    import pandas as pd
-    import torch
-
-    from safesteer.behaviour import policy as pol
-    from safesteer.behaviour.directions import median_norm, refusal_caa
-    from safesteer.behaviour.gate import cross_fit_scores, gate_report, lodo, train_gate
-    from safesteer.behaviour.pairs import paraphrase_pairs, score_pairs
-    from safesteer.behaviour.prompts import load_prompts
-    from safesteer.evaluate.choice import forced_choice
-    from safesteer.evaluate.refusal import PhraseJudge, agreement, answer_nll, coherence, generate
-    from safesteer.models import load_backbone
-    from safesteer.steering.condition import conditional, threshold_for_fpr
-    from safesteer.steering.strategies import Direction, DirectionSet, Intervention, unit
-
+    ``cfg.strategies`` other than ``refusal_caa`` / ``refusal_dim``; they are judged by the same sweep.
+    The returned summary also holds ``seconds`` (wall clock per step), which the files leave out."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
-    times: dict[str, float] = {}
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
+    judge = build_judge(
+        cfg.judge, model=cfg.judge_model, url=cfg.judge_url
+    )  # a bad name fails before the model loads
     bb = backbone or load_backbone(cfg.model)
     if bb.kind != "causal":
         raise SafesteerError("the behaviour study generates answers; it needs a causal LM")
-    judge = PhraseJudge()
+    settings = {k: v for k, v in asdict(cfg).items() if k != "threads"}  # threads change no result
+    base_key = step_key(settings, str(getattr(bb, "name", "")), _fingerprint(extra_directions))
+    run = Run(cfg, bb, judge, out, StepStore(out / layout.STEPS_DIR), base_key, _say, extra_directions)
+    times: dict[str, float] = {}
 
-    # 1. prompts and features -------------------------------------------------------------------
-    t = time.perf_counter()
-    P = load_prompts(cfg.caps, data_dir=cfg.data_dir, augment=cfg.augment, wide=cfg.augment_wide)
-    layers = sorted({*cfg.gate_layers, cfg.layer})
-    from safesteer.models.positions import pooled_at
+    def timed(name: str, fn, *args):
+        t = time.perf_counter()
+        value = fn(run, *args)
+        times[name] = time.perf_counter() - t
+        return value
 
-    if cfg.gate_position not in ("prompt", "prompt_end"):
+    f = timed("features", features)
+    g = timed("gate", fit_gate, f)
+    d = timed("directions", directions, f)
+    t0 = time.perf_counter()
+    s = sweep(run, f, g, d)
+    ch = choose(run, g, s)
+    times["validation"] = time.perf_counter() - t0
+    te = timed("test", test, f, g, d, ch)
+    results = dict(te.results)
+    v = timed("verify", verify, g, d, ch, te)
+    if v is not None:
+        results["verify_conditional"] = v
+    problems = self_checks(results)
+    if problems:
         raise SafesteerError(
-            f"behaviour gate_position '{cfg.gate_position}' unsupported; valid choices: prompt, prompt_end"
+            "the behaviour study's self-check failed: " + "; ".join(problems) + f" (answers in {out})"
         )
-    feats = pooled_at(bb, P.text, layers, (cfg.gate_position, "prompt_end"), batch_size=cfg.batch_size)
-    H, H_end = (
-        feats[cfg.gate_position],
-        feats["prompt_end"],
-    )  # gate features; Arditi's refusal_dim reads prompt_end
-    times["features"] = time.perf_counter() - t
-    from safesteer.io import save_npy
-
-    for p, per in feats.items():  # kept so the gate can be retrained without another forward pass
-        for l in layers:
-            save_npy(out / "features" / f"{p}_layer{l:02d}.npy", per[l].astype(np.float32))
-    with atomic_path(out / "features" / "prompts.csv") as tmp:
+    with atomic_path(out / layout.ANSWERS_CSV) as tmp:
+        pd.DataFrame(te.rows).to_csv(tmp, index=False)
+    P = f.prompts
+    with atomic_path(
+        out / layout.GATE_SCORES_CSV
+    ) as tmp:  # the gate's ROC (report) from every prompt's score
         pd.DataFrame(
-            {
-                "text": P.text,
-                "harmful": P.harmful,
-                "group": P.group,
-                "split": P.split,
-                "aug": P.aug,
-                "origin": P.origin,
-            }
-        ).to_csv(tmp, index=False)
-    _say(
-        f"{len(P)} prompts, {cfg.gate_position}/prompt_end features at layers {layers} in {times['features']:.0f}s"
-    )
-
-    # 2. gate per layer; the best validation AUROC (harmful vs XSTest-safe, the hard negatives) wins
-    t = time.perf_counter()
-    va = P.mask("val")
-    hard = va & (P.mask(harmful=1) | P.mask(group="xstest_safe"))
-    gates = {
-        l: train_gate(
-            H[l],
-            P,
-            l,
-            cfg.gate_position,
-            target_fpr=0.05,
-            seed=cfg.seed,
-            hidden=cfg.gate_hidden,
-            members=cfg.gate_members,
-            mlp_alpha=cfg.gate_mlp_alpha,
-        )
-        for l in cfg.gate_layers
-    }
-    val_auc = {l: float(pol_auc(g.score(H[l][hard]), P.harmful[hard])) for l, g in gates.items()}
-    gl = max(val_auc, key=lambda l: (val_auc[l], -l))
-    gate = gates[gl]
-    report = gate_report(gate, H[gl], P)
-    lodo_res = lodo(H[gl], P, seed=cfg.seed, model=gate.meta)
-    pairs = score_pairs(bb, gate)
-    dev_pairs = score_pairs(
-        bb, gate, paraphrase_pairs("dev")
-    )  # other requests and frames: phrasing robustness beside test
-    gate.save(out / "gate")
-    times["gate"] = time.perf_counter() - t
-    _say(
-        f"gate layer {gl} (val AUROC vs XSTest-safe {val_auc}): test AUROC {report['test_auroc']:.3f}, "
-        f"LODO min {min(v['auroc'] for v in lodo_res.values()):.3f}, pairs same side {pairs.same_side:.2f} "
-        f"(dev pairs {dev_pairs.same_side:.2f})"
-    )
-
-    # 3. directions ------------------------------------------------------------------------------
-    t = time.perf_counter()
-    L = cfg.layer
-    tr = P.mask("train")
-    caa_prompts = [
-        P.text[i]
-        for i in _per_group(P, "train", 1, cfg.n_caa_prompts // 2)
-        + _per_group(P, "train", 0, cfg.n_caa_prompts // 2)
-    ]
-    dirs = DirectionSet()
-    if "refusal_caa" in cfg.strategies:
-        dirs.add(refusal_caa(bb, caa_prompts, L, batch_size=cfg.batch_size))
-    if "refusal_dim" in cfg.strategies:
-        r = H_end[L][tr & (P.harmful == 1)].astype(np.float64).mean(0) - H_end[L][
-            tr & (P.harmful == 0)
-        ].astype(np.float64).mean(0)
-        dirs.add(
-            Direction(
-                "refusal_dim",
-                -unit(r),
-                "behaviour",
-                L,
-                ["dim:prompt_end DiffMean"],
-                meta={
-                    "position": "prompt_end",
-                    "norm": float(np.linalg.norm(r)),
-                    "sign": "vector = -(harmful - harmless)/norm; alpha >= 0 adds refusal",
-                },
-            )
-        )
-    for name in cfg.strategies:
-        if name in ("refusal_caa", "refusal_dim"):
-            continue
-        if extra_directions is None or name not in extra_directions:
-            known = ", ".join(
-                [
-                    "refusal_caa",
-                    "refusal_dim",
-                    *(extra_directions.names() if extra_directions is not None else []),
-                ]
-            )
-            raise SafesteerError(f"unknown behaviour strategy '{name}'; valid choices here: {known}")
-        d = extra_directions[name]
-        if d.layer != L:
-            raise SafesteerError(
-                f"direction '{name}' was built for layer {d.layer}, the behaviour study steers layer {L}"
-            )
-        dirs.add(d)
-    dirs.save(out / "directions")
-    scale = median_norm(bb, caa_prompts, L)
-    times["directions"] = time.perf_counter() - t
-    _say(f"directions {dirs.names()}, median residual norm at layer {L} = {scale:.1f}")
-
-    def iv(name: str, alpha: float) -> Intervention:
-        return Intervention.from_direction(dirs[name], alpha, scale, where=cfg.steer_positions)
-
-    # 4. validation sweep ------------------------------------------------------------------------
-    t = time.perf_counter()
-    vh = _per_group(P, "val", 1, cfg.n_val_harmful)
-    # the over-refusal and fluency budget is checked on the look-alike harmless prompts of
-    # cfg.budget_groups (XSTest safe: the population of the test figures; the contrast set's benign
-    # twins would dilute it with easier prompts and make validation promise less than test shows):
-    # their val rows and their train rows with cross-fitted scores (cross_fit_scores: each scored by a
-    # gate that did not see it), so the threshold and the budget are judged on 134 prompts, not 34
-    scores_all = gate.score(H[gl])
-    cal_scores = cross_fit_scores(gate, H[gl], P, cfg.calib_folds, cfg.seed)
-    cal = P.mask("val") | (P.mask("train") & ~P.aug & np.isfinite(cal_scores))
-    vs = [int(i) for g in cfg.budget_groups for i in np.flatnonzero(cal & P.mask(group=g))]
-    if not vs:
-        raise SafesteerError(
-            f"no validation prompts of the budget groups {list(cfg.budget_groups)}; "
-            f"pick groups the gate data has ({', '.join(dict.fromkeys(P.group))})"
-        )
-    vq = _per_group(
-        P, "val", 0, int(P.mask("val", harmful=0).sum())
-    )  # every val harmless row, round-robin over sources
-    vq = [i for i in vq if P.group[i] not in ("xstest_safe", "contrast_safe")][: cfg.n_qa]
-    sets = {"harmful": vh, "safe": vs, "qa": vq}
-    texts = {k: [P.text[i] for i in v] for k, v in sets.items()}
-
-    base_val = {k: generate(bb, v, cfg.max_new_tokens, cfg.batch_size) for k, v in texts.items()}
-    harmless_val = texts["safe"] + texts["qa"]
-    harmless_val_ans = base_val["safe"].texts + base_val["qa"].texts
-    base_nll_val = answer_nll(bb, harmless_val, harmless_val_ans, cfg.batch_size)
-    base = {
-        "harmful": judge(texts["harmful"], base_val["harmful"].texts),
-        "safe": judge(texts["safe"], base_val["safe"].texts),
-        "nll": base_nll_val,
-    }
-    neg_val = cal & (P.harmful == 0)
-    thresholds = {f: threshold_for_fpr(cal_scores[neg_val], f) for f in cfg.fprs}
-    vsc = {"harmful": cal_scores[vh], "safe": cal_scores[vs], "qa": cal_scores[vq]}
-    # a conditional policy steers only what the gate flags, and its loosest threshold flags a superset
-    # of every other: only those prompts need steered answers (all of them for unconditional policies)
-    t_lo = min(thresholds.values())
-    need = {k: np.ones(len(v), dtype=bool) if cfg.sweep_unconditional else v > t_lo for k, v in vsc.items()}
-    need_h = np.concatenate([need["safe"], need["qa"]])
-    steered: dict[tuple[str, float], dict[str, np.ndarray]] = {}
-    for name in dirs.names():
-        for a in cfg.alphas:
-            got: dict[str, np.ndarray] = {}
-            with iv(name, a).apply(bb):
-                for k in ("harmful", "safe"):
-                    sub = [x for x, n in zip(texts[k], need[k]) if n]
-                    got[k] = base[k].astype(np.float64).copy()
-                    if sub:
-                        got[k][need[k]] = judge(
-                            sub, generate(bb, sub, cfg.max_new_tokens, cfg.batch_size).texts
-                        )
-                got["nll"] = np.asarray(base_nll_val, dtype=np.float64).copy()
-                if need_h.any():
-                    got["nll"][need_h] = answer_nll(
-                        bb,
-                        [x for x, n in zip(harmless_val, need_h) if n],
-                        [x for x, n in zip(harmless_val_ans, need_h) if n],
-                        cfg.batch_size,
-                    )
-            steered[(name, a)] = got
-            _say(
-                f"val {name} α={a}: harmful refusal {got['harmful'].mean():.2f}, safe {got['safe'].mean():.2f} "
-                f"({'every prompt' if cfg.sweep_unconditional else 'gate-flagged prompts'} steered: "
-                f"{int(need['harmful'].sum())}/{len(need['harmful'])} harmful, {int(need_h.sum())}/{len(need_h)} harmless)"
-            )
-    vscores = {
-        "harmful": cal_scores[vh],
-        "safe": cal_scores[vs],
-        "nll": np.concatenate([cal_scores[vs], cal_scores[vq]]),
-    }
-    cands = pol.candidates(
-        base,
-        steered,
-        vscores,
-        thresholds,
-        cfg.max_safe_pp,
-        cfg.max_fluency_rel,
-        unconditional=cfg.sweep_unconditional,
-    )
-    best_c, best_u = pol.select(cands, True), pol.select(cands, False)
-    if best_u is None and best_c is not None and not cfg.sweep_unconditional:
-        best_u = pol.ungated(best_c)  # the contrast: the chosen steering applied to every prompt
-    times["validation"] = time.perf_counter() - t
-    with atomic_path(out / "pareto.csv") as tmp:
-        pd.DataFrame([c.as_dict() for c in cands]).to_csv(tmp, index=False)
-    _say(f"chosen conditional: {best_c}\nchosen unconditional: {best_u}")
-
-    # 5. test -------------------------------------------------------------------------------------
-    t = time.perf_counter()
-    th = _per_group(P, "test", 1, cfg.n_test_harmful)
-    ts = list(np.flatnonzero(P.mask("test", "xstest_safe")))
-    tq = [
-        i
-        for i in _per_group(P, "test", 0, cfg.n_qa + len(ts))
-        if P.group[i] not in ("xstest_safe", "contrast_safe")
-    ][: cfg.n_qa]
-    T = {"harmful": [P.text[i] for i in th], "safe": [P.text[i] for i in ts], "qa": [P.text[i] for i in tq]}
-    flags = {"harmful": scores_all[th], "safe": scores_all[ts], "qa": scores_all[tq]}
-    base_t = {k: generate(bb, v, cfg.max_new_tokens, cfg.batch_size) for k, v in T.items()}
-    harmless_t = T["safe"] + T["qa"]
-    harmless_t_ans = base_t["safe"].texts + base_t["qa"].texts
-    res: dict[str, Any] = {"unsteered": {k: float(judge(T[k], base_t[k].texts).mean()) for k in T}}
-    p_base = forced_choice(bb, T["harmful"], "harmful")
-    nll_base = answer_nll(bb, harmless_t, harmless_t_ans, cfg.batch_size)
-    rows = [
-        {"set": k, "policy": "unsteered", "prompt": p, "answer": a, "refusal": float(judge([p], [a])[0])}
-        for k in T
-        for p, a in zip(T[k], base_t[k].texts)
-    ]
-    policies = {"conditional": best_c, "unconditional": best_u}
-    steered_test: dict[tuple[str, float], Any] = {}
-    for label, c in policies.items():
-        if c is None:
-            res[label] = None
-            continue
-        intervention = iv(c.strategy, c.alpha)
-        if (
-            c.strategy,
-            c.alpha,
-        ) not in steered_test:  # the ungated contrast reuses the chosen policy's answers
-            with intervention.apply(bb):
-                steered_test[(c.strategy, c.alpha)] = (
-                    {k: generate(bb, T[k], cfg.max_new_tokens, cfg.batch_size) for k in ("harmful", "safe")},
-                    forced_choice(bb, T["harmful"], "harmful"),
-                    answer_nll(bb, harmless_t, harmless_t_ans, cfg.batch_size),
-                )
-        st, p_st, nll_st = steered_test[(c.strategy, c.alpha)]
-        ref = {k: judge(T[k], st[k].texts) for k in st}
-        bref = {k: judge(T[k], base_t[k].texts) for k in st}
-        if c.conditional:
-            f = {k: flags[k] > c.threshold for k in flags}
-            ref = {k: pol.compose(f[k], ref[k], bref[k]) for k in ref}
-            answers = {k: [s if g else b for s, b, g in zip(st[k].texts, base_t[k].texts, f[k])] for k in st}
-            harmless_flags = np.concatenate([f["safe"], f["qa"]])
-            nll_cond = pol.compose(harmless_flags, nll_st, nll_base)
-            deployed = gate.with_threshold(c.threshold)
-            with conditional(bb, deployed, intervention) as gs:  # gate read in-pass
-                p_in = forced_choice(bb, T["harmful"], "harmful")
-            p_flag = pol.compose(f["harmful"], p_st, p_base)
-            nll_real = _nll_fixed_flags(
-                bb, deployed, intervention, harmless_t, harmless_t_ans, harmless_flags, cfg.batch_size
-            )
-            extra = {
-                "gate_flag_rate": {k: float(v.mean()) for k, v in f.items()},
-                "p_yes_gate_in_pass": pol.paired(p_base, p_in),
-                "in_pass_flag_rate_on_fc_prompts": float(gs.flags.mean()),
-                "fluency_real_vs_composed_max_abs": float(np.nanmax(np.abs(nll_real - nll_cond))),
-            }
-            p_val, nll_val = p_flag, nll_cond
-        else:
-            answers = {k: st[k].texts for k in st}
-            p_val, nll_val, extra = p_st, nll_st, {}
-        coh = coherence(bb, T["harmful"] + T["safe"], answers["harmful"] + answers["safe"], cfg.batch_size)
-        res[label] = {
-            "policy": c.as_dict(),
-            "harmful_refusal": pol.paired(bref["harmful"], ref["harmful"]),
-            "safe_refusal": pol.paired(bref["safe"], ref["safe"]),
-            "p_yes": pol.paired(p_base, p_val),
-            "harmless_fluency": pol.relative_change(nll_base, nll_val),
-            "coherence": {"mean_nll": coh["mean_nll"], "degenerate_share": coh["degenerate_share"]},
-            "agreement_refusal_vs_pyes": agreement(ref["harmful"], p_val),
-            **extra,
-        }
-        rows += [
-            {"set": k, "policy": label, "prompt": p, "answer": a, "refusal": float(r)}
-            for k in answers
-            for p, a, r in zip(T[k], answers[k], ref[k])
-        ]
-    res["agreement_unsteered"] = agreement(judge(T["harmful"], base_t["harmful"].texts), p_base)
-    times["test"] = time.perf_counter() - t
-
-    # 6. the real conditional run on a test subset equals the recombined answers ---------------------
-    t = time.perf_counter()
-    if best_c is not None and cfg.n_verify:
-        sub = T["harmful"][: cfg.n_verify // 2] + T["safe"][: cfg.n_verify // 2]
-        with conditional(bb, gate.with_threshold(best_c.threshold), iv(best_c.strategy, best_c.alpha)) as gs:
-            real = generate(bb, sub, cfg.max_new_tokens, cfg.batch_size)
-        composed = [r["answer"] for r in rows if r["policy"] == "conditional" and r["set"] == "harmful"][
-            : cfg.n_verify // 2
-        ] + [r["answer"] for r in rows if r["policy"] == "conditional" and r["set"] == "safe"][
-            : cfg.n_verify // 2
-        ]
-        res["verify_conditional"] = {
-            "n": len(sub),
-            "same_answer": float(np.mean([a == b for a, b in zip(real.texts, composed)])),
-            "same_refusal": float(np.mean(judge(sub, real.texts) == judge(sub, composed))),
-        }
-    times["verify"] = time.perf_counter() - t
-    with atomic_path(out / "answers.csv") as tmp:
-        pd.DataFrame(rows).to_csv(tmp, index=False)
-    with atomic_path(out / "gate_scores.csv") as tmp:  # the gate's ROC (report) from every prompt's score
-        pd.DataFrame(
-            {"group": P.group, "split": P.split, "harmful": P.harmful, "aug": P.aug, "score": scores_all}
+            {"group": P.group, "split": P.split, "harmful": P.harmful, "aug": P.aug, "score": g.scores}
         ).to_csv(tmp, index=False)
     times["total"] = time.perf_counter() - t_all
-    at_policy = (
-        None if best_c is None else pairs.at(best_c.threshold)
-    )  # the pairs at the deployed gate's threshold too
+    summary = build_summary(cfg, f, g, d, s, ch, results, times)
+    write_json(out / layout.SUMMARY, {k: v for k, v in summary.items() if k != "seconds"})
+    return summary
+
+
+def build_summary(
+    cfg: StudyConfig,
+    f: Features,
+    g: GateFit,
+    d: Directions,
+    s: Sweep,
+    ch: Choice,
+    results: dict[str, Any],
+    seconds: dict[str, float],
+) -> dict[str, Any]:
+    """Every figure of the study as one JSON-able dict (``summary.json`` is it without ``seconds``)."""
+    best_c, pairs, dev_pairs, gate = ch.conditional, g.pairs, g.dev_pairs, g.gate
     dev = {
         "at_gate": dev_pairs.at(),
         "at_policy": None if best_c is None else dev_pairs.at(best_c.threshold),
         "pairs": dev_pairs.pairs,
     }
-    summary = {
+    return {
         "config": asdict(cfg),
         "gate": {
-            "layer": gl,
+            "layer": g.layer,
             "position": cfg.gate_position,
             "kind": gate.kind,
             "hidden": int(gate.meta.get("hidden", 0)),
             "members": int(gate.meta.get("members", 1)),
-            "val_auroc_vs_xstest_safe": val_auc,
+            "val_auroc_vs_xstest_safe": g.val_auroc,
             "threshold": gate.threshold,
-            "held_out": report,
-            "lodo": lodo_res,
-            "lodo_min_auroc": float(min(v["auroc"] for v in lodo_res.values())),
+            "held_out": g.report,
+            "lodo": g.lodo,
+            "lodo_min_auroc": float(min(v["auroc"] for v in g.lodo.values())),
             "pairs_same_side": pairs.same_side,
             "calibration": {
                 "folds": cfg.calib_folds,
-                "n_harmless": int(neg_val.sum()),
-                "n_safe_budget": len(vs),
+                "n_harmless": s.n_harmless,
+                "n_safe_budget": len(s.rows["safe"]),
                 "budget_groups": list(cfg.budget_groups),
             },
             "pairs_correct": pairs.correct,
             "pairs_at_gate_threshold": pairs.at(),
-            "pairs_at_policy_threshold": at_policy,
+            # the pairs at the deployed gate's threshold too
+            "pairs_at_policy_threshold": None if best_c is None else pairs.at(best_c.threshold),
             "pairs": pairs.pairs,
             "dev_pairs": dev,
         },
-        "directions": {"scale_median_norm": scale, "names": dirs.names()},
-        "split_counts": P.counts(),
-        "test": res,
-        "seconds": times,
-        "pareto_val": [c.as_dict() for c in pol.pareto([c for c in cands])],
+        "directions": {"scale_median_norm": d.scale, "names": d.dirs.names()},
+        "split_counts": f.prompts.counts(),
+        "test": results,
+        "seconds": seconds,
+        "pareto_val": [c.as_dict() for c in pol.pareto(list(ch.candidates))],
     }
-    write_json(out / "summary.json", summary)
-    return summary
-
-
-def _nll_fixed_flags(
-    bb: Any,
-    gate: Any,
-    intervention: Any,
-    prompts: list[str],
-    answers: list[str],
-    flags: np.ndarray,
-    batch_size: int,
-) -> np.ndarray:
-    """Answer NLLs under the real conditional hooks with the gate's decisions fixed (an appended
-    answer would move the gate's ``prompt`` span), one ``conditional`` block per batch."""
-    from safesteer.evaluate.refusal import answer_nll
-    from safesteer.steering.condition import conditional
-
-    out = np.full(len(prompts), np.nan)
-    keep = [i for i, a in enumerate(answers) if str(a).strip()]  # answer_nll skips empty answers (NaN)
-    flags = np.asarray(flags, dtype=bool)
-    for s in range(0, len(keep), batch_size):
-        rows = keep[s : s + batch_size]
-        with conditional(bb, gate, intervention, flags=flags[rows]):
-            out[rows] = answer_nll(
-                bb, [prompts[i] for i in rows], [answers[i] for i in rows], batch_size=len(rows)
-            )
-    return out
-
-
-def pol_auc(scores: np.ndarray, y: np.ndarray) -> float:
-    from safesteer.behaviour.gate import auroc
-
-    return auroc(scores, y)
 
 
 def headline(summary: dict[str, Any]) -> str:

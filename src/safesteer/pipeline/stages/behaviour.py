@@ -71,6 +71,9 @@ def study_config(section: Any, model: str, layer: int, seed: int, data_dir: Path
         seed=seed,
         data_dir=None if data_dir is None else str(data_dir),
         threads=section.threads or None,
+        judge=section.judge,
+        judge_model=section.judge_model,
+        judge_url=section.judge_url,
     )
 
 

@@ -1,0 +1,392 @@
+"""The named steps of the behaviour study, each a function of a :class:`Run` and the outputs of
+the steps before it (small typed dataclasses), each output kept under ``steps/`` with a key of its
+inputs (:mod:`safesteer.behaviour.checkpoint`) so a killed study resumes where it was.
+
+``features`` → ``fit_gate`` → ``directions`` → ``sweep`` → ``choose`` → ``test`` → ``verify``:
+
+* ``features``: pooled residuals of every gate prompt at the gate position and ``prompt_end``, at
+  the gate layers and the steering layer, in one pass (also written to ``features/``);
+* ``fit_gate``: one gate per gate layer; the best validation AUROC (harmful vs XSTest safe, the
+  hard negatives) wins; its held-out, leave-one-dataset-out and paraphrase-pair metrics, and the
+  cross-fitted calibration scores of the train rows;
+* ``directions``: ``refusal_caa`` and ``refusal_dim`` at the steering layer (+ the pipeline's
+  directions), and the median residual norm that scales α;
+* ``sweep``: validation answers unsteered and per (strategy, α), each candidate kept on its own;
+* ``choose``: every candidate policy on validation and the chosen conditional / unconditional one;
+* ``test``: test answers, forced-choice P(Yes) and harmless fluency with paired 95% CIs, and the
+  chosen policy read in-pass for P(Yes) and the fluency check;
+* ``verify``: the real conditional run on a test subset against the recombined answers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from safesteer import layout
+from safesteer.behaviour import policy as pol
+from safesteer.behaviour.checkpoint import step_key
+from safesteer.behaviour.context import Run, per_group
+from safesteer.behaviour.directions import median_norm, refusal_caa, refusal_dim_from_features
+from safesteer.behaviour.gate import auroc, cross_fit_scores, gate_report, lodo, train_gate
+from safesteer.behaviour.pairs import PairResult, paraphrase_pairs, score_pairs
+from safesteer.behaviour.prompts import Prompts, load_prompts
+from safesteer.errors import SafesteerError
+from safesteer.evaluate.refusal import answer_nll, generate
+from safesteer.io import atomic_path, save_npy
+from safesteer.models.positions import pooled_at
+from safesteer.steering.condition import Condition, threshold_for_fpr
+from safesteer.steering.strategies import DirectionSet
+
+SETS = ("harmful", "safe", "qa")
+
+
+# ------------------------------------------------------------------------------------------ features
+@dataclass
+class Features:
+    prompts: Prompts
+    layers: list[int]
+    gate: dict[int, np.ndarray]  # at cfg.gate_position, per layer
+    end: dict[int, np.ndarray]  # at prompt_end (Arditi's refusal_dim reads there), per layer
+    key: str
+
+
+def features(run: Run) -> Features:
+    cfg = run.cfg
+    if cfg.gate_position not in ("prompt", "prompt_end"):
+        raise SafesteerError(
+            f"behaviour gate_position '{cfg.gate_position}' unsupported; valid choices: prompt, prompt_end"
+        )
+    layers = sorted({*cfg.gate_layers, cfg.layer})
+    key = step_key(run.base_key, "features")
+    positions = list(dict.fromkeys((cfg.gate_position, "prompt_end")))
+
+    def compute() -> Features:
+        t = time.perf_counter()
+        P = load_prompts(cfg.caps, data_dir=cfg.data_dir, augment=cfg.augment, wide=cfg.augment_wide)
+        feats = pooled_at(
+            run.bb, P.text, layers, (cfg.gate_position, "prompt_end"), batch_size=cfg.batch_size
+        )
+        for p, per in feats.items():  # kept so the gate can be retrained without another forward pass
+            for l in layers:
+                save_npy(run.out / layout.FEATURES_DIR / f"{p}_layer{l:02d}.npy", per[l].astype(np.float32))
+        with atomic_path(run.out / layout.FEATURES_DIR / "prompts.csv") as tmp:
+            pd.DataFrame(
+                {
+                    "text": P.text,
+                    "harmful": P.harmful,
+                    "group": P.group,
+                    "split": P.split,
+                    "aug": P.aug,
+                    "origin": P.origin,
+                }
+            ).to_csv(tmp, index=False)
+        run.say(
+            f"{len(P)} prompts, {cfg.gate_position}/prompt_end features at layers {layers} "
+            f"in {time.perf_counter() - t:.0f}s"
+        )
+        return Features(P, layers, feats[cfg.gate_position], feats["prompt_end"], key)
+
+    def save(f: Features):
+        P = f.prompts
+        data = {"text": P.text, "group": P.group, "split": P.split, "layers": f.layers}
+        arrays = {"harmful": P.harmful, "aug": P.aug, "origin": P.origin}
+        for name, per in (("gate", f.gate), ("end", f.end)):
+            arrays.update({f"{name}_{l}": per[l] for l in f.layers})
+        return data, arrays
+
+    def load(data, arrays) -> Features:
+        P = Prompts(
+            data["text"], arrays["harmful"], data["group"], data["split"], arrays["aug"], arrays["origin"]
+        )
+        L = [int(l) for l in data["layers"]]
+        gate = {l: arrays[f"gate_{l}"] for l in L}
+        end = gate if positions == ["prompt_end"] else {l: arrays[f"end_{l}"] for l in L}
+        return Features(P, L, gate, end, key)
+
+    return run.cached("features", key, compute, save, load)
+
+
+# ------------------------------------------------------------------------------------------ fit_gate
+@dataclass
+class GateFit:
+    layer: int
+    gate: Condition
+    val_auroc: dict[int, float]  # per gate layer, vs XSTest safe
+    report: dict[str, Any]
+    lodo: dict[str, Any]
+    pairs: PairResult
+    dev_pairs: PairResult
+    scores: np.ndarray  # every prompt's score by the deployed gate
+    cal_scores: np.ndarray  # cross-fitted on train rows, the gate's own on val (NaN elsewhere)
+    key: str
+
+
+def fit_gate(run: Run, f: Features) -> GateFit:
+    cfg, P = run.cfg, f.prompts
+    key = step_key(run.base_key, "fit_gate", f.key)
+
+    def compute() -> GateFit:
+        va = P.mask("val")
+        hard = va & (P.mask(harmful=1) | P.mask(group="xstest_safe"))
+        gates = {
+            l: train_gate(
+                f.gate[l],
+                P,
+                l,
+                cfg.gate_position,
+                target_fpr=0.05,
+                seed=cfg.seed,
+                hidden=cfg.gate_hidden,
+                members=cfg.gate_members,
+                mlp_alpha=cfg.gate_mlp_alpha,
+            )
+            for l in cfg.gate_layers
+        }
+        val_auc = {l: float(auroc(g.score(f.gate[l][hard]), P.harmful[hard])) for l, g in gates.items()}
+        gl = max(val_auc, key=lambda l: (val_auc[l], -l))
+        gate, H = gates[gl], f.gate[gl]
+        report = gate_report(gate, H, P)
+        lodo_res = lodo(H, P, seed=cfg.seed, model=gate.meta)
+        pairs = score_pairs(run.bb, gate)
+        dev_pairs = score_pairs(run.bb, gate, paraphrase_pairs("dev"))  # phrasing robustness beside test
+        gate.save(run.out / layout.GATE_DIR)
+        run.say(
+            f"gate layer {gl} (val AUROC vs XSTest-safe {val_auc}): test AUROC {report['test_auroc']:.3f}, "
+            f"LODO min {min(v['auroc'] for v in lodo_res.values()):.3f}, pairs same side "
+            f"{pairs.same_side:.2f} (dev pairs {dev_pairs.same_side:.2f})"
+        )
+        # calibration: each train row scored by a gate that did not see it (cross_fit_scores)
+        cal = cross_fit_scores(gate, H, P, cfg.calib_folds, cfg.seed)
+        return GateFit(gl, gate, val_auc, report, lodo_res, pairs, dev_pairs, gate.score(H), cal, key)
+
+    def save(g: GateFit):
+        data = {
+            "layer": g.layer,
+            "val_auroc": [[l, v] for l, v in g.val_auroc.items()],
+            "report": g.report,
+            "lodo": g.lodo,
+            "pairs": [g.pairs.pairs, g.pairs.threshold],
+            "dev_pairs": [g.dev_pairs.pairs, g.dev_pairs.threshold],
+        }
+        return data, {"scores": g.scores, "cal_scores": g.cal_scores}
+
+    def load(data, arrays) -> GateFit:
+        gate = Condition.load(run.out / layout.GATE_DIR)
+        return GateFit(
+            int(data["layer"]),
+            gate,
+            {int(l): float(v) for l, v in data["val_auroc"]},
+            data["report"],
+            data["lodo"],
+            PairResult(*data["pairs"]),
+            PairResult(*data["dev_pairs"]),
+            arrays["scores"],
+            arrays["cal_scores"],
+            key,
+        )
+
+    return run.cached("fit_gate", key, compute, save, load)
+
+
+# ---------------------------------------------------------------------------------------- directions
+@dataclass
+class Directions:
+    dirs: DirectionSet
+    scale: float  # the median residual norm at the steering layer (α is a multiple of it)
+    key: str
+
+
+def directions(run: Run, f: Features) -> Directions:
+    cfg, P, L = run.cfg, f.prompts, run.cfg.layer
+    key = step_key(run.base_key, "directions", f.key)
+
+    def compute() -> Directions:
+        tr = P.mask("train")
+        half = cfg.n_caa_prompts // 2
+        caa_prompts = [P.text[i] for i in per_group(P, "train", 1, half) + per_group(P, "train", 0, half)]
+        dirs = DirectionSet()
+        if "refusal_caa" in cfg.strategies:
+            dirs.add(refusal_caa(run.bb, caa_prompts, L, batch_size=cfg.batch_size))
+        if "refusal_dim" in cfg.strategies:
+            dirs.add(
+                refusal_dim_from_features(f.end[L][tr & (P.harmful == 1)], f.end[L][tr & (P.harmful == 0)], L)
+            )
+        for name in cfg.strategies:
+            if name in ("refusal_caa", "refusal_dim"):
+                continue
+            extra = run.extra_directions
+            if extra is None or name not in extra:
+                known = ", ".join(
+                    ["refusal_caa", "refusal_dim", *(extra.names() if extra is not None else [])]
+                )
+                raise SafesteerError(f"unknown behaviour strategy '{name}'; valid choices here: {known}")
+            if extra[name].layer != L:
+                raise SafesteerError(
+                    f"direction '{name}' was built for layer {extra[name].layer}, the behaviour study steers layer {L}"
+                )
+            dirs.add(extra[name])
+        dirs.save(run.out / layout.DIRECTIONS_DIR)
+        scale = median_norm(run.bb, caa_prompts, L)
+        run.say(f"directions {dirs.names()}, median residual norm at layer {L} = {scale:.1f}")
+        return Directions(dirs, scale, key)
+
+    return run.cached(
+        "directions",
+        key,
+        compute,
+        lambda d: ({"scale": d.scale}, None),
+        lambda data, _: Directions(
+            DirectionSet.load(run.out / layout.DIRECTIONS_DIR), float(data["scale"]), key
+        ),
+    )
+
+
+# --------------------------------------------------------------------------------------------- sweep
+@dataclass
+class Sweep:
+    rows: dict[str, list[int]]  # harmful / safe (the budget) / qa validation rows
+    base: dict[str, np.ndarray]  # unsteered refusal flags (harmful, safe) and harmless NLL
+    steered: dict[tuple[str, float], dict[str, np.ndarray]]  # the same per (strategy, α)
+    thresholds: dict[float, float]  # FPR → gate threshold on the calibration pool
+    n_harmless: int  # harmless rows of the calibration pool
+    key: str
+
+
+def sweep(run: Run, f: Features, g: GateFit, d: Directions) -> Sweep:
+    cfg, P, bb = run.cfg, f.prompts, run.bb
+    key = step_key(run.base_key, "sweep", f.key, g.key, d.key)
+    vh = per_group(P, "val", 1, cfg.n_val_harmful)
+    # the over-refusal and fluency budget is checked on the look-alike harmless prompts of
+    # cfg.budget_groups (XSTest safe: the population of the test figures; the contrast set's benign
+    # twins would dilute it with easier prompts and make validation promise less than test shows):
+    # their val rows and their train rows with cross-fitted scores, so the threshold and the budget
+    # are judged on 134 prompts, not 34
+    cal = P.mask("val") | (P.mask("train") & ~P.aug & np.isfinite(g.cal_scores))
+    vs = [int(i) for grp in cfg.budget_groups for i in np.flatnonzero(cal & P.mask(group=grp))]
+    if not vs:
+        raise SafesteerError(
+            f"no validation prompts of the budget groups {list(cfg.budget_groups)}; "
+            f"pick groups the gate data has ({', '.join(dict.fromkeys(P.group))})"
+        )
+    vq = per_group(P, "val", 0, int(P.mask("val", harmful=0).sum()))  # every val harmless row, round-robin
+    vq = [i for i in vq if P.group[i] not in ("xstest_safe", "contrast_safe")][: cfg.n_qa]
+    rows = {"harmful": vh, "safe": vs, "qa": vq}
+    texts = {k: [P.text[i] for i in v] for k, v in rows.items()}
+    neg = cal & (P.harmful == 0)
+    thresholds = {fpr: threshold_for_fpr(g.cal_scores[neg], fpr) for fpr in cfg.fprs}
+    harmless = texts["safe"] + texts["qa"]
+
+    def base_answers():
+        ans = {k: generate(bb, v, cfg.max_new_tokens, cfg.batch_size) for k, v in texts.items()}
+        harmless_ans = ans["safe"].texts + ans["qa"].texts
+        return {
+            "harmful": run.judge(texts["harmful"], ans["harmful"].texts),
+            "safe": run.judge(texts["safe"], ans["safe"].texts),
+            "nll": answer_nll(bb, harmless, harmless_ans, cfg.batch_size),
+            "harmless_answers": harmless_ans,
+        }
+
+    base = run.cached(
+        "sweep_base",
+        step_key(key, "base"),
+        base_answers,
+        lambda b: (
+            {"harmless_answers": b["harmless_answers"]},
+            {k: b[k] for k in ("harmful", "safe", "nll")},
+        ),
+        lambda data, arrays: {**arrays, "harmless_answers": data["harmless_answers"]},
+    )
+    harmless_ans = base.pop("harmless_answers")
+    # a conditional policy steers only what the gate flags, and its loosest threshold flags a superset
+    # of every other: only those prompts need steered answers (all of them for unconditional policies)
+    t_lo = min(thresholds.values())
+    need = {
+        k: np.ones(len(v), dtype=bool) if cfg.sweep_unconditional else g.cal_scores[v] > t_lo
+        for k, v in rows.items()
+    }
+    need_h = np.concatenate([need["safe"], need["qa"]])
+    steered: dict[tuple[str, float], dict[str, np.ndarray]] = {}
+    for name in d.dirs.names():
+        for a in cfg.alphas:
+
+            def one(name: str = name, a: float = a) -> dict[str, np.ndarray]:
+                got: dict[str, np.ndarray] = {}
+                with run.intervention(d.dirs, d.scale, name, a).apply(bb):
+                    for k in ("harmful", "safe"):
+                        sub = [x for x, n in zip(texts[k], need[k]) if n]
+                        got[k] = base[k].astype(np.float64).copy()
+                        if sub:
+                            got[k][need[k]] = run.judge(
+                                sub, generate(bb, sub, cfg.max_new_tokens, cfg.batch_size).texts
+                            )
+                    got["nll"] = np.asarray(base["nll"], dtype=np.float64).copy()
+                    if need_h.any():
+                        got["nll"][need_h] = answer_nll(
+                            bb,
+                            [x for x, n in zip(harmless, need_h) if n],
+                            [x for x, n in zip(harmless_ans, need_h) if n],
+                            cfg.batch_size,
+                        )
+                run.say(
+                    f"val {name} α={a}: harmful refusal {got['harmful'].mean():.2f}, safe {got['safe'].mean():.2f} "
+                    f"({'every prompt' if cfg.sweep_unconditional else 'gate-flagged prompts'} steered: "
+                    f"{int(need['harmful'].sum())}/{len(need['harmful'])} harmful, "
+                    f"{int(need_h.sum())}/{len(need_h)} harmless)"
+                )
+                return got
+
+            steered[(name, a)] = run.cached(
+                f"sweep_{len(steered):03d}",
+                step_key(key, name, a),
+                one,
+                lambda got: ({}, got),
+                lambda _, arrays: dict(arrays),
+            )
+    return Sweep(rows, base, steered, thresholds, int(neg.sum()), key)
+
+
+# -------------------------------------------------------------------------------------------- choose
+@dataclass
+class Choice:
+    candidates: list[pol.Candidate]
+    conditional: pol.Candidate | None
+    unconditional: pol.Candidate | None
+
+
+def choose(run: Run, g: GateFit, s: Sweep) -> Choice:
+    """Every candidate policy on validation (``pareto.csv``) and the chosen ones (pure; no model)."""
+    cfg, sc = run.cfg, g.cal_scores
+    vscores = {
+        "harmful": sc[s.rows["harmful"]],
+        "safe": sc[s.rows["safe"]],
+        "nll": np.concatenate([sc[s.rows["safe"]], sc[s.rows["qa"]]]),
+    }
+    cands = pol.candidates(
+        s.base,
+        s.steered,
+        vscores,
+        s.thresholds,
+        cfg.max_safe_pp,
+        cfg.max_fluency_rel,
+        unconditional=cfg.sweep_unconditional,
+    )
+    best_c, best_u = pol.select(cands, True), pol.select(cands, False)
+    if best_u is None and best_c is not None and not cfg.sweep_unconditional:
+        best_u = pol.ungated(best_c)  # the contrast: the chosen steering applied to every prompt
+    with atomic_path(run.out / layout.PARETO_CSV) as tmp:
+        pd.DataFrame([c.as_dict() for c in cands]).to_csv(tmp, index=False)
+    run.say(f"chosen conditional: {best_c}\nchosen unconditional: {best_u}")
+    return Choice(cands, best_c, best_u)
+
+
+def candidate_from(d: dict[str, Any] | None) -> pol.Candidate | None:
+    return None if d is None else pol.Candidate(**d)
+
+
+def as_record(c: pol.Candidate | None) -> dict[str, Any] | None:
+    return None if c is None else asdict(c)

@@ -1,0 +1,111 @@
+"""The behaviour study as named steps: its self-checks hold on the tiny study, a killed study
+resumes from its kept steps with byte-identical files, and the step store refuses stale copies."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from safesteer.behaviour.checkpoint import StepStore, step_key
+from safesteer.behaviour.heldout import FLUENCY_CHECK_TOL, self_checks
+from safesteer.io import read_json
+
+FILES = (
+    "summary.json",
+    "pareto.csv",
+    "answers.csv",
+    "gate_scores.csv",
+    "features/prompts.csv",
+    "gate/condition.json",
+)
+WORKER = Path(__file__).parent / "_study_worker.py"
+
+
+def test_step_store_round_trip_and_stale_copies(tmp_path):
+    store = StepStore(tmp_path)
+    arrays = {"x": np.arange(5, dtype=np.float32) / 3, "m": np.array([True, False])}
+    store.save("s", "k1", {"a": 0.1 + 0.2, "n": [1, "two", None], "nan": float("nan")}, arrays)
+    data, got = store.load("s", "k1")
+    assert data["a"] == 0.1 + 0.2 and data["n"] == [1, "two", None] and np.isnan(data["nan"])  # exact floats
+    assert (
+        got["x"].dtype == np.float32
+        and np.array_equal(got["x"], arrays["x"])
+        and got["m"].tolist() == [True, False]
+    )
+    assert store.load("s", "k2") is None  # another key: the step runs again
+    assert store.load("other", "k1") is None
+    (tmp_path / "s.npz").write_bytes(b"not the arrays the record names")
+    assert store.load("s", "k1") is None  # arrays that do not match the record's digest
+    (tmp_path / "t.json").write_text('{"format": "safesteer-study-step/1", "key": "k1", "arr')  # half-written
+    assert store.load("t", "k1") is None
+    assert (
+        step_key({"a": 1, "b": [1, 2]}) == step_key({"b": [1, 2], "a": 1}) != step_key({"a": 1, "b": [2, 1]})
+    )
+
+
+def test_self_checks_name_what_failed():
+    ok = {
+        "conditional": {"fluency_real_vs_composed_max_abs": 0.0},
+        "verify_conditional": {"n": 4, "same_answer": 1.0},
+    }
+    assert self_checks(ok) == []
+    assert self_checks({"conditional": None}) == []
+    bad = {
+        "conditional": {"fluency_real_vs_composed_max_abs": 10 * FLUENCY_CHECK_TOL},
+        "verify_conditional": {"n": 4, "same_answer": 0.75},
+    }
+    problems = self_checks(bad)
+    assert len(problems) == 2 and "in-pass fluency" in problems[0] and "75% of 4 prompts" in problems[1]
+    assert self_checks({"conditional": {"fluency_real_vs_composed_max_abs": float("nan")}})  # NaN is no pass
+
+
+@pytest.mark.integration
+def test_tiny_study_self_checks_hold(behaviour_run):
+    out, outputs, _, _ = behaviour_run
+    summary = read_json(out / "summary.json")
+    te = summary["test"]
+    assert te["conditional"] is not None, (
+        "the tiny study chose no conditional policy: the checks would not run"
+    )
+    assert te["conditional"]["fluency_real_vs_composed_max_abs"] <= FLUENCY_CHECK_TOL
+    assert te["verify_conditional"]["same_answer"] == 1.0 and te["verify_conditional"]["n"] == 4
+    assert self_checks(te) == []
+    kept = sorted(p.name for p in (out / "steps").glob("*.json"))
+    assert kept[:4] == ["directions.json", "features.json", "fit_gate.json", "sweep_000.json"]
+    assert {"sweep_base.json", "test.json", "verify.json"} <= set(kept)
+
+
+@pytest.mark.integration
+def test_killed_mid_sweep_resumes_with_identical_files(behaviour_run, tmp_path, shared_data):
+    ref, _, model_dir, _ = behaviour_run
+    directions = ref.parent / "directions"
+    out = tmp_path / "stage"
+    args = [sys.executable, str(WORKER), str(model_dir), str(directions), str(shared_data), str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*args, "1.0"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "steps" / "sweep_000.json").is_file():  # the first candidate is kept: mid-sweep
+            assert proc.poll() is None, "the worker ended before the sweep"
+            assert time.monotonic() < deadline, "the sweep did not start in time"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (out / "summary.json").exists() and not (out / "steps" / "test.json").exists()
+    again = subprocess.run([*args, "0"], env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for step in ("features", "fit_gate", "directions", "sweep_base", "sweep_000"):  # resumed, not recomputed
+        assert f"{step}: reusing" in again.stderr, step
+    assert "sweep_001: reusing" not in again.stderr
+    for name in FILES:
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
