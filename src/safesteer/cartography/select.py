@@ -138,7 +138,8 @@ def select_filtered(
     """Run the filtered selection; return one row per candidate (see :data:`FINAL_COLUMNS`).
 
     ``cards``: atom → card dict (or a callable building them for a list of atoms). ``judge``: any
-    object with ``judge(card, concept) -> JudgeResult`` (None = keep all, verdict UNJUDGED).
+    :class:`~safesteer.cartography.judges.AtomJudge` (``judge(card, concept) -> JudgeResult``; None = keep
+    all, verdict UNJUDGED).
     ``screen``: a :class:`~safesteer.cartography.judges.CausalScreen` (needs ``W_dec``) or None.
     ``embedder``: texts → vectors for de-duplication (None = no de-duplication).
     """
