@@ -49,7 +49,7 @@ def run_sae_stage(section: Any, inputs: Mapping[str, Any], out_dir: Path, ctx) -
 
 def run_encode_stage(section: Any, inputs: Mapping[str, Any], out_dir: Path, ctx) -> EncodeOutputs:
     if ctx.distributed:  # each rank encodes its shards; the parts are assembled into one latent store
-        from safesteer.cartography.map_dist import encode_distributed
+        from safesteer.sae.encode_dist import encode_distributed
         from safesteer.sae.saving import load_sae
 
         z = encode_distributed(
