@@ -166,10 +166,11 @@ def main(mode: str, root: Path) -> None:
 
     from safetensors.torch import save_file
 
-    from safesteer.cartography.map_dist import encode_distributed, map_distributed
+    from safesteer.cartography.map_dist import map_distributed
     from safesteer.cli.main import main as cli
     from safesteer.errors import SafesteerError
     from safesteer.sae.distributed import train_distributed
+    from safesteer.sae.encode_dist import encode_distributed
     from safesteer.sae.saving import load_sae
     from safesteer.store import ActivationStore
 

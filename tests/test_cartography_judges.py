@@ -14,7 +14,7 @@ from safesteer.cartography.judges import (
     VERDICTS,
     NoJudge,
     OfflineJudge,
-    OpenAIJudge,
+    OpenAIAtomJudge,
     card_prompt,
     clean_label,
     concept_text,
@@ -104,7 +104,7 @@ def test_openai_judge_json_and_free_text(monkeypatch):
     monkeypatch.setenv("SAFESTEER_JUDGE_MODEL", "tiny")
     monkeypatch.setenv("SAFESTEER_JUDGE_API_KEY", "k")
     seen = []
-    j = OpenAIJudge(
+    j = OpenAIAtomJudge(
         transport=_mock(
             '```json\n{"verdict": "context", "label": "Sports talk", "reasoning": "fires on games"}\n```',
             seen=seen,
@@ -113,12 +113,14 @@ def test_openai_judge_json_and_free_text(monkeypatch):
     res = j.judge(CARD, "toxicity")
     assert (res.verdict, res.label, res.reason) == ("CONTEXT", "sports talk", "fires on games")
     assert seen[0]["model"] == "tiny" and seen[1] == "Bearer k"
-    res2 = OpenAIJudge(transport=_mock("I think this is GENUINE.\nLabel: insults")).judge(CARD, "toxicity")
+    res2 = OpenAIAtomJudge(transport=_mock("I think this is GENUINE.\nLabel: insults")).judge(
+        CARD, "toxicity"
+    )
     assert res2.verdict == "GENUINE" and res2.label == "insults"
-    res3 = OpenAIJudge(transport=_mock("no idea")).judge(CARD, "toxicity")
+    res3 = OpenAIAtomJudge(transport=_mock("no idea")).judge(CARD, "toxicity")
     assert res3.verdict == "NOISE"
     with pytest.raises(SafesteerError, match="HTTP 500"):
-        OpenAIJudge(transport=_mock("x", status=500)).judge(CARD, "toxicity")
+        OpenAIAtomJudge(transport=_mock("x", status=500)).judge(CARD, "toxicity")
 
 
 def test_make_judge():

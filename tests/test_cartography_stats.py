@@ -9,7 +9,7 @@ import scipy.sparse as sp
 import scipy.stats as ss
 
 from safesteer.cartography import StreamingStats, TopActivations, atom_table, heldout_mask, map_latents
-from safesteer.cartography.stats import decode_labels, encode_labels
+from safesteer.cartography.atom_map import decode_labels, encode_labels
 from safesteer.errors import SafesteerError
 
 LABELS = ["a", "b", "c"]

@@ -7,20 +7,14 @@
 >>> df = atom_table(st)            # one row per (atom, label): dmu, r, cohens_d, freq_pos/neg, score
 
 Partial accumulators from separate processes combine with ``st.merge(other)`` (exact, any order).
-Selection lives in :mod:`safesteer.cartography.select`, judges in :mod:`.judges`, cards in
+The one-pass map over a latent store is :mod:`.atom_map`. Selection lives in
+:mod:`safesteer.cartography.select`, judges in :mod:`.judges`, cards in
 :mod:`.cards`, de-duplication in :mod:`.dedup`, probe decompositions in :mod:`.link`.
 """
 
-from safesteer.cartography.stats import (
-    SCORE_WEIGHTS,
-    MapResult,
-    StreamingStats,
-    TopActivations,
-    atom_table,
-    concept_score,
-    heldout_mask,
-    map_latents,
-)
+from safesteer.cartography.atom_map import MapResult, atom_table, heldout_mask, map_latents
+from safesteer.cartography.stats import SCORE_WEIGHTS, StreamingStats, concept_score
+from safesteer.cartography.top import TopActivations
 
 __all__ = [
     "SCORE_WEIGHTS",

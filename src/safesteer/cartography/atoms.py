@@ -12,10 +12,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import pandas as pd
 
 from safesteer import layout
+from safesteer.cartography import select as S
+from safesteer.cartography.dedup import MiniLMEmbedder
+from safesteer.cartography.judges import make_judge
+from safesteer.cartography.map import load_decoder
+from safesteer.cartography.screen import CausalScreen, train_readouts
 from safesteer.config import AtomSection
 from safesteer.errors import SafesteerError
+from safesteer.io import atomic_path, read_json, write_json
 from safesteer.progress import progress, say
 
 SMOLLM2_ALIASES = ("smollm2-135m", "smollm2", "smollm2-135m-instruct")
@@ -23,18 +30,12 @@ _A = AtomSection()
 
 
 def _write_csv(frame, path: Path) -> None:
-    from safesteer.io import atomic_path
-
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
 
 
 def read_map(map_dir: Path):
     """(atom map frame, summary dict) of a ``safesteer map`` folder."""
-    import pandas as pd
-
-    from safesteer.io import read_json
-
     map_dir = Path(map_dir)
     if not (map_dir / layout.ATOM_MAP).is_file():
         raise SafesteerError(f"{map_dir} has no {layout.ATOM_MAP}; run 'safesteer map' first")
@@ -43,9 +44,6 @@ def read_map(map_dir: Path):
 
 
 def select_topk_mode(df, out: Path, labels: list[str] | None, k: int) -> dict[str, Any]:
-    from safesteer.cartography import select as S
-    from safesteer.io import write_json
-
     sel = S.select_topk(df, labels, k=k)
     _write_csv(sel, out / layout.TOPK_CSV)
     report = {"mode": "topk", "k": k, "labels": sel["label"].nunique(), "rows": len(sel)}
@@ -54,9 +52,6 @@ def select_topk_mode(df, out: Path, labels: list[str] | None, k: int) -> dict[st
 
 
 def select_all_positive_mode(df, out: Path, labels: list[str] | None) -> dict[str, Any]:
-    from safesteer.cartography import select as S
-    from safesteer.io import write_json
-
     sel = S.select_all_positive(df, labels)
     _write_csv(sel, out / layout.ALL_POSITIVE_CSV)
     report = {
@@ -80,15 +75,13 @@ def build_judge(
 ):
     """The concept judge: ``offline`` (an instruct LM, shared with the steered backbone when it is the
     same model), ``openai`` (SAFESTEER_JUDGE_* env) or ``none``."""
-    from safesteer.cartography.judges import make_judge
-
     if judge == "openai":
         return make_judge("openai")
     if judge == "offline" and judge_backbone is None:
         if backbone is not None and model in SMOLLM2_ALIASES and judge_model == model:
             judge_backbone = backbone
         else:
-            from safesteer.models import load_backbone
+            from safesteer.models import load_backbone  # torch: only when the judge model is loaded
 
             judge_backbone = load_backbone(judge_model, device=device)
     return make_judge(judge, backbone=judge_backbone)
@@ -111,9 +104,6 @@ def build_screen(
     say: Callable[[str], None] = say,
 ):
     """The causal screen: read-out probes at ``read_layer`` for the candidates' concepts, steering at ``layer``."""
-    from safesteer.cartography import select as S
-    from safesteer.cartography.screen import CausalScreen, train_readouts
-
     if layer is None:
         raise SafesteerError("cannot tell the SAE's layer; pass --layer")
     rl = read_layer if read_layer is not None else backbone.n_layers - 1
@@ -135,8 +125,6 @@ def build_screen(
 
 def build_embedder():
     """The sentence embedder of the de-duplication step (MiniLM)."""
-    from safesteer.cartography.dedup import MiniLMEmbedder
-
     return MiniLMEmbedder()
 
 
@@ -183,12 +171,7 @@ def select_filtered_mode(
     device: str = "cpu",
     say: Callable[[str], None] = say,
 ) -> dict[str, Any]:
-    import pandas as pd
-
-    from safesteer.cartography import select as S
-    from safesteer.cartography.cards import build_cards, lookup_texts
-    from safesteer.cartography.map import load_decoder
-    from safesteer.io import write_json
+    from safesteer.cartography.cards import build_cards, lookup_texts  # torch: only for the filtered mode
 
     acts_info = summary.get("acts", {})
     model = model or acts_info.get("model") or "smollm2-135m"
@@ -197,7 +180,7 @@ def select_filtered_mode(
     if W_dec is None and screen:
         raise SafesteerError("--screen needs --sae (the decoder directions to steer along)")
     if backbone is None and (screen or W_dec is not None):
-        from safesteer.models import load_backbone
+        from safesteer.models import load_backbone  # torch
 
         say(f"loading {model}")
         backbone = load_backbone(model, device=device)
@@ -331,8 +314,6 @@ def run_atoms(
     say: Callable[[str], None] = say,
 ) -> dict[str, Any]:
     """One selection mode over the map in ``map_dir``; writes its CSV(s) and selection.json to ``out``."""
-    from safesteer.cartography import select as S
-
     map_dir = Path(map_dir)
     df, summary = read_map(map_dir)
     out.mkdir(parents=True, exist_ok=True)

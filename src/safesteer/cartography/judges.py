@@ -9,7 +9,7 @@ Verdicts (as in the original study's GPT-4 filter):
 Judges (all return :class:`JudgeResult` with one of the three verdicts, a short granular label and
 a reason):
 
-* :class:`OpenAIJudge` — any OpenAI-compatible ``/chat/completions`` endpoint via httpx. Settings from
+* :class:`OpenAIAtomJudge` — any OpenAI-compatible ``/chat/completions`` endpoint via httpx. Settings from
   the environment: ``SAFESTEER_JUDGE_BASE_URL`` (else ``OPENAI_BASE_URL``, else
   ``https://api.openai.com/v1``), ``SAFESTEER_JUDGE_MODEL`` (else ``OPENAI_MODEL``, else
   ``gpt-4o-mini``), ``SAFESTEER_JUDGE_API_KEY`` (else ``OPENAI_API_KEY``). The reply is asked for as
@@ -68,7 +68,10 @@ class JudgeResult:
         return asdict(self)
 
 
-class Judge(Protocol):
+class AtomJudge(Protocol):
+    """A judge of SAE atoms: does an atom's card express the concept? (Not the refusal judges of
+    :mod:`safesteer.evaluate.refusal`, which judge answers.)"""
+
     name: str
 
     def judge(self, card: dict[str, Any], concept: str) -> JudgeResult: ...
@@ -157,7 +160,7 @@ class NoJudge:
         return JudgeResult("UNJUDGED", concept, "no judge")
 
 
-class OpenAIJudge:
+class OpenAIAtomJudge:
     """OpenAI-compatible chat endpoint (base URL, model and key from the environment or arguments)."""
 
     name = "openai"
@@ -436,11 +439,11 @@ def evidence_summary(card: dict[str, Any], concept: str, chars: int = 90) -> str
     return "; ".join(parts)
 
 
-def make_judge(kind: str, backbone=None, **kwargs) -> Any:
+def make_judge(kind: str, backbone=None, **kwargs) -> AtomJudge:
     if kind == "none":
         return NoJudge()
     if kind == "openai":
-        return OpenAIJudge(**kwargs)
+        return OpenAIAtomJudge(**kwargs)
     if kind == "offline":
         if backbone is None:
             from safesteer.models import load_backbone

@@ -3,20 +3,30 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import pandas as pd
 
 from safesteer import layout
+from safesteer.cartography.atom_map import atom_table, encode_labels, map_latents
+from safesteer.cartography.link import decompose
+from safesteer.cartography.stats import StreamingStats
+from safesteer.cartography.top import TopActivations
 from safesteer.config import MapSection
 from safesteer.errors import SafesteerError
+from safesteer.io import atomic_path, load_npy, read_json, write_json
+from safesteer.probes import load_probe
+from safesteer.probes.labels import SPECS, get_spec
 from safesteer.progress import progress, say
+from safesteer.store import ActivationStore
 
 
 def _open_latents(path: Path):
-    try:
+    try:  # torch: imported only when a latent store is read
         from safesteer.sae.latents import LatentStore
     except ModuleNotFoundError as exc:
         raise SafesteerError(
@@ -30,10 +40,8 @@ def load_decoder(path: Path) -> np.ndarray:
     path = Path(path)
     for name in ("W_dec.npy", "decoder.npy"):
         if (path / name).is_file():
-            from safesteer.io import load_npy
-
             return np.asarray(load_npy(path / name), dtype=np.float32)
-    try:
+    try:  # torch: imported only when an SAE folder is read
         from safesteer.sae import load_sae
     except ModuleNotFoundError as exc:
         raise SafesteerError(
@@ -54,11 +62,6 @@ def store_label_codes(
     Shard by shard (bounded memory: int8 codes for every candidate spec, then labels with fewer than
     ``min_per_class`` positive or negative rows are dropped).
     """
-    import pandas as pd
-
-    from safesteer.cartography.stats import encode_labels
-    from safesteer.io import load_npy
-    from safesteer.probes.labels import SPECS, get_spec
 
     if not store.shards:
         raise SafesteerError(f"{store.path} holds no rows")
@@ -133,13 +136,6 @@ def run_map(
 ) -> dict[str, Any]:
     """One streaming pass over the latents (``shards``: only those latent shards, for a partial map
     to combine later with :func:`run_map_merge`)."""
-    import pandas as pd
-
-    from safesteer.cartography.link import decompose
-    from safesteer.cartography.stats import atom_table, map_latents
-    from safesteer.io import atomic_path, write_json
-    from safesteer.probes import load_probe
-    from safesteer.store import ActivationStore
 
     t0 = time.time()
     lat = _open_latents(latents) if isinstance(latents, (str, Path)) else latents
@@ -259,12 +255,6 @@ def run_map_merge(parts: list[Path], out: Path) -> dict[str, Any]:
     """Combine partial maps (``safesteer map --shards`` over disjoint latent shards) into the map of
     their union: the streaming statistics and top activations merge exactly; the probe ↔ atom
     decomposition (row-independent) is carried over; row-level probe correlations are not merged."""
-    import shutil
-
-    import pandas as pd
-
-    from safesteer.cartography.stats import StreamingStats, TopActivations, atom_table
-    from safesteer.io import atomic_path, read_json, write_json
 
     parts = [Path(p) for p in parts]
     if len(parts) < 2:

@@ -1,169 +1,21 @@
-"""Encode + cartography under ``torchrun``: each rank encodes and maps its shards, rank 0 merges.
+"""Cartography under ``torchrun``: each rank maps its latent shards, rank 0 merges.
 
-1. **Encode.** Rank ``r`` encodes the activation shards ``k`` with ``k % W == r`` into its own part
-   store ``<latents>/.parts/rank-r-of-W`` (:func:`safesteer.sae.latents.encode_store` over a view of
-   the store, so resumable per part); after a barrier rank 0 moves the shard files into
-   ``<latents>`` and writes the manifest: the latent store is the one a single process writes.
-2. **Map.** Rank ``r`` maps the same shards (``run_map(shards=...)``) into ``<map>/parts/rank-r-of-W``;
-   after a barrier rank 0 combines the parts with ``run_map_merge`` (exact: streaming sums and
-   top-k merge) into ``<map>``.
-
-With one process both steps are the plain :func:`encode_store` and ``run_map``.
+Rank ``r`` maps the shards ``k`` with ``k % W == r`` (``run_map(shards=...)``) into
+``<map>/parts/rank-r-of-W``; after a barrier rank 0 combines the parts with ``run_map_merge``
+(exact: streaming sums and top-k merge) into ``<map>``. With one process this is the plain
+``run_map``. Encoding the latent store across ranks first is :mod:`safesteer.sae.encode_dist`.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
+from safesteer.cartography import map as cartography_map
 from safesteer.distributed import Dist
-from safesteer.errors import SafesteerError
-from safesteer.io import read_json, write_json
-
-PARTS = ".parts"
-
-
-def _map_fns(run_map: Callable | None, run_map_merge: Callable | None) -> tuple[Callable, Callable]:
-    if run_map is not None and run_map_merge is not None:
-        return run_map, run_map_merge
-    try:  # the cartography stage functions' home once the CLI no longer holds them
-        from safesteer.cartography.map import run_map as rm  # type: ignore[import-not-found]
-        from safesteer.cartography.map import run_map_merge as rmm
-    except ImportError as exc:
-        raise SafesteerError(
-            "this build has no safesteer.cartography.map; pass run_map= and run_map_merge="
-        ) from exc
-    return run_map or rm, run_map_merge or rmm
-
-
-class ShardView:
-    """The reading API of an :class:`~safesteer.store.ActivationStore` restricted to some shards."""
-
-    def __init__(self, store: Any, indices: set[int]):
-        self.store, self.indices = store, set(indices)
-        self.path, self.d, self.manifest = store.path, store.d, store.manifest
-
-    def iter_shards(self) -> Iterator[tuple[int, Any, Any]]:
-        for index, H, ids in self.store.iter_shards():
-            if int(index) in self.indices:
-                yield index, H, ids
-
-
-def _part_name(dist: Dist) -> str:
-    return f"rank-{dist.rank}-of-{dist.world}"
-
-
-def _latents_done(latents: Path, store: Any, sae_sha: str) -> bool:
-    """A complete latent store of this SAE covering every activation shard with unchanged sources."""
-    mpath = latents / "manifest.json"
-    if not mpath.is_file():
-        return False
-    m = read_json(mpath)
-    if not m.get("complete") or m.get("sae", {}).get("weights_sha256") != sae_sha:
-        return False
-    have = {int(e["index"]): e for e in m.get("shards", [])}
-    for s in store.shards:
-        e = have.get(int(s["index"]))
-        if (
-            e is None
-            or e.get("source_sha256") != (s.get("sha256") or {}).get("H")
-            or int(e.get("rows", -1)) != int(s["rows"])
-        ):
-            return False
-    return len(have) == len(store.shards)
-
-
-def assemble_latents(latents: Path, parts: list[Path]) -> dict[str, Any]:
-    """Move the part stores' shard files into ``latents`` and write its manifest (as ``encode_store`` would)."""
-    manifests = [read_json(p / "manifest.json") for p in parts]
-    done: list[dict[str, Any]] = []
-    for p, m in zip(parts, manifests):
-        for e in m.get("shards", []):
-            for name in e["files"].values():
-                os.replace(p / name, latents / name)
-            done.append(e)
-    base = dict(manifests[0])
-    n_lat = int(base["n_latents"])
-    done.sort(key=lambda s: s["index"])
-    n_rows = sum(s["rows"] for s in done)
-    z_bytes = sum(
-        os.path.getsize(latents / s["files"][k]) for s in done for k in ("indptr", "indices", "values")
-    )
-    base.update(
-        shards=done,
-        n_rows=n_rows,
-        complete=True,
-        bytes=z_bytes,
-        bytes_per_row=z_bytes / max(1, n_rows),
-        dense_fp16_bytes_per_row=2 * n_lat,
-        mean_l0=sum(s["nnz"] for s in done) / max(1, n_rows),
-    )
-    write_json(latents / "manifest.json", base)
-    return base
-
-
-def encode_distributed(
-    sae: Any,
-    acts: str | Path,
-    latents: str | Path,
-    dist: Dist,
-    *,
-    batch_size: int = 4096,
-    progress: bool = True,
-) -> Any:
-    """Encode ``acts`` into the latent store ``latents``, each rank its shards; returns the LatentStore."""
-    from safesteer.sae.latents import LatentStore, encode_store
-    from safesteer.sae.saving import sae_fingerprint
-    from safesteer.store import ActivationStore
-
-    store = ActivationStore(acts)
-    latents = Path(latents)
-    if not dist.enabled:
-        return encode_store(sae, store, latents, batch_size=batch_size, progress=progress)
-    sha = sae_fingerprint(sae)
-    dist.agree(
-        {
-            "sae": sha,
-            "acts": str(acts),
-            "latents": str(latents),
-            "batch_size": int(batch_size),
-            "shards": [[s["index"], (s.get("sha256") or {}).get("H")] for s in store.shards],
-        },
-        "encode",
-    )
-    if (latents / "manifest.json").is_file():
-        old = read_json(latents / "manifest.json")
-        if old.get("sae", {}).get("weights_sha256") != sha:
-            raise SafesteerError(
-                f"{latents} holds latents of another SAE; choose another --latents or delete it"
-            )
-    done = _latents_done(latents, store, sha)
-    dist.barrier("the encode check")
-    if not done:
-        parts_root = latents / PARTS
-        if (
-            dist.is_writer and parts_root.is_dir()
-        ):  # parts of a killed run with another world size are useless
-            for p in parts_root.iterdir():
-                if not p.name.endswith(f"-of-{dist.world}"):
-                    shutil.rmtree(p, ignore_errors=True)
-        dist.barrier("the encode set-up")
-        mine = {int(s["index"]) for s in store.shards if dist.owns(int(s["index"]))}
-        encode_store(
-            sae,
-            ShardView(store, mine),
-            parts_root / _part_name(dist),
-            batch_size=batch_size,
-            progress=progress,
-        )
-        dist.barrier("encoding")  # every part is complete
-        if dist.is_writer:
-            assemble_latents(latents, [parts_root / f"rank-{r}-of-{dist.world}" for r in range(dist.world)])
-            shutil.rmtree(parts_root, ignore_errors=True)
-        dist.barrier("the latent store assembly")
-    return LatentStore(latents)
+from safesteer.sae.encode_dist import part_name
+from safesteer.sae.latents import LatentStore
 
 
 def map_distributed(
@@ -182,9 +34,8 @@ def map_distributed(
     ``map_kwargs`` go to ``run_map``. Returns the merged summary on rank 0 and this rank's partial
     summary (or ``{}``) elsewhere.
     """
-    from safesteer.sae.latents import LatentStore
-
-    run_map, run_map_merge = _map_fns(run_map, run_map_merge)
+    run_map = run_map or cartography_map.run_map
+    run_map_merge = run_map_merge or cartography_map.run_map_merge
     out = Path(out)
     lat = LatentStore(latents)
     indices = [int(e["index"]) for e in lat.shards]
@@ -217,7 +68,7 @@ def map_distributed(
         summary = run_map(
             Path(latents),
             Path(acts),
-            parts_root / _part_name(dist),
+            parts_root / part_name(dist),
             shards=mine,
             **{**map_kwargs, "show_progress": False},
         )
@@ -229,4 +80,4 @@ def map_distributed(
     return summary
 
 
-__all__ = ["ShardView", "assemble_latents", "encode_distributed", "map_distributed"]
+__all__ = ["map_distributed"]

@@ -17,6 +17,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from safesteer.errors import SafesteerError
+from safesteer.probes import train_probe
+from safesteer.probes.labels import collect_texts
 
 UNSAFE_FLAG = "would make the model less safe"
 
@@ -212,9 +214,6 @@ def train_readouts(
     split, falling back to a seeded 25% of the rows when a dataset has no test rows → eval texts,
     at most ``n_eval``). Labels whose data is unavailable are skipped.
     """
-    from safesteer.probes import train_probe
-    from safesteer.probes.labels import collect_texts
-
     out: dict[str, tuple[Any, list[str]]] = {}
     rng = np.random.default_rng(seed)
     for label in dict.fromkeys(labels):

@@ -22,8 +22,10 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from safesteer.cartography.judges import concept_text
+from safesteer.cartography.dedup import deduplicate
+from safesteer.cartography.judges import NoJudge, concept_text
 from safesteer.errors import SafesteerError
+from safesteer.probes.labels import category_of
 
 MACRO_CATEGORIES: tuple[str, ...] = ("toxicity", "harm", "emotion", "empathy")
 FINAL_COLUMNS = [
@@ -101,8 +103,6 @@ def category_candidates(
 ) -> pd.DataFrame:
     """Top ``candidates`` atoms per macro-category (best label per atom, positive scores only)."""
     if "category" not in atom_map.columns:
-        from safesteer.probes.labels import category_of
-
         atom_map = atom_map.assign(category=atom_map["label"].map(category_of))
     frames = []
     for cat in categories:
@@ -138,12 +138,12 @@ def select_filtered(
     """Run the filtered selection; return one row per candidate (see :data:`FINAL_COLUMNS`).
 
     ``cards``: atom → card dict (or a callable building them for a list of atoms). ``judge``: any
-    object with ``judge(card, concept) -> JudgeResult`` (None = keep all, verdict UNJUDGED).
+    :class:`~safesteer.cartography.judges.AtomJudge` (``judge(card, concept) -> JudgeResult``; None = keep
+    all, verdict UNJUDGED).
     ``screen``: a :class:`~safesteer.cartography.judges.CausalScreen` (needs ``W_dec``) or None.
     ``embedder``: texts → vectors for de-duplication (None = no de-duplication).
     """
-    from safesteer.cartography.cards import describe
-    from safesteer.cartography.judges import NoJudge
+    from safesteer.cartography.cards import describe  # cards.py imports torch; selection alone does not
 
     track = progress or (lambda it, n, desc: it)
     cand = category_candidates(atom_map, candidates, categories)
@@ -220,8 +220,6 @@ def select_filtered(
     selected = screened_ok.copy()
     keep_idx = np.flatnonzero(screened_ok)
     if embedder is not None and len(keep_idx) > 1:
-        from safesteer.cartography.dedup import deduplicate
-
         sub = cand.iloc[keep_idx]
         texts = [
             describe(card_map.get(int(a), {}), lab, rea)

@@ -38,9 +38,10 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
         """Encode activations and map the atoms; under torchrun each rank does its shards and rank 0 merges."""
-        from safesteer.cartography.map_dist import encode_distributed, map_distributed
+        from safesteer.cartography.map_dist import map_distributed
         from safesteer.devices import resolve_device
         from safesteer.distributed import from_env
+        from safesteer.sae.encode_dist import encode_distributed
         from safesteer.sae.saving import load_sae
 
         try:  # where the cartography functions live (moving out of cli/probes.py)

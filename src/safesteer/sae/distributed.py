@@ -31,6 +31,7 @@ import torch
 from safesteer.distributed import Dist, collective
 from safesteer.errors import SafesteerError
 from safesteer.sae.config import TrainConfig
+from safesteer.sae.grid import run_grid
 from safesteer.sae.trainer import BatchSource, Trainer, TrainResult
 
 
@@ -183,7 +184,6 @@ def grid_distributed(
 ) -> Any:
     """:func:`safesteer.sae.grid.run_grid` with every run trained by :func:`train_distributed` (rank 0 writes;
     ``device`` is ignored: each rank computes on ``dist.device``)."""
-    from safesteer.sae.grid import run_grid
 
     def fit(cfg: TrainConfig, folder: Any, resume: bool) -> TrainResult:
         return train_distributed(

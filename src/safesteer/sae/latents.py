@@ -31,6 +31,7 @@ from safesteer.errors import SafesteerError
 from safesteer.io import load_npy, read_json, save_npy, sha256_file, write_json
 from safesteer.sae.gated import GatedSAE, _csr
 from safesteer.sae.saving import sae_fingerprint
+from safesteer.store import ActivationStore
 
 FORMAT = "safesteer-sparse-z/1"
 FP16_MAX = 65504.0
@@ -93,8 +94,6 @@ class LatentStore:
 
 def _open_acts(acts: Any):
     if isinstance(acts, (str, os.PathLike)):
-        from safesteer.store import ActivationStore
-
         return ActivationStore(acts)
     return acts  # anything with the ActivationStore reading API (d, manifest, iter_shards)
 

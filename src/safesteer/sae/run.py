@@ -10,13 +10,29 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
 from safesteer.errors import SafesteerError
+from safesteer.sae.config import TrainConfig
+from safesteer.sae.distributed import grid_distributed, train_distributed
+from safesteer.sae.grid import run_grid
+from safesteer.sae.latents import encode_store
+from safesteer.sae.saving import load_sae
+from safesteer.sae.trainer import Trainer
+from safesteer.store import ActivationStore
 
 
 def open_store(path: Path):
     """The activation store at ``path`` (a seam for tests)."""
-    from safesteer.store import ActivationStore
-
     return ActivationStore(path)
 
 
@@ -63,16 +79,6 @@ class TrainProgress:
 
     def __enter__(self) -> "TrainProgress":
         if self.enabled:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
             self.bar = Progress(
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
@@ -121,8 +127,6 @@ class TrainProgress:
 
 def train_config(section: Any, seed: int, *, expansion: int | None = None, l1: float | None = None):
     """The trainer's config from the [sae] section (first grid point unless given)."""
-    from safesteer.sae.config import TrainConfig
-
     return TrainConfig(
         expansion=int(expansion if expansion is not None else section.expansions[0]),
         l1=float(l1 if l1 is not None else section.l1[0]),
@@ -157,15 +161,9 @@ def train_on_store(
 
     ``dist``: a :class:`safesteer.distributed.Dist` with several ranks trains data-parallel
     (:mod:`safesteer.sae.distributed`; rank 0 writes, progress on rank 0)."""
-    from safesteer.sae.distributed import grid_distributed, train_distributed
-    from safesteer.sae.grid import run_grid
-    from safesteer.sae.trainer import Trainer
-
     if not 0.0 <= val_fraction < 1.0:
         raise SafesteerError(f"--val-fraction must lie in [0, 1) (got {val_fraction})")
     if device.startswith("cuda"):
-        import torch
-
         if not torch.cuda.is_available():
             raise SafesteerError("--device cuda requested but no CUDA device is available; use --device cpu")
     store = open_store(acts)
@@ -233,8 +231,5 @@ def encode(
     sae: Path, acts: Path, out: Path, *, batch_size: int, device: str = "cpu", show_progress: bool = True
 ):
     """Encode the store at ``acts`` with the SAE at ``sae`` into a sparse latent store at ``out``."""
-    from safesteer.sae.latents import encode_store
-    from safesteer.sae.saving import load_sae
-
     model = load_sae(sae, device=device)
     return encode_store(model, open_store(acts), out, batch_size=batch_size, progress=show_progress)

@@ -23,6 +23,10 @@ Training recipe (Rajamanoharan et al. 2024 / dictionary_learning ``gdm.py``):
 
 Optimiser: :class:`safesteer.sae.optim.ConstrainedAdam`; evaluation forward:
 :func:`safesteer.sae.gated.gated_forward`; data-parallel hooks: ``reduce_grads``, ``is_writer``.
+Where the parts live (as SAELens keeps architecture, trainer and runner apart): the model and its
+fused loss in :mod:`safesteer.sae.gated`; batch checks and the initialisation from data in
+:mod:`safesteer.sae.data_init`; checkpoint/resume in :mod:`safesteer.sae.resume`; driving a run on
+an activation store in :mod:`safesteer.sae.run`; this module keeps the optimisation loop.
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ import itertools
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,27 +47,14 @@ from safesteer.errors import SafesteerError
 from safesteer.io import write_json
 from safesteer.sae.batches import BatchSource, array_batches, split_of_id
 from safesteer.sae.batches import unpack as _unpack
-from safesteer.sae.checkpoint import (
-    CKPT_FORMAT,
-    KEEP_CHECKPOINTS,
-    TrainerState,
-    list_checkpoints,
-    load_latest_checkpoint,
-    new_acc,
-    save_checkpoint,
-)
+from safesteer.sae.checkpoint import CKPT_FORMAT, KEEP_CHECKPOINTS, TrainerState, new_acc
 from safesteer.sae.config import SAEConfig, TrainConfig
-from safesteer.sae.gated import (
-    PARAM_NAMES,
-    GatedSAE,
-    enc_layout,
-    gated_forward,
-    geometric_median,
-    loss_and_grads,
-)
+from safesteer.sae.data_init import batch_tensor, init_from_data
+from safesteer.sae.gated import PARAM_NAMES, GatedSAE, gated_forward, loss_and_grads
 from safesteer.sae.metrics import ReconSums, convergence_table, dead_fraction
 from safesteer.sae.optim import ConstrainedAdam
-from safesteer.sae.precision import cpu_has_native_bf16, resolve_precision, resolve_sparse_threshold  # noqa: F401
+from safesteer.sae.precision import resolve_precision, resolve_sparse_threshold
+from safesteer.sae.resume import TrainerCheckpoints
 from safesteer.sae.saving import fold_scale, save_sae
 
 GradReducer = Callable[[dict[str, torch.Tensor]], None]
@@ -90,8 +80,11 @@ class TrainResult:
 # ------------------------------------------------------------------------------- trainer
 
 
-class Trainer:
-    """One training run. ``fit(batches)`` trains (or resumes) and returns a :class:`TrainResult`."""
+class Trainer(TrainerCheckpoints):
+    """One training run. ``fit(batches)`` trains (or resumes) and returns a :class:`TrainResult`.
+
+    Checkpointing and resuming (``state``, ``load_state``, ``save_checkpoint``) come from
+    :class:`~safesteer.sae.resume.TrainerCheckpoints`."""
 
     def __init__(
         self,
@@ -163,72 +156,16 @@ class Trainer:
     def adam_m(self) -> dict[str, torch.Tensor]:
         return self.opt.m
 
-    @property
-    def ckpt_dir(self) -> Path | None:
-        return self.out_dir / "checkpoints" if self.out_dir is not None else None
-
     def _trainable(self) -> list[str]:
         return [n for n in PARAM_NAMES if not (n == "r_mag" and self.cfg.variant == "article")]
 
     def _init_from_data(self, batches: BatchSource) -> None:
-        cfg = self.cfg
-        rows: list[np.ndarray] = []
-        have = 0
-        for bi, item in enumerate(batches(0, "train")):
-            H, ids = _unpack(item)
-            x = self._to_tensor(H, epoch=0, batch=bi, ids=ids, step=0)
-            rows.append(x)
-            have += x.shape[0]
-            if have >= cfg.init_rows:
-                break
-        if have == 0:
-            raise SafesteerError(
-                "the training split is empty; extract more activations or lower the validation fraction"
-            )
-        sample = torch.cat(rows)[: cfg.init_rows].to(self.device)
-        if cfg.scale_activations:
-            msq = float(sample.double().pow(2).sum(1).mean())
-            if not msq > 0:
-                raise SafesteerError("the activations are all zero; cannot scale them to unit norm")
-            self.scale = 1.0 / math.sqrt(msq)
-        sample = sample * self.scale
-        sae = GatedSAE(
-            SAEConfig(d_in=self.d_in, d_sae=self.d_sae, variant=cfg.variant),
-            seed=cfg.seed,
-            device=self.device,
-        )
-        with torch.no_grad():
-            if cfg.b_dec_init == "geometric_median":
-                sae.b_dec.copy_(geometric_median(sample.float()))
-            elif cfg.b_dec_init == "mean":
-                sae.b_dec.copy_(sample.mean(0))
-        self.params = {n: getattr(sae, n).detach().clone().contiguous() for n in PARAM_NAMES}
-        self.params["W_enc"] = enc_layout(self.params["W_enc"])
+        self.params, self.scale = init_from_data(batches, self.cfg, self.d_in, self.d_sae, self.device)
         self.opt.init(self.params, self._trainable())
         self.initialised = True
 
     def _to_tensor(self, H: Any, *, epoch: int, batch: int, ids: Any, step: int) -> torch.Tensor:
-        x = H if isinstance(H, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(np.asarray(H)))
-        if x.ndim != 2 or x.shape[1] != self.d_in:
-            shape = tuple(x.shape)
-            raise SafesteerError(
-                f"batch {batch} of epoch {epoch} has shape {shape}; expected rows x {self.d_in} "
-                "(activations of another width than this SAE; check --acts)"
-            )
-        x = x.to(device=self.device, dtype=torch.float32)
-        finite = torch.isfinite(x)
-        if not bool(finite.all()):
-            bad_row = int((~finite.all(1)).nonzero()[0, 0])
-            where = (
-                f" (row id {ids[bad_row]!s})"
-                if ids is not None and len(ids) > bad_row
-                else f" (row {bad_row})"
-            )
-            raise SafesteerError(
-                f"non-finite activations (NaN/Inf) in batch {batch} of epoch {epoch} at step {step}{where}; "
-                "re-extract that shard"
-            )
-        return x
+        return batch_tensor(H, self.d_in, self.device, epoch=epoch, batch=batch, ids=ids, step=step)
 
     # ---------------------------------------------------------------- optimisation
     def _lr(self) -> float:
@@ -471,101 +408,6 @@ class Trainer:
             for n in PARAM_NAMES:
                 getattr(sae, n).copy_(p[n])
         return sae
-
-    # ---------------------------------------------------------------- checkpoints
-    def _refuse_existing_run(self) -> None:
-        if self.ckpt_dir is not None and self._list_checkpoints():
-            raise SafesteerError(
-                f"{self.out_dir} already holds checkpoints of a training run; pass --resume to continue it "
-                "or choose another --out"
-            )
-
-    def _list_checkpoints(self) -> list[Path]:
-        return list_checkpoints(self.ckpt_dir)
-
-    def state(self) -> TrainerState:
-        """The run's state now (tensors by reference)."""
-        return TrainerState(
-            params=self.params,
-            adam_v=self.opt.v,
-            adam_m=self.opt.m,
-            best=self.best,
-            last_fired=self.last_fired,
-            step=self.step,
-            epoch=self.epoch,
-            batch_index=self.batch_index,
-            rows_seen=self.rows_seen,
-            scale=self.scale,
-            precision=self.precision,
-            sparse_threshold=self.sparse_threshold,
-            best_val_loss=self.best_val_loss,
-            best_epoch=self.best_epoch,
-            bad_epochs=self.bad_epochs,
-            history=self.history,
-            acc=self.acc,
-        )
-
-    def load_state(self, st: TrainerState) -> None:
-        """Continue from ``st`` (as returned by :meth:`state` or a checkpoint)."""
-        self._reset_state()
-        self.params, self.best, self.last_fired = st.params, st.best, st.last_fired
-        self.opt.v, self.opt.m = st.adam_v, st.adam_m
-        self.step, self.epoch, self.batch_index, self.rows_seen = (
-            st.step,
-            st.epoch,
-            st.batch_index,
-            st.rows_seen,
-        )
-        self.scale, self.precision, self.sparse_threshold = st.scale, st.precision, st.sparse_threshold
-        self.best_val_loss, self.best_epoch, self.bad_epochs = st.best_val_loss, st.best_epoch, st.bad_epochs
-        self.history, self.acc = st.history, st.acc
-        self.initialised = True
-
-    def save_checkpoint(self) -> Path | None:
-        if self.ckpt_dir is None or not self.is_writer:
-            return None
-        header = {
-            "fingerprint": self.fingerprint,
-            "train_config": self.cfg.to_dict(),
-            "identity": {"train": self.cfg.identity(), "d_in": self.d_in, "data": self.data_identity},
-            "d_in": self.d_in,
-            "d_sae": self.d_sae,
-        }
-        return save_checkpoint(self.ckpt_dir, self.state(), header)
-
-    def _load_latest_checkpoint(self) -> bool:
-        got = load_latest_checkpoint(
-            self.ckpt_dir,
-            self.fingerprint,
-            self.device,
-            lambda saved: _identity_diff(saved, self),
-            self._trainable(),
-            self.cfg.beta1,
-        )
-        if got is None:
-            return False
-        st, latest = got
-        self.load_state(st)
-        print(
-            f"[safesteer] resuming {self.out_dir.name} from {latest.name} (epoch {self.epoch}, step {self.step})",
-            file=sys.stderr,
-            flush=True,
-        )
-        return True
-
-
-def _identity_diff(saved: dict[str, Any], trainer: Trainer) -> str:
-    now = {"train": trainer.cfg.identity(), "d_in": trainer.d_in, "data": trainer.data_identity}
-    diffs = []
-    for k in sorted(set(saved.get("train", {})) | set(now["train"])):
-        a, b = saved.get("train", {}).get(k), now["train"].get(k)
-        if a != b:
-            diffs.append(f"{k}: checkpoint {a!r}, now {b!r}")
-    if saved.get("d_in") != now["d_in"]:
-        diffs.append(f"d_in: checkpoint {saved.get('d_in')!r}, now {now['d_in']!r}")
-    if saved.get("data") != now["data"]:
-        diffs.append("the activations differ")
-    return "; ".join(diffs[:4]) or "fingerprint differs"
 
 
 def train_sae(

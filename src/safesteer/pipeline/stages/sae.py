@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from safesteer import layout
+from safesteer.sae.encode_dist import encode_distributed
 from safesteer.sae.run import encode, train_config, train_on_store
+from safesteer.sae.saving import load_sae
 
 
 @dataclass(frozen=True)
@@ -49,9 +51,6 @@ def run_sae_stage(section: Any, inputs: Mapping[str, Any], out_dir: Path, ctx) -
 
 def run_encode_stage(section: Any, inputs: Mapping[str, Any], out_dir: Path, ctx) -> EncodeOutputs:
     if ctx.distributed:  # each rank encodes its shards; the parts are assembled into one latent store
-        from safesteer.cartography.map_dist import encode_distributed
-        from safesteer.sae.saving import load_sae
-
         z = encode_distributed(
             load_sae(inputs["sae"].sae, device=ctx.dist.device),
             inputs["extract"].acts,
