@@ -5,13 +5,15 @@
 >>> # uvicorn.run(app, host="127.0.0.1", port=8000)  — or `safesteer serve --model … --policies DIR`
 
 Modules: :mod:`~safesteer.serve.policies` (Policy model, atomic PolicyStore),
-:mod:`~safesteer.serve.engine` (computations, the model worker thread, limits),
+:mod:`~safesteer.serve.engine` (computations), :mod:`~safesteer.serve.forward` (the chunked, steered forward),
+:mod:`~safesteer.serve.worker` (the model worker thread), :mod:`~safesteer.serve.limits`, :mod:`~safesteer.serve.plan`,
 :mod:`~safesteer.serve.app` (FastAPI endpoints), :mod:`~safesteer.serve.openai_api` (OpenAI-compatible
 ``/v1/chat/completions`` and ``/v1/models``), :mod:`~safesteer.serve.http` (error bodies, guard middleware),
 :mod:`~safesteer.serve.metrics` (Prometheus text).
 """
 
-from safesteer.serve.engine import Engine, Limits, ServedProbe
+from safesteer.serve.engine import Engine, ServedProbe
+from safesteer.serve.limits import Limits
 from safesteer.serve.policies import Clamp, Condition, Policy, PolicyBody, PolicyRecord, PolicyStore
 
 

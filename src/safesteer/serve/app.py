@@ -32,7 +32,7 @@ from starlette.routing import Match
 
 from safesteer import __version__
 from safesteer.errors import SafesteerError
-from safesteer.serve.engine import Engine, Limits, ModelWorker, Plan, ServedProbe, sae_layer_of, served_probes
+from safesteer.serve.engine import Engine, ServedProbe, served_probes
 from safesteer.serve.http import (
     _ERRORS,
     API_KEY_HEADER,
@@ -42,9 +42,13 @@ from safesteer.serve.http import (
     _first_message,
     _install_handlers,
 )
+from safesteer.serve.limits import Limits
 from safesteer.serve.metrics import Metrics
 from safesteer.serve.openai_api import mount_openai
+from safesteer.serve.plan import Plan
 from safesteer.serve.policies import Policy, PolicyBody, PolicyStorageError, PolicyStore, valid_name
+from safesteer.serve.sae_info import sae_layer_of
+from safesteer.serve.worker import ModelWorker
 from safesteer.steering import DirectionSet
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -36,9 +36,11 @@ from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from safesteer.serve.engine import Engine, Limits, Plan
+from safesteer.serve.engine import Engine
 from safesteer.serve.http import _ERRORS, ApiError
+from safesteer.serve.limits import Limits
 from safesteer.serve.metrics import Metrics
+from safesteer.serve.plan import Plan
 from safesteer.serve.policies import PolicyStore
 from safesteer.serve.worker import ModelWorker
 
