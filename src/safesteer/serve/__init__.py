@@ -14,7 +14,7 @@ Modules: :mod:`~safesteer.serve.policies` (Policy model, atomic PolicyStore),
 
 from safesteer.serve.engine import Engine, ServedProbe
 from safesteer.serve.limits import Limits
-from safesteer.serve.policies import Clamp, Condition, Policy, PolicyBody, PolicyRecord, PolicyStore
+from safesteer.serve.policies import Clamp, ConditionSpec, Policy, PolicyBody, PolicyRecord, PolicyStore
 
 
 def create_app(*args, **kwargs):
@@ -26,7 +26,7 @@ def create_app(*args, **kwargs):
 
 __all__ = [
     "Clamp",
-    "Condition",
+    "ConditionSpec",
     "Engine",
     "Limits",
     "Policy",

@@ -48,7 +48,7 @@ def valid_name(name: str) -> bool:
     return isinstance(name, str) and bool(_NAME_RE.fullmatch(name)) and name not in (".", "..")
 
 
-class Condition(BaseModel):
+class ConditionSpec(BaseModel):
     """Steer a text only when the (unsteered) prompt passes ``probe``'s gate.
 
     Either ``threshold`` (steer when P(probe) > threshold) or ``score_threshold`` (steer when the
@@ -71,7 +71,7 @@ class Condition(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _one_threshold(self) -> "Condition":
+    def _one_threshold(self) -> "ConditionSpec":
         if (self.threshold is None) == (self.score_threshold is None):
             raise ValueError(
                 "a condition needs exactly one of 'threshold' (probability) or 'score_threshold' (logit)"
@@ -128,7 +128,7 @@ class PolicyBody(BaseModel):
     clamps: list[Clamp] = Field(
         default_factory=list, max_length=MAX_CLAMPS, description="SAE atom clamps (need a server SAE)."
     )
-    condition: Optional[Condition] = None
+    condition: Optional[ConditionSpec] = None
     positions: Literal["all", "prompt"] = Field(
         "all",
         description="Steer every position, or the prompt's only "
