@@ -26,10 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Mapping, Optional
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from safesteer.errors import SafesteerError
 from safesteer.io import read_json, write_json
+from safesteer.steering import unit
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 _NAME_RE = re.compile(NAME_PATTERN)
@@ -382,10 +384,6 @@ def policy_direction(names: list[str], directions: list[Any], layer: int | None)
     """A policy's steering layer and unit vector: its directions' normalised sum of unit vectors (the
     package's hybrid rule; one direction is used as is). ``layer`` None: the directions' own layer,
     which must then agree."""
-    import numpy as np
-
-    from safesteer.steering import unit
-
     if layer is None:
         layers = {d.layer for d in directions}
         if len(layers) > 1:
