@@ -11,6 +11,10 @@ import typer
 
 from safesteer.errors import SafesteerError
 
+# The library is imported inside the functions (lazily) on purpose: `safesteer --help` and the other
+# commands load no torch/FastAPI, and the tests patch safesteer.models.load_backbone and
+# uvicorn.run, which the command looks up when it runs.
+
 
 def resolve_directions(path: Path):
     """A direction set from its folder, its ``directions.json``, or a run folder holding ``directions/``."""

@@ -5,14 +5,19 @@
 >>> # uvicorn.run(app, host="127.0.0.1", port=8000)  — or `safesteer serve --model … --policies DIR`
 
 Modules: :mod:`~safesteer.serve.policies` (Policy model, atomic PolicyStore),
-:mod:`~safesteer.serve.engine` (computations, the model worker thread, limits),
-:mod:`~safesteer.serve.app` (FastAPI endpoints), :mod:`~safesteer.serve.openai_api` (OpenAI-compatible
-``/v1/chat/completions`` and ``/v1/models``), :mod:`~safesteer.serve.http` (error bodies, guard middleware),
-:mod:`~safesteer.serve.metrics` (Prometheus text).
+:mod:`~safesteer.serve.engine` (computations), :mod:`~safesteer.serve.forward` (the chunked, steered forward),
+:mod:`~safesteer.serve.worker` (the model worker thread), :mod:`~safesteer.serve.limits`, :mod:`~safesteer.serve.plan`,
+:mod:`~safesteer.serve.sae_info`, :mod:`~safesteer.serve.app` (``create_app``: the FastAPI app and its state),
+:mod:`~safesteer.serve.routes` (the service's endpoints, on module-level routers), :mod:`~safesteer.serve.schemas`
+(their bodies), :mod:`~safesteer.serve.state` (what the routes read from ``app.state``),
+:mod:`~safesteer.serve.openai_api` (OpenAI-compatible ``/v1/chat/completions`` and ``/v1/models``),
+:mod:`~safesteer.serve.http` (error bodies, guard middleware), :mod:`~safesteer.serve.metrics` (Prometheus text),
+:mod:`~safesteer.serve.bundle` (run → service bundle).
 """
 
-from safesteer.serve.engine import Engine, Limits, ServedProbe
-from safesteer.serve.policies import Clamp, Condition, Policy, PolicyBody, PolicyRecord, PolicyStore
+from safesteer.serve.engine import Engine, ServedProbe
+from safesteer.serve.limits import Limits
+from safesteer.serve.policies import Clamp, ConditionSpec, Policy, PolicyBody, PolicyRecord, PolicyStore
 
 
 def create_app(*args, **kwargs):
@@ -24,7 +29,7 @@ def create_app(*args, **kwargs):
 
 __all__ = [
     "Clamp",
-    "Condition",
+    "ConditionSpec",
     "Engine",
     "Limits",
     "Policy",

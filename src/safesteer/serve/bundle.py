@@ -20,8 +20,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from safesteer.config import load_config
 from safesteer.errors import SafesteerError
 from safesteer.io import atomic_path, read_json, write_json
+from safesteer.serve.engine import GateProbe, ServedProbe
+from safesteer.steering.condition import Condition
+from safesteer.steering.strategies import DirectionSet
 
 POLICY_NAME = "recommended"
 GATE_PROBE = "harm_gate"
@@ -45,9 +49,6 @@ def write_bundle(
     """Write the service bundle of a behaviour study into ``out_dir``; True when a policy is recommended
     (the feasible conditional policy chosen on validation, when it raised harmful refusal there;
     ``require_gain=False`` packages it even without a gain)."""
-    from safesteer.steering.condition import Condition
-    from safesteer.steering.strategies import DirectionSet
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if summary is None:
@@ -137,11 +138,6 @@ def publish(bundle_dir: str | Path, run_dir: str | Path) -> Path:
 
 def load_bundle(run_dir: str | Path) -> dict[str, Any]:
     """What ``serve --run`` needs: model name, policies folder, directions and the gate probe."""
-    from safesteer.config import load_config
-    from safesteer.serve.engine import GateProbe, ServedProbe
-    from safesteer.steering.condition import Condition
-    from safesteer.steering.strategies import DirectionSet
-
     run = Path(run_dir)
     pol = run / "policies"
     if not (run / "config.toml").is_file():

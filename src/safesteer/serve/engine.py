@@ -19,63 +19,31 @@ evaluation does); the steering is then applied by the evaluation's own implement
 :func:`safesteer.steering.condition.conditional`, with those per-row decisions: rows at or below
 the threshold are left untouched inside the batch (``torch.where`` on the row), so their output is
 bit-for-bit the unsteered output.
+
+Beside it: :mod:`~safesteer.serve.limits` (request limits), :mod:`~safesteer.serve.plan` (what one
+request asked for), :mod:`~safesteer.serve.forward` (the chunked, steered forward pass) and
+:mod:`~safesteer.serve.sae_info` (sizes and layer of a served SAE).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from safesteer.errors import SafesteerError
+from safesteer.evaluate.choice import answer_logprobs, answer_tokens, choice_probs
+from safesteer.serve.forward import condition_rows, json_floats, run_chunks
+from safesteer.serve.limits import Limits
+from safesteer.serve.plan import Plan
 from safesteer.serve.policies import Policy, PolicyRecord, policy_direction
+from safesteer.serve.sae_info import sae_dims, sae_layer_of  # noqa: F401  (sae_layer_of: the old import path)
 from safesteer.serve.worker import ModelWorker, Overloaded  # noqa: F401  (re-exported: the old import path)
 from safesteer.steering import ClampEdit, DirectionSet, steering_vector
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Request limits and batching knobs of one server."""
-
-    max_texts: int = 32
-    """Texts (or prompts) per request."""
-    max_text_chars: int = 4000
-    """Characters per text."""
-    max_body_bytes: int = 1 << 20
-    """Request body size (Content-Length and the bytes actually sent)."""
-    max_new_tokens: int = 128
-    """Upper bound of ``max_new_tokens`` for /v1/generate."""
-    max_abs_alpha: float = 100.0
-    """|α| bound for every policy and request (raw activation units)."""
-    max_queue: int = 256
-    """Jobs waiting for the model before requests are refused with 503."""
-    batch_window_ms: float = 0.0
-    """Coalesce /v1/score jobs of the same policy arriving within this window (0 = off)."""
-    max_batch_texts: int = 64
-    """Texts per forward pass (per request chunk, and per coalesced batch)."""
-    request_timeout_s: float = 300.0
-    """How long a request waits for the model before giving up (504)."""
-
-    def __post_init__(self) -> None:
-        for name in (
-            "max_texts",
-            "max_text_chars",
-            "max_body_bytes",
-            "max_new_tokens",
-            "max_queue",
-            "max_batch_texts",
-        ):
-            if int(getattr(self, name)) < 1:
-                raise SafesteerError(f"limit {name} must be at least 1")
-        if not (self.max_abs_alpha > 0 and math.isfinite(self.max_abs_alpha)):
-            raise SafesteerError("max_abs_alpha must be a positive finite number")
-        if self.batch_window_ms < 0:
-            raise SafesteerError("batch_window_ms must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -197,26 +165,6 @@ class CompiledPolicy:
         return apply
 
 
-@dataclass
-class Plan:
-    """What one request asked for: a policy snapshot (or none) and the α to use."""
-
-    record: PolicyRecord | None = None
-    alpha: float | None = None
-
-    @property
-    def compiled(self) -> CompiledPolicy | None:
-        return None if self.record is None else self.record.runtime
-
-    def key(self) -> Hashable:
-        return (None, None) if self.record is None else (id(self.record), self.alpha)
-
-    def describe(self) -> dict[str, Any]:
-        if self.record is None:
-            return {"policy": None, "policy_version": None, "alpha": None}
-        return {"policy": self.record.name, "policy_version": self.record.version, "alpha": self.alpha}
-
-
 class Engine:
     """The loaded model with its directions, probes and SAE, and the computations of each endpoint."""
 
@@ -243,7 +191,7 @@ class Engine:
                 "build them for this model"
             )
         if sae is not None:
-            d_in = _sae_dims(sae)[0]
+            d_in = sae_dims(sae)[0]
             if d_in is not None and d_in != backbone.d_model:
                 raise SafesteerError(
                     f"the SAE reads vectors of size {d_in} but the model has d_model {backbone.d_model}"
@@ -251,8 +199,6 @@ class Engine:
         self._answers = None
         self._answers_error: str | None = None
         try:
-            from safesteer.evaluate.choice import answer_tokens
-
             self._answers = answer_tokens(backbone.tokenizer)
         except SafesteerError as exc:
             self._answers_error = exc.message
@@ -292,7 +238,7 @@ class Engine:
                 raise SafesteerError(
                     f"the SAE was trained on layer {self.sae_layer}; a policy with clamps must steer that layer, not {layer}"
                 )
-            d_sae = _sae_dims(self.sae)[1]
+            d_sae = sae_dims(self.sae)[1]
             for c in policy.clamps:
                 if d_sae is not None and max(c.atoms) >= d_sae:
                     raise SafesteerError(
@@ -349,94 +295,17 @@ class Engine:
         return float(requested)
 
     # ----------------------------------------------------------- primitives
-    def _chunks(self, n: int) -> Iterator[tuple[int, int]]:
-        size = self.limits.max_batch_texts
-        for s in range(0, n, size):
-            yield s, min(n, s + size)
-
     def condition_rows(
         self, cp: CompiledPolicy, texts: Sequence[str], extra_layers: Sequence[int] = ()
     ) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
-        """(P(condition), rows to steer, unsteered mean-pooled vectors at ``extra_layers`` (+ the condition's when it reads ``mean``))."""
-        assert cp.condition is not None
-        c = cp.condition
-        if cp.position == "mean":
-            H0 = self.backbone.pooled(
-                list(texts), sorted({c.layer, *extra_layers}), batch_size=max(1, len(texts))
-            )
-            Hc = H0[c.layer]
-        else:
-            H0 = (
-                self.backbone.pooled(list(texts), sorted(set(extra_layers)), batch_size=max(1, len(texts)))
-                if extra_layers
-                else {}
-            )
-            Hc = self.backbone.pooled(
-                list(texts), [c.layer], batch_size=max(1, len(texts)), position=cp.position
-            )[c.layer]
-        p = np.asarray(c.probe.predict_proba(Hc), dtype=np.float64)
-        if cp.score_threshold is not None:
-            rows = np.asarray(c.probe.decision_function(Hc), dtype=np.float64) > cp.score_threshold
-        else:
-            rows = p > cp.threshold
-        return p, rows, H0
-
-    @contextlib.contextmanager
-    def _steering(
-        self, cp: CompiledPolicy | None, alpha: float | None, rows: np.ndarray | None
-    ) -> Iterator[None]:
-        """Install ``cp`` on the whole batch (rows None), on some rows, or not at all.
-
-        Some rows: :func:`safesteer.steering.condition.conditional` with the gate's per-row
-        decisions (the evaluation's conditional steering; unflagged rows bit-identical)."""
-        if cp is None or (rows is not None and not rows.any()):
-            yield
-            return
-        if rows is None or rows.all():
-            with self.backbone.steer(cp.layer, edit=cp.edit(alpha or 0.0), where=cp.where):
-                yield
-            return
-        from safesteer.steering.condition import conditional
-        from safesteer.steering.strategies import Intervention
-
-        with conditional(
-            self.backbone,
-            cp.gate(),
-            Intervention("policy", layer=cp.layer, edit=cp.edit(alpha or 0.0), where=cp.where),
-            flags=rows,
-        ):
-            yield
+        """(P(condition), rows to steer, unsteered pooled vectors): :func:`safesteer.serve.forward.condition_rows`."""
+        return condition_rows(self.backbone, cp, texts, extra_layers)
 
     def _run_chunks(
         self, texts: Sequence[str], plan: Plan, fn: Callable[..., None], extra_layers: Sequence[int] = ()
     ) -> dict[str, Any]:
-        """The one chunk → condition → steer loop behind every endpoint.
-
-        Per chunk of at most ``max_batch_texts`` texts: the condition probe (if the plan has one)
-        picks the rows to steer from the unsteered pooled vectors (also at ``extra_layers``), the
-        plan's steering is installed on those rows (or on all, or none), and inside it
-        ``fn(chunk, start, end, rows, H0, active)`` computes and stores the chunk's outputs
-        (``rows``: bool per text or None for "all"; ``H0``: the unsteered pooled vectors, empty
-        without a condition; ``active``: whether any steering is installed). Returns the common
-        fields ``steered`` and (with a condition) ``condition_probability``.
-        """
-        cp = plan.compiled
-        steered = np.zeros(len(texts), dtype=bool)
-        cond_p = np.full(len(texts), np.nan)
-        for s, e in self._chunks(len(texts)):
-            chunk = list(texts[s:e])
-            rows = None
-            H0: dict[int, np.ndarray] = {}
-            if cp is not None and cp.condition is not None:
-                cond_p[s:e], rows, H0 = self.condition_rows(cp, chunk, extra_layers)
-            active = cp is not None and (rows is None or bool(rows.any()))
-            with self._steering(cp, plan.alpha, rows):
-                fn(chunk, s, e, rows, H0, active)
-            steered[s:e] = cp is not None if rows is None else rows
-        out: dict[str, Any] = {"steered": steered.tolist()}
-        if cp is not None and cp.condition is not None:
-            out["condition_probability"] = _floats(cond_p)
-        return out
+        """:func:`safesteer.serve.forward.run_chunks` with this server's ``max_batch_texts``."""
+        return run_chunks(self.backbone, texts, plan, fn, self.limits.max_batch_texts, extra_layers)
 
     # ------------------------------------------------------------- endpoints
     def score(self, texts: Sequence[str], probe_names: Sequence[str], plan: Plan) -> dict[str, Any]:
@@ -459,12 +328,10 @@ class Engine:
                 probs[p.name][s:e] = p.probe.predict_proba(H[p.layer])
 
         common = self._run_chunks(texts, plan, run, layers)
-        return {"probabilities": {k: _floats(v) for k, v in probs.items()}, **common}
+        return {"probabilities": {k: json_floats(v) for k, v in probs.items()}, **common}
 
     def choice(self, texts: Sequence[str], prompt_type: str, plan: Plan) -> dict[str, Any]:
         """Forced-choice P(Yes)/P(No) (see :mod:`safesteer.evaluate.choice`) under the plan."""
-        from safesteer.evaluate.choice import answer_logprobs, choice_probs
-
         if self._answers is None:
             raise SafesteerError(f"forced choice is unavailable for this model: {self._answers_error}")
         p_yes, p_no, mass = (np.zeros(len(texts)) for _ in range(3))
@@ -474,7 +341,12 @@ class Engine:
             p_yes[s:e], p_no[s:e], mass[s:e] = choice_probs(lp, self._answers)
 
         common = self._run_chunks(texts, plan, run)
-        return {"p_yes": _floats(p_yes), "p_no": _floats(p_no), "answer_mass": _floats(mass), **common}
+        return {
+            "p_yes": json_floats(p_yes),
+            "p_no": json_floats(p_no),
+            "answer_mass": json_floats(mass),
+            **common,
+        }
 
     def generate(
         self,
@@ -528,34 +400,3 @@ class Engine:
     @property
     def can_choose(self) -> bool:
         return self._answers is not None
-
-
-def _floats(values: np.ndarray) -> list[float | None]:
-    """A JSON-safe list: non-finite values (a diverging steered model) become None."""
-    arr = np.asarray(values, dtype=np.float64)
-    out = arr.tolist()
-    if not np.isfinite(arr).all():
-        out = [x if math.isfinite(x) else None for x in out]
-    return out
-
-
-def _sae_dims(sae: Any) -> tuple[int | None, int | None]:
-    """(d_in, d_sae) of an SAE object when it tells."""
-    cfg = getattr(sae, "cfg", None)
-    if cfg is not None and hasattr(cfg, "d_in"):
-        return int(cfg.d_in), int(cfg.d_sae)
-    W = getattr(sae, "W_dec", None)
-    if W is not None and hasattr(W, "shape") and len(W.shape) == 2:
-        return int(W.shape[1]), int(W.shape[0])
-    return None, None
-
-
-def sae_layer_of(sae: Any) -> int | None:
-    """The layer an SAE was trained on, when its config records one."""
-    cfg = getattr(sae, "cfg", None)
-    meta = getattr(cfg, "metadata", None) or {}
-    for key in ("hook_layer", "layer"):
-        v = meta.get(key) if isinstance(meta, dict) else None
-        if isinstance(v, int):
-            return v
-    return None

@@ -32,15 +32,15 @@ import uuid
 from typing import Any, AsyncIterator, Callable, Literal, Optional, Union
 
 import torch
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from safesteer.serve.engine import Engine, Limits, Plan
+from safesteer.serve import state
+from safesteer.serve.engine import Engine
 from safesteer.serve.http import _ERRORS, ApiError
-from safesteer.serve.metrics import Metrics
-from safesteer.serve.policies import PolicyStore
-from safesteer.serve.worker import ModelWorker
+from safesteer.serve.limits import Limits
+from safesteer.serve.plan import Plan
 
 MAX_MESSAGES = 64
 DEFAULT_MAX_TOKENS = 64
@@ -158,274 +158,270 @@ def render_messages(tokenizer: Any, messages: list[ChatMessage]) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in plain) + "\nassistant:"
 
 
-def mount_openai(
-    app: Any,
+router = APIRouter(tags=["openai"])
+"""The OpenAI-compatible routes; handlers read the server from ``request.app.state`` (:mod:`~safesteer.serve.state`)."""
+
+
+def _resolve(request: Request, req: ChatCompletionRequest) -> Plan:
+    """The plan named by the model (``<model>:<policy>``) or the body's ``policy``."""
+    model_name = state.model_name(request)
+    base, sep, from_name = req.model.partition(":")
+    if base != model_name:
+        raise ApiError(
+            404,
+            "model_not_found",
+            f"unknown model '{req.model}'; this server serves '{model_name}' and "
+            f"'{model_name}:<policy>' (GET /v1/models)",
+        )
+    if sep and not from_name:
+        raise ApiError(422, "invalid_model", f"model '{req.model}' names no policy after ':'")
+    if from_name and req.policy and from_name != req.policy:
+        raise ApiError(
+            422,
+            "conflicting_policy",
+            f"the model names policy '{from_name}' but the body names '{req.policy}'; name one",
+        )
+    return state.make_plan(request, from_name or req.policy, req.alpha)
+
+
+def _check(req: ChatCompletionRequest, backbone: Any, limits: Limits) -> tuple[str, str, int]:
+    """(the rendered chat, the last user message, max new tokens) after checking the request."""
+    if backbone.kind != "causal":
+        raise ApiError(400, "not_causal", "chat completion needs a causal LM; this server runs a masked LM")
+    for i, m in enumerate(req.messages):
+        if len(m.text()) > limits.max_text_chars:
+            raise ApiError(
+                422,
+                "text_too_long",
+                f"messages[{i}] has {len(m.text())} characters; the limit is {limits.max_text_chars}",
+            )
+    users = [m.text() for m in req.messages if m.role == "user"]
+    if not users or not users[-1].strip():
+        raise ApiError(422, "no_user_message", "messages need a non-empty user message")
+    if (
+        req.max_tokens is not None
+        and req.max_completion_tokens is not None
+        and req.max_tokens != req.max_completion_tokens
+    ):
+        raise ApiError(422, "conflicting_max_tokens", "max_tokens and max_completion_tokens differ; give one")
+    max_new = req.max_completion_tokens or req.max_tokens or min(DEFAULT_MAX_TOKENS, limits.max_new_tokens)
+    if max_new > limits.max_new_tokens:
+        raise ApiError(
+            422, "too_many_tokens", f"max_tokens {max_new} exceeds the limit of {limits.max_new_tokens}"
+        )
+    if req.temperature in (None, 0.0) and req.top_p is not None:
+        raise ApiError(
+            422,
+            "top_p_without_temperature",
+            "top_p needs a temperature > 0 (temperature 0 or absent is greedy)",
+        )
+    return render_messages(backbone.tokenizer, req.messages), users[-1], int(max_new)
+
+
+def _generate(
     engine: Engine,
-    store: PolicyStore,
-    worker: ModelWorker,
-    metrics: Metrics,
-    limits: Limits,
-    model_name: str,
-    make_plan: Callable[[Optional[str], Optional[float]], Plan],
-) -> APIRouter:
-    """Add the OpenAI-compatible routes to ``app`` (see the module docstring)."""
-    router = APIRouter(tags=["openai"])
+    plan: Plan,
+    rendered: str,
+    last_user: str,
+    max_new: int,
+    req: ChatCompletionRequest,
+    streamer: _Streamer | None,
+) -> dict[str, Any]:
+    """Runs on the model worker: the policy's edit as a hook around ``model.generate``."""
     backbone = engine.backbone
-    started = int(time.time())
-
-    def resolve(req: ChatCompletionRequest) -> Plan:
-        base, sep, from_name = req.model.partition(":")
-        if base != model_name:
-            raise ApiError(
-                404,
-                "model_not_found",
-                f"unknown model '{req.model}'; this server serves '{model_name}' and "
-                f"'{model_name}:<policy>' (GET /v1/models)",
-            )
-        if sep and not from_name:
-            raise ApiError(422, "invalid_model", f"model '{req.model}' names no policy after ':'")
-        if from_name and req.policy and from_name != req.policy:
-            raise ApiError(
-                422,
-                "conflicting_policy",
-                f"the model names policy '{from_name}' but the body names '{req.policy}'; name one",
-            )
-        return make_plan(from_name or req.policy, req.alpha)
-
-    def check(req: ChatCompletionRequest) -> tuple[str, str, int]:
-        if backbone.kind != "causal":
-            raise ApiError(
-                400, "not_causal", "chat completion needs a causal LM; this server runs a masked LM"
-            )
-        for i, m in enumerate(req.messages):
-            if len(m.text()) > limits.max_text_chars:
-                raise ApiError(
-                    422,
-                    "text_too_long",
-                    f"messages[{i}] has {len(m.text())} characters; the limit is {limits.max_text_chars}",
-                )
-        users = [m.text() for m in req.messages if m.role == "user"]
-        if not users or not users[-1].strip():
-            raise ApiError(422, "no_user_message", "messages need a non-empty user message")
-        if (
-            req.max_tokens is not None
-            and req.max_completion_tokens is not None
-            and req.max_tokens != req.max_completion_tokens
-        ):
-            raise ApiError(
-                422, "conflicting_max_tokens", "max_tokens and max_completion_tokens differ; give one"
-            )
-        max_new = (
-            req.max_completion_tokens or req.max_tokens or min(DEFAULT_MAX_TOKENS, limits.max_new_tokens)
+    cp = plan.compiled
+    cond_p = None
+    steer = cp is not None
+    if cp is not None and cp.condition is not None:
+        p, rows, _ = engine.condition_rows(
+            cp, [last_user]
+        )  # the service's one gate decision (position, logit threshold)
+        cond_p, steer = float(p[0]), bool(rows[0])
+    info = {**plan.describe(), "steered": bool(steer), "condition_probability": cond_p}
+    enc = backbone.tokenize([rendered], add_special_tokens=False)
+    limit = getattr(backbone.config, "max_position_embeddings", None) or getattr(
+        backbone.config, "n_positions", None
+    )
+    n_prompt = int(enc.input_ids.shape[1])
+    if limit and n_prompt + max_new > int(limit):
+        raise ApiError(
+            422,
+            "context_length_exceeded",
+            f"the prompt has {n_prompt} tokens; with max_tokens {max_new} it exceeds "
+            f"the model's context of {limit} tokens",
         )
-        if max_new > limits.max_new_tokens:
-            raise ApiError(
-                422, "too_many_tokens", f"max_tokens {max_new} exceeds the limit of {limits.max_new_tokens}"
-            )
-        if req.temperature in (None, 0.0) and req.top_p is not None:
-            raise ApiError(
-                422,
-                "top_p_without_temperature",
-                "top_p needs a temperature > 0 (temperature 0 or absent is greedy)",
-            )
-        return render_messages(backbone.tokenizer, req.messages), users[-1], int(max_new)
-
-    def generate(
-        plan: Plan,
-        rendered: str,
-        last_user: str,
-        max_new: int,
-        req: ChatCompletionRequest,
-        streamer: _Streamer | None,
-    ) -> dict[str, Any]:
-        """Runs on the model worker: the policy's edit as a hook around ``model.generate``."""
-        cp = plan.compiled
-        cond_p = None
-        steer = cp is not None
-        if cp is not None and cp.condition is not None:
-            p, rows, _ = engine.condition_rows(
-                cp, [last_user]
-            )  # the service's one gate decision (position, logit threshold)
-            cond_p, steer = float(p[0]), bool(rows[0])
-        info = {**plan.describe(), "steered": bool(steer), "condition_probability": cond_p}
-        enc = backbone.tokenize([rendered], add_special_tokens=False)
-        limit = getattr(backbone.config, "max_position_embeddings", None) or getattr(
-            backbone.config, "n_positions", None
+    if streamer is not None:
+        streamer.loop.call_soon_threadsafe(streamer.queue.put_nowait, ("info", info))
+    sampling = bool(req.temperature)
+    kw: dict[str, Any] = {"do_sample": sampling}
+    if sampling:
+        kw["temperature"] = float(req.temperature)
+        if req.top_p is not None:
+            kw["top_p"] = float(req.top_p)
+        torch.manual_seed(int(req.seed or 0))
+    tok = backbone.tokenizer
+    ctx = backbone.steer(cp.layer, edit=cp.edit(plan.alpha or 0.0), where=cp.where) if steer else _null()
+    with ctx, torch.inference_mode():
+        out = backbone.model.generate(
+            input_ids=enc.input_ids,
+            attention_mask=enc.attention_mask,
+            max_new_tokens=max_new,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+            streamer=streamer,
+            **kw,
         )
-        n_prompt = int(enc.input_ids.shape[1])
-        if limit and n_prompt + max_new > int(limit):
-            raise ApiError(
-                422,
-                "context_length_exceeded",
-                f"the prompt has {n_prompt} tokens; with max_tokens {max_new} it exceeds "
-                f"the model's context of {limit} tokens",
-            )
-        if streamer is not None:
-            streamer.loop.call_soon_threadsafe(streamer.queue.put_nowait, ("info", info))
-        sampling = bool(req.temperature)
-        kw: dict[str, Any] = {"do_sample": sampling}
-        if sampling:
-            kw["temperature"] = float(req.temperature)
-            if req.top_p is not None:
-                kw["top_p"] = float(req.top_p)
-            torch.manual_seed(int(req.seed or 0))
-        tok = backbone.tokenizer
-        ctx = backbone.steer(cp.layer, edit=cp.edit(plan.alpha or 0.0), where=cp.where) if steer else _null()
-        with ctx, torch.inference_mode():
-            out = backbone.model.generate(
-                input_ids=enc.input_ids,
-                attention_mask=enc.attention_mask,
-                max_new_tokens=max_new,
-                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-                streamer=streamer,
-                **kw,
-            )
-        new = out[0, n_prompt:].tolist()
-        eos = {tok.eos_token_id} | set(
-            _as_list(getattr(backbone.model.generation_config, "eos_token_id", None))
-        )
-        finished = bool(new) and new[-1] in eos
-        text = tok.decode(new, skip_special_tokens=True)
-        return {
-            "text": text,
-            "prompt_tokens": n_prompt,
-            "completion_tokens": len(new),
-            "finish_reason": "stop" if finished or len(new) < max_new else "length",
-            "info": info,
-        }
+    new = out[0, n_prompt:].tolist()
+    eos = {tok.eos_token_id} | set(_as_list(getattr(backbone.model.generation_config, "eos_token_id", None)))
+    finished = bool(new) and new[-1] in eos
+    text = tok.decode(new, skip_special_tokens=True)
+    return {
+        "text": text,
+        "prompt_tokens": n_prompt,
+        "completion_tokens": len(new),
+        "finish_reason": "stop" if finished or len(new) < max_new else "length",
+        "info": info,
+    }
 
-    def submit(fn: Callable[[], dict[str, Any]]) -> Any:
-        """Queue ``fn`` on the model worker; returns an awaitable bounded by the request timeout."""
-        future = worker.submit(lambda payloads: [fn()], None, None, 1)
-        return asyncio.wait_for(asyncio.wrap_future(future), limits.request_timeout_s)
 
-    @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
-    async def chat_completions(req: ChatCompletionRequest):
-        """OpenAI chat completion, optionally steered by a policy (model '<model>:<policy>' or body 'policy')."""
-        plan = resolve(req)
-        rendered, last_user, max_new = check(req)
-        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        metrics.observe_texts("/v1/chat/completions", 1)
-        if not req.stream:
-            try:
-                r = await submit(lambda: generate(plan, rendered, last_user, max_new, req, None))
-            except asyncio.TimeoutError:
-                raise ApiError(
-                    504, "timeout", f"the model did not answer within {limits.request_timeout_s:g} s"
-                ) from None
-            return {
-                "id": cid,
-                "created": created,
-                "model": req.model,
-                "safesteer": r["info"],
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": r["text"]},
-                        "finish_reason": r["finish_reason"],
-                    }
-                ],
-                "usage": {
-                    "prompt_tokens": r["prompt_tokens"],
-                    "completion_tokens": r["completion_tokens"],
-                    "total_tokens": r["prompt_tokens"] + r["completion_tokens"],
-                },
-            }
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        streamer = _Streamer(loop, queue)
-        done = submit(lambda: generate(plan, rendered, last_user, max_new, req, streamer))
-        return StreamingResponse(
-            _events(cid, created, req.model, queue, done),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache"},
-        )
+def _submit(request: Request, fn: Callable[[], dict[str, Any]]) -> Any:
+    """Queue ``fn`` on the model worker; returns an awaitable bounded by the request timeout."""
+    future = state.worker(request).submit(lambda payloads: [fn()], None, None, 1)
+    return asyncio.wait_for(asyncio.wrap_future(future), state.limits(request).request_timeout_s)
 
-    async def _events(
-        cid: str, created: int, model: str, queue: asyncio.Queue, done: Any
-    ) -> AsyncIterator[bytes]:
-        tok = backbone.tokenizer
-        task = asyncio.ensure_future(done)
-        task.add_done_callback(lambda _t: queue.put_nowait(("end", None)))
 
-        def chunk(delta: dict, finish: str | None, info: dict) -> bytes:
-            body = {
-                "id": cid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-                "safesteer": info,
-            }
-            return f"data: {json.dumps(body)}\n\n".encode()
-
-        ids: list[int] = []
-        sent = ""
-        info0: dict | None = None
-        while True:
-            kind, value = await queue.get()
-            if kind == "end":
-                break
-            if kind == "info":  # what is applied, known before the first token
-                info0 = value
-                yield chunk({"role": "assistant", "content": ""}, None, info0)
-                continue
-            ids.extend(value)
-            text = tok.decode(ids, skip_special_tokens=True)
-            if text.endswith("\ufffd"):
-                continue  # a multi-byte character is not complete yet
-            if len(text) > len(sent):
-                yield chunk({"content": text[len(sent) :]}, None, info0)
-                sent = text
+@router.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
+async def chat_completions(req: ChatCompletionRequest, request: Request):
+    """OpenAI chat completion, optionally steered by a policy (model '<model>:<policy>' or body 'policy')."""
+    engine, limits = state.engine(request), state.limits(request)
+    plan = _resolve(request, req)
+    rendered, last_user, max_new = _check(req, engine.backbone, limits)
+    cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    state.metrics(request).observe_texts("/v1/chat/completions", 1)
+    if not req.stream:
         try:
-            r = task.result()
-        except asyncio.TimeoutError:
-            err = {
-                "error": {
-                    "code": "timeout",
-                    "message": f"the model did not answer within {limits.request_timeout_s:g} s",
-                }
-            }
-            yield f"data: {json.dumps(err)}\n\n".encode()
-            return
-        except ApiError as exc:
-            yield f"data: {json.dumps({'error': {'code': exc.code, 'message': exc.message}})}\n\n".encode()
-            return
-        if info0 is None:
-            yield chunk({"role": "assistant", "content": ""}, None, r["info"])
-        if len(r["text"]) > len(
-            sent
-        ):  # the full decode can differ at the very end (a trailing partial character)
-            yield chunk({"content": r["text"][len(sent) :]}, None, r["info"])
-        yield chunk({}, r["finish_reason"], r["info"])
-        yield b"data: [DONE]\n\n"
-
-    def cards() -> list[dict[str, Any]]:
-        out = [{"id": model_name, "created": started, "safesteer": {"policy": None}}]
-        for name, rec in sorted(store.snapshot().items()):
-            out.append(
-                {
-                    "id": f"{model_name}:{name}",
-                    "created": int(rec.updated_at),
-                    "safesteer": {"policy": name, "policy_version": rec.version, "alpha": rec.policy.alpha},
-                }
+            r = await _submit(
+                request, lambda: _generate(engine, plan, rendered, last_user, max_new, req, None)
             )
-        return out
+        except asyncio.TimeoutError:
+            raise ApiError(
+                504, "timeout", f"the model did not answer within {limits.request_timeout_s:g} s"
+            ) from None
+        return {
+            "id": cid,
+            "created": created,
+            "model": req.model,
+            "safesteer": r["info"],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": r["text"]},
+                    "finish_reason": r["finish_reason"],
+                }
+            ],
+            "usage": {
+                "prompt_tokens": r["prompt_tokens"],
+                "completion_tokens": r["completion_tokens"],
+                "total_tokens": r["prompt_tokens"] + r["completion_tokens"],
+            },
+        }
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    streamer = _Streamer(loop, queue)
+    done = _submit(request, lambda: _generate(engine, plan, rendered, last_user, max_new, req, streamer))
+    return StreamingResponse(
+        _events(cid, created, req.model, queue, done, engine.backbone.tokenizer, limits.request_timeout_s),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
+    )
 
-    @router.get("/v1/models", response_model=ModelList)
-    async def list_models() -> dict[str, Any]:
-        """The model unsteered, and '<model>:<policy>' for every current policy."""
-        return {"object": "list", "data": cards()}
 
-    @router.get("/v1/models/{model_id}", response_model=ModelCard, responses=_ERRORS)
-    async def get_model(model_id: str) -> dict[str, Any]:
-        for card in cards():
-            if card["id"] == model_id:
-                return card
-        raise ApiError(404, "model_not_found", f"unknown model '{model_id}' (GET /v1/models)")
+async def _events(
+    cid: str, created: int, model: str, queue: asyncio.Queue, done: Any, tok: Any, timeout_s: float
+) -> AsyncIterator[bytes]:
+    """The ``text/event-stream`` of a streamed completion: role, content deltas, finish, ``[DONE]``."""
+    task = asyncio.ensure_future(done)
+    task.add_done_callback(lambda _t: queue.put_nowait(("end", None)))
 
-    app.include_router(router)
-    return router
+    def chunk(delta: dict, finish: str | None, info: dict) -> bytes:
+        body = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            "safesteer": info,
+        }
+        return f"data: {json.dumps(body)}\n\n".encode()
+
+    ids: list[int] = []
+    sent = ""
+    info0: dict | None = None
+    while True:
+        kind, value = await queue.get()
+        if kind == "end":
+            break
+        if kind == "info":  # what is applied, known before the first token
+            info0 = value
+            yield chunk({"role": "assistant", "content": ""}, None, info0)
+            continue
+        ids.extend(value)
+        text = tok.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            continue  # a multi-byte character is not complete yet
+        if len(text) > len(sent):
+            yield chunk({"content": text[len(sent) :]}, None, info0)
+            sent = text
+    try:
+        r = task.result()
+    except asyncio.TimeoutError:
+        err = {
+            "error": {
+                "code": "timeout",
+                "message": f"the model did not answer within {timeout_s:g} s",
+            }
+        }
+        yield f"data: {json.dumps(err)}\n\n".encode()
+        return
+    except ApiError as exc:
+        yield f"data: {json.dumps({'error': {'code': exc.code, 'message': exc.message}})}\n\n".encode()
+        return
+    if info0 is None:
+        yield chunk({"role": "assistant", "content": ""}, None, r["info"])
+    if len(r["text"]) > len(
+        sent
+    ):  # the full decode can differ at the very end (a trailing partial character)
+        yield chunk({"content": r["text"][len(sent) :]}, None, r["info"])
+    yield chunk({}, r["finish_reason"], r["info"])
+    yield b"data: [DONE]\n\n"
+
+
+def _cards(request: Request) -> list[dict[str, Any]]:
+    """The model unsteered, then ``<model>:<policy>`` for every current policy."""
+    model_name = state.model_name(request)
+    out = [{"id": model_name, "created": request.app.state.started, "safesteer": {"policy": None}}]
+    for name, rec in sorted(state.store(request).snapshot().items()):
+        out.append(
+            {
+                "id": f"{model_name}:{name}",
+                "created": int(rec.updated_at),
+                "safesteer": {"policy": name, "policy_version": rec.version, "alpha": rec.policy.alpha},
+            }
+        )
+    return out
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(request: Request) -> dict[str, Any]:
+    """The model unsteered, and '<model>:<policy>' for every current policy."""
+    return {"object": "list", "data": _cards(request)}
+
+
+@router.get("/v1/models/{model_id}", response_model=ModelCard, responses=_ERRORS)
+async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+    for card in _cards(request):
+        if card["id"] == model_id:
+            return card
+    raise ApiError(404, "model_not_found", f"unknown model '{model_id}' (GET /v1/models)")
 
 
 class _null:
@@ -442,4 +438,4 @@ def _as_list(x: Any) -> list[int]:
     return [int(v) for v in x] if isinstance(x, (list, tuple)) else [int(x)]
 
 
-__all__ = ["ChatCompletionRequest", "mount_openai", "render_messages"]
+__all__ = ["ChatCompletionRequest", "render_messages", "router"]

@@ -26,10 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Mapping, Optional
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from safesteer.errors import SafesteerError
 from safesteer.io import read_json, write_json
+from safesteer.steering import unit
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 _NAME_RE = re.compile(NAME_PATTERN)
@@ -48,7 +50,7 @@ def valid_name(name: str) -> bool:
     return isinstance(name, str) and bool(_NAME_RE.fullmatch(name)) and name not in (".", "..")
 
 
-class Condition(BaseModel):
+class ConditionSpec(BaseModel):
     """Steer a text only when the (unsteered) prompt passes ``probe``'s gate.
 
     Either ``threshold`` (steer when P(probe) > threshold) or ``score_threshold`` (steer when the
@@ -71,7 +73,7 @@ class Condition(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _one_threshold(self) -> "Condition":
+    def _one_threshold(self) -> "ConditionSpec":
         if (self.threshold is None) == (self.score_threshold is None):
             raise ValueError(
                 "a condition needs exactly one of 'threshold' (probability) or 'score_threshold' (logit)"
@@ -128,7 +130,7 @@ class PolicyBody(BaseModel):
     clamps: list[Clamp] = Field(
         default_factory=list, max_length=MAX_CLAMPS, description="SAE atom clamps (need a server SAE)."
     )
-    condition: Optional[Condition] = None
+    condition: Optional[ConditionSpec] = None
     positions: Literal["all", "prompt"] = Field(
         "all",
         description="Steer every position, or the prompt's only "
@@ -382,10 +384,6 @@ def policy_direction(names: list[str], directions: list[Any], layer: int | None)
     """A policy's steering layer and unit vector: its directions' normalised sum of unit vectors (the
     package's hybrid rule; one direction is used as is). ``layer`` None: the directions' own layer,
     which must then agree."""
-    import numpy as np
-
-    from safesteer.steering import unit
-
     if layer is None:
         layers = {d.layer for d in directions}
         if len(layers) > 1:
