@@ -111,3 +111,154 @@ def test_ruff_format_and_check_are_clean():
     assert fmt.returncode == 0, "run `make format`:\n" + fmt.stdout + fmt.stderr
     lint = _ruff("check")
     assert lint.returncode == 0, "run `make format` (or fix by hand):\n" + lint.stdout + lint.stderr
+
+
+# ------------------------------------------------------------------------------------- floors
+# Each top-level module or package of safesteer sits on one floor; a module may import its own floor
+# and the floors below, never a floor above (the pipeline reads like the building: data and models at
+# the bottom, the CLI on top).
+FLOORS: tuple[tuple[str, ...], ...] = (
+    ("errors", "paths", "net", "devices", "io", "progress", "layout", "distributed", "workers", "checks"),
+    ("data", "models", "store"),
+    ("extract", "sae", "probes", "testing"),
+    ("steering", "cartography"),
+    ("evaluate",),
+    ("behaviour",),
+    ("config",),
+    ("serve",),
+    ("interop",),
+    ("pipeline", "bench"),
+    ("cli", "__main__", "__init__"),
+)
+FLOOR = {unit: i for i, units in enumerate(FLOORS) for unit in units}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for p in _sources():
+        rel = p.relative_to(ROOT).with_suffix("").parts
+        out[".".join(("safesteer",) + (rel[:-1] if rel[-1] == "__init__" else rel))] = p
+    return out
+
+
+def _runtime_imports(path: Path, modules: dict[str, Path], text: str | None = None) -> set[str]:
+    """The safesteer modules ``path`` imports when it runs (``if TYPE_CHECKING:`` blocks aside):
+    ``from pkg import mod`` counts as ``pkg.mod``; a module's own parent packages are not counted."""
+    tree = ast.parse(path.read_text() if text is None else text)
+    hidden = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for stmt in node.body
+        for n in ast.walk(stmt)
+    }
+    rel = path.relative_to(ROOT).with_suffix("").parts
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in hidden:
+            continue
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = ("safesteer",) + rel[: len(rel) - node.level]
+                mod = ".".join(base + ((node.module,) if node.module else ()))
+            else:
+                mod = node.module or ""
+            names |= {f"{mod}.{a.name}" if f"{mod}.{a.name}" in modules else mod for a in node.names}
+
+    def resolve(m: str) -> str:
+        while m and m not in modules:
+            m = m.rpartition(".")[0]
+        return m
+
+    me = ".".join(("safesteer",) + (rel[:-1] if rel[-1] == "__init__" else rel))
+    parents = {me.rsplit(".", k)[0] for k in range(1, me.count(".") + 1)}
+    return {
+        r
+        for n in names
+        if n.startswith("safesteer")
+        for r in [resolve(n)]
+        if r and r != me and r not in parents
+    }
+
+
+def _unit(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def test_every_module_has_a_floor():
+    units = {_unit(m) for m in _modules()} | {p.stem for p in ROOT.glob("*.py")}
+    assert not units - set(FLOOR), f"put these in FLOORS: {sorted(units - set(FLOOR))}"
+
+
+def test_no_import_runs_back_up_a_floor():
+    modules = _modules()
+    up = [
+        f"{m} (floor {FLOOR[_unit(m)]}) imports {d} (floor {FLOOR[_unit(d)]})"
+        for m, p in modules.items()
+        for d in sorted(_runtime_imports(p, modules))
+        if FLOOR[_unit(d)] > FLOOR[_unit(m)]
+    ]
+    assert not up, "imports that run back up a floor:\n" + "\n".join(up)
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_circle():
+    modules = _modules()
+    graph = {m: _runtime_imports(p, modules) for m, p in modules.items()}
+    assert not _cycles(graph), "import circles:\n" + "\n".join(" -> ".join(c) for c in _cycles(graph))
+
+
+def test_the_floor_and_circle_checks_see_what_they_must():
+    """The checkers themselves: an up-import is seen in every form, TYPE_CHECKING imports are not, and a circle is found."""
+    modules = _modules()
+    where = ROOT / "models" / "backbone.py"  # floor 1; parsed text, not written
+    for text in (
+        "from safesteer.serve.engine import Engine\n",
+        "def f():\n    from ..serve import engine\n",
+        "import safesteer.pipeline.runner\n",
+    ):
+        found = _runtime_imports(where, modules, text)
+        assert any(FLOOR[_unit(d)] > FLOOR["models"] for d in found), text
+    hidden = (
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from safesteer.serve.engine import Engine\n"
+    )
+    assert not _runtime_imports(where, modules, hidden)
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []

@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from safesteer.cartography.config import AtomSection, MapSection
+from safesteer.checks import choice
 from safesteer.errors import SafesteerError
+from safesteer.probes.config import ProbeSection
 
 
 @dataclass
@@ -86,45 +89,6 @@ class SAESection:
 @dataclass
 class EncodeSection:
     batch_size: int = 4096
-
-
-@dataclass
-class ProbeSection:
-    labels: list[str] = field(default_factory=lambda: ["toxicity", "harmfulness"])
-    max_rows: int = 200_000
-    balanced: bool = True
-    cs: list[float] = field(
-        default_factory=list
-    )  # inverse ℓ2 strengths; one value = fixed C, several = CV, empty = default grid
-    holdout: str = "auto"  # auto (datasets' test split if usable, else id hash) | dataset | id
-    test_fraction: float = 0.2  # held-out share for holdout = "id"
-
-
-@dataclass
-class MapSection:
-    heldout: float = 0.2  # share of rows kept apart for replication (0 = none)
-    top_k: int = 10  # top-activating rows kept per atom for the cards
-    method: str = "omp"  # probe decomposition: omp | omp-nonneg | nnlasso
-    n_atoms_link: int = 16  # atoms per probe decomposition
-    min_per_class: int = 5  # skip labels with fewer positive or negative rows
-
-
-@dataclass
-class AtomSection:
-    k: int = 20
-    candidates: int = 5
-    judge: str = "offline"  # offline | openai | none
-    screen: bool = True
-    dedup: bool = True  # drop near-duplicate atoms by MiniLM cosine of their top texts
-    threshold: float = 0.20  # de-duplication cosine-distance threshold
-    categories: list[str] = field(
-        default_factory=lambda: ["toxicity", "harm"]
-    )  # macro-categories to draw candidates from
-    judge_model: str = "smollm2-135m"  # offline judge model
-    alpha_scale: float = 1.0  # screening step α = scale × the atom's largest observed activation
-    r_threshold: float = 0.05  # minimum |r| on the held-out split
-    screen_texts: int = 12  # validation texts per concept for screening
-    readout_rows: int = 30  # texts per dataset part for the screening read-out probes
 
 
 @dataclass
@@ -234,21 +198,20 @@ class Config:
         return dataclasses.asdict(self)
 
     def validate(self) -> "Config":
-        _choice("model.kind", self.model.kind, ("auto", "causal", "masked"))
+        for section in (self.probes, self.map, self.atoms):  # the sections validated next to their definition
+            section.validate()
+        choice("model.kind", self.model.kind, ("auto", "causal", "masked"))
         from safesteer.devices import check_device_name
 
         check_device_name(self.run.device, "config run.device =")
-        _choice("data.source", self.data.source, ("auto", "package", "local", "pypi", "hub"))
-        _choice("extract.dtype", self.extract.dtype, ("float16", "float32"))
-        _choice("extract.precision", self.extract.precision, ("auto", "bf16", "fp32"))
-        _choice("sae.variant", self.sae.variant, ("paper", "article"))
-        _choice("sae.precision", self.sae.precision, ("auto", "bf16", "fp32"))
-        _choice("atoms.judge", self.atoms.judge, ("offline", "openai", "none"))
-        _choice("probes.holdout", self.probes.holdout, ("auto", "dataset", "id"))
-        _choice("map.method", self.map.method, ("omp", "omp-nonneg", "nnlasso"))
-        _choice("evaluate.alpha_unit", self.evaluate.alpha_unit, ("norm", "raw"))
-        _choice("behaviour.gate_position", self.behaviour.gate_position, ("prompt", "prompt_end"))
-        _choice("evaluate.ci_method", self.evaluate.ci_method, ("percentile", "bca"))
+        choice("data.source", self.data.source, ("auto", "package", "local", "pypi", "hub"))
+        choice("extract.dtype", self.extract.dtype, ("float16", "float32"))
+        choice("extract.precision", self.extract.precision, ("auto", "bf16", "fp32"))
+        choice("sae.variant", self.sae.variant, ("paper", "article"))
+        choice("sae.precision", self.sae.precision, ("auto", "bf16", "fp32"))
+        choice("evaluate.alpha_unit", self.evaluate.alpha_unit, ("norm", "raw"))
+        choice("behaviour.gate_position", self.behaviour.gate_position, ("prompt", "prompt_end"))
+        choice("evaluate.ci_method", self.evaluate.ci_method, ("percentile", "bca"))
         if self.evaluate.random_alpha not in ("max", "each"):
             try:
                 float(self.evaluate.random_alpha)
@@ -256,8 +219,6 @@ class Config:
                 raise SafesteerError(
                     f'config evaluate.random_alpha = {self.evaluate.random_alpha!r} is not valid; use "max", "each" or a number'
                 ) from None
-        if not 0 <= self.map.heldout < 1:
-            raise SafesteerError(f"config map.heldout must be in [0, 1) (got {self.map.heldout})")
         if not 0 <= self.sae.val_fraction < 1:
             raise SafesteerError(f"config sae.val_fraction must be in [0, 1) (got {self.sae.val_fraction})")
         for key, value in (
@@ -268,17 +229,12 @@ class Config:
             ("extract.batch_size", self.extract.batch_size),
             ("sae.batch_size", self.sae.batch_size),
             ("sae.epochs", self.sae.epochs),
-            ("atoms.k", self.atoms.k),
-            ("atoms.candidates", self.atoms.candidates),
             ("evaluate.max_prompts", self.evaluate.max_prompts),
             ("sae.lr", self.sae.lr),
             ("evaluate.calib_prompts", self.evaluate.calib_prompts),
             ("directions.random_members", self.directions.random_members),
             ("evaluate.bootstrap", self.evaluate.bootstrap),
             ("encode.batch_size", self.encode.batch_size),
-            ("map.top_k", self.map.top_k),
-            ("atoms.screen_texts", self.atoms.screen_texts),
-            ("atoms.readout_rows", self.atoms.readout_rows),
             ("evaluate.batch_size", self.evaluate.batch_size),
         ):
             if value <= 0:
@@ -291,10 +247,6 @@ class Config:
             raise SafesteerError("config sae.l1 must be a non-empty list of positive numbers")
         if not self.data.sae_datasets:
             raise SafesteerError("config data.sae_datasets must name at least one dataset")
-        if any(c <= 0 for c in self.probes.cs):
-            raise SafesteerError(
-                "config probes.cs must hold positive numbers (inverse regularisation strengths)"
-            )
         b = self.behaviour
         for key, value in (
             ("behaviour.cap_harmful", b.cap_harmful),
@@ -349,11 +301,6 @@ class Config:
                 f"config data.sae_datasets: unknown dataset {unknown[0]!r}; valid choices: {', '.join(names())}"
             )
         return self
-
-
-def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise SafesteerError(f"config {key} = {value!r} is not valid; choose one of: {', '.join(valid)}")
 
 
 def _build(cls: type, data: dict[str, Any], where: str):

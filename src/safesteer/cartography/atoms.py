@@ -16,11 +16,11 @@ import pandas as pd
 
 from safesteer import layout
 from safesteer.cartography import select as S
+from safesteer.cartography.config import AtomSection
 from safesteer.cartography.dedup import MiniLMEmbedder
 from safesteer.cartography.judges import make_judge
 from safesteer.cartography.map import load_decoder
 from safesteer.cartography.screen import CausalScreen, train_readouts
-from safesteer.config import AtomSection
 from safesteer.errors import SafesteerError
 from safesteer.io import atomic_path, read_json, write_json
 from safesteer.progress import progress, say

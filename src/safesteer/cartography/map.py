@@ -13,10 +13,10 @@ import pandas as pd
 
 from safesteer import layout
 from safesteer.cartography.atom_map import atom_table, encode_labels, map_latents
+from safesteer.cartography.config import MapSection
 from safesteer.cartography.link import decompose
 from safesteer.cartography.stats import StreamingStats
 from safesteer.cartography.top import TopActivations
-from safesteer.config import MapSection
 from safesteer.errors import SafesteerError
 from safesteer.io import atomic_path, load_npy, read_json, write_json
 from safesteer.probes import load_probe

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from safesteer.config import ProbeSection
 from safesteer.errors import SafesteerError
+from safesteer.probes.config import ProbeSection
 
 
 def labelled_rows(store, label: str, max_rows: int | None = None, seed: int = 0, batch_size: int = 8192):
