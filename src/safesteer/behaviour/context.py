@@ -17,13 +17,16 @@ from safesteer.steering.strategies import DirectionSet, Intervention
 class Run:
     """What every step reads: the settings, the model, the judge, the output folder and the store."""
 
-    cfg: Any  # a StudyConfig
+    cfg: Any  # the StudyConfig ([behaviour])
     bb: Any  # the causal LM's Backbone
     judge: Callable[[list[str], list[str]], np.ndarray]
     out: Path
     store: StepStore
     base_key: str  # the settings, model and extra directions every step depends on
     say: Callable[[str], None]
+    layer: int  # the steering layer
+    seed: int
+    data_dir: str | None  # the offline data folder, if any
     extra_directions: Any = None
 
     def cached(self, name: str, key: str, compute: Callable[[], Any], save: Callable, load: Callable) -> Any:

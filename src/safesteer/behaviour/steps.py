@@ -61,13 +61,13 @@ def features(run: Run) -> Features:
         raise SafesteerError(
             f"behaviour gate_position '{cfg.gate_position}' unsupported; valid choices: prompt, prompt_end"
         )
-    layers = sorted({*cfg.gate_layers, cfg.layer})
+    layers = sorted({*cfg.gate_layers, run.layer})
     key = step_key(run.base_key, "features")
     positions = list(dict.fromkeys((cfg.gate_position, "prompt_end")))
 
     def compute() -> Features:
         t = time.perf_counter()
-        P = load_prompts(cfg.caps, data_dir=cfg.data_dir, augment=cfg.augment, wide=cfg.augment_wide)
+        P = load_prompts(cfg.caps(), data_dir=run.data_dir, augment=cfg.augment, wide=cfg.augment_wide)
         feats = pooled_at(
             run.bb, P.text, layers, (cfg.gate_position, "prompt_end"), batch_size=cfg.batch_size
         )
@@ -140,7 +140,7 @@ def fit_gate(run: Run, f: Features) -> GateFit:
                 l,
                 cfg.gate_position,
                 target_fpr=0.05,
-                seed=cfg.seed,
+                seed=run.seed,
                 hidden=cfg.gate_hidden,
                 members=cfg.gate_members,
                 mlp_alpha=cfg.gate_mlp_alpha,
@@ -151,7 +151,7 @@ def fit_gate(run: Run, f: Features) -> GateFit:
         gl = max(val_auc, key=lambda l: (val_auc[l], -l))
         gate, H = gates[gl], f.gate[gl]
         report = gate_report(gate, H, P)
-        lodo_res = lodo(H, P, seed=cfg.seed, model=gate.meta)
+        lodo_res = lodo(H, P, seed=run.seed, model=gate.meta)
         pairs = score_pairs(run.bb, gate)
         dev_pairs = score_pairs(run.bb, gate, paraphrase_pairs("dev"))  # phrasing robustness beside test
         gate.save(run.out / layout.GATE_DIR)
@@ -161,7 +161,7 @@ def fit_gate(run: Run, f: Features) -> GateFit:
             f"{pairs.same_side:.2f} (dev pairs {dev_pairs.same_side:.2f})"
         )
         # calibration: each train row scored by a gate that did not see it (cross_fit_scores)
-        cal = cross_fit_scores(gate, H, P, cfg.calib_folds, cfg.seed)
+        cal = cross_fit_scores(gate, H, P, cfg.calib_folds, run.seed)
         return GateFit(gl, gate, val_auc, report, lodo_res, pairs, dev_pairs, gate.score(H), cal, key)
 
     def save(g: GateFit):
@@ -202,7 +202,7 @@ class Directions:
 
 
 def directions(run: Run, f: Features) -> Directions:
-    cfg, P, L = run.cfg, f.prompts, run.cfg.layer
+    cfg, P, L = run.cfg, f.prompts, run.layer
     key = step_key(run.base_key, "directions", f.key)
 
     def compute() -> Directions:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch
 from safesteer import layout
 from safesteer.behaviour import policy as pol
 from safesteer.behaviour.checkpoint import StepStore, step_key
+from safesteer.behaviour.config import StudyConfig
 from safesteer.behaviour.context import Run
 from safesteer.behaviour.heldout import self_checks, test, verify
 from safesteer.behaviour.pairs import pair_line
@@ -45,77 +45,6 @@ from safesteer.io import atomic_path, write_json
 from safesteer.models import load_backbone
 
 
-@dataclass
-class StudyConfig:
-    model: str = "smollm2-135m"
-    layer: int = 15
-    gate_layers: tuple[int, ...] = (12, 15)
-    gate_position: str = "prompt"
-    """Where the gate reads (``prompt``: the user message + template tail; ``prompt_end``: the tail only)."""
-    gate_hidden: int = 128
-    """ReLU units per MLP member of the gate (:func:`~safesteer.behaviour.gate.fit_mlp`); 0: a linear probe."""
-    gate_members: int = 3
-    gate_mlp_alpha: float = 1.0
-    steer_positions: str = "prompt"
-    """Where the policies steer: ``prompt`` (the prompt's positions; the answer is generated unsteered on
-    the steered context) or ``all`` (every position, also each generated token)."""
-    budget_groups: tuple[str, ...] = ("xstest_safe",)
-    """The look-alike harmless sources whose validation (+ cross-fitted train) rows judge the over-refusal
-    and fluency budget: the same population as the test figures they stand for."""
-    alphas: tuple[float, ...] = (0.2, 0.3)
-    fprs: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05)
-    strategies: tuple[str, ...] = ("refusal_caa", "refusal_dim")
-    caps: dict[str, int] = field(
-        default_factory=lambda: {
-            "advbench": 1000,
-            "donotanswer": 1000,
-            **{
-                q: 150
-                for q in (
-                    "nq_open",
-                    "truthfulqa",
-                    "healthsearchqa",
-                    "liveqa",
-                    "medicationqa",
-                    "commonsenseqa",
-                )
-            },
-        }
-    )
-    augment: bool = True
-    """Reframed copies of the gate's training prompts (imperative ↔ question), see ``steering.reframe``."""
-    augment_wide: bool = False
-    """A second reframed copy of each from the wide bank of frames (``steering.reframe.reframe_wide``).
-    Alone it leaves the gate's phrasing robustness as it is (dev pairs, four seeds); with a gate that
-    reads layers 9, 12 and 15 side by side it raised it (README, "Behaviour steering")."""
-    calib_folds: int = 5
-    """Hash folds for cross-fitted gate scores of the train rows (:func:`~safesteer.behaviour.gate.cross_fit_scores`),
-    which join the val rows for the threshold and the over-refusal budget; 0 = val rows only."""
-    sweep_unconditional: bool = False
-    """Steer every validation prompt per (strategy, α), so that unconditional policies are chosen on
-    validation too; off: only the gate-flagged ones (3× faster), and the unconditional contrast on test
-    is the chosen conditional policy's steering applied to every prompt."""
-    n_val_harmful: int = 40
-    n_test_harmful: int = 104
-    n_qa: int = 24
-    n_caa_prompts: int = 16
-    n_verify: int = 32
-    max_new_tokens: int = 16
-    batch_size: int = 32
-    max_safe_pp: float = 3.0
-    max_fluency_rel: float = 0.02
-    seed: int = 0
-    data_dir: str | None = None
-    threads: int | None = None
-    """torch CPU threads (None: leave as set). On a busy shared CPU one thread is ~10× faster than two."""
-    judge: str = "phrases"
-    """The refusal judge, by name (:mod:`safesteer.evaluate.judges`: phrases, classifier, openai)."""
-    judge_model: str = ""
-    """The judge's model: a local text-classification model (classifier) or the endpoint's model (openai)."""
-    judge_url: str = ""
-    """The judge's OpenAI-compatible endpoint (openai), e.g. ``http://127.0.0.1:8000/v1``."""
-
-
 def _say(msg: str) -> None:
     print(f"[study] {msg}", file=sys.stderr, flush=True)
 
@@ -133,29 +62,43 @@ def _fingerprint(directions: Any) -> list[Any]:
 
 
 def run_study(
-    cfg: StudyConfig, out_dir: str | Path, backbone: Any = None, extra_directions: Any = None
+    cfg: StudyConfig,
+    out_dir: str | Path,
+    *,
+    model: str = "smollm2-135m",
+    layer: int = 15,
+    seed: int = 0,
+    data_dir: str | Path | None = None,
+    backbone: Any = None,
+    extra_directions: Any = None,
 ) -> dict[str, Any]:
     """Run every step and write ``summary.json``, ``pareto.csv``, ``answers.csv``, ``gate/``, ``directions/``.
 
     ``extra_directions`` (a :class:`~safesteer.steering.DirectionSet`, e.g. the pipeline's probe /
     SAE / hybrid directions, oriented so that α ≥ 0 adds refusal) supplies every strategy of
     ``cfg.strategies`` other than ``refusal_caa`` / ``refusal_dim``; they are judged by the same sweep.
+    ``model`` / ``layer``: the causal LM (unless ``backbone`` is that model, loaded) and the
+    steering layer; ``seed`` and ``data_dir`` (the offline data folder) as the run's.
     The returned summary also holds ``seconds`` (wall clock per step), which the files leave out."""
+    cfg.validate()
+    data_dir = None if data_dir is None else str(data_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     judge = build_judge(
         cfg.judge, model=cfg.judge_model, url=cfg.judge_url
     )  # a bad name fails before the model loads
-    bb = backbone or load_backbone(cfg.model)
+    bb = backbone or load_backbone(model)
     if bb.kind != "causal":
         raise SafesteerError("the behaviour study generates answers; it needs a causal LM")
-    settings = {k: v for k, v in asdict(cfg).items() if k != "threads"}  # threads change no result
+    record = cfg.record(model, layer, seed, data_dir)
+    settings = {k: v for k, v in record.items() if k != "threads"}  # threads change no result
     base_key = step_key(settings, str(getattr(bb, "name", "")), _fingerprint(extra_directions))
-    run = Run(cfg, bb, judge, out, StepStore(out / layout.STEPS_DIR), base_key, _say, extra_directions)
+    store = StepStore(out / layout.STEPS_DIR)
+    run = Run(cfg, bb, judge, out, store, base_key, _say, layer, seed, data_dir, extra_directions)
     times: dict[str, float] = {}
 
     def timed(name: str, fn, *args):
@@ -191,13 +134,14 @@ def run_study(
             {"group": P.group, "split": P.split, "harmful": P.harmful, "aug": P.aug, "score": g.scores}
         ).to_csv(tmp, index=False)
     times["total"] = time.perf_counter() - t_all
-    summary = build_summary(cfg, f, g, d, s, ch, results, times)
+    summary = build_summary(cfg, record, f, g, d, s, ch, results, times)
     write_json(out / layout.SUMMARY, {k: v for k, v in summary.items() if k != "seconds"})
     return summary
 
 
 def build_summary(
     cfg: StudyConfig,
+    record: dict[str, Any],
     f: Features,
     g: GateFit,
     d: Directions,
@@ -214,7 +158,7 @@ def build_summary(
         "pairs": dev_pairs.pairs,
     }
     return {
-        "config": asdict(cfg),
+        "config": record,
         "gate": {
             "layer": g.layer,
             "position": cfg.gate_position,
@@ -288,29 +232,34 @@ def headline(summary: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m safesteer.behaviour.study``: the study on its own, defaults from :class:`StudyConfig`."""
+    d = StudyConfig()
     ap = argparse.ArgumentParser(
         prog="python -m safesteer.behaviour.study", description=__doc__.splitlines()[0]
     )
     ap.add_argument("--out", default="runs/behaviour")
-    ap.add_argument("--model", default=StudyConfig.model)
-    ap.add_argument("--layer", type=int, default=StudyConfig.layer)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--layer", type=int, default=15)
     ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--alphas", default=",".join(map(str, StudyConfig.alphas)))
-    ap.add_argument("--gate-layers", default=",".join(map(str, StudyConfig.gate_layers)))
+    ap.add_argument("--threads", type=int, default=d.threads)
+    ap.add_argument("--alphas", default=",".join(map(str, d.alphas)))
+    ap.add_argument("--gate-layers", default=",".join(map(str, d.gate_layers)))
+    ap.add_argument(
+        "--strategies", default="refusal_caa,refusal_dim", help="the study's own (no pipeline directions)"
+    )
+    ap.add_argument("--judge", default=d.judge)
     ap.add_argument("--no-augment", action="store_true")
     args = ap.parse_args(argv)
     try:
         cfg = StudyConfig(
-            model=args.model,
-            layer=args.layer,
-            data_dir=args.data_dir,
             threads=args.threads,
-            alphas=tuple(float(a) for a in args.alphas.split(",")),
-            gate_layers=tuple(int(a) for a in args.gate_layers.split(",")),
+            alphas=[float(a) for a in args.alphas.split(",")],
+            gate_layers=[int(a) for a in args.gate_layers.split(",")],
+            strategies=args.strategies.split(","),
+            judge=args.judge,
             augment=not args.no_augment,
         )
-        summary = run_study(cfg, args.out)
+        summary = run_study(cfg, args.out, model=args.model, layer=args.layer, data_dir=args.data_dir)
     except SafesteerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -30,53 +30,6 @@ class BehaviourOutputs:
     skipped: str  # why the stage did not run the study ("" when it did)
 
 
-def study_config(section: Any, model: str, layer: int, seed: int, data_dir: Path | None):
-    """The :class:`~safesteer.behaviour.study.StudyConfig` of a ``[behaviour]`` section."""
-    from safesteer.behaviour.prompts import QA_SETS
-    from safesteer.behaviour.study import StudyConfig
-
-    caps = {
-        "advbench": section.cap_harmful,
-        "donotanswer": section.cap_harmful,
-        **{q: section.cap_qa for q in QA_SETS},
-        **{s: section.cap_shipped for s in ("contrast_safe", "contrast_unsafe", "tasks")},
-    }
-    return StudyConfig(
-        model=model,
-        layer=layer,
-        gate_layers=tuple(section.gate_layers),
-        gate_position=section.gate_position,
-        gate_hidden=section.gate_hidden,
-        gate_members=section.gate_members,
-        gate_mlp_alpha=section.gate_mlp_alpha,
-        alphas=tuple(section.alphas),
-        steer_positions=section.steer_positions,
-        budget_groups=tuple(section.budget_groups),
-        fprs=tuple(section.fprs),
-        strategies=tuple(section.strategies),
-        caps=caps,
-        augment=section.augment,
-        augment_wide=section.augment_wide,
-        sweep_unconditional=section.sweep_unconditional,
-        calib_folds=section.calib_folds,
-        n_val_harmful=section.n_val_harmful,
-        n_test_harmful=section.n_test_harmful,
-        n_qa=section.n_qa,
-        n_caa_prompts=section.n_caa_prompts,
-        n_verify=section.n_verify,
-        max_new_tokens=section.max_new_tokens,
-        batch_size=section.batch_size,
-        max_safe_pp=section.max_safe_pp,
-        max_fluency_rel=section.max_fluency_rel,
-        seed=seed,
-        data_dir=None if data_dir is None else str(data_dir),
-        threads=section.threads or None,
-        judge=section.judge,
-        judge_model=section.judge_model,
-        judge_url=section.judge_url,
-    )
-
-
 def toward_refusal(directions: Any, names: Any) -> Any:
     """The named directions of a pipeline :class:`DirectionSet`, sign-flipped (α ≥ 0 adds the unsafe direction)."""
     from safesteer.steering.strategies import Direction, DirectionSet
@@ -137,8 +90,16 @@ def run_behaviour_stage(section: Any, inputs: Mapping[str, Any], out_dir: Path, 
     from safesteer.steering.strategies import DirectionSet
 
     extra = toward_refusal(DirectionSet.load(inputs["directions"].directions), section.strategies)
-    cfg = study_config(section, c.model.name, c.model.layer, ctx.seed, ctx.data_dir)
-    summary = run_study(cfg, out_dir, bb, extra_directions=extra)
+    summary = run_study(
+        section,
+        out_dir,
+        model=c.model.name,
+        layer=c.model.layer,
+        seed=ctx.seed,
+        data_dir=ctx.data_dir,
+        backbone=bb,
+        extra_directions=extra,
+    )
     write_json(
         out_dir / TIMINGS, summary.pop("seconds", {})
     )  # wall clock apart: the stage files stay byte-reproducible
