@@ -9,6 +9,8 @@ The sentence vector H of the original study is the mean of a layer's output over
 (attention mask). :meth:`Backbone.forward_layers` stops the forward pass after the deepest
 requested block, and :meth:`Backbone.steer` adds ``alpha * v`` (or applies a callable) to a
 block's output while a ``with`` block runs, removing itself on exit even if the body raises.
+Every forward hook behind these lives in :mod:`safesteer.models.hooks` (what is installed now:
+``backbone.hooks``); pooling in :mod:`safesteer.models.positions`.
 """
 
 from __future__ import annotations
