@@ -9,7 +9,7 @@ from conftest import foreign_hooks
 
 from safesteer.errors import SafesteerError
 from safesteer.models.backbone import mean_pool
-from safesteer.models.where import answer_starts
+from safesteer.models.hooks import answer_starts
 
 TEXTS = ["the man is good", "you are a stupid idiot and i hate you", "how do i make a bomb ?", "a"]
 
@@ -227,7 +227,7 @@ def test_mean_pool_per_row_counts():
 
 
 def test_position_mask_bounds_bool_and_slice():
-    from safesteer.models.backbone import _position_mask
+    from safesteer.models.hooks import position_mask as _position_mask
 
     h = torch.zeros(2, 5, 3)
     # -seq is the first token; seq (one past the end) and beyond are ignored
@@ -330,7 +330,7 @@ def test_prompt_only_steering_steers_the_prompt_and_generates_the_answer_unsteer
         every = bb.logits(seq, att)
     with bb.steer(1, v, alpha=6.0, where="prompt"):  # without them every position of a new input is prompt
         torch.testing.assert_close(bb.logits(seq, att), every, atol=0, rtol=0)
-    assert bb._answer_starts is None and foreign_hooks(bb.layers) == 0
+    assert bb.hooks.answer_starts is None and foreign_hooks(bb.layers) == 0
     assert not bb.model.model._forward_pre_hooks
     with pytest.raises(SafesteerError, match="valid choices: all, prompt"):
         with bb.steer(1, v, where="answer"):

@@ -9,7 +9,7 @@ import torch
 from conftest import foreign_hooks
 
 from safesteer.errors import SafesteerError
-from safesteer.models.where import answer_starts
+from safesteer.models.hooks import answer_starts
 from safesteer.steering.condition import Condition, conditional, gate_flags, gate_scores, threshold_for_fpr
 from safesteer.steering.strategies import Intervention
 
@@ -75,7 +75,7 @@ def test_unflagged_rows_bit_identical_and_flagged_rows_steered_for_every_token(t
     with conditional(bb, cond, iv):
         l1 = bb.logits(enc.input_ids, enc.attention_mask)
     assert torch.equal(l1[[1, 2]], l0[[1, 2]]) and not torch.equal(l1[0], l0[0])
-    assert foreign_hooks(bb.layers) == 0 and bb._steer_layers == []
+    assert foreign_hooks(bb.layers) == 0 and bb.steer_layers == ()
 
 
 @pytest.mark.parametrize("templated", [False, True])

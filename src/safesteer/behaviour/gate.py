@@ -1,6 +1,7 @@
 """The harm gate: a standardised logistic probe or an average of small MLPs (:func:`fit_mlp`) on the
-prompts of :mod:`safesteer.behaviour.prompts` at ``prompt`` / ``prompt_end`` of a middle layer;
-fitting, cross-fitted calibration scores, and the held-out, leave-one-dataset-out metrics
+prompts of :mod:`safesteer.behaviour.prompts` at ``prompt`` / ``prompt_end`` of a middle layer
+(or any registered gate kind, :mod:`safesteer.steering.gates`, each fitted by its kind's one
+``fit``); fitting, cross-fitted calibration scores, and the held-out, leave-one-dataset-out metrics
 (paraphrase pairs: :mod:`safesteer.behaviour.pairs`).
 """
 
@@ -14,6 +15,7 @@ import numpy as np
 from safesteer.behaviour.prompts import Prompts
 from safesteer.errors import SafesteerError
 from safesteer.steering.condition import DEFAULT_FPR, Condition, threshold_for_fpr
+from safesteer.steering.gates import gate_kind, kind_of
 from safesteer.workers import parallel_map
 
 # ------------------------------------------------------------------------------------------- training
@@ -107,32 +109,22 @@ def _fit(
     seed: int,
     jobs: int | None = None,
 ) -> Condition:
-    """A gate of the kind ``meta`` records (``hidden`` 0: logistic with ``C``; else an MLP), threshold 0."""
-    hidden = int(meta.get("hidden", 0) or 0)
-    if hidden:
-        w, b, W1, b1 = fit_mlp(
-            H,
-            y,
-            hidden,
-            int(meta.get("members", 5)),
-            float(meta.get("mlp_alpha", 1.0)),
-            seed,
-            weight,
-            jobs=jobs,
-        )
-        return Condition(w, b, 0, "prompt_end", 0.0, W1=W1, b1=b1)
-    from safesteer.probes.logistic import train_probe
+    """A gate of the kind ``meta`` records (:func:`~safesteer.steering.gates.kind_of`; its settings,
+    e.g. a linear gate's ``C``, an MLP's ``hidden``), refitted through the registry; threshold 0."""
+    kind = gate_kind(kind_of(meta))
+    fitted = kind.fit(H, y, weight, seed, kind.refit_options(meta), jobs=jobs)
+    return Condition.of(fitted.gate, _layers_of(fitted.gate), "prompt_end")
 
-    probe = train_probe(
-        H, y, balanced=True, seed=seed, Cs=[float(meta.get("C", 0.01))], folds=2, sample_weight=weight
-    )
-    return Condition(np.asarray(probe.w), float(probe.b), 0, "prompt_end")
+
+def _layers_of(gate: Any) -> tuple[int, ...]:
+    """Placeholder layers for a gate fitted off any backbone (as many as it reads)."""
+    return tuple(range(gate.n_layers))
 
 
 def train_gate(
     H: np.ndarray,
     prompts: Prompts,
-    layer: int,
+    layer: int | Sequence[int],
     position: str = "prompt_end",
     target_fpr: float = DEFAULT_FPR,
     Cs: Sequence[float] = (1e-2, 1e-1),
@@ -142,39 +134,41 @@ def train_gate(
     hidden: int = 0,
     members: int = 5,
     mlp_alpha: float = 1.0,
+    kind: str | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> Condition:
     """Standardised, class-balanced ℓ2 logistic probe on the train rows (``weighting="groups"``:
     each dataset weighted equally within its class, :func:`row_weights`), or with ``hidden`` > 0 an
     average of ``members`` ReLU MLPs (:func:`fit_mlp`, ℓ2 ``mlp_alpha``); threshold at ``target_fpr``
-    on the harmless *val* rows; held-out metrics on the test rows in ``meta``."""
-    from safesteer.probes.logistic import train_probe
+    on the harmless *val* rows; held-out metrics on the test rows in ``meta``.
 
+    ``kind`` picks a registered gate kind by name (:mod:`safesteer.steering.gates`; default
+    ``mlp`` when ``hidden`` > 0, else ``linear``), ``options`` adds to its fit options. A gate
+    reading several layers (``stacked``) takes ``layer`` = those layers and ``H`` = their pooled
+    vectors side by side (:func:`~safesteer.steering.gates.stack_features`)."""
+    layers = (int(layer),) if isinstance(layer, (int, np.integer)) else tuple(int(l) for l in layer)
+    kind_cls = gate_kind(kind or ("mlp" if hidden else "linear"))
+    opts: dict[str, Any] = {
+        "Cs": list(Cs),
+        "folds": 3,
+        "hidden": int(hidden),
+        "members": int(members),
+        "mlp_alpha": float(mlp_alpha),
+        "n_layers": len(layers),
+        **(options or {}),
+    }
     tr, va, te = (prompts.mask(s) for s in ("train", "val", "test"))
     weight = row_weights(prompts, tr, weighting)
-    if hidden:
-        meta: dict[str, Any] = {
-            "kind": "mlp",
-            "hidden": int(hidden),
-            "members": int(members),
-            "mlp_alpha": float(mlp_alpha),
-        }
-        fitted = _fit(H[tr], prompts.harmful[tr], weight, meta, seed)
-        cond = Condition(fitted.w, fitted.b, layer, position, 0.0, name, {}, fitted.W1, fitted.b1)
-        meta["test_auroc"] = auroc(cond.score(H[te]), prompts.harmful[te])
-    else:
-        probe = train_probe(
-            H[tr],
-            prompts.harmful[tr],
-            H[te],
-            prompts.harmful[te],
-            balanced=True,
-            seed=seed,
-            Cs=Cs,
-            folds=3,
-            sample_weight=weight,
-        )
-        cond = Condition.from_probe(probe, layer, position, 0.0, name)
-        meta = {"kind": "linear", "hidden": 0, "C": probe.metrics["C"], "test_auroc": probe.metrics["auroc"]}
+    fitted = kind_cls.fit(
+        H[tr], prompts.harmful[tr], weight, seed, opts, held_out=(H[te], prompts.harmful[te])
+    )
+    cond = Condition.of(fitted.gate, layers, position, 0.0, name, dict(fitted.meta))
+    meta = dict(fitted.settings)
+    meta["test_auroc"] = (
+        fitted.held_out_auroc
+        if fitted.held_out_auroc is not None
+        else auroc(cond.score(H[te]), prompts.harmful[te])
+    )
     neg_val = va & (prompts.harmful == 0)
     cond.threshold = threshold_for_fpr(cond.score(H[neg_val]), target_fpr)
     cond.meta.update(

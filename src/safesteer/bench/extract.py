@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from safesteer.bench.common import linear_params, matmul_peak_gflops
+from safesteer.models.positions import masked_mean
 
 
 def bench_texts(n: int = 2000, seed: int = 0, data_dir=None) -> list[str]:
@@ -54,8 +55,7 @@ def naive_run(bb, texts: list[str], layer: int, batch_size: int = 32) -> tuple[n
                 return_tensors="pt",
             )
             hs = model(**enc, output_hidden_states=True).hidden_states[layer + 1]
-            m = enc["attention_mask"].unsqueeze(-1).float()
-            out.append(((hs * m).sum(1) / m.sum(1)).numpy())
+            out.append(masked_mean(hs, enc["attention_mask"]).numpy())
             tokens += int(enc["attention_mask"].sum())
     return np.concatenate(out), tokens
 

@@ -23,12 +23,13 @@ import pandas as pd
 import torch
 
 from safesteer.errors import SafesteerError
+from safesteer.models.hooks import find_body
 
 TextLookup = Callable[[Sequence[str]], dict[str, str]]
 
 
 def _final_norm_weight(model) -> torch.Tensor | None:
-    base = getattr(model, getattr(model, "base_model_prefix", ""), None) or model
+    base = find_body(model)
     for holder in (base, model, getattr(base, "decoder", None)):
         if holder is None:
             continue

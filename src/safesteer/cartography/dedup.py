@@ -61,6 +61,8 @@ class MiniLMEmbedder:
         self._torch = torch
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        from safesteer.models.positions import masked_mean
+
         torch = self._torch
         out = []
         with torch.inference_mode():
@@ -73,8 +75,7 @@ class MiniLMEmbedder:
                     return_tensors="pt",
                 ).to(self.device)
                 h = self.model(**enc).last_hidden_state
-                m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
-                v = (h * m).sum(1) / m.sum(1).clamp_min(1e-9)
+                v = masked_mean(h, enc["attention_mask"])
                 out.append(torch.nn.functional.normalize(v, dim=-1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, 384), np.float32)
 

@@ -20,8 +20,8 @@ import torch
 
 from safesteer.errors import SafesteerError
 from safesteer.evaluate.generation import REFUSAL_PHRASES, is_refusal
+from safesteer.models.hooks import answer_starts
 from safesteer.models.positions import chat_inputs
-from safesteer.models.where import answer_starts
 
 
 @dataclass

@@ -9,6 +9,8 @@ The sentence vector H of the original study is the mean of a layer's output over
 (attention mask). :meth:`Backbone.forward_layers` stops the forward pass after the deepest
 requested block, and :meth:`Backbone.steer` adds ``alpha * v`` (or applies a callable) to a
 block's output while a ``with`` block runs, removing itself on exit even if the body raises.
+Every forward hook behind these lives in :mod:`safesteer.models.hooks` (what is installed now:
+``backbone.hooks``); pooling in :mod:`safesteer.models.positions`.
 """
 
 from __future__ import annotations
@@ -22,46 +24,17 @@ import torch
 from torch import nn
 
 from safesteer.errors import SafesteerError
-from safesteer.models.where import PromptOnly, check_where
+from safesteer.models import hooks
+from safesteer.models.hooks import HookState, Positions, find_layers, position_mask
+from safesteer.models.positions import masked_mean
 
 Kind = Literal["causal", "masked"]
-Positions = torch.Tensor | slice | Sequence[int] | None
-
-
-class _StopForward(Exception):
-    """Raised by a hook to end the forward pass once the deepest requested layer is computed."""
-
-
-def _find_layers(model: nn.Module, n_layers: int) -> nn.ModuleList:
-    """The ModuleList of transformer blocks (Llama ``model.layers``, RoBERTa ``encoder.layer``, GPT-2 ``h``…)."""
-    candidates = [
-        (name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers
-    ]
-    if not candidates:
-        raise SafesteerError(
-            f"cannot find the {n_layers} transformer blocks of {type(model).__name__}; unsupported architecture"
-        )
-    return min(candidates, key=lambda nm: nm[0].count("."))[1]
-
-
-def _block_hidden(output: torch.Tensor | tuple) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-def _replace_hidden(output: torch.Tensor | tuple, hidden: torch.Tensor) -> torch.Tensor | tuple:
-    if isinstance(output, tuple):
-        return (hidden,) + tuple(output[1:])
-    if isinstance(output, list):
-        return [hidden] + list(output[1:])
-    return hidden
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``hidden`` (batch × seq × d) over positions where ``attention_mask`` is 1."""
-    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
-    total = (hidden * mask).sum(dim=1)
-    count = mask.sum(dim=1).clamp_min(1.0)
-    return total / count
+    """Mean of ``hidden`` (batch × seq × d) over positions where ``attention_mask`` is 1
+    (:func:`safesteer.models.positions.masked_mean`)."""
+    return masked_mean(hidden, attention_mask)
 
 
 @dataclass
@@ -94,7 +67,7 @@ class Backbone:
         self.name = name
         self.source = source
         n_layers = getattr(self.config, "num_hidden_layers", None) or self.config.n_layer
-        self.layers = _find_layers(model, n_layers)
+        self.layers = find_layers(model, n_layers)
         self.n_layers = len(self.layers)
         self.d_model = int(getattr(self.config, "hidden_size", None) or self.config.n_embd)
         limit = (
@@ -111,10 +84,8 @@ class Backbone:
         self.max_length = int(min(max_length, limit))
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
-        self._steer_depth = 0
-        self._steer_layers: list[int] = []
-        self._prefix: _PrefixCache | None = None
-        self._answer_starts: torch.Tensor | None = None
+        self.hooks = HookState()
+        """What is installed on this backbone now (steering layers, prefix cache, answer starts)."""
 
     # ------------------------------------------------------------------ basics
     @property
@@ -172,31 +143,13 @@ class Backbone:
         wanted = sorted({self.check_layer(l) for l in layers})
         if not wanted:
             raise SafesteerError("no layer requested; pass at least one layer")
-        captured: dict[int, torch.Tensor] = {}
-        deepest = wanted[-1]
-
-        def make_hook(idx: int):
-            def hook(_module, _inputs, output):
-                captured[idx] = _block_hidden(output)
-                if stop and idx == deepest:
-                    raise _StopForward
-
-            return hook
-
-        handles = [self.layers[i].register_forward_hook(make_hook(i)) for i in wanted]
-        try:
-            self._base_forward(input_ids, attention_mask)
-        except _StopForward:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
+        with hooks.capture(self, wanted, stop) as captured:
+            self.body_forward(input_ids, attention_mask)
         return {i: captured[i] for i in wanted}
 
-    def _base_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        """Run the transformer body (no LM head) when possible."""
-        base = getattr(self.model, getattr(self.model, "base_model_prefix", ""), None)
-        target = base if isinstance(base, nn.Module) else self.model
+    def body_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """Run the transformer body (no LM head) when possible (:func:`~safesteer.models.hooks.find_body`)."""
+        target = hooks.find_body(self.model)
         return (
             target(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             if self.kind == "causal"
@@ -237,7 +190,7 @@ class Backbone:
         """Add ``alpha * vector`` to block ``layer``'s output (or apply ``edit``) inside the block.
 
         ``positions``: None = every position; a bool tensor (batch × seq); a slice or a list of
-        sequence indices. ``where="prompt"`` steers the prompt only (see :class:`PromptOnly`).
+        sequence indices. ``where="prompt"`` steers the prompt only (see :class:`~safesteer.models.hooks.PromptOnly`).
         The hook is removed on exit, also when the body raises.
         """
         layer = self.check_layer(layer)
@@ -245,7 +198,7 @@ class Backbone:
             raise SafesteerError("steer needs exactly one of vector or edit")
         if where == "prompt" and positions is not None:
             raise SafesteerError("steer takes positions or where='prompt', not both")
-        only = PromptOnly(self, check_where(where))
+        where = hooks.check_where(where)
         delta = None
         if vector is not None:
             v = torch.as_tensor(np.asarray(vector) if not isinstance(vector, torch.Tensor) else vector)
@@ -255,29 +208,22 @@ class Backbone:
                 )
             delta = (float(alpha) * v.to(torch.float32)).to(self.device)
 
-        def hook(_module, _inputs, output):
-            h = _block_hidden(output)
-            if edit is not None:
-                new = edit(h)
-            else:
-                new = h + delta.to(h.dtype)
+        def apply(h: torch.Tensor) -> torch.Tensor:
+            new = edit(h) if edit is not None else h + delta.to(h.dtype)
             if positions is not None:
-                new = torch.where(_position_mask(positions, h).unsqueeze(-1), new, h)
-            return _replace_hidden(output, only.select(new, h))
+                new = torch.where(position_mask(positions, h).unsqueeze(-1), new, h)
+            return new
 
-        handle = self.layers[layer].register_forward_hook(hook)
-        self._steer_depth += 1
-        self._steer_layers.append(layer)
-        try:
-            with only:
-                yield
-        finally:
-            handle.remove()
-            self._steer_depth -= 1
-            self._steer_layers.remove(layer)
+        with hooks.steering(self, layer, apply, where):
+            yield
+
+    @property
+    def steer_layers(self) -> tuple[int, ...]:
+        """The blocks steered right now (one entry per active steering)."""
+        return tuple(self.hooks.steer_layers)
 
     @contextlib.contextmanager
-    def prefix_cache(self, layer: int, max_bytes: int = 1 << 30) -> Iterator["_PrefixCache"]:
+    def prefix_cache(self, layer: int, max_bytes: int = 1 << 30) -> Iterator[hooks.PrefixCache]:
         """Reuse blocks ``0..layer`` across passes over the same inputs (steering evaluations).
 
         Inside the ``with`` block, the first forward pass over a given batch (same token ids and
@@ -287,17 +233,8 @@ class Backbone:
         block, or with a KV cache (generation) or ``output_hidden_states``, full passes run.
         Recording stops once ``max_bytes`` are held. Nesting is not allowed.
         """
-        layer = self.check_layer(layer)
-        if self._prefix is not None:
-            raise SafesteerError("prefix_cache is already active on this backbone")
-        pc = _PrefixCache(self, layer, max_bytes)
-        self._prefix = pc
-        try:
-            pc.install()
+        with hooks.prefix_cache(self, self.check_layer(layer), max_bytes) as pc:
             yield pc
-        finally:
-            pc.remove()
-            self._prefix = None
 
     # ----------------------------------------------------------------- scoring
     @torch.inference_mode()
@@ -403,109 +340,6 @@ class Backbone:
             **kwargs,
         )
         return self.tokenizer.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
-
-
-class _PrefixCache:
-    """State of :meth:`Backbone.prefix_cache` (hooks on the block stack, stubs for skipped blocks)."""
-
-    def __init__(self, bb: Backbone, layer: int, max_bytes: int):
-        self.bb, self.layer, self.max_bytes = bb, layer, max_bytes
-        self.store: dict[bytes, torch.Tensor | tuple] = {}
-        self.nbytes = 0
-        self.hits = self.misses = 0
-        self._key: bytes | None = None  # key of the forward pass in progress (None: cache not usable)
-        self._hit = False
-        self._handles: list = []
-        self._patched: list[nn.Module] = []
-
-    def _owner(self) -> nn.Module:
-        """The module whose forward takes the token ids and runs the block stack."""
-        base = getattr(self.bb.model, getattr(self.bb.model, "base_model_prefix", ""), None)
-        return base if isinstance(base, nn.Module) else self.bb.model
-
-    def install(self) -> None:
-        import hashlib
-
-        def pre(_module, args, kwargs):
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-            usable = (
-                isinstance(ids, torch.Tensor)
-                and kwargs.get("inputs_embeds") is None
-                and not kwargs.get("use_cache")
-                and kwargs.get("past_key_values") is None
-                and not kwargs.get("output_hidden_states")
-                and all(l >= self.layer for l in self.bb._steer_layers)
-            )
-            if not usable:
-                self._key, self._hit = None, False
-                return None
-            h = hashlib.blake2b(digest_size=16)
-            h.update(str(tuple(ids.shape)).encode())
-            h.update(ids.detach().cpu().numpy().tobytes())
-            if isinstance(mask, torch.Tensor):
-                h.update(mask.detach().cpu().numpy().tobytes())
-            self._key = h.digest()
-            self._hit = self._key in self.store
-            self.hits += self._hit
-            self.misses += not self._hit
-            return None
-
-        def record(_module, _inputs, output):
-            if self._key is not None and not self._hit and self._key not in self.store:
-                size = _block_hidden(output).numel() * _block_hidden(output).element_size()
-                if self.nbytes + size <= self.max_bytes:
-                    self.store[self._key] = output
-                    self.nbytes += size
-            return None
-
-        owner = self._owner()
-        self._handles.append(owner.register_forward_pre_hook(pre, with_kwargs=True))
-        # prepend: record the block's own output, before any steering hook edits it
-        self._handles.append(self.bb.layers[self.layer].register_forward_hook(record, prepend=True))
-        for i in range(self.layer + 1):
-            block = self.bb.layers[i]
-            original = block.forward
-            last = i == self.layer
-
-            def forward(*args, _original=original, _last=last, **kwargs):
-                if not self._hit:
-                    return _original(*args, **kwargs)
-                if _last:
-                    return self.store[self._key]
-                hidden = kwargs.get("hidden_states", args[0] if args else None)
-                return _replace_hidden(self.store[self._key], hidden)
-
-            block.forward = forward
-            self._patched.append(block)
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        for block in self._patched:
-            del block.forward  # back to the class's forward
-        self._handles.clear()
-        self._patched.clear()
-        self.store.clear()
-        self._key, self._hit = None, False
-
-
-def _position_mask(positions: Positions, h: torch.Tensor) -> torch.Tensor:
-    batch, seq = h.shape[0], h.shape[1]
-    if isinstance(positions, torch.Tensor) and positions.dtype == torch.bool:
-        if positions.shape != (batch, seq):
-            raise SafesteerError(
-                f"position mask shape {tuple(positions.shape)} does not match activations ({batch}, {seq})"
-            )
-        return positions.to(h.device)
-    mask = torch.zeros(seq, dtype=torch.bool, device=h.device)
-    if isinstance(positions, slice):
-        mask[positions] = True
-    else:
-        idx = [p for p in positions if -seq <= p < seq]
-        if idx:
-            mask[torch.tensor(idx, device=h.device)] = True
-    return mask.unsqueeze(0).expand(batch, seq)
 
 
 def _detect_kind(model: nn.Module) -> Kind:

@@ -53,6 +53,13 @@ def last_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(attention_mask.bool(), pos, torch.full_like(pos, -1)).max(dim=1).values.clamp_min(0)
 
 
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``hidden`` (batch × seq × d) over the positions where ``mask`` (batch × seq; bool or
+    0/1) is set — the one masked-mean pooling every reader uses (an empty row gives zeros)."""
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+
+
 def pool(
     hidden: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -66,22 +73,39 @@ def pool(
     """
     check_position(position)
     if position == "mean":
-        mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
-        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+        return masked_mean(hidden, attention_mask)
     if position == "last":
         idx = last_index(attention_mask)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
     if spans is None:
         raise SafesteerError(f"position '{position}' needs token spans; build the inputs with chat_inputs()")
-    m = (
-        (span_mask(spans, hidden.shape[1], hidden.device) & attention_mask.bool())
-        .to(hidden.dtype)
-        .unsqueeze(-1)
-    )
-    count = m.sum(dim=1)
-    if bool((count == 0).any()):
+    m = span_mask(spans, hidden.shape[1], hidden.device) & attention_mask.bool()
+    if bool((m.sum(dim=1) == 0).any()):
         raise SafesteerError(f"an empty '{position}' span; give non-empty answers / prompts")
-    return (hidden * m).sum(dim=1) / count
+    return masked_mean(hidden, m)
+
+
+def pool_prompt(
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    input_ids: torch.Tensor,
+    position: str,
+    n_end: int = 0,
+    header: Sequence[int] = (),
+) -> torch.Tensor:
+    """Pooled vectors (batch × d) of inputs that *end with the generation prompt* (a chat, nothing
+    after it), read in the pass itself: ``mean`` of the real tokens; ``last`` token; ``prompt_end``
+    = the last ``n_end`` (:func:`prompt_end_length`) real tokens; ``prompt`` = from just after the
+    last user ``header`` (:func:`user_header`) to the end. Rows with an empty span give zeros."""
+    if position == "mean":
+        return masked_mean(hidden, attention_mask)
+    last = last_index(attention_mask)
+    if position == "prompt":
+        start = prompt_starts(input_ids, attention_mask, header, last - n_end + 1).to(last.device)
+    else:
+        start = last - (n_end if position == "prompt_end" else 1) + 1
+    spans = torch.stack([start, last + 1], dim=1)
+    return masked_mean(hidden, span_mask(spans, hidden.shape[1], hidden.device) & attention_mask.bool())
 
 
 @dataclass

@@ -58,12 +58,17 @@ class ServedProbe:
 
 
 class GateProbe:
-    """A :class:`~safesteer.steering.condition.Condition` (the behaviour study's harm gate) served as a probe."""
+    """A :class:`~safesteer.steering.condition.Condition` (the behaviour study's harm gate, of any
+    registered kind) served as a probe. ``d`` is the size of one layer's vectors; a gate reading
+    several ``layers`` (``stacked``) scores their pooled vectors side by side."""
 
     def __init__(self, condition: Any):
         self.condition = condition
-        self.d = condition.d
+        self.layers = tuple(condition.layers)
+        self.d = condition.d // len(self.layers)
         self.meta = {"layer": condition.layer, "position": condition.position, "label": condition.name}
+        if len(self.layers) > 1:
+            self.meta["layers"] = list(self.layers)
 
     def decision_function(self, H: np.ndarray) -> np.ndarray:
         return self.condition.score(H)
@@ -137,7 +142,7 @@ class CompiledPolicy:
                 else math.log(self.threshold / (1 - self.threshold))
             )
         )
-        if isinstance(probe, GateProbe):  # a linear or MLP gate: its own scoring, this policy's threshold
+        if isinstance(probe, GateProbe):  # a gate of any kind: its own scoring, this policy's threshold
             return probe.condition.with_threshold(
                 t, position=self.position, name=self.condition.name, layer=self.condition.layer
             )

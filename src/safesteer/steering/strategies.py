@@ -398,7 +398,7 @@ class Intervention:
         edit: Any = None,
         where: str = "all",
     ):
-        from safesteer.models.where import check_where  # here: this module does not import torch
+        from safesteer.models.hooks import check_where  # here: this module does not import torch
 
         self.name = name
         self.where = check_where(where)
