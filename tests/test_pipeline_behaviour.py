@@ -20,11 +20,12 @@ pytestmark = pytest.mark.integration
 
 RESULTS_SHA256 = "58de2bc5ec71ca8d0377a0430e00ea7acf2138bb77d6e45439c51b6ad0f3d79d"
 # the tiny behaviour stage's files, recorded at 67a6b51 before the behaviour package redesign (issue #23);
-# summary.json since gained the judge settings (config.judge*), and is pinned without them as well
+# summary.json since gained the gate kind and judge settings (config.gate_kind, judge*), and is pinned
+# without them as well
 SUMMARY_BEFORE_JUDGE_SHA256 = "679379e8dc5f1bde696dab7ea43ea3c69de68e3c624dfca8d1fa2ed614aa45e2"
-JUDGE_KEYS = ("judge", "judge_model", "judge_url")
+NEW_KEYS = ("gate_kind", "judge", "judge_model", "judge_url")
 BEHAVIOUR_SHA256 = {
-    "summary.json": "264abc1dc916d1dece5d8a8c6ce1e53254960f4d130c7c5cf6676db11712b3d3",
+    "summary.json": "7de9c9af58d9c11ff7b2497360336670a41e043df4ec699ee34bad78d840978d",
     "pareto.csv": "6b96541237d9f687ae2660b6ff3ad8ef46a990939c105811b83287001dfebf12",
     "answers.csv": "cd45a0c4f671834cbb563c8eba4f8d844eb2fe3aa75d3239054f205f2fe03d22",
 }
@@ -54,9 +55,9 @@ def test_tiny_pipeline_results_digest_is_pinned(tmp_path, tiny_model_dir, shared
     behaviour = pipe.st["behaviour"].dir
     got = {name: _digest(behaviour / name, tiny_model_dir, shared_data) for name in BEHAVIOUR_SHA256}
     assert got == BEHAVIOUR_SHA256
-    # the summary as it was before the judge became a setting: the same bytes without those keys
+    # the summary as it was before the gate kind and judge became settings: the same bytes without those keys
     summary = json.loads((behaviour / "summary.json").read_text())
-    assert {k: summary["config"].pop(k) for k in JUDGE_KEYS} == {
+    assert {k: summary["config"].pop(k) for k in NEW_KEYS} == {
         "judge": "phrases",
         "judge_model": "",
         "judge_url": "",

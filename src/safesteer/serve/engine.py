@@ -37,19 +37,21 @@ import torch
 
 from safesteer.errors import SafesteerError
 from safesteer.evaluate.choice import answer_logprobs, answer_tokens, choice_probs
-from safesteer.serve.forward import condition_rows, json_floats, run_chunks
+from safesteer.serve.forward import condition_rows, json_floats, probe_layers, run_chunks
 from safesteer.serve.limits import Limits
 from safesteer.serve.plan import Plan
 from safesteer.serve.policies import Policy, PolicyRecord, policy_direction
 from safesteer.serve.sae_info import sae_dims, sae_layer_of  # noqa: F401  (sae_layer_of: the old import path)
 from safesteer.serve.worker import ModelWorker, Overloaded  # noqa: F401  (re-exported: the old import path)
 from safesteer.steering import ClampEdit, DirectionSet, steering_vector
+from safesteer.steering.gates import stack_features
 
 
 @dataclass(frozen=True)
 class ServedProbe:
     """A probe the server can score with: ``probe.predict_proba`` on the vector at ``layer`` pooled at
-    ``position`` (``mean`` for /v1/score; a condition may read ``prompt_end``)."""
+    ``position`` (``mean`` for /v1/score; a condition may read ``prompt_end``); a gate reading several
+    layers (:class:`GateProbe` of a ``stacked`` gate) scores their vectors side by side."""
 
     name: str
     probe: Any
@@ -316,7 +318,7 @@ class Engine:
     def score(self, texts: Sequence[str], probe_names: Sequence[str], plan: Plan) -> dict[str, Any]:
         """Probe probabilities for ``texts`` (under the plan's steering when it has a policy)."""
         probes = [self._probe(n) for n in probe_names]
-        layers = sorted({p.layer for p in probes})
+        layers = sorted({l for p in probes for l in probe_layers(p)})
         probs = {p.name: np.zeros(len(texts)) for p in probes}
 
         def run(chunk, s, e, rows, H0, active):
@@ -330,7 +332,7 @@ class Engine:
                 Hs = self.backbone.pooled(chunk, layers, batch_size=len(chunk))
                 H = Hs if rows is None else {l: np.where(rows[:, None], Hs[l], H0[l]) for l in layers}
             for p in probes:
-                probs[p.name][s:e] = p.probe.predict_proba(H[p.layer])
+                probs[p.name][s:e] = p.probe.predict_proba(stack_features(H, probe_layers(p)))
 
         common = self._run_chunks(texts, plan, run, layers)
         return {"probabilities": {k: json_floats(v) for k, v in probs.items()}, **common}

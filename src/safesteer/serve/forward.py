@@ -16,6 +16,7 @@ import numpy as np
 
 from safesteer.serve.plan import Plan
 from safesteer.steering.condition import conditional
+from safesteer.steering.gates import stack_features
 from safesteer.steering.strategies import Intervention
 
 if TYPE_CHECKING:  # annotation only: engine imports this module
@@ -28,24 +29,30 @@ def chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
         yield s, min(n, s + size)
 
 
+def probe_layers(served: Any) -> tuple[int, ...]:
+    """The layers a served probe (:class:`~safesteer.serve.engine.ServedProbe`) reads, in the order
+    its features stack: the probe's ``layers`` (a stacked gate), else its one ``layer``."""
+    return tuple(getattr(served.probe, "layers", None) or (served.layer,))
+
+
 def condition_rows(
     backbone: Any, cp: CompiledPolicy, texts: Sequence[str], extra_layers: Sequence[int] = ()
 ) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
     """(P(condition), rows to steer, unsteered mean-pooled vectors at ``extra_layers`` (+ the condition's when it reads ``mean``))."""
     assert cp.condition is not None
     c = cp.condition
+    layers = probe_layers(c)  # a stacked gate reads several layers of the same pass
     if cp.position == "mean":
-        H0 = backbone.pooled(list(texts), sorted({c.layer, *extra_layers}), batch_size=max(1, len(texts)))
-        Hc = H0[c.layer]
+        H0 = backbone.pooled(list(texts), sorted({*layers, *extra_layers}), batch_size=max(1, len(texts)))
+        Hc = stack_features(H0, layers)
     else:
         H0 = (
             backbone.pooled(list(texts), sorted(set(extra_layers)), batch_size=max(1, len(texts)))
             if extra_layers
             else {}
         )
-        Hc = backbone.pooled(list(texts), [c.layer], batch_size=max(1, len(texts)), position=cp.position)[
-            c.layer
-        ]
+        Hp = backbone.pooled(list(texts), sorted(layers), batch_size=max(1, len(texts)), position=cp.position)
+        Hc = stack_features(Hp, layers)
     p = np.asarray(c.probe.predict_proba(Hc), dtype=np.float64)
     if cp.score_threshold is not None:
         rows = np.asarray(c.probe.decision_function(Hc), dtype=np.float64) > cp.score_threshold

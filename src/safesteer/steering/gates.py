@@ -51,6 +51,9 @@ class GateKind:
     """Base class of gate kinds: a scoring function of float64 features (rows × :attr:`d`)."""
 
     name: ClassVar[str] = ""
+    reads_layers_together: ClassVar[bool] = False
+    """True for a kind that reads all of its layers at once (the study fits one gate on every gate
+    layer side by side instead of one gate per layer)."""
     n_layers: int = 1
     """How many layers' pooled vectors the gate reads (concatenated, :func:`stack_features`)."""
 
@@ -208,7 +211,7 @@ class LinearGate(GateKind):
 @register_gate
 class MLPGate(GateKind):
     """``score(h) = w·relu(W1 h + b1) + b``: the average of ``members`` one-hidden-layer ReLU MLPs
-    (:func:`safesteer.behaviour.gate.fit_mlp`), their hidden units side by side."""
+    (:func:`safesteer.steering.gate_fit.fit_mlp`), their hidden units side by side."""
 
     name = "mlp"
 
@@ -230,7 +233,7 @@ class MLPGate(GateKind):
 
     @classmethod
     def fit(cls, H, y, weight, seed, options, *, held_out=None, jobs=None) -> Fitted:
-        from safesteer.behaviour.gate import fit_mlp
+        from safesteer.steering.gate_fit import fit_mlp  # scikit-learn: only when an MLP gate is fit
 
         hidden = int(options.get("hidden", 128) or 128)
         members, alpha = int(options.get("members", 5)), float(options.get("mlp_alpha", 1.0))
@@ -271,6 +274,7 @@ class StackedGate(GateKind):
     options: ``n_layers`` (or ``layers``), ``inner`` (default linear) and the inner kind's options."""
 
     name = "stacked"
+    reads_layers_together = True
 
     def __init__(self, inner: GateKind, n_layers: int):
         if isinstance(inner, StackedGate) or n_layers < 1 or inner.d % n_layers:
