@@ -22,7 +22,7 @@ RESULTS_SHA256 = "58de2bc5ec71ca8d0377a0430e00ea7acf2138bb77d6e45439c51b6ad0f3d7
 # the tiny behaviour stage's files, recorded at 67a6b51 before the behaviour package redesign (issue #23);
 # summary.json since gained the gate kind and judge settings (config.gate_kind, judge*), and is pinned
 # without them as well
-SUMMARY_BEFORE_JUDGE_SHA256 = "679379e8dc5f1bde696dab7ea43ea3c69de68e3c624dfca8d1fa2ed614aa45e2"
+SUMMARY_BEFORE_SETTINGS_SHA256 = "679379e8dc5f1bde696dab7ea43ea3c69de68e3c624dfca8d1fa2ed614aa45e2"
 NEW_KEYS = ("gate_kind", "judge", "judge_model", "judge_url")
 BEHAVIOUR_SHA256 = {
     "summary.json": "7de9c9af58d9c11ff7b2497360336670a41e043df4ec699ee34bad78d840978d",
@@ -57,14 +57,11 @@ def test_tiny_pipeline_results_digest_is_pinned(tmp_path, tiny_model_dir, shared
     assert got == BEHAVIOUR_SHA256
     # the summary as it was before the gate kind and judge became settings: the same bytes without those keys
     summary = json.loads((behaviour / "summary.json").read_text())
-    assert {k: summary["config"].pop(k) for k in NEW_KEYS} == {
-        "judge": "phrases",
-        "judge_model": "",
-        "judge_url": "",
-    }
-    old = tmp_path / "summary-before-judge.json"
+    new = {k: summary["config"].pop(k) for k in NEW_KEYS}
+    assert new == {"gate_kind": "", "judge": "phrases", "judge_model": "", "judge_url": ""}
+    old = tmp_path / "summary-before-settings.json"
     write_json(old, summary)
-    assert _digest(old, tiny_model_dir, shared_data) == SUMMARY_BEFORE_JUDGE_SHA256
+    assert _digest(old, tiny_model_dir, shared_data) == SUMMARY_BEFORE_SETTINGS_SHA256
 
 
 def test_knobs_that_were_hard_coded_rerun_their_stages_and_errors_pass_through(
