@@ -37,7 +37,8 @@ def missing_data(env: dict[str, str] | None = None) -> str:
     env = os.environ if env is None else env
     msg = (
         "no data folder: set SAFESTEER_DATA_DIR to a folder in the layout of ../shared/data "
-        f"(looked at SAFESTEER_DATA_DIR={env.get('SAFESTEER_DATA_DIR', '')!r} and {ROOT.parent / 'shared' / 'data'})"
+        f"(looked at SAFESTEER_DATA_DIR={env.get('SAFESTEER_DATA_DIR', '')!r} and "
+        f"{ROOT.parent / 'shared' / 'data'})"
     )
     if env.get("CI", "").lower() in _TRUE:
         pytest.fail("CI=true: " + msg, pytrace=False)
@@ -79,7 +80,8 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """The data folder (``SAFESTEER_DATA_DIR``, else ../shared/data); skipped when absent, failed under CI=true."""
+    """The data folder (``SAFESTEER_DATA_DIR``, else ../shared/data); skipped when absent, failed under
+    CI=true."""
     found = find_data_dir()
     if found is None:
         pytest.skip(missing_data())
@@ -179,7 +181,8 @@ def tiny_behaviour_section(section):
 
 @pytest.fixture(scope="session")
 def behaviour_run(tmp_path_factory, shared_data):
-    """The behaviour stage run once on a tiny random Llama saved to a folder (≈10 s): (folder, outputs, model dir, config)."""
+    """The behaviour stage run once on a tiny random Llama saved to a folder (≈10 s): (folder, outputs, model
+    dir, config)."""
     from types import SimpleNamespace
 
     import numpy as np

@@ -240,7 +240,8 @@ def test_no_import_circle():
 
 
 def test_the_floor_and_circle_checks_see_what_they_must():
-    """The checkers themselves: an up-import is seen in every form, TYPE_CHECKING imports are not, and a circle is found."""
+    """The checkers themselves: an up-import is seen in every form, TYPE_CHECKING imports are not, and a
+    circle is found."""
     modules = _modules()
     where = ROOT / "models" / "backbone.py"  # floor 1; parsed text, not written
     for text in (

@@ -1,4 +1,5 @@
-"""End-to-end CLI on a tiny model: extract → probe → map (fake latent store) → atoms (topk / all-positive / filtered)."""
+"""End-to-end CLI on a tiny model: extract → probe → map (fake latent store) → atoms (topk / all-positive /
+filtered)."""
 
 from __future__ import annotations
 

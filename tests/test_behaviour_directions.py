@@ -1,4 +1,5 @@
-"""Behaviour directions (CAA answer-position DiffMean, Arditi prompt_end DiffMean) and directional ablation."""
+"""Behaviour directions (CAA answer-position DiffMean, Arditi prompt_end DiffMean) and directional
+ablation."""
 
 from __future__ import annotations
 

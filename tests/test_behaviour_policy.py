@@ -55,7 +55,8 @@ def test_candidates_apply_constraints_and_select_the_largest_gain():
     best = select(cands, conditional=True)
     assert (best.alpha, best.fpr) == (0.2, 0.01)
     assert select(cands, conditional=False) is None
-    # two thresholds that flag the same validation prompts tie on every figure: the stricter one wins, in any order
+    # two thresholds that flag the same validation prompts tie on every figure: the stricter one wins, in any
+    # order
     tie = [dataclasses.replace(best, fpr=f, threshold=t) for f, t in ((0.02, 1.0), (0.005, 2.5), (0.01, 1.8))]
     assert select(tie, conditional=True).fpr == 0.005 and select(tie[::-1], conditional=True).fpr == 0.005
     front = pareto(cands)

@@ -1,4 +1,5 @@
-"""One home for benchmarks: every bench/*.py is a shim over safesteer.bench.<same name>, which has a main()."""
+"""One home for benchmarks: every bench/*.py is a shim over safesteer.bench.<same name>, which has a
+main()."""
 
 from __future__ import annotations
 

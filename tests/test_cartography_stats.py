@@ -255,7 +255,8 @@ def test_to_frame_label_subset_merge_count_and_persisted_threshold(tmp_path):
 
 
 def test_heldout_rule_is_the_documented_hash():
-    """blake2b-64(salt|id), little-endian, as a fraction of 2^64: stable across releases (stored maps stay valid)."""
+    """blake2b-64(salt|id), little-endian, as a fraction of 2^64: stable across releases (stored maps stay
+    valid)."""
     import hashlib
 
     ids = [f"ds:{i}" for i in range(400)]

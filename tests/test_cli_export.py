@@ -1,4 +1,5 @@
-"""``safesteer export`` / ``safesteer import``: control vectors, lm-eval CSV, SAELens folders (exit 2 + one line on bad input)."""
+"""``safesteer export`` / ``safesteer import``: control vectors, lm-eval CSV, SAELens folders (exit 2 + one
+line on bad input)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The tests find the data folder by the package's rule (SAFESTEER_DATA_DIR, then ../shared/data); CI fails, never skips."""
+"""The tests find the data folder by the package's rule (SAFESTEER_DATA_DIR, then ../shared/data); CI fails,
+never skips."""
 
 from __future__ import annotations
 

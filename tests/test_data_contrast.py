@@ -1,4 +1,5 @@
-"""The shipped prompt sets (``safesteer.data.sets.contrast``: ``contrast`` and ``tasks``): integrity, originality, loader."""
+"""The shipped prompt sets (``safesteer.data.sets.contrast``: ``contrast`` and ``tasks``): integrity,
+originality, loader."""
 
 from __future__ import annotations
 

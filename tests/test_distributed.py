@@ -259,7 +259,8 @@ def test_env_errors_are_one_line(monkeypatch):
 
 
 def test_a_dead_rank_is_one_error_line_on_the_others(tmp_path):
-    """Without torchrun to stop the job: rank 1 dies after joining; rank 0's next collective fails in one line."""
+    """Without torchrun to stop the job: rank 1 dies after joining; rank 0's next collective fails in one
+    line."""
     script = (
         "import os, sys\n"
         "from safesteer.distributed import from_env\n"

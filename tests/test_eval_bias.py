@@ -1,4 +1,5 @@
-"""CrowS-Pairs equals a slow re-computation of nyu-mll metric.py; StereoSet numbers equal the paper's formulas."""
+"""CrowS-Pairs equals a slow re-computation of nyu-mll metric.py; StereoSet numbers equal the paper's
+formulas."""
 
 from __future__ import annotations
 

@@ -168,7 +168,8 @@ def test_intersentence_context_end_mark():
 
 
 def test_real_data_word_spans_rebuild_each_sentence(shared_data):
-    """Every intrasentence sentence of the data: the context with BLANK := the located word(s) is the sentence."""
+    """Every intrasentence sentence of the data: the context with BLANK := the located word(s) is the
+    sentence."""
     from safesteer.data import load
 
     ex = stereoset_from_records(load("stereoset", "test", data_dir=shared_data, source="local"))

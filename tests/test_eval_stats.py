@@ -128,7 +128,8 @@ def test_paired_errors_name_the_sample_and_as_dict_keys():
 
 
 def test_coverage_simulation_counts_exactly():
-    """A CI that can never cover the stated mean has coverage exactly 0; the same seed gives the same share."""
+    """A CI that can never cover the stated mean has coverage exactly 0; the same seed gives the same
+    share."""
     far = coverage_simulation(lambda rng, n: rng.normal(size=n), true_mean=100.0, n=10, reps=20, n_boot=50)
     assert far == 0.0
     a = coverage_simulation(

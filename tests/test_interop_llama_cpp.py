@@ -125,8 +125,8 @@ def test_control_vector_moves_llama_cpp_like_our_hook(smollm2, shared_data, tmp_
     ):  # the file's vector, added like llama.cpp adds it
         hf1 = np.array([hf_logprobs(p) for p in prompts])
 
-    # n_batch=1: this source build (0.3.36, CPU) segfaults in llama_decode on multi-token batches here; one token
-    # per decode is the same computation (causal attention over the KV cache)
+    # n_batch=1: this source build (0.3.36, CPU) segfaults in llama_decode on multi-token batches here; one
+    # token per decode is the same computation (causal attention over the KV cache)
     llm = llama_cpp.Llama(
         model_path=str(embedded_gguf(tmp_path)), n_ctx=512, n_threads=2, n_batch=1, n_ubatch=1, verbose=False
     )
@@ -167,6 +167,7 @@ def test_control_vector_moves_llama_cpp_like_our_hook(smollm2, shared_data, tmp_
     assert big.sum() >= 4
     assert (np.sign(d_hf[big]) == np.sign(d_cpp[big])).all()
     assert 0.5 <= figures["size_ratio_median"] <= 2.0
-    # (a neighbouring block is not a useful negative control here: at this alpha both shifts saturate near -20 nats;
-    # measured once: |wrong-block shift - hf| = 0.26 vs |llama.cpp shift - hf| = 0.51 mean, i.e. indistinguishable.
-    # The layer index is pinned by llama.cpp's source and by the repeng / lm-eval / steering-vectors tests.)
+    # (a neighbouring block is not a useful negative control here: at this alpha both shifts saturate near -20
+    # nats; measured once: |wrong-block shift - hf| = 0.26 vs |llama.cpp shift - hf| = 0.51 mean, i.e.
+    # indistinguishable. The layer index is pinned by llama.cpp's source and by the repeng / lm-eval /
+    # steering-vectors tests.)

@@ -82,8 +82,8 @@ def test_applying_both_gives_the_same_logits(smollm2, trained, multiplier):
         ours = smollm2.logits(enc.input_ids, enc.attention_mask)
     assert float((theirs - base).abs().max()) > 1e-2
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
-    # our convention: unit direction toward the positive (unsafe) prompts, alpha = multiplier * |v| -- equal up to
-    # the float32 rounding of unit * alpha vs multiplier * v (logits are ~10-30 in size)
+    # our convention: unit direction toward the positive (unsafe) prompts, alpha = multiplier * |v| -- equal
+    # up to the float32 rounding of unit * alpha vs multiplier * v (logits are ~10-30 in size)
     with smollm2.steer(LAYER, (v / v.norm()).numpy(), alpha=multiplier * float(v.norm())):
         ours_unit = smollm2.logits(enc.input_ids, enc.attention_mask)
     torch.testing.assert_close(ours_unit, theirs, rtol=1e-5, atol=1e-4)

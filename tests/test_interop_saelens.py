@@ -72,7 +72,8 @@ def test_safesteer_sae_opens_in_saelens_with_our_numbers(trained, acts):
     md = theirs.cfg.metadata
     assert md.model_name == "smollm2-135m" and md.sae_lens_version >= "6"
     # SAELens users hook ``hook_name``: parse it as TransformerLens would and take that tensor from HF's own
-    # hidden_states (blocks.N.hook_resid_post = output of block N = hidden_states[N + 1]) -- independent of our hooks
+    # hidden_states (blocks.N.hook_resid_post = output of block N = hidden_states[N + 1]) -- independent of
+    # our hooks
     m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", md.hook_name)
     assert m, md.hook_name
     at_hook = acts["hf"][int(m.group(1)) + 1]
@@ -141,7 +142,8 @@ def test_saelens_saved_sae_loads_into_safesteer(kind, apply_b_dec, acts, tmp_pat
     with torch.no_grad():
         f_sl, f_ours = theirs.encode(x), ours.encode(x)
         assert 0.02 < float((f_sl > 0).float().mean()) < 0.98  # both sides of the ReLU/gate are exercised
-        # safesteer keeps unit atoms: its codes are SAELens' times the decoder-row norms; reconstructions are equal
+        # safesteer keeps unit atoms: its codes are SAELens' times the decoder-row norms; reconstructions are
+        # equal
         torch.testing.assert_close(f_ours, f_sl * norms, rtol=1e-4, atol=1e-3)
         torch.testing.assert_close(ours(x), theirs.decode(f_sl), rtol=1e-4, atol=1e-3)
     assert torch.allclose(ours.W_dec.norm(dim=1), torch.ones(256), atol=1e-5)
@@ -206,7 +208,8 @@ def test_article_variant_runs_in_saelens_but_has_no_training_architecture(tmp_pa
         saelens_training_config(sae.cfg)
     assert "\n" not in exc.value.message
     assert saelens_training_config(SAEConfig(d_in=576, d_sae=64))["architecture"] == "gated"
-    # an 'article' cfg.json over weights with r_mag != 0 (e.g. edited in SAELens) is not representable: refused
+    # an 'article' cfg.json over weights with r_mag != 0 (e.g. edited in SAELens) is not representable:
+    # refused
     from safetensors.torch import load_file, save_file
 
     from safesteer.io import sha256_file

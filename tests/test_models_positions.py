@@ -24,7 +24,10 @@ ANSWERS = ["no , i will not", "yes", "the answer is no"]
 
 # a ChatML-like template for the tiny word-level tokenizer: the template's tail after the user
 # content is "</s> <s> answer" (three tokens), like SmolLM2's "<|im_end|>\n<|im_start|>assistant\n"
-TEMPLATE = "{% for m in messages %}<s> {{ m['content'] }} </s>{% endfor %}{% if add_generation_prompt %} <s> answer {% endif %}"
+TEMPLATE = (
+    "{% for m in messages %}<s> {{ m['content'] }} </s>{% endfor %}{% if add_generation_prompt %} <s> "
+    "answer {% endif %}"
+)
 
 
 def _hidden(bb, ids, mask, layer):

@@ -1,4 +1,5 @@
-"""Integration (SmolLM2 + ../shared/data): held-out probe AUROCs at layer 15, then map → filtered atoms offline.
+"""Integration (SmolLM2 + ../shared/data): held-out probe AUROCs at layer 15, then map → filtered atoms
+offline.
 
 One small extraction (~330 texts, 64 tokens max) feeds everything: ``safesteer probe`` for toxicity and
 harmfulness, ``map`` over a stand-in sparse dictionary (planted DiffMean atoms + random unit atoms,

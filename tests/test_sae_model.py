@@ -117,7 +117,8 @@ def test_aux_term_gives_no_gradient_to_decoder():
     )
     assert g_wdec is None or float(g_wdec.abs().max()) == 0.0
     # b_dec reaches the aux term only as the encoder's input centring (x - b_dec), as in the paper's
-    # pi_gate(x) and dictionary_learning: with a separate leaf for that role, the output-bias role gets nothing
+    # pi_gate(x) and dictionary_learning: with a separate leaf for that role, the output-bias role gets
+    # nothing
     b_in = sae.b_dec.detach().clone().requires_grad_(True)
     b_out = sae.b_dec.detach().clone().requires_grad_(True)
     a = torch.relu((x - b_in) @ sae.W_enc + sae.b_gate)
@@ -286,7 +287,8 @@ def _old_eval_pieces(p, xc, variant):
 
 @pytest.mark.parametrize("variant", ["paper", "article"])
 def test_one_forward_for_module_reference_and_evaluation(variant):
-    """encode, reference_loss and the trainer's evaluation all run gated_forward, bit-equal to the old formulas."""
+    """encode, reference_loss and the trainer's evaluation all run gated_forward, bit-equal to the old
+    formulas."""
     from safesteer.sae.gated import gated_forward
     from safesteer.sae.metrics import ReconSums
     from safesteer.sae.trainer import Trainer

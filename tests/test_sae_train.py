@@ -208,7 +208,8 @@ def test_grid_sorts_by_val_loss_and_continues_the_best(tmp_path):
 
 
 def test_reduce_grads_hook_and_non_writer(tmp_path):
-    """reduce_grads sees every step's gradients before the update; a non-writer trains the same but writes nothing."""
+    """reduce_grads sees every step's gradients before the update; a non-writer trains the same but writes
+    nothing."""
     X = _small_data()
     batches = array_batches(X, 32, seed=3)
     ref = Trainer(_cfg(epochs=1), 8).fit(batches)

@@ -1,4 +1,5 @@
-"""Client mistakes get a 4xx JSON error with a message — never a 5xx — and /metrics is valid Prometheus text."""
+"""Client mistakes get a 4xx JSON error with a message — never a 5xx — and /metrics is valid Prometheus
+text."""
 
 from __future__ import annotations
 

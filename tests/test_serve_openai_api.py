@@ -64,7 +64,8 @@ def live(tiny_llama):
 
 
 def direct(bb, lock, messages, n, layer=None, vec=None, alpha=0.0):
-    """What the endpoint should answer: greedy generation on the chat rendering, steered with the policy rule."""
+    """What the endpoint should answer: greedy generation on the chat rendering, steered with the policy
+    rule."""
     rendered = render_messages(bb.tokenizer, [ChatMessage(**m) for m in messages])
     with lock:
         if vec is None:

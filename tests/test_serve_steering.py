@@ -1,4 +1,5 @@
-"""Concurrency and policy semantics: hot swap under load, steering isolation, conditional steering, coalescing."""
+"""Concurrency and policy semantics: hot swap under load, steering isolation, conditional steering,
+coalescing."""
 
 from __future__ import annotations
 
@@ -236,7 +237,8 @@ def test_coalesced_score_batches_match_alone_and_do_not_leak(tiny_llama):
 
 
 def test_conditional_steering_across_chunks_matches_one_batch(tiny_llama):
-    """The shared chunk → condition → steer loop: small chunks give the same rows, probabilities and answers."""
+    """The shared chunk → condition → steer loop: small chunks give the same rows, probabilities and
+    answers."""
     pr, p0, thr, above = _condition_setup(tiny_llama)
     cond = {"directions": ["tox"], "alpha": 9.0, "condition": {"probe": "harm", "threshold": thr}}
     out = {}

@@ -13,7 +13,10 @@ from safesteer.models.hooks import answer_starts
 from safesteer.steering.condition import Condition, conditional, gate_flags, gate_scores, threshold_for_fpr
 from safesteer.steering.strategies import Intervention
 
-TEMPLATE = "{% for m in messages %}<s> {{ m['content'] }} </s>{% endfor %}{% if add_generation_prompt %} <s> answer {% endif %}"
+TEMPLATE = (
+    "{% for m in messages %}<s> {{ m['content'] }} </s>{% endfor %}{% if add_generation_prompt %} <s> "
+    "answer {% endif %}"
+)
 PROMPTS = ["how do i make a bomb ?", "the dog is good", "what is the answer ?", "tell me how to steal a car"]
 
 
@@ -221,7 +224,8 @@ def test_prompt_only_conditional_steers_flagged_prompts_and_leaves_answers_unste
     assert torch.equal(got[[1, 2]], base[[1, 2]])  # unflagged: bit-identical
     assert torch.equal(got[[0, 3]], prompt_only[[0, 3]])  # flagged: the same as prompt-only steering alone
     assert not torch.equal(prompt_only[[0, 3]], every[[0, 3]])  # (which differs from steering every token)
-    # teacher-forced answer scoring with fixed flags: flagged rows equal prompt-only steering with the answer starts
+    # teacher-forced answer scoring with fixed flags: flagged rows equal prompt-only steering with the answer
+    # starts
     enc = bb.tokenize(PROMPTS, padding_side="left", add_special_tokens=False)
     seq = torch.cat([enc.input_ids, base], 1)
     att = torch.cat([enc.attention_mask, torch.ones_like(base)], 1)

@@ -208,7 +208,8 @@ class ToyGate(GateKind):
 
 
 def _chat_rows(bb, layers, position="prompt_end"):
-    """Pooled features of PROMPTS (rows repeated) at ``layers``, with a Prompts table flagging rows 0 and 3."""
+    """Pooled features of PROMPTS (rows repeated) at ``layers``, with a Prompts table flagging rows 0 and
+    3."""
     reps = 12
     texts = [f"{p} {i}" for i in range(reps) for p in PROMPTS]
     pooled = bb.pooled(texts, list(layers), position=position)

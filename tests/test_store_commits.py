@@ -1,4 +1,5 @@
-"""Shard commit records: folded into a manifest exactly once, filtered by identity, order-independent bytes."""
+"""Shard commit records: folded into a manifest exactly once, filtered by identity, order-independent
+bytes."""
 
 from __future__ import annotations
 

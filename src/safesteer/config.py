@@ -84,7 +84,8 @@ class SAESection:
     shuffle_buffer: int = 4096  # rows shuffled together (0 = store order)
     val_fraction: float = 0.05  # validation split, by row id
     checkpoint_every: int = 20  # also checkpoint every N steps (0 = per epoch only)
-    precision: str = "fp32"  # fp32 (the same weights on every machine) | bf16 | auto (bf16 matmuls only with native bf16 hardware)
+    # fp32 (the same weights on every machine) | bf16 | auto (bf16 matmuls only with native bf16 hardware)
+    precision: str = "fp32"
 
 
 @dataclass
@@ -167,7 +168,8 @@ class Config:
                 float(self.evaluate.random_alpha)
             except ValueError:
                 raise SafesteerError(
-                    f'config evaluate.random_alpha = {self.evaluate.random_alpha!r} is not valid; use "max", "each" or a number'
+                    f"config evaluate.random_alpha = {self.evaluate.random_alpha!r} is not valid; use "
+                    '"max", "each" or a number'
                 ) from None
         if not 0 <= self.sae.val_fraction < 1:
             raise SafesteerError(f"config sae.val_fraction must be in [0, 1) (got {self.sae.val_fraction})")
@@ -211,7 +213,8 @@ class Config:
         unknown = [d for d in self.data.sae_datasets if d not in names()]
         if unknown:
             raise SafesteerError(
-                f"config data.sae_datasets: unknown dataset {unknown[0]!r}; valid choices: {', '.join(names())}"
+                f"config data.sae_datasets: unknown dataset {unknown[0]!r}; valid choices: "
+                f"{', '.join(names())}"
             )
         return self
 
@@ -222,7 +225,8 @@ def _build(cls: type, data: dict[str, Any], where: str):
     for key in data:
         if key not in known:
             raise SafesteerError(
-                f"unknown config key {where}{key!r}; valid keys in [{where.rstrip('.') or 'top level'}]: {', '.join(sorted(known))}"
+                f"unknown config key {where}{key!r}; valid keys in "
+                f"[{where.rstrip('.') or 'top level'}]: {', '.join(sorted(known))}"
             )
     kwargs = {}
     for f in dataclasses.fields(cls):

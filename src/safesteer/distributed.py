@@ -31,7 +31,8 @@ DEFAULT_TIMEOUT_S = 1800.0
 
 
 def env_world_size() -> int:
-    """``WORLD_SIZE`` from the environment (1 when unset): > 1 means 'launched by torchrun with several ranks'."""
+    """``WORLD_SIZE`` from the environment (1 when unset): > 1 means 'launched by torchrun with several
+    ranks'."""
     raw = os.environ.get("WORLD_SIZE", "1").strip() or "1"
     try:
         world = int(raw)
@@ -116,7 +117,8 @@ class Dist:
         counts = self.all_gather_int([len(digests)], f"the config check of {what}")
         if len({c[0] for c in counts}) != 1:
             raise SafesteerError(
-                f"ranks disagree on the {what} settings (different option sets); start every rank with the same command"
+                f"ranks disagree on the {what} settings (different option sets); start every rank with "
+                "the same command"
             )
         table = self.all_gather_int(digests, f"the config check of {what}")
         for r, row in enumerate(table):
@@ -127,7 +129,8 @@ class Dist:
             else:
                 names = ", ".join(k for k, a, b in zip(keys, row[1:], table[0][1:]) if a != b)
             raise SafesteerError(
-                f"rank {r} and rank 0 disagree on the {what} settings ({names}); start every rank with the same command and files"
+                f"rank {r} and rank 0 disagree on the {what} settings ({names}); start every rank with "
+                "the same command and files"
             )
 
     def close(self) -> None:
@@ -173,7 +176,8 @@ def from_env(device: str = "cpu") -> Dist:
     missing = [v for v in ENV_VARS if not os.environ.get(v)]
     if missing:
         raise SafesteerError(
-            f"WORLD_SIZE={world} but {', '.join(missing)} unset; launch with torchrun (it sets RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)"
+            f"WORLD_SIZE={world} but {', '.join(missing)} unset; launch with torchrun (it sets RANK, "
+            "LOCAL_RANK, MASTER_ADDR, MASTER_PORT)"
         )
     try:
         rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
@@ -190,7 +194,8 @@ def from_env(device: str = "cpu") -> Dist:
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise SafesteerError(
-                f"device {device!r} requested under torchrun but no CUDA device is visible; use --device cpu (gloo)"
+                f"device {device!r} requested under torchrun but no CUDA device is visible; use "
+                "--device cpu (gloo)"
             )
         if local_rank >= torch.cuda.device_count():
             raise SafesteerError(
@@ -217,7 +222,8 @@ def from_env(device: str = "cpu") -> Dist:
             first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
             addr = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
             raise SafesteerError(
-                f"rank {rank}/{world}: cannot join the process group at {addr} ({first}); check MASTER_ADDR/MASTER_PORT and that every rank started"
+                f"rank {rank}/{world}: cannot join the process group at {addr} ({first}); check "
+                "MASTER_ADDR/MASTER_PORT and that every rank started"
             ) from exc
     return Dist(rank=rank, world=world, local_rank=local_rank, backend=backend, device=dev)
 

@@ -100,7 +100,8 @@ class StudyConfig:
         choice("behaviour.gate_position", self.gate_position, ("prompt", "prompt_end"))
         if self.steer_positions not in ("all", "prompt"):
             raise SafesteerError(
-                f"config behaviour.steer_positions '{self.steer_positions}' unknown; valid choices: all, prompt"
+                f"config behaviour.steer_positions '{self.steer_positions}' unknown; valid choices: "
+                "all, prompt"
             )
         for key in ("cap_harmful", "cap_qa", "n_val_harmful", "n_test_harmful", "n_caa_prompts"):
             positive(f"behaviour.{key}", getattr(self, key))
@@ -121,7 +122,8 @@ class StudyConfig:
             )
         if self.calib_folds < 0 or self.calib_folds == 1:
             raise SafesteerError(
-                f"config behaviour.calib_folds must be 0 (val rows only) or >= 2 folds (got {self.calib_folds})"
+                "config behaviour.calib_folds must be 0 (val rows only) or >= 2 folds (got "
+                f"{self.calib_folds})"
             )
         if any(not 0 <= f < 1 for f in self.fprs):
             raise SafesteerError(

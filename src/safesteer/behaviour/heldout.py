@@ -199,7 +199,8 @@ def self_checks(test_results: dict[str, Any]) -> list[str]:
         gap = cond.get("fluency_real_vs_composed_max_abs", 0.0)
         if not gap <= FLUENCY_CHECK_TOL:
             problems.append(
-                f"in-pass fluency differs from the recombined NLLs by {gap:.2g} (tolerance {FLUENCY_CHECK_TOL})"
+                f"in-pass fluency differs from the recombined NLLs by {gap:.2g} (tolerance "
+                f"{FLUENCY_CHECK_TOL})"
             )
     v = test_results.get("verify_conditional")
     if v and v["same_answer"] < 1.0:

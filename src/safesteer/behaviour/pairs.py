@@ -128,8 +128,8 @@ def pair_line(g: dict[str, Any]) -> str:
         if not at_gate:
             continue
         text = (
-            f"{label} pairs (n={at_gate['n']}) on the same side of the gate's threshold {_share(at_gate, 'same_side')} "
-            f"(right side {_share(at_gate, 'correct')})"
+            f"{label} pairs (n={at_gate['n']}) on the same side of the gate's threshold "
+            f"{_share(at_gate, 'same_side')} (right side {_share(at_gate, 'correct')})"
         )
         if at_policy:
             text += (

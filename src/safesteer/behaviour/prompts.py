@@ -132,7 +132,8 @@ def _raw(name: str, data_dir: Any) -> list[str]:
         ]
     records = list(load(name, split="all", data_dir=data_dir))
     if name == "beavertails":  # records are "prompt\nresponse": keep the user turn of the unsafe pairs only
-        # (the local sample is all unsafe; the hub's 330k pairs hold is_safe ones, whose prompts are no harm labels)
+        # (the local sample is all unsafe; the hub's 330k pairs hold is_safe ones, whose prompts are no harm
+        # labels)
         return [r.text.split("\n", 1)[0] for r in records if int(r.labels.get("harmful", 1)) == 1]
     return [r.text for r in records]
 

@@ -238,7 +238,8 @@ def directions(run: Run, f: Features) -> Directions:
                 raise SafesteerError(f"unknown behaviour strategy '{name}'; valid choices here: {known}")
             if extra[name].layer != L:
                 raise SafesteerError(
-                    f"direction '{name}' was built for layer {extra[name].layer}, the behaviour study steers layer {L}"
+                    f"direction '{name}' was built for layer {extra[name].layer}, the behaviour study "
+                    f"steers layer {L}"
                 )
             dirs.add(extra[name])
         dirs.save(run.out / layout.DIRECTIONS_DIR)
@@ -344,7 +345,8 @@ def sweep(run: Run, f: Features, g: GateFit, d: Directions) -> Sweep:
                             cfg.batch_size,
                         )
                 run.say(
-                    f"val {name} α={a}: harmful refusal {got['harmful'].mean():.2f}, safe {got['safe'].mean():.2f} "
+                    f"val {name} α={a}: harmful refusal {got['harmful'].mean():.2f}, safe "
+                    f"{got['safe'].mean():.2f} "
                     f"({'every prompt' if cfg.sweep_unconditional else 'gate-flagged prompts'} steered: "
                     f"{int(need['harmful'].sum())}/{len(need['harmful'])} harmful, "
                     f"{int(need_h.sum())}/{len(need_h)} harmless)"

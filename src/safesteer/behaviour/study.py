@@ -197,8 +197,8 @@ def headline(summary: dict[str, Any]) -> str:
     """The acceptance figures as text."""
     g, te = summary["gate"], summary["test"]
     lines = [
-        f"gate: layer {g['layer']} {g.get('position', 'prompt_end')}, test AUROC {g['held_out']['test_auroc']:.3f}, "
-        f"LODO min AUROC {g['lodo_min_auroc']:.3f} "
+        f"gate: layer {g['layer']} {g.get('position', 'prompt_end')}, test AUROC "
+        f"{g['held_out']['test_auroc']:.3f}, LODO min AUROC {g['lodo_min_auroc']:.3f} "
         "(" + ", ".join(k + " " + format(v["auroc"], ".3f") for k, v in g["lodo"].items()) + ")",
         pair_line(g),
     ]
@@ -210,7 +210,10 @@ def headline(summary: dict[str, Any]) -> str:
         p = r["policy"]
 
         def f(m):
-            return f"{m['baseline']:.1f}% → {m['value']:.1f}% (Δ {m['delta']:+.1f} pp [{m['low']:+.1f}, {m['high']:+.1f}])"
+            return (
+                f"{m['baseline']:.1f}% → {m['value']:.1f}% (Δ {m['delta']:+.1f} pp [{m['low']:+.1f}, "
+                f"{m['high']:+.1f}])"
+            )
 
         fl = r["harmless_fluency"]
         lines.append(

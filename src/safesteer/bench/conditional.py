@@ -2,9 +2,9 @@
 
 Times full forward passes (logits) over the same batch of chat prompts, interleaved: unsteered,
 unconditional steering, and conditional steering (gate read at ``--gate-layer`` of the same pass,
-steering at ``--layer`` on ``--where`` positions; an MLP gate of ``--gate-hidden`` ReLU units, default 384 = the default
-gate's 3 members × 128, or ``0`` for a linear one), plus greedy generation with and without the conditional policy. Prints
-the median of each and the ratios (target: conditional ≤ 1.05× unsteered).
+steering at ``--layer`` on ``--where`` positions; an MLP gate of ``--gate-hidden`` ReLU units, default 384 =
+the default gate's 3 members × 128, or ``0`` for a linear one), plus greedy generation with and without the
+conditional policy. Prints the median of each and the ratios (target: conditional ≤ 1.05× unsteered).
 """
 
 from __future__ import annotations
@@ -181,13 +181,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     m = res["median_seconds"]
     print(
-        f"forward ({res['model']}, batch {res['batch']}, {res['gate']} gate L{res['gate_layer']} {res['position']} → steer L{res['layer']}): "
+        f"forward ({res['model']}, batch {res['batch']}, {res['gate']} gate L{res['gate_layer']} "
+        f"{res['position']} → steer L{res['layer']}): "
         f"unsteered {m['unsteered'] * 1e3:.1f} ms, unconditional {m['unconditional'] * 1e3:.1f} ms, "
         f"conditional {m['conditional'] * 1e3:.1f} ms"
     )
     print(
-        f"conditional / unsteered forward = {res['ratio_conditional_vs_unsteered']:.3f}x (median of paired reps; "
-        f"ratio of minima {res['ratio_of_minima']:.3f}x; target <= 1.05x); "
+        f"conditional / unsteered forward = {res['ratio_conditional_vs_unsteered']:.3f}x (median of "
+        f"paired reps; ratio of minima {res['ratio_of_minima']:.3f}x; target <= 1.05x); "
         f"generation {res['ratio_generation_conditional_vs_unsteered']:.3f}x"
     )
     if args.out:

@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> float:
     texts = bench_texts(args.n, data_dir=args.data_dir)
     lengths = [len(x) for x in bb.tokenizer(texts, truncation=True, max_length=bb.max_length)["input_ids"]]
     print(
-        f"{len(texts)} texts, {sum(lengths)} tokens (mean {np.mean(lengths):.1f}, max {max(lengths)}), model {args.model}, layer {args.layer}, threads {torch.get_num_threads()}"
+        f"{len(texts)} texts, {sum(lengths)} tokens (mean {np.mean(lengths):.1f}, max {max(lengths)}), "
+        f"model {args.model}, layer {args.layer}, threads {torch.get_num_threads()}"
     )
 
     t = time.perf_counter()
@@ -113,7 +114,8 @@ def main(argv: list[str] | None = None) -> float:
     )
     print(f"min cosine safesteer vs naive pooled vectors: {agree:.6f}")
     print(
-        f"matmul peak ({'bf16' if precision == 'bf16' else 'fp32'}) {peak:.1f} GFLOP/s; compute floor {floor:.1f} s; "
+        f"matmul peak ({'bf16' if precision == 'bf16' else 'fp32'}) {peak:.1f} GFLOP/s; compute floor "
+        f"{floor:.1f} s; "
         f"safesteer at {100 * floor / t_ours:.1f}% of the floor, naive at {100 * floor / t_naive:.1f}%"
     )
     ratio = t_naive / t_ours

@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         score = f"{100.0 * (c['killed'] + c['timeout']) / checked:.1f}%" if checked else "–"
         mod = str(meta.relative_to(root))[: -len(".meta")].removeprefix("src/")
         lines.append(
-            f"| {mod} | {len(codes)} | {c['killed']} | {c['survived']} | {c['timeout']} | {c['no tests']} | {c['not checked']} | {score} |"
+            f"| {mod} | {len(codes)} | {c['killed']} | {c['survived']} | {c['timeout']} | "
+            f"{c['no tests']} | {c['not checked']} | {score} |"
         )
         survivors += [f"- `{k}`" for k, v in sorted(codes.items()) if v == 0]
     print("# Mutation testing (mutmut)\n")

@@ -17,9 +17,9 @@ paper variant, lambda, lr, Adam(0, 0.999), constrained decoder) on the same batc
 Protocol: one initial state (scale, geometric-median ``b_dec``, random unit decoder) is shared.
 A short *cold* phase times ``--cold-steps`` steps of each arm from that initial state (the first
 steps of a run, where about half the latents are open). Then safesteer's trainer runs
-``--warmup-steps`` untimed steps (of ``--warmup-batch-size`` rows) to reach the sparse regime in which a real run spends >99% of its
-steps (L0 falls from ~d_sae/2 to a few hundred within ~20 steps here); that state -- weights and
-Adam moments -- is copied into both arms, and ``--steps`` steps of each arm are timed,
+``--warmup-steps`` untimed steps (of ``--warmup-batch-size`` rows) to reach the sparse regime in which a real
+run spends >99% of its steps (L0 falls from ~d_sae/2 to a few hundred within ~20 steps here); that state --
+weights and Adam moments -- is copied into both arms, and ``--steps`` steps of each arm are timed,
 interleaved step by step so that load from other processes hits both alike. Quality: FVU and L0
 of both arms on held-out rows after the timed steps. The fp32 matmul peak is measured in the same
 run. The last line is ``sae speedup: <steady-state ratio>x``.
@@ -263,8 +263,10 @@ def main(argv: list[str] | None = None) -> None:
     X = [torch.from_numpy(b) * c for b in batches]
     evT = torch.from_numpy(np.asarray(evX, dtype=np.float32)) * c
     print(
-        f"sae bench: {source}; d_in={d}, d_sae={S} ({args.expansion}x), batch {B}, lambda {args.l1}, lr {args.lr}, "
-        f"threads {args.threads}, safesteer precision {ours.precision}, sparse threshold {ours.sparse_threshold}"
+        f"sae bench: {source}; d_in={d}, d_sae={S} ({args.expansion}x), batch {B}, lambda {args.l1}, "
+        f"lr {args.lr}, "
+        f"threads {args.threads}, safesteer precision {ours.precision}, sparse threshold "
+        f"{ours.sparse_threshold}"
     )
     peak0 = matmul_peak()
     flops = flops_textbook_step(B, d, S)
@@ -279,8 +281,10 @@ def main(argv: list[str] | None = None) -> None:
             t_cold_text += timed(lambda i=i: text.step(X[i]))
             t_cold_ours += timed(lambda i=i: ours.train_step(X[i]))
         print(
-            f"cold (first {args.cold_steps} steps from init, L0 ~ d_sae/2): textbook {args.cold_steps * B / t_cold_text:.0f} samples/s, "
-            f"safesteer {args.cold_steps * B / t_cold_ours:.0f} samples/s, ratio {t_cold_text / t_cold_ours:.2f}x"
+            f"cold (first {args.cold_steps} steps from init, L0 ~ d_sae/2): textbook "
+            f"{args.cold_steps * B / t_cold_text:.0f} samples/s, "
+            f"safesteer {args.cold_steps * B / t_cold_ours:.0f} samples/s, ratio "
+            f"{t_cold_text / t_cold_ours:.2f}x"
         )
 
     # ---- warm-up (untimed), then both arms from the same state
@@ -293,7 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     start = n_batches - args.steps
     if args.warmup_steps:
         print(
-            f"warm-up: {args.warmup_steps} untimed safesteer steps of {args.warmup_batch_size} rows in {time.perf_counter() - t_w:.0f}s; "
+            f"warm-up: {args.warmup_steps} untimed safesteer steps of {args.warmup_batch_size} rows in "
+            f"{time.perf_counter() - t_w:.0f}s; "
             f"now L0 {info['l0']:.0f}, gate density {100 * info['density']:.2f}%, batch FVU {info['fvu']:.4f}"
         )
     state = {n: t.clone() for n, t in ours.params.items()}
@@ -316,18 +321,21 @@ def main(argv: list[str] | None = None) -> None:
     ratio = t_text / t_ours
     print(f"fp32 matmul peak (measured, 1024^3): {peak:.1f} GFLOP/s (before {peak0:.1f}, after {peak1:.1f})")
     print(
-        f"textbook : {rate_t:8.1f} samples/s  {t_text / args.steps:.3f} s/step  {gf_t:6.1f} GFLOP/s = {100 * gf_t / peak:5.1f}% of peak"
-        f"  | FVU {fvu_t:.5f}  L0 {l0_t:.1f}"
+        f"textbook : {rate_t:8.1f} samples/s  {t_text / args.steps:.3f} s/step  {gf_t:6.1f} GFLOP/s = "
+        f"{100 * gf_t / peak:5.1f}% of peak  | FVU {fvu_t:.5f}  L0 {l0_t:.1f}"
     )
     print(
-        f"safesteer: {rate_o:8.1f} samples/s  {t_ours / args.steps:.3f} s/step  {gf_o:6.1f} GFLOP/s dense-equivalent = "
-        f"{100 * gf_o / peak:5.1f}% of peak  | FVU {fvu_o:.5f}  L0 {l0_o:.1f}  (paths: {', '.join(sorted(set(paths)))})"
+        f"safesteer: {rate_o:8.1f} samples/s  {t_ours / args.steps:.3f} s/step  {gf_o:6.1f} GFLOP/s "
+        "dense-equivalent = "
+        f"{100 * gf_o / peak:5.1f}% of peak  | FVU {fvu_o:.5f}  L0 {l0_o:.1f}  (paths: "
+        f"{', '.join(sorted(set(paths)))})"
     )
     dfvu = abs(fvu_o - fvu_t) / max(fvu_t, 1e-12)
     dl0 = abs(l0_o - l0_t) / max(l0_t, 1e-12)
     ok = dfvu <= 0.05 and dl0 <= 0.10
     print(
-        f"quality: FVU differs by {100 * dfvu:.2f}% (limit 5%), L0 by {100 * dl0:.2f}% (limit 10%): {'ok' if ok else 'OUT OF BOUNDS'}"
+        f"quality: FVU differs by {100 * dfvu:.2f}% (limit 5%), L0 by {100 * dl0:.2f}% (limit 10%): "
+        f"{'ok' if ok else 'OUT OF BOUNDS'}"
     )
     print(f"steady-state ratio {ratio:.2f}x over {args.steps} interleaved steps (target >= 2x)")
     print(f"sae speedup: {ratio:.2f}x")

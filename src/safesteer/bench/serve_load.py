@@ -14,7 +14,8 @@ or ``--model smollm2-135m``), then
 Nothing leaves the machine: the server binds 127.0.0.1 and the client talks to it only. The whole
 run is bounded by ``--max-seconds``. The report is printed as JSON (and written to ``--out``).
 
-    python bench/serve_load.py                         # perf + soak on the tiny model (or python -m safesteer.bench.serve_load)
+    # perf + soak on the tiny model (or python -m safesteer.bench.serve_load)
+    python bench/serve_load.py
     python bench/serve_load.py --mode perf --model smollm2-135m --requests 60
 """
 
@@ -112,7 +113,8 @@ def _pct(xs: list[float], q: float) -> float:
 async def _fire(
     client, jobs: list[tuple[str, str, dict]], concurrency: int, deadline: float
 ) -> tuple[list[float], dict[int, int], float, int]:
-    """Send ``jobs`` (method, path, httpx kwargs) with at most ``concurrency`` in flight; (latencies, statuses, wall, sent)."""
+    """Send ``jobs`` (method, path, httpx kwargs) with at most ``concurrency`` in flight; (latencies,
+    statuses, wall, sent)."""
     sem = asyncio.Semaphore(concurrency)
     lat: list[float] = []
     statuses: dict[int, int] = {}
@@ -194,7 +196,8 @@ async def perf(base: str, args: argparse.Namespace, deadline: float) -> dict[str
                     "mean_ms": round(1000 * statistics.fmean(a["lat"]), 2) if a["lat"] else None,
                 }
                 print(
-                    f"  {name:28s} {out[name]['rps']:>8} req/s  p50 {out[name]['p50_ms']:>8} ms  p99 {out[name]['p99_ms']:>8} ms",
+                    f"  {name:28s} {out[name]['rps']:>8} req/s  p50 {out[name]['p50_ms']:>8} ms  p99 "
+                    f"{out[name]['p99_ms']:>8} ms",
                     file=sys.stderr,
                 )
         for path in ("/v1/score", "/v1/choice"):
@@ -294,7 +297,8 @@ async def soak(base: str, args: argparse.Namespace, deadline: float, pid: int, k
                 statuses[k] = statuses.get(k, 0) + v
             rss.append((sent_total, proc.memory_info().rss / 2**20))
             print(
-                f"  soak {sent_total:>6} requests, RSS {rss[-1][1]:.1f} MiB, 5xx so far {sum(v for k, v in statuses.items() if k >= 500)}",
+                f"  soak {sent_total:>6} requests, RSS {rss[-1][1]:.1f} MiB, 5xx so far "
+                f"{sum(v for k, v in statuses.items() if k >= 500)}",
                 file=sys.stderr,
             )
     warm = [m for n, m in rss if n >= min(2000, args.soak_requests // 5)] or [m for _, m in rss]

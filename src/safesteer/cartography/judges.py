@@ -51,7 +51,8 @@ VERDICTS: tuple[str, str, str] = ("GENUINE", "CONTEXT", "NOISE")
 
 SYSTEM_PROMPT = (
     "You audit features of a language model's sparse autoencoder. Given a feature's top-activating texts, "
-    "the tokens it promotes, and its statistics against a concept, decide whether it is GENUINE (it encodes the "
+    "the tokens it promotes, and its statistics against a concept, decide whether it is GENUINE (it "
+    "encodes the "
     "concept itself), CONTEXT (it fires on correlated context: topic, format, a frequent word) or NOISE (no "
     "coherent pattern)."
 )
@@ -108,16 +109,19 @@ def card_prompt(card: dict[str, Any], concept: str, n_texts: int = 4, text_chars
         s = stats[0]
         lines.append(
             f"Statistics for {s.get('label')}: correlation r={s.get('r', float('nan')):.3f}, "
-            f"fires on {100 * (s.get('freq_pos') or 0):.0f}% of positives vs {100 * (s.get('freq_neg') or 0):.0f}% of negatives"
+            f"fires on {100 * (s.get('freq_pos') or 0):.0f}% of positives vs "
+            f"{100 * (s.get('freq_neg') or 0):.0f}% of negatives"
         )
     lines.append(
-        "Answer with one word, GENUINE, CONTEXT or NOISE, then a short label (2-4 words) naming what the feature detects."
+        "Answer with one word, GENUINE, CONTEXT or NOISE, then a short label (2-4 words) naming what "
+        "the feature detects."
     )
     return "\n".join(lines)
 
 
 def parse_verdict(text: str) -> str:
-    """Map free text to one of :data:`VERDICTS` (always): first verdict word found, else prefixes, else NOISE."""
+    """Map free text to one of :data:`VERDICTS` (always): first verdict word found, else prefixes, else
+    NOISE."""
     t = str(text or "").upper()
     hits = [(m.start(), v) for v in VERDICTS for m in [re.search(rf"\b{v}\b", t)] if m]
     if hits:
@@ -187,7 +191,8 @@ class OpenAIAtomJudge:
         self.api_key = api_key or env.get("SAFESTEER_JUDGE_API_KEY") or env.get("OPENAI_API_KEY")
         if not self.api_key and transport is None and "api.openai.com" in self.base_url:
             raise SafesteerError(
-                "the openai judge needs an API key: set SAFESTEER_JUDGE_API_KEY or OPENAI_API_KEY (or use --judge offline)"
+                "the openai judge needs an API key: set SAFESTEER_JUDGE_API_KEY or OPENAI_API_KEY (or "
+                "use --judge offline)"
             )
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         self.client = httpx.Client(
@@ -213,11 +218,13 @@ class OpenAIAtomJudge:
             content = resp.json()["choices"][0]["message"]["content"] or ""
         except httpx.HTTPStatusError as exc:
             raise SafesteerError(
-                f"judge endpoint {self.base_url} answered HTTP {exc.response.status_code}; check SAFESTEER_JUDGE_* settings"
+                f"judge endpoint {self.base_url} answered HTTP {exc.response.status_code}; check "
+                "SAFESTEER_JUDGE_* settings"
             ) from exc
         except httpx.HTTPError as exc:
             raise SafesteerError(
-                f"cannot reach judge endpoint {self.base_url} ({type(exc).__name__}); use --judge offline here"
+                f"cannot reach judge endpoint {self.base_url} ({type(exc).__name__}); use --judge "
+                "offline here"
             ) from exc
         except (KeyError, IndexError, ValueError) as exc:
             raise SafesteerError(
@@ -373,7 +380,10 @@ class OfflineJudge:
             why = " ".join(why.strip().splitlines()[0].split()) if why.strip() else ""
             if why:
                 reason = f"{why} ({reason})"
-        reason += f" [offline judge {self.backbone.name}: P(GENUINE)={probs[0]:.2f}, P(CONTEXT)={probs[1]:.2f}, P(NOISE)={probs[2]:.2f}]"
+        reason += (
+            f" [offline judge {self.backbone.name}: P(GENUINE)={probs[0]:.2f}, "
+            f"P(CONTEXT)={probs[1]:.2f}, P(NOISE)={probs[2]:.2f}]"
+        )
         return JudgeResult(verdict, label, reason, {v: float(p) for v, p in zip(VERDICTS, probs)})
 
 
@@ -429,7 +439,8 @@ def evidence_summary(card: dict[str, Any], concept: str, chars: int = 90) -> str
     if stats:
         s = stats[0]
         parts.append(
-            f"fires on {100 * (s.get('freq_pos') or 0):.0f}% of positives vs {100 * (s.get('freq_neg') or 0):.0f}% of negatives"
+            f"fires on {100 * (s.get('freq_pos') or 0):.0f}% of positives vs "
+            f"{100 * (s.get('freq_neg') or 0):.0f}% of negatives"
         )
     if card.get("tokens"):
         parts.append("promotes " + ", ".join(card["tokens"][:5]))

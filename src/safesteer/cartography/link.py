@@ -148,7 +148,8 @@ class LogitAtomCorrelation:
             S = S[:, None]
         if Z.shape[1] != self.n_atoms or S.shape != (Z.shape[0], len(self.names)):
             raise SafesteerError(
-                f"Z {Z.shape} and logits {S.shape} do not match {self.n_atoms} atoms × {len(self.names)} probes"
+                f"Z {Z.shape} and logits {S.shape} do not match {self.n_atoms} atoms × "
+                f"{len(self.names)} probes"
             )
         nb = float(Z.shape[0])
         if nb == 0:

@@ -30,13 +30,15 @@ def _open_latents(path: Path):
         from safesteer.sae.latents import LatentStore
     except ModuleNotFoundError as exc:
         raise SafesteerError(
-            "the SAE latent store (safesteer.sae) is not installed in this build; run 'safesteer encode' first"
+            "the SAE latent store (safesteer.sae) is not installed in this build; run 'safesteer "
+            "encode' first"
         ) from exc
     return LatentStore(path)
 
 
 def load_decoder(path: Path) -> np.ndarray:
-    """Unit decoder rows (d_sae × d) from an SAE folder (``safesteer.sae.load_sae``, or a bare ``W_dec`` file)."""
+    """Unit decoder rows (d_sae × d) from an SAE folder (``safesteer.sae.load_sae``, or a bare ``W_dec``
+    file)."""
     path = Path(path)
     for name in ("W_dec.npy", "decoder.npy"):
         if (path / name).is_file():
@@ -99,7 +101,8 @@ def store_label_codes(
         )
     if not keep.any():
         raise SafesteerError(
-            f"no label spec has ≥ {min_per_class} positive and negative rows in {store.path}; extract labelled datasets"
+            f"no label spec has ≥ {min_per_class} positive and negative rows in {store.path}; extract "
+            "labelled datasets"
         )
     label_names = [n for n, k in zip(chosen, keep) if k]
     counts = {n: {"pos": int(p), "neg": int(q)} for n, p, q, k in zip(chosen, pos, neg, keep) if k}
@@ -215,7 +218,8 @@ def run_map(
         "n_unlabelled_rows": int(res.n_unlabelled),
         "labels": counts,
         "heldout_fraction": heldout,
-        "stats_rows": "atom_map statistics use the rows outside the held-out fraction; *_heldout columns the rest"
+        "stats_rows": "atom_map statistics use the rows outside the held-out fraction; *_heldout "
+        "columns the rest"
         if heldout > 0
         else "all rows",
         "score": "score = 0.5·r + 0.5·dmu / max_atoms |dmu| (per label)",
@@ -263,7 +267,8 @@ def run_map_merge(parts: list[Path], out: Path) -> dict[str, Any]:
     for p in parts:
         if not (p / "summary.json").is_file() or not (p / "stats" / "stats.json").is_file():
             raise SafesteerError(
-                f"{p} is not a 'safesteer map' output (no summary.json / stats/); run 'safesteer map --shards' first"
+                f"{p} is not a 'safesteer map' output (no summary.json / stats/); run 'safesteer map "
+                "--shards' first"
             )
         summaries.append(read_json(p / "summary.json"))
     first = summaries[0]
@@ -271,7 +276,8 @@ def run_map_merge(parts: list[Path], out: Path) -> dict[str, Any]:
         for key in ("n_atoms", "labels", "heldout_fraction", "acts"):
             if s.get(key) != first.get(key):
                 raise SafesteerError(
-                    f"{p} and {parts[0]} differ in {key}; only maps of the same latents, labels and held-out fraction merge"
+                    f"{p} and {parts[0]} differ in {key}; only maps of the same latents, labels and "
+                    "held-out fraction merge"
                 )
     seen: dict[int, Path] = {}
     for p, s in zip(parts, summaries):

@@ -28,7 +28,8 @@ def map_distributed(
     run_map_merge: Callable | None = None,
     **map_kwargs: Any,
 ) -> dict[str, Any]:
-    """``run_map`` over this rank's latent shards, then (rank 0) ``run_map_merge`` of every rank's part into ``out``.
+    """``run_map`` over this rank's latent shards, then (rank 0) ``run_map_merge`` of every rank's part into
+    ``out``.
 
     ``run_map``/``run_map_merge``: the cartography functions (default: ``safesteer.cartography.map``'s);
     ``map_kwargs`` go to ``run_map``. Returns the merged summary on rank 0 and this rank's partial

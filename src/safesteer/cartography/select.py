@@ -1,4 +1,5 @@
-"""Atom selection from an atom map: top-k, all-positive, and the filtered (judged + screened + de-duplicated) set.
+"""Atom selection from an atom map: top-k, all-positive, and the filtered (judged + screened + de-duplicated)
+set.
 
 * :func:`select_topk` — per label, the ``k`` (default 20) atoms with the highest concept score.
 * :func:`select_all_positive` — per label, every atom with Δμ > 0 (fires more on positives).
@@ -60,7 +61,8 @@ def _labels(atom_map: pd.DataFrame, labels: str | Iterable[str] | None) -> list[
     missing = [x for x in wanted if x not in have]
     if missing:
         raise SafesteerError(
-            f"label(s) {', '.join(missing)} not in the atom map; it has: {', '.join(have[:12])}{'…' if len(have) > 12 else ''}"
+            f"label(s) {', '.join(missing)} not in the atom map; it has: "
+            f"{', '.join(have[:12])}{'…' if len(have) > 12 else ''}"
         )
     return wanted
 
@@ -115,7 +117,8 @@ def category_candidates(
         frames.append(best.head(candidates))
     if not frames:
         raise SafesteerError(
-            f"no atom has a positive score for any label of the categories {', '.join(categories)}; map more data"
+            f"no atom has a positive score for any label of the categories {', '.join(categories)}; "
+            "map more data"
         )
     out = pd.concat(frames, ignore_index=True)
     return out.rename(columns={"label": "concept"})

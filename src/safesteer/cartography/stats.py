@@ -183,7 +183,8 @@ class StreamingStats:
             raise SafesteerError(f"Z has {Z.shape[1]} atoms; these statistics track {self.n_atoms}")
         if Y.shape != (Z.shape[0], self.n_labels):
             raise SafesteerError(
-                f"labels have shape {Y.shape}; expected ({Z.shape[0]}, {self.n_labels}) to match Z and the label names"
+                f"labels have shape {Y.shape}; expected ({Z.shape[0]}, {self.n_labels}) to match Z and "
+                "the label names"
             )
         finite = Y[~np.isnan(Y)]
         if finite.size and not np.isin(finite, (0.0, 1.0)).all():

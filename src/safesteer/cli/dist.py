@@ -37,7 +37,8 @@ def register(app: typer.Typer) -> None:
         ),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
-        """Encode activations and map the atoms; under torchrun each rank does its shards and rank 0 merges."""
+        """Encode activations and map the atoms; under torchrun each rank does its shards and rank 0
+        merges."""
         from safesteer.cartography.map_dist import map_distributed
         from safesteer.devices import resolve_device
         from safesteer.distributed import from_env
@@ -72,6 +73,7 @@ def register(app: typer.Typer) -> None:
         )
         if dist.is_writer:
             typer.echo(
-                f"encoded {z.n_rows} rows into {len(z.shards)} shard(s) -> {latents}; mapped {s['n_atoms']} atoms × "
+                f"encoded {z.n_rows} rows into {len(z.shards)} shard(s) -> {latents}; mapped "
+                f"{s['n_atoms']} atoms × "
                 f"{len(s['labels'])} labels over {s['n_rows']} rows on {dist.world} rank(s) -> {out}"
             )

@@ -56,7 +56,8 @@ def register(app: typer.Typer) -> None:
         atoms: list[str] = typer.Option(
             [],
             "--atoms",
-            help="NAME=CSV atom selection, NAME in tox_top20, tox_all, tox_filtered, harm_top20, …; repeatable.",
+            help="NAME=CSV atom selection, NAME in tox_top20, tox_all, tox_filtered, harm_top20, …; "
+            "repeatable.",
         ),
         d_model: Optional[int] = typer.Option(
             None, "--d-model", help="Width, when only the random control is built."
@@ -132,7 +133,8 @@ def register(app: typer.Typer) -> None:
         random_alpha: str = typer.Option(
             _V.random_alpha,
             "--random-alpha",
-            help="α of the random control: max (largest chosen |α|), each (one row per chosen α) or a number.",
+            help="α of the random control: max (largest chosen |α|), each (one row per chosen α) or a "
+            "number.",
         ),
         probe_tox: Optional[Path] = typer.Option(
             None, "--probe-tox", help="Toxicity probe for the ΔP efficacy metric."

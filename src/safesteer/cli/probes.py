@@ -56,7 +56,8 @@ def register(app: typer.Typer) -> None:
         label: str = typer.Option(
             ...,
             "--label",
-            help="toxicity, harmfulness, toxicity_madlibs, harm_beavertails, emotion:<e>, empathy:<e>, rtp:<attr>, harm:<cat>, identity:<group>.",
+            help="toxicity, harmfulness, toxicity_madlibs, harm_beavertails, emotion:<e>, empathy:<e>, "
+            "rtp:<attr>, harm:<cat>, identity:<group>.",
         ),
         out: Path = typer.Option(
             ...,
@@ -97,8 +98,10 @@ def register(app: typer.Typer) -> None:
             max_rows=max_rows,
         )
         typer.echo(
-            f"probe '{label}': held-out AUROC {m['auroc']:.3f}, accuracy {m['accuracy']:.3f}, F1 {m['f1']:.3f} "
-            f"(C={m['C']:g}, {m['n_train']} train / {m['n_test']} test rows; DiffMean AUROC {m.get('diffmean_auroc', float('nan')):.3f}) -> {out}"
+            f"probe '{label}': held-out AUROC {m['auroc']:.3f}, accuracy {m['accuracy']:.3f}, F1 "
+            f"{m['f1']:.3f} "
+            f"(C={m['C']:g}, {m['n_train']} train / {m['n_test']} test rows; DiffMean AUROC "
+            f"{m.get('diffmean_auroc', float('nan')):.3f}) -> {out}"
         )
 
     @app.command("map")
@@ -137,7 +140,8 @@ def register(app: typer.Typer) -> None:
             help="Only these latent shards (e.g. 0-3,7): a partial map for 'safesteer map-merge'.",
         ),
     ) -> None:
-        """Stream the latents once: per (atom, label) Δμ, point-biserial r, Cohen's d, firing rates, concept score."""
+        """Stream the latents once: per (atom, label) Δμ, point-biserial r, Cohen's d, firing rates, concept
+        score."""
         from safesteer.cartography.map import run_map
 
         names = [x.strip() for x in labels.split(",") if x.strip()] if labels else None
@@ -158,7 +162,8 @@ def register(app: typer.Typer) -> None:
             shards=_shard_list(shards) if shards else None,
         )
         typer.echo(
-            f"mapped {s['n_atoms']} atoms × {len(s['labels'])} labels over {s['n_rows']} rows in {s['seconds']:.1f}s -> {out}"
+            f"mapped {s['n_atoms']} atoms × {len(s['labels'])} labels over {s['n_rows']} rows in "
+            f"{s['seconds']:.1f}s -> {out}"
         )
 
     @app.command("map-merge")
@@ -173,7 +178,8 @@ def register(app: typer.Typer) -> None:
 
         s = run_map_merge(list(part), out)
         typer.echo(
-            f"merged {len(part)} maps: {s['n_atoms']} atoms × {len(s['labels'])} labels over {s['n_rows']} rows -> {out}"
+            f"merged {len(part)} maps: {s['n_atoms']} atoms × {len(s['labels'])} labels over "
+            f"{s['n_rows']} rows -> {out}"
         )
 
     @app.command("atoms")
@@ -273,7 +279,9 @@ def register(app: typer.Typer) -> None:
         )
         if mode == "filtered":
             typer.echo(
-                f"selected {r['selected']} of {r['candidates']} candidate atoms ({r['flagged_less_safe']} flagged as making the model less safe) -> {out / 'final_steering_atoms.csv'}"
+                f"selected {r['selected']} of {r['candidates']} candidate atoms "
+                f"({r['flagged_less_safe']} flagged as making the model less safe) -> "
+                f"{out / 'final_steering_atoms.csv'}"
             )
         else:
             typer.echo(f"{mode}: {r['rows']} (atom, label) rows over {r['labels']} labels -> {out}")

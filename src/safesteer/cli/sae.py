@@ -147,8 +147,10 @@ def register(app: typer.Typer) -> None:
             typer.echo(table, nl=False)
         typer.echo(convergence_table(final.history), nl=False)
         typer.echo(
-            f"trained {final.config.expansion}x/{final.config.l1:g} ({final.config.variant}) for {final.steps} steps; "
-            f"stopped: {final.stopped}; best epoch {final.best_epoch} (val loss {final.best_val_loss if final.best_val_loss is not None else float('nan'):.6g}); "
+            f"trained {final.config.expansion}x/{final.config.l1:g} ({final.config.variant}) for "
+            f"{final.steps} steps; "
+            f"stopped: {final.stopped}; best epoch {final.best_epoch} (val loss "
+            f"{final.best_val_loss if final.best_val_loss is not None else float('nan'):.6g}); "
             f"SAE -> {out / 'sae'}"
         )
 
@@ -169,7 +171,8 @@ def register(app: typer.Typer) -> None:
         dense = m["dense_fp16_bytes_per_row"]
         bpr = m["bytes_per_row"]
         typer.echo(
-            f"encoded {z.n_rows} rows into {len(z.shards)} shard(s) -> {out}; mean L0 {m['mean_l0']:.1f} of {z.n_latents}; "
+            f"encoded {z.n_rows} rows into {len(z.shards)} shard(s) -> {out}; mean L0 "
+            f"{m['mean_l0']:.1f} of {z.n_latents}; "
             f"{bpr:.1f} bytes/row vs {dense} bytes/row as dense float16 "
             + (
                 f"({dense / bpr:.1f}x smaller)"

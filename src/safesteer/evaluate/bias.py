@@ -233,7 +233,8 @@ def stereoset_from_records(records: Iterable[Any]) -> list[StereoExample]:
 
 
 def _blank_match(context: str, sentence: str) -> tuple[re.Match[str], int] | None:
-    """The regex match of the context's BLANK slot(s) against ``sentence`` and the offset of the match in it."""
+    """The regex match of the context's BLANK slot(s) against ``sentence`` and the offset of the match in
+    it."""
     parts = context.split("BLANK")
     if len(parts) < 2:
         return None
@@ -299,7 +300,8 @@ def intrasentence_text(
 
 
 def intersentence_context(context: str) -> str:
-    """The context as moinnadeem/StereoSet's likelihood scorer uses it: a final '.' added when it has no end mark."""
+    """The context as moinnadeem/StereoSet's likelihood scorer uses it: a final '.' added when it has no end
+    mark."""
     c = context.rstrip()
     return c if not c or c[-1] in ".!?" else c + "."
 
@@ -315,7 +317,8 @@ def _token_positions(enc: Any, special: Sequence[int], spans: Sequence[tuple[int
 
 
 def _masked_intra_items(tok: Any, text: str, spans, max_length: int):
-    """Word token k masked, earlier word tokens visible, later word tokens removed (one item per word token)."""
+    """Word token k masked, earlier word tokens visible, later word tokens removed (one item per word
+    token)."""
     enc = tok(
         text, add_special_tokens=True, return_offsets_mapping=True, truncation=True, max_length=max_length
     )
@@ -444,7 +447,8 @@ def _lms_ss_icat(c: _Counts, idx: np.ndarray) -> dict[str, float]:
 
 
 def stereoset_metrics(examples: Sequence[StereoExample], scores: np.ndarray) -> dict[str, Any]:
-    """LMS / SS / ICAT per evaluation.py: ``{"intrasentence": {"overall": …, "gender": …}, "intersentence": …, "overall": …}``."""
+    """LMS / SS / ICAT per evaluation.py: ``{"intrasentence": {"overall": …, "gender": …}, "intersentence": …,
+    "overall": …}``."""
     c = _counts(examples, scores)
     types = np.array([ex.type for ex in examples])
     doms = np.array([ex.bias_type for ex in examples])

@@ -92,7 +92,8 @@ def evaluate_directions(
     progress: Callable[[str], None] | None = None,
     note: Callable[[str], None] | None = None,
 ):
-    """Load the backbone and the direction set, run the suite, write its outputs. Returns (result, written paths)."""
+    """Load the backbone and the direction set, run the suite, write its outputs. Returns (result, written
+    paths)."""
     from safesteer.devices import resolve_device
     from safesteer.evaluate.suite import run_suite, write_outputs
     from safesteer.models import load_backbone
@@ -118,7 +119,8 @@ def evaluate_directions(
     bb.check_layer(cfg.layer)
     if ds.d_model != bb.d_model:
         raise SafesteerError(
-            f"directions have size {ds.d_model} but {model} has d_model {bb.d_model}; build them for this model"
+            f"directions have size {ds.d_model} but {model} has d_model {bb.d_model}; build them for "
+            "this model"
         )
     result = run_suite(bb, ds, cfg, probes=probes, progress=progress, interventions=interventions)
     return result, write_outputs(result, out, plots=plots)

@@ -87,7 +87,8 @@ METRICS: dict[str, MetricSpec] = {}
 
 
 def register(group: MetricGroup | type[MetricGroup]) -> Any:
-    """Register a metric group (an instance, or a class with a no-argument constructor: usable as a decorator)."""
+    """Register a metric group (an instance, or a class with a no-argument constructor: usable as a
+    decorator)."""
     obj = group() if isinstance(group, type) else group
     if not obj.name or not obj.metrics:
         raise SafesteerError(f"metric group {type(obj).__name__} needs a name and at least one metric")

@@ -81,7 +81,8 @@ class SuiteConfig:
             raise SafesteerError(f"alpha unit must be 'norm' or 'raw', got '{self.alpha_unit}'")
         if self.objective not in SAFETY_OBJECTIVES:
             raise SafesteerError(
-                f"unknown calibration objective '{self.objective}'; valid choices: {', '.join(SAFETY_OBJECTIVES)}"
+                f"unknown calibration objective '{self.objective}'; valid choices: "
+                f"{', '.join(SAFETY_OBJECTIVES)}"
             )
         if not self.alphas:
             raise SafesteerError("no alpha given; pass at least one")
@@ -133,7 +134,8 @@ def _run_suite(backbone, directions, cfg, probes, progress, interventions) -> Su
     groups = ev.groups_for(cfg.metrics)
     if not groups:
         raise SafesteerError(
-            "no metric can run here (probe metrics need --probe-tox/--probe-harm; generation needs a causal LM)"
+            "no metric can run here (probe metrics need --probe-tox/--probe-harm; generation needs a "
+            "causal LM)"
         )
     scale = 1.0
     if cfg.alpha_unit == "norm":

@@ -339,7 +339,8 @@ def extract(
                 if not overwrite:
                     diff = [k for k in IDENTITY_KEYS if old.get("identity", {}).get(k) != cfg.identity()[k]]
                     raise SafesteerError(
-                        f"{folder} holds activations from a different run (differs in: {', '.join(diff) or 'format'}); "
+                        f"{folder} holds activations from a different run (differs in: "
+                        f"{', '.join(diff) or 'format'}); "
                         "pass --overwrite to replace it or choose another --out"
                     )
                 replace.append(folder)
@@ -418,7 +419,8 @@ def extract(
             if len(bad):
                 names = ", ".join(ids[i] for i in bad[:5])
                 raise SafesteerError(
-                    f"NaN/Inf activations in shard {index} at layer {l} for rows {names}; shard not written (try --precision fp32)"
+                    f"NaN/Inf activations in shard {index} at layer {l} for rows {names}; shard not "
+                    "written (try --precision fp32)"
                 )
             folder = layer_dir(out, l)
             files = shard_files(index)

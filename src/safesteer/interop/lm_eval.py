@@ -110,7 +110,8 @@ def export_lm_eval(
         "steering_coefficient": repr(a),
         "head_index": "",
         "sae_id": "",
-        "description": f"safesteer policy {info['policy']} ({', '.join(info['directions'])}) at layer {layer}",
+        "description": f"safesteer policy {info['policy']} ({', '.join(info['directions'])}) at layer "
+        f"{layer}",
     }
     with atomic_path(out_csv, suffix=".csv") as tmp:
         with open(tmp, "w", newline="") as fh:
@@ -121,7 +122,8 @@ def export_lm_eval(
 
 
 def register() -> type:
-    """Register ``safesteer-steered`` with lm-eval (needs ``lm-eval`` and ``eai-sparsify``) and return the class."""
+    """Register ``safesteer-steered`` with lm-eval (needs ``lm-eval`` and ``eai-sparsify``) and return the
+    class."""
     from lm_eval.api.registry import MODEL_REGISTRY, register_model
     from lm_eval.models.hf_steered import SteeredModel
 

@@ -42,7 +42,8 @@ def saelens_training_config(cfg: SAEConfig) -> dict[str, Any]:
     if cfg.variant == "article":
         raise SafesteerError(
             "the article variant's training objective (L1 on magnitudes, r_mag = 0) has no SAELens "
-            "architecture; SAELens can run it (architecture 'gated') but not continue training it — use safesteer"
+            "architecture; SAELens can run it (architecture 'gated') but not continue training it — "
+            "use safesteer"
         )
     return {
         "architecture": "gated",

@@ -190,8 +190,8 @@ class Backbone:
         """Add ``alpha * vector`` to block ``layer``'s output (or apply ``edit``) inside the block.
 
         ``positions``: None = every position; a bool tensor (batch × seq); a slice or a list of
-        sequence indices. ``where="prompt"`` steers the prompt only (see :class:`~safesteer.models.hooks.PromptOnly`).
-        The hook is removed on exit, also when the body raises.
+        sequence indices. ``where="prompt"`` steers the prompt only (see
+        :class:`~safesteer.models.hooks.PromptOnly`). The hook is removed on exit, also when the body raises.
         """
         layer = self.check_layer(layer)
         if (vector is None) == (edit is None):
@@ -255,7 +255,8 @@ class Backbone:
         """Causal LM: log P(token_t | tokens_<t) for every token of each text (BOS-conditioned)."""
         if self.kind != "causal":
             raise SafesteerError(
-                "token_logprobs needs a causal LM; use masked_token_logprobs / pseudo-log-likelihood for masked LMs"
+                "token_logprobs needs a causal LM; use masked_token_logprobs / pseudo-log-likelihood "
+                "for masked LMs"
             )
         prefix = self._bos_prefix()
         out: list[torch.Tensor] = []

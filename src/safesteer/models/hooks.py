@@ -46,13 +46,15 @@ class StopForward(Exception):
 
 # ------------------------------------------------------------------------------------ model shape
 def find_layers(model: nn.Module, n_layers: int) -> nn.ModuleList:
-    """The ModuleList of transformer blocks (Llama ``model.layers``, RoBERTa ``encoder.layer``, GPT-2 ``h``…)."""
+    """The ModuleList of transformer blocks (Llama ``model.layers``, RoBERTa ``encoder.layer``, GPT-2
+    ``h``…)."""
     candidates = [
         (name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers
     ]
     if not candidates:
         raise SafesteerError(
-            f"cannot find the {n_layers} transformer blocks of {type(model).__name__}; unsupported architecture"
+            f"cannot find the {n_layers} transformer blocks of {type(model).__name__}; unsupported "
+            "architecture"
         )
     return min(candidates, key=lambda nm: nm[0].count("."))[1]
 

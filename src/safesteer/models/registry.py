@@ -58,6 +58,7 @@ def resolve_model(name: str) -> ResolvedModel:
     if looks_like_id and (_is_hf_cached(hub_id) or hub_reachable()):
         return ResolvedModel(name, hub_id, "hub")
     raise SafesteerError(
-        f"unknown model '{name}': not an alias ({', '.join(['smollm2-135m'] + [a for a in ALIASES if a != 'smollm2-135m'])}), "
+        f"unknown model '{name}': not an alias "
+        f"({', '.join(['smollm2-135m'] + [a for a in ALIASES if a != 'smollm2-135m'])}), "
         "not a local folder with config.json, and not available from the Hugging Face hub here"
     )

@@ -19,7 +19,10 @@ from safesteer.pipeline.report import Section
 
 def pct(m: dict[str, Any]) -> str:
     """``a% → b% (Δ +d pp [lo, hi])`` of a paired figure from the study's summary."""
-    return f"{m['baseline']:.1f}% → {m['value']:.1f}% (Δ {m['delta']:+.1f} pp [{m['low']:+.1f}, {m['high']:+.1f}])"
+    return (
+        f"{m['baseline']:.1f}% → {m['value']:.1f}% (Δ {m['delta']:+.1f} pp [{m['low']:+.1f}, "
+        f"{m['high']:+.1f}])"
+    )
 
 
 def fluency(m: dict[str, Any]) -> str:
@@ -42,7 +45,8 @@ def verdict(summary: dict[str, Any], none_reason: str | None, run_dir: Path) -> 
     cond, unc = te.get("conditional"), te.get("unconditional")
     if none_reason or not cond:
         sec.text(
-            f"No strategy met the constraints: {none_reason or 'no conditional policy was feasible on validation'}. "
+            "No strategy met the constraints: "
+            f"{none_reason or 'no conditional policy was feasible on validation'}. "
             f"Nothing is recommended for deployment ({run_dir.name}/policies/NONE.txt)."
         )
     else:
@@ -52,19 +56,22 @@ def verdict(summary: dict[str, Any], none_reason: str | None, run_dir: Path) -> 
             "all": " on every position",
         }.get(summary["config"].get("steer_positions", "all"), "")
         sec.text(
-            f"Recommended: {_policy_name(p)} at layer {summary['config']['layer']}{where}, gated by the harm gate ("
+            f"Recommended: {_policy_name(p)} at layer {summary['config']['layer']}{where}, gated by "
+            "the harm gate ("
             + ("MLP" if summary["gate"].get("kind") == "mlp" else "linear probe")
             + ") at layer "
-            f"{summary['gate']['layer']} ({summary['gate'].get('position', 'prompt_end')}). On the test split it refuses {pct(cond['harmful_refusal'])} of harmful "
-            f"requests and {pct(cond['safe_refusal'])} of XSTest-safe ones; P(Yes) on harmful prompts {pct(cond['p_yes'])}; "
-            f"harmless fluency (NLL) {fluency(cond['harmless_fluency'])}. "
+            f"{summary['gate']['layer']} ({summary['gate'].get('position', 'prompt_end')}). On the "
+            f"test split it refuses {pct(cond['harmful_refusal'])} of harmful "
+            f"requests and {pct(cond['safe_refusal'])} of XSTest-safe ones; P(Yes) on harmful prompts "
+            f"{pct(cond['p_yes'])}; harmless fluency (NLL) {fluency(cond['harmless_fluency'])}. "
             f"Serve it with `safesteer serve --run {run_dir}` ({run_dir.name}/policies/recommended.json)."
         )
         cfg = summary["config"]
         over = [
             f"XSTest-safe refusal {cond['safe_refusal']['delta']:+.1f} pp > +{cfg['max_safe_pp']:g} pp"
         ] * (cond["safe_refusal"]["delta"] > cfg["max_safe_pp"]) + [
-            f"harmless fluency {cond['harmless_fluency']['delta_pct']:+.2f}% > {100 * cfg['max_fluency_rel']:g}%"
+            f"harmless fluency {cond['harmless_fluency']['delta_pct']:+.2f}% > "
+            f"{100 * cfg['max_fluency_rel']:g}%"
         ] * (cond["harmless_fluency"]["delta_pct"] > 100 * cfg["max_fluency_rel"])
         if over:
             sec.text(
@@ -95,14 +102,16 @@ def verdict(summary: dict[str, Any], none_reason: str | None, run_dir: Path) -> 
     ]
     sec.table(
         pd.DataFrame(rows),
-        caption=f"Chosen on validation: max harmful refusal gain with look-alike ({' + '.join(groups)}) over-refusal ≤ "
+        caption="Chosen on validation: max harmful refusal gain with look-alike "
+        f"({' + '.join(groups)}) over-refusal ≤ "
         f"+{summary['config']['max_safe_pp']:g} pp and harmless NLL within "
         f"{100 * summary['config']['max_fluency_rel']:g}%; reported on test (paired bootstrap)",
     )
     if "verify_conditional" in te:
         v = te["verify_conditional"]
         sec.text(
-            f"The real in-pass conditional run on {v['n']} test prompts gave {100 * v['same_answer']:.0f}% identical answers "
+            f"The real in-pass conditional run on {v['n']} test prompts gave "
+            f"{100 * v['same_answer']:.0f}% identical answers "
             f"to the recombined ones ({100 * v['same_refusal']:.0f}% the same refusal verdict)."
         )
     return sec
@@ -244,8 +253,8 @@ def sections(bdir: Path, run_dir: Path) -> list[Section]:
     pareto = pd.read_csv(bdir / "pareto.csv") if (bdir / "pareto.csv").is_file() else None
     fig.image(
         pareto_plot(pareto, summary, plots / "behaviour_pareto.png") or plots / "none.png",
-        "Validation split: each strategy × α, conditional (o, per gate FPR) and, with sweep_unconditional, unconditional (x); chosen points circled, "
-        "their test figures starred",
+        "Validation split: each strategy × α, conditional (o, per gate FPR) and, with "
+        "sweep_unconditional, unconditional (x); chosen points circled, their test figures starred",
     )
     if pareto is not None:
         front = pd.DataFrame(summary.get("pareto_val") or [])
@@ -281,7 +290,8 @@ def sections(bdir: Path, run_dir: Path) -> list[Section]:
     )
     gate.text(
         f"{kind} at {g.get('position', 'prompt_end')} of layer {g['layer']} (chosen on validation among "
-        f"{', '.join(str(k) for k in g['val_auroc_vs_xstest_safe'])}). Held-out test AUROC {g['held_out']['test_auroc']:.3f}; "
+        f"{', '.join(str(k) for k in g['val_auroc_vs_xstest_safe'])}). Held-out test AUROC "
+        f"{g['held_out']['test_auroc']:.3f}; "
         f"leave-one-dataset-out min AUROC {g['lodo_min_auroc']:.3f}; {pair_line(g)} (Wilson 95% intervals)."
     )
     if (bdir / "gate_scores.csv").is_file():

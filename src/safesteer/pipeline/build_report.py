@@ -40,7 +40,8 @@ def _grid_sections(sae_dir: Path) -> Section:
             if c in rows.columns
         ]
         sec.text(
-            f"Grid over expansion × λ, sorted by best validation loss (the study's Table 1). Best: {g.get('best')}."
+            "Grid over expansion × λ, sorted by best validation loss (the study's Table 1). Best: "
+            f"{g.get('best')}."
         )
         sec.table(rows[cols], floatfmt="{:.5g}")
         best_folder = Path(g["rows"][0]["folder"]) if g.get("rows") else None
@@ -58,7 +59,8 @@ def _grid_sections(sae_dir: Path) -> Section:
                 ]
             )
             sec.text(
-                "Convergence of the selected configuration (validation metrics per epoch; the study's Table 2). γ < 1 means shrinkage."
+                "Convergence of the selected configuration (validation metrics per epoch; the study's "
+                "Table 2). γ < 1 means shrinkage."
             )
             sec.table(conv, floatfmt="{:.5g}")
     return sec
@@ -112,7 +114,8 @@ def _cards_section(atoms_dir: Path) -> Section:
             )
             html_parts.append(
                 f"<div class='card'><b>atom {int(row['atom'])}</b> · {_esc(str(row.get('category', '')))} · "
-                f"{_esc(str(row.get('label', '')))} · verdict <b>{_esc(str(row.get('verdict', '')))}</b> · r={row.get('r', float('nan')):.3f}"
+                f"{_esc(str(row.get('label', '')))} · verdict "
+                f"<b>{_esc(str(row.get('verdict', '')))}</b> · r={row.get('r', float('nan')):.3f}"
                 f"<br><span class='note'>{_esc(str(row.get('reason', ''))[:300])}</span>"
                 f"<br>logit lens: <code>{_esc(pos)}</code><ul>{texts}</ul></div>"
             )
@@ -127,7 +130,8 @@ def _esc(s: str) -> str:
 
 
 def headline_tables(ev: Path) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
-    """(metric × strategy table of unsteered value and Δ [95% CI], per-strategy α table) from the evaluate outputs."""
+    """(metric × strategy table of unsteered value and Δ [95% CI], per-strategy α table) from the evaluate
+    outputs."""
     res = _read_csv(ev / layout.RESULTS_CSV)
     if res is None or not len(res):
         return None, None
@@ -181,10 +185,12 @@ def build_report(pipe) -> Path:
     metric_table, alpha_table = headline_tables(ev)
     if metric_table is not None:
         head.text(
-            "Δ = steered − unsteered, paired on the same test items, with a 95% bootstrap CI; * marks a CI that excludes 0. "
-            "'better' says which way is safer or better (fifty = 50 is unbiased). α was chosen per strategy on a "
-            "disjoint validation split, as the largest safety gain within the fluency budget; α = 0 means no value "
-            "of the grid helped, and the strategy is reported unsteered."
+            "Δ = steered − unsteered, paired on the same test items, with a 95% bootstrap CI; * marks "
+            "a CI that excludes 0. "
+            "'better' says which way is safer or better (fifty = 50 is unbiased). α was chosen per "
+            "strategy on a "
+            "disjoint validation split, as the largest safety gain within the fluency budget; α = 0 "
+            "means no value of the grid helped, and the strategy is reported unsteered."
         )
         head.table(metric_table)
         head.table(
@@ -229,7 +235,8 @@ def build_report(pipe) -> Path:
         sections.append(
             Section("Probes (held-out metrics)")
             .text(
-                "ℓ2 logistic regression on pooled activations; C by cross-validation; metrics on held-out rows."
+                "ℓ2 logistic regression on pooled activations; C by cross-validation; metrics on "
+                "held-out rows."
             )
             .table(df, floatfmt="{:.4g}")
         )
@@ -239,7 +246,8 @@ def build_report(pipe) -> Path:
         s = read_json(msum)
         sec = Section("Concept cartography")
         sec.text(
-            f"{s['n_atoms']} atoms × {len(s['labels'])} labels over {s['n_rows']} rows in one streaming pass. {s.get('score', '')}"
+            f"{s['n_atoms']} atoms × {len(s['labels'])} labels over {s['n_rows']} rows in one "
+            f"streaming pass. {s.get('score', '')}"
         )
         link = s.get("link") or {}
         if link:

@@ -14,14 +14,19 @@ import pandas as pd
 from safesteer.io import atomic_path
 
 CSS = """
-body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1180px;margin:2em auto;padding:0 1em;color:#1d2430;line-height:1.45}
-h1{border-bottom:3px solid #2b6cb0;padding-bottom:.3em}h2{margin-top:2em;border-bottom:1px solid #d8dee9;padding-bottom:.2em;color:#2b4c7e}
-table{border-collapse:collapse;margin:.8em 0;font-size:.86em}th,td{border:1px solid #d8dee9;padding:.3em .6em;text-align:right}
-th{background:#eef2f8}td:first-child,th:first-child{text-align:left}tr:nth-child(even){background:#fafbfd}
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1180px;margin:2em auto;\
+padding:0 1em;color:#1d2430;line-height:1.45}
+h1{border-bottom:3px solid #2b6cb0;padding-bottom:.3em}\
+h2{margin-top:2em;border-bottom:1px solid #d8dee9;padding-bottom:.2em;color:#2b4c7e}
+table{border-collapse:collapse;margin:.8em 0;font-size:.86em}\
+th,td{border:1px solid #d8dee9;padding:.3em .6em;text-align:right}
+th{background:#eef2f8}td:first-child,th:first-child{text-align:left}\
+tr:nth-child(even){background:#fafbfd}
 .note{color:#4a5568;font-size:.92em}.fig{margin:1em 0}.fig img{max-width:100%;border:1px solid #e2e8f0}
 .repro{background:#f7fafc;border:1px solid #e2e8f0;padding:.6em 1em;font-size:.85em}
 .card{border:1px solid #d8dee9;border-radius:6px;padding:.6em 1em;margin:.6em 0;background:#fcfdff}
-.tw{overflow-x:auto;max-width:100%}.bad{color:#b7312c;font-weight:600}.good{color:#276749;font-weight:600}code{background:#edf2f7;padding:0 .2em}
+.tw{overflow-x:auto;max-width:100%}.bad{color:#b7312c;font-weight:600}.good{color:#276749;font-weight:600}\
+code{background:#edf2f7;padding:0 .2em}
 """
 
 
@@ -142,14 +147,19 @@ def render(
                 path, caption = payload
                 data = base64.b64encode(path.read_bytes()).decode()
                 body.append(
-                    f"<div class='fig'><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'/><div class='note'>{html.escape(caption)}</div></div>"
+                    f"<div class='fig'><img alt='{html.escape(caption)}' "
+                    f"src='data:image/png;base64,{data}'/><div "
+                    f"class='note'>{html.escape(caption)}</div></div>"
                 )
                 try:
                     rel = path.resolve().relative_to(out_dir.resolve())
                 except ValueError:
                     rel = path
                 md += [f"![{caption}]({rel})", ""]
-    page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>"
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>"
+    )
     html_path, md_path = out_dir / "report.html", out_dir / "report.md"
     with atomic_path(html_path) as tmp:
         tmp.write_text(page)

@@ -100,7 +100,8 @@ class Pipeline:
         missing = [k for k in spec.inputs if not self.st[k].done]
         if missing:
             raise SafesteerError(
-                f"stage {spec.name} needs {missing[0]}, which has no finished output for these settings; include {missing[0]} in --stages"
+                f"stage {spec.name} needs {missing[0]}, which has no finished output for these "
+                f"settings; include {missing[0]} in --stages"
             )
         if self.is_writer:
             _say(f"{spec.name}: running -> {st.dir}")
@@ -171,7 +172,8 @@ class Pipeline:
         if unfinished:
             if self.only is not None and "report" in self.only:
                 raise SafesteerError(
-                    f"the report needs {unfinished[0]}, which has no finished output for these settings; include it in --stages"
+                    f"the report needs {unfinished[0]}, which has no finished output for these "
+                    "settings; include it in --stages"
                 )
             _say(f"stopped before {unfinished[0]} (--stages); no report until every stage has finished")
             return None

@@ -66,7 +66,8 @@ class StageSpec:
         return parts[0] if len(parts) == 1 else parts
 
     def params(self, cfg: Config, seed: int, has_data_dir: bool) -> dict[str, Any]:
-        """The settings part of the cache key: the whole section(s), the seed, and whether an offline data folder is in use."""
+        """The settings part of the cache key: the whole section(s), the seed, and whether an offline data
+        folder is in use."""
         return {
             "sections": {s: dataclasses.asdict(getattr(cfg, s)) for s in self.section},
             "seed": seed,

@@ -10,19 +10,19 @@ A :class:`LabelSpec` says which rows are positive and which are negative, as a u
 
 Named specs (:func:`get_spec`, :func:`spec_names`):
 
-==================  ================================================================================  =========
-name                positives vs negatives                                                             category
-==================  ================================================================================  =========
-toxicity            ToxiGen hate + RealToxicityPrompts toxic vs ToxiGen neutral + GoEmotions            toxicity
-toxicity_madlibs    bias_madlibs BAD vs NOT_BAD                                                        toxicity
-rtp:<attribute>     RTP (scored) attribute ≥ 0.5 vs < 0.5 (insult, threat, profanity, …)               toxicity
-harmfulness         AdvBench + DoNotAnswer vs XSTest safe + HH-RLHF chosen                              harm
-harm_beavertails    BeaverTails harmful vs XSTest safe                                                 harm
-harm:<category>     BeaverTails category vs the other BeaverTails categories                           harm
-emotion:<e>         GoEmotions e vs GoEmotions not-e (28 labels incl. neutral)                          emotion
-empathy:<e>         EmpatheticDialogues e vs the other ED emotions (32)                                empathy
-identity:<group>    ToxiGen target group vs the other groups                                           identity
-==================  ================================================================================  =========
+==================  ==========================================================================  =========
+name                positives vs negatives                                                       category
+==================  ==========================================================================  =========
+toxicity            ToxiGen hate + RealToxicityPrompts toxic vs ToxiGen neutral + GoEmotions      toxicity
+toxicity_madlibs    bias_madlibs BAD vs NOT_BAD                                                  toxicity
+rtp:<attribute>     RTP (scored) attribute ≥ 0.5 vs < 0.5 (insult, threat, profanity, …)         toxicity
+harmfulness         AdvBench + DoNotAnswer vs XSTest safe + HH-RLHF chosen                        harm
+harm_beavertails    BeaverTails harmful vs XSTest safe                                           harm
+harm:<category>     BeaverTails category vs the other BeaverTails categories                     harm
+emotion:<e>         GoEmotions e vs GoEmotions not-e (28 labels incl. neutral)                    emotion
+empathy:<e>         EmpatheticDialogues e vs the other ED emotions (32)                          empathy
+identity:<group>    ToxiGen target group vs the other groups                                     identity
+==================  ==========================================================================  =========
 """
 
 from __future__ import annotations
@@ -373,7 +373,8 @@ def category_of(label: str) -> str:
 def specs_for_frame(
     df: pd.DataFrame, names: Iterable[str] | None = None, min_per_class: int = 1
 ) -> dict[str, np.ndarray]:
-    """``{label: y}`` for every spec (or those in ``names``) with ≥ ``min_per_class`` rows per class in ``df``.
+    """``{label: y}`` for every spec (or those in ``names``) with ≥ ``min_per_class`` rows per class in
+    ``df``.
 
     Identity groups found in a ``target_group`` column are added beyond the built-in list.
     """
@@ -464,6 +465,7 @@ def collect_texts(
             out.dataset.append(r.id.split(":", 1)[0])
     if not any(out.y) or all(out.y):
         raise SafesteerError(
-            f"label '{spec.name}' found only one class in the data ({', '.join(spec.datasets)}); check --data-dir"
+            f"label '{spec.name}' found only one class in the data ({', '.join(spec.datasets)}); check "
+            "--data-dir"
         )
     return out

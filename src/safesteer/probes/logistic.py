@@ -145,7 +145,8 @@ def load_probe(path: str | Path) -> Probe:
     meta = read_json(folder / "probe.json")
     if meta.get("format") != "safesteer-probe":
         raise SafesteerError(
-            f"{folder / 'probe.json'} is not a safesteer probe; point at a folder written by `safesteer probe`"
+            f"{folder / 'probe.json'} is not a safesteer probe; point at a folder written by "
+            "`safesteer probe`"
         )
     st = folder / "probe.safetensors"
     if not st.is_file():
@@ -207,7 +208,8 @@ def _fit(
 def fold_standardisation(
     w_z: np.ndarray, b_z: float, mean: np.ndarray, scale: np.ndarray
 ) -> tuple[np.ndarray, float]:
-    """Raw-space (w, b) of a linear model fitted on (h − mean)/scale: w = w_z/scale, b = b_z − w_z·(mean/scale)."""
+    """Raw-space (w, b) of a linear model fitted on (h − mean)/scale: w = w_z/scale, b = b_z −
+    w_z·(mean/scale)."""
     w_z = np.asarray(w_z, dtype=np.float64)
     return w_z / scale, float(b_z - np.dot(w_z, np.asarray(mean, dtype=np.float64) / scale))
 
@@ -308,7 +310,8 @@ def train_probe(
     counts = np.bincount(y_train, minlength=2)
     if counts.min() < 2:
         raise SafesteerError(
-            f"the training split has {counts[1]} positive and {counts[0]} negative rows; a probe needs at least 2 of each"
+            f"the training split has {counts[1]} positive and {counts[0]} negative rows; a probe needs "
+            "at least 2 of each"
         )
     if not len(Cs):
         raise SafesteerError("Cs is empty; give at least one inverse regularisation strength")

@@ -32,7 +32,8 @@ def labelled_rows(store, label: str, max_rows: int | None = None, seed: int = 0,
         )
     if not Hs:
         raise SafesteerError(
-            f"no row of {store.path} belongs to label '{label}' (it needs: {', '.join(spec.datasets)}); extract those datasets first"
+            f"no row of {store.path} belongs to label '{label}' (it needs: "
+            f"{', '.join(spec.datasets)}); extract those datasets first"
         )
     H, y, ids, sp = np.concatenate(Hs), np.concatenate(ys), np.concatenate(ids), np.concatenate(splits)
     if max_rows is not None and len(y) > max_rows:

@@ -182,7 +182,8 @@ def load_latest_checkpoint(
         )
     if saved.get("fingerprint") != fingerprint:
         raise SafesteerError(
-            f"checkpoint {latest} was written by another configuration ({mismatch(saved.get('identity') or {})}); "
+            f"checkpoint {latest} was written by another configuration "
+            f"({mismatch(saved.get('identity') or {})}); "
             "resume with the same settings or choose another --out"
         )
     try:

@@ -66,7 +66,8 @@ def _latents_done(latents: Path, store: Any, sae_sha: str) -> bool:
 
 
 def assemble_latents(latents: Path, parts: list[Path]) -> dict[str, Any]:
-    """Move the part stores' shard files into ``latents`` and write its manifest (as ``encode_store`` would)."""
+    """Move the part stores' shard files into ``latents`` and write its manifest (as ``encode_store``
+    would)."""
     manifests = [read_json(p / "manifest.json") for p in parts]
     done: list[dict[str, Any]] = []
     for p, m in zip(parts, manifests):

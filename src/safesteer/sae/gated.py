@@ -55,7 +55,8 @@ PARAM_NAMES = ("W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec")
 
 
 class GatedSAE(nn.Module):
-    """A Gated SAE with SAELens parameter names (``W_enc``, ``b_gate``, ``r_mag``, ``b_mag``, ``W_dec``, ``b_dec``)."""
+    """A Gated SAE with SAELens parameter names (``W_enc``, ``b_gate``, ``r_mag``, ``b_mag``, ``W_dec``,
+    ``b_dec``)."""
 
     def __init__(self, cfg: SAEConfig, *, seed: int | None = 0, device: str | torch.device | None = None):
         super().__init__()
@@ -116,7 +117,8 @@ class GatedSAE(nn.Module):
 
 @dataclass
 class GatedForward:
-    """The pieces of one gated forward pass (see the module notation); ``x_hat``/``x_aux`` None unless decoded."""
+    """The pieces of one gated forward pass (see the module notation); ``x_hat``/``x_aux`` None unless
+    decoded."""
 
     pre: torch.Tensor  # x~ W_enc
     pi_gate: torch.Tensor  # pre + b_gate
@@ -159,7 +161,8 @@ def gated_forward(
 def reference_loss(
     p: dict[str, torch.Tensor], x: torch.Tensor, l1: float, variant: str
 ) -> dict[str, torch.Tensor]:
-    """The loss written plainly with autograd on :func:`gated_forward` (used by tests and as the definition)."""
+    """The loss written plainly with autograd on :func:`gated_forward` (used by tests and as the
+    definition)."""
     fw = gated_forward(p, x, variant)
     mse = (x - fw.x_hat).pow(2).sum(-1).mean()
     aux = (x - fw.x_aux).pow(2).sum(-1).mean()

@@ -162,7 +162,9 @@ def grid_table(rows: list[dict[str, Any]]) -> str:
             return "-" if v is None else format(v, fmt)
 
         lines.append(
-            f"| {i} | {r['expansion']}x | {r['l1']:g} | {f(r['best_val_loss'], '.6g')} | {f(r['best_epoch'], 'd')} | "
-            f"{f(r['l0'], '.1f')} | {f(r['fvu'], '.4f')} | {f(None if r['dead_fraction'] is None else 100 * r['dead_fraction'], '.2f')} |"
+            f"| {i} | {r['expansion']}x | {r['l1']:g} | {f(r['best_val_loss'], '.6g')} | "
+            f"{f(r['best_epoch'], 'd')} | "
+            f"{f(r['l0'], '.1f')} | {f(r['fvu'], '.4f')} | "
+            f"{f(None if r['dead_fraction'] is None else 100 * r['dead_fraction'], '.2f')} |"
         )
     return "\n".join(lines) + "\n"

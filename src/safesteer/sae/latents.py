@@ -156,7 +156,8 @@ def encode_store(
     d_in, n_lat = sae.cfg.d_in, sae.cfg.d_sae
     if int(store.d) != d_in:
         raise SafesteerError(
-            f"the activations have width {store.d} but the SAE expects d_in={d_in}; use the SAE trained on this layer"
+            f"the activations have width {store.d} but the SAE expects d_in={d_in}; use the SAE "
+            "trained on this layer"
         )
     out = Path(out_path)
     out.mkdir(parents=True, exist_ok=True)
@@ -226,8 +227,8 @@ def encode_store(
         write_json(mpath, manifest)
         if progress:
             print(
-                f"[safesteer] encoded shard {index}: {H.shape[0]} rows, L0 {len(indices) / max(1, H.shape[0]):.1f} "
-                f"({seen_rows}/{total_rows} rows)",
+                f"[safesteer] encoded shard {index}: {H.shape[0]} rows, L0 "
+                f"{len(indices) / max(1, H.shape[0]):.1f} ({seen_rows}/{total_rows} rows)",
                 file=sys.stderr,
             )
     manifest["shards"] = sorted(done, key=lambda s: s["index"])

@@ -126,14 +126,18 @@ def dead_fraction(last_fired: torch.Tensor, rows_seen: int, window: int) -> floa
 
 def convergence_table(history: Iterable[dict[str, Any]]) -> str:
     """Markdown table, one row per epoch (the shape of the original study's Table 2)."""
-    head = "| epoch | train loss | val loss | val MSE | FVU | L0 | dead % | gamma |\n|---:|---:|---:|---:|---:|---:|---:|---:|"
+    head = (
+        "| epoch | train loss | val loss | val MSE | FVU | L0 | dead % | gamma |\n"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )
     lines = [head]
     for h in history:
         v = h.get("val") or {}
         t = h.get("train") or {}
         lines.append(
             f"| {h.get('epoch')} | {_f(t.get('loss'))} | {_f(v.get('loss'))} | {_f(v.get('mse'))} | "
-            f"{_f(v.get('fvu'), 4)} | {_f(v.get('l0'), 1)} | {_f(100 * h['dead_fraction'] if h.get('dead_fraction') is not None else None, 2)} | "
+            f"{_f(v.get('fvu'), 4)} | {_f(v.get('l0'), 1)} | "
+            f"{_f(100 * h['dead_fraction'] if h.get('dead_fraction') is not None else None, 2)} | "
             f"{_f(v.get('gamma'), 4)} |"
         )
     return "\n".join(lines) + "\n"

@@ -52,7 +52,8 @@ class ConstrainedAdam:
     @staticmethod
     @torch.no_grad()
     def project_out_parallel(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """``g_j -= (g_j . w_j) w_j`` for every row j, in place (row dots as a batched matmul: no big temporary)."""
+        """``g_j -= (g_j . w_j) w_j`` for every row j, in place (row dots as a batched matmul: no big
+        temporary)."""
         coef = torch.bmm(g.unsqueeze(1), w.unsqueeze(2)).view(-1, 1)
         return g.addcmul_(w, coef, value=-1.0)
 

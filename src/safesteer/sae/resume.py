@@ -134,7 +134,8 @@ class TrainerCheckpoints:
         st, latest = got
         self.load_state(st)
         print(
-            f"[safesteer] resuming {self.out_dir.name} from {latest.name} (epoch {self.epoch}, step {self.step})",
+            f"[safesteer] resuming {self.out_dir.name} from {latest.name} (epoch {self.epoch}, step "
+            f"{self.step})",
             file=sys.stderr,
             flush=True,
         )

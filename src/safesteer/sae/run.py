@@ -51,7 +51,8 @@ def store_identity(store: Any, val_fraction: float, shuffle_buffer: int) -> dict
 
 
 def store_batches(store: Any, batch_size: int, *, val_fraction: float, shuffle_buffer: int, seed: int):
-    """``batches(epoch, split)`` over an :class:`~safesteer.store.ActivationStore` (deterministic per epoch)."""
+    """``batches(epoch, split)`` over an :class:`~safesteer.store.ActivationStore` (deterministic per
+    epoch)."""
 
     def batches(epoch: int, split: str):
         return store.iter_batches(
@@ -115,9 +116,10 @@ class TrainProgress:
     def on_epoch(self, entry: dict[str, Any]) -> None:
         v = entry.get("val") or {}
         line = (
-            f"epoch {entry['epoch']}: val loss {v.get('loss', float('nan')):.6g}  FVU {v.get('fvu', float('nan')):.4f}  "
-            f"L0 {v.get('l0', float('nan')):.1f}  dead {100 * entry['dead_fraction']:.2f}%  gamma {v.get('gamma', float('nan')):.4f}"
-            + ("  *" if entry.get("improved") else "")
+            f"epoch {entry['epoch']}: val loss {v.get('loss', float('nan')):.6g}  FVU "
+            f"{v.get('fvu', float('nan')):.4f}  "
+            f"L0 {v.get('l0', float('nan')):.1f}  dead {100 * entry['dead_fraction']:.2f}%  gamma "
+            f"{v.get('gamma', float('nan')):.4f}" + ("  *" if entry.get("improved") else "")
         )
         if self.bar is not None:
             self.bar.console.print(line)
@@ -157,7 +159,8 @@ def train_on_store(
     dist: Any = None,
 ):
     """Train one SAE (``grid=None``) or a grid (``grid``: expansions, l1s, grid_epochs, grid_patience)
-    on the store at ``acts``; the selected SAE lands in ``out/sae``. Returns (final TrainResult, grid table or None).
+    on the store at ``acts``; the selected SAE lands in ``out/sae``. Returns (final TrainResult, grid table or
+    None).
 
     ``dist``: a :class:`safesteer.distributed.Dist` with several ranks trains data-parallel
     (:mod:`safesteer.sae.distributed`; rank 0 writes, progress on rank 0)."""

@@ -152,7 +152,8 @@ def load_sae(folder: str | os.PathLike, device: str | torch.device = "cpu") -> G
     cfg_path, w_path = folder / CFG_FILENAME, folder / WEIGHTS_FILENAME
     if not cfg_path.is_file() or not w_path.is_file():
         raise SafesteerError(
-            f"{folder} is not an SAE folder (needs {CFG_FILENAME} and {WEIGHTS_FILENAME}); run train-sae first"
+            f"{folder} is not an SAE folder (needs {CFG_FILENAME} and {WEIGHTS_FILENAME}); run "
+            "train-sae first"
         )
     raw = read_json(cfg_path)
     if not isinstance(raw, dict):
@@ -225,7 +226,8 @@ _HOOKS = (
 
 
 def layer_from_hook(hook_name: str | None) -> int | None:
-    """safesteer's layer (output of block L) for a SAELens hook name; None when it is not a residual-stream hook."""
+    """safesteer's layer (output of block L) for a SAELens hook name; None when it is not a residual-stream
+    hook."""
     if not hook_name:
         return None
     for pattern, shift in _HOOKS:
@@ -237,7 +239,8 @@ def layer_from_hook(hook_name: str | None) -> int | None:
 
 
 def needs_conversion(raw: dict[str, Any]) -> bool:
-    """True when a ``cfg.json`` is not directly safesteer's gated layout (standard SAE, no b_dec on input…)."""
+    """True when a ``cfg.json`` is not directly safesteer's gated layout (standard SAE, no b_dec on
+    input…)."""
     return raw.get("architecture", "gated") != "gated" or raw.get("apply_b_dec_to_input", True) is False
 
 
@@ -255,7 +258,8 @@ def _check_cfg(raw: dict[str, Any], where: Path) -> str:
         )
     if raw.get("reshape_activations", "none") not in ("none", None):
         raise SafesteerError(
-            f"{where} reshapes activations ({raw['reshape_activations']!r}); only residual-stream SAEs are supported"
+            f"{where} reshapes activations ({raw['reshape_activations']!r}); only residual-stream SAEs "
+            "are supported"
         )
     return arch
 
@@ -304,7 +308,8 @@ def from_saelens(folder: str | os.PathLike, device: str | torch.device = "cpu") 
     else:
         p.update(b_gate=t["b_gate"], b_mag=t["b_mag"], r_mag=t["r_mag"])
     if raw.get("apply_b_dec_to_input", True) is False:
-        # SAELens computes x W_enc + b; safesteer (x - b_dec) W_enc + b': b' = b + b_dec W_enc (times exp(r_mag) on the magnitude path)
+        # SAELens computes x W_enc + b; safesteer (x - b_dec) W_enc + b': b' = b + b_dec W_enc (times
+        # exp(r_mag) on the magnitude path)
         shift = t["b_dec"] @ t["W_enc"]
         p["b_gate"] = p["b_gate"] + shift
         p["b_mag"] = p["b_mag"] + torch.exp(p["r_mag"]) * shift

@@ -101,7 +101,8 @@ class Trainer(TrainerCheckpoints):
         is_writer: bool = True,
     ):
         """``reduce_grads``: called with the gradient dict (modify in place) right before every optimiser
-        step (data-parallel all-reduce). ``is_writer``: only a writer saves checkpoints, metrics and the SAE."""
+        step (data-parallel all-reduce). ``is_writer``: only a writer saves checkpoints, metrics and the
+        SAE."""
         cfg.validate()
         if int(d_in) <= 0:
             raise SafesteerError(f"d_in must be > 0 (got {d_in})")
@@ -190,8 +191,8 @@ class Trainer(TrainerCheckpoints):
         )
         if not math.isfinite(st.loss):
             raise SafesteerError(
-                f"the loss became {st.loss} at step {self.step} (epoch {self.epoch}, batch {self.batch_index}); "
-                "lower --lr or check the activations"
+                f"the loss became {st.loss} at step {self.step} (epoch {self.epoch}, batch "
+                f"{self.batch_index}); lower --lr or check the activations"
             )
         if self.reduce_grads is not None:
             self.reduce_grads(grads)

@@ -6,12 +6,15 @@
 
 Modules: :mod:`~safesteer.serve.policies` (Policy model, atomic PolicyStore),
 :mod:`~safesteer.serve.engine` (computations), :mod:`~safesteer.serve.forward` (the chunked, steered forward),
-:mod:`~safesteer.serve.worker` (the model worker thread), :mod:`~safesteer.serve.limits`, :mod:`~safesteer.serve.plan`,
+:mod:`~safesteer.serve.worker` (the model worker thread), :mod:`~safesteer.serve.limits`,
+:mod:`~safesteer.serve.plan`,
 :mod:`~safesteer.serve.sae_info`, :mod:`~safesteer.serve.app` (``create_app``: the FastAPI app and its state),
-:mod:`~safesteer.serve.routes` (the service's endpoints, on module-level routers), :mod:`~safesteer.serve.schemas`
-(their bodies), :mod:`~safesteer.serve.state` (what the routes read from ``app.state``),
+:mod:`~safesteer.serve.routes` (the service's endpoints, on module-level routers),
+:mod:`~safesteer.serve.schemas` (their bodies), :mod:`~safesteer.serve.state` (what the routes read from
+``app.state``),
 :mod:`~safesteer.serve.openai_api` (OpenAI-compatible ``/v1/chat/completions`` and ``/v1/models``),
-:mod:`~safesteer.serve.http` (error bodies, guard middleware), :mod:`~safesteer.serve.metrics` (Prometheus text),
+:mod:`~safesteer.serve.http` (error bodies, guard middleware), :mod:`~safesteer.serve.metrics` (Prometheus
+text),
 :mod:`~safesteer.serve.bundle` (run → service bundle).
 """
 

@@ -92,8 +92,10 @@ def create_app(
         version=__version__,
         description=(
             "Inference-time safety steering of a frozen LM with policies that change at run time. "
-            "A policy steers h' = h - alpha*d at a layer (d: unit direction toward unsafe; alpha >= 0 steers away), "
-            "optionally clamps SAE atoms, and optionally only when a probe's probability on the prompt exceeds a threshold."
+            "A policy steers h' = h - alpha*d at a layer (d: unit direction toward unsafe; alpha >= 0 "
+            "steers away), "
+            "optionally clamps SAE atoms, and optionally only when a probe's probability on the prompt "
+            "exceeds a threshold."
         ),
         lifespan=lifespan,
     )

@@ -5,9 +5,10 @@
 * ``recommended.json`` — the calibrated conditional policy in the service's policy file format
   (:mod:`safesteer.serve.policies`): the chosen direction, the steering layer, α in raw units
   (α × the layer's median residual norm), and a condition on the harm gate with the calibrated
-  logit threshold at its position (``prompt`` or ``prompt_end``); ``provenance`` records the validation choice and the test
-  figures. Or ``NONE.txt`` — one line saying why no policy is recommended;
-* ``gate/`` — the gate (:class:`~safesteer.steering.condition.Condition`: w, b, W1, b1 for an MLP gate, layer, position);
+  logit threshold at its position (``prompt`` or ``prompt_end``); ``provenance`` records the validation choice
+  and the test figures. Or ``NONE.txt`` — one line saying why no policy is recommended;
+* ``gate/`` — the gate (:class:`~safesteer.steering.condition.Condition`: w, b, W1, b1 for an MLP gate, layer,
+  position);
 * ``directions/`` — a :class:`~safesteer.steering.DirectionSet` with the policy's direction.
 
 ``safesteer serve --run runs/NAME`` loads the model named in the run's config, these directions,
@@ -58,13 +59,15 @@ def write_bundle(
         return _none(
             out,
             f"no conditional strategy met the constraints on validation (XSTest-safe over-refusal <= "
-            f"+{summary['config']['max_safe_pp']} pp, harmless fluency within {100 * summary['config']['max_fluency_rel']:.0f}%)",
+            f"+{summary['config']['max_safe_pp']} pp, harmless fluency within "
+            f"{100 * summary['config']['max_fluency_rel']:.0f}%)",
         )
     c = res["policy"]
     if require_gain and not c["harmful_gain_pp"] > 0:
         return _none(
             out,
-            f"the best feasible conditional policy ({c['strategy']} alpha={c['alpha']}) did not raise harmful refusal on validation",
+            f"the best feasible conditional policy ({c['strategy']} alpha={c['alpha']}) did not raise "
+            "harmful refusal on validation",
         )
     study = Path(study_dir)
     scale = float(summary["directions"]["scale_median_norm"])
@@ -81,8 +84,10 @@ def write_bundle(
     where = str(summary["config"].get("steer_positions", "all"))
     policy = {
         "description": (
-            f"{c['strategy']} at layer {layer} ({where} positions), alpha {c['alpha']} x median norm, only when the harm gate "
-            f"(layer {gate.layer}, {gate.position}) fires; calibrated on validation to {100 * c['fpr']:g}% gate FPR"
+            f"{c['strategy']} at layer {layer} ({where} positions), alpha {c['alpha']} x median norm, "
+            "only when the harm gate "
+            f"(layer {gate.layer}, {gate.position}) fires; calibrated on validation to "
+            f"{100 * c['fpr']:g}% gate FPR"
         ),
         "directions": [c["strategy"]],
         "layer": layer,

@@ -194,8 +194,8 @@ class Engine:
         """Held while the model runs; take it to use the backbone beside a running server."""
         if self.directions.d_model is not None and self.directions.d_model != backbone.d_model:
             raise SafesteerError(
-                f"directions have size {self.directions.d_model} but the model has d_model {backbone.d_model}; "
-                "build them for this model"
+                f"directions have size {self.directions.d_model} but the model has d_model "
+                f"{backbone.d_model}; build them for this model"
             )
         if sae is not None:
             d_in = sae_dims(sae)[0]
@@ -212,7 +212,8 @@ class Engine:
 
     # ------------------------------------------------------------ compiling
     def compile(self, policy: Policy) -> CompiledPolicy:
-        """Check ``policy`` against what is loaded; raise SafesteerError with the reason if it cannot be served."""
+        """Check ``policy`` against what is loaded; raise SafesteerError with the reason if it cannot be
+        served."""
         lim = self.limits.max_abs_alpha
         lo = -lim if policy.alpha_min is None else policy.alpha_min
         hi = lim if policy.alpha_max is None else policy.alpha_max
@@ -243,7 +244,8 @@ class Engine:
                 )
             if self.sae_layer is not None and layer != self.sae_layer:
                 raise SafesteerError(
-                    f"the SAE was trained on layer {self.sae_layer}; a policy with clamps must steer that layer, not {layer}"
+                    f"the SAE was trained on layer {self.sae_layer}; a policy with clamps must steer "
+                    f"that layer, not {layer}"
                 )
             d_sae = sae_dims(self.sae)[1]
             for c in policy.clamps:
@@ -260,7 +262,8 @@ class Engine:
             if policy.condition.score_threshold is not None:
                 if getattr(cond.probe, "decision_function", None) is None:
                     raise SafesteerError(
-                        f"probe '{cond.name}' gives no logits; use 'threshold' (a probability) instead of 'score_threshold'"
+                        f"probe '{cond.name}' gives no logits; use 'threshold' (a probability) instead "
+                        "of 'score_threshold'"
                     )
                 score_threshold = float(policy.condition.score_threshold)
             else:
@@ -297,7 +300,8 @@ class Engine:
         cp: CompiledPolicy = record.runtime
         if not (math.isfinite(requested) and cp.alpha_lo <= requested <= cp.alpha_hi):
             raise SafesteerError(
-                f"alpha {requested} is out of bounds [{cp.alpha_lo:g}, {cp.alpha_hi:g}] for policy '{record.name}'"
+                f"alpha {requested} is out of bounds [{cp.alpha_lo:g}, {cp.alpha_hi:g}] for policy "
+                f"'{record.name}'"
             )
         return float(requested)
 
@@ -305,7 +309,8 @@ class Engine:
     def condition_rows(
         self, cp: CompiledPolicy, texts: Sequence[str], extra_layers: Sequence[int] = ()
     ) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
-        """(P(condition), rows to steer, unsteered pooled vectors): :func:`safesteer.serve.forward.condition_rows`."""
+        """(P(condition), rows to steer, unsteered pooled vectors):
+        :func:`safesteer.serve.forward.condition_rows`."""
         return condition_rows(self.backbone, cp, texts, extra_layers)
 
     def _run_chunks(
@@ -400,8 +405,8 @@ class Engine:
         used = min(longest, self.backbone.max_length) + int(max_new_tokens)
         if used > int(limit):
             raise SafesteerError(
-                f"a prompt of {longest} tokens plus max_new_tokens {max_new_tokens} exceeds the model's context of "
-                f"{limit} tokens; shorten the prompt or ask for fewer tokens"
+                f"a prompt of {longest} tokens plus max_new_tokens {max_new_tokens} exceeds the "
+                f"model's context of {limit} tokens; shorten the prompt or ask for fewer tokens"
             )
 
     @property

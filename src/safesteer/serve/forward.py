@@ -38,7 +38,8 @@ def probe_layers(served: Any) -> tuple[int, ...]:
 def condition_rows(
     backbone: Any, cp: CompiledPolicy, texts: Sequence[str], extra_layers: Sequence[int] = ()
 ) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
-    """(P(condition), rows to steer, unsteered mean-pooled vectors at ``extra_layers`` (+ the condition's when it reads ``mean``))."""
+    """(P(condition), rows to steer, unsteered mean-pooled vectors at ``extra_layers`` (+ the condition's when
+    it reads ``mean``))."""
     assert cp.condition is not None
     c = cp.condition
     layers = probe_layers(c)  # a stacked gate reads several layers of the same pass

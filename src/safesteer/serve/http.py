@@ -265,7 +265,8 @@ class GuardMiddleware:
                         {
                             "error": {
                                 "code": "payload_too_large",
-                                "message": f"request body of {declared} bytes exceeds the limit of {self.max_body} bytes",
+                                "message": f"request body of {declared} bytes exceeds the limit of "
+                                f"{self.max_body} bytes",
                             }
                         },
                     )

@@ -63,7 +63,8 @@ class _Histogram:
 
     def lines(self, name: str, labels: list[tuple[str, str]]) -> list[str]:
         out = [
-            f"{name}_bucket{_labels(labels + [('le', _num(float(b)) if not float(b).is_integer() else str(b))])} {c}"
+            f"{name}_bucket"
+            f"{_labels(labels + [('le', _num(float(b)) if not float(b).is_integer() else str(b))])} {c}"
             for b, c in zip(self.buckets, self.counts)
         ]
         out.append(f"{name}_bucket{_labels(labels + [('le', '+Inf')])} {self.count}")
@@ -115,7 +116,8 @@ class Metrics:
             ]
             for (ep, method, status), n in sorted(self.requests.items()):
                 lines.append(
-                    f"safesteer_requests_total{_labels([('endpoint', ep), ('method', method), ('status', status)])} {n}"
+                    "safesteer_requests_total"
+                    f"{_labels([('endpoint', ep), ('method', method), ('status', status)])} {n}"
                 )
             lines += [
                 "# HELP safesteer_request_duration_seconds Request latency by endpoint.",
@@ -124,7 +126,8 @@ class Metrics:
             for ep, hist in sorted(self.latency.items()):
                 lines += hist.lines("safesteer_request_duration_seconds", [("endpoint", ep)])
             lines += [
-                "# HELP safesteer_policy_swaps_total Policy writes (put creates or replaces, delete removes).",
+                "# HELP safesteer_policy_swaps_total Policy writes (put creates or replaces, delete "
+                "removes).",
                 "# TYPE safesteer_policy_swaps_total counter",
             ]
             for op in ("put", "delete"):
@@ -136,7 +139,8 @@ class Metrics:
             for ep, n in sorted(self.texts.items()):
                 lines.append(f"safesteer_texts_total{_labels([('endpoint', ep)])} {n}")
             lines += [
-                "# HELP safesteer_model_batches_total Jobs run by the model worker (a coalesced batch counts once).",
+                "# HELP safesteer_model_batches_total Jobs run by the model worker (a coalesced batch "
+                "counts once).",
                 "# TYPE safesteer_model_batches_total counter",
                 f"safesteer_model_batches_total {self.batches}",
                 "# HELP safesteer_model_batch_requests Requests served per model job.",

@@ -159,7 +159,8 @@ def render_messages(tokenizer: Any, messages: list[ChatMessage]) -> str:
 
 
 router = APIRouter(tags=["openai"])
-"""The OpenAI-compatible routes; handlers read the server from ``request.app.state`` (:mod:`~safesteer.serve.state`)."""
+"""The OpenAI-compatible routes; handlers read the server from ``request.app.state``
+(:mod:`~safesteer.serve.state`)."""
 
 
 def _resolve(request: Request, req: ChatCompletionRequest) -> Plan:

@@ -5,9 +5,9 @@ A :class:`Policy` is what a client selects per request: named directions (from t
 package's sign convention: α ≥ 0 steers *away* from unsafe, ``h' = h − α·d``), optional SAE atom
 clamps, and an optional *condition* — steer a text only when a probe's probability (or logit) on
 the unsteered prompt exceeds a threshold (conditional steering, applied by
-:func:`safesteer.steering.condition.conditional`, the evaluation's implementation). Several directions are combined as the normalised sum
-of their unit vectors (the package's hybrid rule); an ensemble direction (the ``random`` control)
-contributes its first vector.
+:func:`safesteer.steering.condition.conditional`, the evaluation's implementation). Several directions are
+combined as the normalised sum of their unit vectors (the package's hybrid rule); an ensemble direction (the
+``random`` control) contributes its first vector.
 
 :class:`PolicyStore` keeps ``name → PolicyRecord`` in a dict that is **never mutated**: a write
 builds a new dict and replaces the reference under a lock (copy-on-write). A reader takes one
@@ -56,7 +56,8 @@ class ConditionSpec(BaseModel):
     Either ``threshold`` (steer when P(probe) > threshold) or ``score_threshold`` (steer when the
     probe's logit ``w·h + b`` > score_threshold, exact for a gate calibrated on logits). The probe
     reads its layer pooled at ``position`` (default: the probe's own, ``mean`` for probe folders,
-    the recorded one for gates): ``prompt_end`` reads the chat template's tokens after the user turn, ``prompt`` the user turn and those tokens.
+    the recorded one for gates): ``prompt_end`` reads the chat template's tokens after the user turn,
+    ``prompt`` the user turn and those tokens.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -111,7 +112,8 @@ class PolicyBody(BaseModel):
     directions: list[str] = Field(
         default_factory=list,
         max_length=MAX_DIRECTIONS,
-        description="Direction names from the served direction set; several are combined as the normalised sum.",
+        description="Direction names from the served direction set; several are combined as the "
+        "normalised sum.",
     )
     layer: Optional[int] = Field(
         None, ge=0, description="Steering layer (0-based block output); default: the directions' layer."
@@ -172,7 +174,8 @@ class Policy(PolicyBody):
         data = body.model_dump() if isinstance(body, BaseModel) else dict(body)
         if data.get("name") not in (None, name):
             raise SafesteerError(
-                f"the body names policy '{data['name']}' but the path names '{name}'; drop the name or make them equal"
+                f"the body names policy '{data['name']}' but the path names '{name}'; drop the name or "
+                "make them equal"
             )
         data["name"] = name
         return cls.model_validate(data)
@@ -388,7 +391,8 @@ def policy_direction(names: list[str], directions: list[Any], layer: int | None)
         layers = {d.layer for d in directions}
         if len(layers) > 1:
             raise SafesteerError(
-                f"directions {names} were built for different layers {sorted(layers)}; set the policy's 'layer'"
+                f"directions {names} were built for different layers {sorted(layers)}; set the "
+                "policy's 'layer'"
             )
         layer = directions[0].layer
     if len(directions) == 1:

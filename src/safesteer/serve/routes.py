@@ -113,7 +113,8 @@ def batched(
 # ------------------------------------------------------------------------------------- steering
 @steering.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS, tags=["steering"])
 async def score(req: ScoreRequest, request: Request) -> dict[str, Any]:
-    """Probe probabilities for each text; with a policy, the probes read the pooled vector computed under steering."""
+    """Probe probabilities for each text; with a policy, the probes read the pooled vector computed under
+    steering."""
     engine = state.engine(request)
     texts = check_texts(request, req.texts, "texts")
     if not engine.probes:
@@ -163,7 +164,8 @@ async def choice(req: ChoiceRequest, request: Request) -> dict[str, Any]:
 
 @steering.post("/v1/generate", response_model=GenerateResponse, responses=_ERRORS, tags=["steering"])
 async def generate(req: GenerateRequest, request: Request) -> dict[str, Any]:
-    """Steered completions (causal models): greedy, or sampled with ``seed``; ``max_new_tokens`` is bounded."""
+    """Steered completions (causal models): greedy, or sampled with ``seed``; ``max_new_tokens`` is
+    bounded."""
     engine, limits = state.engine(request), state.limits(request)
     prompts = check_texts(request, req.prompts, "prompts")
     if engine.backbone.kind != "causal":
@@ -228,7 +230,8 @@ async def put_policy(
     request: Request,
     _key: Optional[str] = Security(key_scheme),
 ) -> dict[str, Any]:
-    """Create or replace a policy; validated against the loaded directions/probes/SAE, then swapped in atomically."""
+    """Create or replace a policy; validated against the loaded directions/probes/SAE, then swapped in
+    atomically."""
     if not valid_name(name):
         raise ApiError(
             422,

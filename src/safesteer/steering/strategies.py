@@ -18,8 +18,8 @@ Strategies (names of the original study)
 ``sae_tox+probe_tox``, ``sae_harm+probe_harm``, ``sae_tox+probe_harm``, ``sae_tox+sae_harm``
                                          hybrids: normalised sum of two unit directions
 ``diffmean_tox``, ``diffmean_harm``      μ(unsafe) − μ(safe), normalised
-``random``                               control: K unit Gaussian directions from fixed seeds (same norm as all
-                                         others); the suite averages their effects and its CI accounts for
+``random``                               control: K unit Gaussian directions from fixed seeds (same norm as
+                                         all others); the suite averages their effects and its CI accounts for
                                          which directions were drawn (a single random direction has its own,
                                          consistent, first-order effect — one draw is not a null)
 
@@ -235,7 +235,8 @@ class DirectionSet:
             "format": FORMAT,
             "version": FORMAT_VERSION,
             "d_model": self.d_model,
-            "sign": "each vector is a unit direction toward unsafe; steering applies h' = h - alpha * v (alpha >= 0 = away)",
+            "sign": "each vector is a unit direction toward unsafe; steering applies h' = h - alpha * "
+            "v (alpha >= 0 = away)",
             "directions": {
                 name: {
                     "kind": d.kind,

@@ -55,7 +55,8 @@ class ActivationStore:
                 path = layers[0]
             elif layers:
                 raise SafesteerError(
-                    f"{path} holds several layers ({', '.join(p.name for p in layers)}); pass one of those folders"
+                    f"{path} holds several layers ({', '.join(p.name for p in layers)}); pass one of "
+                    "those folders"
                 )
             else:
                 raise SafesteerError(
@@ -77,7 +78,8 @@ class ActivationStore:
             import sys
 
             print(
-                f"[safesteer] warning: {path} is incomplete ({self.n_rows} rows so far); re-run extract to finish it",
+                f"[safesteer] warning: {path} is incomplete ({self.n_rows} rows so far); re-run "
+                "extract to finish it",
                 file=sys.stderr,
             )
 

@@ -33,7 +33,8 @@ def layer_dirs(path: str | Path) -> list[Path]:
     )
     if not found:
         raise SafesteerError(
-            f"{path} is not an activation store (no manifest.json); pass the --out folder of 'safesteer extract'"
+            f"{path} is not an activation store (no manifest.json); pass the --out folder of "
+            "'safesteer extract'"
         )
     return found
 

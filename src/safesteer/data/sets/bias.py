@@ -170,7 +170,8 @@ def _stereoset_hub(wanted: frozenset[str], scan_limit: int | None) -> Iterator[R
 
 STEREOSET = DatasetSpec(
     name="stereoset",
-    description="StereoSet dev (Nadeem et al. 2021): contexts with stereotype/anti-stereotype/unrelated options",
+    description="StereoSet dev (Nadeem et al. 2021): contexts with "
+    "stereotype/anti-stereotype/unrelated options",
     labels={
         "type": "str: 'intrasentence' (context holds BLANK) or 'intersentence'",
         "target": "str: the target group or term",

@@ -68,7 +68,8 @@ def _shipped(resource: str) -> list[dict[str, Any]]:
 
 
 def contrast_rows() -> list[dict[str, Any]]:
-    """The shipped contrast objects, in file order (``twin`` is ``None`` for a harmless prompt without one)."""
+    """The shipped contrast objects, in file order (``twin`` is ``None`` for a harmless prompt without
+    one)."""
     return _shipped(CONTRAST_RESOURCE)
 
 

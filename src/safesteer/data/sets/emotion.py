@@ -164,7 +164,8 @@ def parse_ed_csv(lines: Iterable[str]) -> Iterator[tuple[str, str, list[str]]]:
 
 
 def dialogue_contexts(utterances: list[str]) -> Iterator[list[str]]:
-    """The speaker-side prefixes that are answered: utterances[:1], [:3], ... (as the offline jsonl has them)."""
+    """The speaker-side prefixes that are answered: utterances[:1], [:3], ... (as the offline jsonl has
+    them)."""
     for k in range(1, len(utterances), 2):
         yield utterances[:k]
 
@@ -212,8 +213,8 @@ EMPATHETIC_DIALOGUES = DatasetSpec(
     license="CC BY-NC 4.0",
     hub_id="facebook/empathetic_dialogues",
     splits=(
-        "hub: the original tarball (the hub loading script is unreliable), train -> train, valid + test -> test; "
-        "local dev+test jsonl: 80/20 hash split per dialogue"
+        "hub: the original tarball (the hub loading script is unreliable), train -> train, valid + "
+        "test -> test; local dev+test jsonl: 80/20 hash split per dialogue"
     ),
     local_files=("empathetic_dialogues/dev.jsonl", "empathetic_dialogues/test.jsonl"),
     read_local=_ed_local,

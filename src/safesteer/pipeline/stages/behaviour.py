@@ -31,7 +31,8 @@ class BehaviourOutputs:
 
 
 def toward_refusal(directions: Any, names: Any) -> Any:
-    """The named directions of a pipeline :class:`DirectionSet`, sign-flipped (α ≥ 0 adds the unsafe direction)."""
+    """The named directions of a pipeline :class:`DirectionSet`, sign-flipped (α ≥ 0 adds the unsafe
+    direction)."""
     from safesteer.steering.strategies import Direction, DirectionSet
 
     out = DirectionSet()
@@ -58,7 +59,8 @@ def toward_refusal(directions: Any, names: Any) -> Any:
                 list(d.atoms),
                 {
                     **d.meta,
-                    "behaviour_sign": "vector = -(pipeline direction toward unsafe): alpha >= 0 adds it (toward refusal)",
+                    "behaviour_sign": "vector = -(pipeline direction toward unsafe): alpha >= 0 adds "
+                    "it (toward refusal)",
                 },
             )
         )
@@ -80,7 +82,10 @@ def run_behaviour_stage(section: Any, inputs: Mapping[str, Any], out_dir: Path, 
 
         bb = load_backbone(c.model.name, device=ctx.device)
         if bb.kind != "causal":
-            skipped = f"{c.model.name} is a {bb.kind} LM; behaviour steering is judged by generated answers (causal LMs)"
+            skipped = (
+                f"{c.model.name} is a {bb.kind} LM; behaviour steering is judged by generated answers "
+                "(causal LMs)"
+            )
     if skipped:
         ctx.say(f"behaviour: skipped ({skipped})")
         write_json(out_dir / SUMMARY, {"skipped": skipped})

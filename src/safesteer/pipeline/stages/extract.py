@@ -45,7 +45,8 @@ def run_extract_stage(section: tuple, inputs: Mapping[str, Any], out_dir: Path, 
     )  # every stage detects the kind the same way
     if model.kind != "auto" and bb.kind != model.kind:
         raise SafesteerError(
-            f'model.kind = {model.kind!r} but {model.name} is a {bb.kind} LM; fix model.kind or set it to "auto"'
+            f"model.kind = {model.kind!r} but {model.name} is a {bb.kind} LM; fix model.kind or set it "
+            'to "auto"'
         )
     rows = list(
         dataset_rows(data.sae_datasets, "all", data.max_rows_per_dataset, ctx.seed, data.source, ctx.data_dir)

@@ -1,4 +1,5 @@
-"""The map stage: concept cartography over the SAE's atoms (difference of means, point-biserial r, firing frequency)."""
+"""The map stage: concept cartography over the SAE's atoms (difference of means, point-biserial r, firing
+frequency)."""
 
 from __future__ import annotations
 
