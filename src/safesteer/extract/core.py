@@ -62,7 +62,7 @@ class ExtractConfig:
     pooling: str = "mean"
     position: str = "mean"
     """Where vectors are read (:mod:`safesteer.models.positions`): mean | last | prompt_end (texts
-    rendered as chat user messages). ``answer`` needs answers and is built by steering.behaviour."""
+    rendered as chat user messages). ``answer`` needs answers and is built by behaviour.directions."""
 
     def identity(self) -> dict[str, Any]:
         d = asdict(self)
