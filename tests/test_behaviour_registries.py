@@ -1,5 +1,6 @@
-"""A new gate kind and a new refusal judge are each one class + one registration: a toy of each,
-registered here, runs through the tiny behaviour study and the gate through the service
+"""A new gate kind and a new refusal judge are each one class + one registration: a toy of each
+(the judge registered here, the gate kind in tests/test_steering_gates.py) runs through the tiny
+behaviour study and the gate through the service
 (`serve --run`), which decides per prompt as the study's gate does. The stacked gate (several layers
 read in the same pass) goes the same way."""
 
@@ -8,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from conftest import tiny_behaviour_section
 from fastapi.testclient import TestClient
+from test_steering_gates import ToyGate  # a toy gate kind: one class + @register_gate there
 
 from safesteer.behaviour.config import StudyConfig
 from safesteer.behaviour.study import run_study
@@ -21,7 +22,6 @@ from safesteer.evaluate.judges import JUDGES, register_judge
 from safesteer.models import load_backbone
 from safesteer.serve.bundle import publish, write_bundle
 from safesteer.steering.condition import Condition, gate_flags
-from safesteer.steering.gates import GATE_KINDS, Fitted, GateKind, register_gate
 
 pytestmark = pytest.mark.integration
 
@@ -41,44 +41,11 @@ class CountingJudge:
         return np.array([float(is_refusal(a)) for a in answers])
 
 
-class MeanDiffGate(GateKind):
-    """A toy gate kind: the difference of the class means, ``w·h`` (no bias)."""
-
-    name = "toy-meandiff"
-
-    def __init__(self, w):
-        self.w = np.asarray(w, dtype=np.float64)
-
-    @property
-    def d(self):
-        return int(self.w.shape[0])
-
-    @classmethod
-    def fit(cls, H, y, weight, seed, options, *, held_out=None, jobs=None):
-        return Fitted(cls(H[y == 1].mean(0) - H[y == 0].mean(0)), {"kind": cls.name})
-
-    def score(self, H):
-        return np.asarray(H, dtype=np.float64) @ self.w
-
-    def torch_scorer(self, device=None):
-        w = torch.as_tensor(self.w, dtype=torch.float64, device=device)
-        return lambda x: x.double() @ w
-
-    def tensors(self):
-        return {"w": self.w}
-
-    @classmethod
-    def from_tensors(cls, tensors, config):
-        return cls(tensors["w"])
-
-
 @pytest.fixture(scope="module")
 def toys():
     register_judge(CountingJudge)
-    register_gate(MeanDiffGate)
     yield
     JUDGES.pop(CountingJudge.name)
-    GATE_KINDS.pop(MeanDiffGate.name)
 
 
 def _study(tmp_path_factory, model_dir, data_dir, **settings):
@@ -123,9 +90,9 @@ def test_a_toy_gate_kind_and_a_toy_judge_run_through_the_study_and_the_service(
     _, _, model_dir, _ = behaviour_run
     before = CountingJudge.answers_judged
     summary, study, run = _study(
-        tmp_path_factory, model_dir, shared_data, gate_kind=MeanDiffGate.name, judge=CountingJudge.name
+        tmp_path_factory, model_dir, shared_data, gate_kind=ToyGate.name, judge=CountingJudge.name
     )
-    assert summary["gate"]["kind"] == MeanDiffGate.name and summary["config"]["judge"] == CountingJudge.name
+    assert summary["gate"]["kind"] == ToyGate.name and summary["config"]["judge"] == CountingJudge.name
     assert CountingJudge.answers_judged > before  # the study's verdicts are the toy judge's
     ans = pd.read_csv(study / "answers.csv", keep_default_na=False)
     assert ans["refusal"].tolist() == [float(is_refusal(a)) for a in ans["answer"]]
@@ -133,7 +100,7 @@ def test_a_toy_gate_kind_and_a_toy_judge_run_through_the_study_and_the_service(
         "no conditional policy: the service check would not run"
     )
     gate = Condition.load(run / "policies" / "gate")
-    assert gate.kind == MeanDiffGate.name  # the served gate is the toy kind
+    assert gate.kind == ToyGate.name  # the served gate is the toy kind
     _service_decides_as_the_study(study, run, summary, monkeypatch)
 
 

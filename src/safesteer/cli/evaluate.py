@@ -7,8 +7,10 @@ from typing import Optional
 
 import typer
 
-from safesteer.config import DirectionsSection, EvaluateSection, ModelSection
 from safesteer.errors import SafesteerError
+from safesteer.evaluate.config import EvaluateSection
+from safesteer.models.config import ModelSection
+from safesteer.steering.config import DirectionsSection
 
 _D, _V, _M = DirectionsSection(), EvaluateSection(), ModelSection()
 

@@ -7,8 +7,10 @@ from typing import Optional
 
 import typer
 
-from safesteer.config import DataSection, ExtractSection, ModelSection
+from safesteer.data.config import DataSection
 from safesteer.errors import SafesteerError
+from safesteer.extract.config import ExtractSection
+from safesteer.models.config import ModelSection
 
 _D, _E, _M = DataSection(), ExtractSection(), ModelSection()
 

@@ -12,8 +12,9 @@ from typing import Optional
 
 import typer
 
-from safesteer.config import AtomSection, MapSection, ProbeSection
+from safesteer.cartography.config import AtomSection, MapSection
 from safesteer.errors import SafesteerError
+from safesteer.probes.config import ProbeSection
 
 DATA_DIR_HELP = "Offline data folder (layout of ../shared/data; default $SAFESTEER_DATA_DIR)."
 DEFAULT_CS = "1e-4,1e-3,1e-2,0.1,1,10,100"

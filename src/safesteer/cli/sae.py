@@ -10,8 +10,8 @@ from pathlib import Path
 
 import typer
 
-from safesteer.config import EncodeSection, SAESection
 from safesteer.errors import SafesteerError
+from safesteer.sae.config import EncodeSection, SAESection
 
 _S, _E = SAESection(), EncodeSection()
 

@@ -1,7 +1,11 @@
-"""Configuration of a Gated SAE (the model) and of its training run.
+"""Configuration of a Gated SAE (the model), of its training run, and the pipeline's sections.
 
 :class:`SAEConfig` is what ``cfg.json`` holds (SAELens layout plus a few safesteer fields);
-:class:`TrainConfig` is everything that decides how the weights are learned. A training run is
+:class:`TrainConfig` is everything that decides how the weights are learned (its defaults are the
+paper-scale run of one SAE); :class:`SAESection` is the ``[sae]`` section of a run — a grid of
+expansions × l1 and the run settings, whose defaults are the embedded default run — and makes the
+trainer's config of each grid point (:meth:`SAESection.train_config`); :class:`EncodeSection` is
+``[encode]``. A training run is
 identified by :meth:`TrainConfig.fingerprint` -- the fields that change the weights -- so that a
 checkpoint written under another configuration is refused on resume.
 """
@@ -14,6 +18,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from safesteer.checks import choice, positive
 from safesteer.errors import SafesteerError
 
 VARIANTS = ("paper", "article")
@@ -165,3 +170,64 @@ class TrainConfig:
 
     def replace(self, **kw: Any) -> "TrainConfig":
         return dataclasses.replace(self, **kw)
+
+
+@dataclass
+class SAESection:
+    variant: str = "paper"
+    expansions: list[int] = field(default_factory=lambda: [4, 8])
+    l1: list[float] = field(default_factory=lambda: [3e-2, 1e-2])
+    lr: float = 1e-3
+    batch_size: int = 64
+    epochs: int = 12
+    grid_epochs: int = 4
+    patience: int = 3
+    grid_patience: int = 2
+    lr_warmup: int = 50  # linear LR warm-up steps
+    l1_warmup: int = 0  # linear sparsity-coefficient warm-up steps
+    shuffle_buffer: int = 4096  # rows shuffled together (0 = store order)
+    val_fraction: float = 0.05  # validation split, by row id
+    checkpoint_every: int = 20  # also checkpoint every N steps (0 = per epoch only)
+    # fp32 (the same weights on every machine) | bf16 | auto (bf16 matmuls only with native bf16 hardware)
+    precision: str = "fp32"
+
+    def validate(self) -> "SAESection":
+        choice("sae.variant", self.variant, VARIANTS)
+        choice("sae.precision", self.precision, ("auto", "bf16", "fp32"))
+        if not 0 <= self.val_fraction < 1:
+            raise SafesteerError(f"config sae.val_fraction must be in [0, 1) (got {self.val_fraction})")
+        for key in ("batch_size", "epochs", "lr"):
+            positive(f"sae.{key}", getattr(self, key))
+        if not self.expansions or any(e <= 0 for e in self.expansions):
+            raise SafesteerError("config sae.expansions must be a non-empty list of positive integers")
+        if not self.l1 or any(x <= 0 for x in self.l1):
+            raise SafesteerError("config sae.l1 must be a non-empty list of positive numbers")
+        return self
+
+    def train_config(
+        self, seed: int, *, expansion: int | None = None, l1: float | None = None
+    ) -> TrainConfig:
+        """The trainer's config of one run of this section's grid (its first point unless given)."""
+        return TrainConfig(
+            expansion=int(expansion if expansion is not None else self.expansions[0]),
+            l1=float(l1 if l1 is not None else self.l1[0]),
+            variant=self.variant,
+            lr=self.lr,
+            lr_warmup_steps=self.lr_warmup,
+            l1_warmup_steps=self.l1_warmup,
+            batch_size=self.batch_size,
+            epochs=self.epochs,
+            patience=self.patience,
+            seed=seed,
+            precision=self.precision,
+            checkpoint_every=self.checkpoint_every,
+        )
+
+
+@dataclass
+class EncodeSection:
+    batch_size: int = 4096
+
+    def validate(self) -> "EncodeSection":
+        positive("encode.batch_size", self.batch_size)
+        return self

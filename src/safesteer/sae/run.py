@@ -22,7 +22,6 @@ from rich.progress import (
 )
 
 from safesteer.errors import SafesteerError
-from safesteer.sae.config import TrainConfig
 from safesteer.sae.distributed import grid_distributed, train_distributed
 from safesteer.sae.grid import run_grid
 from safesteer.sae.latents import encode_store
@@ -125,24 +124,6 @@ class TrainProgress:
             self.bar.console.print(line)
         else:
             print(line, file=sys.stderr)
-
-
-def train_config(section: Any, seed: int, *, expansion: int | None = None, l1: float | None = None):
-    """The trainer's config from the [sae] section (first grid point unless given)."""
-    return TrainConfig(
-        expansion=int(expansion if expansion is not None else section.expansions[0]),
-        l1=float(l1 if l1 is not None else section.l1[0]),
-        variant=section.variant,
-        lr=section.lr,
-        lr_warmup_steps=section.lr_warmup,
-        l1_warmup_steps=section.l1_warmup,
-        batch_size=section.batch_size,
-        epochs=section.epochs,
-        patience=section.patience,
-        seed=seed,
-        precision=section.precision,
-        checkpoint_every=section.checkpoint_every,
-    )
 
 
 def train_on_store(

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 from safesteer import layout
 from safesteer.sae.encode_dist import encode_distributed
-from safesteer.sae.run import encode, train_config, train_on_store
+from safesteer.sae.run import encode, train_on_store
 from safesteer.sae.saving import load_sae
 
 
@@ -35,7 +35,7 @@ def run_sae_stage(section: Any, inputs: Mapping[str, Any], out_dir: Path, ctx) -
     _, table = train_on_store(
         inputs["extract"].acts,
         out_dir,
-        train_config(section, ctx.seed),
+        section.train_config(ctx.seed),
         val_fraction=section.val_fraction,
         shuffle_buffer=section.shuffle_buffer,
         device=ctx.device,
