@@ -3,6 +3,11 @@ same block with the same sign when repeng's ControlModel applies it as when safe
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -19,11 +24,13 @@ from safesteer.steering import Direction, DirectionSet, unit
 
 gguf = pytest.importorskip("gguf")
 
-if (
-    "float_" not in np.__dict__
-):  # repeng 0.4.0 annotates with np.float_, removed in numpy 2 (its metadata pins numpy<2)
-    np.float_ = np.float64  # type: ignore[attr-defined]
-repeng = pytest.importorskip("repeng")
+
+@pytest.fixture(scope="module")
+def repeng():
+    """repeng, or a skip of the test that needs it (only those: the others run without it)."""
+    if "float_" not in np.__dict__:  # repeng 0.4.0 annotates with np.float_, removed in numpy 2
+        np.float_ = np.float64  # type: ignore[attr-defined]
+    return pytest.importorskip("repeng")
 
 
 def _directions(d: int = 32, layer: int = 2) -> DirectionSet:
@@ -56,7 +63,7 @@ def test_policy_round_trip_with_alpha_folded_and_metadata(tmp_path):
     np.testing.assert_allclose(ds2["p"].vector, expected / -3.5, rtol=1e-5, atol=1e-6)  # toward unsafe again
 
 
-def test_repeng_reads_ours_and_we_read_repengs(tmp_path):
+def test_repeng_reads_ours_and_we_read_repengs(tmp_path, repeng):
     ds = _directions()
     cv, info = policy_control_vector(
         {"name": "p", "directions": ["harm"], "alpha": 2.0, "layer": 1}, ds, "llama"
@@ -75,7 +82,7 @@ def test_repeng_reads_ours_and_we_read_repengs(tmp_path):
 
 
 @pytest.mark.parametrize("layer", [1, 2])
-def test_repeng_applies_our_vector_where_and_how_our_hook_does(tmp_path, layer, one_thread):
+def test_repeng_applies_our_vector_where_and_how_our_hook_does(tmp_path, layer, one_thread, repeng):
     """Same block, same sign: repeng's ControlModel on our file == Backbone.steer with the policy's alpha."""
     from safesteer.testing import make_tiny_llama
 
@@ -137,3 +144,27 @@ def test_unrepresentable_policies_and_files_are_refused_in_one_line(tmp_path):
         read_control_vector(tmp_path / "junk.gguf")
     with pytest.raises(SafesteerError, match="layer >= 1"):
         ControlVector("llama", {0: np.ones(4)})
+
+
+def test_the_repeng_free_tests_run_without_repeng():
+    """repeng missing skips only the tests that use it (no module-level skip of this whole file)."""
+    here = Path(__file__)
+    code = (
+        "import sys; sys.modules['repeng'] = None; import pytest; "
+        f"sys.exit(pytest.main(['-rA', '-p', 'no:cacheprovider', {str(here)!r}, "
+        "'-k', 'not without_repeng']))"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=here.parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    for name in ("test_policy_round_trip_with_alpha_folded_and_metadata", "test_unrepresentable_policies"):
+        assert f"PASSED tests/test_interop_gguf_control.py::{name}" in out, out[-3000:]
+    assert out.count("could not import 'repeng'") == 2 and "2 passed, 3 skipped" in out, out[-3000:]
