@@ -109,3 +109,25 @@ def test_killed_mid_sweep_resumes_with_identical_files(behaviour_run, tmp_path, 
     assert "sweep_001: reusing" not in again.stderr
     for name in FILES:
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+
+
+@pytest.mark.integration
+def test_a_changed_features_file_makes_the_features_step_run_again(behaviour_run, tmp_path, shared_data):
+    """The features step keeps no second copy of the vectors: its record names the features/ files'
+    sha256, and a file that changed is not trusted (the step runs again and restores it)."""
+    import shutil
+
+    ref, _, model_dir, _ = behaviour_run
+    out = tmp_path / "stage"
+    shutil.copytree(ref, out)
+    victim = out / "features" / "prompt_layer01.npy"
+    original = victim.read_bytes()
+    x = np.load(victim)
+    np.save(victim, x + 1)
+    args = [sys.executable, str(WORKER), str(model_dir), str(ref.parent / "directions"), str(shared_data)]
+    again = subprocess.run([*args, str(out), "0"], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "features: the kept output is stale (prompt_layer01.npy is missing or changed)" in again.stderr
+    assert victim.read_bytes() == original
+    for name in FILES:
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name

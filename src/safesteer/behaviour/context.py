@@ -13,6 +13,10 @@ from safesteer.behaviour.prompts import Prompts
 from safesteer.steering.strategies import DirectionSet, Intervention
 
 
+class StaleStep(Exception):
+    """Raised by a step's ``load`` when what its record names on disk no longer matches: run it again."""
+
+
 @dataclass
 class Run:
     """What every step reads: the settings, the model, the judge, the output folder and the store."""
@@ -33,8 +37,13 @@ class Run:
         """``load`` the stored output of ``name`` under ``key``, else ``compute`` and ``save`` it."""
         got = self.store.load(name, key)
         if got is not None:
-            self.say(f"{name}: reusing the output kept in {self.store.root.name}/ (key {key})")
-            return load(*got)
+            try:
+                value = load(*got)
+            except StaleStep as why:
+                self.say(f"{name}: the kept output is stale ({why}); running the step again")
+            else:
+                self.say(f"{name}: reusing the output kept in {self.store.root.name}/ (key {key})")
+                return value
         value = compute()
         self.store.save(name, key, *save(value))
         return value

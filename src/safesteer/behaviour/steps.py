@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,14 +31,14 @@ import pandas as pd
 from safesteer import layout
 from safesteer.behaviour import policy as pol
 from safesteer.behaviour.checkpoint import step_key
-from safesteer.behaviour.context import Run, per_group
+from safesteer.behaviour.context import Run, StaleStep, per_group
 from safesteer.behaviour.directions import median_norm, refusal_caa, refusal_dim_from_features
 from safesteer.behaviour.gate import auroc, cross_fit_scores, gate_report, lodo, train_gate
 from safesteer.behaviour.pairs import PairResult, paraphrase_pairs, score_pairs
 from safesteer.behaviour.prompts import Prompts, load_prompts
 from safesteer.errors import SafesteerError
 from safesteer.evaluate.refusal import answer_nll, generate
-from safesteer.io import atomic_path, save_npy
+from safesteer.io import atomic_path, load_npy, save_npy, sha256_file
 from safesteer.models.positions import pooled_at
 from safesteer.steering.condition import Condition, threshold_for_fpr
 from safesteer.steering.gates import gate_kind, stack_features
@@ -92,22 +93,26 @@ def features(run: Run) -> Features:
         )
         return Features(P, layers, feats[cfg.gate_position], feats["prompt_end"], key)
 
+    def vectors(p: str, l: int) -> Path:  # the stage's features/ files hold the vectors: not kept twice
+        return run.out / layout.FEATURES_DIR / f"{p}_layer{l:02d}.npy"
+
     def save(f: Features):
         P = f.prompts
-        data = {"text": P.text, "group": P.group, "split": P.split, "layers": f.layers}
-        arrays = {"harmful": P.harmful, "aug": P.aug, "origin": P.origin}
-        for name, per in (("gate", f.gate), ("end", f.end)):
-            arrays.update({f"{name}_{l}": per[l] for l in f.layers})
-        return data, arrays
+        files = {vectors(p, l).name: sha256_file(vectors(p, l)) for p in positions for l in f.layers}
+        data = {"text": P.text, "group": P.group, "split": P.split, "layers": f.layers, "sha256": files}
+        return data, {"harmful": P.harmful, "aug": P.aug, "origin": P.origin}
 
     def load(data, arrays) -> Features:
+        for name, digest in data["sha256"].items():
+            path = run.out / layout.FEATURES_DIR / name
+            if not path.is_file() or sha256_file(path) != digest:
+                raise StaleStep(f"{name} is missing or changed")
         P = Prompts(
             data["text"], arrays["harmful"], data["group"], data["split"], arrays["aug"], arrays["origin"]
         )
         L = [int(l) for l in data["layers"]]
-        gate = {l: arrays[f"gate_{l}"] for l in L}
-        end = gate if positions == ["prompt_end"] else {l: arrays[f"end_{l}"] for l in L}
-        return Features(P, L, gate, end, key)
+        per = {p: {l: load_npy(vectors(p, l)) for l in L} for p in positions}
+        return Features(P, L, per[cfg.gate_position], per["prompt_end"], key)
 
     return run.cached("features", key, compute, save, load)
 
