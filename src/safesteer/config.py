@@ -24,6 +24,7 @@ from typing import Any
 from safesteer.behaviour.config import StudyConfig
 from safesteer.cartography.config import AtomSection, MapSection
 from safesteer.data.config import DataSection
+from safesteer.devices import check_device_name
 from safesteer.errors import SafesteerError
 from safesteer.evaluate.config import EvaluateSection
 from safesteer.extract.config import ExtractSection
@@ -61,8 +62,6 @@ class Config:
 
     def validate(self) -> "Config":
         """Every section validates itself, next to its definition; the run's device here."""
-        from safesteer.devices import check_device_name
-
         check_device_name(self.run.device, "config run.device =")
         for name in SECTIONS[1:]:
             getattr(self, name).validate()

@@ -11,7 +11,7 @@ DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 def resolve_device(name: str) -> str:
     """``auto`` → ``cuda`` when a GPU is visible, else ``cpu``; an explicit CUDA device must exist."""
-    import torch
+    import torch  # torch: keeps safesteer.devices light (config checks device names)
 
     check_device_name(name)
     if name == "auto":

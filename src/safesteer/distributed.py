@@ -23,6 +23,7 @@ from datetime import timedelta
 from typing import Any, Iterator
 
 import torch
+import torch.distributed as tdist
 
 from safesteer.errors import SafesteerError
 
@@ -185,7 +186,6 @@ def from_env(device: str = "cpu") -> Dist:
         raise SafesteerError("RANK and LOCAL_RANK must be integers; launch with torchrun") from None
     if not 0 <= rank < world:
         raise SafesteerError(f"RANK={rank} is outside [0, WORLD_SIZE={world}); launch with torchrun")
-    import torch.distributed as tdist
 
     if not tdist.is_available():
         raise SafesteerError(

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -111,9 +112,6 @@ def canonical_safetensors(path: str | os.PathLike) -> None:
     with the keys in a different order from one process to the next; sorted, identical saves are
     byte-identical. Tensor offsets are relative to the data section, so only the header changes.
     """
-    import json
-    import struct
-
     p = Path(path)
     raw = p.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])

@@ -11,7 +11,7 @@ def progress(iterable: Iterable, total: int | None, description: str, enabled: b
     if not enabled:
         yield from iterable
         return
-    from rich.console import Console
+    from rich.console import Console  # rich: only when a bar is shown
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,

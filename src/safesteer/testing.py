@@ -18,6 +18,8 @@ from transformers import (
     RobertaForMaskedLM,
 )
 
+from safesteer.models import Backbone
+
 WORDS = (
     "the a an is are was were be to of and in that it for on with as at by this from or not but "
     "you he she they we i my your his her their our man woman people person group women men "
@@ -51,8 +53,6 @@ def tiny_tokenizer():
 
 def make_tiny_roberta(seed: int = 0):
     """A random 3-block RoBERTa masked LM (d=32) as a :class:`~safesteer.models.Backbone`."""
-    from safesteer.models import Backbone
-
     tok = tiny_tokenizer()
     torch.manual_seed(seed)
     cfg = RobertaConfig(
@@ -72,8 +72,6 @@ def make_tiny_roberta(seed: int = 0):
 
 def make_tiny_llama(seed: int = 0):
     """A random 3-block Llama causal LM (d=32, GQA 4/2 heads) as a :class:`~safesteer.models.Backbone`."""
-    from safesteer.models import Backbone
-
     tok = tiny_tokenizer()
     torch.manual_seed(seed)
     cfg = LlamaConfig(

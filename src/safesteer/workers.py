@@ -7,7 +7,7 @@ from typing import Any, Callable, Sequence
 
 
 def _single_threaded(fn: Callable[..., Any], *args: Any) -> Any:
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_limits  # threadpoolctl: optional (comes with sklearn)
 
     with threadpool_limits(1):
         return fn(*args)
@@ -21,6 +21,6 @@ def parallel_map(fn: Callable[..., Any], calls: Sequence[tuple], jobs: int | Non
     n = max(1, min(len(calls), jobs or os.cpu_count() or 1))
     if n == 1:
         return [_single_threaded(fn, *args) for args in calls]
-    from joblib import Parallel, delayed
+    from joblib import Parallel, delayed  # joblib: optional (comes with sklearn)
 
     return list(Parallel(n_jobs=n)(delayed(_single_threaded)(fn, *args) for args in calls))

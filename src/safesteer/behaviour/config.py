@@ -129,8 +129,10 @@ class StudyConfig:
             raise SafesteerError(
                 f"config behaviour.fprs must be false-positive rates in [0, 1) (got {self.fprs})"
             )
-        from safesteer.evaluate.judges import JUDGES  # the registries
-        from safesteer.steering.gates import GATE_KINDS
+        from safesteer.evaluate.judges import (
+            JUDGES,
+        )  # registries: they load torch; safesteer.config reads this
+        from safesteer.steering.gates import GATE_KINDS  # torch, as above
 
         choice("behaviour.judge", self.judge, tuple(sorted(JUDGES)))
         if self.gate_kind:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from safesteer.errors import SafesteerError
+from safesteer.models.positions import chat_inputs
 from safesteer.steering.strategies import Direction, Intervention, unit
 
 REFUSAL_PREFIXES: tuple[str, ...] = (
@@ -177,8 +178,6 @@ def median_norm(
     backbone: Any, prompts: Sequence[str], layer: int, batch_size: int = 32, max_prompts: int = 64
 ) -> float:
     """Median residual-stream norm over the tokens of chat-rendered ``prompts`` at ``layer`` (α's unit)."""
-    from safesteer.models.positions import chat_inputs
-
     ci = chat_inputs(backbone, list(prompts)[:max_prompts])
     norms = []
     pad = backbone.tokenizer.pad_token_id or 0

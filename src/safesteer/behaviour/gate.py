@@ -192,7 +192,7 @@ def _fit_score(
 
 
 def auroc(scores: np.ndarray, y: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import roc_auc_score  # sklearn: heavy, only when scoring
 
     y = np.asarray(y)
     return float(roc_auc_score(y, scores)) if 0 < y.sum() < len(y) else float("nan")

@@ -11,9 +11,10 @@ from importlib import resources
 from typing import Any, Sequence
 
 import numpy as np
+from scipy.stats import binomtest
 
 from safesteer.errors import SafesteerError
-from safesteer.steering.condition import Condition
+from safesteer.steering.condition import Condition, gate_scores
 
 
 @dataclass
@@ -41,8 +42,6 @@ def paraphrase_pairs(which: str = "test") -> list[ParaphrasePair]:
 
 def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     """Wilson score interval of a share ``k / n`` (scipy's ``binomtest``)."""
-    from scipy.stats import binomtest
-
     if n <= 0:
         return float("nan"), float("nan")
     ci = binomtest(int(k), int(n)).proportion_ci(level, method="wilson")
@@ -87,8 +86,6 @@ class PairResult:
 
 def score_pairs(backbone: Any, cond: Condition, pairs: Sequence[ParaphrasePair] | None = None) -> PairResult:
     """Gate scores of both phrasings of every pair; same side of the threshold? on the right side?"""
-    from safesteer.steering.condition import gate_scores
-
     pairs = list(pairs or paraphrase_pairs())
     s = gate_scores(backbone, cond, [p.imperative for p in pairs] + [p.question for p in pairs])
     n = len(pairs)

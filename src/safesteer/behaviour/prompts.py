@@ -110,7 +110,7 @@ class Prompts:
 
 
 def _raw(name: str, data_dir: Any) -> list[str]:
-    from safesteer.data import load
+    from safesteer.data import load  # looked up per call: tests patch safesteer.data.load
 
     if name.startswith("xstest_"):
         want = int(name == "xstest_unsafe")

@@ -12,6 +12,7 @@ stops with an error naming the check.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import time
 from pathlib import Path
@@ -53,7 +54,6 @@ def _fingerprint(directions: Any) -> list[Any]:
     """What the extra directions contribute to the steps' keys (names, layers, vectors' bytes)."""
     if directions is None:
         return []
-    import hashlib
 
     return [
         [n, directions[n].layer, hashlib.sha256(directions[n].vector.tobytes()).hexdigest()[:16]]

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from safesteer.data import load, names
 from safesteer.errors import SafesteerError
 from safesteer.models.hooks import find_body
 
@@ -106,8 +107,6 @@ def lookup_texts(
     ids: Iterable[str], data_dir=None, source: str = "auto", max_chars: int = 600
 ) -> dict[str, str]:
     """Texts for record ids (``<dataset>:<key>``) read back from the datasets; unknown ids are skipped."""
-    from safesteer.data import load, names
-
     wanted: dict[str, set[str]] = {}
     for i in ids:
         ds = str(i).split(":", 1)[0]

@@ -48,7 +48,7 @@ class MiniLMEmbedder:
     def __init__(
         self, path: str | Path | None = None, device: str = "cpu", batch_size: int = 64, max_length: int = 256
     ):
-        import torch
+        import torch  # torch, transformers: only when the embedder runs (select.py stays torch-free)
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -62,7 +62,7 @@ class MiniLMEmbedder:
         self._torch = torch
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        from safesteer.models.positions import masked_mean
+        from safesteer.models.positions import masked_mean  # torch: as in __init__
 
         torch = self._torch
         out = []
@@ -85,7 +85,7 @@ def cluster_texts(
     texts: Sequence[str], embedder: Embedder, threshold: float = DEFAULT_THRESHOLD
 ) -> np.ndarray:
     """Cluster ids (0..k−1) for each text: agglomerative, cosine distance, average linkage."""
-    from sklearn.cluster import AgglomerativeClustering
+    from sklearn.cluster import AgglomerativeClustering  # sklearn: heavy, only when clustering
 
     n = len(texts)
     if n == 0:

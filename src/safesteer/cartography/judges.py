@@ -30,6 +30,7 @@ and is re-exported here for the old import path.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -178,7 +179,7 @@ class OpenAIAtomJudge:
         transport=None,
         temperature: float = 0.0,
     ):
-        import httpx
+        import httpx  # httpx: only for the API judge
 
         env = os.environ
         self.base_url = (
@@ -201,7 +202,7 @@ class OpenAIAtomJudge:
         self.temperature = temperature
 
     def judge(self, card: dict[str, Any], concept: str) -> JudgeResult:
-        import httpx
+        import httpx  # httpx: only for the API judge
 
         user = (
             card_prompt(card, concept)
@@ -280,7 +281,7 @@ class OfflineJudge:
         With ``use_cache`` the prefix runs once and the three continuations reuse its KV cache;
         otherwise the three full sequences run as one batch (same numbers, 3× the compute).
         """
-        import torch
+        import torch  # torch: only for the local-model judge
 
         bb = self.backbone
         tok = bb.tokenizer
@@ -310,11 +311,10 @@ class OfflineJudge:
         return out
 
     def _scores_cached(self, pre: list[int], opts: list[list[int]]) -> list[float]:
-        import torch
+        import torch  # torch: only for the local-model judge
 
         bb = self.backbone
         dev = bb.device
-        import inspect
 
         key = (
             "cache" if "cache" in inspect.signature(bb.model.forward).parameters else "past_key_values"
@@ -457,7 +457,7 @@ def make_judge(kind: str, backbone=None, **kwargs) -> AtomJudge:
         return OpenAIAtomJudge(**kwargs)
     if kind == "offline":
         if backbone is None:
-            from safesteer.models import load_backbone
+            from safesteer.models import load_backbone  # torch: only when a judge model is loaded
 
             backbone = load_backbone("smollm2-135m")
         return OfflineJudge(backbone, **kwargs)

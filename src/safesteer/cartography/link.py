@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -51,7 +52,7 @@ def omp(
     v: np.ndarray, W_dec: np.ndarray, k: int = 16, nonneg: bool = False, tol: float = 1e-10
 ) -> Decomposition:
     """Orthogonal matching pursuit of ``v`` over the rows of ``W_dec`` (k atoms at most)."""
-    from scipy.optimize import nnls
+    from scipy.optimize import nnls  # scipy.optimize: safesteer.config loads this module
 
     D = np.asarray(W_dec, dtype=np.float64)
     v = np.asarray(v, dtype=np.float64)
@@ -92,9 +93,7 @@ def nonneg_lasso(
     v: np.ndarray, W_dec: np.ndarray, alpha: float = 1e-3, max_atoms: int | None = None
 ) -> Decomposition:
     """Non-negative lasso ``min ½/d‖v − Dᵀc‖² + α‖c‖₁, c ≥ 0`` over decoder rows."""
-    import warnings
-
-    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.exceptions import ConvergenceWarning  # sklearn: heavy, only when fitting
     from sklearn.linear_model import Lasso
 
     D = np.asarray(W_dec, dtype=np.float64)

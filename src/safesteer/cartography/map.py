@@ -69,7 +69,7 @@ def store_label_codes(
         raise SafesteerError(f"{store.path} holds no rows")
     chosen = list(names) if names is not None else list(SPECS)
     if names is None:  # identity groups present in the data, beyond the built-in list
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # pyarrow.parquet: only for the data's identity groups
 
         groups: set[str] = set()
         for s in store.shards:

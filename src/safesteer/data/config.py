@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from safesteer.checks import choice, positive
+from safesteer.data.registry import names
 from safesteer.errors import SafesteerError
 
 
@@ -28,8 +29,6 @@ class DataSection:
     max_rows_per_dataset: int = 160
 
     def validate(self) -> "DataSection":
-        from safesteer.data.registry import names  # the dataset registry (fills on first import)
-
         choice("data.source", self.source, ("auto", "package", "local", "pypi", "hub"))
         positive("data.max_rows_per_dataset", self.max_rows_per_dataset)
         if not self.sae_datasets:

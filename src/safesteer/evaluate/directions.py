@@ -5,7 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from safesteer.devices import resolve_device
 from safesteer.errors import SafesteerError
+from safesteer.evaluate.suite import METRICS, SuiteConfig, run_suite, write_outputs
+from safesteer.models import load_backbone
+from safesteer.probes import load_probe
+from safesteer.sae import load_sae
+from safesteer.steering import ClampEdit, DirectionSet, Intervention
 
 
 def random_alpha_value(value: str | float) -> str | float:
@@ -30,8 +36,6 @@ def suite_config(
 ):
     """The suite's config from an [evaluate] section (``strategies``/``metrics`` override the section's;
     an empty list of strategies = every strategy of the direction set)."""
-    from safesteer.evaluate.suite import METRICS, SuiteConfig
-
     alphas = [float(a) for a in section.alphas]
     cfg = SuiteConfig(
         layer=layer,
@@ -65,9 +69,6 @@ def suite_config(
 
 def clamp_interventions(sae: Path, layer: int, selections: Mapping[str, list[int]]) -> dict[str, Callable]:
     """``clamp_<name>`` → λ ↦ an SAE-clamping intervention of those atoms."""
-    from safesteer.sae import load_sae
-    from safesteer.steering import ClampEdit, Intervention
-
     sae_obj = load_sae(sae)
     return {
         f"clamp_{name}": (
@@ -94,11 +95,6 @@ def evaluate_directions(
 ):
     """Load the backbone and the direction set, run the suite, write its outputs. Returns (result, written
     paths)."""
-    from safesteer.devices import resolve_device
-    from safesteer.evaluate.suite import run_suite, write_outputs
-    from safesteer.models import load_backbone
-    from safesteer.steering import DirectionSet
-
     ds = DirectionSet.load(directions)
     strat = cfg.strategies
     if strat:
@@ -110,8 +106,6 @@ def evaluate_directions(
         note(f"directions were built for layer(s) {sorted(layers)}; steering at --layer {cfg.layer}")
     probes = {}
     if probe_dirs:
-        from safesteer.probes import load_probe
-
         probes = {key: load_probe(path) for key, path in probe_dirs.items()}
     if interventions and strat:
         cfg.strategies = strat + [n for n in interventions if n not in strat]

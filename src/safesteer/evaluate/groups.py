@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from safesteer.data import load
 from safesteer.evaluate import bias as B
 from safesteer.evaluate.choice import answer_tokens, forced_choice
 from safesteer.evaluate.efficacy import probe_layer, probe_probabilities
@@ -35,8 +36,6 @@ HARMFUL_SETS = ("advbench", "donotanswer")
 
 def load_rows(name: str, split: str, cfg: Any, max_rows: int | None) -> list:
     """Records of one dataset split, with the suite's source, data folder and seed."""
-    from safesteer.data import load
-
     return list(
         load(name, split=split, source=cfg.source, data_dir=cfg.data_dir, max_rows=max_rows, seed=cfg.seed)
     )

@@ -24,7 +24,7 @@ class SuiteResult:
     scale: float
 
     def table(self):
-        import pandas as pd
+        import pandas as pd  # pandas: safesteer.serve loads this package and no pandas
 
         return pd.DataFrame(self.rows)
 
@@ -93,7 +93,7 @@ def write_outputs(result: SuiteResult, out_dir: str | Path, plots: bool = True) 
             row[f"{r['metric']}_delta"] = (
                 format_ci(r["delta"], r["delta_low"], r["delta_high"], signed=True) + f" p={r['p_value']:.3g}"
             )
-    import pandas as pd
+    import pandas as pd  # pandas: as in SuiteResult.table
 
     with atomic_path(out / "table.csv") as tmp:
         pd.DataFrame(list(wide.values())).to_csv(tmp, index=False)
@@ -153,7 +153,7 @@ def write_outputs(result: SuiteResult, out_dir: str | Path, plots: bool = True) 
     write_json(out / "calibration.json", _clean(payload["calibration"]))
     paths["results_json"] = out / "results.json"
     if plots:
-        from safesteer.evaluate.plots import plot_all
+        from safesteer.evaluate.plots import plot_all  # matplotlib: only when plotting
 
         paths.update(plot_all(result, out / "plots"))
     return paths

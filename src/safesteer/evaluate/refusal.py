@@ -96,7 +96,7 @@ def generate(
     """Greedy answers to ``prompts`` (user messages, chat-rendered), batched by length."""
     if backbone.kind != "causal":
         raise SafesteerError("generation needs a causal LM; use forced choice for masked LMs")
-    from transformers import StoppingCriteriaList
+    from transformers import StoppingCriteriaList  # transformers: safesteer.config loads this package
 
     prompts = [str(p) for p in prompts]
     ci = chat_inputs(backbone, prompts, system=system)

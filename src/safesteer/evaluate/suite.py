@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
 
 from safesteer.errors import SafesteerError
 from safesteer.evaluate.calibrate import DEFAULT_BUDGET, Calibration, calibrate, random_control
@@ -97,8 +98,6 @@ class SuiteConfig:
 
 def reference_norm(backbone: Any, layer: int, texts: Sequence[str], max_texts: int = 16) -> float:
     """Median L2 norm of layer-``layer`` token vectors over ``texts`` (real tokens only)."""
-    import torch
-
     enc = backbone.tokenize(list(texts)[:max_texts], max_length=128)
     h = backbone.forward_layers(enc.input_ids, enc.attention_mask, [layer])[layer]
     norms = h.float().norm(dim=-1)[enc.attention_mask.bool()]

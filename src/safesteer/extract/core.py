@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 from safesteer import __version__
 from safesteer.errors import SafesteerError
@@ -255,7 +256,7 @@ def _meta_frame(chunk: list[tuple[str, Any]]) -> pd.DataFrame:
 
 
 def _new_manifest(cfg: ExtractConfig, backbone: Backbone, layer: int) -> dict:
-    import transformers
+    import transformers  # transformers: only its version, for the manifest
 
     return {
         "format": FORMAT,
@@ -365,8 +366,6 @@ def extract(
     extractor: Extractor | None = None
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(
             total=total,
             unit="rows",

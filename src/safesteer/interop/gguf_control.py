@@ -33,6 +33,8 @@ import numpy as np
 
 from safesteer.errors import SafesteerError
 from safesteer.io import atomic_path
+from safesteer.serve.policies import Policy, policy_direction
+from safesteer.steering import Direction, DirectionSet, steering_vector
 
 ARCH = "controlvector"
 
@@ -73,9 +75,6 @@ def policy_control_vector(
 
     Returns the vector and a description (layer, alpha, directions) for the file's metadata.
     """
-    from safesteer.serve.policies import Policy, policy_direction
-    from safesteer.steering import steering_vector
-
     body = dict(policy.get("policy", policy)) if policy.get("format") == "safesteer-policy" else dict(policy)
     name = str(body.pop("name", None) or policy.get("name") or "policy")
     try:
@@ -102,7 +101,7 @@ def policy_control_vector(
 
 def write_control_vector(cv: ControlVector, path: str | os.PathLike, info: Mapping | None = None) -> Path:
     """Write ``cv`` as a llama.cpp control-vector GGUF (atomically)."""
-    import gguf
+    import gguf  # gguf: only for control-vector files
 
     path = Path(path)
     with atomic_path(path, suffix=".gguf") as tmp:
@@ -143,7 +142,7 @@ def _field_str(reader, key: str) -> str | None:
 
 def read_control_vector(path: str | os.PathLike) -> ControlVector:
     """Read a control-vector GGUF (ours, repeng's, llama.cpp's ``cvector-generator``'s)."""
-    import gguf
+    import gguf  # gguf: only for control-vector files
 
     path = Path(path)
     if not path.is_file():
@@ -176,8 +175,6 @@ def read_control_vector(path: str | os.PathLike) -> ControlVector:
 
 def to_directions(cv: ControlVector, name: str):
     """A :class:`DirectionSet` (one unit direction toward unsafe per layer) and each layer's α."""
-    from safesteer.steering import Direction, DirectionSet
-
     ds, alphas = DirectionSet(), {}
     for layer, v in cv.directions.items():
         norm = float(np.linalg.norm(v.astype(np.float64)))

@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+from safetensors.numpy import save_file
 
 from safesteer.errors import SafesteerError
+from safesteer.interop.gguf_control import policy_control_vector
 from safesteer.io import atomic_path, write_json
 
 COLUMNS = (
@@ -53,8 +56,6 @@ def hookpoint_for_layer(layer: int) -> str:
 
 def write_sparse_feature(folder: str | os.PathLike, vector: np.ndarray) -> Path:
     """A one-latent sparsify ``SparseCoder`` folder whose decoder row 0 is ``vector`` (unit norm)."""
-    from safetensors.numpy import save_file
-
     v = np.asarray(vector, dtype=np.float32).reshape(1, -1)
     d = v.shape[1]
     folder = Path(folder)
@@ -88,8 +89,6 @@ def export_lm_eval(
     policy: Mapping, directions, out_csv: str | os.PathLike, alpha: float | None = None
 ) -> Path:
     """Write ``out_csv`` (+ its sparse-model folder ``<out_csv stem>.features/``) for ``policy``."""
-    from safesteer.interop.gguf_control import policy_control_vector
-
     cv, info = policy_control_vector(policy, directions, model_hint="", alpha=alpha)
     ((layer, v),) = cv.directions.items()
     a = float(info["alpha"])
@@ -124,7 +123,7 @@ def export_lm_eval(
 def register() -> type:
     """Register ``safesteer-steered`` with lm-eval (needs ``lm-eval`` and ``eai-sparsify``) and return the
     class."""
-    from lm_eval.api.registry import MODEL_REGISTRY, register_model
+    from lm_eval.api.registry import MODEL_REGISTRY, register_model  # lm_eval: optional
     from lm_eval.models.hf_steered import SteeredModel
 
     if MODEL_NAME in MODEL_REGISTRY:
@@ -147,10 +146,8 @@ def register() -> type:
 
 def cli_evaluate(argv: Sequence[str]) -> None:
     """``lm_eval``'s own command line with ``safesteer-steered`` registered."""
-    import sys
-
     register()
-    from lm_eval.__main__ import cli_evaluate as _cli
+    from lm_eval.__main__ import cli_evaluate as _cli  # lm_eval: optional
 
     sys.argv = ["lm_eval", *argv]
     _cli()

@@ -26,7 +26,8 @@ from torch import nn
 from safesteer.errors import SafesteerError
 from safesteer.models import hooks
 from safesteer.models.hooks import HookState, Positions, find_layers, position_mask
-from safesteer.models.positions import masked_mean
+from safesteer.models.positions import masked_mean, pooled_vectors
+from safesteer.models.registry import resolve_model
 
 Kind = Literal["causal", "masked"]
 
@@ -172,8 +173,6 @@ class Backbone:
         the raw ``texts``; ``prompt_end`` and ``answer`` treat ``texts`` as user messages rendered
         with the chat template (``answers`` appended after the generation prompt for ``answer``).
         """
-        from safesteer.models.positions import pooled_vectors
-
         return pooled_vectors(self, texts, layers, batch_size, max_length, position, answers, system)
 
     # ---------------------------------------------------------------- steering
@@ -362,10 +361,13 @@ def load_backbone(
     max_length: int = 512,
 ) -> Backbone:
     """Load a frozen backbone by alias (``smollm2-135m``), local folder or hub id."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+    from transformers import (  # transformers: only when a model loads (config imports models)
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForMaskedLM,
+        AutoTokenizer,
+    )
     from transformers.utils import logging as hf_logging
-
-    from safesteer.models.registry import resolve_model
 
     resolved = resolve_model(name)
     hf_logging.set_verbosity_error()

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from safesteer.errors import SafesteerError
+from safesteer.models.smollm2 import smollm2_path
 from safesteer.net import hub_reachable
 
 #: alias -> (description, hub id for users with internet access)
@@ -41,8 +42,6 @@ def resolve_model(name: str) -> ResolvedModel:
     Raises a one-line :class:`SafesteerError` naming the valid choices when nothing matches.
     """
     if name in ("smollm2-135m", "smollm2", "smollm2-135m-instruct"):
-        from safesteer.models.smollm2 import smollm2_path
-
         return ResolvedModel(name, str(smollm2_path()), "embedded")
     path = Path(name).expanduser()
     if path.is_dir():

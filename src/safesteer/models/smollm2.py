@@ -79,7 +79,7 @@ def smollm2_path() -> Path:
     if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # transformers: only when converting
 
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".smollm2-") as tmp:
         tmp_path = Path(tmp)

@@ -118,7 +118,7 @@ def verdict(summary: dict[str, Any], none_reason: str | None, run_dir: Path) -> 
 
 
 def pareto_plot(pareto: pd.DataFrame, summary: dict[str, Any], path: Path) -> Path | None:
-    from safesteer.evaluate.plots import _save, plt
+    from safesteer.evaluate.plots import _save, plt  # matplotlib: only when plotting
 
     if pareto is None or not len(pareto):
         return None
@@ -186,9 +186,9 @@ def pareto_plot(pareto: pd.DataFrame, summary: dict[str, Any], path: Path) -> Pa
 
 
 def roc_plot(scores: pd.DataFrame, path: Path) -> Path | None:
-    from sklearn.metrics import roc_curve
+    from sklearn.metrics import roc_curve  # sklearn: heavy, only for this plot
 
-    from safesteer.evaluate.plots import _save, plt
+    from safesteer.evaluate.plots import _save, plt  # matplotlib: only when plotting
 
     te = scores[(scores["split"] == "test") & (~scores["aug"].astype(bool))]
     if te["harmful"].nunique() < 2:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import html
 import time
 from pathlib import Path
 
 import pandas as pd
 
 from safesteer import layout
+from safesteer.evaluate.stats import format_ci
+from safesteer.evaluate.suite import METRICS
 from safesteer.io import read_json, write_json
+from safesteer.pipeline.behaviour_report import sections as behaviour_sections
 from safesteer.pipeline.report import Section, hardware, render, versions
 
 
@@ -124,8 +128,6 @@ def _cards_section(atoms_dir: Path) -> Section:
 
 
 def _esc(s: str) -> str:
-    import html
-
     return html.escape(s)
 
 
@@ -135,8 +137,6 @@ def headline_tables(ev: Path) -> tuple[pd.DataFrame | None, pd.DataFrame | None]
     res = _read_csv(ev / layout.RESULTS_CSV)
     if res is None or not len(res):
         return None, None
-    from safesteer.evaluate.stats import format_ci
-    from safesteer.evaluate.suite import METRICS
 
     strategies = [s for s in dict.fromkeys(res["strategy"]) if s != "unsteered"]
     rows = []
@@ -177,8 +177,6 @@ def build_report(pipe) -> Path:
     cfg, st = pipe.cfg, pipe.st
     sections: list[Section] = []
     if "behaviour" in st and st["behaviour"].done:  # the verdict a reader gets in ten seconds comes first
-        from safesteer.pipeline.behaviour_report import sections as behaviour_sections
-
         sections += behaviour_sections(st["behaviour"].dir, pipe.out)
     ev = st["evaluate"].dir
     head = Section("Study metrics: steering strategies (test split, 95% bootstrap CIs, Δ vs unsteered)")

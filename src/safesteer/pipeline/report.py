@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import base64
 import html
+import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy
 import pandas as pd
+import torch
 
+from safesteer import __version__
 from safesteer.io import atomic_path
 
 CSS = """
@@ -80,12 +84,8 @@ def _table_md(df: pd.DataFrame, floatfmt: str) -> str:
 
 
 def versions() -> dict[str, str]:
-    import numpy
-    import sklearn
-    import torch
+    import sklearn  # sklearn, transformers: heavy, only their versions
     import transformers
-
-    from safesteer import __version__
 
     return {
         "safesteer": __version__,
@@ -98,9 +98,6 @@ def versions() -> dict[str, str]:
 
 
 def hardware() -> str:
-    import os
-
-    import torch
 
     cpu = platform.processor() or platform.machine()
     try:

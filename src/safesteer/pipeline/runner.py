@@ -15,12 +15,16 @@ from typing import Any
 
 from safesteer import layout
 from safesteer.config import Config, dump_toml
+from safesteer.data.rows import run_data_dir
 from safesteer.devices import resolve_device
+from safesteer.distributed import env_world_size, from_env
 from safesteer.errors import SafesteerError
 from safesteer.io import atomic_path
+from safesteer.pipeline.build_report import build_report
 from safesteer.pipeline.cache import Stage, StageCache, stage_key
 from safesteer.pipeline.lock import RunLock
 from safesteer.pipeline.table import TABLE, Context, StageSpec, dump_outputs, load_outputs
+from safesteer.serve.bundle import publish
 
 STAGES = tuple(s.name for s in TABLE) + ("report",)
 
@@ -31,8 +35,6 @@ def _say(msg: str) -> None:
 
 def stage_params(spec: StageSpec, cfg: Config) -> dict[str, Any]:
     """The settings part of a stage's cache key."""
-    from safesteer.data.rows import run_data_dir
-
     return spec.params(cfg, cfg.run.seed, run_data_dir(cfg.data.data_dir) is not None)
 
 
@@ -64,7 +66,6 @@ class Pipeline:
         self.st: dict[str, Stage] = {}
         self.outputs: dict[str, Any] = {}
         self.device = resolve_device(cfg.run.device)
-        from safesteer.data.rows import run_data_dir
 
         self.data_dir = run_data_dir(cfg.data.data_dir)
         self.show_progress = sys.stderr.isatty() if show_progress is None else show_progress
@@ -135,8 +136,6 @@ class Pipeline:
         self.outputs[spec.name] = outputs
 
     def run(self) -> Path | None:
-        from safesteer.distributed import env_world_size, from_env
-
         world = env_world_size()
         if world > 1 and not self.cfg.run.distributed:
             raise SafesteerError(
@@ -177,8 +176,6 @@ class Pipeline:
                 )
             _say(f"stopped before {unfinished[0]} (--stages); no report until every stage has finished")
             return None
-        from safesteer.pipeline.build_report import build_report
-        from safesteer.serve.bundle import publish
 
         if "behaviour" in self.outputs:
             publish(self.outputs["behaviour"].policy, self.out)

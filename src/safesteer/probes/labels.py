@@ -36,6 +36,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from safesteer.data import load
 from safesteer.errors import SafesteerError, choices_hint
 
 GO_EMOTIONS: tuple[str, ...] = (
@@ -416,8 +417,6 @@ class LabelledTexts:
 @functools.lru_cache(maxsize=8)
 def _records(dataset: str, split: str, source: str, data_dir: str | None) -> tuple:
     """All records of a dataset split, cached (label specs often share GoEmotions/ToxiGen)."""
-    from safesteer.data import load
-
     return tuple(load(dataset, split=split, source=source, data_dir=data_dir))
 
 

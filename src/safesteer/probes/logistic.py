@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 from safesteer.errors import SafesteerError
 from safesteer.io import atomic_path, read_json, write_json
@@ -105,8 +106,6 @@ class Probe:
     # ------------------------------------------------------------------ I/O
     def save(self, out_dir: str | Path) -> Path:
         """Write ``probe.json`` + ``probe.safetensors`` into ``out_dir`` (atomically); return the folder."""
-        from safetensors.numpy import save_file
-
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {
@@ -138,8 +137,6 @@ class Probe:
 
 def load_probe(path: str | Path) -> Probe:
     """Load a probe saved by :meth:`Probe.save` (folder, or the ``probe.json`` inside it)."""
-    from safetensors.numpy import load_file
-
     p = Path(path)
     folder = p.parent if p.name == "probe.json" else p
     meta = read_json(folder / "probe.json")
@@ -185,7 +182,7 @@ def _fit(
     sample_weight: np.ndarray | None = None,
 ):
     """Fit (or warm-start ``clf`` with a new C) an ℓ2 logistic regression (optionally row-weighted)."""
-    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.exceptions import ConvergenceWarning  # sklearn: safesteer.config loads probes
     from sklearn.linear_model import LogisticRegression
 
     if clf is None:
@@ -227,7 +224,7 @@ def choose_C(
 ) -> tuple[float, dict[str, float]]:
     """C with the lowest mean held-out log-loss over stratified folds (ties → smaller C); with
     ``sample_weight`` the fits and the held-out log-loss are weighted by it."""
-    from sklearn.metrics import log_loss
+    from sklearn.metrics import log_loss  # sklearn: as in _fit
     from sklearn.model_selection import StratifiedKFold
 
     n_min = int(min(np.bincount(y, minlength=2)))
@@ -265,7 +262,7 @@ def choose_C(
 
 def evaluate(probe: Probe, H: np.ndarray, y: np.ndarray) -> dict[str, float]:
     """Accuracy, AUROC (NaN with one class), F1 and the positive rate on (H, y)."""
-    from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+    from sklearn.metrics import accuracy_score, f1_score, roc_auc_score  # sklearn: as in _fit
 
     y = _check_binary(y, "y")
     if len(y) == 0:
@@ -375,7 +372,7 @@ def train_probe(
         )
         dm = Probe(w=probe.diffmean, b=0.0)
         try:
-            from sklearn.metrics import roc_auc_score
+            from sklearn.metrics import roc_auc_score  # sklearn: as in _fit
 
             yt = _check_binary(y_test, "y_test")
             metrics["diffmean_auroc"] = (

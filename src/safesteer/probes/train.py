@@ -8,13 +8,15 @@ from typing import Any
 import numpy as np
 
 from safesteer.errors import SafesteerError
+from safesteer.io import save_npy, write_json
+from safesteer.probes import DEFAULT_CS, train_probe
 from safesteer.probes.config import ProbeSection
+from safesteer.probes.labels import get_spec
+from safesteer.store import ActivationStore, is_validation_id
 
 
 def labelled_rows(store, label: str, max_rows: int | None = None, seed: int = 0, batch_size: int = 8192):
     """(H, y, ids, split column or None) of the store rows the label spec covers (bounded memory)."""
-    from safesteer.probes.labels import get_spec
-
     spec = get_spec(label)
     Hs, ys, ids, splits = [], [], [], []
     for b in store.iter_batches(batch_size, split="all", with_labels=True):
@@ -46,7 +48,6 @@ def choose_holdout(
     ids: np.ndarray, y: np.ndarray, split: np.ndarray, mode: str, test_fraction: float
 ) -> tuple[np.ndarray, str]:
     """Boolean test mask: the datasets' own test split ('dataset'), an id hash ('id'), or 'auto'."""
-    from safesteer.store import is_validation_id
 
     def ok(mask: np.ndarray) -> bool:
         return all(np.sum(y[m] == c) >= 2 for m in (mask, ~mask) for c in (0, 1))
@@ -81,11 +82,6 @@ def run_probe(
     cs: list[float] | None = None,
     max_rows: int | None = None,
 ) -> dict[str, Any]:
-    from safesteer.io import save_npy, write_json
-    from safesteer.probes import DEFAULT_CS, train_probe
-    from safesteer.probes.labels import get_spec
-    from safesteer.store import ActivationStore
-
     spec = get_spec(label)
     store = ActivationStore(acts)
     H, y, ids, sp = labelled_rows(store, label, max_rows=max_rows, seed=seed)

@@ -44,6 +44,7 @@ from safesteer.serve.policies import Policy, PolicyRecord, policy_direction
 from safesteer.serve.sae_info import sae_dims, sae_layer_of  # noqa: F401  (sae_layer_of: the old import path)
 from safesteer.serve.worker import ModelWorker, Overloaded  # noqa: F401  (re-exported: the old import path)
 from safesteer.steering import ClampEdit, DirectionSet, steering_vector
+from safesteer.steering.condition import Condition
 from safesteer.steering.gates import stack_features
 
 
@@ -129,8 +130,6 @@ class CompiledPolicy:
 
     def gate(self) -> Any:
         """The condition as a :class:`safesteer.steering.condition.Condition` (logit threshold)."""
-        from safesteer.steering.condition import Condition
-
         assert self.condition is not None
         probe = self.condition.probe
         t = (

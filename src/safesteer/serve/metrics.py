@@ -165,7 +165,7 @@ class Metrics:
 def resident_memory_bytes() -> int | None:
     """RSS of this process (psutil when installed, else /proc/self/statm)."""
     try:
-        import psutil
+        import psutil  # psutil: optional
 
         return int(psutil.Process(os.getpid()).memory_info().rss)
     except Exception:  # noqa: BLE001 - psutil is optional

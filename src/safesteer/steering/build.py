@@ -6,7 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping
 
+import pandas as pd
+
 from safesteer.errors import SafesteerError
+from safesteer.io import atomic_path
+from safesteer.probes import load_probe
+from safesteer.sae import load_sae
+from safesteer.steering import build_directions
 
 CONCEPTS = {"tox": "toxicity", "harm": "harmfulness"}
 """Direction-set concept key → probe label."""
@@ -27,19 +33,13 @@ def directions_from_files(
 ):
     """The direction set of the given ingredients. ``probe_dirs``: concept (``tox``/``harm``) → probe folder;
     ``atoms``: ``tox_top20`` … → atom indices (needs ``sae``)."""
-    from safesteer.steering import build_directions
-
     probes, sources = {}, {}
     if probe_dirs:
-        from safesteer.probes import load_probe
-
         for key, path in probe_dirs.items():
             probes[key] = load_probe(path)
             sources[f"probe_{key}"] = str(path)
     sae_obj = None
     if sae is not None:
-        from safesteer.sae import load_sae
-
         sae_obj = load_sae(sae)
         sources["sae"] = str(sae)
     if atoms and sae_obj is None:
@@ -58,8 +58,6 @@ def directions_from_files(
 
 def atom_selection_rows(selection_csv: Path, key: str, selection: str):
     """The rows of one selection CSV that belong to concept ``key`` (None when the file is missing)."""
-    import pandas as pd
-
     if not Path(selection_csv).is_file():
         return None
     df = pd.read_csv(selection_csv)
@@ -74,8 +72,6 @@ def atom_selection_rows(selection_csv: Path, key: str, selection: str):
 def split_atom_selections(selection_csvs: Mapping[str, Path], out_dir: Path) -> dict[str, Path]:
     """Per concept and selection, the atoms as their own CSV in ``out_dir``: ``tox_top20`` → path, …
     (``selection_csvs``: ``top20``/``all``/``filtered`` → CSV of the atoms stage)."""
-    from safesteer.io import atomic_path
-
     out: dict[str, Path] = {}
     for key in CONCEPTS:
         for sel in SELECTIONS:

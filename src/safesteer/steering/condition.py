@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from safetensors.numpy import load_file, save_file
 
 from safesteer.errors import SafesteerError
 from safesteer.io import atomic_path, read_json, write_json
@@ -192,8 +193,6 @@ class Condition:
 
     # I/O (no pickle)
     def save(self, out_dir: str | Path) -> Path:
-        from safetensors.numpy import save_file
-
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         with atomic_path(out / "condition.safetensors") as tmp:
@@ -219,8 +218,6 @@ class Condition:
 
     @classmethod
     def load(cls, path: str | Path) -> "Condition":
-        from safetensors.numpy import load_file
-
         folder = Path(path)
         folder = folder.parent if folder.name == "condition.json" else folder
         meta = read_json(folder / "condition.json")

@@ -5,6 +5,8 @@ with single-threaded BLAS (:func:`~safesteer.workers.parallel_map`: the same bit
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from safesteer.errors import SafesteerError
@@ -14,9 +16,7 @@ from safesteer.workers import parallel_map
 def _fit_member(
     Z: np.ndarray, y: np.ndarray, sw: np.ndarray, hidden: int, alpha: float, max_iter: int, seed: int
 ):
-    import warnings
-
-    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.exceptions import ConvergenceWarning  # sklearn: only when an MLP gate is fit
     from sklearn.neural_network import MLPClassifier
 
     clf = MLPClassifier((hidden,), alpha=alpha, max_iter=max_iter, random_state=seed)
@@ -53,7 +53,7 @@ def fit_mlp(
     mu, sd = H.mean(0), H.std(0)
     sd[sd < 1e-12] = 1.0
     Z = (H - mu) / sd
-    from sklearn.utils.class_weight import compute_sample_weight
+    from sklearn.utils.class_weight import compute_sample_weight  # sklearn: as above
 
     sw = compute_sample_weight("balanced", y) * (
         1.0 if weight is None else np.asarray(weight, dtype=np.float64)

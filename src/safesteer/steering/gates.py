@@ -165,7 +165,7 @@ class LinearGate(GateKind):
 
     @classmethod
     def fit(cls, H, y, weight, seed, options, *, held_out=None, jobs=None) -> Fitted:
-        from safesteer.probes.logistic import train_probe
+        from safesteer.probes.logistic import train_probe  # pandas (probes package): serving loads gates
 
         H_te, y_te = held_out if held_out is not None else (None, None)
         probe = train_probe(

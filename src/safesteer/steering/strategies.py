@@ -29,12 +29,14 @@ A :class:`DirectionSet` is saved as ``directions.safetensors`` (one float32 tens
 
 from __future__ import annotations
 
+import contextlib
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 from safesteer.errors import SafesteerError
 from safesteer.io import atomic_path, read_json, write_json
@@ -220,8 +222,6 @@ class DirectionSet:
     # I/O
     def save(self, out_dir: str | Path) -> Path:
         """Write ``directions.safetensors`` + ``directions.json`` into ``out_dir`` (atomically)."""
-        from safetensors.numpy import save_file
-
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {}
@@ -255,8 +255,6 @@ class DirectionSet:
     @classmethod
     def load(cls, path: str | Path) -> "DirectionSet":
         """Load a folder written by :meth:`save` (or the ``directions.json`` inside it)."""
-        from safetensors.numpy import load_file
-
         p = Path(path)
         folder = p.parent if p.name == "directions.json" else p
         meta = read_json(folder / "directions.json")
@@ -444,8 +442,6 @@ class Intervention:
 
     def apply(self, backbone):
         """Context manager installing the intervention on ``backbone`` (a no-op for the baseline)."""
-        import contextlib
-
         if self.is_identity:
             return contextlib.nullcontext()
         if self.edit is not None:

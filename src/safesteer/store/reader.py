@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
@@ -75,8 +76,6 @@ class ActivationStore:
         self.shard_names = [s["files"]["H"] for s in self.shards]
         self.n_rows = int(sum(s["rows"] for s in self.shards))
         if self.manifest.get("complete") is False:
-            import sys
-
             print(
                 f"[safesteer] warning: {path} is incomplete ({self.n_rows} rows so far); re-run "
                 "extract to finish it",

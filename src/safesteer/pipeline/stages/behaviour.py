@@ -14,9 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from safesteer.behaviour.study import run_study
 from safesteer.errors import SafesteerError
 from safesteer.io import write_json
 from safesteer.layout import POLICY_DIR, SUMMARY, TIMINGS
+from safesteer.models import load_backbone
+from safesteer.serve.bundle import write_bundle
+from safesteer.steering.strategies import Direction, DirectionSet
 
 BEHAVIOUR_OWN = ("refusal_caa", "refusal_dim")
 
@@ -33,8 +37,6 @@ class BehaviourOutputs:
 def toward_refusal(directions: Any, names: Any) -> Any:
     """The named directions of a pipeline :class:`DirectionSet`, sign-flipped (α ≥ 0 adds the unsafe
     direction)."""
-    from safesteer.steering.strategies import Direction, DirectionSet
-
     out = DirectionSet()
     for name in names:
         if name in BEHAVIOUR_OWN:
@@ -68,8 +70,6 @@ def toward_refusal(directions: Any, names: Any) -> Any:
 
 
 def run_behaviour_stage(section: Any, inputs: Mapping[str, Any], out_dir: Path, ctx) -> BehaviourOutputs:
-    from safesteer.serve.bundle import write_bundle
-
     out_dir = Path(out_dir)
     policy = out_dir / POLICY_DIR
     c = ctx.config
@@ -78,8 +78,6 @@ def run_behaviour_stage(section: Any, inputs: Mapping[str, Any], out_dir: Path, 
         skipped = "[behaviour] enabled = false"
     bb = None
     if not skipped:
-        from safesteer.models import load_backbone
-
         bb = load_backbone(c.model.name, device=ctx.device)
         if bb.kind != "causal":
             skipped = (
@@ -91,8 +89,6 @@ def run_behaviour_stage(section: Any, inputs: Mapping[str, Any], out_dir: Path, 
         write_json(out_dir / SUMMARY, {"skipped": skipped})
         write_bundle(None, out_dir, policy, model=c.model.name)
         return BehaviourOutputs(out_dir, out_dir / SUMMARY, policy, False, skipped)
-    from safesteer.behaviour.study import run_study
-    from safesteer.steering.strategies import DirectionSet
 
     extra = toward_refusal(DirectionSet.load(inputs["directions"].directions), section.strategies)
     summary = run_study(

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from safesteer.steering import read_atoms
 from safesteer.steering.build import CONCEPTS, directions_from_files, split_atom_selections
 
 
@@ -16,8 +17,6 @@ class DirectionsOutputs:
 
 
 def run_directions_stage(section: Any, inputs: Mapping[str, Any], out_dir: Path, ctx) -> DirectionsOutputs:
-    from safesteer.steering import read_atoms
-
     a = inputs["atoms"]
     csvs = split_atom_selections({"top20": a.topk, "all": a.all_positive, "filtered": a.filtered}, out_dir)
     probe_dirs = {

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 
 from safesteer import layout
 from safesteer.evaluate.directions import evaluate_directions, suite_config
+from safesteer.steering.build import CONCEPTS
 
 
 @dataclass(frozen=True)
@@ -17,8 +18,6 @@ class EvaluateOutputs:
 
 
 def run_evaluate_stage(section: Any, inputs: Mapping[str, Any], out_dir: Path, ctx) -> EvaluateOutputs:
-    from safesteer.steering.build import CONCEPTS
-
     c = ctx.config
     cfg = suite_config(section, c.model.layer, seed=ctx.seed, source=c.data.source, data_dir=ctx.data_dir)
     probe_dirs = {

@@ -7,7 +7,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from safesteer import layout
+from safesteer.data.rows import check_sources, dataset_rows
 from safesteer.errors import SafesteerError
+from safesteer.extract import ExtractConfig, extract
+from safesteer.extract.distributed import run_extract
+from safesteer.models import load_backbone
 
 
 @dataclass(frozen=True)
@@ -20,10 +24,6 @@ class ExtractOutputs:
 
 
 def run_extract_stage(section: tuple, inputs: Mapping[str, Any], out_dir: Path, ctx) -> ExtractOutputs:
-    from safesteer.data.rows import check_sources, dataset_rows
-    from safesteer.extract import ExtractConfig, extract
-    from safesteer.models import load_backbone
-
     model, data, ex = section
     check_sources(data.sae_datasets, data.source, ctx.data_dir)
     ecfg = ExtractConfig(
@@ -54,8 +54,6 @@ def run_extract_stage(section: tuple, inputs: Mapping[str, Any], out_dir: Path, 
     root = out_dir / layout.ACTS
     total = sum(1 for _, r in rows if r.text.strip())
     if ctx.distributed:  # each rank its shards, rank 0 the manifest: the same bytes as one process
-        from safesteer.extract.distributed import run_extract
-
         rep = run_extract(bb, rows, root, ecfg, ctx.dist, total=total, progress=ctx.show_progress)
     else:
         rep = extract(bb, rows, root, ecfg, total=total)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from safesteer import layout
+from safesteer.io import write_json
 from safesteer.probes.train import run_probe
 
 
@@ -17,8 +18,6 @@ class ProbesOutputs:
 
 
 def run_probes_stage(section: Any, inputs: Mapping[str, Any], out_dir: Path, ctx) -> ProbesOutputs:
-    from safesteer.io import write_json
-
     metrics = {
         label: run_probe(
             inputs["extract"].acts,
