@@ -112,7 +112,19 @@ def test_ruff_format_and_check_are_clean():
 # and the floors below, never a floor above (the pipeline reads like the building: data and models at
 # the bottom, the CLI on top).
 FLOORS: tuple[tuple[str, ...], ...] = (
-    ("errors", "paths", "net", "devices", "io", "progress", "layout", "distributed", "workers", "checks"),
+    (
+        "errors",
+        "paths",
+        "net",
+        "devices",
+        "io",
+        "progress",
+        "layout",
+        "distributed",
+        "workers",
+        "checks",
+        "lazy",
+    ),
     ("data", "models", "store"),
     ("extract", "sae", "probes", "testing"),
     ("steering", "cartography"),
@@ -257,3 +269,31 @@ def test_the_floor_and_circle_checks_see_what_they_must():
     assert not _runtime_imports(where, modules, hidden)
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_command_line_and_the_config_load_no_heavy_library():
+    """`safesteer --help` and reading a config stay light: package exports load on first use
+    (safesteer.lazy), so a config section's module does not pull its package's torch or pandas."""
+    import subprocess
+    import sys
+
+    heavy = ("torch", "transformers", "sklearn", "pandas", "scipy", "fastapi", "matplotlib")
+    for module in ("safesteer.config", "safesteer.cli.main"):
+        code = f"import sys, {module}; print(','.join(m for m in {heavy!r} if m in sys.modules))"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == "", f"importing {module} loads {out.stdout.strip()}"
+
+
+def test_lazy_exports_load_names_and_submodules_on_first_use():
+    import importlib
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, safesteer.sae as sae; assert 'safesteer.sae.trainer' not in sys.modules; "
+        "t = sae.TrainConfig; assert 'safesteer.sae.trainer' not in sys.modules; "
+        "assert sae.trainer.Trainer is sae.Trainer; assert 'TrainConfig' in dir(sae)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    with __import__("pytest").raises(AttributeError, match="has no attribute 'nope'"):
+        importlib.import_module("safesteer.evaluate").nope  # noqa: B018

@@ -12,17 +12,20 @@ The one-pass map over a latent store is :mod:`.atom_map`. Selection lives in
 :mod:`.cards`, de-duplication in :mod:`.dedup`, probe decompositions in :mod:`.link`.
 """
 
-from safesteer.cartography.atom_map import MapResult, atom_table, heldout_mask, map_latents
-from safesteer.cartography.stats import SCORE_WEIGHTS, StreamingStats, concept_score
-from safesteer.cartography.top import TopActivations
+from __future__ import annotations
 
-__all__ = [
-    "SCORE_WEIGHTS",
-    "MapResult",
-    "StreamingStats",
-    "TopActivations",
-    "atom_table",
-    "concept_score",
-    "heldout_mask",
-    "map_latents",
-]
+from safesteer.lazy import lazy_exports
+
+# public names, loaded on first use (importing one submodule, e.g. a config section, stays light)
+_EXPORTS = {
+    "MapResult": "safesteer.cartography.atom_map",
+    "atom_table": "safesteer.cartography.atom_map",
+    "heldout_mask": "safesteer.cartography.atom_map",
+    "map_latents": "safesteer.cartography.atom_map",
+    "SCORE_WEIGHTS": "safesteer.cartography.stats",
+    "StreamingStats": "safesteer.cartography.stats",
+    "concept_score": "safesteer.cartography.stats",
+    "TopActivations": "safesteer.cartography.top",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = list(_EXPORTS)

@@ -7,67 +7,49 @@ Every metric function takes a backbone, its items and an optional
 reporting (test split), :mod:`~safesteer.evaluate.plots` draws the figures.
 """
 
-from safesteer.evaluate.bias import (
-    CrowsPair,
-    StereoExample,
-    crows_pairs_from_records,
-    crows_scores,
-    crows_summary,
-    stereoset_from_records,
-    stereoset_metrics,
-    stereoset_scores,
-)
-from safesteer.evaluate.calibrate import Calibration, calibrate
-from safesteer.evaluate.choice import answer_tokens, forced_choice
-from safesteer.evaluate.efficacy import efficacy, probe_probabilities
-from safesteer.evaluate.fluency import (
-    FluencyScores,
-    fluency,
-    mean_token_nll,
-    pseudo_log_likelihood,
-    wiki_passages,
-)
-from safesteer.evaluate.generation import REFUSAL_PHRASES, generate_answers, is_refusal, refusal_rate
-from safesteer.evaluate.registry import GroupResult, MetricGroup, MetricSpec, register, unregister
-from safesteer.evaluate.stats import CI, PairedDiff, bootstrap_ci, paired_bootstrap
-from safesteer.evaluate.suite import METRICS, SuiteConfig, SuiteResult, run_suite, write_outputs
+from __future__ import annotations
 
-__all__ = [
-    "CI",
-    "Calibration",
-    "CrowsPair",
-    "FluencyScores",
-    "GroupResult",
-    "METRICS",
-    "MetricGroup",
-    "MetricSpec",
-    "PairedDiff",
-    "REFUSAL_PHRASES",
-    "StereoExample",
-    "SuiteConfig",
-    "SuiteResult",
-    "answer_tokens",
-    "bootstrap_ci",
-    "calibrate",
-    "crows_pairs_from_records",
-    "crows_scores",
-    "crows_summary",
-    "efficacy",
-    "fluency",
-    "forced_choice",
-    "generate_answers",
-    "is_refusal",
-    "mean_token_nll",
-    "paired_bootstrap",
-    "probe_probabilities",
-    "pseudo_log_likelihood",
-    "refusal_rate",
-    "register",
-    "run_suite",
-    "stereoset_from_records",
-    "stereoset_metrics",
-    "stereoset_scores",
-    "unregister",
-    "wiki_passages",
-    "write_outputs",
-]
+from safesteer.lazy import lazy_exports
+
+# public names, loaded on first use (importing one submodule, e.g. a config section, stays light)
+_EXPORTS = {
+    "CrowsPair": "safesteer.evaluate.bias",
+    "StereoExample": "safesteer.evaluate.bias",
+    "crows_pairs_from_records": "safesteer.evaluate.bias",
+    "crows_scores": "safesteer.evaluate.bias",
+    "crows_summary": "safesteer.evaluate.bias",
+    "stereoset_from_records": "safesteer.evaluate.bias",
+    "stereoset_metrics": "safesteer.evaluate.bias",
+    "stereoset_scores": "safesteer.evaluate.bias",
+    "Calibration": "safesteer.evaluate.calibrate",
+    "calibrate": "safesteer.evaluate.calibrate",
+    "answer_tokens": "safesteer.evaluate.choice",
+    "forced_choice": "safesteer.evaluate.choice",
+    "efficacy": "safesteer.evaluate.efficacy",
+    "probe_probabilities": "safesteer.evaluate.efficacy",
+    "FluencyScores": "safesteer.evaluate.fluency",
+    "fluency": "safesteer.evaluate.fluency",
+    "mean_token_nll": "safesteer.evaluate.fluency",
+    "pseudo_log_likelihood": "safesteer.evaluate.fluency",
+    "wiki_passages": "safesteer.evaluate.fluency",
+    "REFUSAL_PHRASES": "safesteer.evaluate.generation",
+    "generate_answers": "safesteer.evaluate.generation",
+    "is_refusal": "safesteer.evaluate.generation",
+    "refusal_rate": "safesteer.evaluate.generation",
+    "GroupResult": "safesteer.evaluate.registry",
+    "MetricGroup": "safesteer.evaluate.registry",
+    "MetricSpec": "safesteer.evaluate.registry",
+    "register": "safesteer.evaluate.registry",
+    "unregister": "safesteer.evaluate.registry",
+    "CI": "safesteer.evaluate.stats",
+    "PairedDiff": "safesteer.evaluate.stats",
+    "bootstrap_ci": "safesteer.evaluate.stats",
+    "paired_bootstrap": "safesteer.evaluate.stats",
+    "METRICS": "safesteer.evaluate.suite",
+    "SuiteConfig": "safesteer.evaluate.suite",
+    "SuiteResult": "safesteer.evaluate.suite",
+    "run_suite": "safesteer.evaluate.suite",
+    "write_outputs": "safesteer.evaluate.suite",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = list(_EXPORTS)

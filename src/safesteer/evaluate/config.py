@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 
 from safesteer.checks import choice, positive
 from safesteer.errors import SafesteerError
-from safesteer.evaluate.suite import METRICS
 
 
 @dataclass
@@ -36,6 +35,8 @@ class EvaluateSection:
     plots: bool = True
 
     def validate(self) -> "EvaluateSection":
+        from safesteer.evaluate.suite import METRICS  # the metric registry loads torch: keeps config light
+
         choice("evaluate.alpha_unit", self.alpha_unit, ("norm", "raw"))
         choice("evaluate.ci_method", self.ci_method, ("percentile", "bca"))
         if self.random_alpha not in ("max", "each"):

@@ -4,13 +4,18 @@
 committed atomically); ``distributed``: the same shards split across torchrun ranks, same bytes.
 """
 
-from safesteer.extract.core import (
-    ExtractConfig,
-    Extractor,
-    ExtractReport,
-    bf16_supported,
-    choose_precision,
-    extract,
-)
+from __future__ import annotations
 
-__all__ = ["ExtractConfig", "ExtractReport", "Extractor", "bf16_supported", "choose_precision", "extract"]
+from safesteer.lazy import lazy_exports
+
+# public names, loaded on first use (importing one submodule, e.g. a config section, stays light)
+_EXPORTS = {
+    "ExtractConfig": "safesteer.extract.core",
+    "Extractor": "safesteer.extract.core",
+    "ExtractReport": "safesteer.extract.core",
+    "bf16_supported": "safesteer.extract.core",
+    "choose_precision": "safesteer.extract.core",
+    "extract": "safesteer.extract.core",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = list(_EXPORTS)

@@ -8,17 +8,21 @@ Label specs (which rows are positive/negative for ``toxicity``, ``harmfulness``,
 identity groups…) live in :mod:`safesteer.probes.labels`.
 """
 
-from safesteer.probes.labels import LabelSpec, get_spec, spec_names
-from safesteer.probes.logistic import DEFAULT_CS, Probe, diffmean_direction, evaluate, load_probe, train_probe
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_CS",
-    "LabelSpec",
-    "Probe",
-    "diffmean_direction",
-    "evaluate",
-    "get_spec",
-    "load_probe",
-    "spec_names",
-    "train_probe",
-]
+from safesteer.lazy import lazy_exports
+
+# public names, loaded on first use (importing one submodule, e.g. a config section, stays light)
+_EXPORTS = {
+    "LabelSpec": "safesteer.probes.labels",
+    "get_spec": "safesteer.probes.labels",
+    "spec_names": "safesteer.probes.labels",
+    "DEFAULT_CS": "safesteer.probes.logistic",
+    "Probe": "safesteer.probes.logistic",
+    "diffmean_direction": "safesteer.probes.logistic",
+    "evaluate": "safesteer.probes.logistic",
+    "load_probe": "safesteer.probes.logistic",
+    "train_probe": "safesteer.probes.logistic",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = list(_EXPORTS)

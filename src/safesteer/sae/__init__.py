@@ -5,28 +5,28 @@
 >>> f = sae.encode(x); x_hat = sae.decode(f)  # sae.W_dec: (d_sae x d_in) unit-norm atom directions
 """
 
-from safesteer.sae.checkpoint import TrainerState
-from safesteer.sae.config import SAEConfig, TrainConfig
-from safesteer.sae.gated import GatedForward, GatedSAE, gated_forward, loss_and_grads, reference_loss
-from safesteer.sae.optim import ConstrainedAdam
-from safesteer.sae.saving import fold_scale, load_sae, save_sae
-from safesteer.sae.trainer import Trainer, TrainResult, array_batches, train_sae
+from __future__ import annotations
 
-__all__ = [
-    "ConstrainedAdam",
-    "GatedForward",
-    "GatedSAE",
-    "SAEConfig",
-    "TrainConfig",
-    "TrainResult",
-    "Trainer",
-    "TrainerState",
-    "array_batches",
-    "fold_scale",
-    "gated_forward",
-    "load_sae",
-    "loss_and_grads",
-    "reference_loss",
-    "save_sae",
-    "train_sae",
-]
+from safesteer.lazy import lazy_exports
+
+# public names, loaded on first use (importing one submodule, e.g. a config section, stays light)
+_EXPORTS = {
+    "TrainerState": "safesteer.sae.checkpoint",
+    "SAEConfig": "safesteer.sae.config",
+    "TrainConfig": "safesteer.sae.config",
+    "GatedForward": "safesteer.sae.gated",
+    "GatedSAE": "safesteer.sae.gated",
+    "gated_forward": "safesteer.sae.gated",
+    "loss_and_grads": "safesteer.sae.gated",
+    "reference_loss": "safesteer.sae.gated",
+    "ConstrainedAdam": "safesteer.sae.optim",
+    "fold_scale": "safesteer.sae.saving",
+    "load_sae": "safesteer.sae.saving",
+    "save_sae": "safesteer.sae.saving",
+    "Trainer": "safesteer.sae.trainer",
+    "TrainResult": "safesteer.sae.trainer",
+    "array_batches": "safesteer.sae.trainer",
+    "train_sae": "safesteer.sae.trainer",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = list(_EXPORTS)

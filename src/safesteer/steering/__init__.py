@@ -6,38 +6,27 @@
 ...     ...
 """
 
-from safesteer.steering.clamp import ClampEdit
-from safesteer.steering.strategies import (
-    HYBRIDS,
-    RANDOM_MEMBERS,
-    RANDOM_SEED,
-    STRATEGY_NAMES,
-    Direction,
-    DirectionSet,
-    Intervention,
-    build_directions,
-    combine,
-    random_direction,
-    read_atoms,
-    sae_direction,
-    steering_vector,
-    unit,
-)
+from __future__ import annotations
 
-__all__ = [
-    "ClampEdit",
-    "Direction",
-    "DirectionSet",
-    "Intervention",
-    "HYBRIDS",
-    "RANDOM_MEMBERS",
-    "RANDOM_SEED",
-    "STRATEGY_NAMES",
-    "build_directions",
-    "combine",
-    "random_direction",
-    "read_atoms",
-    "sae_direction",
-    "steering_vector",
-    "unit",
-]
+from safesteer.lazy import lazy_exports
+
+# public names, loaded on first use (importing one submodule, e.g. a config section, stays light)
+_EXPORTS = {
+    "ClampEdit": "safesteer.steering.clamp",
+    "HYBRIDS": "safesteer.steering.strategies",
+    "RANDOM_MEMBERS": "safesteer.steering.strategies",
+    "RANDOM_SEED": "safesteer.steering.strategies",
+    "STRATEGY_NAMES": "safesteer.steering.strategies",
+    "Direction": "safesteer.steering.strategies",
+    "DirectionSet": "safesteer.steering.strategies",
+    "Intervention": "safesteer.steering.strategies",
+    "build_directions": "safesteer.steering.strategies",
+    "combine": "safesteer.steering.strategies",
+    "random_direction": "safesteer.steering.strategies",
+    "read_atoms": "safesteer.steering.strategies",
+    "sae_direction": "safesteer.steering.strategies",
+    "steering_vector": "safesteer.steering.strategies",
+    "unit": "safesteer.steering.strategies",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = list(_EXPORTS)

@@ -8,7 +8,18 @@ Layout of one layer folder (``OUT/layer-<L>/``)::
     meta-00000.parquet       id, dataset, split, source and one column per label (NaN = absent)
 """
 
-from safesteer.store.layout import FORMAT, layer_dir, shard_files
-from safesteer.store.reader import ActivationStore, Batch, is_validation_id
+from __future__ import annotations
 
-__all__ = ["ActivationStore", "Batch", "is_validation_id", "FORMAT", "layer_dir", "shard_files"]
+from safesteer.lazy import lazy_exports
+
+# public names, loaded on first use (importing one submodule, e.g. a config section, stays light)
+_EXPORTS = {
+    "FORMAT": "safesteer.store.layout",
+    "layer_dir": "safesteer.store.layout",
+    "shard_files": "safesteer.store.layout",
+    "ActivationStore": "safesteer.store.reader",
+    "Batch": "safesteer.store.reader",
+    "is_validation_id": "safesteer.store.reader",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = list(_EXPORTS)
