@@ -2,7 +2,8 @@
 under a key of its config section(s), the run seed and its inputs' keys, then writes the report.
 
 A re-run skips finished stages; a changed setting re-runs only the stages that depend on it; a
-killed run resumes (extraction continues shard by shard, the SAE from its last checkpoint). One
+killed run resumes (extraction continues shard by shard, the SAE from its last checkpoint, the
+behaviour study at the step it was in: an unfinished stage keeps its folder). One
 process at a time per run folder (an OS lock on ``<out>/.lock``).
 """
 
