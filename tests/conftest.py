@@ -165,6 +165,32 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def planted_prompts(
+    n: int, d: int, seed: int = 0, shift: float = 3.0, groups=("ha", "hb", "sa", "sb"), style: float = 0.0
+):
+    """Gate data with a planted truth: ``n`` rows per dataset (``h…`` harmful, ``s…`` harmless),
+    harmful rows shifted by ``shift`` along axis 0, dataset ``i`` offset by ``style`` along axis 1 + i;
+    hash splits as the real data's. Returns (features, Prompts)."""
+    import numpy as np
+
+    from safesteer.behaviour.prompts import Prompts, split3
+
+    rng = np.random.default_rng(seed)
+    text, harm, grp, H = [], [], [], []
+    for gi, g in enumerate(groups):
+        y = int(g.startswith("h"))
+        for i in range(n):
+            h = rng.normal(size=d)
+            h[0] += shift * y
+            if style:
+                h[1 + gi] += style
+            H.append(h)
+            text.append(f"{g}-{i}")
+            harm.append(y)
+            grp.append(g)
+    return np.array(H), Prompts(text, np.array(harm), grp, [split3(t) for t in text])
+
+
 def tiny_behaviour_section(section):
     """The [behaviour] section sized for the 3-block tiny Llama (steering layer 1)."""
     section.gate_layers = [1, 2]

@@ -13,13 +13,13 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import planted_prompts
 
 from safesteer.behaviour import heldout
 from safesteer.behaviour.checkpoint import StepStore
 from safesteer.behaviour.context import Run
 from safesteer.behaviour.gate import train_gate
 from safesteer.behaviour.policy import Candidate, candidates, pareto, select
-from safesteer.behaviour.prompts import Prompts, split3
 from safesteer.evaluate.refusal import generate
 from safesteer.steering.condition import Condition, gate_scores, threshold_for_fpr
 from safesteer.steering.strategies import Direction, DirectionSet
@@ -55,18 +55,7 @@ def test_threshold_for_fpr_equals_brute_force_on_awkward_sizes(n):
 def _planted_prompts(n=80, d=6, seed=0):
     """Four datasets (two harmful); harmful rows shifted far along feature 0, so that a threshold
     computed on *all* validation rows (harmful ones included) lands far from the harmless one."""
-    rng = np.random.default_rng(seed)
-    text, harm, grp, H = [], [], [], []
-    for g in ("ha", "hb", "sa", "sb"):
-        y = int(g.startswith("h"))
-        for i in range(n):
-            h = rng.normal(size=d)
-            h[0] += 3.0 * y
-            H.append(h)
-            text.append(f"{g}-{i}")
-            harm.append(y)
-            grp.append(g)
-    return np.array(H), Prompts(text, np.array(harm), grp, [split3(t) for t in text])
+    return planted_prompts(n, d, seed, shift=3.0)
 
 
 @pytest.mark.parametrize("fpr", [0.05, 0.2])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import planted_prompts
 
 from safesteer.behaviour.gate import gate_report, lodo, row_weights, train_gate
 from safesteer.behaviour.prompts import FRACTIONS, Prompts, split3
@@ -23,21 +24,7 @@ def test_split3_is_deterministic_disjoint_and_proportional():
 
 def _planted(n=90, d=12, seed=0):
     """Harmful rows shifted along axis 0; datasets differ by an offset along other axes (style)."""
-    rng = np.random.default_rng(seed)
-    groups = ["ha", "hb", "sa", "sb", "sc"]
-    text, harm, grp, H = [], [], [], []
-    for gi, g in enumerate(groups):
-        y = int(g.startswith("h"))
-        for i in range(n):
-            h = rng.normal(size=d)
-            h[0] += 3.0 * y
-            h[1 + gi] += 2.0  # dataset style
-            H.append(h)
-            text.append(f"{g}-{i}")
-            harm.append(y)
-            grp.append(g)
-    P = Prompts(text, np.array(harm), grp, [split3(t) for t in text])
-    return np.array(H), P
+    return planted_prompts(n, d, seed, shift=3.0, groups=("ha", "hb", "sa", "sb", "sc"), style=2.0)
 
 
 def test_train_gate_threshold_meets_target_fpr_and_lodo_generalises():

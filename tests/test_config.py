@@ -33,6 +33,13 @@ def test_defaults_round_trip(tmp_path):
             "behaviour.steer_positions 'answer' unknown; valid choices: all, prompt",
         ),
         ("[behaviour]\nbudget_groups = []\n", "behaviour.budget_groups must name at least one"),
+        ("[behaviour]\njudge = 'nope'\n", "behaviour.judge = 'nope' is not valid; choose one of: classifier"),
+        ("[behaviour]\njudge = 'openai'\n", "behaviour.judge = 'openai' needs judge_url and judge_model"),
+        ("[behaviour]\njudge = 'classifier'\n", "behaviour.judge = 'classifier' needs judge_model"),
+        (
+            "[behaviour]\ngate_kind = 'nope'\n",
+            "behaviour.gate_kind = 'nope' is not valid; choose one of: linear",
+        ),
     ],
 )
 def test_bad_configs_rejected(tmp_path, text, match):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -120,3 +122,28 @@ def test_steer_vec_matches_backbone_convention(tiny_llama):
     two = steer_vec(ds, ["harm", "tox"])
     assert abs(np.linalg.norm(two) - 1) < 1e-6
     assert two.dtype == np.float32
+
+
+class LiveServer:
+    """uvicorn in a thread on 127.0.0.1 (port chosen by the OS): real sockets, real streaming;
+    stopped by :meth:`stop` (bounded waits)."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.app = app
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start within 30 s"
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+        assert not self.thread.is_alive()

@@ -4,12 +4,10 @@ the policy by model name or extra body field, a policy swap between requests, co
 
 from __future__ import annotations
 
-import threading
-import time
-
 import httpx
 import numpy as np
 import pytest
+import test_serve_common as common
 from test_serve_common import make_app, make_directions, steer_vec
 
 from safesteer.serve import PolicyStore
@@ -25,28 +23,12 @@ MESSAGES = [
 ]
 
 
-class LiveServer:
-    """uvicorn in a thread on 127.0.0.1, port chosen by the OS; stopped by :meth:`stop` (bounded waits)."""
+class LiveServer(common.LiveServer):
+    """The shared live server with an OpenAI client on it."""
 
     def __init__(self, app):
-        self.app = app
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start within 30 s"
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
+        super().__init__(app)
         self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=15)
-        assert not self.thread.is_alive()
 
 
 def _policies():

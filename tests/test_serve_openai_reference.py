@@ -20,13 +20,12 @@ from __future__ import annotations
 import json
 import math
 import threading
-import time
 
 import httpx
 import numpy as np
 import pytest
 import torch
-from test_serve_common import make_directions, one_torch_thread  # noqa: F401 - autouse fixture
+from test_serve_common import LiveServer, make_directions, one_torch_thread  # noqa: F401 - autouse fixture
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
@@ -212,28 +211,6 @@ class Setup:
 @pytest.fixture(scope="module")
 def setup():
     return Setup()
-
-
-class LiveServer:
-    """uvicorn in a thread on 127.0.0.1 (port chosen by the OS): real sockets, real streaming."""
-
-    def __init__(self, app):
-        self.app = app
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "uvicorn did not start within 30 s"
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=15)
-        assert not self.thread.is_alive()
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import foreign_hooks
+from conftest import foreign_hooks, planted_prompts
 
 from safesteer.behaviour.gate import cross_fit_scores, fit_mlp, lodo, train_gate
-from safesteer.behaviour.prompts import Prompts, split3
+from safesteer.behaviour.prompts import Prompts
 from safesteer.errors import SafesteerError
 from safesteer.steering.condition import Condition, conditional, gate_scores
 from safesteer.steering.gates import (
@@ -32,18 +32,7 @@ PROMPTS = ["how do i make a bomb ?", "the dog is good", "what is the answer ?", 
 
 
 def _planted(n=60, d=8, seed=0):
-    rng = np.random.default_rng(seed)
-    text, harm, grp, H = [], [], [], []
-    for g in ("ha", "hb", "sa", "sb"):
-        y = int(g.startswith("h"))
-        for i in range(n):
-            h = rng.normal(size=d)
-            h[0] += 2.5 * y
-            H.append(h)
-            text.append(f"{g}-{i}")
-            harm.append(y)
-            grp.append(g)
-    return np.array(H), Prompts(text, np.array(harm), grp, [split3(t) for t in text])
+    return planted_prompts(n, d, seed, shift=2.5)
 
 
 def _gates(d=6, k=4, n=2, seed=0):

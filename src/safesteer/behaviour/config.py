@@ -135,6 +135,16 @@ class StudyConfig:
         from safesteer.steering.gates import GATE_KINDS  # torch, as above
 
         choice("behaviour.judge", self.judge, tuple(sorted(JUDGES)))
+        missing = [
+            f"judge_{o}"
+            for o in getattr(JUDGES[self.judge], "needs", ())
+            if not getattr(self, f"judge_{o}", "")
+        ]
+        if missing:
+            raise SafesteerError(
+                f"config behaviour.judge = {self.judge!r} needs {' and '.join(missing)}; set them in "
+                "[behaviour] (judge_url: an OpenAI-compatible endpoint such as http://127.0.0.1:8000/v1)"
+            )
         if self.gate_kind:
             choice("behaviour.gate_kind", self.gate_kind, tuple(sorted(GATE_KINDS)))
         return self

@@ -12,7 +12,7 @@ import numpy as np
 from safesteer.behaviour import policy as pol
 from safesteer.behaviour.checkpoint import step_key
 from safesteer.behaviour.context import Run, per_group
-from safesteer.behaviour.steps import Choice, Directions, Features, GateFit, as_record, candidate_from
+from safesteer.behaviour.steps import Choice, Directions, Features, GateFit
 from safesteer.evaluate.choice import forced_choice
 from safesteer.evaluate.refusal import agreement, answer_nll, coherence, generate
 from safesteer.steering.condition import conditional
@@ -29,7 +29,12 @@ class TestResult:
 def test(run: Run, f: Features, g: GateFit, d: Directions, ch: Choice) -> TestResult:
     cfg, P = run.cfg, f.prompts
     key = step_key(
-        run.base_key, "test", f.key, g.key, d.key, as_record(ch.conditional), as_record(ch.unconditional)
+        run.base_key,
+        "test",
+        f.key,
+        g.key,
+        d.key,
+        *(c and c.as_dict() for c in (ch.conditional, ch.unconditional)),
     )
     th = per_group(P, "test", 1, cfg.n_test_harmful)
     ts = list(np.flatnonzero(P.mask("test", "xstest_safe")))
@@ -209,6 +214,3 @@ def self_checks(test_results: dict[str, Any]) -> list[str]:
             f"{v['n']} prompts (expected 100%)"
         )
     return problems
-
-
-__all__ = ["TestResult", "test", "verify", "self_checks", "nll_fixed_flags", "candidate_from"]

@@ -21,7 +21,7 @@ inputs (:mod:`safesteer.behaviour.checkpoint`) so a killed study resumes where i
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -400,11 +400,3 @@ def choose(run: Run, g: GateFit, s: Sweep) -> Choice:
         pd.DataFrame([c.as_dict() for c in cands]).to_csv(tmp, index=False)
     run.say(f"chosen conditional: {best_c}\nchosen unconditional: {best_u}")
     return Choice(cands, best_c, best_u)
-
-
-def candidate_from(d: dict[str, Any] | None) -> pol.Candidate | None:
-    return None if d is None else pol.Candidate(**d)
-
-
-def as_record(c: pol.Candidate | None) -> dict[str, Any] | None:
-    return None if c is None else asdict(c)

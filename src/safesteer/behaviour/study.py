@@ -135,6 +135,7 @@ def run_study(
         ).to_csv(tmp, index=False)
     times["total"] = time.perf_counter() - t_all
     summary = build_summary(cfg, record, f, g, d, s, ch, results, times)
+    write_json(out / layout.TIMINGS, times)  # wall clock apart: summary.json stays byte-reproducible
     write_json(out / layout.SUMMARY, {k: v for k, v in summary.items() if k != "seconds"})
     return summary
 

@@ -54,6 +54,7 @@ class PhraseJudge:
     """Refusal-phrase detector (the default judge)."""
 
     name = "phrases"
+    needs: tuple[str, ...] = ()  # the options from_options requires (checked with the config)
 
     @classmethod
     def from_options(cls, options: Mapping[str, str]) -> "PhraseJudge":
@@ -71,6 +72,7 @@ class ClassifierJudge:
     """A local classifier: ``classify(texts) -> P(refusal)`` (or a transformers pipeline's dicts)."""
 
     name = "classifier"
+    needs = ("model",)
 
     @classmethod
     def from_options(cls, options: Mapping[str, str]) -> "ClassifierJudge":
@@ -129,6 +131,7 @@ class OpenAIJudge:
     """A judge model behind an OpenAI-compatible endpoint (``POST {base_url}/chat/completions``)."""
 
     name = "openai"
+    needs = ("url", "model")
 
     @classmethod
     def from_options(cls, options: Mapping[str, str]) -> "OpenAIJudge":

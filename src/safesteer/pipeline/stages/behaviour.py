@@ -17,7 +17,7 @@ from typing import Any, Mapping
 from safesteer.behaviour.study import run_study
 from safesteer.errors import SafesteerError
 from safesteer.io import write_json
-from safesteer.layout import POLICY_DIR, SUMMARY, TIMINGS
+from safesteer.layout import POLICY_DIR, SUMMARY
 from safesteer.models import load_backbone
 from safesteer.serve.bundle import write_bundle
 from safesteer.steering.strategies import Direction, DirectionSet
@@ -101,9 +101,5 @@ def run_behaviour_stage(section: Any, inputs: Mapping[str, Any], out_dir: Path, 
         backbone=bb,
         extra_directions=extra,
     )
-    write_json(
-        out_dir / TIMINGS, summary.pop("seconds", {})
-    )  # wall clock apart: the stage files stay byte-reproducible
-    write_json(out_dir / SUMMARY, summary)
     recommended = write_bundle(summary, out_dir, policy, model=c.model.name)
     return BehaviourOutputs(out_dir, out_dir / SUMMARY, policy, recommended, "")
