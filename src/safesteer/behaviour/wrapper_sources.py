@@ -18,7 +18,8 @@ Two sources, both read once per process (``load_templates`` is cached):
   - ``dra/prompt_templates.txt`` (one JSON-quoted string per line with ``{}`` slots: the word guide
     and, in two of the four, two "tools") and ``dra/letter_map.json`` (letter -> words): garak's DRA
     puzzle, made deterministic. Every character of the lower-cased request becomes a line with one word that
-    contains it, the character in parentheses; the word guide lists the request's words (long ones
+    contains it, the character in parentheses, and a blank line ends the puzzle (garak has none; it
+    makes the puzzle unambiguous to read back); the word guide lists the request's words (long ones
     cut at two thirds, chosen by hash); garak's moderation cache is not used (every word is treated
     as benign). Back-quotes become double quotes, as in garak.
   - ``gcg/gcg.txt`` and ``adaptive_attacks/suffixes.txt`` (one adversarial suffix per line): the
@@ -177,20 +178,22 @@ def dra_puzzle(request: str, letter_map: dict[str, list[str]]) -> str:
         spots = [j for j, c in enumerate(word) if c == ch] or [None]
         j = spots[_h("dra-spot", text, i) % len(spots)]
         lines.append(f"({ch})" if j is None else f"{word[:j]}({ch}){word[j + 1 :]}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n"
 
 
 _PUZZLE_LINE = re.compile(r"[^()\n]{0,60}\((.)\)[^()\n]{0,60}")
 
 
 def dra_unpuzzle(text: str) -> str:
-    """The parenthesised characters of the puzzle lines that open a DRA prompt, in order: the
-    ``request.lower()`` that :func:`dra_puzzle` spelled (the instructions after it are not read)."""
+    """The parenthesised characters of the puzzle lines that open a DRA prompt (up to the blank line
+    that ends the puzzle), in order: the ``request.lower()`` that :func:`dra_puzzle` spelled."""
     chars = []
     for line in text.split("\n"):
+        if not line:
+            break
         m = _PUZZLE_LINE.fullmatch(line)
         if m is None:
-            break
+            raise SafesteerError(f"not a DRA puzzle line: {line[:60]!r}")
         chars.append(m[1])
     return "".join(chars)
 

