@@ -204,6 +204,10 @@ def tiny_behaviour_section(section):
     section.max_new_tokens, section.batch_size = 4, 16
     # attack rows: two requests per family and class in train, one in val, two in test
     section.n_wrap, section.n_conv, section.n_test_attack = [2, 1, 2], [3, 1, 2], 2
+    section.n_answer_gate, section.answer_gate_fpr = (
+        24,
+        0.3,
+    )  # a loose answer-time gate: it fires on some rows
     return section
 
 

@@ -3,6 +3,7 @@ resumes from its kept steps with byte-identical files, and the step store refuse
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -78,8 +79,58 @@ def test_tiny_study_self_checks_hold(behaviour_run):
     assert te["verify_conditional"]["same_answer"] == 1.0 and te["verify_conditional"]["n"] == 4
     assert self_checks(te) == []
     kept = sorted(p.name for p in (out / "steps").glob("*.json"))
-    assert kept[:4] == ["directions.json", "features.json", "fit_gate.json", "sweep_000.json"]
+    assert kept[:5] == [
+        "answer_gate.json",
+        "directions.json",
+        "features.json",
+        "fit_gate.json",
+        "sweep_000.json",
+    ]
     assert {"sweep_base.json", "test.json", "verify.json"} <= set(kept)
+
+
+@pytest.mark.integration
+def test_answer_time_gate_run_for_real_gives_the_recombined_answers(behaviour_run):
+    """generate_with_answer_gate (the prompt gate on each chat's requests; on the rows it let through,
+    the answer gate after k tokens; those it catches regenerated with the steering on) gives the study's
+    recombined ``conditional+answer_gate`` answers on the conversation, direct and held-out look-alike
+    test rows (scored by the deployed gates, not the family-fold ones)."""
+    import pandas as pd
+
+    from safesteer.behaviour.answer_gate import generate_with_answer_gate
+    from safesteer.models import load_backbone
+    from safesteer.steering import DirectionSet
+    from safesteer.steering.condition import Condition
+    from safesteer.steering.strategies import Intervention
+
+    out, _, model_dir, cfg = behaviour_run
+    summary = read_json(out / "summary.json")
+    c = summary["test"]["conditional"]["policy"]
+    ans = pd.read_csv(out / "answers.csv", keep_default_na=False)
+    sets = ["conv:harmful", "conv:benign", "direct:harmful", "direct:xstest_safe", "lookalikes_heldout"]
+    both = ans[ans["set"].isin(sets) & (ans["policy"] == "conditional+answer_gate")]
+    assert len(both) >= 8
+    P = pd.read_csv(out / "features" / "prompts.csv", keep_default_na=False)
+    chat = dict(zip(P["text"], P["chat"])) if "chat" in P else {}
+    inputs = [json.loads(chat[t]) if chat.get(t) else t for t in both["prompt"]]
+    bb = load_backbone(str(model_dir))  # as the behaviour stage loads it
+    prompt_gate = Condition.load(out / "gate").with_threshold(c["threshold"])
+    answer_gate = Condition.load(out / "answer_gate" / "all")
+    dirs = DirectionSet.load(out / "directions")
+    scale = summary["directions"]["scale_median_norm"]
+    iv = Intervention.from_direction(
+        dirs[c["strategy"]], c["alpha"], scale, where=cfg.behaviour.steer_positions
+    )
+    k = summary["config"]["answer_gate_tokens"]
+    texts, pflags, aflags = generate_with_answer_gate(
+        bb, inputs, prompt_gate, answer_gate, iv, k, cfg.behaviour.max_new_tokens, cfg.behaviour.batch_size
+    )
+    assert texts == [str(a) for a in both["answer"]]
+    assert not (pflags & aflags).any()
+    assert pflags.any() and aflags.any(), "the rows exercise neither the prompt gate nor the answer-time gate"
+    unsteered = ans[ans["set"].isin(sets) & (ans["policy"] == "unsteered")]
+    changed = [a != b for a, b in zip(texts, unsteered["answer"])]
+    assert any(c and f for c, f in zip(changed, aflags)), "no answer-time regeneration changed an answer"
 
 
 @pytest.mark.integration

@@ -23,9 +23,23 @@ def test_verdict_carries_the_stage_numbers(behaviour_run, tmp_path, recommended)
     else:
         publish(outputs.policy, tmp_path)
     secs = sections(out, tmp_path)
-    assert [s.title.split(":")[0] for s in secs] == ["Verdict", "Pareto", "Before / after", "The harm gate"]
+    assert [s.title.split(":")[0] for s in secs] == [
+        "Verdict",
+        "Under attack and on borderline requests",
+        "Pareto",
+        "Before / after",
+        "The harm gate",
+    ]
     html, md = render("run", secs, {"seed": 0}, tmp_path)
     page = html.read_text()
+    # the attack table carries the study's per-set figures (families, held-out look-alikes, conversations)
+    attacks = summary["test"]["attacks"]
+    under = page[page.index("<h2 id='s1'>") : page.index("<h2 id='s2'>")]
+    assert attacks["per_set"] and any(k.startswith("wrap:") for k in attacks["per_set"])
+    for r in list(attacks["per_set"].values()) + [attacks["wrapped_harmful"], attacks["wrapped_benign"]]:
+        assert pct(r["refusal"]).replace(">", "&gt;") in under
+        assert pct(r["refusal_with_answer_gate"]).replace(">", "&gt;") in under
+    assert f"{100 * attacks['chat_turns_flag_rate']['flag_rate']:.1f}%" in under
     verdict = page[page.index("<h2 id='s0'>") : page.index("<h2 id='s1'>")]
     cond = summary["test"]["conditional"]
     if recommended:
@@ -51,6 +65,9 @@ def test_before_after_examples_pair_each_prompt_with_its_unsteered_answer(behavi
     ans = pd.read_csv(out / "answers.csv", keep_default_na=False)
     ex = examples(ans, n=3)
     assert list(ex["set"]) == ["harmful"] * 3 + ["XSTest-safe"] * 3
-    base = ans[ans["policy"] == "unsteered"].set_index("prompt")["answer"]
+    # (the attack sets' direct:* rows repeat some of these prompts: the examples read the direct sets)
+    base = ans[(ans["policy"] == "unsteered") & ans["set"].isin(["harmful", "safe"])].set_index("prompt")[
+        "answer"
+    ]
     for _, r in ex.iterrows():
         assert r["unsteered answer"] == str(base[r["prompt"]])[:160]

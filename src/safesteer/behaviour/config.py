@@ -72,6 +72,11 @@ class StudyConfig:
     n_conv: list[int] = field(default_factory=lambda: [40, 10, 30])  # conversations per class and split
     gate_window: int = 3  # user turns of a chat the gate reads (steering.conversation.gate_text)
     n_test_attack: int = 10  # test rows answered per wrapped family and class (and per other new set x3)
+    # the answer-time gate (behaviour.answer_gate): after this many unsteered answer tokens (0 = off),
+    # trained on n_answer_gate train answers per class, calibrated to answer_gate_fpr on harmless val
+    answer_gate_tokens: int = 8
+    n_answer_gate: int = 120
+    answer_gate_fpr: float = 0.01
     threads: int = 1  # torch CPU threads (0 = leave as set; 1 is several times faster on a busy shared CPU)
     judge: str = "phrases"  # the refusal judge: phrases | classifier | openai (safesteer.evaluate.judges)
     judge_model: str = ""  # classifier: a local text-classification model; openai: the endpoint's model
@@ -96,7 +101,7 @@ class StudyConfig:
         rest += ["max_safe_pp", "max_fluency_rel"]
         if self.attacks:  # recorded only when on: a study without them keeps its summary's bytes
             rest += ["attacks", "families", "family_max_chars", "n_wrap", "n_conv", "gate_window"]
-            rest += ["n_test_attack"]
+            rest += ["n_test_attack", "answer_gate_tokens", "n_answer_gate", "answer_gate_fpr"]
         return {
             "model": model,
             "layer": layer,

@@ -28,7 +28,7 @@ class TestResult:
     key: str
 
 
-def test(run: Run, f: Features, g: GateFit, d: Directions, ch: Choice) -> TestResult:
+def test(run: Run, f: Features, g: GateFit, d: Directions, ch: Choice, ag: Any = None) -> TestResult:
     cfg, P = run.cfg, f.prompts
     key = step_key(
         run.base_key,
@@ -37,6 +37,7 @@ def test(run: Run, f: Features, g: GateFit, d: Directions, ch: Choice) -> TestRe
         g.key,
         d.key,
         *(c and c.as_dict() for c in (ch.conditional, ch.unconditional)),
+        *([ag.key] if ag is not None else []),
     )
     th = per_group(P, "test", 1, cfg.n_test_harmful, lambda g: not is_attack_group(g))
     ts = list(np.flatnonzero(P.mask("test", "xstest_safe")))
@@ -56,7 +57,7 @@ def test(run: Run, f: Features, g: GateFit, d: Directions, ch: Choice) -> TestRe
         "test",
         key,
         lambda: TestResult(
-            texts, *_with_attacks(run, P, g, d, ch, *_answer_test(run, texts, flags, g, d, ch)), key
+            texts, *_with_attacks(run, P, g, d, ch, ag, *_answer_test(run, texts, flags, g, d, ch)), key
         ),
         lambda r: ({"results": r.results, "rows": r.rows}, None),
         lambda data, _: TestResult(texts, data["results"], data["rows"], key),
@@ -142,11 +143,13 @@ def _answer_test(
     return res, rows
 
 
-def _with_attacks(run: Run, P: Any, g: GateFit, d: Directions, ch: Choice, res: dict, rows: list):
+def _with_attacks(
+    run: Run, P: Any, g: GateFit, d: Directions, ch: Choice, ag: Any, res: dict, rows: list
+) -> tuple[dict, list]:
     """The direct sets' results and rows, with the attack sets' (:mod:`heldout_attacks`) when the study has
     them and a conditional policy was chosen."""
     if run.cfg.attacks and ch.conditional is not None and any(map(is_attack_group, P.group)):
-        res["attacks"], more = answer_attacks(run, P, g, d, ch.conditional)
+        res["attacks"], more = answer_attacks(run, P, g, d, ch.conditional, ag)
         rows = rows + more
     return res, rows
 

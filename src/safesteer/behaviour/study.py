@@ -23,6 +23,7 @@ import torch
 
 from safesteer import layout
 from safesteer.behaviour import policy as pol
+from safesteer.behaviour.answer_gate import fit_answer_gate
 from safesteer.behaviour.checkpoint import StepStore, step_key
 from safesteer.behaviour.config import StudyConfig
 from safesteer.behaviour.context import Run
@@ -114,7 +115,8 @@ def run_study(
     s = sweep(run, f, g, d)
     ch = choose(run, g, s)
     times["validation"] = time.perf_counter() - t0
-    te = timed("test", test, f, g, d, ch)
+    ag = timed("answer_gate", fit_answer_gate, f, g) if cfg.attacks else None
+    te = timed("test", test, f, g, d, ch, ag)
     results = dict(te.results)
     v = timed("verify", verify, g, d, ch, te)
     if v is not None:

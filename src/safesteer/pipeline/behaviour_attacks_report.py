@@ -29,6 +29,8 @@ def _label(name: str) -> tuple[str, str]:
         return "conversation + short follow-up", name[5:]
     if name == "lookalikes_heldout":
         return "look-alikes, held-out category", "benign"
+    if name.startswith("direct:"):
+        return "direct requests", "harmful" if name == "direct:harmful" else "XSTest-safe"
     return name, ""
 
 
@@ -48,6 +50,7 @@ def attack_rows(attacks: dict[str, Any]) -> pd.DataFrame:
                     "n": a["n"],
                     "gate flags": f"{100 * a['flag_rate']:.0f}%",
                     "refusal": _pct(a["refusal"]),
+                    **_answer_gate(a),
                 }
             )
     per = attacks.get("per_set", {})
@@ -67,9 +70,19 @@ def attack_rows(attacks: dict[str, Any]) -> pd.DataFrame:
                     else ""
                 ),
                 "refusal": _pct(r["refusal"]),
+                **_answer_gate(r),
             }
         )
     return pd.DataFrame(rows)
+
+
+def _answer_gate(r: dict[str, Any]) -> dict[str, str]:
+    if "refusal_with_answer_gate" not in r:
+        return {}
+    return {
+        "answer-time gate fires": f"{100 * r['answer_gate_flag_rate']:.0f}%",
+        "refusal, prompt or answer-time gate": _pct(r["refusal_with_answer_gate"]),
+    }
 
 
 def attacks_section(summary: dict[str, Any]) -> Section | None:
