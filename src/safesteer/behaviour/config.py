@@ -21,9 +21,9 @@ class StudyConfig:
 
     enabled: bool = True  # causal LMs only; a masked LM's run records that the stage was skipped
     # strategies judged: the study's own refusal_caa / refusal_dim and any of the directions stage's
-    strategies: list[str] = field(
-        default_factory=lambda: ["refusal_caa", "refusal_dim", "probe_harm", "sae_harm+probe_harm"]
-    )
+    # (the pipeline's probe_harm / sae_harm+probe_harm can be added; left out of the default since the
+    # attack sets were added, to keep `make run` within 15 minutes: they never won the sweep before)
+    strategies: list[str] = field(default_factory=lambda: ["refusal_caa", "refusal_dim"])
     alphas: list[float] = field(
         default_factory=lambda: [0.2, 0.3]
     )  # × median residual norm; ≥ 0 adds refusal
@@ -65,13 +65,11 @@ class StudyConfig:
     # requests in jailbreak wrappers (harmful and benign) and conversations with a follow-up
     attacks: bool = True
     families: list[str] = field(default_factory=list)  # jailbreak families wrapped ([] = every registered)
-    family_max_chars: int = 2500  # a wrapped request longer than this takes another template, or is left out
-    n_wrap: list[int] = field(
-        default_factory=lambda: [24, 6, 10]
-    )  # requests wrapped per family, class, split
-    n_conv: list[int] = field(default_factory=lambda: [40, 10, 30])  # conversations per class and split
+    family_max_chars: int = 2000  # a wrapped request longer than this takes another template, or is left out
+    n_wrap: list[int] = field(default_factory=lambda: [16, 4, 8])  # wrapped per family, class: train/val/test
+    n_conv: list[int] = field(default_factory=lambda: [30, 8, 24])  # conversations per class: train/val/test
     gate_window: int = 3  # user turns of a chat the gate reads (steering.conversation.gate_text)
-    n_test_attack: int = 10  # test rows answered per wrapped family and class (and per other new set x3)
+    n_test_attack: int = 8  # test rows answered per wrapped family and class (and per other new set x3)
     # the answer-time gate (behaviour.answer_gate): after this many unsteered answer tokens (0 = off),
     # trained on n_answer_gate train answers per class, calibrated to answer_gate_fpr on harmless val
     answer_gate_tokens: int = 8
