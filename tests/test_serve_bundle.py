@@ -83,7 +83,10 @@ def test_serve_run_answers_as_the_evaluation(behaviour_run, run_folder, monkeypa
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: captured.update(app=app, **kw))
     assert main(["serve", "--run", str(run), "--port", "8124"]) == 0
     ans = pd.read_csv(out / "answers.csv", keep_default_na=False)
-    cond = ans[ans["policy"] == "conditional"].reset_index(drop=True)
+    # the direct sets (the attack sets' wrapped rows are scored by family-fold gates, conversations are
+    # chats: test_chat_endpoint_follows_the_studys_conversation_rule)
+    cond = ans[(ans["policy"] == "conditional") & ans["set"].isin(["harmful", "safe", "qa"])]
+    cond = cond.reset_index(drop=True)
     c = summary["test"]["conditional"]["policy"]
     every = gate_flags(
         load_backbone(str(model_dir)),
@@ -121,3 +124,45 @@ def test_serve_run_without_a_recommendation(behaviour_run, tmp_path, monkeypatch
     with TestClient(captured["app"]) as client:
         assert client.get("/healthz").json()["policies"] == []
     assert main(["serve", "--run", str(tmp_path / "nope")]) == 2
+
+
+def test_chat_endpoint_follows_the_studys_conversation_rule(behaviour_run, run_folder, monkeypatch):
+    """The study's conversations ([request, reply, short follow-up]) sent as chats: the service's gate
+    probability is the sigmoid of the study's score of that row (the same text, gate_text of the chat),
+    it steers exactly the rows the study counts as flagged, and answers as the study did."""
+    import uvicorn
+
+    out, _, _, cfg = behaviour_run
+    run, summary = run_folder
+    captured = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: captured.update(app=app, **kw))
+    assert main(["serve", "--run", str(run), "--port", "8125"]) == 0
+    P = pd.read_csv(out / "features" / "prompts.csv", keep_default_na=False)
+    scores = pd.read_csv(out / "gate_scores.csv")["score"].to_numpy()
+    conv = P.index[P["group"].str.startswith("conv:") & (P["split"] == "test")].tolist()
+    assert len(conv) >= 4
+    c = summary["test"]["conditional"]["policy"]
+    ans = pd.read_csv(out / "answers.csv", keep_default_na=False)
+    study = ans[ans["set"].str.startswith("conv:") & (ans["policy"] == "conditional")].set_index("prompt")
+    flags, same = [], []
+    with TestClient(captured["app"]) as client:
+        for i in conv:
+            chat = json.loads(P.at[i, "chat"])
+            assert len(chat) == 3 and chat[-1]["role"] == "user"
+            body = {"model": f"{cfg.model.name}:recommended", "messages": chat, "max_tokens": 4}
+            r = client.post("/v1/chat/completions", json=body)
+            if r.status_code == 422 and r.json()["error"]["code"] == "context_length_exceeded":
+                continue  # the tiny model's 64-token context; the study kept the chat's last tokens
+            assert r.status_code == 200, r.text
+            info = r.json()["safesteer"]
+            want = 1 / (1 + np.exp(-scores[i]))
+            assert info["condition_probability"] == pytest.approx(want, rel=1e-5, abs=1e-7)
+            assert info["steered"] == bool(scores[i] > c["threshold"])
+            flags.append(info["steered"])
+            if P.at[i, "text"] in study.index:
+                got = r.json()["choices"][0]["message"]["content"].strip()
+                same.append(got.startswith(str(study.at[P.at[i, "text"], "answer"]).strip()))
+                print(
+                    "CMP", repr(got), repr(study.at[P.at[i, "text"], "answer"]), repr(P.at[i, "chat"])[:300]
+                )
+    assert len(flags) >= 4 and same and all(same)

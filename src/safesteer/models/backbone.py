@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -315,11 +315,7 @@ class Backbone:
             if isinstance(user, str)
             else [{"role": str(m["role"]), "content": str(m["content"])} for m in user]
         )
-        if not getattr(self.tokenizer, "chat_template", None):
-            body = "\n\n".join(m["content"] for m in turns)
-            return body if system is None else f"{system}\n\n{body}"
-        messages = ([{"role": "system", "content": system}] if system else []) + turns
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return render_chat(self.tokenizer, turns, system)
 
     @torch.inference_mode()
     def generate(
@@ -345,6 +341,19 @@ class Backbone:
             **kwargs,
         )
         return self.tokenizer.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
+
+
+def render_chat(tokenizer: Any, turns: Sequence[Mapping[str, str]], system: str | None = None) -> str:
+    """The one chat rendering of the study, the evaluation and the service: the tokenizer's template
+    with the generation prompt; without a template, a lone user message as is (after ``system`` and a
+    blank line) and a longer chat as a ``role: content`` transcript ending in ``assistant:``."""
+    msgs = ([{"role": "system", "content": system}] if system else []) + [dict(m) for m in turns]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    if len(turns) == 1 and turns[0]["role"] == "user":
+        body = str(turns[0]["content"])
+        return body if system is None else f"{system}\n\n{body}"
+    return "\n".join(f"{m['role']}: {m['content']}" for m in msgs) + "\nassistant:"
 
 
 def _detect_kind(model: nn.Module) -> Kind:

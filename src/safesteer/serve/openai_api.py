@@ -38,6 +38,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from safesteer.models.backbone import render_chat
 from safesteer.serve import state
 from safesteer.serve.engine import Engine
 from safesteer.serve.http import _ERRORS, ApiError
@@ -154,11 +155,11 @@ class _Streamer:
 
 
 def render_messages(tokenizer: Any, messages: list[ChatMessage]) -> str:
-    """The chat with the tokenizer's template (ready for the assistant's turn), or a plain transcript."""
+    """The chat rendered as the study and the evaluation render it
+    (:func:`~safesteer.models.backbone.render_chat`: the tokenizer's template, ready for the
+    assistant's turn; without one, a lone user message as is, a longer chat as a transcript)."""
     plain = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
-    return "\n".join(f"{m['role']}: {m['content']}" for m in plain) + "\nassistant:"
+    return render_chat(tokenizer, plain)
 
 
 router = APIRouter(tags=["openai"])
