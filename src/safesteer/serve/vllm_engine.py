@@ -119,12 +119,33 @@ class VllmEngine:
         require_vllm()
         self.settings = (settings or VllmSettings()).validate()
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core (and its model) in-process
+        self.model_path = str(model_path)
+        self._inbox: queue.Queue = queue.Queue()
+        self._live: dict[str, tuple[str | None, Sink, Any]] = {}
+        self._informed: set[str] = set()
+        self._stopping = False
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        # the engine is built in the loop thread that runs it: vLLM's CPU worker sizes and binds the
+        # OpenMP pool of the thread that builds it, and its attention kernel checks that the running
+        # thread's pool has that size
+        self._thread = threading.Thread(target=self._main, name="safesteer-vllm", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+
+    def _build(self) -> None:
+        import torch
         from vllm import EngineArgs
+        from vllm.forward_context import get_forward_context
         from vllm.v1.engine.llm_engine import LLMEngine
+
+        from safesteer.serve.vllm_hooks import BatchHooks
 
         s = self.settings
         args = EngineArgs(
-            model=str(model_path),
+            model=self.model_path,
             dtype=s.dtype,
             enforce_eager=True,  # hooks run in Python on every pass (no CUDA graph replays them)
             seed=s.seed,
@@ -138,11 +159,11 @@ class VllmEngine:
             pipeline_parallel_size=s.pipeline_parallel_size,
             disable_log_stats=True,
         )
-        self.llm = LLMEngine.from_engine_args(args)
-        from vllm.forward_context import get_forward_context
-
-        from safesteer.serve.vllm_hooks import BatchHooks
-
+        set_threads = torch.set_num_threads
+        try:
+            self.llm = LLMEngine.from_engine_args(args)
+        finally:  # vLLM's CPU worker replaces torch.set_num_threads process-wide by a no-op
+            torch.set_num_threads = set_threads
         runner = self.llm.model_executor.driver_worker.worker.model_runner
         model = runner.model
 
@@ -154,12 +175,16 @@ class VllmEngine:
 
         self.hooks = BatchHooks(model.model.layers, batch)
         self.hooks.install(model)
-        self._inbox: queue.Queue = queue.Queue()
-        self._live: dict[str, tuple[str | None, Sink, Any]] = {}
-        self._informed: set[str] = set()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="safesteer-vllm", daemon=True)
-        self._thread.start()
+
+    def _main(self) -> None:
+        try:
+            self._build()
+        except BaseException as exc:  # noqa: BLE001 - raised again in the constructing thread
+            self._error = exc
+            return
+        finally:
+            self._ready.set()
+        self._loop()
 
     # ------------------------------------------------------------------ front side (any thread)
     def submit(self, ids: list[int], params: dict[str, Any], steer: Any, salt: str | None, sink: Sink) -> str:

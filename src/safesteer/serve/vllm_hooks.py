@@ -137,13 +137,13 @@ class BatchHooks:
             if bool(m.any()):
                 idx = torch.nonzero(m).reshape(-1) + s
                 h = hidden[idx] + residual[idx]  # the unsteered residual stream (no edit ran at l yet)
-                rs.sums[l] = rs.sums.get(l, 0) + h.sum(dim=0)
+                rs.sums[l] = rs.sums.get(l, 0) + h.double().sum(dim=0)  # float64: chunks add up exactly
                 rs.counts[l] = rs.counts.get(l, 0) + int(idx.numel())
             if l == rs.gate_layers[-1] and bool((pos == rs.n_prompt - 1).any()):
                 pooled = {
                     g: (rs.sums[g] / max(rs.counts.get(g, 0), 1)).reshape(1, -1)
                     if g in rs.sums
-                    else torch.zeros(1, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+                    else torch.zeros(1, hidden.shape[-1], dtype=torch.float64, device=hidden.device)
                     for g in rs.gate_layers
                 }
                 score = float(rs.gate(stack_features(pooled, rs.gate_layers))[0])
