@@ -17,9 +17,9 @@ import time
 
 import httpx
 import pytest
+from test_serve_common import LiveServer
 
 from safesteer.errors import SafesteerError
-from tests.test_serve_common import LiveServer
 
 pytestmark = pytest.mark.integration
 
@@ -259,3 +259,37 @@ def test_vllm_settings_are_checked():
 
     with pytest.raises(SafesteerError, match="tensor_parallel_size"):
         VllmSettings(tensor_parallel_size=0).validate()
+
+
+def test_engine_vllm_without_vllm_exits_2_with_the_install_line(tmp_path, monkeypatch, capsys):
+    from safesteer.cli.main import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a)
+    )
+    assert main(["serve", "--engine", "vllm", "--policies", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'safesteer[vllm]'" in err[0], err
+    # a run whose [serve] section names vllm: the same line, before anything loads
+    from safesteer.config import Config, dump_toml
+
+    cfg = Config()
+    cfg.serve.engine = "vllm"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.toml").write_text(dump_toml(cfg))
+    assert main(["serve", "--run", str(tmp_path / "run")]) == 2
+    assert "safesteer[vllm]" in capsys.readouterr().err
+    assert main(["serve", "--engine", "tgi", "--policies", str(tmp_path)]) == 2
+    assert "valid choices: hf, vllm" in capsys.readouterr().err
+
+
+def test_serve_section_is_validated(tmp_path):
+    from safesteer.config import load_config
+
+    (tmp_path / "c.toml").write_text('[serve]\nengine = "tgi"\n')
+    with pytest.raises(SafesteerError, match="serve.engine"):
+        load_config(tmp_path / "c.toml")
+    (tmp_path / "c.toml").write_text("[serve]\nmax_num_seqs = 0\n")
+    with pytest.raises(SafesteerError, match="serve.max_num_seqs"):
+        load_config(tmp_path / "c.toml")

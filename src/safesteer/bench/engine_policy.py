@@ -139,3 +139,84 @@ def parity(
         "refusal_safe_hf": refusal(hf_rows, nh, len(prompts)),
         "refusal_safe_vllm": refusal(v_rows, nh, len(prompts)),
     }
+
+
+class _Live:
+    """uvicorn in a thread on 127.0.0.1 (an OS-chosen port)."""
+
+    def __init__(self, app: Any):
+        import threading
+        import time
+
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The parity report line: HF vs vLLM on the behaviour test split (harmful + XSTest-safe)."""
+    import argparse
+    import json
+    import os
+
+    import httpx
+
+    from safesteer.models import load_backbone
+    from safesteer.models.registry import resolve_model
+    from safesteer.serve import Limits, create_app
+    from safesteer.serve.vllm_engine import TokenizerBackbone, VllmEngine, VllmSettings
+
+    ap = argparse.ArgumentParser(description="HF vs vLLM engine parity on the behaviour test split")
+    ap.add_argument(
+        "--n-harmful", type=int, default=104, help="harmful test prompts (the study's n_test_harmful)"
+    )
+    ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    data_dir = os.environ.get("SAFESTEER_DATA_DIR") or None
+    hf = load_backbone("smollm2-135m")
+    ds, probes, policy = build_policy(hf, data_dir)
+    harmful, safe = split_prompts(data_dir, "test")
+    harmful = harmful[: args.n_harmful]
+    path = str(resolve_model("smollm2-135m").path)
+    engine = VllmEngine(path, VllmSettings(kv_cache_gb=0.5, max_model_len=1024, max_num_seqs=32))
+    limits = Limits(max_abs_alpha=1000.0)
+    servers = [
+        _Live(create_app(TokenizerBackbone("smollm2-135m", path), ds, probes, limits=limits, vllm=engine)),
+        _Live(create_app(hf, ds, probes, limits=limits)),
+    ]
+    try:
+        for s in servers:
+            assert httpx.put(f"{s.url}/v1/policies/recommended", json=policy, timeout=60).status_code == 201
+        with (
+            httpx.Client(base_url=servers[1].url, timeout=600) as h,
+            httpx.Client(base_url=servers[0].url, timeout=600) as v,
+        ):
+            r = parity(h, v, "smollm2-135m", "recommended", harmful, safe, args.max_tokens, concurrency=32)
+    finally:
+        for s in servers:
+            s.stop()
+        engine.close()
+    r["n_harmful"], r["n_safe"] = len(harmful), len(safe)
+    print(json.dumps(r, indent=1))
+    if args.out:
+        from safesteer.io import write_json
+
+        write_json(args.out, r)
+    print(
+        f"engine_parity: n={r['n']} gate agreement {r['gate_agreement']:.3f} "
+        f"(max |dp| {r['max_abs_dp']:.1e}), "
+        f"token-identical {r['token_identical']:.3f}, refusal harmful hf {r['refusal_harmful_hf']:.3f} / "
+        f"vllm {r['refusal_harmful_vllm']:.3f}, XSTest-safe hf {r['refusal_safe_hf']:.3f} / "
+        f"vllm {r['refusal_safe_vllm']:.3f}, unflagged == plain {r['unflagged_equal_plain']:.3f}"
+    )
+    return 0

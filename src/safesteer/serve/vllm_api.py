@@ -133,7 +133,8 @@ class Run:
         (504 after the request timeout; the vLLM request is aborted)."""
         timeout = state.limits(self.request).request_timeout_s
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        checked = loop.time()
+        deadline = checked + timeout
         try:
             while True:
                 try:
@@ -146,6 +147,10 @@ class Run:
                     if await self.request.is_disconnected():
                         raise asyncio.CancelledError from None
                     continue
+                if loop.time() - checked > 1.0:  # tokens keep coming: still look for a gone client
+                    checked = loop.time()
+                    if await self.request.is_disconnected():
+                        raise asyncio.CancelledError
                 if kind == "info":
                     self.info = self.describe(value)
                     yield kind, self.info
@@ -246,6 +251,9 @@ async def _stream(run: Run, cid: str, created: int, model: str, tok: Any) -> Asy
                 yield b"data: [DONE]\n\n"
     except ApiError as exc:
         yield f"data: {json.dumps({'error': {'code': exc.code, 'message': exc.message}})}\n\n".encode()
+    finally:  # the client went away while a chunk was being sent: abort the vLLM request too
+        if not run.finished:
+            run.engine.abort(run.rid)
 
 
 async def generate(request: Request, req: Any, plan: Plan) -> dict[str, Any]:
