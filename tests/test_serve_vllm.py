@@ -259,6 +259,11 @@ def test_vllm_settings_are_checked():
 
     with pytest.raises(SafesteerError, match="tensor_parallel_size"):
         VllmSettings(tensor_parallel_size=0).validate()
+    _need_vllm()
+    from safesteer.serve.vllm_engine import VllmEngine
+
+    with pytest.raises(SafesteerError, match="worker processes"):  # refused before anything loads
+        VllmEngine("/nonexistent", VllmSettings(tensor_parallel_size=2))
 
 
 def test_engine_vllm_without_vllm_exits_2_with_the_install_line(tmp_path, monkeypatch, capsys):

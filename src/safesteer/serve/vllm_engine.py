@@ -118,6 +118,13 @@ class VllmEngine:
     def __init__(self, model_path: str, settings: VllmSettings | None = None):
         require_vllm()
         self.settings = (settings or VllmSettings()).validate()
+        world = self.settings.tensor_parallel_size * self.settings.pipeline_parallel_size
+        if world > 1:
+            raise SafesteerError(
+                f"--tensor-parallel-size x --pipeline-parallel-size = {world}: vLLM then runs the model in "
+                "worker processes, where safesteer's per-request hooks are not installed yet; serve with 1 "
+                "(one GPU per replica) for now"
+            )
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core (and its model) in-process
         self.model_path = str(model_path)
         self._inbox: queue.Queue = queue.Queue()
