@@ -223,6 +223,7 @@ class VllmEngine:
 
         if cmd[0] == "add":
             _, rid, ids, params, steer, salt, sink = cmd
+            sink = _safe(sink)
             prompt: dict[str, Any] = {"prompt_token_ids": list(ids)}
             if salt is not None:
                 prompt["cache_salt"] = salt
@@ -295,6 +296,18 @@ class VllmEngine:
             self.llm.abort_request([rid])
             self.hooks.requests.pop(internal, None)
             sink("error", "the server is shutting down")
+
+
+def _safe(sink: Sink) -> Sink:
+    """``sink`` that never raises into the loop thread (its event loop may be closed: a client gone)."""
+
+    def emit(kind: str, value: Any) -> None:
+        try:
+            sink(kind, value)
+        except Exception:  # noqa: BLE001 - the request's consumer is gone; the engine goes on
+            pass
+
+    return emit
 
 
 def _decision(steer: Any) -> dict[str, Any]:
