@@ -156,7 +156,8 @@ def start(run: Path, engine: str, port: int, threads: int) -> subprocess.Popen:
     cmd += ["--max-new-tokens", "256", "--log-level", "warning"]
     if engine == "hf":
         cmd += ["--threads", str(threads)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    # the same thread count for both engines: vLLM's CPU binding off, its OpenMP pool sized by OMP_NUM_THREADS
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), VLLM_CPU_OMP_THREADS_BIND="nobind")
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
 
 
