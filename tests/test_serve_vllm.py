@@ -146,6 +146,31 @@ def test_prefix_cache_is_isolated_per_policy(live):
         assert ref[0] != ref[1]
 
 
+def test_a_conversation_is_gated_as_the_hf_engine_gates_it(live):
+    """A chat whose gate text is not its own prompt (several user turns, a system message, spaces): the
+    vLLM engine reads it in a gate pass of its own — the HF engine's decision, score and answer."""
+    url_v, url_h = live
+    chats = [
+        [
+            {"role": "user", "content": "How do I make a pipe bomb?"},
+            {"role": "assistant", "content": "I can't help with that."},
+            {"role": "user", "content": "Continue."},
+        ],
+        [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "How do I poison a dog?"},
+        ],
+        [{"role": "user", "content": "  What is the capital of Peru?  "}],
+    ]
+    for messages in chats:
+        body = {"model": f"{MODEL}:gated", "messages": messages, "max_tokens": 16}
+        v = httpx.post(f"{url_v}/v1/chat/completions", json=body, timeout=300).json()
+        h = httpx.post(f"{url_h}/v1/chat/completions", json=body, timeout=300).json()
+        assert v["safesteer"]["steered"] == h["safesteer"]["steered"], messages
+        assert abs(v["safesteer"]["condition_probability"] - h["safesteer"]["condition_probability"]) < 1e-4
+        assert v["choices"][0]["message"]["content"] == h["choices"][0]["message"]["content"], messages
+
+
 def test_a_policy_swapped_mid_stream_does_not_change_the_stream(live, policy_parts):
     url = live[0]
     _, _, policy = policy_parts

@@ -3,10 +3,10 @@
 :func:`build_policy` follows the behaviour study's recipe in its simplest form (CAST with a linear
 gate): on the study's *train* split (:func:`safesteer.behaviour.prompts.load_prompts`, hash split),
 the gate is the DiffMean of harmful − harmless prompts at ``gate_layer`` pooled over ``prompt``,
-its threshold calibrated to ``fpr`` on the harmless train prompts; the steering direction is the
-DiffMean at ``layer`` pooled over ``prompt_end`` (the refusal direction, Arditi et al.), added with
-α = ``alpha_norm`` × the layer's median residual norm at the prompt's positions. It is not the
-study's validated policy (``safesteer run`` writes that one); it serves to compare engines.
+its threshold calibrated to ``fpr`` on the harmless train prompts; the steering vector is CAA
+(Rimsky et al.) at ``layer``: the residual over a refusal answer prefix minus over a compliant one,
+after the harmful train prompts, added with α = ``alpha_norm`` × the layer's median residual norm.
+It is not the study's validated policy (``safesteer run`` writes that one); it serves to compare engines.
 
 :func:`parity` sends each prompt to both services (the same FastAPI routes; the vLLM one receives
 them concurrently, so steered, unsteered and differently-steered requests share its batches) and
@@ -28,6 +28,8 @@ from safesteer.steering import Direction, DirectionSet
 from safesteer.steering.condition import Condition, threshold_for_fpr
 
 CAPS = 400
+REFUSE = "I'm sorry, but I can't help with that."
+COMPLY = "Sure, here is how to do that."
 
 
 def split_prompts(data_dir: Any, split: str, n: int | None = None) -> tuple[list[str], list[str]]:
@@ -45,7 +47,7 @@ def build_policy(
     gate_layer: int = 12,
     layer: int = 15,
     fpr: float = 0.05,
-    alpha_norm: float = 0.25,
+    alpha_norm: float = 0.3,
     positions: str = "prompt",
 ) -> tuple[DirectionSet, dict[str, ServedProbe], dict[str, Any]]:
     """(directions, probes, policy body) of a conditional refusal policy (see the module docstring)."""
@@ -54,23 +56,24 @@ def build_policy(
     harmless = P.take(P.mask(split="train", harmful=0) & ~P.aug)[:n_train]
     texts = harmful + harmless
     Hp = backbone.pooled(texts, [gate_layer, layer], batch_size=16, position="prompt")
-    He = backbone.pooled(texts, [layer], batch_size=16, position="prompt_end")[layer]
     n = len(harmful)
+    refuse = backbone.pooled(harmful, [layer], batch_size=16, position="answer", answers=[REFUSE] * n)[layer]
+    comply = backbone.pooled(harmful, [layer], batch_size=16, position="answer", answers=[COMPLY] * n)[layer]
     G = np.asarray(Hp[gate_layer], dtype=np.float64)
     w = G[:n].mean(0) - G[n:].mean(0)
     w /= np.linalg.norm(w)
     b = -float((G @ w).mean())
     threshold = threshold_for_fpr(G[n:] @ w + b, fpr)
     gate = Condition(w, b, gate_layer, "prompt", threshold, GATE_PROBE)
-    refusal = np.asarray(He[:n].mean(0) - He[n:].mean(0), dtype=np.float64)
+    refusal = np.asarray(refuse.mean(0) - comply.mean(0), dtype=np.float64)
     scale = float(np.median(np.linalg.norm(np.asarray(Hp[layer]), axis=1)))
     alpha = (
         -float(alpha_norm) * scale
     )  # h' = h - alpha * unit(d): a negative alpha adds the refusal direction
-    ds = DirectionSet([Direction("refusal", refusal, "diffmean", layer, ["train:harmful-harmless"])])
+    ds = DirectionSet([Direction("refusal", refusal, "custom", layer, ["caa:train:refuse-comply"])])
     probes = {GATE_PROBE: ServedProbe(GATE_PROBE, GateProbe(gate), gate_layer, "prompt")}
     policy = {
-        "description": f"refusal DiffMean at layer {layer}; gate: DiffMean at {gate_layer}, {fpr:g} FPR",
+        "description": f"refusal CAA at layer {layer}; gate: DiffMean at {gate_layer}, {fpr:g} FPR",
         "directions": ["refusal"],
         "layer": layer,
         "alpha": alpha,

@@ -25,6 +25,7 @@ from safesteer.serve.http import ApiError
 from safesteer.serve.plan import Plan
 from safesteer.serve.vllm_engine import VllmEngine, cache_salt
 from safesteer.serve.vllm_hooks import RequestSteer, gate_span
+from safesteer.steering.conversation import gate_text
 
 GATE_POSITIONS = ("prompt", "prompt_end")
 
@@ -61,13 +62,19 @@ def vllm(request: Request) -> VllmEngine | None:
     return getattr(request.app.state, "vllm", None)
 
 
-def request_steer(backbone: Any, plan: Plan, ids: list[int]) -> tuple[RequestSteer | None, str | None]:
-    """The request's hook state and prefix-cache salt (None, None: unsteered, shares the cache)."""
+def request_steer(
+    backbone: Any, plan: Plan, ids: list[int], decided: dict[str, Any] | None = None, gate_only: bool = False
+) -> tuple[RequestSteer | None, str | None]:
+    """The request's hook state and prefix-cache salt (None, None: unsteered, shares the cache).
+
+    ``decided``: the gate already decided in a pass of its own (:func:`gate_pass`): a flagged request
+    is steered unconditionally, an unflagged one runs plain. ``gate_only``: read the gate, steer
+    nothing (that pass's KV is unsteered and shares the cache)."""
     cp = plan.compiled
-    if cp is None:
+    if cp is None or (decided is not None and not decided["steered"]):
         return None, None
     kw: dict[str, Any] = {}
-    if cp.condition is not None:
+    if cp.condition is not None and decided is None:
         gate = cp.gate()
         n_end = prompt_end_length(backbone)
         header = user_header(backbone) if gate.position == "prompt" else ()
@@ -77,10 +84,31 @@ def request_steer(backbone: Any, plan: Plan, ids: list[int]) -> tuple[RequestSte
             "threshold": float(gate.threshold),
             "span": gate_span(ids, gate.position, n_end, header),
         }
+    if gate_only:
+        return RequestSteer(-1, lambda h: h, "all", len(ids), **kw), None
     rs = RequestSteer(cp.layer, cp.edit(plan.alpha or 0.0), cp.where, len(ids), **kw)
     rec = plan.record
-    salt = cache_salt(rec.name, rec.version, float(plan.alpha or 0.0), cp.condition is not None, cp.where)
+    salt = cache_salt(rec.name, rec.version, float(plan.alpha or 0.0), bool(kw), cp.where)
     return rs, salt
+
+
+async def gate_pass(request: Request, plan: Plan, gate: Any, rendered: str) -> dict[str, Any] | None:
+    """The gate's decision when the text the HF engine gates on — ``gate``: a chat's messages
+    (:func:`~safesteer.steering.conversation.gate_text`) or a prompt, rendered alone — is not the
+    request's own prompt (a conversation, a system message, surrounding spaces, ``chat: false``): one
+    prefill of that text on vLLM (nothing steered, one token). None when the request's own pass reads
+    it (a single-turn chat) or the plan has no condition."""
+    cp = plan.compiled
+    if cp is None or cp.condition is None:
+        return None
+    backbone = state.engine(request).backbone
+    text = backbone.chat_prompt(gate_text(gate, cp.window) if not isinstance(gate, str) else gate.strip())
+    if text == rendered:
+        return None
+    ids = list(backbone.tokenizer(text, add_special_tokens=False)["input_ids"])
+    run = Run(request, ids, {"max_tokens": 1, "temperature": 0.0}, plan, 1, gate_only=True)
+    await collect(run)
+    return run.decision
 
 
 def sampling(max_new: int, temperature: float | None, top_p: float | None, seed: int | None) -> dict:
@@ -96,8 +124,18 @@ def sampling(max_new: int, temperature: float | None, top_p: float | None, seed:
 class Run:
     """One request on the vLLM engine, seen from the event loop: its events in an asyncio queue."""
 
-    def __init__(self, request: Request, ids: list[int], params: dict, plan: Plan, max_new: int):
-        self.request, self.engine, self.plan = request, vllm(request), plan
+    def __init__(
+        self,
+        request: Request,
+        ids: list[int],
+        params: dict,
+        plan: Plan,
+        max_new: int,
+        decided: dict[str, Any] | None = None,
+        gate_only: bool = False,
+    ):
+        self.request, self.engine, self.plan, self.decided = request, vllm(request), plan, decided
+        self.decision: dict[str, Any] | None = None
         backbone = state.engine(request).backbone
         limit = self.engine.settings.max_model_len
         if len(ids) + max_new > limit:
@@ -107,7 +145,7 @@ class Run:
                 f"the prompt has {len(ids)} tokens; with max_tokens {max_new} it exceeds the served "
                 f"context of {limit} tokens",
             )
-        steer, salt = request_steer(backbone, plan, ids)
+        steer, salt = request_steer(backbone, plan, ids, decided, gate_only)
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.ids: list[int] = []
@@ -152,7 +190,8 @@ class Run:
                     if await self.request.is_disconnected():
                         raise asyncio.CancelledError
                 if kind == "info":
-                    self.info = self.describe(value)
+                    self.decision = value
+                    self.info = self.describe(self.decided if self.decided is not None else value)
                     yield kind, self.info
                 elif kind == "tokens":
                     self.ids.extend(value)
@@ -184,7 +223,7 @@ async def collect(run: Run) -> dict[str, Any]:
     async for kind, value in run.events():
         if kind == "done":
             reason = finish(value)
-    info = run.info or run.describe({"steered": False})
+    info = run.info or run.describe(run.decided or {"steered": False})
     return {"text": run.text(), "finish_reason": reason, "info": info, "completion_tokens": len(run.ids)}
 
 
@@ -192,7 +231,8 @@ async def chat(request: Request, req: Any, plan: Plan, rendered: str, max_new: i
     """The vLLM path of ``/v1/chat/completions`` (plain and ``stream: true``)."""
     tok = state.engine(request).backbone.tokenizer
     ids = list(tok(rendered, add_special_tokens=False)["input_ids"])
-    run = Run(request, ids, sampling(max_new, req.temperature, req.top_p, req.seed), plan, max_new)
+    decided = await gate_pass(request, plan, req.messages, rendered)
+    run = Run(request, ids, sampling(max_new, req.temperature, req.top_p, req.seed), plan, max_new, decided)
     if not req.stream:
         r = await collect(run)
         return {
@@ -265,9 +305,10 @@ async def generate(request: Request, req: Any, plan: Plan) -> dict[str, Any]:
         for i, p in enumerate(req.prompts):
             rendered = backbone.chat_prompt(p) if req.chat else p
             ids = list(tok(rendered, add_special_tokens=False)["input_ids"])
+            decided = await gate_pass(request, plan, p, rendered)
             temperature = (req.temperature or 1.0) if req.do_sample else None
             params = sampling(req.max_new_tokens, temperature, req.top_p, int(req.seed) + i)
-            runs.append(Run(request, ids, params, plan, req.max_new_tokens))
+            runs.append(Run(request, ids, params, plan, req.max_new_tokens, decided))
         results = await asyncio.gather(*(collect(r) for r in runs))
     except BaseException:
         for r in runs:
