@@ -220,9 +220,10 @@ def test_tiny_study_thresholds_are_brute_force_fpr_thresholds_on_harmless_rows(b
     val = (P["split"] == "val").to_numpy()
     assert gate.meta["target_fpr"] == 0.05
     assert gate.threshold == pytest.approx(_brute_threshold(scores[val & harmless], 0.05), rel=1e-6)
-    pool = (
-        val | ((P["split"] == "train").to_numpy() & ~P["aug"].to_numpy(bool) & np.isfinite(cal))
-    ) & harmless
+    # cross-fitted train rows count for the direct sets only (wrapped rows and conversations: val rows)
+    direct = ~P["group"].str.startswith(("wrap:", "wrapb:", "conv:")).to_numpy()
+    train = (P["split"] == "train").to_numpy() & ~P["aug"].to_numpy(bool) & direct
+    pool = (val | (train & np.isfinite(cal))) & harmless
     pareto_csv = pd.read_csv(out / "pareto.csv")
     got = pareto_csv[pareto_csv["conditional"]].groupby("fpr")["threshold"].unique()
     assert sorted(got.index) == [0.05, 0.2]

@@ -34,7 +34,7 @@ EXPECTED = {
 }
 QA = {"nq_open", "truthfulqa", "healthsearchqa", "liveqa", "medicationqa", "commonsenseqa"}  # pypi only
 EXPECTED |= QA
-PACKAGE = {"contrast", "tasks"}  # shipped inside safesteer itself
+PACKAGE = {"contrast", "tasks", "lookalikes", "chat_turns"}  # shipped inside safesteer itself
 EXPECTED |= PACKAGE
 LOCAL = sorted(n for n in EXPECTED if n != "civil_comments" and n not in QA | PACKAGE)
 
@@ -73,8 +73,8 @@ def local_all(name: str) -> tuple[Record, ...]:
 # ------------------------------------------------------------------------------------------- registry
 
 
-def test_registry_lists_the_twenty_two_datasets_with_documented_specs():
-    assert len(EXPECTED) == 22
+def test_registry_lists_the_twenty_four_datasets_with_documented_specs():
+    assert len(EXPECTED) == 24
     assert set(names()) == EXPECTED and names() == sorted(names())
     for name in names():
         spec = get_spec(name)

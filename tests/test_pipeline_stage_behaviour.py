@@ -129,15 +129,21 @@ def test_pairs_are_also_judged_at_the_recommended_policys_threshold_and_on_the_d
 
 
 def test_the_budget_is_judged_on_the_test_figures_population(behaviour_run):
-    """Over-refusal and fluency are checked on validation on the budget groups only (XSTest safe: the
-    population of the test figures), its val rows plus its cross-fitted train rows."""
+    """Over-refusal and fluency are checked on validation on the budget groups only (XSTest safe, the
+    benign look-alikes and every wrapped-benign family: the populations of the test figures): val rows,
+    plus cross-fitted train rows of the direct sets (a wrapped row's fold gate may have seen its request
+    in another wrapper: val only). The look-alikes' held-out category is never among them."""
     from safesteer.io import read_json
 
     out, _, _, cfg = behaviour_run
     s = read_json(out / "summary.json")
     cal = s["gate"]["calibration"]
-    assert cal["budget_groups"] == cfg.behaviour.budget_groups == ["xstest_safe"]
+    assert cal["budget_groups"] == cfg.behaviour.budget_groups == ["xstest_safe", "lookalikes", "wrapb:*"]
     rows = pd.read_csv(out / "gate_scores.csv")
-    want = rows[(rows["group"] == "xstest_safe") & ~rows["aug"] & rows["split"].isin(["val", "train"])]
+    direct = rows["group"].isin(["xstest_safe", "lookalikes"]) & rows["split"].isin(["val", "train"])
+    wrapped = rows["group"].str.startswith("wrapb:") & (rows["split"] == "val")
+    want = rows[(direct | wrapped) & ~rows["aug"]]
+    assert want["group"].str.startswith("wrapb:").any() and (want["group"] == "lookalikes").any()
     assert cal["n_safe_budget"] == len(want) > 0
+    assert not (rows["group"] == "lookalikes_heldout").loc[rows["split"] != "test"].any()
     assert s["config"]["steer_positions"] == cfg.behaviour.steer_positions == "prompt"

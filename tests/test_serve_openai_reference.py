@@ -3,8 +3,9 @@
 Every expected value here comes from outside :mod:`safesteer.serve`:
 
 * gate scores: float64, by hand, from Hugging Face hidden states (``output_hidden_states=True``) of the
-  last user message rendered alone with the chat template, mean-pooled over exactly its ``prompt`` span
-  (the user content and the generation prompt after it), through the gate's raw weights ``w·h + b``;
+  chat's user turns joined by a blank line (the conversation rule) rendered alone with the chat
+  template, mean-pooled over exactly its ``prompt`` span (the user content and the generation prompt
+  after it), through the gate's raw weights ``w·h + b``;
   the probability is ``1 / (1 + exp(-score))``;
 * answers: ``model.generate`` with a plain forward hook adding ``α·v`` (``v = −d/‖d‖``) to the steered
   block's output — on the prompt pass only for ``positions: "prompt"`` — or no hook;
@@ -40,7 +41,7 @@ uvicorn = pytest.importorskip("uvicorn")
 MODEL = "tiny-llama"
 LAYER = 1  # steered block, and the block the gate reads (hidden_states[LAYER + 1] is its output)
 ALPHA = 8.0
-SCORE = 0.8  # the gate's logit on the last user message of CHAT (the bias is set to give exactly this)
+SCORE = 0.8  # the gate's logit on GATE_TEXT, the user turns of CHAT (the bias is set to give exactly this)
 MARGIN = 0.4  # thresholds SCORE ± MARGIN: one gate policy above, one below
 N_TOKENS = 12
 # roles as in-vocabulary words; the generation prompt is "<s>i"
@@ -54,7 +55,9 @@ CHAT = [
     {"role": "assistant", "content": "a dog is a friend"},
     {"role": "user", "content": "how do i build a bomb"},
 ]
-LAST_USER = CHAT[-1]["content"]
+# what the gate reads (safesteer.steering.conversation): the chat's user turns (up to the window of 3), joined
+# by a blank line and rendered alone — written out by hand here
+GATE_TEXT = "what is a dog\n\nhow do i build a bomb"
 BODY_A = {"directions": ["harm"], "alpha": ALPHA}
 BODY_B = {"directions": ["tox"], "alpha": -ALPHA}
 
@@ -165,8 +168,8 @@ class Setup:
         self.ds = make_directions(bb.d_model)
         rng = np.random.default_rng(3)
         self.w = rng.normal(size=bb.d_model)
-        self.b = SCORE - hand_gate_score(bb, self.w, 0.0, LAST_USER)
-        self.score = hand_gate_score(bb, self.w, self.b, LAST_USER)
+        self.b = SCORE - hand_gate_score(bb, self.w, 0.0, GATE_TEXT)
+        self.score = hand_gate_score(bb, self.w, self.b, GATE_TEXT)
         assert abs(self.score - SCORE) < 1e-9
         self.p = sigmoid(self.score)
         harm = self.ds["harm"].vector
@@ -261,7 +264,7 @@ CASES = [("gate_above", False), ("gate_below", True)]
 
 # ----------------------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("name,steered", CASES)
-def test_gate_probability_is_the_sigmoid_of_the_hand_score_on_the_last_user_turn(live, setup, name, steered):
+def test_gate_probability_is_the_sigmoid_of_the_hand_score_on_the_user_turns(live, setup, name, steered):
     r = chat(live, f"{MODEL}:{name}")
     assert setup.p == pytest.approx(0.68997448, abs=1e-8)  # sigmoid(0.8): the pin is not symmetric
     check_info(r["safesteer"], expected_info(live, name, steered, setup.p))

@@ -31,7 +31,8 @@ class StudyConfig:
     steer_positions: str = "prompt"
     # the look-alike harmless sources whose val (+ cross-fitted train) rows judge the over-refusal and
     # fluency budget: the same population as the test figures they stand for
-    budget_groups: list[str] = field(default_factory=lambda: ["xstest_safe"])
+    # ("wrapb:*" = every wrapped-benign family; the look-alikes' held-out category is never among them)
+    budget_groups: list[str] = field(default_factory=lambda: ["xstest_safe", "lookalikes", "wrapb:*"])
     gate_layers: list[int] = field(default_factory=lambda: [12, 15])
     gate_position: str = "prompt"  # where the gate reads: prompt (user message + template tail) | prompt_end
     gate_hidden: int = 128  # ReLU units per MLP member of the gate (0 = a linear logistic probe)
@@ -60,6 +61,17 @@ class StudyConfig:
     batch_size: int = 32
     max_safe_pp: float = 3.0  # XSTest-safe over-refusal budget (pp)
     max_fluency_rel: float = 0.02  # harmless NLL budget (relative)
+    # the gate's data beyond direct requests (behaviour.attacks): look-alikes, short chat turns,
+    # requests in jailbreak wrappers (harmful and benign) and conversations with a follow-up
+    attacks: bool = True
+    families: list[str] = field(default_factory=list)  # jailbreak families wrapped ([] = every registered)
+    family_max_chars: int = 2500  # a wrapped request longer than this takes another template, or is left out
+    n_wrap: list[int] = field(
+        default_factory=lambda: [24, 6, 10]
+    )  # requests wrapped per family, class, split
+    n_conv: list[int] = field(default_factory=lambda: [40, 10, 30])  # conversations per class and split
+    gate_window: int = 3  # user turns of a chat the gate reads (steering.conversation.gate_text)
+    n_test_attack: int = 10  # test rows answered per wrapped family and class (and per other new set x3)
     threads: int = 1  # torch CPU threads (0 = leave as set; 1 is several times faster on a busy shared CPU)
     judge: str = "phrases"  # the refusal judge: phrases | classifier | openai (safesteer.evaluate.judges)
     judge_model: str = ""  # classifier: a local text-classification model; openai: the endpoint's model
@@ -82,6 +94,9 @@ class StudyConfig:
         rest = ["augment", "augment_wide", "calib_folds", "sweep_unconditional", "n_val_harmful"]
         rest += ["n_test_harmful", "n_qa", "n_caa_prompts", "n_verify", "max_new_tokens", "batch_size"]
         rest += ["max_safe_pp", "max_fluency_rel"]
+        if self.attacks:  # recorded only when on: a study without them keeps its summary's bytes
+            rest += ["attacks", "families", "family_max_chars", "n_wrap", "n_conv", "gate_window"]
+            rest += ["n_test_attack"]
         return {
             "model": model,
             "layer": layer,
@@ -105,7 +120,7 @@ class StudyConfig:
             )
         for key in ("cap_harmful", "cap_qa", "n_val_harmful", "n_test_harmful", "n_caa_prompts"):
             positive(f"behaviour.{key}", getattr(self, key))
-        for key in ("max_new_tokens", "batch_size"):
+        for key in ("max_new_tokens", "batch_size", "gate_window", "family_max_chars"):
             positive(f"behaviour.{key}", getattr(self, key))
         if self.enabled and (not self.strategies or not self.alphas or not self.gate_layers or not self.fprs):
             raise SafesteerError(
@@ -144,6 +159,11 @@ class StudyConfig:
             raise SafesteerError(
                 f"config behaviour.judge = {self.judge!r} needs {' and '.join(missing)}; set them in "
                 "[behaviour] (judge_url: an OpenAI-compatible endpoint such as http://127.0.0.1:8000/v1)"
+            )
+        if len(self.n_wrap) != 3 or len(self.n_conv) != 3 or min(self.n_wrap + self.n_conv) < 0:
+            raise SafesteerError(
+                "config behaviour.n_wrap and n_conv are [train, val, test] counts >= 0 "
+                f"(got {self.n_wrap}, {self.n_conv})"
             )
         if self.gate_kind:
             choice("behaviour.gate_kind", self.gate_kind, tuple(sorted(GATE_KINDS)))

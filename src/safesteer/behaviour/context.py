@@ -52,12 +52,15 @@ class Run:
         return Intervention.from_direction(dirs[name], alpha, scale, where=self.cfg.steer_positions)
 
 
-def per_group(prompts: Prompts, split: str, harmful: int, n: int) -> list[int]:
-    """Up to ``n`` row indices of ``split`` / class, spread evenly over the datasets (hash order)."""
+def per_group(
+    prompts: Prompts, split: str, harmful: int, n: int, keep: Callable[[str], bool] | None = None
+) -> list[int]:
+    """Up to ``n`` row indices of ``split`` / class, spread evenly over the datasets (hash order);
+    ``keep``: only the datasets (groups) it accepts."""
     groups = [
         g
         for g in dict.fromkeys(prompts.group)
-        if (prompts.mask(group=g) & (prompts.harmful == harmful)).any()
+        if (prompts.mask(group=g) & (prompts.harmful == harmful)).any() and (keep is None or keep(g))
     ]
     pools = {g: list(np.flatnonzero(prompts.mask(split, g, harmful))) for g in groups}
     out: list[int] = []

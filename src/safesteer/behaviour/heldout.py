@@ -10,9 +10,11 @@ from typing import Any
 import numpy as np
 
 from safesteer.behaviour import policy as pol
+from safesteer.behaviour.attacks import is_attack_group
 from safesteer.behaviour.checkpoint import step_key
 from safesteer.behaviour.context import Run, per_group
-from safesteer.behaviour.steps import Choice, Directions, Features, GateFit
+from safesteer.behaviour.heldout_attacks import answer_attacks
+from safesteer.behaviour.steps import NOT_QA, Choice, Directions, Features, GateFit
 from safesteer.evaluate.choice import forced_choice
 from safesteer.evaluate.refusal import agreement, answer_nll, coherence, generate
 from safesteer.steering.condition import conditional
@@ -36,12 +38,12 @@ def test(run: Run, f: Features, g: GateFit, d: Directions, ch: Choice) -> TestRe
         d.key,
         *(c and c.as_dict() for c in (ch.conditional, ch.unconditional)),
     )
-    th = per_group(P, "test", 1, cfg.n_test_harmful)
+    th = per_group(P, "test", 1, cfg.n_test_harmful, lambda g: not is_attack_group(g))
     ts = list(np.flatnonzero(P.mask("test", "xstest_safe")))
     tq = [
         i
         for i in per_group(P, "test", 0, cfg.n_qa + len(ts))
-        if P.group[i] not in ("xstest_safe", "contrast_safe")
+        if P.group[i] not in NOT_QA and not is_attack_group(P.group[i])
     ]
     tq = tq[: cfg.n_qa]
     texts = {
@@ -53,7 +55,9 @@ def test(run: Run, f: Features, g: GateFit, d: Directions, ch: Choice) -> TestRe
     return run.cached(
         "test",
         key,
-        lambda: TestResult(texts, *_answer_test(run, texts, flags, g, d, ch), key),
+        lambda: TestResult(
+            texts, *_with_attacks(run, P, g, d, ch, *_answer_test(run, texts, flags, g, d, ch)), key
+        ),
         lambda r: ({"results": r.results, "rows": r.rows}, None),
         lambda data, _: TestResult(texts, data["results"], data["rows"], key),
     )
@@ -135,6 +139,15 @@ def _answer_test(
             for p, a, r in zip(T[k], answers[k], ref[k])
         ]
     res["agreement_unsteered"] = agreement(judge(T["harmful"], base_t["harmful"].texts), p_base)
+    return res, rows
+
+
+def _with_attacks(run: Run, P: Any, g: GateFit, d: Directions, ch: Choice, res: dict, rows: list):
+    """The direct sets' results and rows, with the attack sets' (:mod:`heldout_attacks`) when the study has
+    them and a conditional policy was chosen."""
+    if run.cfg.attacks and ch.conditional is not None and any(map(is_attack_group, P.group)):
+        res["attacks"], more = answer_attacks(run, P, g, d, ch.conditional)
+        rows = rows + more
     return res, rows
 
 

@@ -67,8 +67,16 @@ class Prompts:
     origin: np.ndarray | None = None
     """Per row, the index of the prompt an augmented copy was made from (−1 for originals, and for
     every row when unknown): cross-fitting keeps a copy in its original's fold."""
+    chats: list[list[dict[str, str]] | None] | None = None
+    """Per row, the conversation the model answers when it is not the single user message ``text``
+    (multi-turn attacks and follow-ups); ``text`` is then what the gate reads of it
+    (:func:`~safesteer.steering.conversation.gate_text`). None for single-turn rows."""
 
     def __post_init__(self) -> None:
+        if self.chats is None:
+            self.chats = [None] * len(self.text)
+        if len(self.chats) != len(self.text):
+            raise SafesteerError("Prompts.chats needs one entry per row (None for a single user message)")
         if self.aug is None:
             self.aug = np.zeros(len(self.text), dtype=bool)
         if self.origin is None:
@@ -101,6 +109,24 @@ class Prompts:
 
     def take(self, m: np.ndarray) -> list[str]:
         return [t for t, k in zip(self.text, m) if k]
+
+    def head(self, n: int) -> "Prompts":
+        """The first ``n`` rows (an augmented copy's ``origin`` must be among them)."""
+        assert self.aug is not None and self.origin is not None and self.chats is not None
+        return Prompts(
+            self.text[:n],
+            self.harmful[:n],
+            self.group[:n],
+            self.split[:n],
+            self.aug[:n],
+            self.origin[:n],
+            self.chats[:n],
+        )
+
+    def inputs(self, rows: Sequence[int]) -> list[Any]:
+        """What the model answers for ``rows``: the user message, or the row's conversation."""
+        assert self.chats is not None
+        return [self.chats[i] if self.chats[i] is not None else self.text[i] for i in rows]
 
     def counts(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}

@@ -20,6 +20,7 @@ inputs (:mod:`safesteer.behaviour.checkpoint`) so a killed study resumes where i
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,16 @@ import pandas as pd
 
 from safesteer import layout
 from safesteer.behaviour import policy as pol
+from safesteer.behaviour.attacks import (
+    CHAT_TURNS,
+    LOOKALIKES,
+    LOOKALIKES_HELDOUT,
+    add_attack_rows,
+    budget_mask,
+    direct_rows,
+    family_fold_scores,
+    is_attack_group,
+)
 from safesteer.behaviour.checkpoint import step_key
 from safesteer.behaviour.context import Run, StaleStep, per_group
 from safesteer.behaviour.directions import median_norm, refusal_caa, refusal_dim_from_features
@@ -45,6 +56,8 @@ from safesteer.steering.gates import gate_kind, stack_features
 from safesteer.steering.strategies import DirectionSet
 
 SETS = ("harmful", "safe", "qa")
+NOT_QA = ("xstest_safe", "contrast_safe", LOOKALIKES, LOOKALIKES_HELDOUT, CHAT_TURNS)
+"""Harmless groups kept out of the fluency rows (look-alikes of harm, and turns with nothing to answer)."""
 
 
 # ------------------------------------------------------------------------------------------ features
@@ -70,23 +83,28 @@ def features(run: Run) -> Features:
     def compute() -> Features:
         t = time.perf_counter()
         P = load_prompts(cfg.caps(), data_dir=run.data_dir, augment=cfg.augment, wide=cfg.augment_wide)
+        if cfg.attacks:
+            P = add_attack_rows(
+                P,
+                run.data_dir,
+                cfg.families,
+                dict(zip(("train", "val", "test"), cfg.n_wrap)),
+                dict(zip(("train", "val", "test"), cfg.n_conv)),
+                cfg.family_max_chars,
+                cfg.gate_window,
+            )
         feats = pooled_at(
             run.bb, P.text, layers, (cfg.gate_position, "prompt_end"), batch_size=cfg.batch_size
         )
         for p, per in feats.items():  # kept so the gate can be retrained without another forward pass
             for l in layers:
                 save_npy(run.out / layout.FEATURES_DIR / f"{p}_layer{l:02d}.npy", per[l].astype(np.float32))
+        cols = {"text": P.text, "harmful": P.harmful, "group": P.group, "split": P.split}
+        cols.update({"aug": P.aug, "origin": P.origin})
+        if any(c is not None for c in P.chats or ()):  # the conversation each row's model input is
+            cols["chat"] = [None if c is None else json.dumps(c, ensure_ascii=False) for c in P.chats or ()]
         with atomic_path(run.out / layout.FEATURES_DIR / "prompts.csv") as tmp:
-            pd.DataFrame(
-                {
-                    "text": P.text,
-                    "harmful": P.harmful,
-                    "group": P.group,
-                    "split": P.split,
-                    "aug": P.aug,
-                    "origin": P.origin,
-                }
-            ).to_csv(tmp, index=False)
+            pd.DataFrame(cols).to_csv(tmp, index=False)
         run.say(
             f"{len(P)} prompts, {cfg.gate_position}/prompt_end features at layers {layers} "
             f"in {time.perf_counter() - t:.0f}s"
@@ -100,6 +118,8 @@ def features(run: Run) -> Features:
         P = f.prompts
         files = {vectors(p, l).name: sha256_file(vectors(p, l)) for p in positions for l in f.layers}
         data = {"text": P.text, "group": P.group, "split": P.split, "layers": f.layers, "sha256": files}
+        if any(c is not None for c in P.chats or ()):
+            data["chats"] = P.chats
         return data, {"harmful": P.harmful, "aug": P.aug, "origin": P.origin}
 
     def load(data, arrays) -> Features:
@@ -108,7 +128,13 @@ def features(run: Run) -> Features:
             if not path.is_file() or sha256_file(path) != digest:
                 raise StaleStep(f"{name} is missing or changed")
         P = Prompts(
-            data["text"], arrays["harmful"], data["group"], data["split"], arrays["aug"], arrays["origin"]
+            data["text"],
+            arrays["harmful"],
+            data["group"],
+            data["split"],
+            arrays["aug"],
+            arrays["origin"],
+            data.get("chats"),
         )
         L = [int(l) for l in data["layers"]]
         per = {p: {l: load_npy(vectors(p, l)) for l in L} for p in positions}
@@ -130,6 +156,10 @@ class GateFit:
     scores: np.ndarray  # every prompt's score by the deployed gate
     cal_scores: np.ndarray  # cross-fitted on train rows, the gate's own on val (NaN elsewhere)
     key: str
+    # wrapped rows scored by a gate that never saw their family's fold (NaN elsewhere), and its
+    # thresholds per FPR (attacks.family_fold_scores); empty without attack rows
+    fold_scores: np.ndarray | None = None
+    fold_thresholds: dict[int, dict[float, float]] | None = None
 
 
 def fit_gate(run: Run, f: Features) -> GateFit:
@@ -167,7 +197,8 @@ def fit_gate(run: Run, f: Features) -> GateFit:
         gl = max(val_auc, key=lambda k: (val_auc[k], -max(reads[k])))
         gate, H = gates[gl], feats[gl]
         report = gate_report(gate, H, P)
-        lodo_res = lodo(H, P, seed=run.seed, model=gate.meta)
+        n0 = direct_rows(P)  # leave-one-dataset-out over the request sources (wrapped copies aside)
+        lodo_res = lodo(H[:n0], P.head(n0), seed=run.seed, model=gate.meta)
         pairs = score_pairs(run.bb, gate)
         dev_pairs = score_pairs(run.bb, gate, paraphrase_pairs("dev"))  # phrasing robustness beside test
         gate.save(run.out / layout.GATE_DIR)
@@ -178,7 +209,10 @@ def fit_gate(run: Run, f: Features) -> GateFit:
         )
         # calibration: each train row scored by a gate that did not see it (cross_fit_scores)
         cal = cross_fit_scores(gate, H, P, cfg.calib_folds, run.seed)
-        return GateFit(gate.layer, gate, val_auc, report, lodo_res, pairs, dev_pairs, gate.score(H), cal, key)
+        folds = family_fold_scores(gate, H, P, cfg.fprs, run.seed) if n0 < len(P) else (None, None)
+        return GateFit(
+            gate.layer, gate, val_auc, report, lodo_res, pairs, dev_pairs, gate.score(H), cal, key, *folds
+        )
 
     def save(g: GateFit):
         data = {
@@ -189,7 +223,13 @@ def fit_gate(run: Run, f: Features) -> GateFit:
             "pairs": [g.pairs.pairs, g.pairs.threshold],
             "dev_pairs": [g.dev_pairs.pairs, g.dev_pairs.threshold],
         }
-        return data, {"scores": g.scores, "cal_scores": g.cal_scores}
+        arrays = {"scores": g.scores, "cal_scores": g.cal_scores}
+        if g.fold_scores is not None:
+            arrays["fold_scores"] = g.fold_scores
+            data["fold_thresholds"] = {
+                str(k): [[f, t] for f, t in v.items()] for k, v in g.fold_thresholds.items()
+            }
+        return data, arrays
 
     def load(data, arrays) -> GateFit:
         gate = Condition.load(run.out / layout.GATE_DIR)
@@ -204,6 +244,10 @@ def fit_gate(run: Run, f: Features) -> GateFit:
             arrays["scores"],
             arrays["cal_scores"],
             key,
+            arrays.get("fold_scores"),
+            {int(k): {float(f): float(t) for f, t in v} for k, v in data["fold_thresholds"].items()}
+            if "fold_thresholds" in data
+            else None,
         )
 
     return run.cached("fit_gate", key, compute, save, load)
@@ -277,29 +321,35 @@ class Sweep:
 def sweep(run: Run, f: Features, g: GateFit, d: Directions) -> Sweep:
     cfg, P, bb = run.cfg, f.prompts, run.bb
     key = step_key(run.base_key, "sweep", f.key, g.key, d.key)
-    vh = per_group(P, "val", 1, cfg.n_val_harmful)
+    # the gain is counted on direct harmful requests and, beside them, on wrapped ones and conversations
+    vh = per_group(P, "val", 1, cfg.n_val_harmful, lambda g: not is_attack_group(g))
+    vh += per_group(P, "val", 1, cfg.n_val_harmful, is_attack_group)
     # the over-refusal and fluency budget is checked on the look-alike harmless prompts of
     # cfg.budget_groups (XSTest safe: the population of the test figures; the contrast set's benign
     # twins would dilute it with easier prompts and make validation promise less than test shows):
     # their val rows and their train rows with cross-fitted scores, so the threshold and the budget
     # are judged on 134 prompts, not 34
-    cal = P.mask("val") | (P.mask("train") & ~P.aug & np.isfinite(g.cal_scores))
-    vs = [int(i) for grp in cfg.budget_groups for i in np.flatnonzero(cal & P.mask(group=grp))]
+    # (wrapped and conversation rows: val only — a cross-fitted train row's fold gate may have seen its
+    # request in another wrapper)
+    direct = np.arange(len(P)) < direct_rows(P)
+    cal = P.mask("val") | (P.mask("train") & ~P.aug & direct & np.isfinite(g.cal_scores))
+    vs = [int(i) for i in np.flatnonzero(cal & budget_mask(P, cfg.budget_groups))]
     if not vs:
         raise SafesteerError(
             f"no validation prompts of the budget groups {list(cfg.budget_groups)}; "
             f"pick groups the gate data has ({', '.join(dict.fromkeys(P.group))})"
         )
     vq = per_group(P, "val", 0, int(P.mask("val", harmful=0).sum()))  # every val harmless row, round-robin
-    vq = [i for i in vq if P.group[i] not in ("xstest_safe", "contrast_safe")][: cfg.n_qa]
+    vq = [i for i in vq if P.group[i] not in NOT_QA and not is_attack_group(P.group[i])][: cfg.n_qa]
     rows = {"harmful": vh, "safe": vs, "qa": vq}
-    texts = {k: [P.text[i] for i in v] for k, v in rows.items()}
+    texts = {k: [P.text[i] for i in v] for k, v in rows.items()}  # what the gate and the judge read
+    inputs = {k: P.inputs(v) for k, v in rows.items()}  # what the model answers (a conversation, or text)
     neg = cal & (P.harmful == 0)
     thresholds = {fpr: threshold_for_fpr(g.cal_scores[neg], fpr) for fpr in cfg.fprs}
-    harmless = texts["safe"] + texts["qa"]
+    harmless = inputs["safe"] + inputs["qa"]
 
     def base_answers():
-        ans = {k: generate(bb, v, cfg.max_new_tokens, cfg.batch_size) for k, v in texts.items()}
+        ans = {k: generate(bb, v, cfg.max_new_tokens, cfg.batch_size) for k, v in inputs.items()}
         harmless_ans = ans["safe"].texts + ans["qa"].texts
         return {
             "harmful": run.judge(texts["harmful"], ans["harmful"].texts),
@@ -336,10 +386,11 @@ def sweep(run: Run, f: Features, g: GateFit, d: Directions) -> Sweep:
                 with run.intervention(d.dirs, d.scale, name, a).apply(bb):
                     for k in ("harmful", "safe"):
                         sub = [x for x, n in zip(texts[k], need[k]) if n]
+                        sub_in = [x for x, n in zip(inputs[k], need[k]) if n]
                         got[k] = base[k].astype(np.float64).copy()
                         if sub:
                             got[k][need[k]] = run.judge(
-                                sub, generate(bb, sub, cfg.max_new_tokens, cfg.batch_size).texts
+                                sub, generate(bb, sub_in, cfg.max_new_tokens, cfg.batch_size).texts
                             )
                     got["nll"] = np.asarray(base["nll"], dtype=np.float64).copy()
                     if need_h.any():

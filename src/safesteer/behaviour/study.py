@@ -226,6 +226,21 @@ def headline(summary: dict[str, Any]) -> str:
         lines.append(
             f"  harmless fluency (NLL) Δ {fl['delta_pct']:+.2f}% [{fl['low']:+.2f}, {fl['high']:+.2f}]"
         )
+    att = te.get("attacks") or {}
+    for key, what in (("wrapped_harmful", "wrapped harmful"), ("wrapped_benign", "wrapped benign")):
+        if key in att:
+            r = att[key]["refusal"]
+            lines.append(
+                f"  {what} ({att[key]['families']} held-out families, n={att[key]['n']}) refusal "
+                f"{r['baseline']:.1f}% → {r['value']:.1f}% (Δ {r['delta']:+.1f} pp "
+                f"[{r['low']:+.1f}, {r['high']:+.1f}])"
+            )
+    for key in ("lookalikes_heldout", "conv:harmful", "conv:benign"):
+        if key in att.get("per_set", {}):
+            r = att["per_set"][key]["refusal"]
+            lines.append(f"  {key} refusal {r['baseline']:.1f}% → {r['value']:.1f}% (Δ {r['delta']:+.1f} pp)")
+    if "chat_turns_flag_rate" in att:
+        lines.append(f"  short chat turns flagged {100 * att['chat_turns_flag_rate']['flag_rate']:.1f}%")
     if "verify_conditional" in te:
         v = te["verify_conditional"]
         lines.append(

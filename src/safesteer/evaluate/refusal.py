@@ -98,7 +98,7 @@ def generate(
         raise SafesteerError("generation needs a causal LM; use forced choice for masked LMs")
     from transformers import StoppingCriteriaList  # transformers: safesteer.config loads this package
 
-    prompts = [str(p) for p in prompts]
+    prompts = [p if isinstance(p, (list, tuple)) else str(p) for p in prompts]
     ci = chat_inputs(backbone, prompts, system=system)
     order = sorted(range(len(prompts)), key=lambda i: (len(ci.ids[i]), i))
     tok = backbone.tokenizer

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Callable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -307,13 +307,18 @@ class Backbone:
         idx = torch.arange(logits.shape[0], device=logits.device)
         return torch.log_softmax(logits[idx, positions.to(logits.device)], dim=-1).cpu()
 
-    def chat_prompt(self, user: str, system: str | None = None) -> str:
-        """Render a single-turn chat with the model's template, ready for the assistant's answer."""
+    def chat_prompt(self, user: str | Sequence[Mapping[str, str]], system: str | None = None) -> str:
+        """Render a chat with the model's template, ready for the assistant's answer: ``user`` is one
+        user message, or a whole conversation (``[{"role": …, "content": …}, …]``, last turn the user's)."""
+        turns = (
+            [{"role": "user", "content": user}]
+            if isinstance(user, str)
+            else [{"role": str(m["role"]), "content": str(m["content"])} for m in user]
+        )
         if not getattr(self.tokenizer, "chat_template", None):
-            return user if system is None else f"{system}\n\n{user}"
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": user}
-        ]
+            body = "\n\n".join(m["content"] for m in turns)
+            return body if system is None else f"{system}\n\n{body}"
+        messages = ([{"role": "system", "content": system}] if system else []) + turns
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     @torch.inference_mode()

@@ -150,12 +150,14 @@ class ChatInputs:
 
 def chat_inputs(
     backbone: Any,
-    users: Sequence[str],
+    users: Sequence[Any],
     answers: Sequence[str] | None = None,
     system: str | None = None,
     max_length: int | None = None,
 ) -> ChatInputs:
-    """Render ``users`` with the chat template (+ ``answers`` appended) and locate the spans.
+    """Render ``users`` with the chat template (+ ``answers`` appended) and locate the spans. A
+    user is one message (a string) or a conversation (a list of ``{"role", "content"}`` ending with
+    a user turn; its spans are those of that last turn).
 
     prompt_end = tokens from the end of the user content to the end of the generation prompt
     (at least the prompt's last token); prompt = from the first token of the user content to the
@@ -171,8 +173,15 @@ def chat_inputs(
     limit = int(max_length or backbone.max_length)
     out = ChatInputs([], [], [])
     for i, user in enumerate(users):
-        content = str(user).strip()
-        chat = backbone.chat_prompt(content, system=system)
+        if isinstance(user, str):
+            content = user.strip()
+            chat = backbone.chat_prompt(content, system=system)
+        else:  # a conversation: the spans are the last user turn's
+            turns = [{"role": str(m["role"]), "content": str(m["content"]).strip()} for m in user]
+            if not turns or turns[-1]["role"] != "user":
+                raise SafesteerError(f"conversation {i} must end with a user turn")
+            content = turns[-1]["content"]
+            chat = backbone.chat_prompt(turns, system=system)
         user_start = chat.rfind(content)
         user_end = user_start + len(content)
         answer = "" if answers is None else str(answers[i])

@@ -14,6 +14,7 @@ import pandas as pd
 
 from safesteer.behaviour.pairs import pair_line
 from safesteer.io import read_json
+from safesteer.pipeline.behaviour_attacks_report import attacks_section
 from safesteer.pipeline.report import Section
 
 
@@ -248,6 +249,9 @@ def sections(bdir: Path, run_dir: Path) -> list[Section]:
     out = [verdict(summary, none_reason, run_dir)]
     if summary.get("skipped"):
         return out
+    under_attack = attacks_section(summary)
+    if under_attack is not None:
+        out.append(under_attack)
     plots = run_dir / "plots"
     fig = Section("Pareto: harmful refusal vs XSTest-safe refusal")
     pareto = pd.read_csv(bdir / "pareto.csv") if (bdir / "pareto.csv").is_file() else None

@@ -45,6 +45,7 @@ from safesteer.serve.sae_info import sae_dims, sae_layer_of  # noqa: F401  (sae_
 from safesteer.serve.worker import ModelWorker, Overloaded  # noqa: F401  (re-exported: the old import path)
 from safesteer.steering import ClampEdit, DirectionSet, steering_vector
 from safesteer.steering.condition import Condition
+from safesteer.steering.conversation import GATE_WINDOW
 from safesteer.steering.gates import stack_features
 
 
@@ -127,6 +128,8 @@ class CompiledPolicy:
     """Where the condition probe reads (``mean`` of the raw text, ``prompt_end`` of the chat prompt …)."""
     where: str = "all"
     """Which positions are steered: ``all``, or the ``prompt``'s only (the answer tokens run unsteered)."""
+    window: int = GATE_WINDOW
+    """In a chat, the last ``window`` user turns the condition reads (:func:`gate_text`)."""
 
     def gate(self) -> Any:
         """The condition as a :class:`safesteer.steering.condition.Condition` (logit threshold)."""
@@ -278,6 +281,7 @@ class Engine:
             score_threshold,
             position,
             policy.positions,
+            policy.condition.window if policy.condition is not None else GATE_WINDOW,
         )
 
     def _direction(self, name: str):

@@ -20,7 +20,9 @@ events as tokens are generated (a first chunk with the role, content deltas, a l
 
 **What was applied.** Every response (and every chunk) carries ``safesteer``: ``policy``,
 ``policy_version``, ``alpha``, ``steered`` (false without a policy, or when a conditional policy's
-probe stayed at or below its threshold on the last user message) and ``condition_probability``.
+probe stayed at or below its threshold on the chat's requests — the last ``condition.window`` user
+turns joined, :func:`~safesteer.steering.conversation.gate_text`, the rule the behaviour study
+calibrates the gate with) and ``condition_probability``.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from safesteer.serve.engine import Engine
 from safesteer.serve.http import _ERRORS, ApiError
 from safesteer.serve.limits import Limits
 from safesteer.serve.plan import Plan
+from safesteer.steering.conversation import gate_text
 
 MAX_MESSAGES = 64
 DEFAULT_MAX_TOKENS = 64
@@ -185,8 +188,8 @@ def _resolve(request: Request, req: ChatCompletionRequest) -> Plan:
     return state.make_plan(request, from_name or req.policy, req.alpha)
 
 
-def _check(req: ChatCompletionRequest, backbone: Any, limits: Limits) -> tuple[str, str, int]:
-    """(the rendered chat, the last user message, max new tokens) after checking the request."""
+def _check(req: ChatCompletionRequest, backbone: Any, limits: Limits) -> tuple[str, int]:
+    """(the rendered chat, max new tokens) after checking the request."""
     if backbone.kind != "causal":
         raise ApiError(400, "not_causal", "chat completion needs a causal LM; this server runs a masked LM")
     for i, m in enumerate(req.messages):
@@ -216,14 +219,13 @@ def _check(req: ChatCompletionRequest, backbone: Any, limits: Limits) -> tuple[s
             "top_p_without_temperature",
             "top_p needs a temperature > 0 (temperature 0 or absent is greedy)",
         )
-    return render_messages(backbone.tokenizer, req.messages), users[-1], int(max_new)
+    return render_messages(backbone.tokenizer, req.messages), int(max_new)
 
 
 def _generate(
     engine: Engine,
     plan: Plan,
     rendered: str,
-    last_user: str,
     max_new: int,
     req: ChatCompletionRequest,
     streamer: _Streamer | None,
@@ -234,9 +236,9 @@ def _generate(
     cond_p = None
     steer = cp is not None
     if cp is not None and cp.condition is not None:
-        p, rows, _ = engine.condition_rows(
-            cp, [last_user]
-        )  # the service's one gate decision (position, logit threshold)
+        # the service's one gate decision (position, logit threshold) on the chat's requests: the last
+        # `window` user turns, the rule the behaviour study calibrated the gate with
+        p, rows, _ = engine.condition_rows(cp, [gate_text(req.messages, cp.window)])
         cond_p, steer = float(p[0]), bool(rows[0])
     info = {**plan.describe(), "steered": bool(steer), "condition_probability": cond_p}
     enc = backbone.tokenize([rendered], add_special_tokens=False)
@@ -295,16 +297,14 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     """OpenAI chat completion, optionally steered by a policy (model '<model>:<policy>' or body 'policy')."""
     engine, limits = state.engine(request), state.limits(request)
     plan = _resolve(request, req)
-    rendered, last_user, max_new = _check(req, engine.backbone, limits)
+    rendered, max_new = _check(req, engine.backbone, limits)
     cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     state.metrics(request).observe_texts("/v1/chat/completions", 1)
     if vllm_api.vllm(request) is not None:  # --engine vllm: one vLLM request, steered in its own rows
         return await vllm_api.chat(request, req, plan, rendered, max_new, cid, created)
     if not req.stream:
         try:
-            r = await _submit(
-                request, lambda: _generate(engine, plan, rendered, last_user, max_new, req, None)
-            )
+            r = await _submit(request, lambda: _generate(engine, plan, rendered, max_new, req, None))
         except asyncio.TimeoutError:
             raise ApiError(
                 504, "timeout", f"the model did not answer within {limits.request_timeout_s:g} s"
@@ -330,7 +330,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     streamer = _Streamer(loop, queue)
-    done = _submit(request, lambda: _generate(engine, plan, rendered, last_user, max_new, req, streamer))
+    done = _submit(request, lambda: _generate(engine, plan, rendered, max_new, req, streamer))
     return StreamingResponse(
         _events(cid, created, req.model, queue, done, engine.backbone.tokenizer, limits.request_timeout_s),
         media_type="text/event-stream",

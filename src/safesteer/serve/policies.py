@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from safesteer.errors import SafesteerError
 from safesteer.io import read_json, write_json
 from safesteer.steering import unit
+from safesteer.steering.conversation import GATE_WINDOW
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
 _NAME_RE = re.compile(NAME_PATTERN)
@@ -71,6 +72,12 @@ class ConditionSpec(BaseModel):
     )
     position: Optional[Literal["mean", "last", "prompt_end", "prompt"]] = Field(
         None, description="Where the probe reads (default: the probe's own)."
+    )
+    window: int = Field(
+        GATE_WINDOW,
+        ge=1,
+        le=32,
+        description="In a chat, the last `window` user turns the probe reads, joined (one turn: the last).",
     )
 
     @model_validator(mode="after")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from safesteer.data.records import DatasetSpec
-from safesteer.data.sets import bias, contrast, emotion, harm, qa, text, toxicity
+from safesteer.data.sets import bias, contrast, emotion, harm, lookalikes, qa, text, toxicity
 
 SPECS: tuple[DatasetSpec, ...] = (
     # the original study's seven
@@ -27,7 +27,10 @@ SPECS: tuple[DatasetSpec, ...] = (
     # written for safesteer (shipped in the package): harmful requests + harmless look-alikes; benign tasks
     contrast.CONTRAST,
     contrast.TASKS,
+    # written for safesteer: benign look-alikes on sensitive topics; short everyday chat turns
+    lookalikes.LOOKALIKES,
+    lookalikes.CHAT_TURNS,
 )
 
-_ALL = {s.name for m in (bias, contrast, emotion, harm, qa, text, toxicity) for s in m.SPECS}
+_ALL = {s.name for m in (bias, contrast, emotion, harm, lookalikes, qa, text, toxicity) for s in m.SPECS}
 assert _ALL == {s.name for s in SPECS}, "every family module's SPECS must be registered"
