@@ -143,6 +143,9 @@ class VllmEngine:
             raise self._error
 
     def _build(self) -> None:
+        # vLLM imports torch.utils.cpp_extension, which imports setuptools; setuptools' distutils hack
+        # asserts when the standard library's distutils was imported before (by another package): keep it
+        os.environ.setdefault("SETUPTOOLS_USE_DISTUTILS", "stdlib")
         import torch
         from vllm import EngineArgs
         from vllm.forward_context import get_forward_context
