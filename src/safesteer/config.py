@@ -42,6 +42,32 @@ class RunSection:
     distributed: bool = False  # under torchrun: extract, sae and encode split across ranks (same results)
 
 
+SERVE_ENGINES = ("hf", "vllm")
+
+
+@dataclass
+class ServeSection:
+    """``[serve]``: how ``safesteer serve --run`` serves this run (CLI options override it)."""
+
+    engine: str = "hf"  # hf: the Hugging Face model, one worker thread | vllm: vLLM's engine (the vllm extra)
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    max_model_len: int = 2048  # vllm: tokens per request (prompt + answer)
+    max_num_seqs: int = 64  # vllm: requests batched together
+    kv_cache_gb: float = 1.0  # vllm: KV cache size (RAM on the CPU backend)
+
+    def validate(self) -> None:
+        if self.engine not in SERVE_ENGINES:
+            raise SafesteerError(
+                f"config serve.engine = {self.engine!r} unknown; valid choices: {', '.join(SERVE_ENGINES)}"
+            )
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "max_model_len", "max_num_seqs"):
+            if getattr(self, name) < 1:
+                raise SafesteerError(f"config serve.{name} must be at least 1, got {getattr(self, name)}")
+        if not self.kv_cache_gb > 0:
+            raise SafesteerError(f"config serve.kv_cache_gb must be > 0, got {self.kv_cache_gb}")
+
+
 @dataclass
 class Config:
     run: RunSection = field(default_factory=RunSection)
@@ -56,6 +82,7 @@ class Config:
     directions: DirectionsSection = field(default_factory=DirectionsSection)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
     behaviour: StudyConfig = field(default_factory=StudyConfig)
+    serve: ServeSection = field(default_factory=ServeSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

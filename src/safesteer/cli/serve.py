@@ -80,6 +80,15 @@ def _probe_name(folder: Path) -> str:
     return str(meta.get("label") or folder.name)
 
 
+def _serve_section(run: Path | None):
+    """The run's ``[serve]`` section (defaults without a run)."""
+    from safesteer.config import ServeSection, load_config
+
+    if run is None or not (Path(run) / "config.toml").is_file():
+        return ServeSection()
+    return load_config(Path(run) / "config.toml").serve
+
+
 def _is_loopback(host: str) -> bool:
     if host in ("localhost",):
         return True
@@ -145,10 +154,36 @@ def register(app: typer.Typer) -> None:
             None, "--threads", min=1, help="torch intra-op threads (default: torch's choice)."
         ),
         log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
+        engine: Optional[str] = typer.Option(
+            None,
+            "--engine",
+            help="hf (the Hugging Face model, one worker thread) or vllm (vLLM's engine: continuous "
+            "batching, paged KV cache; pip install 'safesteer[vllm]') (default: [serve] or hf).",
+        ),
+        tensor_parallel_size: Optional[int] = typer.Option(
+            None, "--tensor-parallel-size", min=1, help="vllm: tensor parallel size (default: [serve] or 1)."
+        ),
+        pipeline_parallel_size: Optional[int] = typer.Option(
+            None, "--pipeline-parallel-size", min=1, help="vllm: pipeline stages (default: [serve] or 1)."
+        ),
+        max_model_len: Optional[int] = typer.Option(
+            None, "--max-model-len", min=1, help="vllm: tokens per request (default: [serve] or 2048)."
+        ),
+        kv_cache_gb: Optional[float] = typer.Option(
+            None, "--kv-cache-gb", min=0.01, help="vllm: KV cache size in GiB (default: [serve] or 1)."
+        ),
     ) -> None:
         """Serve a steered model over HTTP with policies that can be changed while it runs."""
         from safesteer.serve import Limits, PolicyStore
 
+        section = _serve_section(run)
+        engine = engine if engine is not None else section.engine
+        if engine not in ("hf", "vllm"):
+            raise SafesteerError(f"--engine {engine!r} unknown; valid choices: hf, vllm")
+        if engine == "vllm":
+            from safesteer.serve.vllm_engine import require_vllm
+
+            require_vllm()  # before anything loads: one line naming the install
         api_key = None
         if api_key_env:
             api_key = os.environ.get(api_key_env)
@@ -211,18 +246,42 @@ def register(app: typer.Typer) -> None:
             from safesteer.sae import load_sae
 
             sae_obj = load_sae(sae)
-        from safesteer.models import load_backbone
-
         if threads is not None:
             import torch
 
             torch.set_num_threads(threads)
-        typer.echo(f"loading {model} …", err=True)
-        backbone = load_backbone(model)
+        typer.echo(f"loading {model} ({engine}) …", err=True)
+        vllm = None
+        if engine == "vllm":
+            from safesteer.models.registry import resolve_model
+            from safesteer.serve.vllm_engine import TokenizerBackbone, VllmEngine, VllmSettings
+
+            path = str(resolve_model(model).path)
+            settings = VllmSettings(
+                tensor_parallel_size=tensor_parallel_size or section.tensor_parallel_size,
+                pipeline_parallel_size=pipeline_parallel_size or section.pipeline_parallel_size,
+                max_model_len=max_model_len or section.max_model_len,
+                max_num_seqs=section.max_num_seqs,
+                kv_cache_gb=kv_cache_gb or section.kv_cache_gb,
+            )
+            backbone = TokenizerBackbone(model, path)
+            vllm = VllmEngine(path, settings)
+        else:
+            from safesteer.models import load_backbone
+
+            backbone = load_backbone(model)
         from safesteer.serve.app import create_app
 
         app_ = create_app(
-            backbone, ds, served, store, api_key=api_key, limits=limits, sae=sae_obj, sae_layer=sae_layer
+            backbone,
+            ds,
+            served,
+            store,
+            api_key=api_key,
+            limits=limits,
+            sae=sae_obj,
+            sae_layer=sae_layer,
+            vllm=vllm,
         )
         if not _is_loopback(host) and not api_key:
             typer.echo(
@@ -237,4 +296,8 @@ def register(app: typer.Typer) -> None:
         )
         import uvicorn
 
-        uvicorn.run(app_, host=host, port=port, log_level=log_level)
+        try:
+            uvicorn.run(app_, host=host, port=port, log_level=log_level)
+        finally:
+            if vllm is not None:
+                vllm.close()

@@ -28,7 +28,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from safesteer import __version__
-from safesteer.serve import openai_api, routes
+from safesteer.serve import openai_api, routes, vllm_api
 from safesteer.serve.engine import Engine, ServedProbe, served_probes
 from safesteer.serve.http import GuardMiddleware, _install_handlers
 from safesteer.serve.limits import Limits
@@ -57,6 +57,7 @@ def create_app(
     limits: Limits | None = None,
     sae: Any = None,
     sae_layer: int | None = None,
+    vllm: Any = None,
 ) -> FastAPI:
     """The steering service for one loaded ``backbone``.
 
@@ -64,7 +65,10 @@ def create_app(
     (layer from ``probe.meta["layer"]``), ``name → (probe, layer)`` or :class:`ServedProbe`s.
     ``policy_store``: where policies live (default: in memory); its policies are validated now.
     ``api_key``: required (``X-API-Key`` or ``Authorization: Bearer``) for PUT/DELETE of policies.
-    ``sae`` (+ ``sae_layer``): enables atom clamps in policies.
+    ``sae`` (+ ``sae_layer``): enables atom clamps in policies. ``vllm``: a
+    :class:`~safesteer.serve.vllm_engine.VllmEngine` that runs generation (``backbone`` is then its
+    :class:`~safesteer.serve.vllm_engine.TokenizerBackbone`); policies are also checked against what it
+    can serve (:func:`~safesteer.serve.vllm_api.check_policy`).
     """
     limits = limits or Limits()
     engine = Engine(
@@ -76,7 +80,7 @@ def create_app(
         limits,
     )
     store = policy_store if policy_store is not None else PolicyStore()
-    store.bind(engine.compile)
+    store.bind(engine.compile if vllm is None else (lambda p: vllm_api.check_policy(engine.compile(p))))
     metrics = Metrics()
     worker = ModelWorker(
         engine.lock,
@@ -107,6 +111,7 @@ def create_app(
         metrics,
         limits,
     )
+    app.state.vllm = vllm
     app.state.model_name, app.state.api_key, app.state.started = model_name, api_key, int(time.time())
     _install_handlers(app)
     app.add_middleware(

@@ -39,7 +39,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from safesteer.models.backbone import render_chat
-from safesteer.serve import state
+from safesteer.serve import state, vllm_api
 from safesteer.serve.engine import Engine
 from safesteer.serve.http import _ERRORS, ApiError
 from safesteer.serve.limits import Limits
@@ -301,6 +301,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     rendered, max_new = _check(req, engine.backbone, limits)
     cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     state.metrics(request).observe_texts("/v1/chat/completions", 1)
+    if vllm_api.vllm(request) is not None:  # --engine vllm: one vLLM request, steered in its own rows
+        return await vllm_api.chat(request, req, plan, rendered, max_new, cid, created)
     if not req.stream:
         try:
             r = await _submit(request, lambda: _generate(engine, plan, rendered, max_new, req, None))

@@ -20,7 +20,7 @@ from starlette.routing import Match
 
 from safesteer import __version__
 from safesteer.errors import SafesteerError
-from safesteer.serve import state
+from safesteer.serve import state, vllm_api
 from safesteer.serve.http import _ERRORS, API_KEY_HEADER, ApiError, _clean_errors, _first_message
 from safesteer.serve.policies import Policy, PolicyBody, PolicyStorageError, valid_name
 from safesteer.serve.schemas import (
@@ -110,6 +110,12 @@ def batched(
     return fn
 
 
+def hf_only(request: Request, route: str) -> None:
+    """400 for a route the vLLM engine does not serve (it reads no probe vectors or answer logits)."""
+    if vllm_api.vllm(request) is not None:
+        raise ApiError(400, "not_on_vllm", f"{route} is served by the HF engine only; serve with --engine hf")
+
+
 # ------------------------------------------------------------------------------------- steering
 @steering.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS, tags=["steering"])
 async def score(req: ScoreRequest, request: Request) -> dict[str, Any]:
@@ -117,6 +123,7 @@ async def score(req: ScoreRequest, request: Request) -> dict[str, Any]:
     steering."""
     engine = state.engine(request)
     texts = check_texts(request, req.texts, "texts")
+    hf_only(request, "/v1/score")
     if not engine.probes:
         raise ApiError(400, "no_probes", "the server has no probes; start it with --probes")
     names = list(dict.fromkeys(req.probes or engine.probes))
@@ -144,6 +151,7 @@ async def choice(req: ChoiceRequest, request: Request) -> dict[str, Any]:
     """Forced-choice P(Yes) / P(No) for a question about each text (safesteer.evaluate.choice)."""
     engine = state.engine(request)
     texts = check_texts(request, req.texts, "texts")
+    hf_only(request, "/v1/choice")
     if not engine.can_choose:
         raise ApiError(
             400,
@@ -179,6 +187,10 @@ async def generate(req: GenerateRequest, request: Request) -> dict[str, Any]:
     if not req.do_sample and (req.temperature is not None or req.top_p is not None):
         raise ApiError(422, "sampling_options_without_sampling", "temperature/top_p need do_sample: true")
     plan = state.make_plan(request, req.policy, req.alpha)
+    if vllm_api.vllm(request) is not None:
+        result = await vllm_api.generate(request, req, plan)
+        state.metrics(request).observe_texts("/v1/generate", len(prompts))
+        return {"model": state.model_name(request), **plan.describe(), **result}
 
     def fn(payloads: list[list[str]]) -> list[dict[str, Any]]:
         return [
@@ -292,6 +304,8 @@ async def healthz(request: Request) -> dict[str, Any]:
         "policies": state.store(request).names(),
         "auth": bool(request.app.state.api_key),
         "queue": state.worker(request).queued,
+        "engine": "hf" if vllm_api.vllm(request) is None else "vllm",
+        "running": 0 if vllm_api.vllm(request) is None else vllm_api.vllm(request).running,
         "limits": asdict(state.limits(request)),
     }
 
@@ -303,6 +317,10 @@ async def prometheus(request: Request) -> PlainTextResponse:
         {
             "safesteer_policies": ("Policies currently served.", float(len(state.store(request)))),
             "safesteer_queue_depth": ("Jobs waiting for the model.", float(state.worker(request).queued)),
+            "safesteer_engine_running": (
+                "Requests running on the vLLM engine (0 on the HF engine).",
+                float(0 if vllm_api.vllm(request) is None else vllm_api.vllm(request).running),
+            ),
         }
     )
     return PlainTextResponse(text, media_type=PROMETHEUS_CONTENT_TYPE)
