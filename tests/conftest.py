@@ -79,6 +79,14 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def qwen():
+    """Qwen2.5-Coder-0.5B-Instruct (six PyPI wheels, converted once to the cache), loaded once per session."""
+    from safesteer.models import load_backbone
+
+    return load_backbone("qwen2.5-coder-0.5b")
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The data folder (``SAFESTEER_DATA_DIR``, else ../shared/data); skipped when absent, failed under
     CI=true."""

