@@ -211,6 +211,7 @@ def tiny_behaviour_section(section):
     section.n_qa, section.n_caa_prompts, section.n_verify = 4, 4, 4
     section.max_new_tokens, section.batch_size = 4, 16
     # attack rows: two requests per family and class in train, one in val, two in test
+    section.attacks, section.budget_groups = True, ["xstest_safe", "lookalikes", "wrapb:*"]
     section.n_wrap, section.n_conv, section.n_test_attack = [2, 1, 2], [3, 1, 2], 2
     section.n_answer_gate, section.answer_gate_fpr = (
         24,

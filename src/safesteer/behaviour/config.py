@@ -32,7 +32,7 @@ class StudyConfig:
     # the look-alike harmless sources whose val (+ cross-fitted train) rows judge the over-refusal and
     # fluency budget: the same population as the test figures they stand for
     # ("wrapb:*" = every wrapped-benign family; the look-alikes' held-out category is never among them)
-    budget_groups: list[str] = field(default_factory=lambda: ["xstest_safe", "lookalikes", "wrapb:*"])
+    budget_groups: list[str] = field(default_factory=lambda: ["xstest_safe"])
     gate_layers: list[int] = field(default_factory=lambda: [12, 15])
     gate_position: str = "prompt"  # where the gate reads: prompt (user message + template tail) | prompt_end
     gate_hidden: int = 128  # ReLU units per MLP member of the gate (0 = a linear logistic probe)
@@ -63,7 +63,8 @@ class StudyConfig:
     max_fluency_rel: float = 0.02  # harmless NLL budget (relative)
     # the gate's data beyond direct requests (behaviour.attacks): look-alikes, short chat turns,
     # requests in jailbreak wrappers (harmful and benign) and conversations with a follow-up
-    attacks: bool = True
+    # off by default: on, the stage takes ~48 CPU-minutes here (configs/attacks.toml turns it on)
+    attacks: bool = False
     families: list[str] = field(default_factory=list)  # jailbreak families wrapped ([] = every registered)
     family_max_chars: int = 2000  # a wrapped request longer than this takes another template, or is left out
     n_wrap: list[int] = field(default_factory=lambda: [16, 4, 8])  # wrapped per family, class: train/val/test
