@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 SHARED_DATA := $(abspath ../shared/data)
 export SAFESTEER_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/README.md),$(SHARED_DATA),)
 
-.PHONY: venv install install-test run test test-all lint format mutants clean
+.PHONY: venv install install-test run test test-all lint format mutants mutants-study clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -70,5 +70,21 @@ mutants: install-test
 	$(BIN)/python bench/mutants.py mutants > bench/mutants.md
 	@cat bench/mutants.md
 
+# The study's orchestration and self-checks: only the tiny study (integration, ~20 s a mutant) runs them, so a
+# seeded sample of MUTANTS_SAMPLE mutants per module is checked, in a copy of the tree (.mutants-study/) whose
+# [tool.mutmut] is [tool.safesteer.mutants-study]. The first mutmut call only generates the mutants (its
+# filter matches none); report in .mutants-study/mutants.md.
+MUTANTS_SAMPLE ?= 30
+DATA_DIR ?= $(abspath ../shared/data)
+mutants-study: install-test
+	@$(BIN)/python -c "import mutmut" 2>/dev/null || $(BIN)/pip install -q mutmut==$(MUTMUT_VERSION)
+	$(BIN)/python bench/mutants.py prepare study .mutants-study
+	cd .mutants-study && export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 SAFESTEER_DATA_DIR=$${SAFESTEER_DATA_DIR:-$(DATA_DIR)} \
+	  && ($(abspath $(BIN))/mutmut run --max-children $(MUTANTS_JOBS) "generate.only" >/dev/null 2>&1 || true) \
+	  && $(abspath $(BIN))/mutmut run --max-children $(MUTANTS_JOBS) \
+	       $$($(abspath $(BIN))/python ../bench/mutants.py sample $(MUTANTS_SAMPLE)) || true
+	cd .mutants-study && $(abspath $(BIN))/python ../bench/mutants.py mutants > mutants.md
+	@cat .mutants-study/mutants.md
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache mutants
+	rm -rf $(VENV) runs .pytest_cache mutants .mutants-study
