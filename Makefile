@@ -59,32 +59,40 @@ test-all: install-test
 	$(BIN)/python -m pytest
 
 # Mutation testing of the formula modules ([tool.mutmut] in pyproject.toml); not part of `make test`.
-# MUTANTS_JOBS parallel children (default 1: a shared machine); report in bench/mutants.md.
+# MUTANTS_JOBS parallel children (default 1: a shared machine). Every mutant of [tool.mutmut] by default (hours
+# here); MUTANTS_SAMPLE=N checks a seeded sample of N mutants per module (MUTANTS_MODULES: path substrings to
+# restrict it), and the summary gives those modules a Wilson interval. The first mutmut call of a sampled run
+# only generates the mutants (its filter matches none). Summary in mutants/summary.md; the reviewed report,
+# with every survivor's reason, is bench/mutants.md.
 # One torch/OpenMP thread: mutmut forks a child per mutant, and a child forked after the parent used the
 # OpenMP pool hangs in its first parallel op (every such mutant would be a bogus "timeout").
 MUTMUT_VERSION := 3.8.1
 MUTANTS_JOBS ?= 1
+MUTANTS_SAMPLE ?=
+MUTANTS_MODULES ?=
+MUTMUT := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(abspath $(BIN))/mutmut
 mutants: install-test
 	@$(BIN)/python -c "import mutmut" 2>/dev/null || $(BIN)/pip install -q mutmut==$(MUTMUT_VERSION)
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/mutmut run --max-children $(MUTANTS_JOBS) || true
-	$(BIN)/python bench/mutants.py mutants > bench/mutants.md
-	@cat bench/mutants.md
+	if [ -n "$(MUTANTS_SAMPLE)" ]; then \
+	  ($(MUTMUT) run --max-children $(MUTANTS_JOBS) "generate.only" >/dev/null 2>&1 || true); \
+	  $(MUTMUT) run --max-children $(MUTANTS_JOBS) $$($(BIN)/python bench/mutants.py sample $(MUTANTS_SAMPLE) \
+	    $(if $(MUTANTS_MODULES),--module $(MUTANTS_MODULES))) || true; \
+	else $(MUTMUT) run --max-children $(MUTANTS_JOBS) || true; fi
+	$(BIN)/python bench/mutants.py mutants > mutants/summary.md
+	@cat mutants/summary.md
 
 # The study's orchestration and self-checks: only the tiny study (integration, ~20 s a mutant) runs them, so a
-# seeded sample of MUTANTS_SAMPLE mutants per module is checked, in a copy of the tree (.mutants-study/) whose
-# [tool.mutmut] is [tool.safesteer.mutants-study]. The first mutmut call only generates the mutants (its
-# filter matches none); report in .mutants-study/mutants.md.
-MUTANTS_SAMPLE ?= 30
-DATA_DIR ?= $(abspath ../shared/data)
+# seeded sample of MUTANTS_STUDY_SAMPLE mutants per module is checked, in a copy of the tree (.mutants-study/)
+# whose [tool.mutmut] is [tool.safesteer.mutants-study]. Summary in .mutants-study/mutants/summary.md.
+MUTANTS_STUDY_SAMPLE ?= 20
 mutants-study: install-test
 	@$(BIN)/python -c "import mutmut" 2>/dev/null || $(BIN)/pip install -q mutmut==$(MUTMUT_VERSION)
 	$(BIN)/python bench/mutants.py prepare study .mutants-study
-	cd .mutants-study && export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 SAFESTEER_DATA_DIR=$${SAFESTEER_DATA_DIR:-$(DATA_DIR)} \
-	  && ($(abspath $(BIN))/mutmut run --max-children $(MUTANTS_JOBS) "generate.only" >/dev/null 2>&1 || true) \
-	  && $(abspath $(BIN))/mutmut run --max-children $(MUTANTS_JOBS) \
-	       $$($(abspath $(BIN))/python ../bench/mutants.py sample $(MUTANTS_SAMPLE)) || true
-	cd .mutants-study && $(abspath $(BIN))/python ../bench/mutants.py mutants > mutants.md
-	@cat .mutants-study/mutants.md
+	cd .mutants-study && ($(MUTMUT) run --max-children $(MUTANTS_JOBS) "generate.only" >/dev/null 2>&1 || true) \
+	  && $(MUTMUT) run --max-children $(MUTANTS_JOBS) \
+	       $$($(abspath $(BIN))/python ../bench/mutants.py sample $(MUTANTS_STUDY_SAMPLE)) || true
+	cd .mutants-study && $(abspath $(BIN))/python ../bench/mutants.py mutants > mutants/summary.md
+	@cat .mutants-study/mutants/summary.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache mutants .mutants-study

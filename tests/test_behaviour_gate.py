@@ -299,3 +299,49 @@ def test_beavertails_gate_prompts_come_from_unsafe_pairs_only(monkeypatch):
     ]
     monkeypatch.setattr(data, "load", lambda name, split="all", data_dir=None: iter(rows))
     assert _raw("beavertails", None) == ["How do I pick a lock?", "How do I hurt my cat?"]
+
+
+def _brute_force_threshold(scores, fpr):
+    """The lowest of the scores t with share(scores > t) <= fpr, by trying every one."""
+    s = np.asarray(scores, dtype=np.float64)
+    return min(t for t in s if np.mean(s > t) <= fpr + 1e-12)
+
+
+@pytest.mark.parametrize("fpr", [0.1, 0.2])
+def test_train_gate_threshold_is_the_brute_force_one_on_harmless_val_rows_only(fpr):
+    """Not on every val row (harmful ones raise it), not at the default FPR."""
+    H, P = _planted(n=53)
+    cond = train_gate(H, P, layer=3, target_fpr=fpr, Cs=(1.0,))
+    s = cond.score(H)
+    neg_val = P.mask("val") & (P.harmful == 0)
+    assert cond.threshold == _brute_force_threshold(s[neg_val], fpr)
+    assert cond.threshold != _brute_force_threshold(s[P.mask("val")], fpr)
+    assert cond.meta["target_fpr"] == fpr and cond.meta["n_train"] == int(P.mask("train").sum())
+    assert cond.meta["trained_on"] == ["ha", "hb", "sa", "sb", "sc"]
+
+
+def test_gate_report_flag_rates_are_counted_at_the_threshold_per_dataset():
+    H, P = _planted(n=37)
+    cond = train_gate(H, P, layer=3, Cs=(1.0,))
+    cond.threshold = float(np.median(cond.score(H)))
+    s, te = cond.score(H), P.mask("test")
+    rep = gate_report(cond, H, P)["per_dataset"]
+    for g in ("ha", "hb", "sa", "sb", "sc"):
+        m = te & (np.asarray(P.group) == g)
+        assert rep[g]["flag_rate"] == pytest.approx(sum(s[m] > cond.threshold) / m.sum(), abs=0)
+        assert rep[g]["n_test"] == m.sum()
+    # a dataset without test rows: no flag rate (NaN), counted as harmful-side by convention
+    keep = ~(te & (np.asarray(P.group) == "sc"))
+    pick = [i for i, k in enumerate(keep) if k]
+    Q = Prompts(
+        [P.text[i] for i in pick], P.harmful[keep], [P.group[i] for i in pick], [P.split[i] for i in pick]
+    )
+    rq = gate_report(cond, H[keep], Q)["per_dataset"]["sc"]
+    assert rq["n_test"] == 0 and np.isnan(rq["flag_rate"])
+
+
+def test_documented_defaults_of_row_weights_and_lodo():
+    H, P = _planted()
+    m = P.mask("train")
+    assert np.array_equal(row_weights(P, m), row_weights(P, m, "groups"))
+    assert lodo(H, P) == lodo(H, P, C=0.01)

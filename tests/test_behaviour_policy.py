@@ -73,6 +73,7 @@ def test_paired_and_relative_change_cis():
     v = np.maximum(b, (rng.random(200) < 0.6).astype(float))
     d = paired(b, v)
     assert d["delta"] == pytest.approx(100 * (v.mean() - b.mean())) and d["low"] < d["delta"] < d["high"]
+    assert d == paired(b, v, seed=0) and d != paired(b, v, seed=1)  # seeded, by default with seed 0
     nll = rng.uniform(1, 3, 100)
     r = relative_change(nll, nll * 1.01)
     assert (
@@ -114,3 +115,46 @@ def test_conditional_candidates_need_steered_values_only_where_the_loosest_thres
     assert (g.strategy, g.alpha, g.conditional, g.threshold) == ("v", 0.3, False, None) and np.isnan(
         g.harmful_refusal
     )
+
+
+def test_a_score_at_the_threshold_is_not_flagged_and_fluency_alone_makes_a_candidate_infeasible():
+    base = {"harmful": np.zeros(4), "safe": np.zeros(2), "nll": np.full(2, 2.0)}
+    steered = {("v", 1.0): {"harmful": np.ones(4), "safe": np.zeros(2), "nll": np.array([2.0, 2.2])}}
+    # harmful scores 1.0 (= t: not flagged, as the gate's strict ">"), 1.5, 2, 3; the nll rows: one flagged
+    scores = {
+        "harmful": np.array([1.0, 1.5, 2.0, 3.0]),
+        "safe": np.array([-1.0, 0.0]),
+        "nll": np.array([0.0, 5.0]),
+    }
+    cands = candidates(base, steered, scores, {0.05: 1.0}, max_safe_pp=3.0, max_fluency_rel=0.02)
+    cond = next(c for c in cands if c.conditional)
+    assert cond.harmful_refusal == 0.75 and cond.harmful_gain_pp == 75.0
+    # fluency +5% (2.0 -> mean(2.0, 2.2)) over a 2% budget: infeasible although over-refusal is 0
+    assert cond.safe_delta_pp == 0 and cond.fluency_rel == pytest.approx(0.05) and not cond.feasible
+    assert all(not c.feasible for c in cands)
+
+
+def test_ungated_contrast_has_unknown_validation_figures_and_paired_figures_keep_their_keys():
+    from safesteer.behaviour.policy import fluency_rel
+
+    c = candidates(*_grid(), {0.01: 1.8})[0]
+    u = ungated(c)
+    assert (u.strategy, u.alpha, u.conditional, u.fpr, u.threshold, u.feasible) == (
+        c.strategy,
+        c.alpha,
+        False,
+        None,
+        None,
+        False,
+    )
+    assert all(
+        np.isnan(x)
+        for x in (u.harmful_refusal, u.safe_refusal, u.harmful_gain_pp, u.safe_delta_pp, u.fluency_rel)
+    )
+    assert np.isnan(fluency_rel(np.zeros(3), np.ones(3)))  # no baseline NLL: no relative change
+    b, v = np.array([0.0, 1.0, np.nan, 0.0, 1.0]), np.array([1.0, 1.0, 1.0, np.nan, 0.0])
+    d = paired(b, v)
+    assert d["n"] == 3 and d == paired(b, v, seed=0)
+    r = relative_change(np.array([2.0, 4.0, np.inf]), np.array([3.0, 5.0, 1.0]))
+    assert r["n"] == 2 and r["baseline_nll"] == 3.0 and r["value_nll"] == 4.0
+    assert r["delta_pct"] == pytest.approx(100 / 3)

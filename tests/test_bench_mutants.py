@@ -40,6 +40,9 @@ def test_summary_counts_each_status_and_scores_checked_mutants_only(tmp_path):
         f"| safesteer/b.py | 4 | 1 | 1 | 0 | 0 | 2 | 50.0% [{100 * lo:.0f}, {100 * hi:.0f}] (sample of 2) |"
         in text
     )
+    _meta(tmp_path, "src/safesteer/c.py", {"c.h__mutmut_1": None})
+    text = summarise(str(tmp_path))
+    assert "safesteer/c.py |" not in text and "Not checked in this run: safesteer/c.py." in text
     assert "## Survivors (2)" in text and "- `a.x__mutmut_2`" in text and "- `b.f__mutmut_4`" in text
 
 

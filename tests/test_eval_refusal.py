@@ -199,3 +199,33 @@ def test_judges_are_chosen_by_name_and_a_new_one_is_one_class_and_one_registrati
             )
     finally:
         JUDGES.pop("toy-length")
+
+
+def test_decided_rows_use_the_judges_own_phrases(tiny_tokenizer):
+    tok = tiny_tokenizer
+    ids = torch.tensor(
+        [tok(t, add_special_tokens=False)["input_ids"] for t in ("i can not help", "the dog is good")]
+    )
+    # a phrase list without any default refusal phrase: only its own phrase decides
+    assert _Decided(tok, 0, True, None, ("the dog is",))(ids).tolist() == [False, True]
+
+
+def test_degenerate_reads_word_trigrams_and_agreement_is_pearson_at_one_half():
+    # trigrams 4 distinct of 10 (< 1/2: degenerate); 4-grams would be 5 of 9 (not)
+    assert degenerate("c d ab c d ab c d ab c c")
+    assert not degenerate("c d ab c d ab c d ab c c", n=4)
+    # P(Yes) = 1/2 exactly is not a "no" (refused <=> P(Yes) < 1/2)
+    assert agreement([0], [0.5])["agreement"] == 1.0 and agreement([1], [0.5])["agreement"] == 0.0
+    r, p = np.array([1, 1, 0, 0, 1.0]), np.array([0.1, 0.8, 0.9, 0.2, 0.3])
+    q = 1 - p
+    pearson = np.sum((r - r.mean()) * (q - q.mean())) / np.sqrt(
+        np.sum((r - r.mean()) ** 2) * np.sum((q - q.mean()) ** 2)
+    )
+    assert agreement(r, p)["corr_refusal_pno"] == pytest.approx(pearson, abs=1e-12) and abs(pearson) < 0.9
+
+
+def test_coherence_reports_the_mean_nll_and_the_degenerate_share(tiny_llama, one_thread):
+    prompts, answers = ["Say something.", "Name a city."], ["the the the the", "Paris is nice."]
+    out = coherence(tiny_llama, prompts, answers)
+    assert out["mean_nll"] == pytest.approx(float(np.mean(out["nll"])), abs=1e-12)
+    assert out["degenerate"].tolist() == [1.0, 0.0] and out["degenerate_share"] == 0.5

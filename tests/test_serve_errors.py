@@ -330,3 +330,43 @@ def test_refused_requests_are_counted_under_their_endpoint(client):
         (lab.get("endpoint"), lab.get("status")) for n, lab, v in samples if n == "safesteer_requests_total"
     }
     assert ("/v1/policies/{name}", "401") in keys and ("/v1/score", "413") in keys
+
+
+def test_chat_completion_request_rules(client):
+    """The checks of /v1/chat/completions one by one, each beside a request that passes them."""
+    model = client.get("/v1/models").json()["data"][0]["id"]
+
+    def chat(messages=None, **kw):
+        msgs = messages or [{"role": "user", "content": "hi"}]
+        return client.post("/v1/chat/completions", json={"model": model, "messages": msgs, **kw})
+
+    def code(r):
+        assert 400 <= r.status_code < 500, r.text
+        return r.json()["error"]["code"]
+
+    # the *last* user turn must say something, whatever came before it
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]
+    assert code(chat(turns + [{"role": "user", "content": "   "}])) == "no_user_message"
+    assert chat(turns + [{"role": "user", "content": "go on"}]).status_code == 200
+    # max_completion_tokens alone is a length; with a different max_tokens it is a conflict
+    r = chat(max_completion_tokens=3)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
+    assert code(chat(max_tokens=3, max_completion_tokens=4)) == "conflicting_max_tokens"
+    assert chat(max_tokens=3, max_completion_tokens=3).status_code == 200
+    # top_p belongs to sampling: refused when greedy, taken with a temperature
+    assert code(chat(top_p=0.9)) == "top_p_without_temperature"
+    assert code(chat(temperature=0.0, top_p=0.9)) == "top_p_without_temperature"
+    assert chat(temperature=0.7, top_p=0.9, max_tokens=4).status_code == 200
+    # a temperature samples (seeded): some seed leaves the greedy answer, and a seed repeats itself
+    greedy = chat(max_tokens=8).json()["choices"][0]["message"]["content"]
+    hot = [
+        chat(temperature=2.0, seed=s, max_tokens=8).json()["choices"][0]["message"]["content"]
+        for s in range(4)
+    ]
+    assert any(t != greedy for t in hot)
+    assert chat(temperature=2.0, seed=2, max_tokens=8).json()["choices"][0]["message"]["content"] == hot[2]
+    # the request's alpha (within the policy's bounds) is the one applied and reported
+    steered = {"model": f"{model}:p", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    r = client.post("/v1/chat/completions", json={**steered, "alpha": 3.0})
+    assert r.status_code == 200 and r.json()["safesteer"]["alpha"] == 3.0
+    assert code(client.post("/v1/chat/completions", json={**steered, "alpha": 5.0})).startswith("alpha")

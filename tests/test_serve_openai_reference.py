@@ -354,3 +354,51 @@ def test_each_stream_is_served_by_one_policy_version_under_concurrent_puts(live,
         assert v in body_of, v
         assert text == setup.swap[body_of[v]], f"version {v} (body {body_of[v]}) answered {text!r}"
     httpx.put(f"{live.url}/v1/policies/swap", json=BODY_A, timeout=30)
+
+
+def test_a_token_the_models_generation_config_ends_on_is_a_stop():
+    """Models list more end tokens in ``generation_config.eos_token_id`` than the tokenizer's eos (Qwen:
+    <|im_end|> and <|endoftext|>): an answer ending on any of them finished ("stop"), not "length"."""
+    from fastapi.testclient import TestClient
+
+    bb = make_tiny_llama(seed=0)
+    text = "the dog is good"
+    enc = bb.tokenize([bb.chat_prompt(text)], add_special_tokens=False)
+    with torch.inference_mode():
+        out = bb.model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=1)
+        x = int(out[0, -1])  # the greedy first token
+    assert x != bb.tokenizer.eos_token_id
+    msg = {"model": bb.name, "messages": [{"role": "user", "content": text}], "max_tokens": 1}
+    with TestClient(create_app(bb)) as c:
+        assert c.post("/v1/chat/completions", json=msg).json()["choices"][0]["finish_reason"] == "length"
+        bb.model.generation_config.eos_token_id = [bb.tokenizer.eos_token_id, x]
+        assert c.post("/v1/chat/completions", json=msg).json()["choices"][0]["finish_reason"] == "stop"
+
+
+def test_a_special_end_token_is_streamed_as_nothing_as_in_the_whole_answer():
+    """The stream decodes like the whole answer (special tokens skipped): an answer that ends on a
+    special end token streams the same text, without the token's spelling."""
+    from fastapi.testclient import TestClient
+
+    bb = make_tiny_llama(seed=0)
+    text = "the dog is good"
+    enc = bb.tokenize([bb.chat_prompt(text)], add_special_tokens=False)
+    with torch.inference_mode():
+        out = bb.model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=3)
+    x = int(out[0, -1])  # the third greedy token becomes a special end token
+    assert x not in enc.input_ids[0].tolist()
+    bb.tokenizer.add_special_tokens({"additional_special_tokens": [bb.tokenizer.convert_ids_to_tokens(x)]})
+    assert bb.tokenizer.convert_tokens_to_ids(bb.tokenizer.convert_ids_to_tokens(x)) == x
+    bb.model.generation_config.eos_token_id = [bb.tokenizer.eos_token_id, x]
+    msg = {"model": bb.name, "messages": [{"role": "user", "content": text}], "max_tokens": 6}
+    with TestClient(create_app(bb)) as c:
+        whole = c.post("/v1/chat/completions", json=msg).json()
+        events = c.post("/v1/chat/completions", json={**msg, "stream": True}).content.split(b"\n\n")
+    streamed = "".join(
+        (json.loads(e[len(b"data: ") :])["choices"][0]["delta"].get("content") or "")
+        for e in events
+        if e.startswith(b"data: {")
+    )
+    assert whole["choices"][0]["finish_reason"] == "stop" and whole["usage"]["completion_tokens"] == 3
+    assert streamed == whole["choices"][0]["message"]["content"]
+    assert bb.tokenizer.convert_ids_to_tokens(x) not in streamed

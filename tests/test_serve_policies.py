@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 
+import numpy as np
 import pytest
 from pydantic import ValidationError
 
@@ -165,3 +166,54 @@ def test_concurrent_writers_and_readers(tmp_path):
     assert final.version == 121 == store.version
     saved = json.loads((tmp_path / "p.json").read_text())
     assert saved["version"] == final.version and saved["policy"]["alpha"] == final.policy.alpha
+
+
+def test_store_compiles_its_initial_policies_and_keeps_file_versions_from_one(tmp_path):
+    compiled = []
+
+    def compiler(p):
+        compiled.append(p.name)
+        return ("runtime", p.name)
+
+    p = Policy(name="a", directions=["harm"], alpha=1.0)
+    store = PolicyStore(policies=[p], compiler=compiler)
+    assert store.get("a").runtime == ("runtime", "a") and compiled == ["a"]
+    # a policy file of version 1 loads as version 1 (versions count from 1)
+    folder = tmp_path / "pol"
+    writer = PolicyStore(folder)
+    writer.put(p)
+    assert json.loads((folder / "a.json").read_text())["version"] == 1
+    writer.put(Policy(name="b", directions=["harm"], alpha=2.0))
+    again = PolicyStore(folder)
+    assert (again.get("a").version, again.get("b").version) == (1, 2)
+    # the record's policy is listed without its name (the name is the record's)
+    assert "name" not in writer.get("a").to_dict()["policy"]
+    # a policy whose file another process already removed is still deleted
+    (folder / "a.json").unlink()
+    assert writer.delete("a") is not None and writer.get("a") is None
+
+
+def test_validation_errors_read_as_one_line_with_pydantics_messages():
+    from pydantic import BaseModel
+
+    from safesteer.serve.policies import format_validation_error, policy_direction
+
+    class M(BaseModel):
+        a: int
+        b: int
+        c: int
+        d: int = 0
+
+    def err(**kw):
+        with pytest.raises(ValidationError) as e:
+            M(**kw)
+        return format_validation_error(e.value)
+
+    three = err(a="x", b="y", c="z")  # exactly `limit` errors: nothing "more"
+    assert three.count("Input should be a valid integer") == 3 and "more" not in three
+    assert err(a="x", b="y", c="z", d="w").endswith("(+1 more)")
+    from safesteer.steering import Direction
+
+    v = np.arange(1.0, 5.0)
+    with pytest.raises(SafesteerError, match="sum of the policy's directions"):
+        policy_direction(["u", "v"], [Direction("u", v, "custom", 1), Direction("v", -v, "custom", 1)], None)

@@ -258,3 +258,27 @@ def test_conditional_steering_across_chunks_matches_one_batch(tiny_llama):
     np.testing.assert_allclose(
         out[3]["/v1/choice"]["p_yes"], out[64]["/v1/choice"]["p_yes"], rtol=0, atol=1e-5
     )
+
+
+def test_a_linear_probes_compiled_gate_scores_its_logit_and_a_renamed_probe_keeps_layer_and_position(
+    tiny_llama,
+):
+    """The gate the vLLM hooks score with (``CompiledPolicy.gate``) is the probe's ``w·h + b`` at the
+    policy's logit threshold; a served probe listed under another name keeps its layer and position."""
+    import math
+
+    from safesteer.serve.engine import Engine, ServedProbe, served_probes
+    from safesteer.serve.policies import Policy
+
+    d = tiny_llama.d_model
+    probes = make_probes(d)
+    sp = served_probes({"alias": ServedProbe("harm", probes["harm"], 2, "last")}, tiny_llama)["alias"]
+    assert (sp.name, sp.layer, sp.position) == ("alias", 2, "last")
+    eng = Engine(tiny_llama, make_directions(d), served_probes(probes, tiny_llama))
+    cp = eng.compile(
+        Policy(name="p", directions=["harm"], alpha=1.0, condition={"probe": "harm", "threshold": 0.7})
+    )
+    gate = cp.gate()
+    H = np.random.default_rng(0).normal(size=(5, d))
+    assert gate.score(H) == pytest.approx(H @ probes["harm"].w + probes["harm"].b, abs=1e-9)
+    assert gate.threshold == pytest.approx(math.log(0.7 / 0.3)) and gate.layer == 2

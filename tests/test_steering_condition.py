@@ -3,6 +3,8 @@ unflagged rows bit-identical to unsteered, threshold at a target false-positive 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -238,3 +240,52 @@ def test_prompt_only_conditional_steers_flagged_prompts_and_leaves_answers_unste
     assert torch.equal(l_c[[1, 2]], l0[[1, 2]]) and torch.equal(l_c[[0, 3]], l_po[[0, 3]])
     assert not torch.equal(l_po[0, starts[0] :], l0[0, starts[0] :])
     assert foreign_hooks(bb.layers) == 0 and not bb.model.model._forward_pre_hooks
+
+
+def test_with_threshold_changes_what_it_is_given_and_keeps_the_rest(tmp_path):
+    rng = np.random.default_rng(0)
+    c = Condition(rng.normal(size=4), 0.5, 2, "prompt", 1.0, "g", {"source": "x"})
+    same = c.with_threshold(2.0)
+    assert (same.threshold, same.layers, same.position, same.name, same.meta) == (
+        2.0,
+        (2,),
+        "prompt",
+        "g",
+        {"source": "x"},
+    )
+    moved = c.with_threshold(3.0, layer=1, position="last", name="h", meta={"k": 1})
+    assert (moved.layers, moved.position, moved.name, moved.meta) == ((1,), "last", "h", {"k": 1})
+    with pytest.raises(SafesteerError, match="no field"):
+        c.with_threshold(1.0, colour="red")
+    # saving makes the folder (and its parents); a file without "kind" (older format) is read by its tensors
+    W1, b1 = rng.normal(size=(3, 4)), rng.normal(size=3)
+    mlp = Condition(rng.normal(size=3), 0.1, 2, "prompt", 0.4, "m", W1=W1, b1=b1)
+    folder = mlp.save(tmp_path / "a" / "b")
+    meta = json.loads((folder / "condition.json").read_text())
+    meta.pop("kind")
+    (folder / "condition.json").write_text(json.dumps(meta))
+    back = Condition.load(folder)
+    X = rng.normal(size=(5, 4))
+    assert back.kind == "mlp" and np.allclose(back.score(X), mlp.score(X), rtol=0, atol=1e-12)
+
+
+def test_gate_flags_read_the_prompts_with_the_system_message(tiny_llama, one_thread):
+    """A system message changes what the gate reads; the flags are the scores with it, at the threshold."""
+    prompts = ["how do i make a bomb ?", "the dog is good", "what is the capital of france ?", "a b c"]
+    c = _gate(tiny_llama, 1, [True, False, False, False], position="prompt")
+    system = "You are a terse assistant. Answer in one word."
+    with_sys = gate_scores(tiny_llama, c, prompts, system=system)
+    assert not np.allclose(with_sys, gate_scores(tiny_llama, c, prompts))
+    for t in np.sort(with_sys):
+        c.threshold = float(t)
+        assert gate_flags(tiny_llama, c, prompts, system=system).tolist() == (with_sys > t).tolist()
+
+
+def test_condition_scores_in_float64_and_names_the_valid_positions():
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=6)
+    c = Condition(w, 0.3, 1, "prompt")
+    H = rng.normal(size=(4, 6)).astype(np.float32)
+    assert np.array_equal(c.score(H), H.astype(np.float64) @ w + 0.3)
+    with pytest.raises(SafesteerError, match="valid choices: prompt_end, prompt, last, mean$"):
+        Condition(w, 0.3, 1, "middle")

@@ -70,3 +70,24 @@ def test_conversation_spans_and_generation_match_the_hand_rendered_chat(smollm2)
         )
     want = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
     assert got.texts[0] == want and got.prompts[0] == msgs
+
+
+def test_gate_text_reads_message_objects_by_their_text_or_content():
+    """Objects (the API's pydantic messages, anything with role + content) count like dicts: ``text()``
+    when they have it (content in parts), else ``content``; no content is no turn."""
+    from types import SimpleNamespace
+
+    class Parts:
+        role = "user"
+        content = [{"type": "text", "text": "ignored as a list"}]
+
+        def text(self):
+            return "how are parts joined"
+
+    msgs = [
+        SimpleNamespace(role="user", content="first request"),
+        SimpleNamespace(role="assistant", content="an answer"),
+        Parts(),
+        SimpleNamespace(role="user"),
+    ]
+    assert gate_text(msgs) == "first request\n\nhow are parts joined"

@@ -252,3 +252,50 @@ def test_stacked_gate_in_pass_equals_offline_score(tiny_llama, one_thread, steer
     assert st.flags.tolist() == (offline > cond.threshold).tolist() and int(f.sum()) == 2
     assert torch.equal(l1[~f], l0[~f]) and not torch.equal(l1[f], l0[f])
     assert foreign_hooks(bb.layers) == 0
+
+
+def test_mlp_fit_is_sklearn_on_standardised_rows_with_balanced_times_given_weights():
+    """One member, by hand: float64 standardisation (features of std < 1 too), sample weights =
+    class balance x the caller's weights, the member's logit read back in raw space."""
+    import warnings
+
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.utils.class_weight import compute_sample_weight
+
+    from safesteer.steering.gate_fit import fit_mlp
+
+    rng = np.random.default_rng(5)
+    y = np.r_[np.ones(20), np.zeros(40)].astype(int)
+    H = (rng.normal(size=(60, 5)) * 0.1 + 0.05 * y[:, None]).astype(np.float32)
+    weight = rng.uniform(0.2, 3.0, size=60)
+    w, b, W1, b1 = fit_mlp(H, y, hidden=4, members=1, alpha=1e-3, seed=3, weight=weight, max_iter=300, jobs=1)
+    Hd = H.astype(np.float64)
+    mu, sd = Hd.mean(0), Hd.std(0)
+    Z = (Hd - mu) / sd
+    clf = MLPClassifier((4,), alpha=1e-3, max_iter=300, random_state=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clf.fit(Z, y, sample_weight=compute_sample_weight("balanced", y) * weight)
+    ref = np.maximum(Z @ clf.coefs_[0] + clf.intercepts_[0], 0) @ clf.coefs_[1][:, 0] + clf.intercepts_[1][0]
+    ours = np.maximum(Hd @ W1.T + b1, 0) @ w + b
+    assert np.allclose(ours, ref, rtol=0, atol=1e-8)
+    with pytest.raises(SafesteerError, match="members >= 1"):
+        fit_mlp(H, y, hidden=4, members=0)
+
+
+def test_mlp_gate_checks_its_shapes_and_flattens_its_output_weights():
+    from safesteer.steering.gates import MLPGate
+
+    rng = np.random.default_rng(0)
+    w, W1, b1 = rng.normal(size=3), rng.normal(size=(3, 4)), rng.normal(size=3)
+    X = rng.normal(size=(6, 4))
+    assert np.array_equal(MLPGate(w.reshape(-1, 1), 0.2, W1, b1).score(X), MLPGate(w, 0.2, W1, b1).score(X))
+    with pytest.raises(SafesteerError):
+        MLPGate(w, 0.2, W1, rng.normal(size=2))  # b1 of the wrong length alone
+
+
+def test_an_unknown_gate_kind_lists_the_registered_ones():
+    from safesteer.steering.gates import GATE_KINDS, gate_kind
+
+    with pytest.raises(SafesteerError, match=f"valid choices: {', '.join(GATE_KINDS)}$"):
+        gate_kind("forest")

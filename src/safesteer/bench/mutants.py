@@ -68,10 +68,14 @@ def summarise(root: str) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     survivors: list[str] = []
+    unchecked: list[str] = []
     for mod, codes in _metas(root):
         c = Counter(STATUS.get(v, f"exit {v}") for v in codes.values())
         caught = c["killed"] + c["timeout"]
         checked = caught + c["survived"]
+        if c["not checked"] == len(codes):
+            unchecked.append(mod)
+            continue
         score = f"{100.0 * caught / checked:.1f}%" if checked else "–"
         if checked and c["not checked"]:
             lo, hi = wilson(caught, checked)
@@ -82,6 +86,8 @@ def summarise(root: str) -> str:
         )
         survivors += [f"- `{k}`" for k, v in sorted(codes.items()) if v == 0]
     body = "# Mutation testing (mutmut)\n\n" + "\n".join(lines)
+    if unchecked:
+        body += f"\n\nNot checked in this run: {', '.join(unchecked)}."
     return body + f"\n\n## Survivors ({len(survivors)})\n\n" + ("\n".join(survivors) if survivors else "none")
 
 
