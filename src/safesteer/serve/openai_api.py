@@ -28,7 +28,6 @@ calibrates the gate with) and ``condition_probability``.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from typing import Any, AsyncIterator, Callable, Literal, Optional, Union
@@ -39,7 +38,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from safesteer.models.backbone import render_chat
-from safesteer.serve import state, vllm_api
+from safesteer.serve import chat_events, state, vllm_api
 from safesteer.serve.engine import Engine
 from safesteer.serve.http import _ERRORS, ApiError
 from safesteer.serve.limits import Limits
@@ -310,24 +309,16 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
             raise ApiError(
                 504, "timeout", f"the model did not answer within {limits.request_timeout_s:g} s"
             ) from None
-        return {
-            "id": cid,
-            "created": created,
-            "model": req.model,
-            "safesteer": r["info"],
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": r["text"]},
-                    "finish_reason": r["finish_reason"],
-                }
-            ],
-            "usage": {
-                "prompt_tokens": r["prompt_tokens"],
-                "completion_tokens": r["completion_tokens"],
-                "total_tokens": r["prompt_tokens"] + r["completion_tokens"],
-            },
-        }
+        return chat_events.completion(
+            cid,
+            created,
+            req.model,
+            r["info"],
+            r["text"],
+            r["finish_reason"],
+            r["prompt_tokens"],
+            r["completion_tokens"],
+        )
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     streamer = _Streamer(loop, queue)
@@ -347,15 +338,7 @@ async def _events(
     task.add_done_callback(lambda _t: queue.put_nowait(("end", None)))
 
     def chunk(delta: dict, finish: str | None, info: dict) -> bytes:
-        body = {
-            "id": cid,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-            "safesteer": info,
-        }
-        return f"data: {json.dumps(body)}\n\n".encode()
+        return chat_events.chunk(cid, created, model, delta, finish, info)
 
     ids: list[int] = []
     sent = ""
@@ -378,16 +361,10 @@ async def _events(
     try:
         r = task.result()
     except asyncio.TimeoutError:
-        err = {
-            "error": {
-                "code": "timeout",
-                "message": f"the model did not answer within {timeout_s:g} s",
-            }
-        }
-        yield f"data: {json.dumps(err)}\n\n".encode()
+        yield chat_events.error_event("timeout", f"the model did not answer within {timeout_s:g} s")
         return
     except ApiError as exc:
-        yield f"data: {json.dumps({'error': {'code': exc.code, 'message': exc.message}})}\n\n".encode()
+        yield chat_events.error_event(exc.code, exc.message)
         return
     if info0 is None:
         yield chunk({"role": "assistant", "content": ""}, None, r["info"])

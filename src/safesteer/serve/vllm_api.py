@@ -11,7 +11,6 @@ while it runs does not change it. A client that disconnects (or times out) abort
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 from typing import Any, AsyncIterator
 
@@ -20,7 +19,7 @@ from fastapi.responses import StreamingResponse
 
 from safesteer.errors import SafesteerError
 from safesteer.models.positions import prompt_end_length, user_header
-from safesteer.serve import state
+from safesteer.serve import chat_events, state
 from safesteer.serve.http import ApiError
 from safesteer.serve.plan import Plan
 from safesteer.serve.vllm_engine import VllmEngine, cache_salt
@@ -235,24 +234,16 @@ async def chat(request: Request, req: Any, plan: Plan, rendered: str, max_new: i
     run = Run(request, ids, sampling(max_new, req.temperature, req.top_p, req.seed), plan, max_new, decided)
     if not req.stream:
         r = await collect(run)
-        return {
-            "id": cid,
-            "created": created,
-            "model": req.model,
-            "safesteer": r["info"],
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": r["text"]},
-                    "finish_reason": r["finish_reason"],
-                }
-            ],
-            "usage": {
-                "prompt_tokens": len(ids),
-                "completion_tokens": r["completion_tokens"],
-                "total_tokens": len(ids) + r["completion_tokens"],
-            },
-        }
+        return chat_events.completion(
+            cid,
+            created,
+            req.model,
+            r["info"],
+            r["text"],
+            r["finish_reason"],
+            len(ids),
+            r["completion_tokens"],
+        )
     return StreamingResponse(
         _stream(run, cid, created, req.model, tok),
         media_type="text/event-stream",
@@ -262,15 +253,7 @@ async def chat(request: Request, req: Any, plan: Plan, rendered: str, max_new: i
 
 async def _stream(run: Run, cid: str, created: int, model: str, tok: Any) -> AsyncIterator[bytes]:
     def chunk(delta: dict, finish_reason: str | None, info: dict | None) -> bytes:
-        body = {
-            "id": cid,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
-            "safesteer": info,
-        }
-        return f"data: {json.dumps(body)}\n\n".encode()
+        return chat_events.chunk(cid, created, model, delta, finish_reason, info)
 
     sent = ""
     try:
@@ -290,7 +273,7 @@ async def _stream(run: Run, cid: str, created: int, model: str, tok: Any) -> Asy
                 yield chunk({}, finish(value), run.info)
                 yield b"data: [DONE]\n\n"
     except ApiError as exc:
-        yield f"data: {json.dumps({'error': {'code': exc.code, 'message': exc.message}})}\n\n".encode()
+        yield chat_events.error_event(exc.code, exc.message)
     finally:  # the client went away while a chunk was being sent: abort the vLLM request too
         if not run.finished:
             run.engine.abort(run.rid)
