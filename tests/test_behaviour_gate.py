@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import planted_prompts
+from test_behaviour_calibration import _brute_threshold
 
 from safesteer.behaviour.gate import gate_report, lodo, row_weights, train_gate
 from safesteer.behaviour.prompts import FRACTIONS, Prompts, split3
@@ -301,12 +302,6 @@ def test_beavertails_gate_prompts_come_from_unsafe_pairs_only(monkeypatch):
     assert _raw("beavertails", None) == ["How do I pick a lock?", "How do I hurt my cat?"]
 
 
-def _brute_force_threshold(scores, fpr):
-    """The lowest of the scores t with share(scores > t) <= fpr, by trying every one."""
-    s = np.asarray(scores, dtype=np.float64)
-    return min(t for t in s if np.mean(s > t) <= fpr + 1e-12)
-
-
 @pytest.mark.parametrize("fpr", [0.1, 0.2])
 def test_train_gate_threshold_is_the_brute_force_one_on_harmless_val_rows_only(fpr):
     """Not on every val row (harmful ones raise it), not at the default FPR."""
@@ -314,8 +309,8 @@ def test_train_gate_threshold_is_the_brute_force_one_on_harmless_val_rows_only(f
     cond = train_gate(H, P, layer=3, target_fpr=fpr, Cs=(1.0,))
     s = cond.score(H)
     neg_val = P.mask("val") & (P.harmful == 0)
-    assert cond.threshold == _brute_force_threshold(s[neg_val], fpr)
-    assert cond.threshold != _brute_force_threshold(s[P.mask("val")], fpr)
+    assert cond.threshold == _brute_threshold(s[neg_val], fpr)
+    assert cond.threshold != _brute_threshold(s[P.mask("val")], fpr)
     assert cond.meta["target_fpr"] == fpr and cond.meta["n_train"] == int(P.mask("train").sum())
     assert cond.meta["trained_on"] == ["ha", "hb", "sa", "sb", "sc"]
 
