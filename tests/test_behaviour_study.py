@@ -79,11 +79,12 @@ def test_tiny_study_self_checks_hold(behaviour_run):
     assert te["verify_conditional"]["same_answer"] == 1.0 and te["verify_conditional"]["n"] == 4
     assert self_checks(te) == []
     kept = sorted(p.name for p in (out / "steps").glob("*.json"))
-    assert kept[:5] == [
+    assert kept[:6] == [
         "answer_gate.json",
         "directions.json",
         "features.json",
         "fit_gate.json",
+        "pieces.json",  # the tiny study's gate is segmented (steering.segments)
         "sweep_000.json",
     ]
     assert {"sweep_base.json", "test.json", "verify.json"} <= set(kept)

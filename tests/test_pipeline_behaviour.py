@@ -37,7 +37,7 @@ def pinned_config(model_dir: Path, data_dir: Path):
     cfg.extract.precision = "fp32"
     cfg.sae.precision = "fp32"
     # the study as it was before the attack rows (issue #25): with them off, every pinned byte holds
-    cfg.behaviour.attacks = False
+    cfg.behaviour.attacks = cfg.behaviour.gate_segments = False
     cfg.behaviour.budget_groups = ["xstest_safe"]
     return cfg.validate()
 

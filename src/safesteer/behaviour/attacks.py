@@ -31,6 +31,7 @@ import numpy as np
 from safesteer.behaviour.prompts import Prompts, split3
 from safesteer.errors import SafesteerError
 from safesteer.steering.conversation import gate_text
+from safesteer.steering.segments import segment_max
 
 WRAP, WRAP_BENIGN, CONV = "wrap:", "wrapb:", "conv:"
 LOOKALIKES, CHAT_TURNS = "lookalikes", "chat_turns"
@@ -203,11 +204,17 @@ def budget_mask(P: Prompts, groups: Sequence[str]) -> np.ndarray:
 
 
 def family_fold_scores(
-    gate: Any, H: np.ndarray, P: Prompts, fprs: Sequence[float], seed: int
+    gate: Any,
+    H: np.ndarray,
+    P: Prompts,
+    fprs: Sequence[float],
+    seed: int,
+    pieces: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, dict[int, dict[float, float]]]:
     """Scores of every wrapped row by a gate of ``gate``'s kind and settings trained without its
     family's fold (NaN for other rows), and each fold gate's threshold per FPR on the harmless val
-    rows outside its fold — the per-family figures are for families that gate never saw."""
+    rows outside its fold — the per-family figures are for families that gate never saw. ``pieces``
+    (vectors, owner row): a segmented gate's scores (:func:`~safesteer.steering.segments.segment_max`)."""
     from safesteer.behaviour.gate import _fit, row_weights  # the study's refit (same kind, settings)
     from safesteer.steering.condition import threshold_for_fpr
 
@@ -223,6 +230,8 @@ def family_fold_scores(
         tr = P.mask("train") & ~held
         g = _fit(H[tr], P.harmful[tr], row_weights(P, tr, weighting), gate.meta, seed)
         s = g.score(H)
+        if pieces is not None and len(pieces[1]):
+            s = segment_max(s, g.score(pieces[0]), pieces[1])
         out[held] = s[held]
         neg = P.mask("val", harmful=0) & ~held
         thresholds[k] = {float(f): threshold_for_fpr(s[neg], f) for f in fprs}

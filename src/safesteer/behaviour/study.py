@@ -39,6 +39,7 @@ from safesteer.behaviour.steps import (
     directions,
     features,
     fit_gate,
+    pieces,
     sweep,
 )
 from safesteer.errors import SafesteerError
@@ -109,7 +110,8 @@ def run_study(
         return value
 
     f = timed("features", features)
-    g = timed("gate", fit_gate, f)
+    pc = timed("pieces", pieces, f) if cfg.gate_segments else None
+    g = timed("gate", fit_gate, f, pc)
     d = timed("directions", directions, f)
     t0 = time.perf_counter()
     s = sweep(run, f, g, d)

@@ -98,6 +98,7 @@ def write_bundle(
             "probe": GATE_PROBE,
             "score_threshold": float(c["threshold"]),
             "position": gate.position,
+            **({"segments": True} if gate.meta.get("segments") else {}),
         },
         "positions": where,
     }

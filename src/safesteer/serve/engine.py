@@ -130,6 +130,9 @@ class CompiledPolicy:
     """Which positions are steered: ``all``, or the ``prompt``'s only (the answer tokens run unsteered)."""
     window: int = GATE_WINDOW
     """In a chat, the last ``window`` user turns the condition reads (:func:`gate_text`)."""
+    segments: bool = False
+    """The condition also reads each piece of the text alone and fires when any piece does
+    (:mod:`safesteer.steering.segments`; the study's segmented gate)."""
 
     def gate(self) -> Any:
         """The condition as a :class:`safesteer.steering.condition.Condition` (logit threshold)."""
@@ -282,6 +285,7 @@ class Engine:
             position,
             policy.positions,
             policy.condition.window if policy.condition is not None else GATE_WINDOW,
+            bool(policy.condition is not None and policy.condition.segments),
         )
 
     def _direction(self, name: str):

@@ -17,6 +17,7 @@ import numpy as np
 from safesteer.serve.plan import Plan
 from safesteer.steering.condition import conditional
 from safesteer.steering.gates import stack_features
+from safesteer.steering.segments import expand, segment_max
 from safesteer.steering.strategies import Intervention
 
 if TYPE_CHECKING:  # annotation only: engine imports this module
@@ -55,10 +56,18 @@ def condition_rows(
         Hp = backbone.pooled(list(texts), sorted(layers), batch_size=max(1, len(texts)), position=cp.position)
         Hc = stack_features(Hp, layers)
     p = np.asarray(c.probe.predict_proba(Hc), dtype=np.float64)
-    if cp.score_threshold is not None:
-        rows = np.asarray(c.probe.decision_function(Hc), dtype=np.float64) > cp.score_threshold
-    else:
-        rows = p > cp.threshold
+    logit = (
+        np.asarray(c.probe.decision_function(Hc), dtype=np.float64) if cp.score_threshold is not None else p
+    )
+    if cp.segments:  # each text's pieces read alone; its score is the largest (steering.segments)
+        flat, owner = expand(texts)
+        if flat:
+            Hf = backbone.pooled(flat, sorted(layers), batch_size=min(len(flat), 64), position=cp.position)
+            Hf = stack_features(Hf, layers)
+            p = segment_max(p, np.asarray(c.probe.predict_proba(Hf), dtype=np.float64), owner)
+            if cp.score_threshold is not None:
+                logit = segment_max(logit, np.asarray(c.probe.decision_function(Hf), dtype=np.float64), owner)
+    rows = logit > cp.score_threshold if cp.score_threshold is not None else p > cp.threshold
     return p, rows, H0
 
 

@@ -79,6 +79,11 @@ class ConditionSpec(BaseModel):
         le=32,
         description="In a chat, the last `window` user turns the probe reads, joined (one turn: the last).",
     )
+    segments: bool = Field(
+        False,
+        description="Also read each sentence, line and after-colon clause of the text alone; steer when "
+        "any of them (or the whole) passes the threshold (the behaviour study's segmented gate).",
+    )
 
     @model_validator(mode="after")
     def _one_threshold(self) -> "ConditionSpec":

@@ -100,6 +100,13 @@ async def gate_pass(request: Request, plan: Plan, gate: Any, rendered: str) -> d
     cp = plan.compiled
     if cp is None or cp.condition is None:
         return None
+    if cp.segments:  # its pieces would need prefills of their own, not wired into this engine yet
+        raise ApiError(
+            422,
+            "unsupported_policy",
+            f"policy '{plan.record.name}' has a segmented gate (condition.segments); the vLLM engine "
+            "does not read those yet: serve it with the HF engine (safesteer serve without --engine vllm)",
+        )
     backbone = state.engine(request).backbone
     text = backbone.chat_prompt(gate_text(gate, cp.window) if not isinstance(gate, str) else gate.strip())
     if text == rendered:

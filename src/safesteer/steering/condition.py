@@ -44,6 +44,7 @@ from safesteer.io import atomic_path, read_json, write_json
 from safesteer.models import hooks
 from safesteer.models.positions import pool_prompt, prompt_end_length, user_header
 from safesteer.steering.gates import GateKind, LinearGate, MLPGate, gate_kind, stack_features
+from safesteer.steering.segments import expand, segment_max
 from safesteer.steering.strategies import Intervention
 
 GATE_POSITIONS = ("prompt_end", "prompt", "last", "mean")
@@ -253,15 +254,26 @@ def gate_scores(
     batch_size: int = 32,
     system: str | None = None,
 ) -> np.ndarray:
-    """Gate logits of chat-rendered ``prompts`` (unsteered; every layer the gate reads)."""
+    """Gate logits of chat-rendered ``prompts`` (unsteered; every layer the gate reads). A segmented
+    gate (``meta["segments"]``) scores each prompt as the largest of its own logit and those of its
+    pieces, each read alone (:mod:`safesteer.steering.segments`)."""
+    texts = list(prompts)
+    flat, owner = expand(texts) if is_segmented(condition) else ([], np.zeros(0, np.int64))
     H = backbone.pooled(
-        list(prompts),
+        texts + flat,
         list(condition.layers),
         batch_size=batch_size,
         position=condition.position,
         system=system,
     )
-    return condition.score(stack_features(H, condition.layers))
+    s = condition.score(stack_features(H, condition.layers))
+    return segment_max(s[: len(texts)], s[len(texts) :], owner)
+
+
+def is_segmented(condition: Any) -> bool:
+    """Whether a gate reads the pieces of a request too (:mod:`safesteer.steering.segments`); recorded
+    in its ``meta`` by the study that fitted it."""
+    return bool(getattr(condition, "meta", None) and condition.meta.get("segments"))
 
 
 def gate_flags(
@@ -303,6 +315,11 @@ def conditional(
     """
     if intervention.is_identity:
         raise SafesteerError("conditional steering needs an intervention with a vector or an edit")
+    if flags is None and is_segmented(condition):
+        raise SafesteerError(
+            "a segmented gate reads the request's pieces in passes of their own, not in-pass: decide "
+            "first (gate_flags) and pass flags=, as the service does"
+        )
     L = backbone.check_layer(intervention.layer)
     cs = [backbone.check_layer(l) for l in condition.layers]
     prefix = backbone.hooks.prefix
