@@ -263,6 +263,9 @@ def test_policies_the_vllm_engine_cannot_gate_in_pass_are_refused(live, policy_p
     mean = policy | {"condition": policy["condition"] | {"position": "mean"}}
     r = httpx.put(f"{url}/v1/policies/mean", json=mean, timeout=30)
     assert r.status_code == 422 and "position" in r.json()["error"]["message"]
+    seg = policy | {"condition": policy["condition"] | {"segments": True}}  # its pieces: passes of their own
+    r = httpx.put(f"{url}/v1/policies/seg", json=seg, timeout=30)
+    assert r.status_code == 422 and "segmented" in r.json()["error"]["message"]
 
 
 def test_generate_route(live):

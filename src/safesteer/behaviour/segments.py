@@ -10,16 +10,21 @@
   (``origin``, ``group``), so no gate scores a prompt whose pieces it trained on.
 * :func:`piece_scores` — every prompt's score as the segmented gate gives it: the largest of its
   own and its pieces'.
+* :func:`pieces` — the study's step between ``features`` and ``fit_gate``: the pieces' pooled vectors.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 
+from safesteer.behaviour.checkpoint import step_key
+from safesteer.behaviour.context import Run
 from safesteer.behaviour.prompts import Prompts
+from safesteer.models.positions import pooled_at
 from safesteer.steering.segments import expand, segment_max
 
 
@@ -81,3 +86,41 @@ def piece_scores(
     if pc is None or not len(pc.owner):
         return whole
     return segment_max(whole, score(piece_H), pc.owner)
+
+
+# the study's step (between features and fit_gate)
+def pieces(run: Run, f: Any) -> Pieces | None:
+    """The segmented gate's inputs (``gate_segments``): every prompt's pieces and their pooled vectors
+    at the gate position and layers, each piece rendered as its own user message. None when off."""
+    cfg = run.cfg
+    if not cfg.gate_segments:
+        return None
+    key = step_key(run.base_key, "pieces", f.key)
+
+    def compute() -> Pieces:
+        t = time.perf_counter()
+        text, owner = piece_rows(f.prompts)
+        uniq = list(dict.fromkeys(text))
+        at = {u: i for i, u in enumerate(uniq)}
+        V = pooled_at(run.bb, uniq, f.layers, (cfg.gate_position,), batch_size=cfg.batch_size)[
+            cfg.gate_position
+        ]
+        idx = np.array([at[u] for u in text], dtype=np.int64)
+        run.say(
+            f"{len(text)} pieces of {len(np.unique(owner))} prompts ({len(uniq)} distinct) read alone in "
+            f"{time.perf_counter() - t:.0f}s"
+        )
+        return Pieces(text, owner, {l: V[l][idx] if len(idx) else V[l][:0] for l in f.layers}, key)
+
+    def save(pc: Pieces):
+        return {"text": pc.text, "layers": list(pc.gate)}, {
+            "owner": pc.owner,
+            **{f"gate_{l}": v.astype(np.float32) for l, v in pc.gate.items()},
+        }
+
+    def load(data, arrays) -> Pieces:
+        return Pieces(
+            data["text"], arrays["owner"], {int(l): arrays[f"gate_{l}"] for l in data["layers"]}, key
+        )
+
+    return run.cached("pieces", key, compute, save, load)

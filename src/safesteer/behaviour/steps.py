@@ -2,10 +2,12 @@
 the steps before it (small typed dataclasses), each output kept under ``steps/`` with a key of its
 inputs (:mod:`safesteer.behaviour.checkpoint`) so a killed study resumes where it was.
 
-``features`` → ``fit_gate`` → ``directions`` → ``sweep`` → ``choose`` → ``test`` → ``verify``:
+``features`` → [``pieces`` →] ``fit_gate`` → ``directions`` → ``sweep`` → ``choose`` → ``test`` → ``verify``:
 
 * ``features``: pooled residuals of every gate prompt at the gate position and ``prompt_end``, at
   the gate layers and the steering layer, in one pass (also written to ``features/``);
+* ``pieces`` (``gate_segments`` only; :mod:`safesteer.behaviour.segments`): each prompt's pieces
+  read alone, pooled at the gate position and layers;
 * ``fit_gate``: one gate per gate layer; the best validation AUROC (harmful vs XSTest safe, the
   hard negatives) wins; its held-out, leave-one-dataset-out and paraphrase-pair metrics, and the
   cross-fitted calibration scores of the train rows;
@@ -47,7 +49,7 @@ from safesteer.behaviour.directions import median_norm, refusal_caa, refusal_dim
 from safesteer.behaviour.gate import auroc, cross_fit_scores, gate_report, lodo, train_gate
 from safesteer.behaviour.pairs import PairResult, paraphrase_pairs, score_pairs
 from safesteer.behaviour.prompts import Prompts, load_prompts
-from safesteer.behaviour.segments import Pieces, piece_rows, piece_scores, with_pieces
+from safesteer.behaviour.segments import Pieces, piece_scores, with_pieces
 from safesteer.errors import SafesteerError
 from safesteer.evaluate.refusal import answer_nll, generate
 from safesteer.io import atomic_path, load_npy, save_npy, sha256_file
@@ -142,44 +144,6 @@ def features(run: Run) -> Features:
         return Features(P, L, per[cfg.gate_position], per["prompt_end"], key)
 
     return run.cached("features", key, compute, save, load)
-
-
-# -------------------------------------------------------------------------------------------- pieces
-def pieces(run: Run, f: Features) -> Pieces | None:
-    """The segmented gate's inputs (``gate_segments``): every prompt's pieces and their pooled vectors
-    at the gate position and layers, each piece rendered as its own user message. None when off."""
-    cfg = run.cfg
-    if not cfg.gate_segments:
-        return None
-    key = step_key(run.base_key, "pieces", f.key)
-
-    def compute() -> Pieces:
-        t = time.perf_counter()
-        text, owner = piece_rows(f.prompts)
-        uniq = list(dict.fromkeys(text))
-        at = {u: i for i, u in enumerate(uniq)}
-        V = pooled_at(run.bb, uniq, f.layers, (cfg.gate_position,), batch_size=cfg.batch_size)[
-            cfg.gate_position
-        ]
-        idx = np.array([at[u] for u in text], dtype=np.int64)
-        run.say(
-            f"{len(text)} pieces of {len(np.unique(owner))} prompts ({len(uniq)} distinct) read alone in "
-            f"{time.perf_counter() - t:.0f}s"
-        )
-        return Pieces(text, owner, {l: V[l][idx] if len(idx) else V[l][:0] for l in f.layers}, key)
-
-    def save(pc: Pieces):
-        return {"text": pc.text, "layers": list(pc.gate)}, {
-            "owner": pc.owner,
-            **{f"gate_{l}": v.astype(np.float32) for l, v in pc.gate.items()},
-        }
-
-    def load(data, arrays) -> Pieces:
-        return Pieces(
-            data["text"], arrays["owner"], {int(l): arrays[f"gate_{l}"] for l in data["layers"]}, key
-        )
-
-    return run.cached("pieces", key, compute, save, load)
 
 
 # ------------------------------------------------------------------------------------------ fit_gate

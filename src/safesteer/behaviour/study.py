@@ -29,6 +29,7 @@ from safesteer.behaviour.config import StudyConfig
 from safesteer.behaviour.context import Run
 from safesteer.behaviour.heldout import self_checks, test, verify
 from safesteer.behaviour.pairs import pair_line
+from safesteer.behaviour.segments import pieces
 from safesteer.behaviour.steps import (
     Choice,
     Directions,
@@ -39,7 +40,6 @@ from safesteer.behaviour.steps import (
     directions,
     features,
     fit_gate,
-    pieces,
     sweep,
 )
 from safesteer.errors import SafesteerError

@@ -9,7 +9,9 @@ C=0.05) are scored on the wrapped test rows of the families of one hash fold, tr
 families: the direct-only gate on mean pooling; the same with the other fold's wrapped rows (the study's
 recipe); and a window gate (multiple-instance style: every window of a wrapped *benign* training prompt is a
 negative, the top window of a wrapped harmful one, by the direct gate, a positive), scored as the max over
-windows.
+windows. Beside them the segmented gate (:mod:`safesteer.steering.segments`): the same max, over the
+request's *pieces* (sentences, lines, after-colon clauses) each read alone in a pass of its own, with the
+direct-only gate and with the multiple-instance training above on pieces instead of windows.
 
 Usage: ``python bench/gate_windows.py RUN/stages/behaviour-*/ [--layer 15] [--window 16] [--model M]``
 """
@@ -29,7 +31,8 @@ from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
 from safesteer.models import load_backbone
-from safesteer.models.positions import chat_inputs
+from safesteer.models.positions import chat_inputs, pooled_at
+from safesteer.steering.segments import expand
 
 
 def _fit(X: np.ndarray, y: np.ndarray):
@@ -86,11 +89,23 @@ def main(argv: list[str] | None = None) -> int:
         wins[i] = _windows(bb, rows[i]["text"], a.layer, a.window)
         if k % 100 == 0:
             print(f"[gate_windows] {k}/{len(idx)} wrapped prompts", file=sys.stderr)
+    texts = [rows[i]["text"] for i in idx]
+    flat, owner = expand(texts)
+    uniq = list(dict.fromkeys(flat))
+    V = pooled_at(bb, uniq, [a.layer], ("prompt",), batch_size=32)["prompt"][a.layer].astype(np.float64)
+    at = {u: k for k, u in enumerate(uniq)}
+    alone = {i: [at[flat[j]] for j in np.flatnonzero(owner == k)] for k, i in enumerate(idx)}
     g0 = _fit(X[direct], y[direct])
+
+    def piece_max(g, i) -> float:
+        return float(max(g(X[[i]])[0], *(g(V[alone[i]]) if alone[i] else [-np.inf])))
+
     scores: dict[str, list[float]] = {
         "direct-only, mean": [],
         "+ wrapped train, mean": [],
         "window max (MIL)": [],
+        "segmented, direct-only": [],
+        "segmented (MIL on pieces)": [],
     }
     truth: list[bool] = []
     for k in (0, 1):
@@ -100,7 +115,14 @@ def main(argv: list[str] | None = None) -> int:
         gw = _fit(np.vstack([X[direct], neg, pos]), np.r_[y[direct], np.zeros(len(neg)), np.ones(len(pos))])
         m = direct | ((split == "train") & wrapped & (fold != k))
         gm = _fit(X[m], y[m])
+        pneg = [V[alone[i]] for i in tr if not y[i] and alone[i]]
+        ppos = [V[alone[i]][np.argmax(g0(V[alone[i]]))] for i in tr if y[i] and alone[i]]
+        A = np.vstack([X[direct], *pneg, *([np.array(ppos)] if ppos else [])])
+        b = np.r_[y[direct], np.zeros(sum(len(n) for n in pneg)), np.ones(len(ppos))]
+        gs = _fit(A, b)
         te = [i for i in idx if split[i] == "test" and fold[i] == k]
+        scores["segmented, direct-only"] += [piece_max(g0, i) for i in te]
+        scores["segmented (MIL on pieces)"] += [piece_max(gs, i) for i in te]
         scores["direct-only, mean"] += list(g0(X[te]))
         scores["+ wrapped train, mean"] += list(gm(X[te]))
         scores["window max (MIL)"] += [float(gw(wins[i]).max()) for i in te]

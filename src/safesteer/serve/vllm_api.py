@@ -47,6 +47,11 @@ def check_policy(cp: Any) -> Any:
             f"probe '{cp.condition.name}' has no raw-space weights; the vllm engine gates with a linear "
             "probe (w, b) or a trained gate"
         )
+    if cp.segments:
+        raise SafesteerError(
+            "the policy's gate is segmented (condition.segments: it reads each piece of the request in a "
+            "pass of its own); the vllm engine does not run those passes yet: serve it with --engine hf"
+        )
     gate = cp.gate()
     if max(gate.layers) > cp.layer:
         raise SafesteerError(
@@ -100,13 +105,6 @@ async def gate_pass(request: Request, plan: Plan, gate: Any, rendered: str) -> d
     cp = plan.compiled
     if cp is None or cp.condition is None:
         return None
-    if cp.segments:  # its pieces would need prefills of their own, not wired into this engine yet
-        raise ApiError(
-            422,
-            "unsupported_policy",
-            f"policy '{plan.record.name}' has a segmented gate (condition.segments); the vLLM engine "
-            "does not read those yet: serve it with the HF engine (safesteer serve without --engine vllm)",
-        )
     backbone = state.engine(request).backbone
     text = backbone.chat_prompt(gate_text(gate, cp.window) if not isinstance(gate, str) else gate.strip())
     if text == rendered:
