@@ -213,9 +213,9 @@ def tiny_behaviour_section(section):
     # attack rows: two requests per family and class in train, one in val, two in test
     section.attacks, section.budget_groups = True, ["xstest_safe", "lookalikes", "wrapb:*"]
     section.n_wrap, section.n_conv, section.n_test_attack = [2, 1, 2], [3, 1, 2], 2
-    section.gate_segments = (
-        True  # the segmented gate (steering.segments): its pieces step, MIL fit, pre-pass checks
-    )
+    # the segmented gate (steering.segments: pieces step, MIL fit, pre-pass checks), each family scored
+    # by a gate trained without it (leave one family out)
+    section.gate_segments, section.family_folds = True, 0
     section.n_answer_gate, section.answer_gate_fpr = (
         24,
         0.3,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import pytest
 from conftest import planted_prompts
 
 from safesteer.behaviour.attacks import family_fold, family_fold_scores
@@ -89,7 +90,8 @@ class _Pc:
         self.owner = owner
 
 
-def test_family_fold_scores_with_pieces_score_each_family_by_the_gate_of_the_other_fold():
+@pytest.mark.parametrize("folds", [2, 0])
+def test_family_fold_scores_with_pieces_score_each_family_by_the_gate_of_the_other_fold(folds):
     rng = np.random.default_rng(3)
     fams = ["dan", "fiction", "roleplay", "gcg", "encoding", "few_shot"]
     assert {family_fold(f) for f in fams} == {0, 1}
@@ -109,11 +111,32 @@ def test_family_fold_scores_with_pieces_score_each_family_by_the_gate_of_the_oth
     owner = np.repeat(np.arange(len(P)), 2)
     V = rng.normal(size=(len(owner), 6))
     cond = train_gate(H, P, layer=3, Cs=(0.1,))
-    out, th = family_fold_scores(cond, H, P, [0.1], seed=0, pieces=(V, owner))
-    for k in (0, 1):
-        held = np.array([g.startswith("wrap") and family_fold(g.split(":")[1]) == k for g in P.group])
+    out, th = family_fold_scores(cond, H, P, [0.1], seed=0, pieces=(V, owner), folds=folds)
+    ks = sorted({family_fold(f, folds) for f in fams})
+    assert len(ks) == (2 if folds == 2 else len(fams)) and sorted(th) == ks  # 0: each family alone
+    for k in ks:
+        held = np.array([g.startswith("wrap") and family_fold(g.split(":")[1], folds) == k for g in P.group])
         fit = P.mask("train") & ~held
         ref = train_probe(H[fit], P.harmful[fit], balanced=True, Cs=[0.1], folds=2)
         want = np.maximum(ref.decision_function(H), ref.decision_function(V).reshape(-1, 2).max(1))
         np.testing.assert_allclose(out[held], want[held], rtol=1e-9)
     assert np.isnan(out[~np.array([g.startswith("wrap") for g in P.group])]).all()
+
+
+def test_leave_one_family_out_gives_every_family_its_own_fold_and_bad_counts_are_refused():
+    from safesteer.behaviour.config import StudyConfig
+    from safesteer.behaviour.wrappers import FAMILIES
+    from safesteer.errors import SafesteerError
+
+    assert sorted(family_fold(f, 0) for f in FAMILIES) == list(range(len(FAMILIES)))
+    assert {family_fold(f) for f in FAMILIES} == {0, 1} and all(
+        family_fold(f, 3) in (0, 1, 2) for f in FAMILIES
+    )
+    assert family_fold("not_registered", 0) >= len(FAMILIES)
+    for bad in (1, -1):
+        with pytest.raises(SafesteerError, match="family_folds"):
+            StudyConfig(family_folds=bad).validate()
+    rec = StudyConfig(attacks=True, family_folds=0).record("m", 1, 0, None)
+    assert rec["family_folds"] == 0 and "family_folds" not in StudyConfig(attacks=True).record(
+        "m", 1, 0, None
+    )

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from safesteer.behaviour.attacks import family_fold, family_of
+from safesteer.behaviour.attacks import FAMILY_FOLDS, family_fold, family_of
 from safesteer.behaviour.checkpoint import step_key
 from safesteer.behaviour.context import Run, per_group
 from safesteer.evaluate.refusal import Answers, generate
@@ -38,17 +38,15 @@ ANSWER_GATE_DIR = "answer_gate"
 class AnswerGateFit:
     k: int
     layers: list[int]
-    gates: dict[str, Condition]  # "all" (deployed), "0" / "1" (without that fold of families)
+    gates: dict[str, Condition]  # "all" (deployed), "0", "1", … (without that fold of families)
     val_auroc: float
     key: str
+    folds: int = FAMILY_FOLDS  # the family folds (attacks.family_fold)
 
     def for_group(self, group: str) -> Condition:
         fam = family_of(group)
-        return (
-            self.gates[str(family_fold(fam))]
-            if fam is not None and str(family_fold(fam)) in self.gates
-            else self.gates["all"]
-        )
+        k = None if fam is None else str(family_fold(fam, self.folds))
+        return self.gates[k] if k in self.gates else self.gates["all"]
 
 
 def prefixes(bb: Any, answers: Answers, k: int) -> list[str]:
@@ -87,7 +85,7 @@ def fit_answer_gate(run: Run, f: Any, g: Any) -> AnswerGateFit | None:
     k = int(cfg.answer_gate_tokens)
     if k <= 0:
         return None
-    key = step_key(run.base_key, "answer_gate", f.key, g.key)
+    key = step_key(run.base_key, "answer_gate", f.key, g.key)  # g.key carries the family folds
     layers = list(g.gate.layers)
     n = int(cfg.n_answer_gate)
 
@@ -105,10 +103,14 @@ def fit_answer_gate(run: Run, f: Any, g: Any) -> AnswerGateFit | None:
         is_tr = np.array([i < len(tr) for i in range(len(rows))])
         ok = np.isfinite(H).all(axis=1)
         fold = np.array(
-            [-2 if family_of(P.group[i]) is None else family_fold(family_of(P.group[i])) for i in rows]
+            [
+                -2 if family_of(P.group[i]) is None else family_fold(family_of(P.group[i]), cfg.family_folds)
+                for i in rows
+            ]
         )
         gates: dict[str, Condition] = {}
-        for name, out_fold in (("all", None), ("0", 0), ("1", 1)):
+        folds = [(str(k), k) for k in sorted(set(fold.tolist()) - {-2})]
+        for name, out_fold in [("all", None), *folds]:
             m = is_tr & ok & (fold != out_fold if out_fold is not None else True)
             if out_fold is not None and not (fold == out_fold).any():
                 continue
@@ -129,14 +131,18 @@ def fit_answer_gate(run: Run, f: Any, g: Any) -> AnswerGateFit | None:
         run.say(
             f"answer-time gate after {k} tokens: val AUROC {val_auc:.3f} ({int(is_tr.sum())} train answers)"
         )
-        return AnswerGateFit(k, layers, gates, val_auc, key)
+        return AnswerGateFit(k, layers, gates, val_auc, key, cfg.family_folds)
 
     def save(a: AnswerGateFit):
-        return {"k": a.k, "layers": a.layers, "names": sorted(a.gates), "val_auroc": a.val_auroc}, None
+        data = {"k": a.k, "layers": a.layers, "names": sorted(a.gates), "val_auroc": a.val_auroc}
+        return data | ({"folds": a.folds} if a.folds != FAMILY_FOLDS else {}), None
 
     def load(data, _):
         gates = {nm: Condition.load(run.out / ANSWER_GATE_DIR / nm) for nm in data["names"]}
-        return AnswerGateFit(int(data["k"]), list(data["layers"]), gates, float(data["val_auroc"]), key)
+        folds = int(data.get("folds", FAMILY_FOLDS))
+        return AnswerGateFit(
+            int(data["k"]), list(data["layers"]), gates, float(data["val_auroc"]), key, folds
+        )
 
     return run.cached("answer_gate", key, compute, save, load)
 

@@ -16,9 +16,10 @@ their reframed copies), in groups the study and the report know by prefix:
   the gate reads :func:`~safesteer.steering.conversation.gate_text` of it (the rule the chat
   endpoint follows), the model answers the whole conversation (``Prompts.chats``).
 
-Families are split into two hash folds (:func:`family_fold`): every family's test rows are scored by
-a gate trained without its fold's families, so the per-family figures are for families the gate
-never saw (the deployed gate trains on all of them).
+Families are split into folds (:func:`family_fold`: two hash folds, or one family each with
+``family_folds = 0``): every family's test rows are scored by a gate trained without its fold's
+families, so the per-family figures are for families the gate never saw (the deployed gate trains on
+all of them).
 """
 
 from __future__ import annotations
@@ -57,9 +58,22 @@ def family_of(group: str) -> str | None:
     return None
 
 
-def family_fold(family: str) -> int:
-    """0 or 1: the family's hash fold (the gate that scores a family's test rows never saw its fold)."""
-    return hashlib.sha256(f"safesteer-family|{family}".encode()).digest()[0] % 2
+FAMILY_FOLDS = 2
+"""Folds of families by default: two hash folds (``family_folds = 0``: leave one family out)."""
+
+
+def family_fold(family: str, folds: int = FAMILY_FOLDS) -> int:
+    """The family's fold (the gate that scores a family's test rows never saw its fold): with ``folds``
+    ≥ 2 a hash fold in ``0 … folds−1``; with 0 the family on its own (its index among the registered
+    families, leave-one-family-out)."""
+    if folds == 0:
+        from safesteer.behaviour.wrappers import FAMILIES  # pure Python, as this module
+
+        names = sorted(FAMILIES)
+        if family in names:
+            return names.index(family)
+        return len(names) + int.from_bytes(hashlib.sha256(family.encode()).digest()[:4], "big")
+    return hashlib.sha256(f"safesteer-family|{family}".encode()).digest()[0] % int(folds)
 
 
 def _rank(salt: str, text: str) -> bytes:
@@ -210,6 +224,7 @@ def family_fold_scores(
     fprs: Sequence[float],
     seed: int,
     pieces: tuple[np.ndarray, np.ndarray] | None = None,
+    folds: int = FAMILY_FOLDS,
 ) -> tuple[np.ndarray, dict[int, dict[float, float]]]:
     """Scores of every wrapped row by a gate of ``gate``'s kind and settings trained without its
     family's fold (NaN for other rows), and each fold gate's threshold per FPR on the harmless val
@@ -219,11 +234,11 @@ def family_fold_scores(
     from safesteer.steering.condition import threshold_for_fpr
 
     fam = [family_of(g) for g in P.group]
-    fold = np.array([-1 if f is None else family_fold(f) for f in fam])
+    fold = np.array([-1 if f is None else family_fold(f, folds) for f in fam])
     out = np.full(len(P), np.nan)
     thresholds: dict[int, dict[float, float]] = {}
     weighting = str(gate.meta.get("weighting", "balanced"))
-    for k in (0, 1):
+    for k in sorted(set(fold.tolist()) - {-1}):
         held = fold == k
         if not held.any():
             continue

@@ -73,6 +73,7 @@ class StudyConfig:
     n_wrap: list[int] = field(default_factory=lambda: [16, 4, 8])  # wrapped per family, class: train/val/test
     n_conv: list[int] = field(default_factory=lambda: [30, 8, 24])  # conversations per class: train/val/test
     gate_window: int = 3  # user turns of a chat the gate reads (steering.conversation.gate_text)
+    family_folds: int = 2  # folds of jailbreak families for the per-family figures (0 = leave one family out)
     n_test_attack: int = 8  # test rows answered per wrapped family and class (and per other new set x3)
     # the answer-time gate (behaviour.answer_gate): after this many unsteered answer tokens (0 = off),
     # trained on n_answer_gate train answers per class, calibrated to answer_gate_fpr on harmless val
@@ -106,6 +107,7 @@ class StudyConfig:
         if self.attacks:  # recorded only when on: a study without them keeps its summary's bytes
             rest += ["attacks", "families", "family_max_chars", "n_wrap", "n_conv", "gate_window"]
             rest += ["n_test_attack", "answer_gate_tokens", "n_answer_gate", "answer_gate_fpr"]
+            rest += ["family_folds"] if self.family_folds != 2 else []
         return {
             "model": model,
             "layer": layer,
@@ -168,6 +170,11 @@ class StudyConfig:
             raise SafesteerError(
                 f"config behaviour.judge = {self.judge!r} needs {' and '.join(missing)}; set them in "
                 "[behaviour] (judge_url: an OpenAI-compatible endpoint such as http://127.0.0.1:8000/v1)"
+            )
+        if self.family_folds < 0 or self.family_folds == 1:
+            raise SafesteerError(
+                "config behaviour.family_folds must be 0 (leave one family out) or >= 2 hash folds "
+                f"(got {self.family_folds})"
             )
         if len(self.n_wrap) != 3 or len(self.n_conv) != 3 or min(self.n_wrap + self.n_conv) < 0:
             raise SafesteerError(

@@ -57,7 +57,7 @@ def answer_attacks(
     for k, rows in sets.items():
         fam = family_of(k)
         if fam is not None and g.fold_scores is not None:  # a gate that never saw the family's fold
-            t = g.fold_thresholds[family_fold(fam)][float(c.fpr)]
+            t = g.fold_thresholds[family_fold(fam, cfg.family_folds)][float(c.fpr)]
             flags[k] = g.fold_scores[rows] > t
         else:
             flags[k] = g.scores[rows] > c.threshold
@@ -107,7 +107,11 @@ def answer_attacks(
             "harmful": int(P.harmful[sets[k][0]]),
             "flag_rate": float(flags[k].mean()),
             "refusal": pol.paired(b, s),
-            **({"family_fold": family_fold(family_of(k))} if family_of(k) else {}),
+            **(
+                {"family_fold": family_fold(family_of(k), cfg.family_folds) if cfg.family_folds else "alone"}
+                if family_of(k)
+                else {}
+            ),
             **(
                 {"flag_rate_deployed_gate": float(np.mean(g.scores[sets[k]] > c.threshold))}
                 if family_of(k)

@@ -147,6 +147,11 @@ def features(run: Run) -> Features:
 
 
 # ------------------------------------------------------------------------------------------ fit_gate
+def _folds(cfg: Any) -> list[str]:
+    """The family folds in the keys of the steps that use them (the default, 2, keeps the older keys)."""
+    return [f"family_folds={cfg.family_folds}"] if cfg.family_folds != 2 else []
+
+
 @dataclass
 class GateFit:
     layer: int  # the deepest layer the gate reads
@@ -167,7 +172,7 @@ class GateFit:
 
 def fit_gate(run: Run, f: Features, pc: Pieces | None = None) -> GateFit:
     cfg, P = run.cfg, f.prompts
-    key = step_key(run.base_key, "fit_gate", f.key, *([pc.key] if pc is not None else []))
+    key = step_key(run.base_key, "fit_gate", f.key, *([pc.key] if pc is not None else []), *_folds(cfg))
 
     kind = cfg.gate_kind or None
     together = kind is not None and gate_kind(kind).reads_layers_together
@@ -232,7 +237,9 @@ def fit_gate(run: Run, f: Features, pc: Pieces | None = None) -> GateFit:
         n = len(P)
         cal = cross_fit_scores(gate, Hx, Px, cfg.calib_folds, run.seed, pieces=pieces_of)[:n]
         folds = (
-            family_fold_scores(gate, Hx, Px, cfg.fprs, run.seed, pieces=pieces_of) if n0 < n else (None, None)
+            family_fold_scores(gate, Hx, Px, cfg.fprs, run.seed, pieces=pieces_of, folds=cfg.family_folds)
+            if n0 < n
+            else (None, None)
         )
         folds = (None if folds[0] is None else folds[0][:n], folds[1])
         return GateFit(

@@ -97,7 +97,9 @@ def run_study(
     if bb.kind != "causal":
         raise SafesteerError("the behaviour study generates answers; it needs a causal LM")
     record = cfg.record(model, layer, seed, data_dir)
-    settings = {k: v for k, v in record.items() if k != "threads"}  # threads change no result
+    # threads change no result; the family folds change the gate's fold scores on, not the features
+    # (fit_gate and answer_gate put them in their own keys)
+    settings = {k: v for k, v in record.items() if k not in ("threads", "family_folds")}
     base_key = step_key(settings, str(getattr(bb, "name", "")), _fingerprint(extra_directions))
     store = StepStore(out / layout.STEPS_DIR)
     run = Run(cfg, bb, judge, out, store, base_key, _say, layer, seed, data_dir, extra_directions)

@@ -19,6 +19,12 @@ def _pct(m: dict[str, Any]) -> str:
     )
 
 
+def _fold(r: dict[str, Any]) -> str:
+    """Which family fold scored the row's set: a hash fold, or the family held out alone."""
+    f = r.get("family_fold")
+    return "" if f is None else " (held out alone)" if f == "alone" else f" (fold {f})"
+
+
 def _label(name: str) -> tuple[str, str]:
     """(what the set is, the class of its requests)."""
     if name.startswith("wrap:"):
@@ -60,7 +66,7 @@ def attack_rows(attacks: dict[str, Any]) -> pd.DataFrame:
         what, cls = _label(k)
         rows.append(
             {
-                "set": what + (f" (fold {r['family_fold']})" if "family_fold" in r else ""),
+                "set": what + _fold(r),
                 "requests": cls,
                 "n": r["n"],
                 "gate flags": f"{100 * r['flag_rate']:.0f}%"
