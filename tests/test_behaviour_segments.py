@@ -14,8 +14,9 @@ from conftest import planted_prompts
 from safesteer.behaviour.attacks import family_fold, family_fold_scores
 from safesteer.behaviour.gate import cross_fit_scores, train_gate
 from safesteer.behaviour.prompts import Prompts
-from safesteer.behaviour.segments import piece_scores, with_pieces
+from safesteer.behaviour.segments import with_pieces
 from safesteer.probes.logistic import train_probe
+from safesteer.steering.segments import segment_max
 
 
 def _with_piece_vectors(n=40, seed=0):
@@ -66,7 +67,7 @@ def test_cross_fit_with_pieces_is_the_max_over_pieces_by_the_fold_gate_that_saw_
     s = cross_fit_scores(cond, Hx, Px, folds=4, pieces=(V, owner))[:n]
     plain = cross_fit_scores(cond, Hx, Px, folds=4)[:n]
     rest = np.asarray(P.split) != "train"
-    np.testing.assert_allclose(s[rest], piece_scores(cond.score, H, _Pc(owner), V)[rest], rtol=1e-12)
+    np.testing.assert_allclose(s[rest], segment_max(cond.score(H), cond.score(V), owner)[rest], rtol=1e-12)
     fold = np.array(
         [
             int.from_bytes(hashlib.sha256(f"safesteer-fold|{t}".encode()).digest()[:4], "big") % 4
@@ -83,11 +84,6 @@ def test_cross_fit_with_pieces_is_the_max_over_pieces_by_the_fold_gate_that_saw_
             assert s[i] == np.float64(want) or abs(s[i] - want) < 1e-9
     changed = np.flatnonzero(np.abs(s - plain) > 1e-9)
     assert len(changed) and (s[changed] > plain[changed]).all()  # pieces only ever raise a score
-
-
-class _Pc:
-    def __init__(self, owner):
-        self.owner = owner
 
 
 @pytest.mark.parametrize("folds", [2, 0])

@@ -1,23 +1,22 @@
 """The segmented gate in the study (``gate_segments = true``; :mod:`safesteer.steering.segments`).
 
-* :func:`piece_rows` — the pieces of every gate prompt (the text the gate reads), flat, with the row
-  each came from; their pooled vectors are the ``pieces`` step's.
 * :func:`with_pieces` — the gate's training rows with pieces added as augmented copies of their
   prompt (multiple-instance learning): *every* piece of a harmless train prompt is a negative (a
   jailbreak template's sentences around a harmless request are harmless), and the top piece of a
   harmful train prompt with pieces — by a gate fitted on whole prompts — a positive (the request
   inside its wrapper). The copies sit in their prompt's cross-fitting fold and family fold
   (``origin``, ``group``), so no gate scores a prompt whose pieces it trained on.
-* :func:`piece_scores` — every prompt's score as the segmented gate gives it: the largest of its
-  own and its pieces'.
-* :func:`pieces` — the study's step between ``features`` and ``fit_gate``: the pieces' pooled vectors.
+* :func:`pieces` — the study's step between ``features`` and ``fit_gate``: the pieces of every gate
+  prompt (:func:`~safesteer.steering.segments.expand` of the text the gate reads) and their pooled
+  vectors. A prompt's segmented score is :func:`~safesteer.steering.segments.segment_max` of its own
+  and its pieces'.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +24,7 @@ from safesteer.behaviour.checkpoint import step_key
 from safesteer.behaviour.context import Run
 from safesteer.behaviour.prompts import Prompts
 from safesteer.models.positions import pooled_at
-from safesteer.steering.segments import expand, segment_max
+from safesteer.steering.segments import expand
 
 
 @dataclass
@@ -34,11 +33,6 @@ class Pieces:
     owner: np.ndarray  # the prompt row each piece came from
     gate: dict[int, np.ndarray]  # pooled at the gate position, per layer
     key: str
-
-
-def piece_rows(P: Prompts) -> tuple[list[str], np.ndarray]:
-    """The pieces of every prompt's gate text (``P.text``), flat, and the row each came from."""
-    return expand(P.text)
 
 
 def with_pieces(
@@ -78,16 +72,6 @@ def with_pieces(
     return ext, np.vstack([H, piece_H[k]]) if len(k) else H
 
 
-def piece_scores(
-    score: Callable[[np.ndarray], np.ndarray], H: np.ndarray, pc: Any, piece_H: np.ndarray
-) -> np.ndarray:
-    """Every prompt's segmented score by ``score`` (rows of ``H``; its pieces' vectors ``piece_H``)."""
-    whole = score(H)
-    if pc is None or not len(pc.owner):
-        return whole
-    return segment_max(whole, score(piece_H), pc.owner)
-
-
 # the study's step (between features and fit_gate)
 def pieces(run: Run, f: Any) -> Pieces | None:
     """The segmented gate's inputs (``gate_segments``): every prompt's pieces and their pooled vectors
@@ -99,7 +83,7 @@ def pieces(run: Run, f: Any) -> Pieces | None:
 
     def compute() -> Pieces:
         t = time.perf_counter()
-        text, owner = piece_rows(f.prompts)
+        text, owner = expand(f.prompts.text)
         uniq = list(dict.fromkeys(text))
         at = {u: i for i, u in enumerate(uniq)}
         V = pooled_at(run.bb, uniq, f.layers, (cfg.gate_position,), batch_size=cfg.batch_size)[

@@ -49,13 +49,14 @@ from safesteer.behaviour.directions import median_norm, refusal_caa, refusal_dim
 from safesteer.behaviour.gate import auroc, cross_fit_scores, gate_report, lodo, train_gate
 from safesteer.behaviour.pairs import PairResult, paraphrase_pairs, score_pairs
 from safesteer.behaviour.prompts import Prompts, load_prompts
-from safesteer.behaviour.segments import Pieces, piece_scores, with_pieces
+from safesteer.behaviour.segments import Pieces, with_pieces
 from safesteer.errors import SafesteerError
 from safesteer.evaluate.refusal import answer_nll, generate
 from safesteer.io import atomic_path, load_npy, save_npy, sha256_file
 from safesteer.models.positions import pooled_at
 from safesteer.steering.condition import Condition, threshold_for_fpr
 from safesteer.steering.gates import gate_kind, stack_features
+from safesteer.steering.segments import segment_max
 from safesteer.steering.strategies import DirectionSet
 
 SETS = ("harmful", "safe", "qa")
@@ -211,7 +212,12 @@ def fit_gate(run: Run, f: Features, pc: Pieces | None = None) -> GateFit:
             gates = {k: train(k, ext[k][1], ext[k][0]) for k in reads}
             for g in gates.values():
                 g.meta["segments"] = True
-        scored = {k: piece_scores(g.score, feats[k], pc, pf.get(k)) for k, g in gates.items()}
+        scored = {  # the segmented score: the largest of the prompt's own and its pieces'
+            k: segment_max(g.score(feats[k]), g.score(pf[k]), pc.owner)
+            if pc is not None
+            else g.score(feats[k])
+            for k, g in gates.items()
+        }
         val_auc = {k: float(auroc(scored[k][hard], P.harmful[hard])) for k in gates}
         gl = max(val_auc, key=lambda k: (val_auc[k], -max(reads[k])))
         gate, H = gates[gl], feats[gl]
