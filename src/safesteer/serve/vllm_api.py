@@ -25,6 +25,7 @@ from safesteer.serve.plan import Plan
 from safesteer.serve.vllm_engine import VllmEngine, cache_salt
 from safesteer.serve.vllm_hooks import RequestSteer, gate_span
 from safesteer.steering.conversation import gate_text
+from safesteer.steering.segments import pieces
 
 GATE_POSITIONS = ("prompt", "prompt_end")
 
@@ -46,11 +47,6 @@ def check_policy(cp: Any) -> Any:
         raise SafesteerError(
             f"probe '{cp.condition.name}' has no raw-space weights; the vllm engine gates with a linear "
             "probe (w, b) or a trained gate"
-        )
-    if cp.segments:
-        raise SafesteerError(
-            "the policy's gate is segmented (condition.segments: it reads each piece of the request in a "
-            "pass of its own); the vllm engine does not run those passes yet: serve it with --engine hf"
         )
     gate = cp.gate()
     if max(gate.layers) > cp.layer:
@@ -99,20 +95,40 @@ def request_steer(
 async def gate_pass(request: Request, plan: Plan, gate: Any, rendered: str) -> dict[str, Any] | None:
     """The gate's decision when the text the HF engine gates on — ``gate``: a chat's messages
     (:func:`~safesteer.steering.conversation.gate_text`) or a prompt, rendered alone — is not the
-    request's own prompt (a conversation, a system message, surrounding spaces, ``chat: false``): one
-    prefill of that text on vLLM (nothing steered, one token). None when the request's own pass reads
-    it (a single-turn chat) or the plan has no condition."""
+    request's own prompt (a conversation, a system message, surrounding spaces, ``chat: false``), or
+    when the gate is segmented: one prefill of that text on vLLM (nothing steered, one token), and one
+    per piece of it (:func:`~safesteer.steering.segments.pieces`, each rendered as its own user
+    message), all at once; a segmented decision is the largest score of them (the HF engine's
+    :func:`~safesteer.steering.segments.segment_max`). None when the request's own pass reads it (a
+    single-turn chat of one piece) or the plan has no condition."""
     cp = plan.compiled
     if cp is None or cp.condition is None:
         return None
     backbone = state.engine(request).backbone
-    text = backbone.chat_prompt(gate_text(gate, cp.window) if not isinstance(gate, str) else gate.strip())
-    if text == rendered:
+    said = gate_text(gate, cp.window) if not isinstance(gate, str) else gate.strip()
+    text = backbone.chat_prompt(said)
+    parts = pieces(said) if cp.segments else []
+    if text == rendered and not parts:
         return None
-    ids = list(backbone.tokenizer(text, add_special_tokens=False)["input_ids"])
-    run = Run(request, ids, {"max_tokens": 1, "temperature": 0.0}, plan, 1, gate_only=True)
-    await collect(run)
-    return run.decision
+    tok = backbone.tokenizer
+    runs: list[Run] = []
+    try:
+        for t in [text, *(backbone.chat_prompt(p) for p in parts)]:
+            ids = list(tok(t, add_special_tokens=False)["input_ids"])
+            runs.append(Run(request, ids, {"max_tokens": 1, "temperature": 0.0}, plan, 1, gate_only=True))
+        await asyncio.gather(*(collect(r) for r in runs))
+    except BaseException:
+        for r in runs:
+            if not r.finished:
+                r.engine.abort(r.rid)
+        raise
+    decisions = [r.decision for r in runs]
+    if any(d is None for d in decisions):  # the engine answered without reading the gate
+        raise ApiError(500, "internal_error", "the gate pass returned no decision")
+    if len(decisions) == 1:
+        return decisions[0]
+    scores = [d["score"] for d in decisions if d.get("score") is not None]
+    return {"steered": any(d["steered"] for d in decisions), "score": max(scores) if scores else None}
 
 
 def sampling(max_new: int, temperature: float | None, top_p: float | None, seed: int | None) -> dict:
