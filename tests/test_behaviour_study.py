@@ -16,6 +16,7 @@ import pytest
 
 from safesteer.behaviour.checkpoint import StepStore, step_key
 from safesteer.behaviour.heldout import FLUENCY_CHECK_TOL, self_checks
+from safesteer.behaviour.steps import sweep_step
 from safesteer.io import read_json
 
 FILES = (
@@ -85,9 +86,12 @@ def test_tiny_study_self_checks_hold(behaviour_run):
         "features.json",
         "fit_gate.json",
         "pieces.json",  # the tiny study's gate is segmented (steering.segments)
-        "sweep_000.json",
+        "sweep_base.json",
     ]
-    assert {"sweep_base.json", "test.json", "verify.json"} <= set(kept)
+    names = behaviour_run[3].behaviour.strategies
+    alphas = behaviour_run[3].behaviour.alphas
+    assert {f"{sweep_step(n, a)}.json" for n in names for a in alphas} <= set(kept)
+    assert {"test.json", "verify.json"} <= set(kept)
 
 
 @pytest.mark.integration
@@ -144,7 +148,8 @@ def test_killed_mid_sweep_resumes_with_identical_files(behaviour_run, tmp_path, 
     proc = subprocess.Popen([*args, "1.0"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
-        while not (out / "steps" / "sweep_000.json").is_file():  # the first candidate is kept: mid-sweep
+        first, second = (sweep_step("refusal_caa", a) for a in behaviour_run[3].behaviour.alphas[:2])
+        while not (out / "steps" / f"{first}.json").is_file():  # the first candidate is kept: mid-sweep
             assert proc.poll() is None, "the worker ended before the sweep"
             assert time.monotonic() < deadline, "the sweep did not start in time"
             time.sleep(0.05)
@@ -156,11 +161,48 @@ def test_killed_mid_sweep_resumes_with_identical_files(behaviour_run, tmp_path, 
     assert not (out / "summary.json").exists() and not (out / "steps" / "test.json").exists()
     again = subprocess.run([*args, "0"], env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    for step in ("features", "fit_gate", "directions", "sweep_base", "sweep_000"):  # resumed, not recomputed
+    for step in ("features", "fit_gate", "directions", "sweep_base", first):  # resumed, not recomputed
         assert f"{step}: reusing" in again.stderr, step
-    assert "sweep_001: reusing" not in again.stderr
+    assert f"{second}: reusing" not in again.stderr
     for name in FILES:
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+
+
+@pytest.mark.integration
+def test_a_new_alpha_or_steering_span_reuses_the_features_gate_and_directions(
+    behaviour_run, tmp_path, shared_data
+):
+    """How hard and where the direction steers (study.STEER_ONLY) is in the keys of the steered answers
+    and the test only: the features, pieces, gate, directions and unsteered answers are kept, the kept
+    α's steered answers too when only the span is the same; the new ones run."""
+    import shutil
+
+    ref, _, model_dir, cfg = behaviour_run
+    out = tmp_path / "stage"
+    shutil.copytree(ref, out)
+    args = [sys.executable, str(WORKER), str(model_dir), str(ref.parent / "directions"), str(shared_data)]
+    alphas = [*cfg.behaviour.alphas, 3.0]
+    again = subprocess.run(
+        [*args, str(out), "0", json.dumps({"alphas": alphas})], capture_output=True, text=True, timeout=600
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    kept = [sweep_step(n, a) for n in cfg.behaviour.strategies for a in cfg.behaviour.alphas]
+    for step in ("features", "pieces", "fit_gate", "directions", "sweep_base", *kept):
+        assert f"{step}: reusing" in again.stderr, step
+    new = [sweep_step(n, 3.0) for n in cfg.behaviour.strategies]
+    assert all(f"{n}: reusing" not in again.stderr and (out / "steps" / f"{n}.json").is_file() for n in new)
+    assert read_json(out / "summary.json")["config"]["alphas"] == alphas
+    other = "all" if cfg.behaviour.steer_positions == "prompt" else "prompt"
+    again = subprocess.run(
+        [*args, str(out), "0", json.dumps({"steer_positions": other})],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    for step in ("features", "pieces", "fit_gate", "directions", "sweep_base"):
+        assert f"{step}: reusing" in again.stderr, step
+    assert not any(f"{n}: reusing" in again.stderr for n in kept) and "test: reusing" not in again.stderr
 
 
 @pytest.mark.integration

@@ -34,6 +34,7 @@ def test(run: Run, f: Features, g: GateFit, d: Directions, ch: Choice, ag: Any =
     key = step_key(
         run.base_key,
         "test",
+        cfg.steer_positions,  # the base key leaves it out (study.STEER_ONLY)
         f.key,
         g.key,
         d.key,

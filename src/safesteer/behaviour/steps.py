@@ -356,6 +356,12 @@ class Sweep:
     key: str
 
 
+def sweep_step(strategy: str, alpha: float) -> str:
+    """The kept step of one strategy's steered answers at one α (named by both: a new α or strategy in
+    the grid leaves the others' files where they are)."""
+    return f"sweep_{strategy}_a{float(alpha):g}"
+
+
 def sweep(run: Run, f: Features, g: GateFit, d: Directions) -> Sweep:
     cfg, P, bb = run.cfg, f.prompts, run.bb
     key = step_key(run.base_key, "sweep", f.key, g.key, d.key)
@@ -448,8 +454,8 @@ def sweep(run: Run, f: Features, g: GateFit, d: Directions) -> Sweep:
                 return got
 
             steered[(name, a)] = run.cached(
-                f"sweep_{len(steered):03d}",
-                step_key(key, name, a),
+                sweep_step(name, a),
+                step_key(key, name, a, cfg.steer_positions),  # the base key leaves them out (STEER_ONLY)
                 one,
                 lambda got: ({}, got),
                 lambda _, arrays: dict(arrays),

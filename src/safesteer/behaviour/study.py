@@ -63,6 +63,10 @@ def _fingerprint(directions: Any) -> list[Any]:
     ]
 
 
+STEER_ONLY = ("alphas", "steer_positions", "max_safe_pp", "max_fluency_rel")
+"""Settings only the sweep's steered answers, the choice and the test read (not in the base key)."""
+
+
 def run_study(
     cfg: StudyConfig,
     out_dir: str | Path,
@@ -98,8 +102,10 @@ def run_study(
         raise SafesteerError("the behaviour study generates answers; it needs a causal LM")
     record = cfg.record(model, layer, seed, data_dir)
     # threads change no result; the family folds change the gate's fold scores on, not the features
-    # (fit_gate and answer_gate put them in their own keys)
-    settings = {k: v for k, v in record.items() if k not in ("threads", "family_folds")}
+    # (fit_gate and answer_gate put them in their own keys); how hard and where the chosen direction
+    # steers and the budget the choice keeps change only the steered answers and the choice (the sweep's
+    # steered steps and the test put them in theirs: a new α reuses the features, the gate and the rest)
+    settings = {k: v for k, v in record.items() if k not in ("threads", "family_folds", *STEER_ONLY)}
     base_key = step_key(settings, str(getattr(bb, "name", "")), _fingerprint(extra_directions))
     store = StepStore(out / layout.STEPS_DIR)
     run = Run(cfg, bb, judge, out, store, base_key, _say, layer, seed, data_dir, extra_directions)
