@@ -59,7 +59,8 @@ def test_serve_command_wires_everything(artefacts, tiny_llama, monkeypatch):
     import safesteer.models
 
     captured = {}
-    monkeypatch.setattr(safesteer.models, "load_backbone", lambda name, **kw: tiny_llama)
+    loaded = {}
+    monkeypatch.setattr(safesteer.models, "load_backbone", lambda name, **kw: loaded.update(kw) or tiny_llama)
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: captured.update(app=app, **kw))
     monkeypatch.setenv("SS_KEY", "k1")
     rc = main(
@@ -82,6 +83,7 @@ def test_serve_command_wires_everything(artefacts, tiny_llama, monkeypatch):
         ]
     )
     assert rc == 0 and captured["host"] == "127.0.0.1" and captured["port"] == 8123
+    assert loaded == {"max_length": 2048}  # the served context: [serve] max_model_len, both engines
     with TestClient(captured["app"]) as c:
         h = c.get("/healthz").json()
         assert h["policies"] == ["kid"] and h["auth"] and h["limits"]["max_texts"] == 3

@@ -316,10 +316,41 @@ def test_metrics_are_prometheus_text(client):
     ) in by
 
 
-def test_prompt_past_the_context_is_a_400(client):
+def test_prompt_past_the_context_is_a_422(client):
     long_prompt = "a " * 70  # 70 tokens (140 characters): past the tiny model's 64 positions
     r = client.post("/v1/generate", json={"prompts": [long_prompt], "max_new_tokens": 4})
-    assert r.status_code == 400 and "context" in r.json()["error"]["message"]
+    assert r.status_code == 422 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert "context of 64 tokens" in r.json()["error"]["message"]
+
+
+def test_the_served_context_bounds_prompt_and_answer_and_nothing_is_cut():
+    """``backbone.max_length`` (``--max-model-len``) is the served context, prompt + answer, on both
+    generating routes: a prompt that fits is answered as the model answers it uncut; one token more is a
+    422, never an answer to a prompt cut short (its cut end would be the request itself)."""
+    from safesteer.testing import make_tiny_llama
+
+    bb = make_tiny_llama()
+    bb.max_length = 24
+    tok = bb.tokenizer
+    with TestClient(make_app(bb, limits=LIMITS), raise_server_exceptions=False) as c:
+        for n in (20, 21):
+            text = " ".join(["b"] * (n - 1) + ["tail"])
+            assert len(tok(text, add_special_tokens=False)["input_ids"]) == n
+            r = c.post("/v1/generate", json={"prompts": [text], "max_new_tokens": 4, "chat": False})
+            if n == 20:
+                assert r.status_code == 200, r.text
+                bb.max_length = 64  # the same prompt with room to spare: the same answer
+                assert r.json()["completions"] == bb.generate([text], max_new_tokens=4)
+                bb.max_length = 24
+            else:
+                assert r.status_code == 422 and r.json()["error"]["code"] == "context_length_exceeded"
+        content = " ".join(["b"] * 30)
+        rendered = len(tok(bb.chat_prompt(content), add_special_tokens=False)["input_ids"])
+        assert rendered > 24
+        body = {"model": "tiny-llama", "messages": [{"role": "user", "content": content}], "max_tokens": 2}
+        r = c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+        assert f"the prompt has {rendered} tokens" in r.json()["error"]["message"]
 
 
 def test_refused_requests_are_counted_under_their_endpoint(client):

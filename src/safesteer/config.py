@@ -52,7 +52,7 @@ class ServeSection:
     engine: str = "hf"  # hf: the Hugging Face model, one worker thread | vllm: vLLM's engine (the vllm extra)
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
-    max_model_len: int = 2048  # vllm: tokens per request (prompt + answer)
+    max_model_len: int = 2048  # tokens per request (prompt + answer); longer: 422 context_length_exceeded
     max_num_seqs: int = 64  # vllm: requests batched together
     kv_cache_gb: float = 1.0  # vllm: KV cache size (RAM on the CPU backend)
 

@@ -20,6 +20,11 @@ class SafesteerError(Exception):
         return self.message
 
 
+class ContextTooLong(SafesteerError):
+    """A prompt that, with the tokens asked for, does not fit the served context (HTTP 422,
+    ``context_length_exceeded``, as OpenAI's API and vLLM answer it)."""
+
+
 def choices_hint(name: str, valid: list[str] | tuple[str, ...]) -> str:
     """Return "'x' is not one of: a, b, c" style text for error messages."""
     return f"unknown {name}; valid choices: {', '.join(sorted(valid))}"

@@ -167,7 +167,10 @@ def register(app: typer.Typer) -> None:
             None, "--pipeline-parallel-size", min=1, help="vllm: pipeline stages (default: [serve] or 1)."
         ),
         max_model_len: Optional[int] = typer.Option(
-            None, "--max-model-len", min=1, help="vllm: tokens per request (default: [serve] or 2048)."
+            None,
+            "--max-model-len",
+            min=1,
+            help="tokens per request, prompt + answer; a longer one is a 422 (default: [serve] or 2048).",
         ),
         kv_cache_gb: Optional[float] = typer.Option(
             None, "--kv-cache-gb", min=0.01, help="vllm: KV cache size in GiB (default: [serve] or 1)."
@@ -269,7 +272,7 @@ def register(app: typer.Typer) -> None:
         else:
             from safesteer.models import load_backbone
 
-            backbone = load_backbone(model)
+            backbone = load_backbone(model, max_length=max_model_len or section.max_model_len)
         from safesteer.serve.app import create_app
 
         app_ = create_app(

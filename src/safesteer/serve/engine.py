@@ -35,7 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from safesteer.errors import SafesteerError
+from safesteer.errors import ContextTooLong, SafesteerError
 from safesteer.evaluate.choice import answer_logprobs, answer_tokens, choice_probs
 from safesteer.serve.forward import condition_rows, json_floats, probe_layers, run_chunks
 from safesteer.serve.limits import Limits
@@ -402,20 +402,27 @@ class Engine:
         return {"completions": outs, **common}
 
     def _check_context(self, prompts: Sequence[str], max_new_tokens: int) -> None:
-        """Refuse prompts that, with the new tokens, would run past the model's position limit."""
-        cfg = self.backbone.config
-        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-        if not limit:
-            return
-        tok = self.backbone.tokenizer
-        longest = max(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
-        used = min(longest, self.backbone.max_length) + int(max_new_tokens)
-        if used > int(limit):
-            raise SafesteerError(
-                f"a prompt of {longest} tokens plus max_new_tokens {max_new_tokens} exceeds the "
-                f"model's context of {limit} tokens; shorten the prompt or ask for fewer tokens"
-            )
+        """Refuse prompts that, with the new tokens, do not fit the served context (``backbone.max_length``:
+        ``safesteer serve --max-model-len``, at most the model's positions) — never cut them silently."""
+        check_context(self.backbone, max(n_tokens(self.backbone, p) for p in prompts), max_new_tokens)
 
     @property
     def can_choose(self) -> bool:
         return self._answers is not None
+
+
+def n_tokens(backbone: Any, text: str) -> int:
+    """Tokens of an already rendered prompt, uncut."""
+    return len(backbone.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def check_context(backbone: Any, n_prompt: int, max_new_tokens: int) -> None:
+    """ContextTooLong unless a prompt of ``n_prompt`` tokens and ``max_new_tokens`` more fit the served
+    context (the backbone's ``max_length``, as vLLM's ``max_model_len``: prompt + answer)."""
+    limit = int(backbone.max_length)
+    if n_prompt + int(max_new_tokens) > limit:
+        raise ContextTooLong(
+            f"the prompt has {n_prompt} tokens; with max_tokens {max_new_tokens} it exceeds the served "
+            f"context of {limit} tokens (shorten the prompt, ask for fewer tokens, or serve with a larger "
+            "--max-model-len)"
+        )

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from safesteer.errors import SafesteerError
+from safesteer.errors import ContextTooLong, SafesteerError
 from safesteer.serve.metrics import Metrics
 from safesteer.serve.worker import Overloaded
 
@@ -148,6 +148,8 @@ def _install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(SafesteerError)
     async def _safesteer(_request: Request, exc: SafesteerError) -> JSONResponse:
+        if isinstance(exc, ContextTooLong):
+            return _error_json(422, "context_length_exceeded", exc.message)
         return _error_json(400, "bad_request", exc.message)
 
     @app.exception_handler(Overloaded)

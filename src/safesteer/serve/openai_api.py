@@ -37,9 +37,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from safesteer.errors import ContextTooLong
 from safesteer.models.backbone import render_chat
 from safesteer.serve import chat_events, state, vllm_api
-from safesteer.serve.engine import Engine
+from safesteer.serve.engine import Engine, check_context, n_tokens
 from safesteer.serve.http import _ERRORS, ApiError
 from safesteer.serve.limits import Limits
 from safesteer.serve.plan import Plan
@@ -241,18 +242,12 @@ def _generate(
         p, rows, _ = engine.condition_rows(cp, [gate_text(req.messages, cp.window)])
         cond_p, steer = float(p[0]), bool(rows[0])
     info = {**plan.describe(), "steered": bool(steer), "condition_probability": cond_p}
+    n_prompt = n_tokens(backbone, rendered)
+    try:  # counted uncut: a prompt past the served context is refused, never cut (its end is the request)
+        check_context(backbone, n_prompt, max_new)
+    except ContextTooLong as exc:
+        raise ApiError(422, "context_length_exceeded", exc.message) from None
     enc = backbone.tokenize([rendered], add_special_tokens=False)
-    limit = getattr(backbone.config, "max_position_embeddings", None) or getattr(
-        backbone.config, "n_positions", None
-    )
-    n_prompt = int(enc.input_ids.shape[1])
-    if limit and n_prompt + max_new > int(limit):
-        raise ApiError(
-            422,
-            "context_length_exceeded",
-            f"the prompt has {n_prompt} tokens; with max_tokens {max_new} it exceeds "
-            f"the model's context of {limit} tokens",
-        )
     if streamer is not None:
         streamer.loop.call_soon_threadsafe(streamer.queue.put_nowait, ("info", info))
     sampling = bool(req.temperature)
