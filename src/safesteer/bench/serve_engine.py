@@ -15,6 +15,13 @@ p50/p99 time to first token and latency. Cases:
 Each level sends ``max(--min-requests, streams)`` requests. The last line reads
 ``serve_engine: steered/plain R1, vllm/hf R2 at 32 streams`` (tokens/s ratios, one run).
 
+``--segments``: what the segmented gate (``condition.segments``: each piece of a request read in a
+one-token gate pass of its own before the request) costs on vLLM. Half the requests are wrapped in
+safesteer-written jailbreak wrappers (several pieces each), and the cases become ``vllm segmented``
+(every request under the segmented policy), ``vllm whole-gate`` (the same policy reading the whole
+prompt in the request's own pass) and ``vllm plain``; the last line reads
+``serve_engine: segmented/whole-gate R at N streams``.
+
     python bench/serve_engine.py                  # ~10 min on 2 busy CPU cores
     python bench/serve_engine.py --streams 1 8 --engines vllm
 """
@@ -43,8 +50,9 @@ EVERYDAY = [
 ]
 
 
-def write_bundle(folder: Path, data_dir: Any) -> None:
-    """A run-like folder ``safesteer serve --run`` loads: config.toml and policies/ (recommended + other)."""
+def write_bundle(folder: Path, data_dir: Any, segments: bool = False) -> None:
+    """A run-like folder ``safesteer serve --run`` loads: config.toml and policies/ (recommended + other;
+    ``segments``: recommended reads each piece alone, and ``whole`` is it reading the whole prompt)."""
     from safesteer.bench.engine_policy import build_policy
     from safesteer.config import Config, dump_toml
     from safesteer.io import write_json
@@ -60,19 +68,31 @@ def write_bundle(folder: Path, data_dir: Any) -> None:
     next(iter(probes.values())).probe.condition.save(pol / GATE_DIR)
     other = {k: v for k, v in policy.items() if k != "condition"} | {"positions": "all"}
     other["alpha"] = other["alpha_min"] = policy["alpha"] / 2
-    for name, body in ((POLICY_NAME, policy), ("other", other)):
+    bodies = [(POLICY_NAME, policy), ("other", other)]
+    if segments:
+        seg = policy | {"condition": policy["condition"] | {"segments": True}}
+        bodies = [(POLICY_NAME, seg), ("whole", policy)]
+    for name, body in bodies:
         rec = {"format": "safesteer-policy", "name": name, "version": 1, "updated_at": 0.0, "policy": body}
         write_json(pol / f"{name}.json", rec)
 
 
-def prompts(data_dir: Any, n: int = 24) -> list[str]:
+WRAPPERS = ("roleplay", "fiction", "refusal_suppression", "few_shot", "prefix_injection")
+
+
+def prompts(data_dir: Any, n: int = 24, wrapped: bool = False) -> list[str]:
+    """Harmful, XSTest-safe and everyday prompts in turn (``wrapped``: every other one in a wrapper)."""
+    from safesteer.behaviour.wrappers import wrap
     from safesteer.bench.engine_policy import split_prompts
 
     harmful, safe = split_prompts(data_dir, "test", n // 3)
     out = []
     for i in range(n):
         src = (harmful, safe, EVERYDAY)[i % 3]
-        out.append(src[(i // 3) % len(src)])
+        text = src[(i // 3) % len(src)]
+        if wrapped and i % 2:
+            text = wrap(WRAPPERS[(i // 2) % len(WRAPPERS)], text)[-1]["content"]
+        out.append(text)
     return out
 
 
@@ -202,7 +222,11 @@ def run_engine(
         for n in args.streams:
             k = max(args.min_requests, n)
             for case in cases:
-                pol = ["recommended", None, "other"] if case != "vllm plain" else [None]
+                pol = {
+                    "vllm plain": [None],
+                    "vllm segmented": ["recommended"],
+                    "vllm whole-gate": ["whole"],
+                }.get(case, ["recommended", None, "other"])
                 jobs = [(pol[i % len(pol)], texts[i % len(texts)]) for i in range(k)]
                 r = asyncio.run(level(base, "smollm2-135m", jobs, n, args.max_tokens, tok))
                 r["load_1m"] = round(os.getloadavg()[0], 2)
@@ -223,14 +247,21 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=1, help="OpenMP/torch threads of the server (both engines)"
     )
     ap.add_argument("--out", type=Path, default=None, help="Also write the report as JSON here.")
+    ap.add_argument(
+        "--segments",
+        action="store_true",
+        help="vLLM only: the segmented gate against the whole-prompt gate, half the requests wrapped",
+    )
     args = ap.parse_args(argv)
+    if args.segments:
+        args.engines = ["vllm"]
     data_dir = os.environ.get("SAFESTEER_DATA_DIR") or None
     from transformers import AutoTokenizer
 
     from safesteer.models.registry import resolve_model
 
     tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m").path)
-    texts = prompts(data_dir)
+    texts = prompts(data_dir, wrapped=args.segments)
     report: dict[str, Any] = {
         "cpus": os.cpu_count(),
         "load_start": os.getloadavg(),
@@ -238,15 +269,19 @@ def main(argv: list[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
-        write_bundle(run, data_dir)
-        if "vllm" in args.engines:
+        write_bundle(run, data_dir, segments=args.segments)
+        if args.segments:
+            report.update(
+                run_engine(run, "vllm", ["vllm segmented", "vllm whole-gate", "vllm plain"], args, texts, tok)
+            )
+        elif "vllm" in args.engines:
             report.update(run_engine(run, "vllm", ["vllm+policies", "vllm plain"], args, texts, tok))
         if "hf" in args.engines:
             report.update(run_engine(run, "hf", ["hf"], args, texts, tok))
     report["load_end"] = os.getloadavg()
     cols = ("streams", "tok/s", "ttft p50", "ttft p99", "lat p50", "lat p99")
     print(f"{'case':14s} " + " ".join(f"{c:>9s}" for c in cols))
-    for case in ("vllm+policies", "vllm plain", "hf"):
+    for case in ("vllm+policies", "vllm segmented", "vllm whole-gate", "vllm plain", "hf"):
         for r in report.get(case, []):
             keys = ("tokens_per_s", "ttft_p50_s", "ttft_p99_s", "latency_p50_s", "latency_p99_s")
             print(f"{case:14s} {r['streams']:9d} " + " ".join(f"{r[k]:9.2f}" for k in keys))
@@ -258,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     def at(case: str, n: int = 32) -> float:
         return next((r["tokens_per_s"] for r in report.get(case, []) if r["streams"] == n), float("nan"))
 
+    if args.segments:
+        n = max(args.streams)
+        r = at("vllm segmented", n) / at("vllm whole-gate", n)
+        print(f"serve_engine: segmented/whole-gate {r:.2f} at {n} streams (tokens/s)")
+        return 0
     r1 = at("vllm+policies") / at("vllm plain")
     r2 = at("vllm+policies") / at("hf")
     print(f"serve_engine: steered/plain {r1:.2f}, vllm/hf {r2:.2f} at 32 streams")

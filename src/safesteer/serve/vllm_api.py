@@ -63,13 +63,19 @@ def vllm(request: Request) -> VllmEngine | None:
 
 
 def request_steer(
-    backbone: Any, plan: Plan, ids: list[int], decided: dict[str, Any] | None = None, gate_only: bool = False
+    backbone: Any,
+    plan: Plan,
+    ids: list[int],
+    decided: dict[str, Any] | None = None,
+    gate_only: bool = False,
+    floor: float | None = None,
 ) -> tuple[RequestSteer | None, str | None]:
     """The request's hook state and prefix-cache salt (None, None: unsteered, shares the cache).
 
     ``decided``: the gate already decided in a pass of its own (:func:`gate_pass`): a flagged request
     is steered unconditionally, an unflagged one runs plain. ``gate_only``: read the gate, steer
-    nothing (that pass's KV is unsteered and shares the cache)."""
+    nothing (that pass's KV is unsteered and shares the cache). ``floor``: the in-pass gate's score is
+    at least this (a segmented gate's pieces, read before)."""
     cp = plan.compiled
     if cp is None or (decided is not None and not decided["steered"]):
         return None, None
@@ -83,6 +89,7 @@ def request_steer(
             "gate_layers": tuple(gate.layers),
             "threshold": float(gate.threshold),
             "span": gate_span(ids, gate.position, n_end, header),
+            "floor": floor,
         }
     if gate_only:
         return RequestSteer(-1, lambda h: h, "all", len(ids), **kw), None
@@ -100,7 +107,8 @@ async def gate_pass(request: Request, plan: Plan, gate: Any, rendered: str) -> d
     per piece of it (:func:`~safesteer.steering.segments.pieces`, each rendered as its own user
     message), all at once; a segmented decision is the largest score of them (the HF engine's
     :func:`~safesteer.steering.segments.segment_max`). None when the request's own pass reads it (a
-    single-turn chat of one piece) or the plan has no condition."""
+    single-turn chat of one piece) or the plan has no condition; ``{"floor": s}`` when the request's
+    own pass reads the whole and ``s`` is its pieces' largest score."""
     cp = plan.compiled
     if cp is None or cp.condition is None:
         return None
@@ -108,12 +116,13 @@ async def gate_pass(request: Request, plan: Plan, gate: Any, rendered: str) -> d
     said = gate_text(gate, cp.window) if not isinstance(gate, str) else gate.strip()
     text = backbone.chat_prompt(said)
     parts = pieces(said) if cp.segments else []
-    if text == rendered and not parts:
+    own = text == rendered  # the request's own pass reads the whole prompt
+    if own and not parts:
         return None
     tok = backbone.tokenizer
     runs: list[Run] = []
     try:
-        for t in [text, *(backbone.chat_prompt(p) for p in parts)]:
+        for t in [*([] if own else [text]), *(backbone.chat_prompt(p) for p in parts)]:
             ids = list(tok(t, add_special_tokens=False)["input_ids"])
             runs.append(Run(request, ids, {"max_tokens": 1, "temperature": 0.0}, plan, 1, gate_only=True))
         await asyncio.gather(*(collect(r) for r in runs))
@@ -123,12 +132,13 @@ async def gate_pass(request: Request, plan: Plan, gate: Any, rendered: str) -> d
                 r.engine.abort(r.rid)
         raise
     decisions = [r.decision for r in runs]
-    if any(d is None for d in decisions):  # the engine answered without reading the gate
-        raise ApiError(500, "internal_error", "the gate pass returned no decision")
+    if any(d is None or d.get("score") is None for d in decisions):  # answered without reading the gate
+        raise ApiError(500, "internal_error", "a gate pass returned no decision")
+    if own:
+        return {"floor": max(d["score"] for d in decisions)}
     if len(decisions) == 1:
         return decisions[0]
-    scores = [d["score"] for d in decisions if d.get("score") is not None]
-    return {"steered": any(d["steered"] for d in decisions), "score": max(scores) if scores else None}
+    return {"steered": any(d["steered"] for d in decisions), "score": max(d["score"] for d in decisions)}
 
 
 def sampling(max_new: int, temperature: float | None, top_p: float | None, seed: int | None) -> dict:
@@ -154,6 +164,9 @@ class Run:
         decided: dict[str, Any] | None = None,
         gate_only: bool = False,
     ):
+        floor = None
+        if decided is not None and "floor" in decided:  # read in the request's own pass, at least this
+            floor, decided = float(decided["floor"]), None
         self.request, self.engine, self.plan, self.decided = request, vllm(request), plan, decided
         self.decision: dict[str, Any] | None = None
         backbone = state.engine(request).backbone
@@ -165,7 +178,7 @@ class Run:
                 f"the prompt has {len(ids)} tokens; with max_tokens {max_new} it exceeds the served "
                 f"context of {limit} tokens",
             )
-        steer, salt = request_steer(backbone, plan, ids, decided, gate_only)
+        steer, salt = request_steer(backbone, plan, ids, decided, gate_only, floor)
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.ids: list[int] = []

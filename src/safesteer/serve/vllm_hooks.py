@@ -68,6 +68,9 @@ class RequestSteer:
     decided: bool = False
     flagged: bool = False
     score: float | None = None
+    floor: float | None = None
+    """A segmented gate's largest score over the request's pieces, read in gate passes of their own
+    before it (``vllm_api.gate_pass``): the in-pass score is the larger of it and the whole prompt's."""
 
     def __post_init__(self) -> None:
         if self.gate is None:
@@ -147,6 +150,8 @@ class BatchHooks:
                     for g in rs.gate_layers
                 }
                 score = float(rs.gate(stack_features(pooled, rs.gate_layers))[0])
+                if rs.floor is not None:  # the pieces' largest score (steering.segments.segment_max)
+                    score = max(score, rs.floor)
                 rs.score, rs.flagged, rs.decided = score, bool(score > rs.threshold), True
                 rs.sums.clear()
 
