@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import torch
 
-import safesteer.behaviour.steps as steps
+import safesteer.behaviour.sweep as steps
 from safesteer.config import Config
 from safesteer.pipeline.stages.behaviour import run_behaviour_stage
 from safesteer.pipeline.table import Context

@@ -158,3 +158,42 @@ def test_ungated_contrast_has_unknown_validation_figures_and_paired_figures_keep
     r = relative_change(np.array([2.0, 4.0, np.inf]), np.array([3.0, 5.0, 1.0]))
     assert r["n"] == 2 and r["baseline_nll"] == 3.0 and r["value_nll"] == 4.0
     assert r["delta_pct"] == pytest.approx(100 / 3)
+
+
+def test_given_flags_replace_the_score_rule_and_wrapped_rows_use_the_gate_that_never_saw_them():
+    """``candidates(flags=...)`` judges exactly the rows flagged (the score rule is its default), and
+    ``held_out_flags`` flags a wrapped row by its family fold's gate and threshold, any other row by the
+    deployed scores — by hand on planted scores."""
+    from safesteer.behaviour.attacks import family_fold, held_out_flags
+
+    base, steered, scores = _grid()
+    thresholds = {0.05: 0.0, 0.01: 1.8}
+    plain = candidates(base, steered, scores, thresholds)
+    same = {f: {k: scores[k] > t for k in ("harmful", "safe", "nll")} for f, t in thresholds.items()}
+    assert candidates(base, steered, scores, thresholds, flags=same) == plain
+    fewer = {f: {k: np.zeros(10, dtype=bool) for k in ("harmful", "safe", "nll")} for f in thresholds}
+    fewer[0.01]["harmful"][:3] = True  # 3 of the 9 harmful rows the scores flag
+    got = {(c.alpha, c.fpr): c for c in candidates(base, steered, scores, thresholds, flags=fewer)}
+    assert got[(0.2, 0.01)].harmful_gain_pp == pytest.approx(30) and got[(0.2, 0.05)].harmful_gain_pp == 0
+
+    groups = ["advbench", "wrap:dan", "wrapb:dan", "wrap:gcg", "xstest_safe", "wrapb:gcg"]
+    deployed = np.array([2.0, 3.0, 3.0, -1.0, 0.5, 0.5])
+    fold = np.array([np.nan, 0.4, 0.6, 2.5, np.nan, 1.5])
+    for folds in (0, 2):
+        fd, fg = family_fold("dan", folds), family_fold("gcg", folds)
+        if fd == fg:  # one hash fold holds both: one threshold for both families
+            ft = {fd: {0.01: 1.0}}
+            want = [True, False, False, True, False, True]
+        else:
+            ft = {fd: {0.01: 0.5}, fg: {0.01: 2.0}}
+            want = [True, False, True, True, False, False]
+        got = held_out_flags(deployed, {0.01: 1.0}, groups, [0, 1, 2, 3, 4, 5], fold, ft, folds)
+        assert got[0.01].tolist() == want, folds
+        rows = [3, 0]  # any order of rows
+        assert held_out_flags(deployed, {0.01: 1.0}, groups, rows, fold, ft, folds)[0.01].tolist() == [
+            want[3],
+            want[0],
+        ]
+    # without fold scores (no attack rows): the deployed rule
+    got = held_out_flags(deployed, {0.01: 1.0}, groups, range(6), None, None, 0)
+    assert got[0.01].tolist() == (deployed > 1.0).tolist()

@@ -16,7 +16,7 @@ import pytest
 
 from safesteer.behaviour.checkpoint import StepStore, step_key
 from safesteer.behaviour.heldout import FLUENCY_CHECK_TOL, self_checks
-from safesteer.behaviour.steps import sweep_step
+from safesteer.behaviour.sweep import sweep_step
 from safesteer.io import read_json
 
 FILES = (

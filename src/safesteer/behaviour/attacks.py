@@ -251,3 +251,30 @@ def family_fold_scores(
         neg = P.mask("val", harmful=0) & ~held
         thresholds[k] = {float(f): threshold_for_fpr(s[neg], f) for f in fprs}
     return out, thresholds
+
+
+def held_out_flags(
+    scores: np.ndarray,
+    thresholds: Mapping[float, float],
+    groups: Sequence[str],
+    rows: Sequence[int],
+    fold_scores: np.ndarray | None,
+    fold_thresholds: Mapping[int, Mapping[float, float]] | None,
+    folds: int = FAMILY_FOLDS,
+) -> dict[float, np.ndarray]:
+    """Per FPR, whether each of ``rows`` is flagged as the test split's family figures count it: a
+    wrapped row by the gate that never saw its family's fold (``fold_scores`` against that fold's
+    threshold at the FPR, :func:`family_fold_scores`), any other row by ``scores`` against
+    ``thresholds[fpr]``. Validation judges a policy on wrapped requests as it will meet them from a
+    family it was not fit on, not by the deployed gate that was."""
+    idx = np.asarray(rows, dtype=np.int64)
+    fam = [family_of(groups[i]) for i in idx]
+    fold = np.array([-1 if f is None or fold_scores is None else family_fold(f, folds) for f in fam])
+    out: dict[float, np.ndarray] = {}
+    for fpr, t in thresholds.items():
+        flag = np.asarray(scores[idx] > t, dtype=bool)
+        for k in sorted(set(fold.tolist()) - {-1}):
+            m = fold == k
+            flag[m] = fold_scores[idx[m]] > fold_thresholds[k][float(fpr)]
+        out[fpr] = flag
+    return out

@@ -15,7 +15,8 @@ from safesteer.behaviour.attacks import is_attack_group
 from safesteer.behaviour.checkpoint import step_key
 from safesteer.behaviour.context import Run, per_group
 from safesteer.behaviour.heldout_attacks import answer_attacks
-from safesteer.behaviour.steps import NOT_QA, Choice, Directions, Features, GateFit
+from safesteer.behaviour.steps import NOT_QA, Directions, Features, GateFit
+from safesteer.behaviour.sweep import Choice
 from safesteer.evaluate.choice import forced_choice
 from safesteer.evaluate.refusal import agreement, answer_nll, coherence, generate
 from safesteer.steering.condition import GateState, conditional, gate_flags, is_segmented

@@ -61,13 +61,16 @@ def candidates(
     max_safe_pp: float = 3.0,
     max_fluency_rel: float = 0.02,
     unconditional: bool = True,
+    flags: Mapping[float, Mapping[str, np.ndarray]] | None = None,
 ) -> list[Candidate]:
     """Every unconditional (strategy, α) and conditional (strategy, α, FPR) policy on validation.
 
     ``base``/``steered[(s, α)]``: ``harmful``/``safe`` refusal flags and ``nll`` (harmless answers);
     ``scores``: gate scores of the ``harmful``/``safe``/``nll`` prompts; ``thresholds``: FPR → t.
     ``unconditional=False``: ``steered`` holds real values only where the loosest threshold flags
-    (the study steers only those), so unconditional candidates are not formed.
+    (the study steers only those), so unconditional candidates are not formed. ``flags``: per FPR, the
+    ``harmful``/``safe``/``nll`` rows the gate flags, when they are not ``scores > t`` alone (wrapped rows
+    judged by a gate that never saw their family: :func:`~safesteer.behaviour.attacks.held_out_flags`).
     """
     out: list[Candidate] = []
     b_h, b_s = float(np.mean(base["harmful"])), float(np.mean(base["safe"]))
@@ -92,7 +95,7 @@ def candidates(
         if unconditional:
             add(strategy, alpha, False, None, None, st["harmful"], st["safe"], st["nll"])
         for fpr, t in thresholds.items():
-            f = {k: scores[k] > t for k in ("harmful", "safe", "nll")}
+            f = flags[fpr] if flags is not None else {k: scores[k] > t for k in ("harmful", "safe", "nll")}
             add(
                 strategy,
                 alpha,

@@ -30,18 +30,8 @@ from safesteer.behaviour.context import Run
 from safesteer.behaviour.heldout import self_checks, test, verify
 from safesteer.behaviour.pairs import pair_line
 from safesteer.behaviour.segments import pieces
-from safesteer.behaviour.steps import (
-    Choice,
-    Directions,
-    Features,
-    GateFit,
-    Sweep,
-    choose,
-    directions,
-    features,
-    fit_gate,
-    sweep,
-)
+from safesteer.behaviour.steps import Directions, Features, GateFit, directions, features, fit_gate
+from safesteer.behaviour.sweep import Choice, Sweep, choose, sweep
 from safesteer.errors import SafesteerError
 from safesteer.evaluate.judges import build_judge
 from safesteer.io import atomic_path, write_json
