@@ -217,6 +217,12 @@ def budget_mask(P: Prompts, groups: Sequence[str]) -> np.ndarray:
     return m
 
 
+def fold_of(groups: Sequence[str], folds: int = FAMILY_FOLDS) -> np.ndarray:
+    """Each group's family fold (:func:`family_fold`), −1 for a group of no wrapper family."""
+    fam = [family_of(g) for g in groups]
+    return np.array([-1 if f is None else family_fold(f, folds) for f in fam], dtype=np.int64)
+
+
 def family_fold_scores(
     gate: Any,
     H: np.ndarray,
@@ -233,8 +239,7 @@ def family_fold_scores(
     from safesteer.behaviour.gate import _fit, row_weights  # the study's refit (same kind, settings)
     from safesteer.steering.condition import threshold_for_fpr
 
-    fam = [family_of(g) for g in P.group]
-    fold = np.array([-1 if f is None else family_fold(f, folds) for f in fam])
+    fold = fold_of(P.group, folds)
     out = np.full(len(P), np.nan)
     thresholds: dict[int, dict[float, float]] = {}
     weighting = str(gate.meta.get("weighting", "balanced"))
@@ -268,8 +273,7 @@ def held_out_flags(
     ``thresholds[fpr]``. Validation judges a policy on wrapped requests as it will meet them from a
     family it was not fit on, not by the deployed gate that was."""
     idx = np.asarray(rows, dtype=np.int64)
-    fam = [family_of(groups[i]) for i in idx]
-    fold = np.array([-1 if f is None or fold_scores is None else family_fold(f, folds) for f in fam])
+    fold = fold_of([groups[i] for i in idx], folds) if fold_scores is not None else np.full(len(idx), -1)
     out: dict[float, np.ndarray] = {}
     for fpr, t in thresholds.items():
         flag = np.asarray(scores[idx] > t, dtype=bool)

@@ -20,6 +20,7 @@ from safesteer.behaviour.attacks import (
     LOOKALIKES_HELDOUT,
     family_fold,
     family_of,
+    held_out_flags,
     is_attack_group,
 )
 from safesteer.behaviour.context import Run, per_group
@@ -53,14 +54,13 @@ def answer_attacks(
     the answer-time gate ``ag`` (:mod:`~safesteer.behaviour.answer_gate`) also ``prompt OR answer``."""
     cfg, bb, judge = run.cfg, run.bb, run.judge
     sets = attack_sets(P, cfg.n_test_attack)
-    flags: dict[str, np.ndarray] = {}
-    for k, rows in sets.items():
-        fam = family_of(k)
-        if fam is not None and g.fold_scores is not None:  # a gate that never saw the family's fold
-            t = g.fold_thresholds[family_fold(fam, cfg.family_folds)][float(c.fpr)]
-            flags[k] = g.fold_scores[rows] > t
-        else:
-            flags[k] = g.scores[rows] > c.threshold
+    # a wrapped row by the gate that never saw its family's fold (the rule validation chose by)
+    flags = {
+        k: held_out_flags(
+            g.scores, {c.fpr: c.threshold}, P.group, rows, g.fold_scores, g.fold_thresholds, cfg.family_folds
+        )[c.fpr]
+        for k, rows in sets.items()
+    }
     order = list(sets)
     allrows = [i for k in order for i in sets[k]]
     base_ans = generate(bb, P.inputs(allrows), cfg.max_new_tokens, cfg.batch_size)

@@ -56,7 +56,7 @@ def fluency_rel(base_nll: np.ndarray, nll: np.ndarray) -> float:
 def candidates(
     base: Mapping[str, np.ndarray],
     steered: Mapping[tuple[str, float], Mapping[str, np.ndarray]],
-    scores: Mapping[str, np.ndarray],
+    scores: Mapping[str, np.ndarray] | None,
     thresholds: Mapping[float, float],
     max_safe_pp: float = 3.0,
     max_fluency_rel: float = 0.02,
@@ -66,7 +66,8 @@ def candidates(
     """Every unconditional (strategy, α) and conditional (strategy, α, FPR) policy on validation.
 
     ``base``/``steered[(s, α)]``: ``harmful``/``safe`` refusal flags and ``nll`` (harmless answers);
-    ``scores``: gate scores of the ``harmful``/``safe``/``nll`` prompts; ``thresholds``: FPR → t.
+    ``scores``: gate scores of the ``harmful``/``safe``/``nll`` prompts (None when ``flags`` are given);
+    ``thresholds``: FPR → t.
     ``unconditional=False``: ``steered`` holds real values only where the loosest threshold flags
     (the study steers only those), so unconditional candidates are not formed. ``flags``: per FPR, the
     ``harmful``/``safe``/``nll`` rows the gate flags, when they are not ``scores > t`` alone (wrapped rows
@@ -95,7 +96,11 @@ def candidates(
         if unconditional:
             add(strategy, alpha, False, None, None, st["harmful"], st["safe"], st["nll"])
         for fpr, t in thresholds.items():
-            f = flags[fpr] if flags is not None else {k: scores[k] > t for k in ("harmful", "safe", "nll")}
+            if flags is not None:
+                f = flags[fpr]
+            else:
+                assert scores is not None, "candidates needs scores or flags"
+                f = {k: scores[k] > t for k in ("harmful", "safe", "nll")}
             add(
                 strategy,
                 alpha,

@@ -31,7 +31,7 @@ class Sweep:
     thresholds: dict[float, float]  # FPR → gate threshold on the calibration pool
     n_harmless: int  # harmless rows of the calibration pool
     key: str
-    flags: dict[float, dict[str, np.ndarray]] | None = None  # per FPR: the rows flagged (val_flags)
+    flags: dict[float, dict[str, np.ndarray]]  # per FPR: the rows of each set the gate flags (val_flags)
 
 
 def val_flags(
@@ -170,26 +170,15 @@ class Choice:
 
 def choose(run: Run, g: GateFit, s: Sweep) -> Choice:
     """Every candidate policy on validation (``pareto.csv``) and the chosen ones (pure; no model)."""
-    cfg, sc = run.cfg, g.cal_scores
-    vscores = {
-        "harmful": sc[s.rows["harmful"]],
-        "safe": sc[s.rows["safe"]],
-        "nll": np.concatenate([sc[s.rows["safe"]], sc[s.rows["qa"]]]),
+    cfg = run.cfg
+    flags = {
+        fpr: {"harmful": fl["harmful"], "safe": fl["safe"], "nll": np.concatenate([fl["safe"], fl["qa"]])}
+        for fpr, fl in s.flags.items()
     }
-    flags = None
-    if s.flags is not None:
-        flags = {
-            fpr: {
-                "harmful": fl["harmful"],
-                "safe": fl["safe"],
-                "nll": np.concatenate([fl["safe"], fl["qa"]]),
-            }
-            for fpr, fl in s.flags.items()
-        }
     cands = pol.candidates(
         s.base,
         s.steered,
-        vscores,
+        None,
         s.thresholds,
         cfg.max_safe_pp,
         cfg.max_fluency_rel,
