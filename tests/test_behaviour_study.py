@@ -206,6 +206,33 @@ def test_a_new_alpha_or_steering_span_reuses_the_features_gate_and_directions(
 
 
 @pytest.mark.integration
+def test_another_gate_kind_reuses_the_features_pieces_and_directions(behaviour_run, tmp_path, shared_data):
+    """The gate's own settings (config.GATE_ONLY) are in fit_gate's key, not the base key: a stacked
+    gate in place of one per layer reuses the features, pieces and directions, fits the gate again and
+    reruns every step after it (they take the gate's key)."""
+    import shutil
+
+    ref, _, model_dir, cfg = behaviour_run
+    out = tmp_path / "stage"
+    shutil.copytree(ref, out)
+    args = [sys.executable, str(WORKER), str(model_dir), str(ref.parent / "directions"), str(shared_data)]
+    again = subprocess.run(
+        [*args, str(out), "0", json.dumps({"gate_kind": "stacked"})],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    for step in ("features", "pieces", "directions"):
+        assert f"{step}: reusing" in again.stderr, step
+    for step in ("fit_gate", "sweep_base", "test"):
+        assert f"{step}: reusing" not in again.stderr, step
+    summary = read_json(out / "summary.json")
+    assert summary["config"]["gate_kind"] == "stacked"
+    assert summary["gate"]["kind"] == "stacked"
+
+
+@pytest.mark.integration
 def test_a_changed_features_file_makes_the_features_step_run_again(behaviour_run, tmp_path, shared_data):
     """The features step keeps no second copy of the vectors: its record names the features/ files'
     sha256, and a file that changed is not trusted (the step runs again and restores it)."""

@@ -14,6 +14,11 @@ from safesteer.errors import SafesteerError
 
 SHIPPED_SETS = ("contrast_safe", "contrast_unsafe", "tasks")
 
+GATE_ONLY = ("gate_kind", "gate_hidden", "gate_members", "gate_mlp_alpha")
+"""Settings only the gate's fit reads: in ``fit_gate``'s key, not the study's base key (the steps after
+the gate take its key; the features, pieces and directions do not read them, so another gate kind
+reuses them)."""
+
 
 @dataclass
 class StudyConfig:

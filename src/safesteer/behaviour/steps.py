@@ -42,6 +42,7 @@ from safesteer.behaviour.attacks import (
     family_fold_scores,
 )
 from safesteer.behaviour.checkpoint import step_key
+from safesteer.behaviour.config import GATE_ONLY
 from safesteer.behaviour.context import Run, StaleStep, per_group
 from safesteer.behaviour.directions import median_norm, refusal_caa, refusal_dim_from_features
 from safesteer.behaviour.gate import auroc, cross_fit_scores, gate_report, lodo, train_gate
@@ -170,7 +171,10 @@ class GateFit:
 
 def fit_gate(run: Run, f: Features, pc: Pieces | None = None) -> GateFit:
     cfg, P = run.cfg, f.prompts
-    key = step_key(run.base_key, "fit_gate", f.key, *([pc.key] if pc is not None else []), *_folds(cfg))
+    gate_settings = {k: getattr(cfg, k) for k in GATE_ONLY}  # the base key leaves them out
+    key = step_key(
+        run.base_key, "fit_gate", gate_settings, f.key, *([pc.key] if pc is not None else []), *_folds(cfg)
+    )
 
     kind = cfg.gate_kind or None
     together = kind is not None and gate_kind(kind).reads_layers_together

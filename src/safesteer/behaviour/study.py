@@ -25,7 +25,7 @@ from safesteer import layout
 from safesteer.behaviour import policy as pol
 from safesteer.behaviour.answer_gate import fit_answer_gate
 from safesteer.behaviour.checkpoint import StepStore, step_key
-from safesteer.behaviour.config import StudyConfig
+from safesteer.behaviour.config import GATE_ONLY, StudyConfig
 from safesteer.behaviour.context import Run
 from safesteer.behaviour.heldout import self_checks, test, verify
 from safesteer.behaviour.pairs import pair_line
@@ -94,8 +94,10 @@ def run_study(
     # threads change no result; the family folds change the gate's fold scores on, not the features
     # (fit_gate and answer_gate put them in their own keys); how hard and where the chosen direction
     # steers and the budget the choice keeps change only the steered answers and the choice (the sweep's
-    # steered steps and the test put them in theirs: a new α reuses the features, the gate and the rest)
-    settings = {k: v for k, v in record.items() if k not in ("threads", "family_folds", *STEER_ONLY)}
+    # steered steps and the test put them in theirs: a new α reuses the features, the gate and the rest);
+    # the gate's own settings are in fit_gate's key (another gate kind reuses the features and directions)
+    skip = ("threads", "family_folds", *STEER_ONLY, *GATE_ONLY)
+    settings = {k: v for k, v in record.items() if k not in skip}
     base_key = step_key(settings, str(getattr(bb, "name", "")), _fingerprint(extra_directions))
     store = StepStore(out / layout.STEPS_DIR)
     run = Run(cfg, bb, judge, out, store, base_key, _say, layer, seed, data_dir, extra_directions)
