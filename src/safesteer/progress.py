@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from typing import Iterable
+import time
+from typing import Callable, Iterable
 
 
 def progress(iterable: Iterable, total: int | None, description: str, enabled: bool = True):
@@ -41,3 +42,38 @@ def progress(iterable: Iterable, total: int | None, description: str, enabled: b
 def say(msg: str) -> None:
     """One status line on stderr (the library's default logger)."""
     print(f"[safesteer] {msg}", file=sys.stderr, flush=True)
+
+
+def ticker(
+    total: int,
+    label: str,
+    every: float = 30.0,
+    write: Callable[[str], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> Callable[[int], None]:
+    """``advance(n)`` for a loop over ``total`` rows: a status line (rows done, rows/s, ETA) at most
+    once per ``every`` seconds, the first after ``every`` seconds — a short call prints nothing, a long
+    one shows it is moving in a log as on a terminal. ``write``: where the line goes (:func:`say`)."""
+    out = write or say
+    t0 = last = clock()
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done, last
+        done += int(n)
+        now = clock()
+        if now - last < every or done >= total:
+            return
+        last = now
+        rate = done / max(now - t0, 1e-9)
+        eta = (total - done) / rate if rate > 0 else float("inf")
+        out(f"{label}: {done}/{total} rows, {rate:.1f} rows/s, ETA {_clock(eta)}")
+
+    return advance
+
+
+def _clock(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "?"
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"

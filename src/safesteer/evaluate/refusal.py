@@ -22,6 +22,7 @@ from safesteer.errors import SafesteerError
 from safesteer.evaluate.generation import REFUSAL_PHRASES, is_refusal
 from safesteer.models.hooks import answer_starts
 from safesteer.models.positions import chat_inputs
+from safesteer.progress import ticker
 
 
 @dataclass
@@ -105,6 +106,7 @@ def generate(
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     eos = tok.eos_token_id
     out_ids: list[list[int]] = [[] for _ in prompts]
+    advance = ticker(len(prompts), "greedy answers")
     for s in range(0, len(order), batch_size):
         rows = order[s : s + batch_size]
         ids, mask, _ = ci.batch(rows, pad, "left", backbone.device)
@@ -123,6 +125,7 @@ def generate(
                 (k for k, t in enumerate(row) if t == eos or (t == pad and pad != eos and k > 0)), len(row)
             )
             out_ids[r] = row[:cut]
+        advance(len(rows))
     texts = [tok.decode(x, skip_special_tokens=True).strip() for x in out_ids]
     return Answers(prompts, texts, out_ids, order)
 

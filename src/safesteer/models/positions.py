@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from safesteer.errors import SafesteerError
+from safesteer.progress import ticker
 
 Position = Literal["mean", "last", "prompt_end", "prompt", "answer"]
 POSITIONS: tuple[str, ...] = ("mean", "last", "prompt_end", "prompt", "answer")
@@ -314,6 +315,7 @@ def pooled_at(
     # chat inputs are batched in order of length (less padding: ~2x faster on mixed-length sets),
     # then put back in the callers' order; raw texts keep their order (the tokenizer pads per batch)
     order = np.argsort([len(x) for x in ci.ids], kind="stable") if ci is not None else np.arange(len(texts))
+    advance = ticker(len(texts), f"pooled vectors at {', '.join(positions)}")
     for start in range(0, len(texts), batch_size):
         rows = order[start : start + batch_size]
         if ci is not None:
@@ -324,6 +326,7 @@ def pooled_at(
         for l, h in backbone.forward_layers(ids, mask, layers).items():
             for p in positions:
                 out[p][l].append(pool(h.float(), mask, p, spans.get(p)).cpu().numpy())
+        advance(len(rows))
     back = np.argsort(order, kind="stable")
     return {
         p: {
