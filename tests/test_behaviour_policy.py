@@ -7,7 +7,17 @@ import dataclasses
 import numpy as np
 import pytest
 
-from safesteer.behaviour.policy import candidates, compose, paired, pareto, relative_change, select, ungated
+from safesteer.behaviour.policy import (
+    Candidate,
+    at_each_fpr,
+    candidates,
+    compose,
+    paired,
+    pareto,
+    relative_change,
+    select,
+    ungated,
+)
 
 
 def test_compose_takes_steered_where_flagged():
@@ -197,3 +207,38 @@ def test_given_flags_replace_the_score_rule_and_wrapped_rows_use_the_gate_that_n
     # without fold scores (no attack rows): the deployed rule
     got = held_out_flags(deployed, {0.01: 1.0}, groups, range(6), None, None, 0)
     assert got[0.01].tolist() == (deployed > 1.0).tolist()
+
+
+def test_at_each_fpr_recombines_the_chosen_alpha_at_every_threshold_by_hand():
+    """Planted scores and answers: at each candidate threshold of the chosen (strategy, α), the refusal
+    change, the flag rate and the fluency change are those of the rows scored above it, counted by hand;
+    other α, other strategies and unconditional candidates are left out; rows come in FPR order."""
+
+    def cand(strategy, alpha, fpr, t, cond=True):
+        return Candidate(strategy, alpha, cond, fpr, t, 0.0, 0.0, 0.0, 0.0, 0.0, True)
+
+    chosen = cand("caa", 0.3, 0.01, 2.0)
+    cands = [
+        cand("caa", 0.3, 0.05, 0.5),
+        chosen,
+        cand("caa", 0.2, 0.01, 2.0),  # another α
+        cand("dim", 0.3, 0.01, 2.0),  # another strategy
+        cand("caa", 0.3, None, None, cond=False),
+    ]
+    scores = {
+        "harmful": np.array([3.0, 1.0, 0.0, 2.5]),
+        "safe": np.array([1.0, 0.0]),
+        "nll": np.array([1.0, 0.0]),
+    }
+    steered = {"harmful": np.array([1, 1, 1, 0.0]), "safe": np.array([1, 1.0]), "nll": np.array([3.0, 5.0])}
+    base = {"harmful": np.array([0, 0, 0, 0.0]), "safe": np.array([0, 0.0]), "nll": np.array([1.0, 1.0])}
+    rows = at_each_fpr(cands, chosen, scores, steered, base)
+    assert [r["fpr"] for r in rows] == [0.01, 0.05]
+    tight, loose = rows
+    # t = 2: harmful rows 0 and 3 flagged; row 0 steered refuses, row 3 does not: +1 of 4 = +25 pp
+    assert tight["harmful_delta_pp"] == pytest.approx(25.0) and tight["harmful_flag_rate"] == 0.5
+    assert tight["safe_delta_pp"] == 0.0 and tight["safe_flag_rate"] == 0.0 and tight["fluency_rel"] == 0.0
+    # t = 0.5: harmful rows 0, 1, 3 (+2 of 4); safe row 0 (+1 of 2); nll (3 + 1) / 2 = 2 against 1: +100%
+    assert loose["harmful_delta_pp"] == pytest.approx(50.0) and loose["harmful_flag_rate"] == 0.75
+    assert loose["safe_delta_pp"] == pytest.approx(50.0) and loose["safe_flag_rate"] == 0.5
+    assert loose["fluency_rel"] == pytest.approx(1.0) and loose["threshold"] == 0.5

@@ -49,6 +49,13 @@ def test_verdict_carries_the_stage_numbers(behaviour_run, tmp_path, recommended)
         assert fluency(cond["harmless_fluency"]) in verdict and "serve --run" in verdict
     else:
         assert "No strategy met the constraints" in verdict and "Recommended:" not in verdict
+    # the chosen α at each validation FPR, on test: at the chosen FPR it is the test figures themselves
+    at = {r["fpr"]: r for r in cond["at_each_fpr"]}
+    mine = at[cond["policy"]["fpr"]]
+    assert mine["harmful_delta_pp"] == pytest.approx(cond["harmful_refusal"]["delta"], abs=1e-9)
+    assert mine["safe_delta_pp"] == pytest.approx(cond["safe_refusal"]["delta"], abs=1e-9)
+    assert mine["harmful_flag_rate"] == pytest.approx(cond["gate_flag_rate"]["harmful"], abs=1e-12)
+    assert sorted(at) == sorted(cfg.behaviour.fprs) and "on test at each gate FPR" in page
     g = summary["gate"]
     assert (
         f"Held-out test AUROC {g['held_out']['test_auroc']:.3f}" in page

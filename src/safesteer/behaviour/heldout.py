@@ -102,6 +102,18 @@ def _answer_test(
         ref = {k: judge(T[k], st[k].texts) for k in st}
         bref = {k: judge(T[k], base_t[k].texts) for k in st}
         if c.conditional:
+            # where the chosen point sits: its α on test at each threshold validation tried (chooses nothing)
+            front = pol.at_each_fpr(
+                ch.candidates,
+                c,
+                {
+                    "harmful": flags["harmful"],
+                    "safe": flags["safe"],
+                    "nll": np.r_[flags["safe"], flags["qa"]],
+                },
+                {"harmful": ref["harmful"], "safe": ref["safe"], "nll": nll_st},
+                {"harmful": bref["harmful"], "safe": bref["safe"], "nll": nll_base},
+            )
             f = {k: flags[k] > c.threshold for k in flags}
             ref = {k: pol.compose(f[k], ref[k], bref[k]) for k in ref}
             answers = {
@@ -128,6 +140,7 @@ def _answer_test(
                 "p_yes_gate_in_pass": pol.paired(p_base, p_in),
                 "in_pass_flag_rate_on_fc_prompts": float(gs.flags.mean()),
                 "fluency_real_vs_composed_max_abs": float(np.nanmax(np.abs(nll_real - nll_cond))),
+                "at_each_fpr": front,
             }
             p_val, nll_val = p_flag, nll_cond
         else:

@@ -27,6 +27,42 @@ def compose(flags: np.ndarray, steered: np.ndarray, base: np.ndarray) -> np.ndar
     return np.where(flags, np.asarray(steered, dtype=np.float64), np.asarray(base, dtype=np.float64))
 
 
+def at_each_fpr(
+    candidates: Sequence["Candidate"],
+    chosen: "Candidate",
+    scores: Mapping[str, np.ndarray],
+    steered: Mapping[str, np.ndarray],
+    base: Mapping[str, np.ndarray],
+) -> list[dict[str, float]]:
+    """The chosen conditional policy's strategy and α at each threshold validation tried, on the rows
+    of ``scores`` (gate score), ``steered`` and ``base`` (refusal flags, or an ``nll`` per harmless row):
+    the refusal change in pp, the flag rate and, with ``nll``, the relative fluency change. Recombined
+    from answers already given (nothing is generated), and read after the choice: it shows where the
+    chosen point sits on the frontier, it chooses nothing."""
+    out = []
+    same = [
+        c
+        for c in candidates
+        if c.conditional
+        and c.strategy == chosen.strategy
+        and c.alpha == chosen.alpha
+        and c.threshold is not None
+    ]
+    for c in sorted(same, key=lambda c: float(c.fpr or 0.0)):
+        row: dict[str, float] = {"fpr": float(c.fpr or 0.0), "threshold": float(c.threshold)}
+        for k in scores:
+            f = np.asarray(scores[k], dtype=np.float64) > c.threshold
+            b = np.asarray(base[k], dtype=np.float64)
+            v = compose(f, steered[k], b)
+            if k == "nll":
+                row["fluency_rel"] = fluency_rel(b, v)
+            else:
+                row[f"{k}_delta_pp"] = 100 * float(v.mean() - b.mean())
+            row[f"{k}_flag_rate"] = float(f.mean())
+        out.append(row)
+    return out
+
+
 @dataclass
 class Candidate:
     """One policy on the validation split."""

@@ -279,6 +279,15 @@ def sections(bdir: Path, run_dir: Path) -> list[Section]:
                 caption="The Pareto front on validation (higher harmful refusal, lower XSTest-safe refusal)",
                 floatfmt="{:.3g}",
             )
+    at_fpr = ((summary.get("test") or {}).get("conditional") or {}).get("at_each_fpr")
+    if at_fpr:
+        pol_ = summary["test"]["conditional"]["policy"]
+        fig.table(
+            pd.DataFrame(at_fpr),
+            caption=f"The chosen {pol_['strategy']} α = {pol_['alpha']:g} on test at each gate FPR "
+            "validation tried (recombined from the test answers, read after the choice: it chooses nothing)",
+            floatfmt="{:.3g}",
+        )
     out.append(fig)
     ex = examples(pd.read_csv(bdir / "answers.csv") if (bdir / "answers.csv").is_file() else None)
     if ex is not None:
@@ -290,6 +299,8 @@ def sections(bdir: Path, run_dir: Path) -> list[Section]:
     kind = (
         f"An average of {g.get('members', 1)} one-hidden-layer ReLU MLPs ({g.get('hidden')} units each)"
         if g.get("kind") == "mlp"
+        else f"A {g['kind']} gate"
+        if g.get("kind") not in (None, "linear")
         else "Logistic probe"
     )
     gate.text(
