@@ -401,3 +401,39 @@ def test_chat_completion_request_rules(client):
     r = client.post("/v1/chat/completions", json={**steered, "alpha": 3.0})
     assert r.status_code == 200 and r.json()["safesteer"]["alpha"] == 3.0
     assert code(client.post("/v1/chat/completions", json={**steered, "alpha": 5.0})).startswith("alpha")
+
+
+def test_score_and_choice_refuse_a_text_past_the_context_and_read_one_that_fits_whole():
+    """``/v1/score`` reads the text itself, ``/v1/choice`` the forced-choice prompt around it: one token
+    past the served context is a 422 (never probabilities of a text cut short), one that fits is read
+    whole — the same probabilities as with room to spare; a long text does not fail its neighbours'
+    requests (checked per request, before batching)."""
+    from safesteer.evaluate.choice import causal_prompts
+    from safesteer.testing import make_tiny_llama
+
+    bb = make_tiny_llama()
+    tok = bb.tokenizer
+    with TestClient(make_app(bb, limits=LIMITS), raise_server_exceptions=False) as c:
+        bb.max_length = 64
+        probes = c.post("/v1/score", json={"texts": ["x"]}).json()
+        assert "probabilities" in probes, probes
+        text = lambda n: " ".join(["b"] * n)  # noqa: E731
+        n_score = len(tok(text(20))["input_ids"])
+        n_choice = len(
+            tok(causal_prompts(bb, [text(20)], "harmful")[0], add_special_tokens=False)["input_ids"]
+        )
+        assert n_choice > n_score
+        for route, n, body in (
+            ("/v1/score", n_score, {"texts": [text(20)]}),
+            ("/v1/choice", n_choice, {"texts": [text(20)], "prompt_type": "harmful"}),
+        ):
+            bb.max_length = 64
+            roomy = c.post(route, json=body)
+            assert roomy.status_code == 200, roomy.text
+            bb.max_length = n  # exactly fits: read whole, the same numbers
+            fits = c.post(route, json=body)
+            assert fits.status_code == 200 and fits.json() == roomy.json(), route
+            bb.max_length = n - 1
+            r = c.post(route, json=body)
+            assert r.status_code == 422 and r.json()["error"]["code"] == "context_length_exceeded", route
+            assert f"{n} tokens" in r.json()["error"]["message"]

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from safesteer.errors import ContextTooLong, SafesteerError
-from safesteer.evaluate.choice import answer_logprobs, answer_tokens, choice_probs
+from safesteer.evaluate.choice import answer_logprobs, answer_tokens, causal_prompts, choice_probs
 from safesteer.serve.forward import condition_rows, json_floats, probe_layers, run_chunks
 from safesteer.serve.limits import Limits
 from safesteer.serve.plan import Plan
@@ -405,6 +405,22 @@ class Engine:
         """Refuse prompts that, with the new tokens, do not fit the served context (``backbone.max_length``:
         ``safesteer serve --max-model-len``, at most the model's positions) — never cut them silently."""
         check_context(self.backbone, max(n_tokens(self.backbone, p) for p in prompts), max_new_tokens)
+
+    def check_inputs(self, texts: Sequence[str], prompt_type: str | None = None) -> None:
+        """ContextTooLong when a text does not fit the served context as the route reads it: ``/v1/score``
+        the text itself (special tokens included), ``/v1/choice`` (``prompt_type``) the forced-choice
+        prompt around it on a causal LM — never read a text cut short. Checked per request, before
+        requests are batched together, so a long one does not fail its neighbours."""
+        bb = self.backbone
+        if prompt_type is not None and bb.kind == "causal":
+            n = max(n_tokens(bb, p) for p in causal_prompts(bb, list(texts), prompt_type))
+        else:
+            n = max(len(bb.tokenizer(str(t))["input_ids"]) for t in texts)
+        if n > int(bb.max_length):
+            raise ContextTooLong(
+                f"a text has {n} tokens as this route reads it; the served context is {int(bb.max_length)} "
+                "tokens (shorten the text, or serve with a larger --max-model-len)"
+            )
 
     @property
     def can_choose(self) -> bool:

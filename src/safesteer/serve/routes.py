@@ -134,6 +134,7 @@ async def score(req: ScoreRequest, request: Request) -> dict[str, Any]:
             "unknown_probe",
             f"unknown probe '{unknown[0]}'; loaded probes: {', '.join(engine.probes)}",
         )
+    engine.check_inputs(texts)
     plan = state.make_plan(request, req.policy, req.alpha)
     result = await state.run_job(
         request,
@@ -158,6 +159,7 @@ async def choice(req: ChoiceRequest, request: Request) -> dict[str, Any]:
             "choice_unavailable",
             "forced choice is unavailable: the tokenizer has no single-token Yes/No",
         )
+    engine.check_inputs(texts, req.prompt_type)
     plan = state.make_plan(request, req.policy, req.alpha)
     result = await state.run_job(
         request,
