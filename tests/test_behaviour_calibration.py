@@ -188,10 +188,16 @@ def test_test_step_combines_answers_at_the_policy_threshold_not_the_gates(tiny_l
     c = Candidate("v", 12.0, True, 0.2, t_policy, 0.0, 0.0, 0.0, 0.0, 0.0, True)
     g = SimpleNamespace(gate=gate)
     d = SimpleNamespace(dirs=dirs, scale=1.0)
-    ch = SimpleNamespace(conditional=c, unconditional=None)
+    ch = SimpleNamespace(conditional=c, unconditional=None, candidates=[c])
     res, rows = heldout._answer_test(run, PROMPTS, scores, g, d, ch)
     cond = res["conditional"]
     assert cond["gate_flag_rate"] == {k: pytest.approx(float(f.mean())) for k, f in want.items()}
+    # the chosen α at each validation FPR (here one): flagged at the policy's threshold, as the figures are
+    (at,) = cond["at_each_fpr"]
+    assert at["threshold"] == t_policy and at["harmful_flag_rate"] == pytest.approx(
+        float(want["harmful"].mean())
+    )
+    assert at["harmful_delta_pp"] == pytest.approx(cond["harmful_refusal"]["delta"])
     # the recombined answers: steered exactly where the policy's threshold flags
     base = {k: generate(bb, p, 4, 16).texts for k, p in PROMPTS.items()}
     with run.intervention(dirs, 1.0, "v", 12.0).apply(bb):
