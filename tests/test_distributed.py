@@ -266,6 +266,7 @@ def test_a_dead_rank_is_one_error_line_on_the_others(tmp_path):
         "from safesteer.distributed import from_env\n"
         "from safesteer.errors import SafesteerError\n"
         "d = from_env('cpu')\n"
+        "d.barrier('the first barrier')\n"  # both ranks connected: one gone mid-connect fails otherwise
         "if d.rank == 1: os._exit(0)\n"
         "try:\n"
         "    d.barrier('the test barrier')\n"

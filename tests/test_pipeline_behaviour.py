@@ -21,7 +21,8 @@ pytestmark = pytest.mark.integration
 RESULTS_SHA256 = "58de2bc5ec71ca8d0377a0430e00ea7acf2138bb77d6e45439c51b6ad0f3d79d"
 # the tiny behaviour stage's files, recorded at 67a6b51 before the behaviour package redesign (issue #23);
 # summary.json since gained the gate kind and judge settings (config.gate_kind, judge*), and is pinned
-# without them as well
+# without them as well; and the chosen α's test figures at each validation FPR (test.conditional.at_each_fpr,
+# recombined from the same answers), pinned without them
 SUMMARY_BEFORE_SETTINGS_SHA256 = "679379e8dc5f1bde696dab7ea43ea3c69de68e3c624dfca8d1fa2ed614aa45e2"
 NEW_KEYS = ("gate_kind", "judge", "judge_model", "judge_url")
 BEHAVIOUR_SHA256 = {
@@ -56,10 +57,19 @@ def test_tiny_pipeline_results_digest_is_pinned(tmp_path, tiny_model_dir, shared
     results = (pipe.st["evaluate"].dir / "results.csv").read_bytes()
     assert hashlib.sha256(results).hexdigest() == RESULTS_SHA256, results.decode()[:2000]
     behaviour = pipe.st["behaviour"].dir
-    got = {name: _digest(behaviour / name, tiny_model_dir, shared_data) for name in BEHAVIOUR_SHA256}
+    summary = json.loads((behaviour / "summary.json").read_text())
+    cond = summary["test"]["conditional"]
+    at = {r["fpr"]: r for r in cond.pop("at_each_fpr")}  # added later: the figures at the chosen FPR
+    assert at[cond["policy"]["fpr"]]["harmful_delta_pp"] == pytest.approx(cond["harmful_refusal"]["delta"])
+    write_json(tmp_path / "summary.json", summary)
+    got = {
+        name: _digest(
+            tmp_path / name if name == "summary.json" else behaviour / name, tiny_model_dir, shared_data
+        )
+        for name in BEHAVIOUR_SHA256
+    }
     assert got == BEHAVIOUR_SHA256
     # the summary as it was before the gate kind and judge became settings: the same bytes without those keys
-    summary = json.loads((behaviour / "summary.json").read_text())
     new = {k: summary["config"].pop(k) for k in NEW_KEYS}
     assert new == {"gate_kind": "", "judge": "phrases", "judge_model": "", "judge_url": ""}
     old = tmp_path / "summary-before-settings.json"

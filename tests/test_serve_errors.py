@@ -437,3 +437,29 @@ def test_score_and_choice_refuse_a_text_past_the_context_and_read_one_that_fits_
             r = c.post(route, json=body)
             assert r.status_code == 422 and r.json()["error"]["code"] == "context_length_exceeded", route
             assert f"{n} tokens" in r.json()["error"]["message"]
+
+
+def test_a_refused_request_in_a_coalesced_batch_leaves_its_neighbours_answered():
+    """``routes.batched``: the check runs per request; a refused one gets its error as its result and
+    the others are computed together, in order, exactly as without it."""
+    from safesteer.errors import ContextTooLong
+    from safesteer.serve.routes import _result, batched
+
+    calls = []
+
+    def compute(texts):
+        calls.append(list(texts))
+        return {"n": [len(t) for t in texts]}
+
+    def check(texts):
+        if any(t == "long" for t in texts):
+            raise ContextTooLong("a text has 99 tokens")
+
+    got = batched(compute, check)([["a", "bb"], ["long"], ["ccc"]])
+    assert calls == [["a", "bb", "ccc"]]  # one batch, the refused request left out
+    assert got[0]["n"] == [1, 2] and got[2]["n"] == [3]
+    with pytest.raises(ContextTooLong):
+        _result(got[1])
+    assert _result(got[0]) is got[0]
+    calls.clear()
+    assert isinstance(batched(compute, check)([["long"]])[0], ContextTooLong) and calls == []

@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.routing import Match
 
 from safesteer import __version__
-from safesteer.errors import SafesteerError
+from safesteer.errors import ContextTooLong, SafesteerError
 from safesteer.serve import state, vllm_api
 from safesteer.serve.http import _ERRORS, API_KEY_HEADER, ApiError, _clean_errors, _first_message
 from safesteer.serve.policies import Policy, PolicyBody, PolicyStorageError, valid_name
@@ -98,16 +98,39 @@ def _split(result: dict[str, Any], sizes: list[int]) -> list[dict[str, Any]]:
 
 def batched(
     compute: Callable[[list[str]], dict[str, Any]],
-) -> Callable[[list[list[str]]], list[dict[str, Any]]]:
-    """A worker job computing several requests' texts as one batch (coalesced /v1/score jobs)."""
+    check: Callable[[list[str]], None] | None = None,
+) -> Callable[[list[list[str]]], list[Any]]:
+    """A worker job computing several requests' texts as one batch (coalesced /v1/score jobs).
+    ``check`` runs on each request's texts first, on the worker (the tokenizer is not shared across
+    threads); a request it refuses gets its error back as its result (:func:`_result`) and is left out of
+    the batch, so it does not fail its neighbours."""
 
-    def fn(payloads: list[list[str]]) -> list[dict[str, Any]]:
-        if len(payloads) == 1:
-            return [compute(payloads[0])]
-        flat = [t for p in payloads for t in p]
-        return _split(compute(flat), [len(p) for p in payloads])
+    def fn(payloads: list[list[str]]) -> list[Any]:
+        errors: dict[int, ContextTooLong] = {}
+        for i, p in enumerate(payloads):
+            try:
+                if check is not None:
+                    check(p)
+            except ContextTooLong as exc:
+                errors[i] = exc
+        todo = [p for i, p in enumerate(payloads) if i not in errors]
+        if len(todo) == 1:
+            done = [compute(todo[0])]
+        elif todo:
+            done = _split(compute([t for p in todo for t in p]), [len(p) for p in todo])
+        else:
+            done = []
+        it = iter(done)
+        return [errors[i] if i in errors else next(it) for i in range(len(payloads))]
 
     return fn
+
+
+def _result(got: Any) -> dict[str, Any]:
+    """A batched job's result for one request, or its error raised (see :func:`batched`)."""
+    if isinstance(got, ContextTooLong):
+        raise got
+    return got
 
 
 def hf_only(request: Request, route: str) -> None:
@@ -134,14 +157,15 @@ async def score(req: ScoreRequest, request: Request) -> dict[str, Any]:
             "unknown_probe",
             f"unknown probe '{unknown[0]}'; loaded probes: {', '.join(engine.probes)}",
         )
-    engine.check_inputs(texts)
     plan = state.make_plan(request, req.policy, req.alpha)
-    result = await state.run_job(
-        request,
-        batched(lambda t: engine.score(t, names, plan)),
-        texts,
-        ("score", plan.key(), tuple(names)),
-        len(texts),
+    result = _result(
+        await state.run_job(
+            request,
+            batched(lambda t: engine.score(t, names, plan), engine.check_inputs),
+            texts,
+            ("score", plan.key(), tuple(names)),
+            len(texts),
+        )
     )
     state.metrics(request).observe_texts("/v1/score", len(texts))
     return {"model": state.model_name(request), **plan.describe(), **result}
@@ -159,14 +183,18 @@ async def choice(req: ChoiceRequest, request: Request) -> dict[str, Any]:
             "choice_unavailable",
             "forced choice is unavailable: the tokenizer has no single-token Yes/No",
         )
-    engine.check_inputs(texts, req.prompt_type)
     plan = state.make_plan(request, req.policy, req.alpha)
-    result = await state.run_job(
-        request,
-        batched(lambda t: engine.choice(t, req.prompt_type, plan)),
-        texts,
-        ("choice", plan.key(), req.prompt_type),
-        len(texts),
+    result = _result(
+        await state.run_job(
+            request,
+            batched(
+                lambda t: engine.choice(t, req.prompt_type, plan),
+                lambda t: engine.check_inputs(t, req.prompt_type),
+            ),
+            texts,
+            ("choice", plan.key(), req.prompt_type),
+            len(texts),
+        )
     )
     state.metrics(request).observe_texts("/v1/choice", len(texts))
     return {"model": state.model_name(request), **plan.describe(), **result}
