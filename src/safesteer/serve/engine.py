@@ -35,10 +35,10 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from safesteer.errors import ContextTooLong, SafesteerError
+from safesteer.errors import SafesteerError
 from safesteer.evaluate.choice import answer_logprobs, answer_tokens, causal_prompts, choice_probs
 from safesteer.serve.forward import condition_rows, json_floats, probe_layers, run_chunks
-from safesteer.serve.limits import Limits
+from safesteer.serve.limits import Limits, check_fits
 from safesteer.serve.plan import Plan
 from safesteer.serve.policies import Policy, PolicyRecord, policy_direction
 from safesteer.serve.sae_info import sae_dims, sae_layer_of  # noqa: F401  (sae_layer_of: the old import path)
@@ -416,11 +416,7 @@ class Engine:
             n = max(n_tokens(bb, p) for p in causal_prompts(bb, list(texts), prompt_type))
         else:
             n = max(len(bb.tokenizer(str(t))["input_ids"]) for t in texts)
-        if n > int(bb.max_length):
-            raise ContextTooLong(
-                f"a text has {n} tokens as this route reads it; the served context is {int(bb.max_length)} "
-                "tokens (shorten the text, or serve with a larger --max-model-len)"
-            )
+        check_context(bb, n, 0, what="a text, as this route reads it,")
 
     @property
     def can_choose(self) -> bool:
@@ -432,13 +428,7 @@ def n_tokens(backbone: Any, text: str) -> int:
     return len(backbone.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def check_context(backbone: Any, n_prompt: int, max_new_tokens: int) -> None:
+def check_context(backbone: Any, n_prompt: int, max_new_tokens: int, what: str = "the prompt") -> None:
     """ContextTooLong unless a prompt of ``n_prompt`` tokens and ``max_new_tokens`` more fit the served
-    context (the backbone's ``max_length``, as vLLM's ``max_model_len``: prompt + answer)."""
-    limit = int(backbone.max_length)
-    if n_prompt + int(max_new_tokens) > limit:
-        raise ContextTooLong(
-            f"the prompt has {n_prompt} tokens; with max_tokens {max_new_tokens} it exceeds the served "
-            f"context of {limit} tokens (shorten the prompt, ask for fewer tokens, or serve with a larger "
-            "--max-model-len)"
-        )
+    context of the HF engine (the backbone's ``max_length``): :func:`~safesteer.serve.limits.check_fits`."""
+    check_fits(n_prompt, max_new_tokens, int(backbone.max_length), what)

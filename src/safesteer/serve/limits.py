@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from safesteer.errors import SafesteerError
+from safesteer.errors import ContextTooLong, SafesteerError
 
 
 @dataclass(frozen=True)
@@ -46,3 +46,16 @@ class Limits:
             raise SafesteerError("max_abs_alpha must be a positive finite number")
         if self.batch_window_ms < 0:
             raise SafesteerError("batch_window_ms must be >= 0")
+
+
+def check_fits(n_prompt: int, max_new_tokens: int, limit: int, what: str = "the prompt") -> None:
+    """The served-context rule of both engines (vLLM's ``max_model_len``, the HF backbone's ``max_length``):
+    ContextTooLong unless ``n_prompt`` tokens and ``max_new_tokens`` more fit in ``limit`` — a request is
+    refused, never cut. ``what`` names the input in the message (a route that generates nothing passes 0)."""
+    if n_prompt + int(max_new_tokens) > limit:
+        more = f"; with max_tokens {max_new_tokens} it" if max_new_tokens else " and"
+        fewer = ", ask for fewer tokens" if max_new_tokens else ""
+        raise ContextTooLong(
+            f"{what} has {n_prompt} tokens{more} exceeds the served context of {limit} tokens "
+            f"(shorten it{fewer}, or serve with a larger --max-model-len)"
+        )

@@ -17,10 +17,11 @@ from typing import Any, AsyncIterator
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from safesteer.errors import SafesteerError
+from safesteer.errors import ContextTooLong, SafesteerError
 from safesteer.models.positions import prompt_end_length, user_header
 from safesteer.serve import chat_events, state
 from safesteer.serve.http import ApiError
+from safesteer.serve.limits import check_fits
 from safesteer.serve.plan import Plan
 from safesteer.serve.vllm_engine import VllmEngine, cache_salt
 from safesteer.serve.vllm_hooks import RequestSteer, gate_span
@@ -171,13 +172,10 @@ class Run:
         self.decision: dict[str, Any] | None = None
         backbone = state.engine(request).backbone
         limit = self.engine.settings.max_model_len
-        if len(ids) + max_new > limit:
-            raise ApiError(
-                422,
-                "context_length_exceeded",
-                f"the prompt has {len(ids)} tokens; with max_tokens {max_new} it exceeds the served "
-                f"context of {limit} tokens",
-            )
+        try:
+            check_fits(len(ids), max_new, limit)
+        except ContextTooLong as exc:
+            raise ApiError(422, "context_length_exceeded", exc.message) from None
         steer, salt = request_steer(backbone, plan, ids, decided, gate_only, floor)
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
